@@ -1,0 +1,83 @@
+// A Llama-family model read from GGUF into ggml tensors on one backend (CPU or CUDA), plus the
+// tokenizer / chat template / samplers from libllama loaded vocab-only.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "ggml-backend.h"
+#include "ggml.h"
+
+struct llama_model;
+struct llama_vocab;
+
+namespace pkv {
+
+struct ModelConfig {
+    std::string arch;
+    int   n_layer     = 0;
+    int   n_embd      = 0;
+    int   n_head      = 0;
+    int   n_head_kv   = 0;
+    int   head_dim    = 0;
+    int   n_rot       = 0;
+    int   n_ff        = 0;
+    int   n_vocab     = 0;
+    int   n_ctx_train = 0;
+    float rms_eps     = 1e-5f;
+    float rope_base   = 10000.0f;
+    float rope_scale  = 1.0f;  // freq_scale: 1 / linear scaling factor
+    int   rope_type   = 0;     // GGML_ROPE_TYPE_NORMAL or GGML_ROPE_TYPE_NEOX
+    bool  has_qkv_bias = false;  // qwen2
+    bool  has_qk_norm  = false;  // qwen3
+};
+
+struct LayerWeights {
+    ggml_tensor * attn_norm = nullptr;
+    ggml_tensor * wq = nullptr, * wk = nullptr, * wv = nullptr, * wo = nullptr;
+    ggml_tensor * bq = nullptr, * bk = nullptr, * bv = nullptr;  // qwen2
+    ggml_tensor * q_norm = nullptr, * k_norm = nullptr;          // qwen3
+    ggml_tensor * ffn_norm = nullptr;
+    ggml_tensor * ffn_gate = nullptr, * ffn_up = nullptr, * ffn_down = nullptr;
+};
+
+class Model {
+  public:
+    // Throws pkv::Error("--model", ...) for an unreadable file or an unsupported architecture.
+    Model(const std::string & path, ggml_backend_t backend);
+    ~Model();
+    Model(const Model &) = delete;
+    Model & operator=(const Model &) = delete;
+
+    const ModelConfig & config() const { return cfg_; }
+    const std::string & path() const { return path_; }
+    size_t              weight_bytes() const;
+
+    ggml_tensor *             token_embd  = nullptr;
+    ggml_tensor *             output_norm = nullptr;
+    ggml_tensor *             output      = nullptr;  // token_embd when tied
+    ggml_tensor *             rope_freqs  = nullptr;  // Llama 3.x frequency factors, or null
+    std::vector<LayerWeights> layers;
+
+    // Tokenizer side (libllama, vocab only).
+    const llama_vocab *  vocab() const { return vocab_; }
+    std::vector<int32_t> tokenize(const std::string & text, bool add_special) const;
+    std::string          token_to_piece(int32_t token) const;
+    std::string          detokenize(const std::vector<int32_t> & tokens) const;
+    // The user message wrapped in the model's chat template (assistant turn opened). Falls back
+    // to ChatML when the GGUF has no template.
+    std::string apply_chat_template(const std::string & user_message) const;
+    // End of a turn: EOS/EOT of the vocab, and <|im_end|> (some GGUFs report the wrong EOS).
+    bool is_end_of_turn(int32_t token) const;
+
+  private:
+    std::string           path_;
+    ModelConfig           cfg_;
+    ggml_context *        ctx_    = nullptr;
+    ggml_backend_buffer_t buffer_ = nullptr;
+    llama_model *         llama_  = nullptr;
+    const llama_vocab *   vocab_  = nullptr;
+    int32_t               im_end_ = -1;
+};
+
+}  // namespace pkv

@@ -1,0 +1,80 @@
+// Shared helpers for the engine tests: paths, the embedded model, running the CLI.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <array>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <sys/wait.h>
+#include <vector>
+
+#include "engine.h"
+
+namespace pkv::test {
+
+inline std::string repo_root() { return PKV_REPO_ROOT; }
+inline std::string embedded_model() { return repo_root() + "/models/SmolLM2-135M-Instruct.Q4_1.gguf"; }
+inline std::string shared_data() { return repo_root() + "/../shared/data"; }
+
+inline std::string read_file(const std::string & path) {
+    std::ifstream     in(path, std::ios::binary);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+}
+
+// The first `chars` characters of the needle-haystack essays: real English text for prompts.
+inline std::string essay_text(size_t chars) {
+    std::string text = read_file(shared_data() + "/haystack/paul_graham_essays/addiction.txt") +
+                       read_file(shared_data() + "/haystack/paul_graham_essays/avg.txt") +
+                       read_file(shared_data() + "/haystack/paul_graham_essays/founders.txt");
+    return text.substr(0, std::min(chars, text.size()));
+}
+
+struct CliResult {
+    int         exit_code = -1;
+    std::string out, err;
+};
+
+// Runs `binary args…` through the shell, capturing stdout and stderr separately.
+inline CliResult run_cli(const std::string & binary, const std::string & args) {
+    const std::string err_path = testing::TempDir() + "pkv_cli_stderr.txt";
+    const std::string cmd      = binary + " " + args + " 2>" + err_path;
+    CliResult         r;
+    FILE *            p = popen(cmd.c_str(), "r");
+    if (!p) return r;
+    std::array<char, 4096> buf;
+    size_t                 n;
+    while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
+    const int status = pclose(p);
+    r.exit_code      = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    r.err            = read_file(err_path);
+    return r;
+}
+
+inline int count_lines(const std::string & s) {
+    int n = 0;
+    for (char c : s) n += c == '\n';
+    return n + (!s.empty() && s.back() != '\n');
+}
+
+// One Engine per (model path, threads) for the whole test binary (loading is the slow part).
+// n_threads 0: all cores.
+inline Engine & engine_for(const std::string & model_path, int n_threads = 0) {
+    static std::vector<std::pair<std::string, std::unique_ptr<Engine>>> engines;
+    const std::string key = model_path + "#" + std::to_string(n_threads);
+    for (auto & [k, e] : engines) {
+        if (k == key) return *e;
+    }
+    EngineOptions o;
+    o.model_path = model_path;
+    o.device     = "cpu";
+    o.n_threads  = n_threads;
+    engines.emplace_back(key, std::make_unique<Engine>(o));
+    return *engines.back().second;
+}
+
+}  // namespace pkv::test

@@ -1,0 +1,41 @@
+// The npx entry point forwards arguments, output and exit codes of the C++ engine unchanged.
+import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
+import { resolve } from "node:path";
+import { test } from "node:test";
+
+import { repoRoot } from "../src/engine-path.js";
+
+const cli = resolve(repoRoot(), "node_modules", ".bin", "pkv-engine");
+
+test("npx pkv-engine budgets --json prints the contract's object", () => {
+  const r = spawnSync(cli, ["budgets", "--layers", "30", "--budget", "128", "--prompt-len", "4000", "--json"], { encoding: "utf8" });
+  assert.equal(r.status, 0, r.stderr);
+  const parsed = JSON.parse(r.stdout) as { layer_budgets: number[] };
+  assert.equal(parsed.layer_budgets.length, 30);
+  assert.equal(parsed.layer_budgets[0], 242);
+  assert.equal(parsed.layer_budgets[29], 39);
+  const mean = parsed.layer_budgets.reduce((a, b) => a + b, 0) / 30;
+  assert.equal(mean, 140.5);
+});
+
+test("npx pkv-engine passes the engine's exit code 2 and one-line error through", () => {
+  const r = spawnSync(cli, ["generate", "--prompt", "hi", "--method", "nope"], { encoding: "utf8" });
+  assert.equal(r.status, 2);
+  assert.equal(r.stdout, "");
+  assert.match(r.stderr, /^error: --method: unknown method 'nope'.*\n$/);
+});
+
+test("npx pkv-engine generate --json on the embedded model returns every contract key", () => {
+  const r = spawnSync(cli, ["generate", "--prompt", "Say hello.", "--max-new-tokens", "4", "--method", "pyramidkv", "--json"], {
+    encoding: "utf8",
+  });
+  assert.equal(r.status, 0, r.stderr);
+  const out = JSON.parse(r.stdout) as Record<string, unknown>;
+  for (const key of ["text", "model", "method", "budget", "prompt_tokens", "new_tokens", "layer_kv_lengths", "kv_bytes",
+    "full_kv_bytes", "prefill_seconds", "decode_tokens_per_second"]) {
+    assert.ok(key in out, `missing ${key}`);
+  }
+  assert.equal(out.method, "pyramidkv");
+  assert.equal((out.layer_kv_lengths as number[]).length, 30);
+});
