@@ -41,7 +41,7 @@ ts: node
 	@npm rebuild --no-audit >/dev/null
 
 demo: deps engine ts
-	bash scripts/demo.sh $(DEMO_ARGS)
+	node gpu-host/dist/src/cli.js demo $(DEMO_ARGS)
 
 test: deps engine ts test-engine test-ts
 
@@ -49,7 +49,7 @@ test-engine:
 	cd $(BUILD_DIR) && ctest --output-on-failure -j 1
 
 test-ts:
-	node --test --test-reporter=spec "gpu-host/dist/test/"*.test.js
+	node --test --test-reporter=spec "shared/dist/test/"*.test.js "gpu-host/dist/test/"*.test.js
 
 # Benchmarks (not tests): llama.cpp's llama-bench from the same source, then ours beside it.
 bench-deps: engine

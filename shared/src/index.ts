@@ -1,5 +1,5 @@
-// Protocol and types shared by the worker and the GPU host. The wire protocol (msgpack frames,
-// versioned) lands here with the engine-serving issue; for now only the compression settings
+// Protocol and types shared by the worker and the GPU host: the engine's stdio protocol
+// (msgpack frames, versioned, defined in protocol/engine.json) and the compression settings
 // that every side validates the same way.
 
 /** KV-cache compression methods implemented by the engine (pkv-engine generate --method). */
@@ -9,3 +9,12 @@ export type KvMethod = (typeof KV_METHODS)[number];
 export function isKvMethod(value: string): value is KvMethod {
   return (KV_METHODS as readonly string[]).includes(value);
 }
+
+export {
+  decodeMsgpack, encodeFrame, encodeMsgpack, ERROR_CODES, FrameDecoder, MAX_FRAME_BYTES, MESSAGES, parseProtocolSpec, PROTOCOL_SPEC,
+  PROTOCOL_VERSION, validateFrame,
+} from "./protocol.js";
+export type {
+  DecodedFrame, Direction, EngineMessage, ErrorCode, FieldSpec, FieldType, FromEngineMessage, Message, MessageSpec,
+  MessageType, ProtocolSpec, ToEngineMessage,
+} from "./protocol.js";

@@ -1,5 +1,8 @@
 #include "bench.h"
 
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -63,18 +66,11 @@ struct Row {
     double      llama_tokens_per_second = 0.0;  // llama-bench, same run (0 = not measured)
 };
 
-// llama-bench -o csv: pick avg_ts per (n_prompt, n_gen, n_depth).
-std::map<std::string, double> run_llama_bench(const std::string & bin, const std::string & model, int threads, int reps,
-                                              const std::vector<int> & prefill, const std::vector<int> & depths, int n_gen) {
-    std::string cmd = bin + " -m '" + model + "' -t " + std::to_string(threads) + " -r " + std::to_string(reps) +
-                      " -fa 1 -o csv -p ";
-    for (size_t i = 0; i < prefill.size(); ++i) cmd += (i ? "," : "") + std::to_string(prefill[i]);
-    cmd += " -n " + std::to_string(n_gen) + " -d ";
-    for (size_t i = 0; i < depths.size(); ++i) cmd += (i ? "," : "") + std::to_string(depths[i]);
-    cmd += " 2>/dev/null";
+// llama-bench -o csv: avg_ts per test, keyed like our rows ("pp512", "tg32@d8192").
+std::map<std::string, double> run_llama_bench_once(const std::string & cmd) {
     std::fprintf(stderr, "[bench] %s\n", cmd.c_str());
-    FILE * f = popen(cmd.c_str(), "r");
-    if (!f) throw Error("--llama-bench", "cannot run '" + bin + "'");
+    FILE * f = popen((cmd + " 2>/dev/null").c_str(), "r");
+    if (!f) throw Error("--llama-bench", "cannot run '" + cmd + "'");
     std::map<std::string, int>    col;
     std::map<std::string, double> out;
     char                          line[8192];
@@ -94,24 +90,68 @@ std::map<std::string, double> run_llama_bench(const std::string & bin, const std
         const std::vector<std::string> cells = split(line);
         if (col.empty()) {
             for (size_t i = 0; i < cells.size(); ++i) col[cells[i]] = (int) i;
-            if (!col.count("avg_ts") || !col.count("n_prompt")) throw Error("--llama-bench", "unexpected output header");
+            if (!col.count("avg_ts") || !col.count("n_prompt") || !col.count("n_gen")) {
+                pclose(f);
+                throw Error("--llama-bench", "unexpected output header");
+            }
             continue;
         }
         const int pp = std::stoi(cells[col["n_prompt"]]), tg = std::stoi(cells[col["n_gen"]]);
         const int d  = col.count("n_depth") ? std::stoi(cells[col["n_depth"]]) : 0;
-        const std::string key = pp > 0 ? "pp" + std::to_string(pp) : "tg" + std::to_string(tg) + "@d" + std::to_string(d);
-        out[key] = std::stod(cells[col["avg_ts"]]);
+        out[pp > 0 ? "pp" + std::to_string(pp) : "tg" + std::to_string(tg) + "@d" + std::to_string(d)] = std::stod(cells[col["avg_ts"]]);
     }
-    if (pclose(f) != 0 && out.empty()) throw Error("--llama-bench", "'" + bin + "' failed");
+    if (pclose(f) != 0 && out.empty()) throw Error("--llama-bench", "'" + cmd + "' failed");
+    return out;
+}
+
+std::string joined(const std::vector<int> & v) {
+    std::string s;
+    for (size_t i = 0; i < v.size(); ++i) s += (i ? "," : "") + std::to_string(v[i]);
+    return s;
+}
+
+// Two runs: prefill from an empty cache, then generation at each depth (llama-bench would
+// otherwise also run every prefill size at every depth).
+std::map<std::string, double> run_llama_bench(const std::string & bin, const std::string & model, int threads, int reps,
+                                              const std::vector<int> & prefill, const std::vector<int> & depths, int n_gen) {
+    const std::string base = bin + " -m '" + model + "' -t " + std::to_string(threads) + " -r " + std::to_string(reps) + " -fa 1 -o csv";
+    std::map<std::string, double> out = run_llama_bench_once(base + " -p " + joined(prefill) + " -n 0");
+    for (const auto & kv : run_llama_bench_once(base + " -p 0 -n " + std::to_string(n_gen) + " -d " + joined(depths))) out.insert(kv);
     return out;
 }
 
 }  // namespace
 
+namespace {
+
+using Flags = std::map<std::string, std::string>;
+
+std::string flag(const Flags & a, const std::string & k, const std::string & d) {
+    auto it = a.find(k);
+    return it == a.end() ? d : it->second;
+}
+
+int default_threads() { return (int) std::max(1u, std::thread::hardware_concurrency()); }
+
+long peak_rss_kib() {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_maxrss;
+}
+
+int bench_single(const Flags & a);
+int bench_sessions(const Flags & a);
+int bench_prefill_memory(const Flags & a);
+int bench_pool_fit(const Flags & a);
+
+}  // namespace
+
 int cmd_bench(int argc, char ** argv) {
-    std::map<std::string, std::string> a;
-    const std::vector<std::string>     valued = { "--model", "--threads", "--repetitions", "--prefill", "--depths",
-                                                  "--budgets", "--decode-tokens", "--llama-bench", "--device", "--budget-depth" };
+    Flags                          a;
+    const std::vector<std::string> valued = { "--model", "--threads", "--repetitions", "--prefill", "--depths", "--budgets",
+                                              "--decode-tokens", "--llama-bench", "--llama-batched-bench", "--device",
+                                              "--budget-depth", "--sessions", "--prompt-len", "--methods", "--budget",
+                                              "--prefill-memory", "--chunk-size", "--kv-pool-bytes", "--pool-fit", "--child" };
     for (int i = 2; i < argc; ++i) {
         const std::string k = argv[i];
         if (k == "--json") { a[k] = "1"; continue; }
@@ -119,14 +159,23 @@ int cmd_bench(int argc, char ** argv) {
         if (i + 1 >= argc) throw Error(k, "missing value");
         a[k] = argv[++i];
     }
-    auto get = [&](const std::string & k, const std::string & d) { return a.count(k) ? a[k] : d; };
+    if (a.count("--sessions")) return bench_sessions(a);
+    if (a.count("--prefill-memory")) return bench_prefill_memory(a);
+    if (a.count("--pool-fit")) return bench_pool_fit(a);
+    return bench_single(a);
+}
+
+namespace {
+
+int bench_single(const Flags & a) {
+    auto get = [&](const std::string & k, const std::string & d) { return flag(a, k, d); };
     const std::vector<int> prefill  = int_list("--prefill", get("--prefill", "512,4096"), 1);
     const std::vector<int> depths   = int_list("--depths", get("--depths", "0,2048,8192"), 0);
     const std::vector<int> budgets  = int_list("--budgets", get("--budgets", "64,128,512"), 9);
     const int budget_depth = int_list("--budget-depth", get("--budget-depth", std::to_string(*std::max_element(depths.begin(), depths.end()))), 1)[0];
     const int n_gen  = int_list("--decode-tokens", get("--decode-tokens", "32"), 1)[0];
     const int reps   = int_list("--repetitions", get("--repetitions", "3"), 1)[0];
-    const int threads = int_list("--threads", get("--threads", std::to_string(std::max(1u, std::thread::hardware_concurrency()))), 1)[0];
+    const int threads = int_list("--threads", get("--threads", std::to_string(default_threads())), 1)[0];
 
     EngineOptions eo;
     eo.model_path = get("--model", default_model_path());
@@ -135,6 +184,12 @@ int cmd_bench(int argc, char ** argv) {
     int longest   = std::max(*std::max_element(prefill.begin(), prefill.end()), budget_depth);
     for (int d : depths) longest = std::max(longest, d);
     eo.n_ctx = longest + n_gen * reps + 1;  // like llama-bench: the context is what the test needs
+    {
+        size_t tokens = longest + 128;  // prefill rows, one at a time
+        for (int d : depths) tokens += d + n_gen * reps + 128;
+        for (int b : budgets) tokens += 2 * b + n_gen * reps + 128;
+        eo.kv_pool_tokens = tokens + budget_depth;
+    }
     Engine engine(eo);
     const int n_vocab = engine.config().n_vocab;
     std::vector<Row> rows;
@@ -152,38 +207,72 @@ int cmd_bench(int argc, char ** argv) {
         rows.push_back(r);
         std::fprintf(stderr, "[bench] %s %.1f tok/s\n", r.test.c_str(), median(r.samples));
     }
-    auto decode_row = [&](int depth, const CompressionParams & p) {
-        Row r;
-        r.test = "tg" + std::to_string(n_gen) + "@d" + std::to_string(depth), r.method = p.method, r.budget = p.method == "full" ? 0 : p.budget;
-        Session s(engine, p);
-        // llama-bench starts a generation at depth 0 from one token; our prefill needs >= 1 token.
-        s.prefill(random_tokens(std::max(depth, 1), n_vocab, 99 + depth));
-        r.kv_mib = s.stats().kv_bytes / 1048576.0;
-        s.reserve(n_gen * reps);
-        int32_t tok = argmax(s.logits());
-        for (int rep = 0; rep < reps; ++rep) {
-            const auto t0 = std::chrono::steady_clock::now();
-            for (int i = 0; i < n_gen; ++i) {
-                s.decode(tok);
-                tok = argmax(s.logits());
-            }
-            r.samples.push_back(n_gen / seconds_since(t0));
-        }
-        std::fprintf(stderr, "[bench] %s %s%s %.1f tok/s\n", r.test.c_str(), r.method.c_str(),
-                     r.budget ? ("@" + std::to_string(r.budget)).c_str() : "", median(r.samples));
-        return r;
+    // Decode rows: every session is prefilled first (the budgets are forked from the FullKV
+    // prefill at --budget-depth, which equals compressing it independently), then repetitions run
+    // round-robin over the sessions, so a slow phase of the machine hits every row alike.
+    struct DecodeRow {
+        Row                      row;
+        std::unique_ptr<Session> own;
+        Session *                s = nullptr;
+        int32_t                  tok = 0;
     };
-    for (int d : depths) rows.push_back(decode_row(d, CompressionParams{ "full" }));
+    std::vector<DecodeRow> decode;
+    auto add_row = [&](int depth, const std::string & method, int budget, std::unique_ptr<Session> s) {
+        DecodeRow d;
+        d.row.test   = "tg" + std::to_string(n_gen) + "@d" + std::to_string(depth);
+        d.row.method = method, d.row.budget = budget;
+        d.own        = std::move(s);
+        d.s          = d.own.get();
+        decode.push_back(std::move(d));
+    };
+    for (int d : depths) {
+        auto s = std::make_unique<Session>(engine, CompressionParams{ "full" });
+        if (d == budget_depth) s->set_keep_scores(true);
+        // llama-bench starts a generation at depth 0 from one token; our prefill needs >= 1 token.
+        s->prefill(random_tokens(std::max(d, 1), n_vocab, 99 + d));
+        add_row(d, "full", 0, std::move(s));
+    }
+    Session * source = nullptr;
+    for (auto & d : decode) {
+        if (d.row.test == "tg" + std::to_string(n_gen) + "@d" + std::to_string(budget_depth)) source = d.s;
+    }
+    std::unique_ptr<Session> own_source;
+    if (!source) {
+        own_source = std::make_unique<Session>(engine, CompressionParams{ "full" });
+        own_source->set_keep_scores(true);
+        own_source->prefill(random_tokens(budget_depth, n_vocab, 99 + budget_depth));
+        source = own_source.get();
+    }
     for (int b : budgets) {
         CompressionParams p;
         p.method = "pyramidkv";
         p.budget = b;
-        rows.push_back(decode_row(budget_depth, p));
+        add_row(budget_depth, p.method, b, source->fork(p));
+    }
+    for (auto & d : decode) {
+        d.row.kv_mib = d.s->stats().kv_bytes / 1048576.0;
+        d.s->reserve(n_gen * reps);
+        d.tok = argmax(d.s->logits());
+    }
+    for (int rep = 0; rep < reps; ++rep) {
+        for (auto & d : decode) {
+            const auto t0 = std::chrono::steady_clock::now();
+            for (int i = 0; i < n_gen; ++i) {
+                d.s->decode(d.tok);
+                d.tok = argmax(d.s->logits());
+            }
+            d.row.samples.push_back(n_gen / seconds_since(t0));
+        }
+    }
+    for (auto & d : decode) {
+        std::fprintf(stderr, "[bench] %s %s%s %.1f tok/s\n", d.row.test.c_str(), d.row.method.c_str(),
+                     d.row.budget ? ("@" + std::to_string(d.row.budget)).c_str() : "", median(d.row.samples));
+        rows.push_back(d.row);
     }
     for (auto & r : rows) r.tokens_per_second = median(r.samples);
 
     if (a.count("--llama-bench")) {
-        const auto ref = run_llama_bench(a["--llama-bench"], eo.model_path, threads, reps, prefill, depths, n_gen);
+        const auto ref = run_llama_bench(a.at("--llama-bench"), eo.model_path, threads, reps, prefill, depths, n_gen);
         for (auto & r : rows) {
             if (r.method == "full" && ref.count(r.test)) r.llama_tokens_per_second = ref.at(r.test);
         }
@@ -228,5 +317,197 @@ int cmd_bench(int argc, char ** argv) {
     }
     return 0;
 }
+
+
+// Aggregate decode speed of N concurrent sessions sharing one prefill of --prompt-len random
+// tokens (forked, so the prompt is computed once, like llama-batched-bench -pps), per method.
+int bench_sessions(const Flags & a) {
+    const std::vector<int> counts  = int_list("--sessions", flag(a, "--sessions", "1,4,16,64"), 1);
+    const int              n       = int_list("--prompt-len", flag(a, "--prompt-len", "4096"), 16)[0];
+    const int              n_gen   = int_list("--decode-tokens", flag(a, "--decode-tokens", "32"), 1)[0];
+    const int              budget  = int_list("--budget", flag(a, "--budget", "128"), 9)[0];
+    const int              threads = int_list("--threads", flag(a, "--threads", std::to_string(default_threads())), 1)[0];
+    std::vector<std::string> methods;
+    {
+        std::stringstream ss(flag(a, "--methods", "full,pyramidkv"));
+        for (std::string m; std::getline(ss, m, ',');) {
+            if (!find_method(m)) throw Error("--methods", "unknown method '" + m + "' (accepted: " + method_names_joined() + ")");
+            methods.push_back(m);
+        }
+    }
+    const int most = *std::max_element(counts.begin(), counts.end());
+    EngineOptions eo;
+    eo.model_path = flag(a, "--model", default_model_path());
+    eo.n_threads  = threads;
+    eo.device     = flag(a, "--device", "auto");
+    eo.n_ctx      = n + n_gen + 1;
+    eo.kv_pool_bytes = a.count("--kv-pool-bytes") ? std::stoull(a.at("--kv-pool-bytes")) : 0;
+    // FullKV for every session plus the source prefill, with page and growth slack.
+    eo.kv_pool_tokens = (size_t) (most + 1) * (n + n_gen + 128);
+    Engine engine(eo);
+    std::fprintf(stderr, "[bench] pool %.2f GiB, prefill %d tokens once\n", engine.pool().capacity_bytes() / 1073741824.0, n);
+    Session source(engine, CompressionParams{ "full" });
+    source.set_keep_scores(true);
+    source.prefill(random_tokens(n, engine.config().n_vocab, 7));
+
+    struct Result {
+        std::string method;
+        int         sessions;
+        double      tokens_per_second, kv_mib_per_session;
+    };
+    std::vector<Result> results;
+    for (const std::string & m : methods) {
+        CompressionParams p;
+        p.method = m;
+        p.budget = budget;
+        for (int count : counts) {
+            std::vector<std::unique_ptr<Session>> sessions;
+            for (int i = 0; i < count; ++i) sessions.push_back(source.fork(p));
+            std::vector<Session *> ptrs;
+            std::vector<int32_t>   toks;
+            for (auto & s : sessions) ptrs.push_back(s.get()), toks.push_back(argmax(s->logits()));
+            const auto t0 = std::chrono::steady_clock::now();
+            for (int step = 0; step < n_gen; ++step) {
+                engine.decode_batch(ptrs, toks);
+                for (size_t i = 0; i < ptrs.size(); ++i) toks[i] = argmax(ptrs[i]->logits());
+            }
+            const double secs = seconds_since(t0);
+            results.push_back({ m, count, count * n_gen / secs, sessions[0]->stats().kv_bytes / 1048576.0 });
+            std::fprintf(stderr, "[bench] %s x%d: %.1f tok/s aggregate\n", m.c_str(), count, results.back().tokens_per_second);
+        }
+    }
+    std::map<int, double> llama;
+    if (a.count("--llama-batched-bench")) {
+        std::string cmd = a.at("--llama-batched-bench") + " -m '" + eo.model_path + "' -t " + std::to_string(threads) +
+                          " -fa 1 -pps -npp " + std::to_string(n) + " -ntg " + std::to_string(n_gen) + " -c " +
+                          std::to_string((n + n_gen) * (most + 1)) + " -npl ";
+        for (size_t i = 0; i < counts.size(); ++i) cmd += (i ? "," : "") + std::to_string(counts[i]);
+        cmd += " --output-format jsonl 2>/dev/null";
+        std::fprintf(stderr, "[bench] %s\n", cmd.c_str());
+        if (FILE * f = popen(cmd.c_str(), "r")) {
+            char line[4096];
+            while (std::fgets(line, sizeof(line), f)) {
+                // {"n_kv_max": …, "pl": 4, …, "speed_tg": 73.2, …}
+                const char * pl = std::strstr(line, "\"pl\": ");
+                const char * tg = std::strstr(line, "\"speed_tg\": ");
+                if (pl && tg) llama[std::atoi(pl + 6)] = std::atof(tg + 12);
+            }
+            pclose(f);
+        }
+    }
+    if (a.count("--json")) {
+        std::vector<std::string> items;
+        for (const auto & r : results) {
+            json::Object o;
+            o.str("method", r.method).integer("sessions", r.sessions).num("tokens_per_second", r.tokens_per_second).num("kv_mib_per_session", r.kv_mib_per_session);
+            if (llama.count(r.sessions)) o.num("llama_cpp_tokens_per_second", llama[r.sessions]);
+            items.push_back(o.dump());
+        }
+        std::cout << json::Object().integer("prompt_tokens", n).integer("decode_tokens", n_gen).integer("threads", threads)
+                         .str("device", engine.device_name()).raw("results", json::array(items)).dump() << "\n";
+        return 0;
+    }
+    std::printf("aggregate decode: %d sessions sharing a %d-token prefill, %d tokens each | %s | %d threads\n", most, n, n_gen,
+                engine.device_name().c_str(), threads);
+    std::printf("%-14s %9s %14s %16s %18s\n", "method", "sessions", "tok/s (sum)", "KV MiB/session", "llama-batched-bench");
+    for (const auto & r : results) {
+        std::string m = r.method + (r.method == "full" ? "" : "@" + std::to_string(budget));
+        std::printf("%-14s %9d %14.1f %16.2f %18s\n", m.c_str(), r.sessions, r.tokens_per_second, r.kv_mib_per_session,
+                    llama.count(r.sessions) && r.method == "full" ? json::number(llama[r.sessions]).c_str() : "-");
+    }
+    return 0;
+}
+
+// Peak RSS of one session prefilling N random tokens with chunked prefill. Each length runs in
+// a child process (peak RSS is per process), so one command yields the whole table.
+int bench_prefill_memory(const Flags & a) {
+    const std::vector<int> lengths = int_list("--prefill-memory", flag(a, "--prefill-memory", "2048,8192,32768"), 16);
+    const int              chunk   = int_list("--chunk-size", flag(a, "--chunk-size", "1024"), 0)[0];
+    const int              budget  = int_list("--budget", flag(a, "--budget", "128"), 9)[0];
+    const std::string      model   = flag(a, "--model", default_model_path());
+    const int              threads = int_list("--threads", flag(a, "--threads", std::to_string(default_threads())), 1)[0];
+    if (lengths.size() > 1 || !a.count("--child")) {
+        std::printf("peak RSS of one pyramidkv@%d session prefilling N tokens, chunk %d | model %s\n", budget, chunk, model.c_str());
+        std::printf("%10s %12s %12s %14s\n", "tokens", "peak MiB", "seconds", "KV MiB after");
+        for (int n : lengths) {
+            char exe[4096];
+            const ssize_t len = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+            if (len <= 0) throw Error("bench", "cannot locate the engine binary");
+            const std::string cmd = std::string(exe, len) + " bench --prefill-memory " + std::to_string(n) + " --chunk-size " +
+                                    std::to_string(chunk) + " --budget " + std::to_string(budget) + " --model '" + model +
+                                    "' --threads " + std::to_string(threads) + " --child 1 2>/dev/null";
+            FILE * f = popen(cmd.c_str(), "r");
+            char   line[512] = "";
+            if (f) {
+                if (!std::fgets(line, sizeof(line), f)) line[0] = 0;
+                pclose(f);
+            }
+            std::printf("%10d %s", n, line[0] ? line : "  (failed)\n");
+            std::fflush(stdout);
+        }
+        return 0;
+    }
+    const int n = lengths[0];
+    EngineOptions eo;
+    eo.model_path = model;
+    eo.n_threads  = threads;
+    eo.device     = flag(a, "--device", "auto");
+    eo.n_ctx      = n + 1;
+    // budget + chunk per layer, plus page and growth slack: the bound chunked prefill promises
+    // (the largest pyramid layer keeps up to 2 × budget)
+    eo.kv_pool_tokens = (size_t) (chunk > 0 ? 2 * budget + chunk + eo.n_ubatch : n) + 256;
+    Engine            engine(eo);
+    CompressionParams p;
+    p.method = "pyramidkv";
+    p.budget = budget;
+    Session    s(engine, p, chunk);
+    const auto t0 = std::chrono::steady_clock::now();
+    s.prefill(random_tokens(n, engine.config().n_vocab, 11));
+    std::printf("%12.1f %12.1f %14.2f\n", peak_rss_kib() / 1024.0, seconds_since(t0), s.stats().kv_bytes / 1048576.0);
+    return 0;
+}
+
+// How many sessions of --prompt-len tokens fit in a --kv-pool-bytes pool (default 1 GiB),
+// FullKV vs pyramidkv@budget: sessions are forked from one prefill until the pool refuses.
+int bench_pool_fit(const Flags & a) {
+    const int    n       = int_list("--prompt-len", flag(a, "--prompt-len", "8192"), 16)[0];
+    const int    budget  = int_list("--budget", flag(a, "--budget", "128"), 9)[0];
+    const size_t pool    = a.count("--kv-pool-bytes") ? std::stoull(a.at("--kv-pool-bytes")) : (size_t) 1 << 30;
+    EngineOptions eo;
+    eo.model_path    = flag(a, "--model", default_model_path());
+    eo.n_threads     = int_list("--threads", flag(a, "--threads", std::to_string(default_threads())), 1)[0];
+    eo.device        = flag(a, "--device", "auto");
+    eo.n_ctx         = n + 1;
+    eo.kv_pool_bytes = pool;
+    Engine  engine(eo);
+    Session source(engine, CompressionParams{ "full" });
+    source.set_keep_scores(true);
+    source.prefill(random_tokens(n, engine.config().n_vocab, 5));
+    const size_t source_bytes = source.stats().pool_bytes;
+    std::printf("sessions of %d tokens in a %.2f GiB KV pool (the source prefill's %.1f MiB counted as free) | %s\n", n,
+                pool / 1073741824.0, source_bytes / 1048576.0, eo.model_path.c_str());
+    std::vector<std::pair<std::string, int>> fits;
+    for (const std::string m : { "full", "pyramidkv" }) {
+        CompressionParams p;
+        p.method = m;
+        p.budget = budget;
+        std::vector<std::unique_ptr<Session>> held;
+        try {
+            for (;;) held.push_back(source.fork(p));
+        } catch (const Error &) {
+            // the pool refused: `held` is what fits beside the source
+        }
+        // The source occupies pool space too; count how many more sessions its pages would hold.
+        const size_t per  = held.empty() ? source_bytes : held[0]->stats().pool_bytes;
+        const int    more = per ? (int) (source_bytes / per) : 0;
+        fits.emplace_back(m, (int) held.size() + more);
+        std::printf("%-14s %8d sessions  (%.2f MiB of pool each)\n", (m == "full" ? m : m + "@" + std::to_string(budget)).c_str(),
+                    fits.back().second, per / 1048576.0);
+    }
+    if (fits[0].second > 0) std::printf("ratio: %.1fx more sessions with pyramidkv@%d\n", (double) fits[1].second / fits[0].second, budget);
+    return 0;
+}
+
+}  // namespace
 
 }  // namespace pkv

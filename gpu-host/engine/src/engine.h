@@ -1,26 +1,37 @@
-// The engine: one backend, one model, and sessions whose KV caches are compressed after prefill.
-// A session's life: prefill(prompt) → [compress] → decode(token)… ; positions always continue at
-// the number of tokens seen, never at the stored length (DESIGN trap 1).
+// The engine: one backend, one model, one KV pool, and sessions whose KV caches are compressed
+// after (or during) prefill. A session's life: append(tokens)… → generate (decode, possibly
+// batched with other sessions) → … ; positions always continue at the number of tokens seen,
+// never at the stored length (DESIGN trap 1).
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "compress.h"
 #include "ggml-alloc.h"
-#include "kv_cache.h"
+#include "kv_pool.h"
 #include "model.h"
 
 namespace pkv {
 
 struct EngineOptions {
     std::string model_path;
-    int         n_threads = 0;     // 0: all cores
-    std::string device    = "auto";  // auto | cpu | gpu
-    int         n_ubatch  = 512;   // prompt tokens per graph evaluation
-    int         n_ctx     = 0;     // longest session in tokens; 0: the model's training context
+    int         n_threads     = 0;       // 0: all cores
+    std::string device        = "auto";  // auto | cpu | gpu
+    int         n_ubatch      = 512;     // prompt tokens per graph evaluation
+    int         n_ctx         = 0;       // longest session in tokens; 0: the model's training context
+    size_t      kv_pool_bytes = 0;       // pool capacity; 0: see kv_pool_tokens
+    size_t      kv_pool_tokens = 0;      // pool capacity as entries per layer (when bytes is 0);
+                                         // both 0: one FullKV session of n_ctx tokens + one ubatch
 };
+
+class Session;
+
+// Default chunk size of chunked prefill in the CLI and the server (inputs up to this length are
+// compressed once, as in the paper). Chosen from the accuracy measurement in docs/BENCHMARKS.md.
+constexpr int kDefaultChunkSize = 2048;
 
 class Engine {
   public:
@@ -29,15 +40,20 @@ class Engine {
     Engine(const Engine &) = delete;
     Engine & operator=(const Engine &) = delete;
 
-    const Model &       model() const { return *model_; }
-    const ModelConfig & config() const { return model_->config(); }
-    ggml_backend_t      backend() const { return backend_; }
+    const Model &         model() const { return *model_; }
+    const ModelConfig &   config() const { return model_->config(); }
+    ggml_backend_t        backend() const { return backend_; }
     const EngineOptions & options() const { return opt_; }
-    std::string         device_name() const;
-    int                 n_ctx() const { return opt_.n_ctx > 0 ? opt_.n_ctx : model_->config().n_ctx_train; }
+    std::string           device_name() const;
+    int                   n_ctx() const { return opt_.n_ctx > 0 ? opt_.n_ctx : model_->config().n_ctx_train; }
+    KvPool &              pool() { return *pool_; }
+    const KvPool &        pool() const { return *pool_; }
 
-    // Evaluate a graph built by `build` (inputs allocated by the engine's allocator, then set by
-    // `set_inputs`). Reuses one compute buffer for every graph.
+    // One decode step for several sessions in one graph evaluation (continuous batching): each
+    // session appends its token and attends only to its own entries. Afterwards each session's
+    // logits() hold its next-token logits.
+    void decode_batch(const std::vector<Session *> & sessions, const std::vector<int32_t> & tokens);
+
     struct Graph {
         ggml_context * ctx;
         ggml_cgraph *  gf;
@@ -47,11 +63,27 @@ class Engine {
     void  compute(Graph & g);
 
   private:
-    EngineOptions          opt_;
-    ggml_backend_t         backend_ = nullptr;
-    std::unique_ptr<Model> model_;
-    ggml_gallocr_t         galloc_ = nullptr;
-    std::vector<uint8_t>   graph_meta_;
+    friend class Session;
+    struct ForwardItem {
+        Session *       session;
+        const int32_t * tokens;
+        int             n_tokens;
+    };
+    struct ForwardOptions {
+        bool want_logits      = true;
+        int  window_probs     = 0;      // score the last N queries against every key (SnapKV family)
+        bool accumulate_probs = false;  // H2O: attention summed over every query of the chunk
+    };
+    // Evaluates the items' tokens (appending their K, V to each session's store) in one graph.
+    // Score options apply only to a single item.
+    void forward(const std::vector<ForwardItem> & items, const ForwardOptions & fo);
+
+    EngineOptions           opt_;
+    ggml_backend_t          backend_ = nullptr;
+    std::unique_ptr<Model>  model_;
+    std::unique_ptr<KvPool> pool_;
+    ggml_gallocr_t          galloc_ = nullptr;
+    std::vector<uint8_t>    graph_meta_;
 };
 
 struct SessionStats {
@@ -59,52 +91,83 @@ struct SessionStats {
     std::vector<int> layer_kv_lengths;
     size_t           kv_bytes      = 0;  // entries held × bytes per entry
     size_t           full_kv_bytes = 0;  // what FullKV would hold for tokens_seen
+    size_t           pool_bytes    = 0;  // pool pages the session holds (entries rounded up to pages)
 };
 
 class Session {
   public:
-    Session(Engine & engine, const CompressionParams & params);
+    // chunk_size > 0: chunked prefill, compressing after every chunk of that many tokens (peak KV
+    // per layer ≤ budget + chunk); 0: one-shot (the whole input, then compress once).
+    Session(Engine & engine, const CompressionParams & params, int chunk_size = 0);
     ~Session();
+    Session(const Session &) = delete;
+    Session & operator=(const Session &) = delete;
 
-    // Evaluate the prompt (in ubatches of EngineOptions::n_ubatch) with every entry kept, then
-    // compress once with the session's method. Leaves the logits of the last prompt token.
-    void prefill(const std::vector<int32_t> & tokens);
+    // Evaluate tokens (in ubatches of EngineOptions::n_ubatch), compressing per the method and the
+    // chunking mode. Leaves the logits of the last token. A multi-turn session appends each turn.
+    // on_chunk(done, total) is called after every compressed chunk.
+    void append(const std::vector<int32_t> & tokens, const std::function<void(int, int)> & on_chunk = {});
+    void prefill(const std::vector<int32_t> & tokens) { append(tokens); }
     // Append one token (its position = tokens seen) and compute its logits.
     void decode(int32_t token);
-    // Make room for n more tokens in every layer without reallocating per token.
+    // Make room for n more tokens in every layer (fails cleanly when the pool is full).
     void reserve(int n_more);
 
-    const std::vector<float> & logits() const { return logits_; }
-    SessionStats               stats() const;
+    // A new session holding this session's prefill compressed with other settings, without
+    // recomputing it. Needs keep_scores (set before the prefill) and no compression applied yet
+    // (method "full"), i.e. an exact prefill.
+    std::unique_ptr<Session> fork(const CompressionParams & params) const;
+    // Serialise the compressed state (tokens, positions, kept K/V, settings) / rebuild it.
+    std::string                     save() const;
+    static std::unique_ptr<Session> restore(Engine & engine, const std::string & bytes);
+
+    const std::vector<float> &         logits() const { return logits_; }
+    SessionStats                       stats() const;
     // Prompt positions kept per layer and KV head by the last compression (empty before).
     const std::vector<HeadSelection> & kept() const { return kept_; }
+    // Positions held now, per layer and KV head, in storage order.
+    const std::vector<HeadSelection> & positions() const { return positions_; }
     const std::vector<int32_t> &       tokens() const { return tokens_; }
     const CompressionParams &          params() const { return params_; }
     Engine &                           engine() const { return engine_; }
     double                             prefill_seconds() const { return prefill_seconds_; }
+    int                                chunk_size() const { return chunk_size_; }
+
+    // Keep the prefill's attention scores (needed by fork; tests inspect them): window
+    // probabilities [n_head][n_window][n] and accumulated attention [n_head][n] per layer.
+    void set_keep_scores(bool on) { keep_scores_ = on; }
+    const std::vector<std::vector<float>> & recorded_window_probs() const { return window_probs_; }
+    const std::vector<std::vector<float>> & recorded_accumulated() const { return accumulated_; }
 
   private:
-    struct ForwardOptions {
-        bool want_logits       = true;
-        int  window_probs      = 0;  // score the last N queries against every key (SnapKV family)
-        bool accumulate_probs  = false;  // H2O: attention summed over every query of the chunk
-    };
-    void eval(const int32_t * tokens, int n_tokens, const ForwardOptions & fo);
+    friend class Engine;
+    void evaluate(const int32_t * tokens, int n, bool last_of_input, bool scores);
+    // Compress every layer whose stored entries exceed its budget for the tokens seen.
     void compress();
-    // Rebuild the cache with new capacities, keeping per layer either the first size(l) entries or,
-    // when `select` is given, the listed slots of each KV head.
-    void rebuild(const std::vector<int> & capacity, const std::vector<HeadSelection> * select);
+    // Keep, per layer, the listed entries of each KV head (storage indices, ascending), copying
+    // them from `src` (this session or the one being forked) into this session's pages.
+    void keep_entries(const std::vector<HeadSelection> & entries, const Session & src);
+    std::vector<HeadSelection> select(const Method & method, const CompressionParams & p) const;
+    void                       ensure_capacity(int n_more);
+    void                       ensure_layer_capacity(int il, int need);
+    void                       check_tokens(const int32_t * tokens, int n) const;  // ids and context
+    void                       appended(const int32_t * tokens, int n);           // bookkeeping after a forward
 
-    Engine &                 engine_;
-    CompressionParams        params_;
-    const Method *           method_;
-    std::unique_ptr<KvCache> kv_;
-    std::vector<int32_t>     tokens_;
-    std::vector<float>       logits_;
+    Engine &                   engine_;
+    CompressionParams          params_;
+    const Method *             method_;
+    int                        chunk_size_ = 0;
+    std::vector<KvPool::Handle> pages_;     // per layer
+    std::vector<int>           size_;       // entries held per layer
+    std::vector<HeadSelection> positions_;  // [layer][kv_head][entry] → token position
     std::vector<HeadSelection> kept_;
-    // Scratch filled by eval() for compression.
-    std::vector<std::vector<float>> window_probs_;  // per layer [n_head][n_window][n]
-    std::vector<std::vector<float>> accumulated_;   // per layer [n_head][n]
+    std::vector<int32_t>       tokens_;
+    std::vector<float>         logits_;
+    // Scores of the current prefill, per layer, for the entries held when they were computed.
+    std::vector<std::vector<float>> window_probs_;  // [n_head][n_window][n]
+    std::vector<std::vector<float>> accumulated_;   // [n_head][n]
+    bool   keep_scores_     = false;
+    bool   compressed_      = false;  // entries were dropped at least once
     double prefill_seconds_ = 0.0;
 };
 

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <iostream>
 #include <map>
 #include <sstream>
@@ -11,6 +12,7 @@
 #include <vector>
 
 #include "bench.h"
+#include "serve.h"
 #include "generate.h"
 #include "compress.h"
 #include "engine.h"
@@ -119,6 +121,8 @@ EngineOptions engine_options(const Args & a) {
     o.n_threads  = (int) a.integer("--threads", 0, 0, 1024);
     o.device     = a.str("--device", "auto");
     o.n_ubatch   = (int) a.integer("--ubatch", 512, 1, 65536);
+    o.n_ctx      = (int) a.integer("--ctx-size", 0, 0, 1 << 24);
+    o.kv_pool_bytes = (size_t) a.integer("--kv-pool-bytes", 0, 0, std::numeric_limits<long>::max());
     return o;
 }
 
@@ -166,7 +170,7 @@ int cmd_generate(int argc, char ** argv) {
     Args a(argc, argv, 2, { "--json", "--no-chat-template" },
            { "--model", "--method", "--budget", "--window", "--beta", "--kernel-size", "--pooling", "--head-aggregation",
              "--prompt-file", "--prompt", "--question", "--max-new-tokens", "--threads", "--device", "--ubatch",
-             "--dump-kept", "--temperature", "--top-k", "--top-p", "--seed" });
+             "--dump-kept", "--temperature", "--top-k", "--top-p", "--seed", "--chunk-size", "--kv-pool-bytes", "--ctx-size" });
     const CompressionParams p        = compression_params(a);
     const int               max_new  = (int) a.integer("--max-new-tokens", 128, 0, 1 << 20);
     const std::string       document = read_prompt(a);
@@ -188,7 +192,9 @@ int cmd_generate(int argc, char ** argv) {
                                          " new tokens exceed the model's context of " + std::to_string(engine.n_ctx()));
     }
 
-    Session session(engine, p);
+    const int chunk = (int) a.integer("--chunk-size", kDefaultChunkSize, 0, 1 << 24);
+    if (chunk > 0 && chunk < p.window) throw Error("--chunk-size", std::to_string(chunk) + " must be 0 (one-shot) or >= --window (" + std::to_string(p.window) + ")");
+    Session session(engine, p, chunk);
     GenerationResult r = generate(session, prompt, max_new, so, [&](const std::string & piece) {
         if (!as_json) {
             std::cout << piece << std::flush;
@@ -237,10 +243,14 @@ void usage() {
                  "           [--kernel-size 7] [--pooling maxpool|avgpool|none] [--head-aggregation mean|max]\n"
                  "           (--prompt-file F | --prompt T) [--question Q] [--max-new-tokens N] [--no-chat-template]\n"
                  "           [--temperature T --top-k K --top-p P --seed S] [--threads N] [--device auto|cpu|gpu]\n"
-                 "           [--dump-kept FILE] [--json]\n"
+                 "           [--chunk-size %d (0 = one-shot)] [--kv-pool-bytes N] [--ctx-size N] [--dump-kept FILE] [--json]\n"
                  "  bench    [--model M] [--threads N] [--repetitions R] [--prefill 512,4096] [--depths 0,2048,8192]\n"
-                 "           [--budgets 64,128,512] [--decode-tokens N] [--json]\n",
-                 method_names_joined("|").c_str());
+                 "           [--budgets 64,128,512] [--decode-tokens N] [--llama-bench PATH] [--json]\n"
+                 "  bench    --sessions 1,4,16,64 [--prompt-len 4096] [--methods full,pyramidkv] [--budget 128] [--llama-batched-bench PATH]\n"
+                 "  bench    --prefill-memory 2048,8192,32768 [--chunk-size N] [--budget 128]\n"
+                 "  bench    --pool-fit 1 [--prompt-len 8192] [--kv-pool-bytes 1073741824] [--budget 128]\n"
+                 "  serve    --stdio [--model M] [--kv-pool-bytes N] [--chunk-size N] [--ctx-size N] [--threads N] [--device D]\n",
+                 method_names_joined("|").c_str(), kDefaultChunkSize);
 }
 
 }  // namespace
@@ -256,7 +266,8 @@ int main(int argc, char ** argv) {
         if (cmd == "budgets") return cmd_budgets(argc, argv);
         if (cmd == "generate") return cmd_generate(argc, argv);
         if (cmd == "bench") return cmd_bench(argc, argv);
-        throw Error("command", "unknown command '" + cmd + "' (budgets, generate, bench)");
+        if (cmd == "serve") return cmd_serve(argc, argv);
+        throw Error("command", "unknown command '" + cmd + "' (budgets, generate, bench, serve)");
     } catch (const Error & e) {
         std::fprintf(stderr, "error: %s\n", e.what());
         return 2;

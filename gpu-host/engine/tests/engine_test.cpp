@@ -122,6 +122,48 @@ INSTANTIATE_TEST_SUITE_P(Methods, EngineMethod, testing::ValuesIn(method_names(f
 INSTANTIATE_TEST_SUITE_P(Methods, ScoringMethod, testing::ValuesIn(method_names(true)),
                          [](const testing::TestParamInfo<std::string> & i) { return i.param; });
 
+// The two in-graph score computations on a real prompt of several ubatches: window rows are
+// causal probability distributions; accumulated attention (H2O) sums to one per prompt query,
+// covers the window queries' share, and on the last key equals the last query's window row —
+// only that query sees it.
+TEST(Scores, WindowAndAccumulatedAttentionAreConsistent) {
+    Engine &                   engine = engine_for(embedded_model());
+    const ModelConfig &        c      = engine.config();
+    const std::vector<int32_t> prompt = chat_prompt(4500, "What is the main argument?");
+    const int                  n = (int) prompt.size(), nw = 8;
+    ASSERT_GT(n, 1024);  // accumulation crosses ubatch boundaries
+    Session s(engine, CompressionParams{ "full" });  // an exact prefill keeping its scores (a fork source)
+    s.set_keep_scores(true);
+    s.prefill(prompt);
+    const auto & win = s.recorded_window_probs();
+    const auto & acc = s.recorded_accumulated();
+    ASSERT_EQ((int) win.size(), c.n_layer);
+    ASSERT_EQ((int) acc.size(), c.n_layer);
+    for (int il = 0; il < c.n_layer; il += 7) {
+        ASSERT_EQ(win[il].size(), (size_t) c.n_head * nw * n);
+        ASSERT_EQ(acc[il].size(), (size_t) c.n_head * n);
+        for (int h = 0; h < c.n_head; ++h) {
+            const float * w = &win[il][(size_t) h * nw * n];
+            const float * a = &acc[il][(size_t) h * n];
+            for (int i = 0; i < nw; ++i) {
+                double row = 0;
+                for (int j = 0; j < n; ++j) row += w[(size_t) i * n + j];
+                EXPECT_NEAR(row, 1.0, 1e-3) << "layer " << il << " head " << h << " window row " << i;
+                for (int j = n - nw + i + 1; j < n; ++j) EXPECT_EQ(w[(size_t) i * n + j], 0.0f);
+            }
+            double total = 0;
+            for (int j = 0; j < n; ++j) {
+                total += a[j];
+                double window_share = 0;
+                for (int i = 0; i < nw; ++i) window_share += w[(size_t) i * n + j];
+                EXPECT_GE(a[j] + 1e-4, window_share) << "layer " << il << " head " << h << " key " << j;
+            }
+            EXPECT_NEAR(total, n, n * 1e-3) << "layer " << il << " head " << h;
+            EXPECT_NEAR(a[n - 1], w[(size_t) (nw - 1) * n + n - 1], 1e-4);
+        }
+    }
+}
+
 // The scoring graph on constructed Q/K: a prefix key that the window queries of KV head 1's query
 // heads attend to dominantly is kept by head 1 only; the window is kept by every head.
 TEST(Scoring, DominantKeyInOneKvHeadIsKeptByThatHeadOnly) {

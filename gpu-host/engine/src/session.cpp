@@ -1,0 +1,421 @@
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+#include "engine.h"
+#include "error.h"
+
+namespace pkv {
+
+namespace {
+
+double now_seconds() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Pool slots a layer holds beyond its entries, so decoding does not move pages every token.
+constexpr int kGrowthSlots = 64;
+
+}  // namespace
+
+Session::Session(Engine & engine, const CompressionParams & params, int chunk_size)
+    : engine_(engine), params_(params), chunk_size_(chunk_size) {
+    const std::string problem = validate_params(params_);
+    if (!problem.empty()) throw Error("", problem);
+    if (chunk_size_ < 0 || (chunk_size_ > 0 && chunk_size_ < params_.window)) {
+        throw Error("--chunk-size", std::to_string(chunk_size_) + " must be 0 (one-shot) or >= --window (" +
+                                        std::to_string(params_.window) + ")");
+    }
+    method_ = find_method(params_.method);
+    const ModelConfig & c = engine_.config();
+    pages_.assign(c.n_layer, KvPool::kNone);
+    size_.assign(c.n_layer, 0);
+    positions_.assign(c.n_layer, HeadSelection(c.n_head_kv));
+}
+
+Session::~Session() {
+    for (KvPool::Handle h : pages_) engine_.pool().release(h);
+}
+
+SessionStats Session::stats() const {
+    const KvPool & pool = engine_.pool();
+    SessionStats   s;
+    s.tokens_seen      = (int) tokens_.size();
+    s.layer_kv_lengths = size_;
+    size_t entries = 0;
+    for (size_t il = 0; il < size_.size(); ++il) {
+        entries += size_[il];
+        if (pages_[il] != KvPool::kNone) s.pool_bytes += (size_t) pool.slot_count(pages_[il]) * pool.bytes_per_slot();
+    }
+    s.kv_bytes      = entries * pool.bytes_per_slot();
+    s.full_kv_bytes = (size_t) s.tokens_seen * size_.size() * pool.bytes_per_slot();
+    return s;
+}
+
+void Session::check_tokens(const int32_t * tokens, int n) const {
+    const ModelConfig & c = engine_.config();
+    if ((int) tokens_.size() + n > engine_.n_ctx()) {
+        throw Error("prompt", std::to_string(tokens_.size() + n) + " tokens exceed the context of " + std::to_string(engine_.n_ctx()));
+    }
+    for (int i = 0; i < n; ++i) {
+        if (tokens[i] < 0 || tokens[i] >= c.n_vocab) {
+            throw Error("prompt", "token id " + std::to_string(tokens[i]) + " outside [0, " + std::to_string(c.n_vocab) + ")");
+        }
+    }
+}
+
+void Session::ensure_capacity(int n_more) {
+    for (size_t il = 0; il < pages_.size(); ++il) ensure_layer_capacity((int) il, size_[il] + n_more);
+}
+
+void Session::ensure_layer_capacity(int il, int need) {
+    KvPool & pool = engine_.pool();
+    if (pages_[il] != KvPool::kNone && pool.slot_count(pages_[il]) >= need) return;
+    bool ok = false;
+    for (int want : { need + kGrowthSlots, need }) {  // headroom if it fits, else exactly what is needed
+        if (pages_[il] == KvPool::kNone) {
+            pages_[il] = pool.allocate(want);
+            ok         = pages_[il] != KvPool::kNone;
+        } else {
+            ok = pool.resize(pages_[il], want, size_[il]);
+        }
+        if (ok) break;
+    }
+    if (!ok) {
+        throw Error("kv_pool", "the KV pool is full: layer " + std::to_string(il) + " needs " + std::to_string(need) +
+                                   " entries; " + std::to_string(pool.free_bytes()) + " of " +
+                                   std::to_string(pool.capacity_bytes()) + " bytes free");
+    }
+}
+
+void Session::reserve(int n_more) { ensure_capacity(n_more); }
+
+void Session::appended(const int32_t * tokens, int n) {
+    const int first = (int) tokens_.size();
+    tokens_.insert(tokens_.end(), tokens, tokens + n);
+    for (size_t il = 0; il < size_.size(); ++il) {
+        size_[il] += n;
+        for (auto & head : positions_[il]) {
+            for (int i = 0; i < n; ++i) head.push_back(first + i);
+        }
+    }
+}
+
+void Session::evaluate(const int32_t * tokens, int n, bool last_of_segment, bool scores) {
+    Engine::ForwardOptions fo;
+    fo.want_logits      = last_of_segment;
+    fo.window_probs     = last_of_segment && scores && (method_->needs_window_probs || keep_scores_) ? std::min(params_.window, n) : 0;
+    fo.accumulate_probs = scores && (method_->needs_accumulated || keep_scores_);
+    ensure_capacity(n);
+    engine_.forward({ { this, tokens, n } }, fo);
+}
+
+void Session::append(const std::vector<int32_t> & tokens, const std::function<void(int, int)> & on_chunk) {
+    if (tokens.empty()) throw Error("prompt", "nothing to append (empty input)");
+    check_tokens(tokens.data(), (int) tokens.size());
+    const double        t0 = now_seconds();
+    const int           n  = (int) tokens.size();
+    const ModelConfig & c  = engine_.config();
+    const bool          scores = method_->needs_window_probs || method_->needs_accumulated || keep_scores_;
+
+    // Segments are compressed one by one: the whole input (one-shot) or chunks. Inside a segment,
+    // ubatches are split from the front as libllama splits them (so both run the same kernels);
+    // the window queries must sit in the segment's last evaluation, so a short tail borrows
+    // tokens from the ubatch (or chunk) before it.
+    const int n_window = std::min(params_.window, n);
+    auto      split    = [&](int from, int to, int step) {
+        std::vector<int> b;
+        for (int x = from; x < to; x += step) b.push_back(x);
+        b.push_back(to);
+        if (b.size() > 2 && to - b[b.size() - 2] < n_window) b[b.size() - 2] = to - n_window;
+        return b;
+    };
+    const std::vector<int> segments = split(0, n, chunk_size_ > 0 ? std::max(chunk_size_, n_window) : n);
+    for (size_t si = 0; si + 1 < segments.size(); ++si) {
+        window_probs_.assign(c.n_layer, {});
+        if (accumulated_.size() != (size_t) c.n_layer) accumulated_.assign(c.n_layer, {});
+        for (int il = 0; il < c.n_layer; ++il) {
+            // entries decoded since the last scores carry no accumulated attention yet
+            std::vector<float> & acc = accumulated_[il];
+            const int            old = acc.empty() ? 0 : (int) (acc.size() / c.n_head);
+            if (old != size_[il] && !acc.empty()) {
+                std::vector<float> grown((size_t) c.n_head * size_[il], 0.0f);
+                for (int h = 0; h < c.n_head; ++h)
+                    std::copy_n(&acc[(size_t) h * old], std::min(old, size_[il]), &grown[(size_t) h * size_[il]]);
+                acc = std::move(grown);
+            }
+        }
+        const std::vector<int> ub = split(segments[si], segments[si + 1], std::max(engine_.options().n_ubatch, n_window));
+        for (size_t i = 0; i + 1 < ub.size(); ++i) {
+            evaluate(tokens.data() + ub[i], ub[i + 1] - ub[i], i + 2 == ub.size(), scores);
+        }
+        compress();
+        if (on_chunk) on_chunk(segments[si + 1], n);
+    }
+    prefill_seconds_ = now_seconds() - t0;
+}
+
+void Session::decode(int32_t token) { engine_.decode_batch({ this }, { token }); }
+
+std::vector<HeadSelection> Session::select(const Method & method, const CompressionParams & p) const {
+    const ModelConfig &    c       = engine_.config();
+    const std::vector<int> budgets = method.layer_budgets(c.n_layer, (int) tokens_.size(), p);
+    std::vector<HeadSelection> entries(c.n_layer);
+    for (int il = 0; il < c.n_layer; ++il) {
+        const int m = size_[il];
+        if (m <= budgets[il]) {  // nothing to drop: every head keeps every entry
+            HeadSelection all(c.n_head_kv, std::vector<int32_t>(m));
+            for (auto & head : all)
+                for (int e = 0; e < m; ++e) head[e] = e;
+            entries[il] = std::move(all);
+            continue;
+        }
+        LayerAttention att;
+        att.n         = m;
+        att.n_head    = c.n_head;
+        att.n_head_kv = c.n_head_kv;
+        att.n_window  = std::min(p.window, m);
+        const bool has_window = il < (int) window_probs_.size() && window_probs_[il].size() >= (size_t) c.n_head * m;
+        const bool has_acc    = il < (int) accumulated_.size() && accumulated_[il].size() == (size_t) c.n_head * m;
+        if (method.needs_window_probs && !has_window) throw Error("engine", "window scores missing for layer " + std::to_string(il));
+        if (method.needs_accumulated && !has_acc) throw Error("engine", "accumulated scores missing for layer " + std::to_string(il));
+        att.n_window     = has_window ? (int) (window_probs_[il].size() / ((size_t) c.n_head * m)) : att.n_window;
+        att.window_probs = has_window ? window_probs_[il].data() : nullptr;
+        att.accumulated  = has_acc ? accumulated_[il].data() : nullptr;
+        entries[il]      = method.select(att, budgets[il], p);
+    }
+    return entries;
+}
+
+void Session::compress() {
+    const ModelConfig &              c       = engine_.config();
+    const std::vector<HeadSelection> entries = select(*method_, params_);
+    bool                             shrinks = false;
+    for (int il = 0; il < c.n_layer; ++il) shrinks |= (int) entries[il][0].size() < size_[il];
+    if (shrinks) {
+        // H2O keeps accumulating over later chunks: carry the sums of the entries that stay.
+        const int group = c.n_head / c.n_head_kv;
+        for (int il = 0; il < c.n_layer && !accumulated_.empty(); ++il) {
+            std::vector<float> & acc = accumulated_[il];
+            if (acc.size() != (size_t) c.n_head * size_[il]) continue;
+            const int          keep = (int) entries[il][0].size();
+            std::vector<float> kept((size_t) c.n_head * keep);
+            for (int h = 0; h < c.n_head; ++h)
+                for (int e = 0; e < keep; ++e) kept[(size_t) h * keep + e] = acc[(size_t) h * size_[il] + entries[il][h / group][e]];
+            acc = std::move(kept);
+        }
+        keep_entries(entries, *this);
+        compressed_ = true;
+    }
+    kept_ = positions_;
+    if (!keep_scores_) window_probs_.assign(c.n_layer, {});
+}
+
+void Session::keep_entries(const std::vector<HeadSelection> & entries, const Session & src) {
+    const ModelConfig & c       = engine_.config();
+    KvPool &            pool    = engine_.pool();
+    const bool          in_place = &src == this;
+    Engine::Graph       g       = engine_.begin_graph();
+    std::vector<std::pair<ggml_tensor *, std::vector<int32_t>>> index_inputs;
+    std::vector<int> keep(c.n_layer);
+    for (int il = 0; il < c.n_layer; ++il) {
+        keep[il] = (int) entries[il][0].size();
+        if (!in_place) {
+            pages_[il] = pool.allocate(keep[il] + kGrowthSlots);
+            if (pages_[il] == KvPool::kNone) pages_[il] = pool.allocate(std::max(keep[il], 1));
+            if (pages_[il] == KvPool::kNone) {
+                ggml_free(g.ctx);
+                throw Error("kv_pool", "the KV pool is full: cannot hold " + std::to_string(keep[il]) + " entries for layer " + std::to_string(il));
+            }
+        }
+    }
+    for (int il = 0; il < c.n_layer; ++il) {
+        if (keep[il] == 0 || (in_place && keep[il] == size_[il])) continue;  // nothing moves
+        // A different row list per KV head: get_rows takes absolute pool slots [n_keep, n_head_kv].
+        const int32_t        from = pool.first_slot(src.pages_[il]);
+        std::vector<int32_t> flat;
+        for (const auto & head : entries[il])
+            for (int32_t e : head) flat.push_back(from + e);
+        ggml_tensor * idx = ggml_new_tensor_2d(g.ctx, GGML_TYPE_I32, keep[il], c.n_head_kv);
+        ggml_set_input(idx);
+        index_inputs.emplace_back(idx, std::move(flat));
+        const size_t to = (size_t) pool.first_slot(pages_[il]);
+        for (ggml_tensor * store : { pool.k(), pool.v() }) {
+            ggml_tensor * rows = ggml_get_rows(g.ctx, store, idx);  // [head_dim, n_keep, n_head_kv] f32
+            ggml_tensor * dst  = ggml_view_3d(g.ctx, store, c.head_dim, keep[il], c.n_head_kv, store->nb[1], store->nb[2], to * store->nb[1]);
+            ggml_build_forward_expand(g.gf, ggml_cpy(g.ctx, rows, dst));
+        }
+    }
+    if (ggml_graph_n_nodes(g.gf) > 0) {
+        engine_.allocate(g);
+        for (auto & [t, data] : index_inputs) ggml_backend_tensor_set(t, data.data(), 0, ggml_nbytes(t));
+        engine_.compute(g);
+    }
+    ggml_free(g.ctx);
+    for (int il = 0; il < c.n_layer; ++il) {
+        HeadSelection positions(c.n_head_kv);
+        for (int h = 0; h < c.n_head_kv; ++h)
+            for (int32_t e : entries[il][h]) positions[h].push_back(src.positions_[il][h][e]);
+        positions_[il] = std::move(positions);
+        size_[il]      = keep[il];
+        if (in_place) pool.resize(pages_[il], keep[il] + kGrowthSlots, keep[il]);  // give back freed pages
+    }
+}
+
+std::unique_ptr<Session> Session::fork(const CompressionParams & params) const {
+    if (!keep_scores_) throw Error("fork", "the source session was not opened with keep_scores");
+    if (compressed_) throw Error("fork", "the source session's prefill was already compressed (open it with method full)");
+    if (tokens_.empty()) throw Error("fork", "the source session holds no tokens");
+    auto child         = std::make_unique<Session>(engine_, params, chunk_size_);
+    child->tokens_     = tokens_;
+    child->logits_     = logits_;
+    child->keep_entries(select(*child->method_, params), *this);
+    child->compressed_ = child->size_ != size_;
+    child->kept_       = child->positions_;
+    return child;
+}
+
+// ---------------------------------------------------------------------------------------------
+// save / restore: a little-endian byte string
+//   "PKVS" u32 version | model: u32 n_layer, n_head_kv, head_dim, n_vocab | params | u32 chunk_size
+//   | u8 compressed | u32 n_tokens, i32 tokens[] | u32 n_logits, f32 logits[]
+//   | per layer: u32 size, per head i32 positions[size], per head K f16[size*head_dim], then V
+
+namespace {
+
+constexpr uint32_t kStateVersion = 1;
+
+struct Writer {
+    std::string out;
+    template <typename T> void put(T v) { out.append(reinterpret_cast<const char *>(&v), sizeof(T)); }
+    void bytes(const void * p, size_t n) { out.append(static_cast<const char *>(p), n); }
+    void str(const std::string & s) {
+        put<uint32_t>((uint32_t) s.size());
+        bytes(s.data(), s.size());
+    }
+};
+
+struct Reader {
+    const std::string & in;
+    size_t              at = 0;
+    void need(size_t n) const {
+        if (in.size() - at < n) throw Error("state", "truncated session state");
+    }
+    template <typename T> T get() {
+        need(sizeof(T));
+        T v;
+        std::memcpy(&v, in.data() + at, sizeof(T));
+        at += sizeof(T);
+        return v;
+    }
+    void bytes(void * p, size_t n) {
+        need(n);
+        std::memcpy(p, in.data() + at, n);
+        at += n;
+    }
+    std::string str() {
+        const uint32_t n = get<uint32_t>();
+        need(n);
+        std::string s = in.substr(at, n);
+        at += n;
+        return s;
+    }
+};
+
+}  // namespace
+
+std::string Session::save() const {
+    const ModelConfig & c    = engine_.config();
+    const KvPool &      pool = engine_.pool();
+    Writer              w;
+    w.bytes("PKVS", 4);
+    w.put<uint32_t>(kStateVersion);
+    for (int v : { c.n_layer, c.n_head_kv, c.head_dim, c.n_vocab }) w.put<uint32_t>((uint32_t) v);
+    w.str(params_.method);
+    for (int v : { params_.budget, params_.window, params_.beta, params_.kernel_size, (int) params_.pooling, (int) params_.aggregation, chunk_size_ })
+        w.put<int32_t>(v);
+    w.put<uint8_t>(compressed_ ? 1 : 0);
+    w.put<uint32_t>((uint32_t) tokens_.size());
+    w.bytes(tokens_.data(), tokens_.size() * sizeof(int32_t));
+    w.put<uint32_t>((uint32_t) logits_.size());
+    w.bytes(logits_.data(), logits_.size() * sizeof(float));
+    std::vector<uint8_t> rows;
+    const size_t         row = (size_t) c.head_dim * sizeof(ggml_fp16_t);
+    for (int il = 0; il < c.n_layer; ++il) {
+        w.put<uint32_t>((uint32_t) size_[il]);
+        for (const auto & head : positions_[il]) w.bytes(head.data(), head.size() * sizeof(int32_t));
+        if (size_[il] == 0) continue;
+        rows.resize(row * size_[il]);
+        const size_t first = (size_t) pool.first_slot(pages_[il]);
+        for (ggml_tensor * store : { pool.k(), pool.v() }) {
+            for (int h = 0; h < c.n_head_kv; ++h) {
+                ggml_backend_tensor_get(store, rows.data(), (h * (size_t) store->ne[1] + first) * row, rows.size());
+                w.bytes(rows.data(), rows.size());
+            }
+        }
+    }
+    return w.out;
+}
+
+std::unique_ptr<Session> Session::restore(Engine & engine, const std::string & bytes) {
+    const ModelConfig & c = engine.config();
+    Reader              r{ bytes };
+    char                magic[4];
+    r.bytes(magic, 4);
+    if (std::memcmp(magic, "PKVS", 4) != 0) throw Error("state", "not a pyramidkv session state");
+    if (r.get<uint32_t>() != kStateVersion) throw Error("state", "unsupported session state version");
+    for (int v : { c.n_layer, c.n_head_kv, c.head_dim, c.n_vocab }) {
+        if (r.get<uint32_t>() != (uint32_t) v) throw Error("state", "the state was saved with a different model shape");
+    }
+    CompressionParams p;
+    p.method = r.str();
+    p.budget = r.get<int32_t>(), p.window = r.get<int32_t>(), p.beta = r.get<int32_t>(), p.kernel_size = r.get<int32_t>();
+    const int32_t pooling = r.get<int32_t>(), aggregation = r.get<int32_t>(), chunk = r.get<int32_t>();
+    if (pooling < 0 || pooling > 2 || aggregation < 0 || aggregation > 1) throw Error("state", "corrupt compression settings");
+    p.pooling     = (Pooling) pooling;
+    p.aggregation = (HeadAggregation) aggregation;
+    auto s        = std::make_unique<Session>(engine, p, chunk);  // validates the settings
+    s->compressed_ = r.get<uint8_t>() != 0;
+    const uint32_t n_tokens = r.get<uint32_t>();
+    r.need((size_t) n_tokens * sizeof(int32_t));
+    s->tokens_.resize(n_tokens);
+    r.bytes(s->tokens_.data(), (size_t) n_tokens * sizeof(int32_t));
+    if ((int) n_tokens > engine.n_ctx()) throw Error("state", "the state holds more tokens than the context");
+    for (int32_t t : s->tokens_) {
+        if (t < 0 || t >= c.n_vocab) throw Error("state", "corrupt token ids");
+    }
+    const uint32_t n_logits = r.get<uint32_t>();
+    if (n_logits != 0 && n_logits != (uint32_t) c.n_vocab) throw Error("state", "corrupt logits");
+    s->logits_.resize(n_logits);
+    r.bytes(s->logits_.data(), (size_t) n_logits * sizeof(float));
+    KvPool &             pool = engine.pool();
+    const size_t         row  = (size_t) c.head_dim * sizeof(ggml_fp16_t);
+    std::vector<uint8_t> rows;
+    for (int il = 0; il < c.n_layer; ++il) {
+        const uint32_t size = r.get<uint32_t>();
+        if (size > n_tokens) throw Error("state", "corrupt layer size");
+        for (auto & head : s->positions_[il]) {
+            head.resize(size);
+            r.bytes(head.data(), (size_t) size * sizeof(int32_t));
+            for (int32_t pos : head) {
+                if (pos < 0 || pos >= (int32_t) n_tokens) throw Error("state", "corrupt positions");
+            }
+        }
+        s->ensure_layer_capacity(il, (int) size);
+        s->size_[il] = (int) size;
+        if (size == 0) continue;
+        rows.resize(row * size);
+        const size_t first = (size_t) pool.first_slot(s->pages_[il]);
+        for (ggml_tensor * store : { pool.k(), pool.v() }) {
+            for (int h = 0; h < c.n_head_kv; ++h) {
+                r.bytes(rows.data(), rows.size());
+                ggml_backend_tensor_set(store, rows.data(), (h * (size_t) store->ne[1] + first) * row, rows.size());
+            }
+        }
+    }
+    if (r.at != bytes.size()) throw Error("state", "trailing bytes after the session state");
+    s->kept_ = s->positions_;
+    return s;
+}
+
+}  // namespace pkv
