@@ -56,7 +56,7 @@ bench-deps: engine
 	ninja -C $(BUILD_DIR) llama-bench llama-batched-bench
 
 bench: deps bench-deps ts
-	$(BUILD_DIR)/pkv-engine bench --llama-bench $(BUILD_DIR)/bin/llama-bench $(BENCH_ARGS)
+	bash scripts/bench-all.sh $(BENCH_OUT)
 
 clean:
 	rm -rf $(BUILD_DIR) node_modules */dist

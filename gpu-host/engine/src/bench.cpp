@@ -343,7 +343,7 @@ int bench_sessions(const Flags & a) {
     eo.n_ctx      = n + n_gen + 1;
     eo.kv_pool_bytes = a.count("--kv-pool-bytes") ? std::stoull(a.at("--kv-pool-bytes")) : 0;
     // FullKV for every session plus the source prefill, with page and growth slack.
-    eo.kv_pool_tokens = (size_t) (most + 1) * (n + n_gen + 128);
+    eo.kv_pool_tokens = (size_t) (most + 1) * (n + n / 8 + n_gen + 128);
     Engine engine(eo);
     std::fprintf(stderr, "[bench] pool %.2f GiB, prefill %d tokens once\n", engine.pool().capacity_bytes() / 1073741824.0, n);
     Session source(engine, CompressionParams{ "full" });

@@ -313,4 +313,19 @@ std::string validate_params(const CompressionParams & p) {
     return "";
 }
 
+std::string parse_pooling(const std::string & name, const char * param, Pooling & out) {
+    if (name == "maxpool") out = Pooling::MaxPool;
+    else if (name == "avgpool") out = Pooling::AvgPool;
+    else if (name == "none") out = Pooling::None;
+    else return std::string(param) + ": '" + name + "' is not one of maxpool, avgpool, none";
+    return "";
+}
+
+std::string parse_aggregation(const std::string & name, const char * param, HeadAggregation & out) {
+    if (name == "mean") out = HeadAggregation::Mean;
+    else if (name == "max") out = HeadAggregation::Max;
+    else return std::string(param) + ": '" + name + "' is not one of mean, max";
+    return "";
+}
+
 }  // namespace pkv

@@ -71,6 +71,11 @@ std::vector<float> window_scores(const LayerAttention & att, const CompressionPa
 // positions, sorted ascending. scores layout [n_head_kv][n_prefix]. Ties go to the earlier position.
 HeadSelection top_k_plus_window(const std::vector<float> & scores, int n_head_kv, int n, int n_window, int keep);
 
+// The textual names of Pooling / HeadAggregation (CLI flags, protocol fields). Return an empty
+// string on success, else one line naming `param`, the value and the accepted names.
+std::string parse_pooling(const std::string & name, const char * param, Pooling & out);
+std::string parse_aggregation(const std::string & name, const char * param, HeadAggregation & out);
+
 // Validation of user-supplied parameters; returns an empty string when valid, otherwise one line
 // naming the parameter, the value received and the accepted range.
 std::string validate_params(const CompressionParams & p);

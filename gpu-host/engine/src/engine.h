@@ -31,7 +31,7 @@ class Session;
 
 // Default chunk size of chunked prefill in the CLI and the server (inputs up to this length are
 // compressed once, as in the paper). Chosen from the accuracy measurement in docs/BENCHMARKS.md.
-constexpr int kDefaultChunkSize = 2048;
+constexpr int kDefaultChunkSize = 8192;
 
 class Engine {
   public:
@@ -107,6 +107,16 @@ class Session {
     // chunking mode. Leaves the logits of the last token. A multi-turn session appends each turn.
     // on_chunk(done, total) is called after every compressed chunk.
     void append(const std::vector<int32_t> & tokens, const std::function<void(int, int)> & on_chunk = {});
+    // The same, one evaluation at a time (a server interleaves them with other sessions' decode
+    // steps): plan_append(n) lists the steps for an input of n tokens; run them in order on the
+    // same input. Compression happens after the steps marked compress_after.
+    struct AppendStep {
+        int  begin, end;      // token range of the input evaluated by this step
+        bool segment_start;   // first evaluation after a compression (or of the input)
+        bool compress_after;  // last evaluation of a segment: window scored, then compressed
+    };
+    std::vector<AppendStep> plan_append(int n) const;
+    void                    run_append_step(const std::vector<int32_t> & tokens, const AppendStep & step);
     void prefill(const std::vector<int32_t> & tokens) { append(tokens); }
     // Append one token (its position = tokens seen) and compute its logits.
     void decode(int32_t token);
@@ -149,7 +159,7 @@ class Session {
     void keep_entries(const std::vector<HeadSelection> & entries, const Session & src);
     std::vector<HeadSelection> select(const Method & method, const CompressionParams & p) const;
     void                       ensure_capacity(int n_more);
-    void                       ensure_layer_capacity(int il, int need);
+    void                       ensure_layer_capacity(int il, int need, bool growth_room);
     void                       check_tokens(const int32_t * tokens, int n) const;  // ids and context
     void                       appended(const int32_t * tokens, int n);           // bookkeeping after a forward
 
@@ -169,6 +179,7 @@ class Session {
     bool   keep_scores_     = false;
     bool   compressed_      = false;  // entries were dropped at least once
     double prefill_seconds_ = 0.0;
+    double append_started_  = 0.0;
 };
 
 // The SnapKV scoring product, one graph piece shared by the engine and its tests:

@@ -82,16 +82,9 @@ CompressionParams compression_params(const Args & a) {
     p.window      = (int) a.integer("--window", p.window, -1000000000, 1000000000);
     p.beta        = (int) a.integer("--beta", p.beta, -1000000000, 1000000000);
     p.kernel_size = (int) a.integer("--kernel-size", p.kernel_size, -1000000000, 1000000000);
-    const std::string pooling = a.str("--pooling", "maxpool");
-    if (pooling == "maxpool") p.pooling = Pooling::MaxPool;
-    else if (pooling == "avgpool") p.pooling = Pooling::AvgPool;
-    else if (pooling == "none") p.pooling = Pooling::None;
-    else throw Error("--pooling", "'" + pooling + "' is not one of maxpool, avgpool, none");
-    const std::string agg = a.str("--head-aggregation", "mean");
-    if (agg == "mean") p.aggregation = HeadAggregation::Mean;
-    else if (agg == "max") p.aggregation = HeadAggregation::Max;
-    else throw Error("--head-aggregation", "'" + agg + "' is not one of mean, max");
-    const std::string problem = validate_params(p);
+    std::string problem = parse_pooling(a.str("--pooling", "maxpool"), "--pooling", p.pooling);
+    if (problem.empty()) problem = parse_aggregation(a.str("--head-aggregation", "mean"), "--head-aggregation", p.aggregation);
+    if (problem.empty()) problem = validate_params(p);
     if (!problem.empty()) throw Error("", problem);
     return p;
 }

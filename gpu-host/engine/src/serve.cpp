@@ -6,6 +6,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <algorithm>
 #include <optional>
 #include <thread>
 
@@ -124,9 +125,10 @@ struct Generation {
 };
 
 struct Prefill {
-    uint64_t             id = 0;
-    std::vector<int32_t> tokens;
-    size_t               done = 0;
+    uint64_t                         id = 0;
+    std::vector<int32_t>             tokens;
+    std::vector<Session::AppendStep> steps;
+    size_t                           next = 0;  // steps run so far
 };
 
 struct ServedSession {
@@ -186,15 +188,9 @@ class Server {
         p.window      = (int) std::min<uint64_t>(m.get_uint("window", p.window), 1u << 30);
         p.beta        = (int) std::min<uint64_t>(m.get_uint("beta", p.beta), 1u << 30);
         p.kernel_size = (int) std::min<uint64_t>(m.get_uint("kernel_size", p.kernel_size), 1u << 30);
-        const std::string pooling = m.get_str("pooling", "maxpool");
-        if (pooling == "maxpool") p.pooling = Pooling::MaxPool;
-        else if (pooling == "avgpool") p.pooling = Pooling::AvgPool;
-        else if (pooling == "none") p.pooling = Pooling::None;
-        else throw Error("pooling", "'" + pooling + "' is not one of maxpool, avgpool, none");
-        const std::string agg = m.get_str("head_aggregation", "mean");
-        if (agg == "mean") p.aggregation = HeadAggregation::Mean;
-        else if (agg == "max") p.aggregation = HeadAggregation::Max;
-        else throw Error("head_aggregation", "'" + agg + "' is not one of mean, max");
+        std::string problem = parse_pooling(m.get_str("pooling", "maxpool"), "pooling", p.pooling);
+        if (problem.empty()) problem = parse_aggregation(m.get_str("head_aggregation", "mean"), "head_aggregation", p.aggregation);
+        if (!problem.empty()) throw Error("", problem);
         return p;
     }
 
@@ -259,7 +255,9 @@ class Server {
                     throw Error("prompt", std::to_string(s->session->tokens().size() + tokens.size()) + " tokens exceed the context of " + std::to_string(engine_.n_ctx()));
                 }
                 s->pending.reset();
-                s->prefill = Prefill{ id, std::move(tokens), 0 };
+                Prefill p{ id, std::move(tokens), {}, 0 };
+                p.steps    = s->session->plan_append((int) p.tokens.size());
+                s->prefill = std::move(p);
             } else if (type == "generate") {
                 ServedSession * s = find(m, true);
                 if (!s) return true;
@@ -286,7 +284,8 @@ class Server {
                 if (!s) return true;
                 if (s->generation) finish(name, *s, "cancelled");
                 if (s->prefill) {
-                    send_error(&m.at("id"), name, "cancelled", "prefill cancelled after " + std::to_string(s->prefill->done) + " tokens");
+                    const size_t done = s->prefill->next ? s->prefill->steps[s->prefill->next - 1].end : 0;
+                    send_error(&m.at("id"), name, "cancelled", "prefill cancelled after " + std::to_string(done) + " tokens");
                     s->prefill.reset();
                 }
                 send(Value::map().set("type", "cancelled").set("id", id).set("session", name));
@@ -335,30 +334,33 @@ class Server {
         return true;
     }
 
-    // One chunk of the oldest pending prefill (so decode steps of other sessions go on).
+    // One evaluation (≤ one ubatch) of a pending prefill, round-robin over the sessions that have
+    // one, so prefills of long inputs do not stall other sessions' decode steps.
     void step_prefill() {
+        std::vector<std::string> waiting;
         for (auto & [name, s] : sessions_) {
-            if (!s.prefill) continue;
-            Prefill &    p     = *s.prefill;
-            const int    chunk = s.session->chunk_size() > 0 ? s.session->chunk_size() : (int) p.tokens.size();
-            const size_t end   = std::min(p.tokens.size(), p.done + (size_t) chunk);
-            try {
-                s.session->append(std::vector<int32_t>(p.tokens.begin() + p.done, p.tokens.begin() + end));
-                p.done = end;
-                const Value id = Value(p.id);
-                if (p.done < p.tokens.size()) {
-                    send(Value::map().set("type", "progress").set("id", id).set("session", name).set("done", p.done).set("total", p.tokens.size()));
-                } else {
-                    const SessionStats st = s.session->stats();
-                    send(Value::map().set("type", "appended").set("id", id).set("session", name).set("tokens_seen", st.tokens_seen).set("kv_bytes", st.kv_bytes));
-                    s.prefill.reset();
-                }
-            } catch (const Error & e) {
-                const Value id = Value(p.id);
-                send_error(&id, name, code_for(e), e.what());
-                s.prefill.reset();
+            if (s.prefill) waiting.push_back(name);
+        }
+        if (waiting.empty()) return;
+        auto pick = std::upper_bound(waiting.begin(), waiting.end(), last_prefilled_);
+        const std::string name = pick == waiting.end() ? waiting.front() : *pick;
+        last_prefilled_        = name;
+        ServedSession & s      = sessions_[name];
+        Prefill &       p      = *s.prefill;
+        const Value     id     = Value(p.id);
+        try {
+            const Session::AppendStep & step = p.steps[p.next++];
+            s.session->run_append_step(p.tokens, step);
+            if (p.next < p.steps.size()) {
+                send(Value::map().set("type", "progress").set("id", id).set("session", name).set("done", step.end).set("total", p.tokens.size()));
+                return;
             }
-            return;
+            const SessionStats st = s.session->stats();
+            send(Value::map().set("type", "appended").set("id", id).set("session", name).set("tokens_seen", st.tokens_seen).set("kv_bytes", st.kv_bytes));
+            s.prefill.reset();
+        } catch (const Error & e) {
+            send_error(&id, name, code_for(e), e.what());
+            s.prefill.reset();
         }
     }
 
@@ -436,6 +438,7 @@ class Server {
     Engine &                             engine_;
     int                                  default_chunk_;
     std::map<std::string, ServedSession> sessions_;
+    std::string                          last_prefilled_;
     bool                                 closing_ = false;
 };
 

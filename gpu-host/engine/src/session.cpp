@@ -13,8 +13,9 @@ double now_seconds() {
     return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-// Pool slots a layer holds beyond its entries, so decoding does not move pages every token.
-constexpr int kGrowthSlots = 64;
+// A layer's pages hold its entries plus an eighth (at least one 16-slot page), so decoding moves
+// pages rarely; when they fill up the run grows by the same rule.
+int grown(int need) { return need + std::max(16, need / 8); }
 
 }  // namespace
 
@@ -65,22 +66,33 @@ void Session::check_tokens(const int32_t * tokens, int n) const {
 }
 
 void Session::ensure_capacity(int n_more) {
-    for (size_t il = 0; il < pages_.size(); ++il) ensure_layer_capacity((int) il, size_[il] + n_more);
+    // Growth room only when every layer that grows can have it: otherwise the first layers would
+    // take it and starve the last ones of the exact room they need. Refuse before moving anything.
+    KvPool & pool = engine_.pool();
+    long     exact = 0, roomy = 0;
+    for (size_t il = 0; il < pages_.size(); ++il) {
+        const int need = size_[il] + n_more;
+        const int have = pages_[il] == KvPool::kNone ? 0 : pool.pages_for(pool.slot_count(pages_[il]));
+        if (pages_[il] != KvPool::kNone && pool.slot_count(pages_[il]) >= need) continue;
+        exact += std::max(0, pool.pages_for(need) - have);
+        roomy += std::max(0, pool.pages_for(grown(need)) - have);
+    }
+    if (exact == 0) return;
+    if (exact > pool.free_pages()) {
+        throw Error("kv_pool", "the KV pool is full: " + std::to_string(n_more) + " more entries per layer need " +
+                                   std::to_string(exact * pool.bytes_per_page()) + " bytes; " + std::to_string(pool.free_bytes()) +
+                                   " of " + std::to_string(pool.capacity_bytes()) + " bytes free");
+    }
+    const bool room = roomy <= pool.free_pages();
+    for (size_t il = 0; il < pages_.size(); ++il) ensure_layer_capacity((int) il, size_[il] + n_more, room);
 }
 
-void Session::ensure_layer_capacity(int il, int need) {
+void Session::ensure_layer_capacity(int il, int need, bool room) {
     KvPool & pool = engine_.pool();
     if (pages_[il] != KvPool::kNone && pool.slot_count(pages_[il]) >= need) return;
-    bool ok = false;
-    for (int want : { need + kGrowthSlots, need }) {  // headroom if it fits, else exactly what is needed
-        if (pages_[il] == KvPool::kNone) {
-            pages_[il] = pool.allocate(want);
-            ok         = pages_[il] != KvPool::kNone;
-        } else {
-            ok = pool.resize(pages_[il], want, size_[il]);
-        }
-        if (ok) break;
-    }
+    const int want = room ? grown(need) : need;
+    const bool ok  = pages_[il] == KvPool::kNone ? (pages_[il] = pool.allocate(want)) != KvPool::kNone
+                                                 : pool.resize(pages_[il], want, size_[il]);
     if (!ok) {
         throw Error("kv_pool", "the KV pool is full: layer " + std::to_string(il) + " needs " + std::to_string(need) +
                                    " entries; " + std::to_string(pool.free_bytes()) + " of " +
@@ -110,14 +122,7 @@ void Session::evaluate(const int32_t * tokens, int n, bool last_of_segment, bool
     engine_.forward({ { this, tokens, n } }, fo);
 }
 
-void Session::append(const std::vector<int32_t> & tokens, const std::function<void(int, int)> & on_chunk) {
-    if (tokens.empty()) throw Error("prompt", "nothing to append (empty input)");
-    check_tokens(tokens.data(), (int) tokens.size());
-    const double        t0 = now_seconds();
-    const int           n  = (int) tokens.size();
-    const ModelConfig & c  = engine_.config();
-    const bool          scores = method_->needs_window_probs || method_->needs_accumulated || keep_scores_;
-
+std::vector<Session::AppendStep> Session::plan_append(int n) const {
     // Segments are compressed one by one: the whole input (one-shot) or chunks. Inside a segment,
     // ubatches are split from the front as libllama splits them (so both run the same kernels);
     // the window queries must sit in the segment's last evaluation, so a short tail borrows
@@ -130,8 +135,23 @@ void Session::append(const std::vector<int32_t> & tokens, const std::function<vo
         if (b.size() > 2 && to - b[b.size() - 2] < n_window) b[b.size() - 2] = to - n_window;
         return b;
     };
-    const std::vector<int> segments = split(0, n, chunk_size_ > 0 ? std::max(chunk_size_, n_window) : n);
+    std::vector<AppendStep> steps;
+    const std::vector<int>  segments = split(0, n, chunk_size_ > 0 ? std::max(chunk_size_, n_window) : n);
     for (size_t si = 0; si + 1 < segments.size(); ++si) {
+        const std::vector<int> ub = split(segments[si], segments[si + 1], std::max(engine_.options().n_ubatch, n_window));
+        for (size_t i = 0; i + 1 < ub.size(); ++i) steps.push_back({ ub[i], ub[i + 1], i == 0, i + 2 == ub.size() });
+    }
+    return steps;
+}
+
+void Session::run_append_step(const std::vector<int32_t> & tokens, const AppendStep & step) {
+    const ModelConfig & c = engine_.config();
+    if (step.begin == 0) {
+        if (tokens.empty()) throw Error("prompt", "nothing to append (empty input)");
+        check_tokens(tokens.data(), (int) tokens.size());
+        append_started_ = now_seconds();
+    }
+    if (step.segment_start) {
         window_probs_.assign(c.n_layer, {});
         if (accumulated_.size() != (size_t) c.n_layer) accumulated_.assign(c.n_layer, {});
         for (int il = 0; il < c.n_layer; ++il) {
@@ -145,14 +165,19 @@ void Session::append(const std::vector<int32_t> & tokens, const std::function<vo
                 acc = std::move(grown);
             }
         }
-        const std::vector<int> ub = split(segments[si], segments[si + 1], std::max(engine_.options().n_ubatch, n_window));
-        for (size_t i = 0; i + 1 < ub.size(); ++i) {
-            evaluate(tokens.data() + ub[i], ub[i + 1] - ub[i], i + 2 == ub.size(), scores);
-        }
-        compress();
-        if (on_chunk) on_chunk(segments[si + 1], n);
     }
-    prefill_seconds_ = now_seconds() - t0;
+    const bool scores = method_->needs_window_probs || method_->needs_accumulated || keep_scores_;
+    evaluate(tokens.data() + step.begin, step.end - step.begin, step.compress_after, scores);
+    if (step.compress_after) compress();
+    if (step.end == (int) tokens.size()) prefill_seconds_ = now_seconds() - append_started_;
+}
+
+void Session::append(const std::vector<int32_t> & tokens, const std::function<void(int, int)> & on_chunk) {
+    if (tokens.empty()) throw Error("prompt", "nothing to append (empty input)");
+    for (const AppendStep & step : plan_append((int) tokens.size())) {
+        run_append_step(tokens, step);
+        if (step.compress_after && on_chunk) on_chunk(step.end, (int) tokens.size());
+    }
 }
 
 void Session::decode(int32_t token) { engine_.decode_batch({ this }, { token }); }
@@ -221,7 +246,7 @@ void Session::keep_entries(const std::vector<HeadSelection> & entries, const Ses
     for (int il = 0; il < c.n_layer; ++il) {
         keep[il] = (int) entries[il][0].size();
         if (!in_place) {
-            pages_[il] = pool.allocate(keep[il] + kGrowthSlots);
+            pages_[il] = pool.allocate(grown(keep[il]));  // room to decode without moving
             if (pages_[il] == KvPool::kNone) pages_[il] = pool.allocate(std::max(keep[il], 1));
             if (pages_[il] == KvPool::kNone) {
                 ggml_free(g.ctx);
@@ -258,7 +283,9 @@ void Session::keep_entries(const std::vector<HeadSelection> & entries, const Ses
             for (int32_t e : entries[il][h]) positions[h].push_back(src.positions_[il][h][e]);
         positions_[il] = std::move(positions);
         size_[il]      = keep[il];
-        if (in_place) pool.resize(pages_[il], keep[il] + kGrowthSlots, keep[il]);  // give back freed pages
+        if (in_place && pool.slot_count(pages_[il]) > grown(keep[il])) {
+            pool.resize(pages_[il], grown(keep[il]), keep[il]);  // give back the pages compression freed
+        }
     }
 }
 
@@ -401,7 +428,7 @@ std::unique_ptr<Session> Session::restore(Engine & engine, const std::string & b
                 if (pos < 0 || pos >= (int32_t) n_tokens) throw Error("state", "corrupt positions");
             }
         }
-        s->ensure_layer_capacity(il, (int) size);
+        s->ensure_layer_capacity(il, (int) size, false);
         s->size_[il] = (int) size;
         if (size == 0) continue;
         rows.resize(row * size);

@@ -23,6 +23,8 @@ struct BadInput {
     const char * param;  // the parameter the one-line error must name
 };
 
+void PrintTo(const BadInput & b, std::ostream * os) { *os << b.args; }
+
 class CliErrors : public testing::TestWithParam<BadInput> {};
 
 TEST_P(CliErrors, ExitTwoWithOneLineNamingTheParameter) {

@@ -144,6 +144,8 @@ struct ArchCase {
     const char * flags;
 };
 
+void PrintTo(const ArchCase & c, std::ostream * os) { *os << c.name << " (" << c.flags << ")"; }
+
 class RandomArch : public testing::TestWithParam<ArchCase> {};
 
 TEST_P(RandomArch, FullKvMatchesLibllama) {
