@@ -1,5 +1,6 @@
 // msgpack: encodings checked byte for byte against the msgpack spec, round trips at every format
 // boundary, and hostile inputs that must end in a pkv::Error, never a crash or a huge allocation.
+#include "test_util.h"
 #include "msgpack.h"
 
 #include <gtest/gtest.h>
@@ -16,16 +17,7 @@ using pkv::mp::Value;
 
 namespace {
 
-std::string hex(const std::string & bytes) {
-    static const char * d = "0123456789abcdef";
-    std::string         out;
-    for (unsigned char c : bytes) {
-        if (!out.empty()) out += ' ';
-        out += d[c >> 4];
-        out += d[c & 15];
-    }
-    return out;
-}
+using pkv::test::hex;
 
 std::string unhex(const std::string & h) {
     std::string out;

@@ -2,6 +2,7 @@
 // built from its spec, each kind of mistake is reported with the message type and field (the
 // same lines shared/test/protocol.test.ts expects from the TypeScript validator), and frame
 // reading refuses oversized and truncated frames.
+#include "test_util.h"
 #include "protocol.h"
 
 #include <gtest/gtest.h>
@@ -41,16 +42,7 @@ Value example_frame(const pkv::MessageSpec & m, bool with_optional) {
 
 Value open_frame() { return Value::map().set("type", "open").set("id", 1).set("session", "s"); }
 
-std::string hex(const std::string & bytes) {
-    static const char * d = "0123456789abcdef";
-    std::string         out;
-    for (unsigned char c : bytes) {
-        if (!out.empty()) out += ' ';
-        out += d[c >> 4];
-        out += d[c & 15];
-    }
-    return out;
-}
+using pkv::test::hex;
 
 // A FILE* holding `bytes`, positioned at the start.
 FILE * file_with(const std::string & bytes) {

@@ -34,6 +34,18 @@ inline std::string essay_text(size_t chars) {
     return text.substr(0, std::min(chars, text.size()));
 }
 
+// Bytes as space-separated lowercase hex pairs ("81 a1 61 01"), for byte-level expectations.
+inline std::string hex(const std::string & bytes) {
+    static const char * d = "0123456789abcdef";
+    std::string         out;
+    for (unsigned char c : bytes) {
+        if (!out.empty()) out += ' ';
+        out += d[c >> 4];
+        out += d[c & 15];
+    }
+    return out;
+}
+
 struct CliResult {
     int         exit_code = -1;
     std::string out, err;
