@@ -19,7 +19,7 @@ export interface DemoOptions {
   chunkSize?: number; // engine default when absent
 }
 
-export const DEMO_DEFAULTS: DemoOptions = { chars: 17000, depth: 50, budget: 128, maxNewTokens: 40 };
+export const DEMO_DEFAULTS: DemoOptions = { chars: 21000, depth: 50, budget: 128, maxNewTokens: 40 };
 
 const mib = (bytes: number) => `${(bytes / 1048576).toFixed(2)} MiB`;
 
