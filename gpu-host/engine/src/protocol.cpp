@@ -403,7 +403,7 @@ void write_frame(FILE * out, const mp::Value & v) {
     static std::mutex mutex;
     std::lock_guard<std::mutex> lock(mutex);
     if (std::fwrite(bytes.data(), 1, bytes.size(), out) != bytes.size() || std::fflush(out) != 0)
-        throw Error("frame", "write failed (the reader has gone)");
+        throw Error("stdout", "write failed (the reader has gone)");
 }
 
 }  // namespace pkv

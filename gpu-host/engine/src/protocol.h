@@ -74,7 +74,8 @@ std::string encode_frame(const mp::Value & v);
 
 // Writes and flushes one frame. Thread-safe (one mutex for every writer), so decode threads and
 // the request loop can answer on the same stdout without interleaving bytes. Throws pkv::Error
-// ("frame", ...) if the frame is too large or the write fails (the supervisor has gone).
+// ("frame", ...) if the frame is too large (nothing written) and pkv::Error("stdout", ...) if the
+// write fails (the supervisor has gone).
 void write_frame(FILE * out, const mp::Value & v);
 
 }  // namespace pkv

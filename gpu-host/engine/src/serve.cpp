@@ -51,11 +51,14 @@ class Inbox {
     std::deque<Inbound>     q_;
 };
 
+// A frame over the size limit throws (nothing was written: the request fails with too_large);
+// a failed write means the supervisor has gone, and nobody is left to answer.
 void send(const Value & v) {
     try {
         write_frame(stdout, v);
-    } catch (const Error &) {
-        std::_Exit(0);  // the supervisor has gone: nobody is left to answer
+    } catch (const Error & e) {
+        if (e.param != "stdout") throw;
+        std::_Exit(0);
     }
 }
 
@@ -70,6 +73,7 @@ void send_error(const Value * id, const std::string & session, const std::string
 // Error codes of the protocol from where an engine error came from.
 std::string code_for(const Error & e) {
     if (e.param == "kv_pool") return "pool_full";
+    if (e.param == "frame") return "too_large";
     if (e.param == "prompt") return "context_full";
     if (e.param == "engine") return "internal";
     return "invalid";

@@ -268,5 +268,20 @@ TEST(Serve, ForkSaveRestoreAndCancelThroughFrames) {
     EXPECT_EQ(e.wait_exit(), 0);
 }
 
+TEST(Serve, AStateTooLargeForOneFrameIsAnErrorNotACrash) {
+    EngineProcess e;
+    e.next();
+    e.send(open_msg(1, "big", "full", 128).set("chunk_size", 0));
+    Value tokens = Value::array();
+    for (int i = 0; i < 3000; ++i) tokens.push(100 + (i * 37) % 4000);  // FullKV state ≈ 69 MB > 64 MiB
+    e.send(msg("append", 2).set("session", "big").set("tokens", tokens));
+    e.until_type("appended", 2);
+    e.send(msg("save", 3).set("session", "big"));
+    const Value err = e.until_type("error", 3).back();
+    EXPECT_EQ(err.at("code").as_str(), "too_large") << err.at("message").as_str();
+    e.send(msg("stats", 4).set("session", "big"));
+    EXPECT_EQ(e.until_type("stats_result", 4).back().at("tokens_seen").as_uint(), 3000u) << "the engine and the session live on";
+}
+
 }  // namespace
 }  // namespace pkv::test
