@@ -1,16 +1,20 @@
 #!/usr/bin/env node
-// `npx pkv …`: the project's TypeScript CLI. Thin: parse, call, print. For now: demo.
+// `npx pkv …`: the project's TypeScript CLI. Thin: parse, call, print.
 import { parseArgs } from "node:util";
 
 import { runChunkStudy } from "./chunk-study.js";
 import { DEMO_DEFAULTS, runDemo } from "./demo.js";
+import { HOST_USAGE, parseHostConfig } from "./host/config.js";
+import { runHost } from "./host/main.js";
 
 const USAGE = `usage: pkv <command> [options]
   demo [--chars N] [--depth 0-100] [--budget B] [--haystack-dir DIR] [--model M] [--max-new-tokens N] [--chunk-size N]
        a needle prompt (~4k tokens) answered with FullKV and PyramidKV side by side
   bench chunking [--chars 12000,24000] [--depths 25,50,75] [--chunk-sizes 0,1024,2048,4096] [--method pyramidkv]
        [--budget 128] [--haystack-dir DIR] [--model M]
-       needle accuracy of chunked prefill vs one-shot compression (chunk size 0)`;
+       needle accuracy of chunked prefill vs one-shot compression (chunk size 0)
+  host [--port N] [--edge-secret S] [--kv-pool-bytes N] [--offload-dir DIR] [--tenants FILE|JSON] ... (pkv host --help)
+       the GPU host: engine supervisor, WebSocket server for the edge, /health, /metrics`;
 
 function intList(name: string, value: string | undefined, fallback: number[], lo: number, hi: number): number[] {
   if (value === undefined) return fallback;
@@ -45,6 +49,13 @@ async function main(argv: string[]): Promise<number> {
       model: values.model,
     });
     return 0;
+  }
+  if (command === "host") {
+    if (rest.includes("--help")) {
+      process.stdout.write(`${HOST_USAGE}\n`);
+      return 0;
+    }
+    return runHost(parseHostConfig(rest));
   }
   if (command === "bench" && rest[0] === "chunking") {
     const { values } = parseArgs({

@@ -1,4 +1,6 @@
-// The engine's stdio protocol (pkv-engine serve --stdio), as seen from TypeScript.
+// The engine's stdio protocol (pkv-engine serve --stdio), as seen from TypeScript, and the
+// machinery (spec parser, validator, msgpack codec) that the host<->edge protocol reuses
+// (host-protocol.ts: the same spec format in shared/protocol/host.json, other directions).
 //
 // shared/protocol/engine.json is its only definition. The C++ engine embeds the file at build
 // time; here it is imported as a JSON module (`with { type: "json" }`): Node 20 loads it without
@@ -17,6 +19,9 @@ import { C1, Packr, Unpackr } from "msgpackr";
 import engineJson from "../protocol/engine.json" with { type: "json" };
 
 export type Direction = "to_engine" | "from_engine";
+/** Directions of the host<->edge protocol (host.json). */
+export type HostDirection = "to_host" | "from_host";
+export type AnyDirection = Direction | HostDirection;
 export type FieldType = "uint" | "int" | "float" | "str" | "bin" | "bool" | "map" | "str[]" | "uint[]";
 
 export interface FieldSpec {
@@ -26,7 +31,7 @@ export interface FieldSpec {
 }
 export interface MessageSpec {
   readonly name: string;
-  readonly direction: Direction;
+  readonly direction: AnyDirection;
   readonly fields: readonly FieldSpec[]; // engine.json order; 'type' is implicit
 }
 export interface ProtocolSpec {
@@ -43,27 +48,38 @@ function isPlainObject(v: unknown): v is Record<string, unknown> {
   return proto === Object.prototype || proto === null;
 }
 
-/** Checks engine.json as strictly as the C++ loader does (unknown keys and types are mistakes). */
-export function parseProtocolSpec(json: unknown): ProtocolSpec {
+export interface SpecFormat {
+  /** the file's name, in error messages */
+  readonly file: string;
+  /** the two directions a message of this spec may take: [requests, answers] */
+  readonly directions: readonly [AnyDirection, AnyDirection];
+}
+export const ENGINE_SPEC_FORMAT: SpecFormat = { file: "engine.json", directions: ["to_engine", "from_engine"] };
+
+/** Checks a spec file (engine.json by default) as strictly as the C++ loader does (unknown keys and
+ * types are mistakes). */
+export function parseProtocolSpec(json: unknown, format: SpecFormat = ENGINE_SPEC_FORMAT): ProtocolSpec {
+  const file = format.file;
+  const [dirA, dirB] = format.directions;
   const fail = (where: string, msg: string): never => {
     throw new Error(`${where}: ${msg}`);
   };
   const onlyKeys = (o: Record<string, unknown>, where: string, keys: string[]) => {
     for (const k of Object.keys(o)) if (!keys.includes(k)) fail(where, `unknown key '${k}'`);
   };
-  if (!isPlainObject(json)) return fail("engine.json", "must be an object");
-  onlyKeys(json, "engine.json", ["$comment", "version", "max_frame_bytes", "messages"]);
+  if (!isPlainObject(json)) return fail(file, "must be an object");
+  onlyKeys(json, file, ["$comment", "version", "max_frame_bytes", "messages"]);
   const { version, max_frame_bytes: maxFrameBytes, messages } = json;
-  if (typeof version !== "number" || !Number.isInteger(version) || version < 1) fail("engine.json", "version must be a positive integer");
+  if (typeof version !== "number" || !Number.isInteger(version) || version < 1) fail(file, "version must be a positive integer");
   if (typeof maxFrameBytes !== "number" || !Number.isInteger(maxFrameBytes) || maxFrameBytes < 16)
-    fail("engine.json", "max_frame_bytes must be an integer >= 16");
-  if (!isPlainObject(messages)) return fail("engine.json", "messages must be an object");
+    fail(file, "max_frame_bytes must be an integer >= 16");
+  if (!isPlainObject(messages)) return fail(file, "messages must be an object");
   const specs = new Map<string, MessageSpec>();
   for (const [name, m] of Object.entries(messages)) {
-    const where = `engine.json messages.${name}`;
+    const where = `${file} messages.${name}`;
     if (!isPlainObject(m)) return fail(where, "must be an object");
     onlyKeys(m, where, ["direction", "doc", "fields"]);
-    if (m.direction !== "to_engine" && m.direction !== "from_engine") fail(where, "direction must be to_engine or from_engine");
+    if (m.direction !== dirA && m.direction !== dirB) fail(where, `direction must be ${dirA} or ${dirB}`);
     if (!isPlainObject(m.fields)) return fail(where, "fields must be an object");
     const fields: FieldSpec[] = [];
     for (const [fname, f] of Object.entries(m.fields)) {
@@ -75,7 +91,7 @@ export function parseProtocolSpec(json: unknown): ProtocolSpec {
       if (f.required !== undefined && typeof f.required !== "boolean") fail(fwhere, "required must be a bool");
       fields.push({ name: fname, type: f.type as FieldType, required: f.required === true });
     }
-    specs.set(name, { name, direction: m.direction as Direction, fields });
+    specs.set(name, { name, direction: m.direction as AnyDirection, fields });
   }
   return { version: version as number, maxFrameBytes: maxFrameBytes as number, messages: specs };
 }
@@ -88,7 +104,9 @@ export const MAX_FRAME_BYTES: number = PROTOCOL_SPEC.maxFrameBytes;
 // The TypeScript types are derived from this table; test/protocol.test.ts checks that it equals
 // engine.json field for field, so the two cannot drift. "?" marks an optional field.
 
-type FieldDecl = FieldType | `${FieldType}?`;
+export type FieldDecl = FieldType | `${FieldType}?`;
+/** A message table like MESSAGES (host-protocol.ts has the host's). */
+export type MessageTable = Record<string, { direction: AnyDirection; fields: Record<string, FieldDecl> }>;
 
 export const MESSAGES = {
   open: {
@@ -156,11 +174,14 @@ type TsType<T> = T extends "uint" | "int" | "float" ? number
   : T extends "uint[]" ? number[]
   : never;
 type Simplify<T> = { [K in keyof T]: T[K] };
-type FieldsOf<F> = Simplify<
+export type FieldsOf<F> = Simplify<
   { -readonly [K in keyof F as F[K] extends `${string}?` ? never : K]: TsType<F[K]> } & {
     -readonly [K in keyof F as F[K] extends `${string}?` ? K : never]?: F[K] extends `${infer T}?` ? TsType<T> : never;
   }
 >;
+
+/** The frame of message type T of a message table. */
+export type MessageOf<Table extends MessageTable, T extends keyof Table & string> = Simplify<{ type: T } & FieldsOf<Table[T]["fields"]>>;
 
 /** The frame of one message type, e.g. Message<"open">. */
 export type Message<T extends MessageType> = Simplify<{ type: T } & FieldsOf<Messages[T]["fields"]>>;
@@ -232,18 +253,18 @@ function codePointLess(a: string, b: string): boolean {
 /**
  * null when `value` is a valid frame (of `direction`, if given), else one line naming the message
  * type and the field, identical to the C++ engine's validate_frame(). Fields set to undefined
- * count as absent (encodeFrame drops them).
+ * count as absent (encodeFrame drops them). `spec` defaults to the engine's.
  */
-export function validateFrame(value: unknown, direction?: Direction): string | null {
+export function validateFrame(value: unknown, direction?: AnyDirection, spec: ProtocolSpec = PROTOCOL_SPEC): string | null {
   if (!isPlainObject(value)) return `frame must be a map, got ${kindOf(value)}`;
   const present = (k: string) => Object.prototype.hasOwnProperty.call(value, k) && value[k] !== undefined;
   if (!present("type")) return "frame has no 'type' field";
   const type = value.type;
   if (typeof type !== "string") return `field 'type' must be str, got ${kindOf(type)}`;
-  const spec = PROTOCOL_SPEC.messages.get(type);
-  if (!spec) return `unknown message type ${quoted(type)}`;
-  if (direction && spec.direction !== direction) return `${type}: message goes ${spec.direction}, expected ${direction}`;
-  for (const f of spec.fields) {
+  const msgSpec = spec.messages.get(type);
+  if (!msgSpec) return `unknown message type ${quoted(type)}`;
+  if (direction && msgSpec.direction !== direction) return `${type}: message goes ${msgSpec.direction}, expected ${direction}`;
+  for (const f of msgSpec.fields) {
     if (!present(f.name)) {
       if (f.required) return `${type}: missing required field '${f.name}'`;
       continue;
@@ -253,7 +274,7 @@ export function validateFrame(value: unknown, direction?: Direction): string | n
   }
   let unknown: string | undefined;
   for (const k of Object.keys(value)) {
-    if (k !== "type" && present(k) && !spec.fields.some((f) => f.name === k) && (unknown === undefined || codePointLess(k, unknown)))
+    if (k !== "type" && present(k) && !msgSpec.fields.some((f) => f.name === k) && (unknown === undefined || codePointLess(k, unknown)))
       unknown = k;
   }
   return unknown === undefined ? null : `${type}: unknown field ${quoted(unknown)}`;
@@ -291,11 +312,7 @@ function wireValue(v: unknown): unknown {
 /** A frame for the engine's stdio: 4-byte big-endian length, then the msgpack map. Throws if the
  * message is not valid (a bug on our side) or exceeds MAX_FRAME_BYTES. */
 export function encodeFrame(msg: EngineMessage): Uint8Array {
-  const problem = validateFrame(msg);
-  if (problem) throw new Error(`encodeFrame: ${problem}`);
-  const wire: Record<string, unknown> = {};
-  for (const [k, v] of Object.entries(msg)) if (v !== undefined) wire[k] = wireValue(v);
-  const payload = packr.pack(wire);
+  const payload = encodeMessage(msg, PROTOCOL_SPEC, "encodeFrame");
   if (payload.length > MAX_FRAME_BYTES) throw new Error(`encodeFrame: frame of ${payload.length} bytes exceeds max_frame_bytes ${MAX_FRAME_BYTES}`);
   const frame = new Uint8Array(4 + payload.length);
   new DataView(frame.buffer).setUint32(0, payload.length);
@@ -303,8 +320,39 @@ export function encodeFrame(msg: EngineMessage): Uint8Array {
   return frame;
 }
 
-export type DecodedFrame =
-  | { ok: true; message: EngineMessage }
+/** The msgpack map of a message of `spec`, validated, without framing (the caller checks the size
+ * against its transport's limit). Throws if the message is not valid (a bug on our side). */
+export function encodeMessage(msg: Record<string, unknown>, spec: ProtocolSpec, who = "encodeMessage"): Uint8Array {
+  const problem = validateFrame(msg, undefined, spec);
+  if (problem) throw new Error(`${who}: ${problem}`);
+  const wire: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(msg)) if (v !== undefined) wire[k] = wireValue(v);
+  return packr.pack(wire);
+}
+
+/** Decodes one msgpack map (a whole frame's payload) and validates it against `spec`: the
+ * decoding half of FrameDecoder, for transports that frame messages themselves (WebSocket). */
+export function decodeMessage(payload: Uint8Array, spec: ProtocolSpec, direction?: AnyDirection): DecodedMessage<Record<string, unknown>> {
+  let value: unknown;
+  try {
+    if (payload.length === 0) throw new Error("empty frame"); // msgpackr would return undefined
+    value = unpackr.unpack(payload);
+    if (value === C1) throw new Error("invalid byte 0xc1"); // msgpackr returns a marker, C++ refuses it
+  } catch (e) {
+    return { ok: false, code: "bad_frame", error: `bad msgpack: ${e instanceof Error ? e.message : String(e)}`, fatal: false };
+  }
+  const problem = validateFrame(value, direction, spec);
+  if (problem === null) return { ok: true, message: value as Record<string, unknown> };
+  const err: DecodedMessage<never> = { ok: false, code: problem.startsWith("unknown message type") ? "unknown_type" : "invalid", error: problem, fatal: false };
+  if (isPlainObject(value)) {
+    if (kindOf(value.id) === "uint" && typeof value.id === "number") err.id = value.id;
+    if (typeof value.session === "string") err.session = value.session;
+  }
+  return err;
+}
+
+export type DecodedMessage<M> =
+  | { ok: true; message: M }
   | {
     ok: false;
     code: "too_large" | "bad_frame" | "unknown_type" | "invalid";
@@ -316,6 +364,7 @@ export type DecodedFrame =
     session?: string;
   };
 
+export type DecodedFrame = DecodedMessage<EngineMessage>;
 /**
  * Reassembles frames from a byte stream (stdout of the engine, a socket), decoding and validating
  * each. A declared length over the limit is refused before any of it is buffered; as the next
@@ -327,7 +376,7 @@ export class FrameDecoder {
   private failed = false;
 
   constructor(
-    private readonly direction?: Direction,
+    private readonly direction?: AnyDirection,
     private readonly maxFrameBytes: number = MAX_FRAME_BYTES,
   ) {}
 
@@ -359,22 +408,7 @@ export class FrameDecoder {
   }
 
   private decode(payload: Uint8Array): DecodedFrame {
-    let value: unknown;
-    try {
-      if (payload.length === 0) throw new Error("empty frame"); // msgpackr would return undefined
-      value = unpackr.unpack(payload);
-      if (value === C1) throw new Error("invalid byte 0xc1"); // msgpackr returns a marker, C++ refuses it
-    } catch (e) {
-      return { ok: false, code: "bad_frame", error: `bad msgpack: ${e instanceof Error ? e.message : String(e)}`, fatal: false };
-    }
-    const problem = validateFrame(value, this.direction);
-    if (problem === null) return { ok: true, message: value as EngineMessage };
-    const err: DecodedFrame = { ok: false, code: problem.startsWith("unknown message type") ? "unknown_type" : "invalid", error: problem, fatal: false };
-    if (isPlainObject(value)) {
-      if (kindOf(value.id) === "uint" && typeof value.id === "number") err.id = value.id;
-      if (typeof value.session === "string") err.session = value.session;
-    }
-    return err;
+    return decodeMessage(payload, PROTOCOL_SPEC, this.direction) as DecodedFrame;
   }
 
   // The first n buffered bytes, copied only when they span chunks.

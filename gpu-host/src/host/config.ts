@@ -1,0 +1,147 @@
+// Host configuration: flags override environment variables override defaults. Parsing only; the
+// values are checked here so that every other module can trust them.
+import { readFileSync } from "node:fs";
+import { parseArgs } from "node:util";
+
+export type TenantPolicy = "refuse" | "auto";
+export const TENANT_POLICIES: readonly TenantPolicy[] = ["refuse", "auto"];
+
+export interface TenantLimits {
+  kvQuotaBytes: number;
+  maxSessions: number;
+  policy: TenantPolicy;
+}
+
+export interface HostConfig {
+  listen: string;
+  port: number;
+  engineBin?: string;
+  model?: string;
+  kvPoolBytes?: number;
+  chunkSize?: number;
+  threads?: number;
+  edgeSecret: string;
+  /** offloaded states go to files here (and survive a restart); unset = host memory */
+  offloadDir?: string;
+  /** a session idle this long is offloaded */
+  idleMs: number;
+  /** save every session after each completed append/generate, so an engine crash loses nothing */
+  checkpoint: boolean;
+  tenants: Record<string, TenantLimits>;
+  /** limits of a tenant absent from `tenants` (kvQuotaBytes 0 = the whole pool) */
+  defaultTenant: TenantLimits;
+  /** appends (prefills) in the engine at once; the rest wait in per-tenant queues */
+  maxConcurrentPrefills: number;
+  /** a connection with more unsent bytes than this gets its tokens coalesced */
+  highWaterBytes: number;
+  /** a connection with more unsent bytes than this is dropped (slow consumer) */
+  maxBufferedBytes: number;
+  /** SIGTERM: how long in-flight work may run before it is cancelled */
+  drainMs: number;
+}
+
+export const HOST_USAGE = `usage: pkv host [options]            (each option also reads an environment variable)
+  --listen ADDR              PKV_HOST_LISTEN        listen address (127.0.0.1)
+  --port N                   PKV_HOST_PORT          port; 0 = any free port, printed (8790)
+  --edge-secret S            PKV_EDGE_SECRET        shared secret of the edge (required)
+  --model M                  PKV_MODEL              GGUF model (the engine's default: the embedded model)
+  --kv-pool-bytes N          PKV_KV_POOL_BYTES      engine KV pool capacity
+  --chunk-size N             PKV_CHUNK_SIZE         engine chunked-prefill size
+  --threads N                PKV_THREADS            engine threads
+  --offload-dir DIR          PKV_OFFLOAD_DIR        offloaded sessions on disk (survive restarts); default host memory
+  --idle-seconds N           PKV_IDLE_SECONDS       offload sessions idle this long (300)
+  --tenants FILE|JSON        PKV_TENANTS            {"name": {"kv_quota_bytes": N, "max_sessions": N, "policy": "refuse"|"auto"}, "*": {...}}
+  --checkpoint on|off        PKV_CHECKPOINT         save sessions after every append/generate (on)
+  --max-prefills N           PKV_MAX_PREFILLS       appends in the engine at once (2)`;
+
+function int(name: string, value: string | undefined, fallback: number, lo: number, hi: number): number {
+  if (value === undefined || value === "") return fallback;
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < lo || n > hi) throw new Error(`--${name}: '${value}' is not an integer in [${lo}, ${hi}]`);
+  return n;
+}
+
+function optInt(name: string, value: string | undefined, lo: number, hi: number): number | undefined {
+  return value === undefined || value === "" ? undefined : int(name, value, 0, lo, hi);
+}
+
+/** One tenant's limits from JSON ({kv_quota_bytes, max_sessions, policy}); `base` fills gaps. */
+export function parseTenantLimits(where: string, v: unknown, base: TenantLimits): TenantLimits {
+  if (typeof v !== "object" || v === null || Array.isArray(v)) throw new Error(`${where}: must be an object`);
+  const o = v as Record<string, unknown>;
+  for (const k of Object.keys(o)) {
+    if (!["kv_quota_bytes", "max_sessions", "policy"].includes(k)) throw new Error(`${where}: unknown key '${k}'`);
+  }
+  const num = (k: string, fallback: number) => {
+    const x = o[k];
+    if (x === undefined) return fallback;
+    if (typeof x !== "number" || !Number.isSafeInteger(x) || x < 0) throw new Error(`${where}.${k}: '${String(x)}' is not an integer >= 0`);
+    return x;
+  };
+  const policy = o.policy ?? base.policy;
+  if (policy !== "refuse" && policy !== "auto") throw new Error(`${where}.policy: '${String(policy)}' is not one of refuse, auto`);
+  return { kvQuotaBytes: num("kv_quota_bytes", base.kvQuotaBytes), maxSessions: num("max_sessions", base.maxSessions), policy };
+}
+
+export const TENANT_NAME = /^[A-Za-z0-9_.-]{1,64}$/;
+
+/** --tenants: a file name or inline JSON. The key "*" sets the defaults of unlisted tenants. */
+export function parseTenants(text: string | undefined): { tenants: Record<string, TenantLimits>; defaults: TenantLimits } {
+  let defaults: TenantLimits = { kvQuotaBytes: 0, maxSessions: 1000, policy: "refuse" };
+  const tenants: Record<string, TenantLimits> = {};
+  if (text === undefined || text.trim() === "") return { tenants, defaults };
+  const source = text.trim().startsWith("{") ? text : readFileSync(text, "utf8");
+  let json: unknown;
+  try {
+    json = JSON.parse(source);
+  } catch (e) {
+    throw new Error(`--tenants: not valid JSON: ${e instanceof Error ? e.message : String(e)}`);
+  }
+  if (typeof json !== "object" || json === null || Array.isArray(json)) throw new Error("--tenants: must be a JSON object");
+  const entries = Object.entries(json as Record<string, unknown>);
+  const star = entries.find(([k]) => k === "*");
+  if (star) defaults = parseTenantLimits("--tenants.*", star[1], defaults);
+  for (const [name, v] of entries) {
+    if (name === "*") continue;
+    if (!TENANT_NAME.test(name)) throw new Error(`--tenants: tenant name '${name}' must match ${TENANT_NAME.source}`);
+    tenants[name] = parseTenantLimits(`--tenants.${name}`, v, defaults);
+  }
+  return { tenants, defaults };
+}
+
+export function parseHostConfig(argv: string[], env: NodeJS.ProcessEnv = process.env): HostConfig {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      listen: { type: "string" }, port: { type: "string" }, "edge-secret": { type: "string" }, model: { type: "string" },
+      "kv-pool-bytes": { type: "string" }, "chunk-size": { type: "string" }, threads: { type: "string" },
+      "offload-dir": { type: "string" }, "idle-seconds": { type: "string" }, tenants: { type: "string" },
+      checkpoint: { type: "string" }, "max-prefills": { type: "string" }, engine: { type: "string" },
+    },
+  });
+  const edgeSecret = values["edge-secret"] ?? env.PKV_EDGE_SECRET ?? "";
+  if (edgeSecret.length < 16) throw new Error("--edge-secret (or PKV_EDGE_SECRET): required, at least 16 characters");
+  const checkpoint = values.checkpoint ?? env.PKV_CHECKPOINT ?? "on";
+  if (checkpoint !== "on" && checkpoint !== "off") throw new Error(`--checkpoint: '${checkpoint}' is not one of on, off`);
+  const offloadDir = values["offload-dir"] ?? env.PKV_OFFLOAD_DIR; // created on start
+  const { tenants, defaults } = parseTenants(values.tenants ?? env.PKV_TENANTS);
+  return {
+    listen: values.listen ?? env.PKV_HOST_LISTEN ?? "127.0.0.1",
+    port: int("port", values.port ?? env.PKV_HOST_PORT, 8790, 0, 65535),
+    engineBin: values.engine ?? env.PKV_ENGINE_BIN,
+    model: values.model ?? env.PKV_MODEL,
+    kvPoolBytes: optInt("kv-pool-bytes", values["kv-pool-bytes"] ?? env.PKV_KV_POOL_BYTES, 1, Number.MAX_SAFE_INTEGER),
+    chunkSize: optInt("chunk-size", values["chunk-size"] ?? env.PKV_CHUNK_SIZE, 0, 1 << 24),
+    threads: optInt("threads", values.threads ?? env.PKV_THREADS, 0, 1024),
+    edgeSecret,
+    offloadDir: offloadDir === "" ? undefined : offloadDir,
+    idleMs: int("idle-seconds", values["idle-seconds"] ?? env.PKV_IDLE_SECONDS, 300, 0, 86400 * 365) * 1000,
+    checkpoint: checkpoint === "on",
+    tenants,
+    defaultTenant: defaults,
+    maxConcurrentPrefills: int("max-prefills", values["max-prefills"] ?? env.PKV_MAX_PREFILLS, 2, 1, 1024),
+    highWaterBytes: 1 << 20,
+    maxBufferedBytes: 64 << 20,
+    drainMs: 10_000,
+  };
+}

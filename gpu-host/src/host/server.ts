@@ -1,0 +1,173 @@
+// The host's network face: one HTTP server on one port for GET /health, GET /metrics and the
+// edge's WebSocket (upgrade authenticated before it is accepted). Each binary WebSocket message
+// is one host-protocol frame; frames of many sessions share a connection.
+//
+// Backpressure: tokens of a connection whose unsent bytes (ws.bufferedAmount) exceed highWater
+// are coalesced per request (text concatenated, ids collected) and flushed when the socket drains,
+// so memory per slow connection stays bounded by the text it has not read yet, never by a queue of
+// frames; past maxBuffered the connection is dropped and its generations cancelled.
+import { createServer, type IncomingMessage, type Server } from "node:http";
+import type { AddressInfo } from "node:net";
+import type { Duplex } from "node:stream";
+
+import { decodeHostMessage, encodeHostMessage, type FromHostMessage, HOST_MAX_FRAME_BYTES, HOST_PROTOCOL_VERSION } from "@pyramidkv/shared";
+import { WebSocket, WebSocketServer } from "ws";
+
+import { verifyEdgeAuthorization } from "./auth.js";
+import type { HostConfig } from "./config.js";
+import type { HostMetrics } from "./metrics.js";
+import type { SessionHost, Sink } from "./sessions.js";
+
+// Messages up to this size are read and answered with a too_large error frame; larger ones make
+// ws close the connection (1009) without buffering them.
+const MAX_READ_BYTES = 2 * HOST_MAX_FRAME_BYTES;
+
+export class Connection implements Sink {
+  private readonly coalesced = new Map<number, { session: string; tokens: number[]; text: string }>();
+  private flushTimer?: NodeJS.Timeout;
+
+  constructor(private readonly ws: WebSocket, private readonly config: HostConfig, private readonly onDrop: () => void) {}
+
+  get open(): boolean {
+    return this.ws.readyState === WebSocket.OPEN;
+  }
+
+  send(msg: FromHostMessage): void {
+    if (!this.open) return;
+    if ((msg.type === "done" || msg.type === "error") && msg.id !== undefined) this.flush(msg.id);
+    this.write(msg);
+  }
+
+  sendToken(id: number, session: string, token: number, text: string): void {
+    if (!this.open) return;
+    const pending = this.coalesced.get(id);
+    if (pending || this.ws.bufferedAmount > this.config.highWaterBytes) {
+      if (pending) {
+        pending.tokens.push(token);
+        pending.text += text;
+      } else {
+        this.coalesced.set(id, { session, tokens: [token], text });
+      }
+      this.flushTimer ??= setInterval(() => this.flushIfDrained(), 5);
+      return;
+    }
+    this.write({ type: "token", id, session, tokens: [token], text });
+  }
+
+  private write(msg: FromHostMessage): void {
+    if (this.ws.bufferedAmount > this.config.maxBufferedBytes) {
+      this.ws.terminate();
+      this.onDrop();
+      return;
+    }
+    this.ws.send(encodeHostMessage(msg), { binary: true });
+  }
+
+  private flush(id: number): void {
+    const p = this.coalesced.get(id);
+    if (!p) return;
+    this.coalesced.delete(id);
+    this.write({ type: "token", id, session: p.session, tokens: p.tokens, text: p.text });
+  }
+
+  private flushIfDrained(): void {
+    if (!this.open) return this.stopFlushing();
+    if (this.ws.bufferedAmount > this.config.highWaterBytes) return;
+    for (const id of [...this.coalesced.keys()]) this.flush(id);
+    this.stopFlushing();
+  }
+
+  stopFlushing(): void {
+    clearInterval(this.flushTimer);
+    this.flushTimer = undefined;
+  }
+}
+
+export class HostServer {
+  private readonly http: Server;
+  private readonly wss: WebSocketServer;
+  private readonly sockets = new Set<WebSocket>();
+
+  constructor(private readonly host: SessionHost, private readonly config: HostConfig, private readonly metrics: HostMetrics) {
+    this.wss = new WebSocketServer({ noServer: true, maxPayload: MAX_READ_BYTES, perMessageDeflate: false });
+    this.http = createServer((req, res) => {
+      const path = (req.url ?? "/").split("?")[0];
+      if (req.method === "GET" && path === "/health") {
+        const ok = this.host.healthy && !this.host.isClosing;
+        const h = this.host.hello;
+        res.writeHead(ok ? 200 : 503, { "content-type": "application/json" });
+        res.end(JSON.stringify({
+          status: ok ? "ok" : this.host.isClosing ? "shutting_down" : "engine_restarting", protocol: HOST_PROTOCOL_VERSION, model: h.model,
+          engine_pid: this.host.enginePid, pool_bytes: h.pool_bytes, connections: this.sockets.size,
+        }));
+        return;
+      }
+      if (req.method === "GET" && path === "/metrics") {
+        res.writeHead(200, { "content-type": "text/plain; version=0.0.4" });
+        res.end(this.metrics.render({ ...this.host.gauges(), connections: this.sockets.size }));
+        return;
+      }
+      res.writeHead(404, { "content-type": "application/json" });
+      res.end(JSON.stringify({ error: "not found" }));
+    });
+    this.http.on("upgrade", (req, socket, head) => this.upgrade(req, socket, head));
+  }
+
+  private upgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void {
+    const refuse = (status: string) => {
+      socket.end(`HTTP/1.1 ${status}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`);
+      socket.destroy();
+    };
+    if (!verifyEdgeAuthorization(req.headers.authorization, this.config.edgeSecret)) return refuse("401 Unauthorized");
+    if (this.host.isClosing) return refuse("503 Service Unavailable");
+    this.wss.handleUpgrade(req, socket, head, (ws) => this.accept(ws));
+  }
+
+  private accept(ws: WebSocket): void {
+    this.sockets.add(ws);
+    const conn = new Connection(ws, this.config, () => this.host.connectionClosed(conn));
+    const h = this.host.hello;
+    conn.send({
+      type: "hello", protocol: HOST_PROTOCOL_VERSION, model: h.model, n_layer: h.n_layer, n_ctx: h.n_ctx, pool_bytes: h.pool_bytes,
+      bytes_per_entry: this.host.geometry.bytesPerEntry,
+    });
+    ws.on("message", (data, isBinary) => {
+      const bytes = Array.isArray(data) ? Buffer.concat(data) : Buffer.isBuffer(data) ? data : Buffer.from(data);
+      if (!isBinary) return conn.send({ type: "error", code: "bad_frame", message: "text messages are not accepted: send one msgpack map per binary message" });
+      const decoded = decodeHostMessage(bytes, "to_host");
+      if (!decoded.ok) {
+        this.metrics.errors.inc({ code: decoded.code });
+        return conn.send({ type: "error", ...(decoded.id !== undefined ? { id: decoded.id } : {}), ...(decoded.session !== undefined ? { session: decoded.session } : {}), code: decoded.code, message: decoded.error });
+      }
+      this.host.handle(conn, decoded.message);
+    });
+    ws.on("close", () => {
+      this.sockets.delete(ws);
+      conn.stopFlushing();
+      this.host.connectionClosed(conn);
+    });
+    ws.on("error", () => ws.terminate());
+  }
+
+  listen(): Promise<AddressInfo> {
+    return new Promise((resolve, reject) => {
+      this.http.once("error", reject);
+      this.http.listen(this.config.port, this.config.listen, () => resolve(this.http.address() as AddressInfo));
+    });
+  }
+
+  /** Stops accepting connections; open ones are closed by close(). */
+  stopAccepting(): void {
+    this.http.close();
+  }
+
+  async close(): Promise<void> {
+    for (const ws of this.sockets) ws.close(1001, "host shutting down");
+    const closed = new Promise<void>((r) => this.http.close(() => r()));
+    setTimeout(() => {
+      for (const ws of this.sockets) ws.terminate();
+      this.http.closeAllConnections();
+    }, 1000).unref();
+    await closed;
+  }
+}

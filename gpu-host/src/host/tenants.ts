@@ -1,0 +1,70 @@
+// Tenants and their KV quotas. A tenant's usage is the sum of what its resident sessions account
+// (sessions.ts decides what a session accounts); this module owns the limits and the arithmetic.
+import type { TenantLimits, TenantPolicy } from "./config.js";
+
+export interface TenantView extends TenantLimits {
+  name: string;
+}
+
+export class Tenants {
+  private readonly limits = new Map<string, TenantLimits>();
+
+  constructor(configured: Record<string, TenantLimits>, private readonly defaults: TenantLimits, private readonly poolBytes: number) {
+    for (const [name, l] of Object.entries(configured)) this.limits.set(name, { ...l });
+  }
+
+  /** A tenant's limits (the defaults for an unconfigured one); quota 0 means the whole pool. */
+  get(name: string): TenantView {
+    const l = this.limits.get(name) ?? this.defaults;
+    return { name, ...l, kvQuotaBytes: l.kvQuotaBytes === 0 ? this.poolBytes : l.kvQuotaBytes };
+  }
+
+  /** set_tenant from the edge: absent fields keep their value. */
+  set(name: string, patch: { kvQuotaBytes?: number; maxSessions?: number; policy?: TenantPolicy }): TenantView {
+    const cur = this.limits.get(name) ?? { ...this.defaults };
+    this.limits.set(name, {
+      kvQuotaBytes: patch.kvQuotaBytes ?? cur.kvQuotaBytes,
+      maxSessions: patch.maxSessions ?? cur.maxSessions,
+      policy: patch.policy ?? cur.policy,
+    });
+    return this.get(name);
+  }
+}
+
+/** The KV geometry admission needs, from the engine's hello and stats. */
+export interface KvGeometry {
+  nLayer: number;
+  /** bytes of one KV entry of one layer: 2 (K, V) x n_head_kv x head_dim x 2 (f16) */
+  bytesPerEntry: number;
+  /** the engine's chunked-prefill chunk (tokens) */
+  chunkSize: number;
+}
+
+/** Upper bound on the tokens of an append before tokenising: a token is at least one byte of
+ * text, plus the chat template's wrapping. */
+export function appendTokenBound(text: string | undefined, tokens: number[] | undefined, chat: boolean | undefined): number {
+  return (text === undefined ? 0 : Buffer.byteLength(text, "utf8") + (chat ? 16 : 1)) + (tokens?.length ?? 0) + 1;
+}
+
+/** Extra KV bytes while `newTokens` are prefilled on top of the kept entries: at most one chunk
+ * of uncompressed entries in every layer before the engine compresses it. */
+export function prefillPeakBytes(g: KvGeometry, newTokens: number): number {
+  const inFlight = g.chunkSize > 0 ? Math.min(newTokens, g.chunkSize) : newTokens;
+  return g.nLayer * inFlight * g.bytesPerEntry;
+}
+
+/** Bytes a session reserves at open: its first append's peak, budget + min(prompt, chunk) entries
+ * per layer (FullKV: the prompt itself). With no prompt hint that is the budget alone. */
+export function openReservationBytes(g: KvGeometry, method: string, budget: number, promptTokens: number): number {
+  const inFlight = g.chunkSize > 0 ? Math.min(promptTokens, g.chunkSize) : promptTokens;
+  const entries = method === "full" ? promptTokens : budget + inFlight;
+  return g.nLayer * entries * g.bytesPerEntry;
+}
+
+/** Largest budget whose reservation fits `freeBytes`, or 0 when not even window + 1 fits. */
+export function largestBudgetThatFits(g: KvGeometry, promptTokens: number, freeBytes: number, window: number): number {
+  const inFlight = Math.min(promptTokens, g.chunkSize > 0 ? g.chunkSize : promptTokens);
+  const perLayer = Math.floor(freeBytes / (g.nLayer * g.bytesPerEntry));
+  const budget = perLayer - inFlight;
+  return budget > window ? budget : 0;
+}

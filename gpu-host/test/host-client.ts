@@ -1,0 +1,123 @@
+// Test helpers for the GPU host: a client speaking the host protocol over ws, and a host started
+// in this process (or as a child process) on a random loopback port with the embedded model.
+import { type ChildProcess, spawn } from "node:child_process";
+import { resolve } from "node:path";
+
+import { type AnyHostMessage, decodeHostMessage, encodeHostMessage, type FromHostMessage, type ToHostMessage } from "@pyramidkv/shared";
+import { WebSocket } from "ws";
+
+import { repoRoot } from "../src/engine-path.js";
+import { makeEdgeToken } from "../src/host/auth.js";
+import { type HostConfig, parseHostConfig } from "../src/host/config.js";
+import { type RunningHost, startHost } from "../src/host/main.js";
+
+export const SECRET = "test-secret-0123456789abcdef";
+
+const FINAL = new Set(["opened", "appended", "done", "cancelled", "closed", "stats_result", "tenant_set", "error"]);
+
+export function testConfig(over: Partial<HostConfig> = {}, argv: string[] = []): HostConfig {
+  return { ...parseHostConfig(["--port", "0", "--edge-secret", SECRET, "--threads", "2", ...argv], {}), ...over };
+}
+
+export async function startTestHost(over: Partial<HostConfig> = {}, argv: string[] = []): Promise<RunningHost & { url: string }> {
+  const host = await startHost(testConfig(over, argv));
+  return { ...host, url: `ws://127.0.0.1:${host.address.port}` };
+}
+
+export class HostClient {
+  private nextId = 1;
+  private readonly waiters = new Map<number, { frames: FromHostMessage[]; resolve: (f: FromHostMessage[]) => void; onFrame?: (f: FromHostMessage) => void }>();
+  readonly unsolicited: FromHostMessage[] = [];
+  hello?: FromHostMessage;
+  private helloWait: Promise<void>;
+
+  private constructor(readonly ws: WebSocket) {
+    let gotHello!: () => void;
+    this.helloWait = new Promise((r) => (gotHello = r));
+    ws.on("message", (data: Buffer) => {
+      const d = decodeHostMessage(new Uint8Array(data), "from_host");
+      if (!d.ok) throw new Error(`bad frame from host: ${d.error}`);
+      const m = d.message;
+      if (m.type === "hello") {
+        this.hello = m;
+        return gotHello();
+      }
+      const id = "id" in m ? m.id : undefined;
+      const w = id === undefined ? undefined : this.waiters.get(id);
+      if (!w) return void this.unsolicited.push(m);
+      w.frames.push(m);
+      w.onFrame?.(m);
+      if (FINAL.has(m.type)) {
+        this.waiters.delete(id!);
+        w.resolve(w.frames);
+      }
+    });
+  }
+
+  static async connect(url: string, token = makeEdgeToken(SECRET)): Promise<HostClient> {
+    const ws = new WebSocket(url, { headers: { authorization: `Bearer ${token}` } });
+    const c = new HostClient(ws); // listening before 'open': hello may come in the upgrade's packet
+    await new Promise<void>((res, rej) => {
+      ws.once("open", () => res());
+      ws.once("error", rej);
+    });
+    await c.helloWait;
+    return c;
+  }
+
+  /** Sends a request (id assigned) and resolves with every frame answering it, the final last. */
+  request(msg: Omit<ToHostMessage, "id"> & Record<string, unknown>, onFrame?: (f: FromHostMessage) => void): Promise<FromHostMessage[]> {
+    const id = this.nextId++;
+    return new Promise((resolve) => {
+      this.waiters.set(id, { frames: [], resolve, onFrame });
+      this.ws.send(encodeHostMessage({ ...msg, id } as AnyHostMessage));
+    });
+  }
+
+  /** The final frame of a request. */
+  async call(msg: Omit<ToHostMessage, "id"> & Record<string, unknown>): Promise<FromHostMessage> {
+    const frames = await this.request(msg);
+    return frames[frames.length - 1]!;
+  }
+
+  /** Raw bytes; resolves with the next unsolicited/any frame carrying no waiter. */
+  async raw(bytes: Uint8Array | string, binary = true): Promise<FromHostMessage> {
+    const before = this.unsolicited.length;
+    this.ws.send(bytes, { binary });
+    for (let i = 0; i < 400; i++) {
+      if (this.unsolicited.length > before) return this.unsolicited[before]!;
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    throw new Error("no answer to a raw frame");
+  }
+
+  close(): void {
+    this.ws.close();
+  }
+}
+
+export function expectType<T extends FromHostMessage["type"]>(m: FromHostMessage, type: T): Extract<FromHostMessage, { type: T }> {
+  if (m.type !== type) throw new Error(`expected ${type}, got ${JSON.stringify(m)}`);
+  return m as Extract<FromHostMessage, { type: T }>;
+}
+
+/** `pkv host` as a child process; resolves once it printed its port. */
+export async function spawnHostProcess(args: string[]): Promise<{ child: ChildProcess; port: number; exit: Promise<number | null> }> {
+  const cli = resolve(repoRoot(), "gpu-host", "dist", "src", "cli.js");
+  const child = spawn(process.execPath, [cli, "host", "--port", "0", "--edge-secret", SECRET, "--threads", "2", ...args], {
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  const exit = new Promise<number | null>((r) => child.on("exit", (code) => r(code)));
+  let err = "";
+  child.stderr!.setEncoding("utf8").on("data", (d: string) => (err += d));
+  const port = await new Promise<number>((res, rej) => {
+    let out = "";
+    child.stdout!.setEncoding("utf8").on("data", (d: string) => {
+      out += d;
+      const m = /listening on [^ ]+:(\d+)/.exec(out);
+      if (m) res(Number(m[1]));
+    });
+    void exit.then((code) => rej(new Error(`pkv host exited ${code}: ${err}`)));
+  });
+  return { child, port, exit };
+}

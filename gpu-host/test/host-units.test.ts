@@ -1,0 +1,96 @@
+// Pure parts of the host, without an engine: fair scheduling, the admission arithmetic, config.
+import assert from "node:assert/strict";
+import { test } from "node:test";
+
+import { parseHostConfig, parseTenants } from "../src/host/config.js";
+import { FairScheduler } from "../src/host/scheduler.js";
+import { appendTokenBound, largestBudgetThatFits, openReservationBytes, prefillPeakBytes } from "../src/host/tenants.js";
+
+test("the scheduler serves tenants round-robin: many queued jobs of one cannot starve another", async () => {
+  const s = new FairScheduler({ prefill: 1, decode: 8 });
+  const order: string[] = [];
+  let release!: () => void;
+  const gate = new Promise<void>((r) => (release = r));
+  const jobs: Promise<void>[] = [];
+  const job = (tenant: string, name: string) => jobs.push(s.run(tenant, "prefill", async () => {
+    order.push(name);
+    await gate;
+  }).promise);
+  for (let i = 0; i < 5; i++) job("greedy", `g${i}`);
+  job("polite", "p0");
+  job("polite", "p1");
+  assert.equal(s.queued("prefill"), 6);
+  release();
+  await Promise.all(jobs);
+  assert.deepEqual(order, ["g0", "g1", "p0", "g2", "p1", "g3", "g4"]); // not g0..g4 then p0, p1
+});
+
+test("a queued job can be aborted; a running one cannot", async () => {
+  const s = new FairScheduler({ prefill: 1, decode: 1 });
+  let release!: () => void;
+  const running = s.run("a", "prefill", () => new Promise<void>((r) => (release = r)));
+  const queued = s.run("b", "prefill", async () => "ran");
+  assert.equal(running.abort(new Error("x")), false);
+  assert.equal(queued.abort(new Error("aborted")), true);
+  await assert.rejects(queued.promise, /aborted/);
+  release();
+  await running.promise;
+});
+
+test("admission arithmetic: peak = (budget + min(prompt, chunk)) entries per layer", () => {
+  const g = { nLayer: 30, bytesPerEntry: 768, chunkSize: 512 };
+  assert.equal(openReservationBytes(g, "pyramidkv", 128, 4000), 30 * (128 + 512) * 768);
+  assert.equal(openReservationBytes(g, "pyramidkv", 128, 100), 30 * 228 * 768);
+  assert.equal(openReservationBytes(g, "full", 128, 4000), 30 * 4000 * 768);
+  assert.equal(prefillPeakBytes(g, 10_000), 30 * 512 * 768);
+  assert.equal(largestBudgetThatFits(g, 32, 30 * 768 * 100, 8), 68);
+  assert.equal(largestBudgetThatFits(g, 32, 30 * 768 * 40, 8), 0);
+  assert.ok(appendTokenBound("héllo", [1, 2], true) >= 6 + 2);
+});
+
+test("config: flags and env, tenants JSON with defaults, errors name the parameter", () => {
+  const c = parseHostConfig(["--port", "0", "--tenants", '{"*": {"max_sessions": 5}, "a": {"kv_quota_bytes": 100, "policy": "auto"}}'],
+    { PKV_EDGE_SECRET: "0123456789abcdef!", PKV_IDLE_SECONDS: "7" });
+  assert.equal(c.listen, "127.0.0.1");
+  assert.equal(c.idleMs, 7000);
+  assert.deepEqual(c.tenants.a, { kvQuotaBytes: 100, maxSessions: 5, policy: "auto" });
+  assert.equal(c.defaultTenant.maxSessions, 5);
+  assert.throws(() => parseHostConfig([], {}), /--edge-secret/);
+  assert.throws(() => parseHostConfig(["--port", "70000"], { PKV_EDGE_SECRET: "0123456789abcdef!" }), /--port: '70000'/);
+  assert.throws(() => parseTenants('{"a/b": {}}'), /tenant name 'a\/b'/);
+  assert.throws(() => parseTenants('{"a": {"policy": "maybe"}}'), /policy: 'maybe'/);
+});
+
+test("backpressure: a slow connection gets its tokens coalesced, in order, and is dropped past the bound", async () => {
+  const { Connection } = await import("../src/host/server.js");
+  const { decodeHostMessage } = await import("@pyramidkv/shared");
+  const sent: unknown[] = [];
+  const fake = {
+    readyState: 1, bufferedAmount: 0, terminated: false,
+    send(b: Uint8Array) {
+      const d = decodeHostMessage(b);
+      sent.push(d.ok ? d.message : d);
+    },
+    terminate() {
+      this.terminated = true;
+      this.readyState = 3;
+    },
+  };
+  const config = parseHostConfig([], { PKV_EDGE_SECRET: "0123456789abcdef!" });
+  let dropped = 0;
+  const conn = new Connection(fake as never, config, () => dropped++);
+  conn.sendToken(1, "s", 10, "a");
+  fake.bufferedAmount = config.highWaterBytes + 1; // the client stopped reading
+  conn.sendToken(1, "s", 11, "b");
+  conn.sendToken(1, "s", 12, "c");
+  assert.equal(sent.length, 1);
+  conn.send({ type: "done", id: 1, session: "s", reason: "length", new_tokens: 3, text: "abc" }); // flushes first
+  assert.deepEqual(sent.slice(1).map((m) => (m as { type: string }).type), ["token", "done"]);
+  assert.deepEqual((sent[1] as { tokens: number[]; text: string }).tokens, [11, 12]);
+  assert.equal((sent[1] as { text: string }).text, "bc");
+  fake.bufferedAmount = config.maxBufferedBytes + 1;
+  conn.send({ type: "cancelled", id: 2, session: "s" });
+  assert.equal(fake.terminated, true);
+  assert.equal(dropped, 1);
+  conn.stopFlushing();
+});

@@ -1,0 +1,50 @@
+/// <reference types="node" />
+// The host<->edge protocol: host.json loads with the same parser as engine.json, the TypeScript
+// table equals it, messages round-trip, and bad input becomes typed errors, never exceptions.
+import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import { test } from "node:test";
+
+import {
+  decodeHostMessage, encodeHostMessage, encodeMsgpack, HOST_ERROR_CODES, HOST_MAX_FRAME_BYTES, HOST_MESSAGES, HOST_PROTOCOL_SPEC,
+  HOST_PROTOCOL_VERSION, parseProtocolSpec,
+} from "../src/index.js";
+
+const hostJsonPath = fileURLToPath(new URL("../../protocol/host.json", import.meta.url)); // from dist/test/
+
+test("host.json loads: version 1, 32 MiB messages, to_host/from_host directions", () => {
+  assert.equal(HOST_PROTOCOL_VERSION, 1);
+  assert.equal(HOST_MAX_FRAME_BYTES, 32 * 1024 * 1024);
+  assert.equal(HOST_PROTOCOL_SPEC.messages.get("open_session")?.direction, "to_host");
+  assert.equal(HOST_PROTOCOL_SPEC.messages.get("token")?.direction, "from_host");
+  assert.throws(() => parseProtocolSpec(JSON.parse(readFileSync(hostJsonPath, "utf8"))), /direction must be to_engine or from_engine/);
+});
+
+test("the TypeScript host message table equals host.json field for field", () => {
+  const json = JSON.parse(readFileSync(hostJsonPath, "utf8")) as {
+    messages: Record<string, { direction: string; fields: Record<string, { type: string; required?: boolean; doc?: string }> }>;
+  };
+  assert.deepEqual(json.messages.error?.fields.code?.doc?.split(", "), [...HOST_ERROR_CODES]);
+  const fromJson = Object.fromEntries(Object.entries(json.messages).map(([name, m]) => [name, {
+    direction: m.direction,
+    fields: Object.fromEntries(Object.entries(m.fields).map(([f, s]) => [f, s.type + (s.required ? "" : "?")])),
+  }]));
+  assert.deepEqual(JSON.parse(JSON.stringify(HOST_MESSAGES)), fromJson);
+});
+
+test("host messages round-trip; invalid and malformed ones are typed errors", () => {
+  const open = { type: "open_session", id: 1, tenant: "a", session: "s", budget: 64 } as const;
+  const got = decodeHostMessage(encodeHostMessage(open), "to_host");
+  assert.deepEqual(got, { ok: true, message: open });
+  assert.deepEqual(decodeHostMessage(encodeMsgpack({ type: "append", id: 2, session: "s" }), "to_host"),
+    { ok: false, code: "invalid", error: "append: missing required field 'tenant'", fatal: false, id: 2, session: "s" });
+  assert.equal(decodeHostMessage(encodeMsgpack({ type: "nope", id: 2 })).ok, false);
+  const bad = decodeHostMessage(new Uint8Array([0xc1]));
+  assert.ok(!bad.ok && bad.code === "bad_frame");
+  const wrongWay = decodeHostMessage(encodeHostMessage({ type: "closed", id: 1, session: "s" }), "to_host");
+  assert.ok(!wrongWay.ok && wrongWay.error === "closed: message goes from_host, expected to_host");
+  const big = decodeHostMessage(new Uint8Array(HOST_MAX_FRAME_BYTES + 1));
+  assert.ok(!big.ok && big.code === "too_large");
+  assert.throws(() => encodeHostMessage({ type: "append", id: 1 } as never), /missing required field 'tenant'/);
+});
