@@ -127,8 +127,8 @@ export const MESSAGES = {
   cancel: { direction: "to_engine", fields: { id: "uint", session: "str" } },
   close: { direction: "to_engine", fields: { id: "uint", session: "str" } },
   stats: { direction: "to_engine", fields: { id: "uint", session: "str?" } },
-  save: { direction: "to_engine", fields: { id: "uint", session: "str" } },
-  restore: { direction: "to_engine", fields: { id: "uint", session: "str", state: "bin" } },
+  save: { direction: "to_engine", fields: { id: "uint", session: "str", offset: "uint?", max_bytes: "uint?" } },
+  restore: { direction: "to_engine", fields: { id: "uint", session: "str", state: "bin", offset: "uint?", total: "uint?" } },
   fork: {
     direction: "to_engine",
     fields: {
@@ -153,8 +153,8 @@ export const MESSAGES = {
       pool_bytes: "uint?", pool_used_bytes: "uint?", sessions: "uint?",
     },
   },
-  saved: { direction: "from_engine", fields: { id: "uint", session: "str", state: "bin" } },
-  restored: { direction: "from_engine", fields: { id: "uint", session: "str" } },
+  saved: { direction: "from_engine", fields: { id: "uint", session: "str", state: "bin", offset: "uint", total: "uint" } },
+  restored: { direction: "from_engine", fields: { id: "uint", session: "str", received: "uint" } },
   forked: { direction: "from_engine", fields: { id: "uint", session: "str" } },
   closed: { direction: "from_engine", fields: { id: "uint", session: "str" } },
   cancelled: { direction: "from_engine", fields: { id: "uint", session: "str" } },

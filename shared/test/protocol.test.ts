@@ -67,8 +67,8 @@ function header(n: number): Uint8Array {
   return h;
 }
 
-test("engine.json loads: version 1, 64 MiB frames", () => {
-  assert.equal(PROTOCOL_VERSION, 1);
+test("engine.json loads: version 2, 64 MiB frames", () => {
+  assert.equal(PROTOCOL_VERSION, 2);
   assert.equal(MAX_FRAME_BYTES, 64 * 1024 * 1024);
   assert.equal(PROTOCOL_SPEC.messages.get("open")?.direction, "to_engine");
   assert.equal(PROTOCOL_SPEC.messages.get("hello")?.direction, "from_engine");
@@ -111,7 +111,7 @@ test("every message type round-trips through encodeFrame and FrameDecoder", () =
 
 test("bin fields decode as Uint8Array, maps as plain objects", () => {
   const state = new Uint8Array([0, 255, 7]);
-  const [got] = new FrameDecoder().push(encodeFrame({ type: "saved", id: 3, session: "s", state }));
+  const [got] = new FrameDecoder().push(encodeFrame({ type: "saved", id: 3, session: "s", state, offset: 0, total: 3 }));
   assert.ok(got?.ok);
   assert.ok(got.message.type === "saved" && got.message.state instanceof Uint8Array);
   assert.equal(Object.getPrototypeOf(got.message), Object.prototype);

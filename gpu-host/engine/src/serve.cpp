@@ -311,11 +311,43 @@ class Server {
                 ServedSession * s = find(m, true);
                 if (!s) return true;
                 flush_pending(*s);
-                send(Value::map().set("type", "saved").set("id", id).set("session", name).set("state", Value::bin(s->session->save())));
+                // A state bigger than one frame goes out in pieces: the caller asks again from the
+                // next offset until it has `total` bytes.
+                const std::string state  = s->session->save();
+                const uint64_t    cap    = max_frame_bytes() - (1u << 20);
+                const uint64_t    offset = m.get_uint("offset", 0);
+                const uint64_t    piece  = std::min(std::max<uint64_t>(m.get_uint("max_bytes", cap), 1), cap);
+                if (offset > state.size()) throw Error("offset", std::to_string(offset) + " is beyond the state's " + std::to_string(state.size()) + " bytes");
+                send(Value::map().set("type", "saved").set("id", id).set("session", name)
+                         .set("state", Value::bin(state.substr(offset, piece))).set("offset", offset).set("total", state.size()));
             } else if (type == "restore") {
+                // Pieces arrive in order; the session exists once the last one is in.
+                const std::string & piece  = m.at("state").as_bin();
+                const uint64_t      offset = m.get_uint("offset", 0);
+                const uint64_t      total  = m.get_uint("total", offset + piece.size());
+                std::string &       buffer = partial_states_[name];
+                if (offset == 0) buffer.clear();
+                if (offset == 0 && sessions_.count(name)) {
+                    partial_states_.erase(name);
+                    return send_error(&m.at("id"), name, "session_exists", "session '" + name + "' exists"), true;
+                }
+                if (offset != buffer.size() || offset + piece.size() > total || total > (uint64_t(1) << 40)) {
+                    const std::string why = "piece at " + std::to_string(offset) + " of " + std::to_string(piece.size()) +
+                                            " bytes does not continue the " + std::to_string(buffer.size()) + " bytes received (total " +
+                                            std::to_string(total) + ")";
+                    partial_states_.erase(name);
+                    throw Error("offset", why);
+                }
+                buffer += piece;
+                if (buffer.size() < total) {
+                    send(Value::map().set("type", "restored").set("id", id).set("session", name).set("received", buffer.size()));
+                    return true;
+                }
+                const std::string state = std::move(buffer);
+                partial_states_.erase(name);
                 if (sessions_.count(name)) return send_error(&m.at("id"), name, "session_exists", "session '" + name + "' exists"), true;
-                sessions_[name].session = Session::restore(engine_, m.at("state").as_bin());
-                send(Value::map().set("type", "restored").set("id", id).set("session", name));
+                sessions_[name].session = Session::restore(engine_, state);
+                send(Value::map().set("type", "restored").set("id", id).set("session", name).set("received", state.size()));
             } else if (type == "fork") {
                 const std::string & target = m.at("new_session").as_str();
                 if (sessions_.count(target)) return send_error(&m.at("id"), target, "session_exists", "session '" + target + "' exists"), true;
@@ -443,6 +475,7 @@ class Server {
     int                                  default_chunk_;
     std::map<std::string, ServedSession> sessions_;
     std::string                          last_prefilled_;
+    std::map<std::string, std::string>   partial_states_;  // restore pieces received so far
     bool                                 closing_ = false;
 };
 

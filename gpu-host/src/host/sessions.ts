@@ -73,7 +73,6 @@ interface HostSession {
   ops: Op[]; // append/generate queued or running, oldest first
   lost?: string;
   reopen?: boolean; // empty and never saved when the engine died: restored by opening it again
-  tooLargeToSave?: boolean;
 }
 
 const keyOf = (tenant: string, session: string) => `${tenant}\0${session}`;
@@ -343,23 +342,33 @@ export class SessionHost {
     this.bytesPerEntryMeasured = true;
   }
 
-  // A state travels in one engine frame (64 MiB). The engine exits when asked to write a larger
-  // one, taking every session with it, so a session whose state could not fit is never saved:
-  // it stays resident, and an engine crash loses it (session_lost) rather than rolling it back
-  // to an older checkpoint. State = KV entries + token ids + logits and bookkeeping (< 2 MiB).
+  // A state larger than one engine frame (64 MiB; FullKV sessions beyond ~2.8k tokens) travels in
+  // pieces: 'saved' says the total and we ask again from the next offset.
   private async save(s: HostSession, engine: EngineProcess): Promise<void> {
-    const estimate = s.steadyBytes + 4 * s.tokensSeen + 4 * 1024 * 1024;
-    if (estimate > MAX_FRAME_BYTES) {
-      if (s.saved) await this.store.delete(s.tenant, s.id);
-      s.saved = false;
-      s.tooLargeToSave = true; // sessions only grow: the idle sweep stops trying
-      throw new HostError("too_large", `session '${s.id}' holds ${s.steadyBytes} KV bytes: its state exceeds the engine's ${MAX_FRAME_BYTES}-byte frame, so it cannot be saved (offloaded or checkpointed)`);
+    const pieces: Uint8Array[] = [];
+    let received = 0;
+    let total = 1;
+    while (received < total) {
+      const saved = await engine.call<"saved">({ type: "save", session: s.engineName, offset: received });
+      if (saved.offset !== received) throw new HostError("internal", `engine answered offset ${saved.offset}, expected ${received}`);
+      pieces.push(saved.state);
+      received += saved.state.length;
+      total = saved.total;
+      if (saved.state.length === 0 && received < total) throw new HostError("internal", "engine sent an empty state piece");
     }
-    const saved = await engine.call<"saved">({ type: "save", session: s.engineName });
+    const state = pieces.length === 1 ? pieces[0]! : Buffer.concat(pieces);
     const meta: StoredSessionMeta = { tenant: s.tenant, session: s.id, params: s.params, tokens_seen: s.tokensSeen, kv_bytes: s.steadyBytes };
-    await this.store.put(meta, saved.state);
+    await this.store.put(meta, state);
     s.saved = true;
     s.dirty = false;
+  }
+
+  /** Restore pieces of at most half a frame each, in order. */
+  private async restoreInEngine(s: HostSession, engine: EngineProcess, state: Uint8Array): Promise<void> {
+    const piece = Math.floor(MAX_FRAME_BYTES / 2);
+    for (let at = 0; at === 0 || at < state.length; at += piece) {
+      await engine.call({ type: "restore", session: s.engineName, state: state.subarray(at, at + piece), offset: at, total: state.length });
+    }
   }
 
   // ---- admission, offload, restore ---------------------------------------------------------------
@@ -444,7 +453,7 @@ export class SessionHost {
     }
     try {
       const engine = await this.ready;
-      await engine.call({ type: "restore", session: s.engineName, state });
+      await this.restoreInEngine(s, engine, state);
     } finally {
       s.reservedBytes = 0; // held only while restoring; resident sessions account steady + in-flight
     }
@@ -583,7 +592,7 @@ export class SessionHost {
     if (this.closing || !this.engine.alive) return;
     const now = Date.now();
     for (const s of this.sessions.values()) {
-      if (s.resident && s.pendingOps === 0 && !s.tooLargeToSave && now - s.lastUsed >= this.config.idleMs) void this.offload(s);
+      if (s.resident && s.pendingOps === 0 && now - s.lastUsed >= this.config.idleMs) void this.offload(s);
     }
     void this.engine.call<"stats_result">({ type: "stats" }).then((st) => (this.poolUsedBytes = st.pool_used_bytes ?? 0), () => {});
   }
