@@ -1,9 +1,7 @@
 #include "engine.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
-#include <cstring>
 #include <map>
 #include <thread>
 
@@ -124,7 +122,7 @@ void Engine::decode_batch(const std::vector<Session *> & sessions, const std::ve
             if (sessions[j] == s) throw Error("sessions", "a session appears twice in one decode step");
         }
         s->check_tokens(&tokens[i], 1);
-        s->ensure_capacity(1);
+        s->reserve(1);
         items.push_back({ s, &tokens[i], 1 });
     }
     forward(items, ForwardOptions{});

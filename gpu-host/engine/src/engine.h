@@ -158,7 +158,6 @@ class Session {
     // them from `src` (this session or the one being forked) into this session's pages.
     void keep_entries(const std::vector<HeadSelection> & entries, const Session & src);
     std::vector<HeadSelection> select(const Method & method, const CompressionParams & p) const;
-    void                       ensure_capacity(int n_more);
     void                       ensure_layer_capacity(int il, int need, bool growth_room);
     void                       check_tokens(const int32_t * tokens, int n) const;  // ids and context
     void                       appended(const int32_t * tokens, int n);           // bookkeeping after a forward

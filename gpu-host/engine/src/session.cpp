@@ -65,7 +65,7 @@ void Session::check_tokens(const int32_t * tokens, int n) const {
     }
 }
 
-void Session::ensure_capacity(int n_more) {
+void Session::reserve(int n_more) {
     // Growth room only when every layer that grows can have it: otherwise the first layers would
     // take it and starve the last ones of the exact room they need. Refuse before moving anything.
     KvPool & pool = engine_.pool();
@@ -100,8 +100,6 @@ void Session::ensure_layer_capacity(int il, int need, bool room) {
     }
 }
 
-void Session::reserve(int n_more) { ensure_capacity(n_more); }
-
 void Session::appended(const int32_t * tokens, int n) {
     const int first = (int) tokens_.size();
     tokens_.insert(tokens_.end(), tokens, tokens + n);
@@ -118,7 +116,7 @@ void Session::evaluate(const int32_t * tokens, int n, bool last_of_segment, bool
     fo.want_logits      = last_of_segment;
     fo.window_probs     = last_of_segment && scores && (method_->needs_window_probs || keep_scores_) ? std::min(params_.window, n) : 0;
     fo.accumulate_probs = scores && (method_->needs_accumulated || keep_scores_);
-    ensure_capacity(n);
+    reserve(n);
     engine_.forward({ { this, tokens, n } }, fo);
 }
 
@@ -152,19 +150,10 @@ void Session::run_append_step(const std::vector<int32_t> & tokens, const AppendS
         append_started_ = now_seconds();
     }
     if (step.segment_start) {
+        // Accumulated attention needs no realignment here: entries decoded since the last scores
+        // sit after the scored ones, and Engine::forward extends the sums over them.
         window_probs_.assign(c.n_layer, {});
         if (accumulated_.size() != (size_t) c.n_layer) accumulated_.assign(c.n_layer, {});
-        for (int il = 0; il < c.n_layer; ++il) {
-            // entries decoded since the last scores carry no accumulated attention yet
-            std::vector<float> & acc = accumulated_[il];
-            const int            old = acc.empty() ? 0 : (int) (acc.size() / c.n_head);
-            if (old != size_[il] && !acc.empty()) {
-                std::vector<float> grown((size_t) c.n_head * size_[il], 0.0f);
-                for (int h = 0; h < c.n_head; ++h)
-                    std::copy_n(&acc[(size_t) h * old], std::min(old, size_[il]), &grown[(size_t) h * size_[il]]);
-                acc = std::move(grown);
-            }
-        }
     }
     const bool scores = method_->needs_window_probs || method_->needs_accumulated || keep_scores_;
     evaluate(tokens.data() + step.begin, step.end - step.begin, step.compress_after, scores);
