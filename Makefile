@@ -11,7 +11,7 @@ CMAKE_FLAGS += -DPKV_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=$(or $(CUDA_ARCH),90)
 endif
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: all deps node llama model engine ts demo test test-engine test-ts bench bench-deps clean
+.PHONY: all deps node llama model engine ts demo demo-engine dev test test-engine test-ts test-worker test-e2e bench bench-deps clean
 
 all: engine ts
 
@@ -40,16 +40,35 @@ ts: node
 	npx tsc -b
 	@npm rebuild --no-audit >/dev/null
 
+# The full stack: a GPU host (CPU, embedded model) + the edge worker in Miniflare; a ~6k-token
+# document as a session, two questions streamed, KV bytes vs FullKV and the tenant's quota usage.
 demo: deps engine ts
 	node gpu-host/dist/src/cli.js demo $(DEMO_ARGS)
 
-test: deps engine ts test-engine test-ts
+# The engine alone: FullKV vs PyramidKV side by side on one needle prompt.
+demo-engine: deps engine ts
+	node gpu-host/dist/src/cli.js demo engine $(DEMO_ARGS)
+
+dev: deps engine ts
+	node gpu-host/dist/src/cli.js dev
+
+test: deps engine ts test-engine test-ts test-worker test-e2e
 
 test-engine:
 	cd $(BUILD_DIR) && ctest --output-on-failure -j 1
 
 test-ts:
 	node --test --test-reporter=spec "shared/dist/test/"*.test.js "gpu-host/dist/test/"*.test.js
+
+# Worker unit tests inside the Workers runtime (vitest pool for Workers), and its type check with
+# workers-types (tests included).
+test-worker: node
+	npx tsc -p worker/test/tsconfig.json
+	cd worker && npx vitest run
+
+# End to end: worker in Miniflare + two real GPU hosts + the engine; and the offline deploy build.
+test-e2e:
+	node --test --test-reporter=spec --test-concurrency=1 "test/dist/"*.test.js
 
 # Benchmarks (not tests): llama.cpp's llama-bench from the same source, then ours beside it.
 bench-deps: engine

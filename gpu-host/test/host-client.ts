@@ -13,7 +13,7 @@ import { type RunningHost, startHost } from "../src/host/main.js";
 
 export const SECRET = "test-secret-0123456789abcdef";
 
-const FINAL = new Set(["opened", "appended", "done", "cancelled", "closed", "stats_result", "tenant_set", "error"]);
+const FINAL = new Set(["opened", "appended", "buffered", "done", "cancelled", "closed", "stats_result", "tenant_set", "error"]);
 
 export function testConfig(over: Partial<HostConfig> = {}, argv: string[] = []): HostConfig {
   return { ...parseHostConfig(["--port", "0", "--edge-secret", SECRET, "--threads", "2", ...argv], {}), ...over };

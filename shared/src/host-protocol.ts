@@ -22,7 +22,7 @@ export const HOST_MESSAGES = {
       pooling: "str?", head_aggregation: "str?", chunk_size: "uint?", prompt_tokens: "uint?",
     },
   },
-  append: { direction: "to_host", fields: { id: "uint", tenant: "str", session: "str", text: "str?", tokens: "uint[]?", chat: "bool?" } },
+  append: { direction: "to_host", fields: { id: "uint", tenant: "str", session: "str", text: "str?", tokens: "uint[]?", chat: "bool?", more: "bool?" } },
   generate: {
     direction: "to_host",
     fields: {
@@ -43,6 +43,7 @@ export const HOST_MESSAGES = {
   appended: { direction: "from_host", fields: { id: "uint", session: "str", tokens_seen: "uint", kv_bytes: "uint" } },
   token: { direction: "from_host", fields: { id: "uint", session: "str", tokens: "uint[]", text: "str" } },
   done: { direction: "from_host", fields: { id: "uint", session: "str", reason: "str", new_tokens: "uint", text: "str" } },
+  buffered: { direction: "from_host", fields: { id: "uint", session: "str", buffered_bytes: "uint" } },
   cancelled: { direction: "from_host", fields: { id: "uint", session: "str" } },
   closed: { direction: "from_host", fields: { id: "uint", session: "str" } },
   stats_result: {

@@ -13,8 +13,8 @@ import {
 
 const hostJsonPath = fileURLToPath(new URL("../../protocol/host.json", import.meta.url)); // from dist/test/
 
-test("host.json loads: version 1, 32 MiB messages, to_host/from_host directions", () => {
-  assert.equal(HOST_PROTOCOL_VERSION, 1);
+test("host.json loads: version 2, 32 MiB messages, to_host/from_host directions", () => {
+  assert.equal(HOST_PROTOCOL_VERSION, 2);
   assert.equal(HOST_MAX_FRAME_BYTES, 32 * 1024 * 1024);
   assert.equal(HOST_PROTOCOL_SPEC.messages.get("open_session")?.direction, "to_host");
   assert.equal(HOST_PROTOCOL_SPEC.messages.get("token")?.direction, "from_host");

@@ -98,7 +98,7 @@ export class HostServer {
         res.writeHead(ok ? 200 : 503, { "content-type": "application/json" });
         res.end(JSON.stringify({
           status: ok ? "ok" : this.host.isClosing ? "shutting_down" : "engine_restarting", protocol: HOST_PROTOCOL_VERSION, model: h.model,
-          engine_pid: this.host.enginePid, pool_bytes: h.pool_bytes, connections: this.sockets.size,
+          engine_pid: this.host.enginePid, pool_bytes: h.pool_bytes, kv_used_bytes: this.host.kvUsedBytes, connections: this.sockets.size,
         }));
         return;
       }

@@ -42,6 +42,9 @@ export class HostError extends Error {
 const DEFAULT_CHUNK = 8192; // the engine's --chunk-size default
 const DEFAULT_MAX_TOKENS = 256; // the engine's max_tokens default
 const SLOTS_PER_PAGE = 16;
+/** Text buffered from `append` pieces (`more: true`) per session before its final piece; beyond
+ * this the pieces are dropped and the piece is refused with too_large. */
+export const MAX_PIECE_BUFFER_BYTES = 16 << 20;
 
 type OpenParams = Omit<HostMessage<"open_session">, "type" | "id" | "tenant" | "session" | "prompt_tokens"> & { method: string; budget: number };
 
@@ -73,9 +76,19 @@ interface HostSession {
   ops: Op[]; // append/generate queued or running, oldest first
   lost?: string;
   reopen?: boolean; // empty and never saved when the engine died: restored by opening it again
+  // append pieces (more: true) awaiting their final piece, bound to the connection that sent them
+  pieces: string[];
+  pieceBytes: number;
+  pieceSink?: Sink;
 }
 
 const keyOf = (tenant: string, session: string) => `${tenant}\0${session}`;
+
+function dropPieces(s: HostSession): void {
+  s.pieces = [];
+  s.pieceBytes = 0;
+  s.pieceSink = undefined;
+}
 
 function errorCode(e: unknown): { code: HostErrorCode; message: string } {
   if (e instanceof HostError) return { code: e.code, message: e.message };
@@ -138,6 +151,11 @@ export class SessionHost {
     return this.closing;
   }
 
+  /** KV bytes accounted to every tenant's sessions (steady, reservations, in-flight peaks). */
+  get kvUsedBytes(): number {
+    return this.usage();
+  }
+
   // ---- requests -------------------------------------------------------------------------------
 
   handle(sink: Sink, msg: ToHostMessage): void {
@@ -173,7 +191,10 @@ export class SessionHost {
 
   /** A connection went away: nobody reads its generations any more. */
   connectionClosed(sink: Sink): void {
-    for (const s of this.sessions.values()) for (const op of s.ops) if (op.sink === sink) void this.cancelOp(s, op);
+    for (const s of this.sessions.values()) {
+      if (s.pieceSink === sink) dropPieces(s);
+      for (const op of s.ops) if (op.sink === sink) void this.cancelOp(s, op);
+    }
   }
 
   private lookup(tenant: string, session: string): HostSession {
@@ -201,6 +222,7 @@ export class SessionHost {
     const s: HostSession = {
       tenant: msg.tenant, id: msg.session, engineName: `${msg.tenant}/${msg.session}`, params, resident: false, saved: false, dirty: false,
       steadyBytes: 0, reservedBytes: 0, inflightBytes: 0, tokensSeen: 0, lastUsed: Date.now(), chain: Promise.resolve(), pendingOps: 0, ops: [],
+      pieces: [], pieceBytes: 0,
     };
     this.sessions.set(key, s);
     s.pendingOps++;
@@ -254,7 +276,25 @@ export class SessionHost {
   }
 
   private async append(s: HostSession, op: Op, msg: HostMessage<"append">): Promise<void> {
-    const newTokens = appendTokenBound(msg.text, msg.tokens, msg.chat);
+    // Pieces come from one connection; a piece or final append from another one starts afresh.
+    if (s.pieceSink !== undefined && s.pieceSink !== op.sink) dropPieces(s);
+    if (msg.more) {
+      if (msg.tokens !== undefined) throw new HostError("invalid", "append: a piece (more: true) carries text only, not tokens");
+      const bytes = Buffer.byteLength(msg.text ?? "", "utf8");
+      if (s.pieceBytes + bytes > MAX_PIECE_BUFFER_BYTES) {
+        const had = s.pieceBytes;
+        dropPieces(s);
+        throw new HostError("too_large", `append: ${had + bytes} bytes of pieces exceed the host's buffer of ${MAX_PIECE_BUFFER_BYTES} bytes; the pieces were dropped`);
+      }
+      s.pieces.push(msg.text ?? "");
+      s.pieceBytes += bytes;
+      s.pieceSink = op.sink;
+      if (op.sink.open) op.sink.send({ type: "buffered", id: op.id, session: s.id, buffered_bytes: s.pieceBytes });
+      return;
+    }
+    const text = s.pieces.length > 0 ? s.pieces.join("") + (msg.text ?? "") : msg.text;
+    dropPieces(s);
+    const newTokens = appendTokenBound(text, msg.tokens, msg.chat);
     const extra = prefillPeakBytes(this.geometryFor(s.params), newTokens);
     await this.ensureResident(s, extra);
     try {
@@ -262,7 +302,7 @@ export class SessionHost {
       const job = this.scheduler.run(s.tenant, "prefill", () => new Promise<Message<"appended">>((resolve, reject) => {
         if (op.cancelled) return reject(new HostError("cancelled", "append cancelled before it started"));
         op.engine = engine;
-        op.engineId = engine.request({ type: "append", session: s.engineName, text: msg.text, tokens: msg.tokens, chat: msg.chat }, (m) => {
+        op.engineId = engine.request({ type: "append", session: s.engineName, text, tokens: msg.tokens, chat: msg.chat }, (m) => {
           if (m.type === "progress") op.sink.open && op.sink.send({ type: "progress", id: op.id, session: s.id, done: m.done, total: m.total });
           if (m.type !== "appended") return false;
           resolve(m);
@@ -492,6 +532,7 @@ export class SessionHost {
       tenant: meta.tenant, id: meta.session, engineName: `${meta.tenant}/${meta.session}`, params: meta.params as OpenParams,
       resident: false, saved: true, dirty: false, steadyBytes: meta.kv_bytes, reservedBytes: 0, inflightBytes: 0,
       tokensSeen: meta.tokens_seen, lastUsed: Date.now(), chain: Promise.resolve(), pendingOps: 0, ops: [],
+      pieces: [], pieceBytes: 0,
     });
   }
 
@@ -509,6 +550,7 @@ export class SessionHost {
 
   private async cancel(sink: Sink, msg: HostMessage<"cancel">): Promise<void> {
     const s = this.lookup(msg.tenant, msg.session);
+    dropPieces(s);
     await Promise.all(s.ops.map((op) => this.cancelOp(s, op)));
     sink.send({ type: "cancelled", id: msg.id, session: msg.session });
   }

@@ -1,0 +1,147 @@
+// The sessions API for long contexts: a document prefilled once (compressed with kv_method /
+// kv_budget) on the host with the most free KV, then questions answered against it, streamed.
+// Session ids are bound to their tenant (the tenant's Durable Object maps id → host; another
+// tenant's id is 404) and the host namespaces sessions by tenant as well.
+import { Hono } from "hono";
+
+import { tenantStub } from "../auth.js";
+import { renderPrompt, renderTurns } from "../chat.js";
+import { streamCompletion, wholeCompletion } from "../completion.js";
+import { type AppEnv, type Env, intVar } from "../env.js";
+import { ApiError, notFound } from "../errors.js";
+import type { HostLink } from "../host-link.js";
+import { connectBest, connectTo, reportFailure } from "../routing.js";
+import { appendText, applyTenant, modelId, type Progress, randomId } from "../serve.js";
+import { sseResponse } from "../sse.js";
+import type { SessionRecord } from "../tenant.js";
+import { messageRequest, readJsonBody, sessionRequest } from "../validate.js";
+import { DEFAULT_MAX_BODY_BYTES } from "./chat.js";
+
+export const DEFAULT_SYSTEM = "You are a helpful assistant. Answer questions about the document the user gives you, briefly and accurately.";
+
+export const sessions = new Hono<AppEnv>();
+
+async function sessionObject(link: HostLink, rec: SessionRecord) {
+  const st = await link.call({ type: "stats", session: rec.id }, "stats_result");
+  return {
+    id: rec.id, object: "session", created: rec.created, model: modelId(link.hello.model), host: rec.host, kv_method: rec.kv_method,
+    kv_budget: rec.kv_budget, tokens: st.tokens_seen ?? 0, kv_bytes: st.kv_bytes ?? 0, full_kv_bytes: st.full_kv_bytes ?? null,
+    resident: st.resident ?? null,
+  };
+}
+
+async function lookup(env: Env, tenant: string, id: string): Promise<SessionRecord> {
+  const rec = await tenantStub(env, tenant).session(id);
+  if (!rec || rec.host === "") throw notFound(`no session '${id.slice(0, 80)}'`, "session_not_found");
+  return rec;
+}
+
+sessions.post("/", async (c) => {
+  const req = sessionRequest(await readJsonBody(c.req.raw, intVar(c.env.PKV_MAX_BODY_BYTES, DEFAULT_MAX_BODY_BYTES)));
+  const tenant = c.get("tenant");
+  const stub = tenantStub(c.env, tenant);
+  const id = randomId("sess-");
+  const slot = await stub.reserveSession(id, req.kv);
+  if (!slot) {
+    const cfg = await stub.config();
+    throw new ApiError(429, "rate_limit_error", `tenant '${tenant}' has reached its limit of ${cfg?.max_sessions} open sessions; delete one first`, null, "session_limit");
+  }
+  const text = renderTurns([{ role: "system", content: req.system ?? DEFAULT_SYSTEM }, { role: "user", content: req.document }]);
+  let link: HostLink | undefined;
+  const fail = async (e: unknown) => {
+    await reportFailure(c.env, link, e);
+    if (link?.alive) await link.send({ type: "close", session: id }).catch(() => {});
+    link?.close();
+    await stub.dropSession(id);
+  };
+  let rec: SessionRecord;
+  try {
+    link = await connectBest(c.env, tenant);
+    await applyTenant(link, await stub.config());
+    const opened = await link.call({ type: "open_session", session: id, method: req.kv.method, budget: req.kv.budget }, "opened");
+    rec = (await stub.updateSession(id, { host: link.url, kv_budget: opened.budget }))!;
+  } catch (e) {
+    await fail(e);
+    throw e;
+  }
+  const l = link;
+  const upload = async (onProgress?: (p: Progress) => void) => {
+    try {
+      await appendText(c.env, l, id, text, onProgress);
+      const obj = await sessionObject(l, rec);
+      l.close();
+      return obj;
+    } catch (e) {
+      await fail(e);
+      throw e;
+    }
+  };
+  if (!req.stream) return c.json(await upload(), 201);
+  return sseResponse(async (sse) => {
+    const obj = await upload((p) => sse.event("progress", p));
+    sse.event("session", obj);
+    sse.done();
+  }, () => void fail(new Error("client disconnected")), c.req.raw.signal);
+});
+
+sessions.get("/:id", async (c) => {
+  const rec = await lookup(c.env, c.get("tenant"), c.req.param("id"));
+  const link = await connectTo(c.env, rec.host, c.get("tenant"));
+  try {
+    return c.json(await sessionObject(link, rec));
+  } catch (e) {
+    await reportFailure(c.env, link, e);
+    throw e;
+  } finally {
+    link.close();
+  }
+});
+
+sessions.delete("/:id", async (c) => {
+  const tenant = c.get("tenant");
+  const rec = await lookup(c.env, tenant, c.req.param("id"));
+  let hostClosed = false;
+  try {
+    const link = await connectTo(c.env, rec.host, tenant);
+    try {
+      const f = await link.send({ type: "close", session: rec.id });
+      hostClosed = f.type === "closed" || (f.type === "error" && f.code === "unknown_session");
+    } finally {
+      link.close();
+    }
+  } catch {
+    // The host is gone: its sessions went with it; forget the record anyway.
+  }
+  await tenantStub(c.env, tenant).dropSession(rec.id);
+  return c.json({ id: rec.id, object: "session.deleted", deleted: true, host_closed: hostClosed });
+});
+
+sessions.post("/:id/messages", async (c) => {
+  const tenant = c.get("tenant");
+  const rec = await lookup(c.env, tenant, c.req.param("id"));
+  const req = messageRequest(await readJsonBody(c.req.raw, intVar(c.env.PKV_MAX_BODY_BYTES, DEFAULT_MAX_BODY_BYTES)));
+  const stub = tenantStub(c.env, tenant);
+  const link = await connectTo(c.env, rec.host, tenant);
+  try {
+    await applyTenant(link, await stub.config());
+    const before = await link.call({ type: "stats", session: rec.id }, "stats_result");
+    const prompt = renderPrompt([{ role: "user", content: req.content }], { continues: true, openTurn: rec.open_turn });
+    const appended = await appendText(c.env, link, rec.id, prompt);
+    const job = {
+      link, session: rec.id, model: modelId(link.hello.model), promptTokens: appended.tokens_seen - (before.tokens_seen ?? 0), sampling: req.sampling,
+      includeUsage: req.includeUsage, signal: c.req.raw.signal, extra: { session: rec.id },
+      after: async (done: { reason: string } | undefined, error: unknown) => {
+        await reportFailure(c.env, link, error);
+        // An answer cut short (max_tokens, a stop string, a disconnect) leaves the turn open.
+        await stub.updateSession(rec.id, { open_turn: done?.reason !== "end" });
+        link.close();
+      },
+    };
+    if (req.stream) return streamCompletion(job);
+    return c.json(await wholeCompletion(job));
+  } catch (e) {
+    await reportFailure(c.env, link, e);
+    link.close();
+    throw e;
+  }
+});
