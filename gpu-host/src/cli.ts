@@ -4,17 +4,22 @@ import { parseArgs } from "node:util";
 
 import { runChunkStudy } from "./chunk-study.js";
 import { DEMO_DEFAULTS, runDemo } from "./demo.js";
+import { runEvalCli } from "./eval/cli.js";
 import { HOST_USAGE, parseHostConfig } from "./host/config.js";
 import { runHost } from "./host/main.js";
+import { runStackCli, STACK_USAGE } from "./stack-cli.js";
 
 const USAGE = `usage: pkv <command> [options]
-  demo [--chars N] [--depth 0-100] [--budget B] [--haystack-dir DIR] [--model M] [--max-new-tokens N] [--chunk-size N]
+${STACK_USAGE}
+  demo engine [--chars N] [--depth 0-100] [--budget B] [--haystack-dir DIR] [--model M] [--max-new-tokens N] [--chunk-size N]
        a needle prompt (~4k tokens) answered with FullKV and PyramidKV side by side
   bench chunking [--chars 12000,24000] [--depths 25,50,75] [--chunk-sizes 0,1024,2048,4096] [--method pyramidkv]
        [--budget 128] [--haystack-dir DIR] [--model M]
        needle accuracy of chunked prefill vs one-shot compression (chunk size 0)
   host [--port N] [--edge-secret S] [--kv-pool-bytes N] [--offload-dir DIR] [--tenants FILE|JSON] ... (pkv host --help)
-       the GPU host: engine supervisor, WebSocket server for the edge, /health, /metrics`;
+       the GPU host: engine supervisor, WebSocket server for the edge, /health, /metrics
+  eval needle|ruler|longbench [--methods M,…] [--budgets B,…] [--out DIR] [--resume] [--json] ... (pkv eval --help)
+       long-context accuracy per method × budget: one exact prefill per prompt, every setting forked from it`;
 
 function intList(name: string, value: string | undefined, fallback: number[], lo: number, hi: number): number[] {
   if (value === undefined) return fallback;
@@ -30,9 +35,12 @@ function intOption(name: string, value: string | undefined, fallback: number, lo
 
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
+  if (command === "admin" || command === "dev" || (command === "demo" && rest[0] !== "engine") || (command === "bench" && rest[0] === "ttft")) {
+    return runStackCli(command, rest);
+  }
   if (command === "demo") {
     const { values } = parseArgs({
-      args: rest,
+      args: rest.slice(1),
       options: {
         chars: { type: "string" }, depth: { type: "string" }, budget: { type: "string" },
         "haystack-dir": { type: "string" }, model: { type: "string" }, "max-new-tokens": { type: "string" },
@@ -50,6 +58,7 @@ async function main(argv: string[]): Promise<number> {
     });
     return 0;
   }
+  if (command === "eval") return runEvalCli(rest);
   if (command === "host") {
     if (rest.includes("--help")) {
       process.stdout.write(`${HOST_USAGE}\n`);

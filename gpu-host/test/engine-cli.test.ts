@@ -39,3 +39,21 @@ test("npx pkv-engine generate --json on the embedded model returns every contrac
   assert.equal(out.method, "pyramidkv");
   assert.equal((out.layer_kv_lengths as number[]).length, 30);
 });
+
+test("npx pkv-engine tokenize --json gives token ids and the byte offset where each token's piece starts", () => {
+  const text = "The best thing to do in San Francisco is: eat a sandwich. Ünïcode ✓ too.";
+  const r = spawnSync(cli, ["tokenize", "--prompt", text, "--json"], { encoding: "utf8" });
+  assert.equal(r.status, 0, r.stderr);
+  const out = JSON.parse(r.stdout) as { tokens: number[]; offsets: number[] };
+  assert.ok(out.tokens.length > 5 && out.tokens.length < Buffer.byteLength(text));
+  assert.equal(out.offsets.length, out.tokens.length);
+  assert.equal(out.offsets[0], 0);
+  for (let i = 1; i < out.offsets.length; ++i) assert.ok(out.offsets[i]! > out.offsets[i - 1]!, `offset ${i} does not advance`);
+  assert.ok(out.offsets.at(-1)! < Buffer.byteLength(text));
+  // No chat template and no BOS text: the same text again gives the same ids.
+  const again = JSON.parse(spawnSync(cli, ["tokenize", "--prompt", text, "--json"], { encoding: "utf8" }).stdout) as { tokens: number[] };
+  assert.deepEqual(again.tokens, out.tokens);
+  const bad = spawnSync(cli, ["tokenize", "--json"], { encoding: "utf8" });
+  assert.equal(bad.status, 2);
+  assert.match(bad.stderr, /prompt/);
+});

@@ -228,6 +228,23 @@ int cmd_generate(int argc, char ** argv) {
     return 0;
 }
 
+// Token ids of a text and the byte offset where each token's piece starts (the eval harness
+// places needles and sizes prompts in tokens). The text is tokenized as given: no chat template.
+int cmd_tokenize(int argc, char ** argv) {
+    Args a(argc, argv, 2, { "--json" }, { "--model", "--prompt-file", "--prompt", "--threads", "--kv-pool-bytes" });
+    const std::string          text   = read_prompt(a);
+    Engine                     engine(engine_options(a));
+    const std::vector<int32_t> tokens = engine.model().tokenize(text, false);
+    std::vector<long long>     offsets;
+    long long                  at = 0;
+    for (int32_t t : tokens) {
+        offsets.push_back(at);
+        at += (long long) engine.model().token_to_piece(t).size();
+    }
+    std::cout << json::Object().raw("tokens", json::array(tokens)).raw("offsets", json::array(offsets)).dump() << "\n";
+    return 0;
+}
+
 void usage() {
     std::fprintf(stderr,
                  "usage: pkv-engine <command> [options]\n"
@@ -237,6 +254,7 @@ void usage() {
                  "           (--prompt-file F | --prompt T) [--question Q] [--max-new-tokens N] [--no-chat-template]\n"
                  "           [--temperature T --top-k K --top-p P --seed S] [--threads N] [--device auto|cpu|gpu]\n"
                  "           [--chunk-size %d (0 = one-shot)] [--kv-pool-bytes N] [--ctx-size N] [--dump-kept FILE] [--json]\n"
+                 "  tokenize (--prompt-file F | --prompt T) [--model M] --json   token ids and byte offsets\n"
                  "  bench    [--model M] [--threads N] [--repetitions R] [--prefill 512,4096] [--depths 0,2048,8192]\n"
                  "           [--budgets 64,128,512] [--decode-tokens N] [--llama-bench PATH] [--json]\n"
                  "  bench    --sessions 1,4,16,64 [--prompt-len 4096] [--methods full,pyramidkv] [--budget 128] [--llama-batched-bench PATH]\n"
@@ -260,7 +278,8 @@ int main(int argc, char ** argv) {
         if (cmd == "generate") return cmd_generate(argc, argv);
         if (cmd == "bench") return cmd_bench(argc, argv);
         if (cmd == "serve") return cmd_serve(argc, argv);
-        throw Error("command", "unknown command '" + cmd + "' (budgets, generate, bench, serve)");
+        if (cmd == "tokenize") return cmd_tokenize(argc, argv);
+        throw Error("command", "unknown command '" + cmd + "' (budgets, generate, bench, serve, tokenize)");
     } catch (const Error & e) {
         std::fprintf(stderr, "error: %s\n", e.what());
         return 2;
