@@ -23,6 +23,10 @@ function int(name: string, value: string | undefined, fallback: number, lo: numb
 
 export async function runStackCli(command: string, rest: string[]): Promise<number> {
   if (command === "admin") return runAdmin(rest);
+  if (rest.includes("--help") || rest.includes("-h")) {
+    process.stdout.write(`usage: pkv <command> [options]\n${STACK_USAGE}\n`);
+    return 0;
+  }
   if (command === "dev") {
     const { values } = parseArgs({ args: rest, options: { port: { type: "string" }, hosts: { type: "string" }, "kv-pool-bytes": { type: "string" } } });
     return runDev({
