@@ -1,4 +1,4 @@
-// Runs `pkv-engine generate --json` and returns its one JSON object (the CLI contract).
+// Runs `pkv-engine generate --json` (or another JSON-printing command) and returns its one JSON object (the CLI contract).
 import { spawn } from "node:child_process";
 
 import { engineBinary } from "./engine-path.js";
@@ -41,6 +41,11 @@ export function generate(o: GenerateOptions): Promise<GenerateResult> {
   if (o.model !== undefined) args.push("--model", o.model);
   if (o.threads !== undefined) args.push("--threads", String(o.threads));
   if (o.chunkSize !== undefined) args.push("--chunk-size", String(o.chunkSize));
+  return runEngineJson<GenerateResult>(args);
+}
+
+/** Runs the engine CLI with these arguments and parses the one JSON object it prints. */
+export function runEngineJson<T>(args: string[]): Promise<T> {
   return new Promise((resolve, reject) => {
     const child = spawn(engineBinary(), args, { stdio: ["ignore", "pipe", "pipe"] });
     let out = "";
@@ -49,11 +54,11 @@ export function generate(o: GenerateOptions): Promise<GenerateResult> {
     child.stderr.setEncoding("utf8").on("data", (d: string) => (err += d));
     child.on("error", reject);
     child.on("close", (code) => {
-      if (code !== 0) return reject(new EngineError(err.trim() || `pkv-engine exited with ${code}`, code));
+      if (code !== 0) return reject(new EngineError(`pkv-engine ${args[0]} failed: ${err.trim() || `exit code ${code}`}`, code));
       try {
-        resolve(JSON.parse(out) as GenerateResult);
+        resolve(JSON.parse(out) as T);
       } catch {
-        reject(new EngineError(`pkv-engine printed no JSON object: ${out.slice(0, 200)}`, code));
+        reject(new EngineError(`pkv-engine ${args[0]} printed no JSON object: ${out.slice(0, 200)}`, code));
       }
     });
   });

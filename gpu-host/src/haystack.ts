@@ -21,7 +21,7 @@ const TAILS = ["before the first snow.", "with great patience.", "for the third 
   "because nobody else would.", "after a long discussion.", "under a grey sky."];
 
 /** Deterministic pseudo-random generator (mulberry32), so the same seed gives the same text. */
-function rng(seed: number): () => number {
+export function seededRandom(seed: number): () => number {
   let a = seed >>> 0;
   return () => {
     a = (a + 0x6d2b79f5) >>> 0;
@@ -34,7 +34,7 @@ function rng(seed: number): () => number {
 
 /** Filler prose of at least `chars` characters made of simple, unrelated sentences. */
 export function generatedFiller(chars: number, seed = 1): string {
-  const next = rng(seed);
+  const next = seededRandom(seed);
   const pick = <T>(xs: readonly T[]): T => xs[Math.floor(next() * xs.length)] as T;
   const out: string[] = [];
   let length = 0;

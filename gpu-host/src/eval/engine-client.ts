@@ -6,7 +6,7 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
-import { engineBinary } from "../engine-path.js";
+import { runEngineJson } from "../engine-run.js";
 import { EngineProcess } from "../host/engine.js";
 
 export interface Tokenized {
@@ -36,23 +36,9 @@ export function tokenizeWithEngine(text: string, model?: string): Promise<Tokeni
   writeFileSync(file, text);
   const args = ["tokenize", "--json", "--prompt-file", file, "--threads", "1"];
   if (model !== undefined) args.push("--model", model);
-  return new Promise<Tokenized>((resolve, reject) => {
-    const child = spawn(engineBinary(), args, { stdio: ["ignore", "pipe", "pipe"] });
-    let out = "";
-    let err = "";
-    child.stdout.setEncoding("utf8").on("data", (d: string) => (out += d));
-    child.stderr.setEncoding("utf8").on("data", (d: string) => (err += d));
-    child.on("error", reject);
-    child.on("close", (code) => {
-      if (code !== 0) return reject(new Error(`pkv-engine tokenize failed (${code}): ${err.trim()}`));
-      try {
-        const j = JSON.parse(out) as { tokens: number[]; offsets: number[] };
-        resolve({ tokens: j.tokens, offsets: j.offsets, bytes: Buffer.from(text, "utf8") });
-      } catch {
-        reject(new Error(`pkv-engine tokenize printed no JSON: ${out.slice(0, 200)}`));
-      }
-    });
-  }).finally(() => rmSync(dir, { recursive: true, force: true }));
+  return runEngineJson<{ tokens: number[]; offsets: number[] }>(args)
+    .then((j) => ({ tokens: j.tokens, offsets: j.offsets, bytes: Buffer.from(text, "utf8") }))
+    .finally(() => rmSync(dir, { recursive: true, force: true }));
 }
 
 /** Text of tokens [from, to) of a tokenized text. */

@@ -5,6 +5,9 @@
 import { chatml, endsSentence } from "./needle.js";
 import type { Tokenized } from "./engine-client.js";
 import { sliceTokens } from "./engine-client.js";
+import { seededRandom } from "../haystack.js";
+
+export { seededRandom };
 
 export const RULER_TASKS = [
   "niah_single_1", "niah_single_2", "niah_multikey_1", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe",
@@ -22,18 +25,6 @@ export function parseTasks(value: string | undefined): RulerTask[] {
   }
   if (ts.length === 0) throw new Error(`--tasks: empty list (valid: ${RULER_TASKS.join(", ")})`);
   return [...new Set(ts)] as RulerTask[];
-}
-
-/** mulberry32: a small seeded generator, the same numbers for the same seed everywhere. */
-export function seededRandom(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 function hashString(s: string): number {
