@@ -5,6 +5,8 @@
 
 #include <array>
 #include <cstdio>
+#include <cstdlib>
+#include <stdexcept>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -17,7 +19,11 @@ namespace pkv::test {
 
 inline std::string repo_root() { return PKV_REPO_ROOT; }
 inline std::string embedded_model() { return repo_root() + "/models/SmolLM2-135M-Instruct.Q4_1.gguf"; }
-inline std::string shared_data() { return repo_root() + "/../shared/data"; }
+// The project's test data sits beside the repository (../shared/data); PKV_SHARED_DATA overrides.
+inline std::string shared_data() {
+    const char * dir = std::getenv("PKV_SHARED_DATA");
+    return dir != nullptr && *dir != '\0' ? std::string(dir) : repo_root() + "/../shared/data";
+}
 
 inline std::string read_file(const std::string & path) {
     std::ifstream     in(path, std::ios::binary);
@@ -31,6 +37,10 @@ inline std::string essay_text(size_t chars) {
     std::string text = read_file(shared_data() + "/haystack/paul_graham_essays/addiction.txt") +
                        read_file(shared_data() + "/haystack/paul_graham_essays/avg.txt") +
                        read_file(shared_data() + "/haystack/paul_graham_essays/founders.txt");
+    if (text.empty()) {
+        throw std::runtime_error("test data missing: no essays under " + shared_data() +
+                                 "/haystack/paul_graham_essays (clone the repository beside shared/, or set PKV_SHARED_DATA)");
+    }
     return text.substr(0, std::min(chars, text.size()));
 }
 
