@@ -2,7 +2,14 @@
 // directory concatenated in sorted order and repeated to length) with a needle sentence inserted
 // at a depth, moved back to the previous sentence end so no sentence is cut.
 import { readdirSync, readFileSync, statSync } from "node:fs";
-import { join } from "node:path";
+import { join, resolve } from "node:path";
+
+import { repoRoot } from "./engine-path.js";
+
+/** The needle-haystack essays beside the repository (../shared/data/haystack/paul_graham_essays). */
+export function essaysDir(): string {
+  return resolve(repoRoot(), "..", "shared", "data", "haystack", "paul_graham_essays");
+}
 
 export const DEFAULT_NEEDLE =
   "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.";

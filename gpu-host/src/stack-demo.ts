@@ -4,10 +4,9 @@
 // quota usage.
 import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
+import { join } from "node:path";
 
-import { repoRoot } from "./engine-path.js";
-import { DEFAULT_NEEDLE, DEFAULT_QUESTION, directoryHaystack, generatedFiller, insertNeedle } from "./haystack.js";
+import { DEFAULT_NEEDLE, DEFAULT_QUESTION, directoryHaystack, essaysDir, generatedFiller, insertNeedle } from "./haystack.js";
 import { readSse } from "./sse-client.js";
 import { startStack } from "./stack.js";
 
@@ -38,7 +37,7 @@ export async function runStackDemo(o: StackDemoOptions, out: (s: string) => void
     });
     line(`worker ${stack.worker.url}, host ${stack.hosts[0]!.url}, tenant demo (quota ${mib(quota.kv_quota_bytes)} KV, ${quota.max_sessions} sessions, ${quota.requests_per_minute} requests/min)\n`);
 
-    const hayDir = o.haystackDir ?? resolve(repoRoot(), "..", "shared", "data", "haystack", "paul_graham_essays");
+    const hayDir = o.haystackDir ?? essaysDir();
     const hay = existsSync(hayDir) ? directoryHaystack(hayDir, o.chars) : generatedFiller(o.chars);
     const document = insertNeedle(hay, DEFAULT_NEEDLE, 50);
     line(`POST /v1/sessions: a ${document.length}-character document (${existsSync(hayDir) ? "essays" : "generated filler"}, a needle at 50% depth), ${o.method} budget ${o.budget}`);

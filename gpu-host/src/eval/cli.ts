@@ -1,9 +1,8 @@
 // `pkv eval needle | ruler | longbench`: flag parsing only; the work is in *-run.ts.
 import { existsSync } from "node:fs";
-import { resolve } from "node:path";
 import { parseArgs } from "node:util";
 
-import { repoRoot } from "../engine-path.js";
+import { essaysDir } from "../haystack.js";
 import { COMMON_FLAGS, commonOptions, parsePositiveInt } from "./common.js";
 import { LONGBENCH_DATASETS, parseDatasets } from "./longbench.js";
 import { runLongBench } from "./longbench-run.js";
@@ -22,7 +21,7 @@ common: [--model M] [--methods full,pyramidkv,snapkv,h2o,streamingllm] [--budget
 
 /** The essays beside the repository (../shared/data/...), when present: the default haystack. */
 function defaultHaystackDir(): string | undefined {
-  const dir = process.env.PKV_HAYSTACK_DIR ?? resolve(repoRoot(), "..", "shared", "data", "haystack", "paul_graham_essays");
+  const dir = process.env.PKV_HAYSTACK_DIR ?? essaysDir();
   return existsSync(dir) ? dir : undefined;
 }
 
