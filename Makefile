@@ -5,13 +5,16 @@ SHELL := /bin/bash
 ENGINE_DIR := gpu-host/engine
 BUILD_DIR  := $(ENGINE_DIR)/build
 CMAKE_FLAGS ?=
+# Warnings in the engine's own code are errors under CI (.ci/run sets CI); `make … WERROR=ON` locally.
+WERROR ?= $(if $(CI),ON,OFF)
+CMAKE_FLAGS += -DPKV_WERROR=$(WERROR)
 # GPU hosts: make engine CUDA=1 (ggml built with CUDA; CUDA_ARCH defaults to 90 for H100/H200)
 ifeq ($(CUDA),1)
 CMAKE_FLAGS += -DPKV_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=$(or $(CUDA_ARCH),90)
 endif
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: all deps node llama model engine ts demo demo-engine dev test test-engine test-ts test-worker test-e2e bench bench-deps clean
+.PHONY: all deps node llama model tools engine ts lint format demo demo-engine dev test test-engine test-ts test-worker test-e2e bench bench-deps clean
 
 all: engine ts
 
@@ -28,7 +31,24 @@ llama:
 model:
 	@bash scripts/fetch-model.sh
 
-$(BUILD_DIR)/build.ninja: $(ENGINE_DIR)/CMakeLists.txt
+# The pinned clang-format (Biome comes with the npm packages).
+tools:
+	@bash scripts/fetch-tools.sh
+
+# Formatting and lint: C++ by clang-format (.clang-format), TypeScript and JSON by Biome
+# (biome.json). `make format` rewrites what `make lint` refuses.
+lint: node tools
+	@bash scripts/lint.sh
+
+format: node tools
+	@bash scripts/lint.sh --fix
+
+# Re-configure when the CMake flags change (CUDA=1, WERROR=ON, …), not only when CMakeLists does.
+$(BUILD_DIR)/cmake-flags: FORCE
+	@mkdir -p $(BUILD_DIR)
+	@echo '$(CMAKE_FLAGS)' | cmp -s - $@ || echo '$(CMAKE_FLAGS)' > $@
+
+$(BUILD_DIR)/build.ninja: $(ENGINE_DIR)/CMakeLists.txt $(BUILD_DIR)/cmake-flags
 	@bash scripts/fetch-llama.sh
 	cmake -S $(ENGINE_DIR) -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release $(CMAKE_FLAGS)
 
@@ -52,7 +72,8 @@ demo-engine: deps engine ts
 dev: deps engine ts
 	node gpu-host/dist/src/cli.js dev
 
-test: deps engine ts test-engine test-ts test-worker test-e2e
+# Lint first: a mis-formatted line fails in seconds, before the builds.
+test: lint deps engine ts test-engine test-ts test-worker test-e2e
 
 test-engine:
 	cd $(BUILD_DIR) && ctest --output-on-failure -j 1
@@ -79,3 +100,5 @@ bench: deps bench-deps ts
 
 clean:
 	rm -rf $(BUILD_DIR) node_modules */dist
+
+FORCE:
