@@ -6,7 +6,13 @@ export default defineConfig({
   plugins: [
     cloudflareTest({
       wrangler: { configPath: "./wrangler.jsonc" },
-      miniflare: { bindings: { ADMIN_TOKEN: "test-admin-token", EDGE_SECRET: "test-secret-0123456789abcdef", PKV_MAX_BODY_BYTES: "4096" } },
+      miniflare: {
+        bindings: {
+          ADMIN_TOKEN: "test-admin-token",
+          EDGE_SECRET: "test-secret-0123456789abcdef",
+          PKV_MAX_BODY_BYTES: "4096",
+        },
+      },
     }),
   ],
   test: { include: ["test/**/*.test.ts"] },

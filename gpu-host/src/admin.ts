@@ -38,12 +38,21 @@ async function reachable(url: string): Promise<boolean> {
   }
 }
 
-export async function runAdmin(argv: string[], print: (s: string) => void = (s) => process.stdout.write(`${s}\n`)): Promise<number> {
+export async function runAdmin(
+  argv: string[],
+  print: (s: string) => void = (s) => process.stdout.write(`${s}\n`),
+): Promise<number> {
   const { values, positionals } = parseArgs({
-    args: argv, allowPositionals: true,
+    args: argv,
+    allowPositionals: true,
     options: {
-      remote: { type: "string" }, "admin-token": { type: "string" }, "kv-quota-bytes": { type: "string" }, "max-sessions": { type: "string" },
-      rpm: { type: "string" }, policy: { type: "string" }, help: { type: "boolean" },
+      remote: { type: "string" },
+      "admin-token": { type: "string" },
+      "kv-quota-bytes": { type: "string" },
+      "max-sessions": { type: "string" },
+      rpm: { type: "string" },
+      policy: { type: "string" },
+      help: { type: "boolean" },
     },
   });
   const [group, action, arg] = positionals;
@@ -58,10 +67,13 @@ export async function runAdmin(argv: string[], print: (s: string) => void = (s) 
     };
     if (group === "tenant" && action === "set") {
       const policy = values.policy;
-      if (policy !== undefined && policy !== "refuse" && policy !== "auto") throw new Error(`--policy: '${policy}' is not one of refuse, auto`);
+      if (policy !== undefined && policy !== "refuse" && policy !== "auto")
+        throw new Error(`--policy: '${policy}' is not one of refuse, auto`);
       return admin.setTenant(need("NAME"), {
-        kv_quota_bytes: nonNegative("kv-quota-bytes", values["kv-quota-bytes"]), max_sessions: nonNegative("max-sessions", values["max-sessions"]),
-        requests_per_minute: nonNegative("rpm", values.rpm), policy,
+        kv_quota_bytes: nonNegative("kv-quota-bytes", values["kv-quota-bytes"]),
+        max_sessions: nonNegative("max-sessions", values["max-sessions"]),
+        requests_per_minute: nonNegative("rpm", values.rpm),
+        policy,
       });
     }
     if (group === "tenant" && action === "show") return admin.tenant(need("NAME"));

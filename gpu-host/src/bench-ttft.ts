@@ -38,7 +38,9 @@ class DirectClient {
     });
   }
   static async connect(url: string, secret: string): Promise<DirectClient> {
-    const ws = new WebSocket(url.replace(/^http/, "ws"), { headers: { authorization: `Bearer ${makeEdgeToken(secret)}` } });
+    const ws = new WebSocket(url.replace(/^http/, "ws"), {
+      headers: { authorization: `Bearer ${makeEdgeToken(secret)}` },
+    });
     const c = new DirectClient(ws);
     await new Promise<void>((res, rej) => (ws.once("open", () => res()), ws.once("error", rej)));
     return c;
@@ -71,9 +73,12 @@ async function direct(c: DirectClient, n: number, o: TtftOptions): Promise<numbe
   ok(await c.call({ type: "open_session", tenant: "bench", session, budget: o.budget } as never), "opened");
   ok(await c.call({ type: "append", tenant: "bench", session, text: CHATML } as never), "appended");
   let first = 0;
-  ok(await c.call({ type: "generate", tenant: "bench", session, max_tokens: o.maxTokens } as never, (f) => {
-    if (f.type === "token" && first === 0) first = performance.now();
-  }), "done");
+  ok(
+    await c.call({ type: "generate", tenant: "bench", session, max_tokens: o.maxTokens } as never, (f) => {
+      if (f.type === "token" && first === 0) first = performance.now();
+    }),
+    "done",
+  );
   await c.call({ type: "close", tenant: "bench", session } as never);
   return first - t0;
 }
@@ -81,8 +86,15 @@ async function direct(c: DirectClient, n: number, o: TtftOptions): Promise<numbe
 async function viaWorker(url: string, key: string, o: TtftOptions): Promise<number> {
   const t0 = performance.now();
   const r = await fetch(`${url}/v1/chat/completions`, {
-    method: "POST", headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
-    body: JSON.stringify({ model: "smollm2", stream: true, max_tokens: o.maxTokens, kv_budget: o.budget, messages: [{ role: "user", content: QUESTION }] }),
+    method: "POST",
+    headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
+    body: JSON.stringify({
+      model: "smollm2",
+      stream: true,
+      max_tokens: o.maxTokens,
+      kv_budget: o.budget,
+      messages: [{ role: "user", content: QUESTION }],
+    }),
   });
   if (!r.ok) throw new Error(`worker: HTTP ${r.status}: ${await r.text()}`);
   let first = 0;
@@ -92,7 +104,10 @@ async function viaWorker(url: string, key: string, o: TtftOptions): Promise<numb
   return first - t0;
 }
 
-export async function runTtftBench(o: TtftOptions, out: (s: string) => void = (s) => process.stdout.write(`${s}\n`)): Promise<{ direct: number[]; worker: number[] }> {
+export async function runTtftBench(
+  o: TtftOptions,
+  out: (s: string) => void = (s) => process.stdout.write(`${s}\n`),
+): Promise<{ direct: number[]; worker: number[] }> {
   const dir = mkdtempSync(join(tmpdir(), "pkv-ttft-"));
   const stack = await startStack({ hosts: 1, kvPoolBytes: 256 << 20, persistDir: join(dir, "state") });
   try {
@@ -113,12 +128,17 @@ export async function runTtftBench(o: TtftOptions, out: (s: string) => void = (s
       }
     }
     c.close();
-    const fmt = (xs: number[]) => `p50 ${quantile(xs, 0.5).toFixed(1)} ms  p95 ${quantile(xs, 0.95).toFixed(1)} ms  min ${Math.min(...xs).toFixed(1)} ms`;
-    out(`time to first token, ${o.requests} requests each, a ${QUESTION.length}-character question, budget ${o.budget}, 1 host (CPU), load average ${loadavg()[0]!.toFixed(1)}:`);
+    const fmt = (xs: number[]) =>
+      `p50 ${quantile(xs, 0.5).toFixed(1)} ms  p95 ${quantile(xs, 0.95).toFixed(1)} ms  min ${Math.min(...xs).toFixed(1)} ms`;
+    out(
+      `time to first token, ${o.requests} requests each, a ${QUESTION.length}-character question, budget ${o.budget}, 1 host (CPU), load average ${loadavg()[0]!.toFixed(1)}:`,
+    );
     out(`  straight to the host (WebSocket, open+append+generate): ${fmt(d)}`);
     out(`  through the worker (wrangler dev; auth, rate check, routing probe, new host WebSocket, SSE): ${fmt(w)}`);
     const diffs = w.map((x, i) => x - d[i]!);
-    out(`  worker overhead: p50 ${(quantile(w, 0.5) - quantile(d, 0.5)).toFixed(1)} ms; median of the paired differences ${quantile(diffs, 0.5).toFixed(1)} ms`);
+    out(
+      `  worker overhead: p50 ${(quantile(w, 0.5) - quantile(d, 0.5)).toFixed(1)} ms; median of the paired differences ${quantile(diffs, 0.5).toFixed(1)} ms`,
+    );
     return { direct: d, worker: w };
   } finally {
     await stack.stop();

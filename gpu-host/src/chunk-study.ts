@@ -6,7 +6,14 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 
 import { generate } from "./engine-run.js";
-import { answerWordRecall, DEFAULT_NEEDLE, DEFAULT_QUESTION, directoryHaystack, generatedFiller, insertNeedle } from "./haystack.js";
+import {
+  answerWordRecall,
+  DEFAULT_NEEDLE,
+  DEFAULT_QUESTION,
+  directoryHaystack,
+  generatedFiller,
+  insertNeedle,
+} from "./haystack.js";
 
 export interface ChunkStudyOptions {
   lengthsChars: number[];
@@ -29,7 +36,10 @@ export interface ChunkStudyCell {
 
 const ANSWER = DEFAULT_NEEDLE.replace(/^The best thing to do in San Francisco is /, "");
 
-export async function runChunkStudy(o: ChunkStudyOptions, log: (line: string) => void = console.log): Promise<ChunkStudyCell[]> {
+export async function runChunkStudy(
+  o: ChunkStudyOptions,
+  log: (line: string) => void = console.log,
+): Promise<ChunkStudyCell[]> {
   const dir = mkdtempSync(join(tmpdir(), "pkv-chunks-"));
   const cells: ChunkStudyCell[] = [];
   try {
@@ -39,11 +49,27 @@ export async function runChunkStudy(o: ChunkStudyOptions, log: (line: string) =>
         const file = join(dir, `p-${chars}-${depth}.txt`);
         writeFileSync(file, insertNeedle(hay, DEFAULT_NEEDLE, depth));
         for (const chunkSize of o.chunkSizes) {
-          const r = await generate({ promptFile: file, question: DEFAULT_QUESTION, method: o.method, budget: o.budget,
-            maxNewTokens: 30, model: o.model, chunkSize });
-          const cell = { chars, promptTokens: r.prompt_tokens, depth, chunkSize, score: answerWordRecall(ANSWER, r.text), response: r.text };
+          const r = await generate({
+            promptFile: file,
+            question: DEFAULT_QUESTION,
+            method: o.method,
+            budget: o.budget,
+            maxNewTokens: 30,
+            model: o.model,
+            chunkSize,
+          });
+          const cell = {
+            chars,
+            promptTokens: r.prompt_tokens,
+            depth,
+            chunkSize,
+            score: answerWordRecall(ANSWER, r.text),
+            response: r.text,
+          };
           cells.push(cell);
-          log(`tokens ${cell.promptTokens} depth ${depth}% chunk ${chunkSize || "one-shot"}: ${cell.score.toFixed(2)}  ${r.text.trim().replace(/\s+/g, " ").slice(0, 80)}`);
+          log(
+            `tokens ${cell.promptTokens} depth ${depth}% chunk ${chunkSize || "one-shot"}: ${cell.score.toFixed(2)}  ${r.text.trim().replace(/\s+/g, " ").slice(0, 80)}`,
+          );
         }
       }
     }

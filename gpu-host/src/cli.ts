@@ -29,21 +29,31 @@ function intList(name: string, value: string | undefined, fallback: number[], lo
 function intOption(name: string, value: string | undefined, fallback: number, lo: number, hi: number): number {
   if (value === undefined) return fallback;
   const n = Number(value);
-  if (!Number.isInteger(n) || n < lo || n > hi) throw new Error(`--${name}: '${value}' is not an integer in [${lo}, ${hi}]`);
+  if (!Number.isInteger(n) || n < lo || n > hi)
+    throw new Error(`--${name}: '${value}' is not an integer in [${lo}, ${hi}]`);
   return n;
 }
 
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
-  if (command === "admin" || command === "dev" || (command === "demo" && rest[0] !== "engine") || (command === "bench" && rest[0] === "ttft")) {
+  if (
+    command === "admin" ||
+    command === "dev" ||
+    (command === "demo" && rest[0] !== "engine") ||
+    (command === "bench" && rest[0] === "ttft")
+  ) {
     return runStackCli(command, rest);
   }
   if (command === "demo") {
     const { values } = parseArgs({
       args: rest.slice(1),
       options: {
-        chars: { type: "string" }, depth: { type: "string" }, budget: { type: "string" },
-        "haystack-dir": { type: "string" }, model: { type: "string" }, "max-new-tokens": { type: "string" },
+        chars: { type: "string" },
+        depth: { type: "string" },
+        budget: { type: "string" },
+        "haystack-dir": { type: "string" },
+        model: { type: "string" },
+        "max-new-tokens": { type: "string" },
         "chunk-size": { type: "string" },
       },
     });
@@ -52,7 +62,8 @@ async function main(argv: string[]): Promise<number> {
       depth: intOption("depth", values.depth, DEMO_DEFAULTS.depth, 0, 100),
       budget: intOption("budget", values.budget, DEMO_DEFAULTS.budget, 9, 1_000_000),
       maxNewTokens: intOption("max-new-tokens", values["max-new-tokens"], DEMO_DEFAULTS.maxNewTokens, 1, 4096),
-      chunkSize: values["chunk-size"] === undefined ? undefined : intOption("chunk-size", values["chunk-size"], 0, 0, 1 << 24),
+      chunkSize:
+        values["chunk-size"] === undefined ? undefined : intOption("chunk-size", values["chunk-size"], 0, 0, 1 << 24),
       haystackDir: values["haystack-dir"],
       model: values.model,
     });
@@ -70,8 +81,13 @@ async function main(argv: string[]): Promise<number> {
     const { values } = parseArgs({
       args: rest.slice(1),
       options: {
-        chars: { type: "string" }, depths: { type: "string" }, "chunk-sizes": { type: "string" }, method: { type: "string" },
-        budget: { type: "string" }, "haystack-dir": { type: "string" }, model: { type: "string" },
+        chars: { type: "string" },
+        depths: { type: "string" },
+        "chunk-sizes": { type: "string" },
+        method: { type: "string" },
+        budget: { type: "string" },
+        "haystack-dir": { type: "string" },
+        model: { type: "string" },
       },
     });
     await runChunkStudy({

@@ -5,7 +5,12 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 
 import {
-  answerWordRecall, DEFAULT_NEEDLE, DEFAULT_QUESTION, directoryHaystack, generatedFiller, insertNeedle,
+  answerWordRecall,
+  DEFAULT_NEEDLE,
+  DEFAULT_QUESTION,
+  directoryHaystack,
+  generatedFiller,
+  insertNeedle,
 } from "./haystack.js";
 import { generate, type GenerateResult } from "./engine-run.js";
 
@@ -27,23 +32,34 @@ export function formatSideBySide(full: GenerateResult, pyr: GenerateResult, answ
   const rows: [string, string, string][] = [
     ["", "FullKV", `PyramidKV @ ${pyr.budget}`],
     ["prompt tokens", String(full.prompt_tokens), String(pyr.prompt_tokens)],
-    ["KV entries / layer (min-max)", `${Math.min(...full.layer_kv_lengths)}-${Math.max(...full.layer_kv_lengths)}`,
-      `${Math.min(...pyr.layer_kv_lengths)}-${Math.max(...pyr.layer_kv_lengths)}`],
+    [
+      "KV entries / layer (min-max)",
+      `${Math.min(...full.layer_kv_lengths)}-${Math.max(...full.layer_kv_lengths)}`,
+      `${Math.min(...pyr.layer_kv_lengths)}-${Math.max(...pyr.layer_kv_lengths)}`,
+    ],
     ["KV bytes after prefill", mib(full.kv_bytes), mib(pyr.kv_bytes)],
     ["KV ratio vs FullKV", "1.0x", `${(full.kv_bytes / pyr.kv_bytes).toFixed(1)}x smaller`],
     ["prefill", `${full.prefill_seconds.toFixed(2)} s`, `${pyr.prefill_seconds.toFixed(2)} s`],
     ["decode", `${full.decode_tokens_per_second.toFixed(1)} tok/s`, `${pyr.decode_tokens_per_second.toFixed(1)} tok/s`],
-    ["needle words found", answerWordRecall(answer, full.text).toFixed(2), answerWordRecall(answer, pyr.text).toFixed(2)],
+    [
+      "needle words found",
+      answerWordRecall(answer, full.text).toFixed(2),
+      answerWordRecall(answer, pyr.text).toFixed(2),
+    ],
   ];
   const w0 = Math.max(...rows.map((r) => r[0].length));
   const w1 = Math.max(...rows.map((r) => r[1].length));
   const table = rows.map(([a, b, c]) => `${a.padEnd(w0)}  ${b.padEnd(w1)}  ${c}`).join("\n");
-  const answers = `FullKV answer:    ${full.text.trim().replace(/\s+/g, " ")}\n` +
+  const answers =
+    `FullKV answer:    ${full.text.trim().replace(/\s+/g, " ")}\n` +
     `PyramidKV answer: ${pyr.text.trim().replace(/\s+/g, " ")}`;
   return `${table}\n\n${answers}\n`;
 }
 
-export async function runDemo(o: DemoOptions, log: (line: string) => void = console.log): Promise<[GenerateResult, GenerateResult]> {
+export async function runDemo(
+  o: DemoOptions,
+  log: (line: string) => void = console.log,
+): Promise<[GenerateResult, GenerateResult]> {
   const haystack = o.haystackDir ? directoryHaystack(o.haystackDir, o.chars) : generatedFiller(o.chars);
   const prompt = insertNeedle(haystack, DEFAULT_NEEDLE, o.depth);
   const dir = mkdtempSync(join(tmpdir(), "pkv-demo-"));
@@ -52,7 +68,13 @@ export async function runDemo(o: DemoOptions, log: (line: string) => void = cons
     writeFileSync(file, prompt);
     log(`haystack: ${o.haystackDir ?? "generated filler"}, ${prompt.length} characters, needle at ${o.depth}% depth`);
     log(`question: ${DEFAULT_QUESTION}\n`);
-    const common = { promptFile: file, question: DEFAULT_QUESTION, maxNewTokens: o.maxNewTokens, model: o.model, chunkSize: o.chunkSize };
+    const common = {
+      promptFile: file,
+      question: DEFAULT_QUESTION,
+      maxNewTokens: o.maxNewTokens,
+      model: o.model,
+      chunkSize: o.chunkSize,
+    };
     const full = await generate({ ...common, method: "full", budget: o.budget });
     const pyr = await generate({ ...common, method: "pyramidkv", budget: o.budget });
     log(formatSideBySide(full, pyr, DEFAULT_NEEDLE.replace(/^The best thing to do in San Francisco is /, "")));

@@ -17,7 +17,12 @@ export async function runDev(o: DevOptions): Promise<number> {
   const dir = devDir();
   mkdirSync(dir, { recursive: true });
   process.stdout.write("starting the GPU host(s) and the worker (wrangler dev)...\n");
-  const stack = await startStack({ hosts: o.hosts, kvPoolBytes: o.kvPoolBytes, persistDir: resolve(dir, "state"), workerPort: o.port });
+  const stack = await startStack({
+    hosts: o.hosts,
+    kvPoolBytes: o.kvPoolBytes,
+    persistDir: resolve(dir, "state"),
+    workerPort: o.port,
+  });
   await stack.admin.setTenant("dev", {});
   const key = await stack.admin.createKey("dev");
   const info: DevInfo = { url: stack.worker.url, admin_token: stack.admin.token };

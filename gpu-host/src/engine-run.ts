@@ -29,14 +29,27 @@ export interface GenerateOptions {
 }
 
 export class EngineError extends Error {
-  constructor(message: string, readonly exitCode: number | null) {
+  constructor(
+    message: string,
+    readonly exitCode: number | null,
+  ) {
     super(message);
   }
 }
 
 export function generate(o: GenerateOptions): Promise<GenerateResult> {
-  const args = ["generate", "--json", "--prompt-file", o.promptFile, "--method", o.method, "--budget", String(o.budget),
-    "--max-new-tokens", String(o.maxNewTokens)];
+  const args = [
+    "generate",
+    "--json",
+    "--prompt-file",
+    o.promptFile,
+    "--method",
+    o.method,
+    "--budget",
+    String(o.budget),
+    "--max-new-tokens",
+    String(o.maxNewTokens),
+  ];
   if (o.question !== undefined) args.push("--question", o.question);
   if (o.model !== undefined) args.push("--model", o.model);
   if (o.threads !== undefined) args.push("--threads", String(o.threads));
@@ -54,7 +67,8 @@ export function runEngineJson<T>(args: string[]): Promise<T> {
     child.stderr.setEncoding("utf8").on("data", (d: string) => (err += d));
     child.on("error", reject);
     child.on("close", (code) => {
-      if (code !== 0) return reject(new EngineError(`pkv-engine ${args[0]} failed: ${err.trim() || `exit code ${code}`}`, code));
+      if (code !== 0)
+        return reject(new EngineError(`pkv-engine ${args[0]} failed: ${err.trim() || `exit code ${code}`}`, code));
       try {
         resolve(JSON.parse(out) as T);
       } catch {

@@ -15,17 +15,60 @@ export const DEFAULT_NEEDLE =
   "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.";
 export const DEFAULT_QUESTION = "What is the best thing to do in San Francisco?";
 
-const SUBJECTS = ["The committee", "A young engineer", "The old harbour", "Every winter the village", "The museum",
-  "Our neighbour", "The river", "A quiet library", "The orchestra", "The baker on the corner", "The research team",
-  "A travelling merchant"];
-const VERBS = ["described", "remembered", "questioned", "rebuilt", "measured", "painted", "discussed", "ignored",
-  "celebrated", "studied", "repaired", "catalogued"];
-const OBJECTS = ["the northern bridge", "a forgotten map", "the annual harvest", "an unusual clock", "the tidal records",
-  "a box of letters", "the railway timetable", "the weather of the valley", "a collection of shells",
-  "the recipe for rye bread", "the price of copper", "a set of wooden chairs"];
-const TAILS = ["before the first snow.", "with great patience.", "for the third time that year.",
-  "while the lamps were lit.", "as the market opened.", "without telling anyone.", "in the spring of that year.",
-  "because nobody else would.", "after a long discussion.", "under a grey sky."];
+const SUBJECTS = [
+  "The committee",
+  "A young engineer",
+  "The old harbour",
+  "Every winter the village",
+  "The museum",
+  "Our neighbour",
+  "The river",
+  "A quiet library",
+  "The orchestra",
+  "The baker on the corner",
+  "The research team",
+  "A travelling merchant",
+];
+const VERBS = [
+  "described",
+  "remembered",
+  "questioned",
+  "rebuilt",
+  "measured",
+  "painted",
+  "discussed",
+  "ignored",
+  "celebrated",
+  "studied",
+  "repaired",
+  "catalogued",
+];
+const OBJECTS = [
+  "the northern bridge",
+  "a forgotten map",
+  "the annual harvest",
+  "an unusual clock",
+  "the tidal records",
+  "a box of letters",
+  "the railway timetable",
+  "the weather of the valley",
+  "a collection of shells",
+  "the recipe for rye bread",
+  "the price of copper",
+  "a set of wooden chairs",
+];
+const TAILS = [
+  "before the first snow.",
+  "with great patience.",
+  "for the third time that year.",
+  "while the lamps were lit.",
+  "as the market opened.",
+  "without telling anyone.",
+  "in the spring of that year.",
+  "because nobody else would.",
+  "after a long discussion.",
+  "under a grey sky.",
+];
 
 /** Deterministic pseudo-random generator (mulberry32), so the same seed gives the same text. */
 export function seededRandom(seed: number): () => number {
@@ -81,7 +124,12 @@ export function insertNeedle(haystack: string, needle: string, depthPercent: num
 
 /** Fraction of the answer's words found in the response (case- and punctuation-insensitive). */
 export function answerWordRecall(answer: string, response: string): number {
-  const words = (s: string) => s.toLowerCase().replace(/[^a-z0-9\s]/g, " ").split(/\s+/).filter(Boolean);
+  const words = (s: string) =>
+    s
+      .toLowerCase()
+      .replace(/[^a-z0-9\s]/g, " ")
+      .split(/\s+/)
+      .filter(Boolean);
   const expected = words(answer);
   const got = new Set(words(response));
   if (expected.length === 0) return 0;

@@ -17,7 +17,8 @@ export const STACK_USAGE = `  demo [--chars N] [--budget B] [--method M] [--max-
 function int(name: string, value: string | undefined, fallback: number, lo: number, hi: number): number {
   if (value === undefined) return fallback;
   const n = Number(value);
-  if (!Number.isInteger(n) || n < lo || n > hi) throw new Error(`--${name}: '${value}' is not an integer in [${lo}, ${hi}]`);
+  if (!Number.isInteger(n) || n < lo || n > hi)
+    throw new Error(`--${name}: '${value}' is not an integer in [${lo}, ${hi}]`);
   return n;
 }
 
@@ -28,16 +29,26 @@ export async function runStackCli(command: string, rest: string[]): Promise<numb
     return 0;
   }
   if (command === "dev") {
-    const { values } = parseArgs({ args: rest, options: { port: { type: "string" }, hosts: { type: "string" }, "kv-pool-bytes": { type: "string" } } });
+    const { values } = parseArgs({
+      args: rest,
+      options: { port: { type: "string" }, hosts: { type: "string" }, "kv-pool-bytes": { type: "string" } },
+    });
     return runDev({
-      port: int("port", values.port, 8787, 0, 65535), hosts: int("hosts", values.hosts, 1, 1, 8),
+      port: int("port", values.port, 8787, 0, 65535),
+      hosts: int("hosts", values.hosts, 1, 1, 8),
       kvPoolBytes: int("kv-pool-bytes", values["kv-pool-bytes"], 512 << 20, 1 << 20, Number.MAX_SAFE_INTEGER),
     });
   }
   if (command === "demo") {
     const { values } = parseArgs({
       args: rest,
-      options: { chars: { type: "string" }, budget: { type: "string" }, method: { type: "string" }, "max-tokens": { type: "string" }, "haystack-dir": { type: "string" } },
+      options: {
+        chars: { type: "string" },
+        budget: { type: "string" },
+        method: { type: "string" },
+        "max-tokens": { type: "string" },
+        "haystack-dir": { type: "string" },
+      },
     });
     await runStackDemo({
       chars: int("chars", values.chars, STACK_DEMO_DEFAULTS.chars, 200, 30_000),
@@ -49,9 +60,13 @@ export async function runStackCli(command: string, rest: string[]): Promise<numb
     return 0;
   }
   if (command === "bench") {
-    const { values } = parseArgs({ args: rest.slice(1), options: { requests: { type: "string" }, "max-tokens": { type: "string" }, budget: { type: "string" } } });
+    const { values } = parseArgs({
+      args: rest.slice(1),
+      options: { requests: { type: "string" }, "max-tokens": { type: "string" }, budget: { type: "string" } },
+    });
     await runTtftBench({
-      requests: int("requests", values.requests, 20, 1, 10_000), maxTokens: int("max-tokens", values["max-tokens"], 4, 1, 4096),
+      requests: int("requests", values.requests, 20, 1, 10_000),
+      maxTokens: int("max-tokens", values["max-tokens"], 4, 1, 4096),
       budget: int("budget", values.budget, 128, 16, 1 << 20),
     });
     return 0;

@@ -32,7 +32,9 @@ export function freePort(): Promise<number> {
 }
 
 function track(child: ChildProcess, url: string, port: number, logs: string[]): Proc {
-  const exited = new Promise<void>((r) => (child.exitCode !== null || child.signalCode !== null ? r() : child.once("exit", () => r())));
+  const exited = new Promise<void>((r) =>
+    child.exitCode !== null || child.signalCode !== null ? r() : child.once("exit", () => r()),
+  );
   const stop = async () => {
     if (child.exitCode === null && child.signalCode === null) child.kill("SIGTERM");
     const t = setTimeout(() => child.kill("SIGKILL"), 5000);
@@ -47,7 +49,13 @@ function track(child: ChildProcess, url: string, port: number, logs: string[]): 
 }
 
 /** Waits for `pattern` on the child's stdout/stderr; rejects if it exits first or after timeoutMs. */
-function waitFor(child: ChildProcess, logs: string[], pattern: RegExp, what: string, timeoutMs: number): Promise<RegExpExecArray> {
+function waitFor(
+  child: ChildProcess,
+  logs: string[],
+  pattern: RegExp,
+  what: string,
+  timeoutMs: number,
+): Promise<RegExpExecArray> {
   return new Promise((res, rej) => {
     let done = false;
     const check = () => {
@@ -58,12 +66,23 @@ function waitFor(child: ChildProcess, logs: string[], pattern: RegExp, what: str
         res(m);
       }
     };
-    const timer = setTimeout(() => !done && rej(new Error(`${what} did not start within ${timeoutMs} ms:\n${logs.join("").slice(-2000)}`)), timeoutMs);
-    for (const s of [child.stdout, child.stderr]) s?.setEncoding("utf8").on("data", (d: string) => {
-      logs.push(d);
-      check();
-    });
-    child.once("exit", (code) => !done && (done = true, clearTimeout(timer), rej(new Error(`${what} exited (${code}) before it was ready:\n${logs.join("").slice(-2000)}`))));
+    const timer = setTimeout(
+      () => !done && rej(new Error(`${what} did not start within ${timeoutMs} ms:\n${logs.join("").slice(-2000)}`)),
+      timeoutMs,
+    );
+    for (const s of [child.stdout, child.stderr])
+      s?.setEncoding("utf8").on("data", (d: string) => {
+        logs.push(d);
+        check();
+      });
+    child.once(
+      "exit",
+      (code) =>
+        !done &&
+        ((done = true),
+        clearTimeout(timer),
+        rej(new Error(`${what} exited (${code}) before it was ready:\n${logs.join("").slice(-2000)}`))),
+    );
   });
 }
 
@@ -76,8 +95,20 @@ export interface HostOptions {
 
 export async function startHostProcess(o: HostOptions): Promise<Proc> {
   const cli = resolve(repoRoot(), "gpu-host", "dist", "src", "cli.js");
-  const args = [cli, "host", "--port", "0", "--threads", String(o.threads ?? 2), ...(o.kvPoolBytes ? ["--kv-pool-bytes", String(o.kvPoolBytes)] : []), ...(o.args ?? [])];
-  const child = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, PKV_EDGE_SECRET: o.secret } });
+  const args = [
+    cli,
+    "host",
+    "--port",
+    "0",
+    "--threads",
+    String(o.threads ?? 2),
+    ...(o.kvPoolBytes ? ["--kv-pool-bytes", String(o.kvPoolBytes)] : []),
+    ...(o.args ?? []),
+  ];
+  const child = spawn(process.execPath, args, {
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, PKV_EDGE_SECRET: o.secret },
+  });
   const logs: string[] = [];
   const m = await waitFor(child, logs, /listening on [^ ]+:(\d+)/, "pkv host", 120_000);
   const port = Number(m[1]);
@@ -100,17 +131,35 @@ export async function startWorker(o: WorkerOptions): Promise<Proc> {
   mkdirSync(o.persistDir, { recursive: true });
   const vars = { EDGE_SECRET: o.secret, ADMIN_TOKEN: o.adminToken, ...o.vars };
   const args = [
-    resolve(root, "node_modules", "wrangler", "bin", "wrangler.js"), "dev", "--config", resolve(root, "worker", "wrangler.jsonc"), "--local",
-    "--ip", "127.0.0.1", "--port", String(port), "--inspector-port", "0", "--persist-to", o.persistDir, "--show-interactive-dev-session=false",
-    "--log-level", "warn", ...Object.entries(vars).flatMap(([k, v]) => ["--var", `${k}:${v}`]),
+    resolve(root, "node_modules", "wrangler", "bin", "wrangler.js"),
+    "dev",
+    "--config",
+    resolve(root, "worker", "wrangler.jsonc"),
+    "--local",
+    "--ip",
+    "127.0.0.1",
+    "--port",
+    String(port),
+    "--inspector-port",
+    "0",
+    "--persist-to",
+    o.persistDir,
+    "--show-interactive-dev-session=false",
+    "--log-level",
+    "warn",
+    ...Object.entries(vars).flatMap(([k, v]) => ["--var", `${k}:${v}`]),
   ];
   const child = spawn(process.execPath, args, {
-    cwd: resolve(root, "worker"), stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, WRANGLER_SEND_METRICS: "false", NO_UPDATE_NOTIFIER: "1" },
+    cwd: resolve(root, "worker"),
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, WRANGLER_SEND_METRICS: "false", NO_UPDATE_NOTIFIER: "1" },
   });
   const logs: string[] = [];
   const url = `http://127.0.0.1:${port}`;
   const proc = track(child, url, port, logs);
-  const exited = new Promise<never>((_, rej) => child.once("exit", (code) => rej(new Error(`wrangler dev exited (${code}):\n${logs.join("").slice(-3000)}`))));
+  const exited = new Promise<never>((_, rej) =>
+    child.once("exit", (code) => rej(new Error(`wrangler dev exited (${code}):\n${logs.join("").slice(-3000)}`))),
+  );
   for (const s of [child.stdout, child.stderr]) s?.setEncoding("utf8").on("data", (d: string) => logs.push(d));
   const ready = (async () => {
     for (let i = 0; i < 1200; i++) {
@@ -135,11 +184,15 @@ export async function startWorker(o: WorkerOptions): Promise<Proc> {
 
 /** The worker's admin API (/admin/*). */
 export class AdminClient {
-  constructor(readonly url: string, readonly token: string) {}
+  constructor(
+    readonly url: string,
+    readonly token: string,
+  ) {}
 
   async call<T = Record<string, unknown>>(method: string, path: string, body?: unknown): Promise<T> {
     const r = await fetch(`${this.url}${path}`, {
-      method, headers: { authorization: `Bearer ${this.token}`, "content-type": "application/json" },
+      method,
+      headers: { authorization: `Bearer ${this.token}`, "content-type": "application/json" },
       ...(body === undefined ? {} : { body: JSON.stringify(body) }),
     });
     const text = await r.text();
@@ -156,7 +209,10 @@ export class AdminClient {
     return json as T;
   }
 
-  setTenant(name: string, limits: { kv_quota_bytes?: number; max_sessions?: number; requests_per_minute?: number; policy?: string }) {
+  setTenant(
+    name: string,
+    limits: { kv_quota_bytes?: number; max_sessions?: number; requests_per_minute?: number; policy?: string },
+  ) {
     return this.call("PUT", `/admin/tenants/${encodeURIComponent(name)}`, limits);
   }
   async createKey(tenant: string): Promise<string> {
@@ -175,7 +231,10 @@ export class AdminClient {
     return this.call("DELETE", `/admin/hosts?url=${encodeURIComponent(url)}`);
   }
   hosts() {
-    return this.call<{ data: { url: string; down_until: number; health: Record<string, unknown> }[] }>("GET", "/admin/hosts");
+    return this.call<{ data: { url: string; down_until: number; health: Record<string, unknown> }[] }>(
+      "GET",
+      "/admin/hosts",
+    );
   }
   /** Replaces the registered hosts with `urls`. */
   async setHosts(urls: string[]): Promise<void> {
@@ -213,11 +272,19 @@ export async function startStack(o: StackOptions): Promise<Stack> {
   try {
     const [worker, ...hosts] = await Promise.all([
       keep(startWorker({ secret, adminToken, persistDir: o.persistDir, port: o.workerPort, vars: o.vars })),
-      ...Array.from({ length: o.hosts ?? 1 }, () => keep(startHostProcess({ secret, kvPoolBytes: o.kvPoolBytes, args: o.hostArgs, threads: o.threads }))),
+      ...Array.from({ length: o.hosts ?? 1 }, () =>
+        keep(startHostProcess({ secret, kvPoolBytes: o.kvPoolBytes, args: o.hostArgs, threads: o.threads })),
+      ),
     ]);
     const admin = new AdminClient(worker!.url, adminToken);
     await admin.setHosts(hosts.map((h) => h.url));
-    return { worker: worker!, hosts, admin, secret, stop: async () => void (await Promise.all(started.map((p) => p.stop()))) };
+    return {
+      worker: worker!,
+      hosts,
+      admin,
+      secret,
+      stop: async () => void (await Promise.all(started.map((p) => p.stop()))),
+    };
   } catch (e) {
     await Promise.all(started.map((p) => p.kill()));
     throw e;

@@ -4,7 +4,15 @@ import { resolve } from "node:path";
 import { test } from "node:test";
 
 import { tokenizeWithEngine } from "../src/eval/engine-client.js";
-import { buildPrompt, defaultMaxLength, maxNewTokens, parseDatasets, readDataset, restoreNewlines, truncateMiddle } from "../src/eval/longbench.js";
+import {
+  buildPrompt,
+  defaultMaxLength,
+  maxNewTokens,
+  parseDatasets,
+  readDataset,
+  restoreNewlines,
+  truncateMiddle,
+} from "../src/eval/longbench.js";
 import { DATA_DIR } from "./eval-data.js";
 
 const LB = resolve(DATA_DIR, "longbench");
@@ -13,7 +21,11 @@ test("multi_news prompt: official template, NEWLINE_CHAR restored", () => {
   const row = readDataset(LB, "multi_news")[0]!;
   assert.ok(row.context.includes("NEWLINE_CHAR"));
   const prompt = buildPrompt("multi_news", row);
-  assert.ok(prompt.startsWith("You are given several news passages. Write a one-page summary of all news. \n\nNews:\nPassage 1:\n"));
+  assert.ok(
+    prompt.startsWith(
+      "You are given several news passages. Write a one-page summary of all news. \n\nNews:\nPassage 1:\n",
+    ),
+  );
   assert.ok(prompt.endsWith("\n\nNow, write a one-page summary of all the news.\n\nSummary:"));
   assert.ok(!prompt.includes("NEWLINE_CHAR"));
   assert.ok(prompt.includes("Nov. 28. (David M Warren / Staff Photographer)\n\nAbout 100 Occupy Philly"));
@@ -42,6 +54,9 @@ test("middle truncation keeps the first and last halves of the tokens", async ()
 
 test("--datasets refuses unknown datasets, listing the valid ones", () => {
   assert.deepEqual(parseDatasets("multi_news,trec"), ["multi_news", "trec"]);
-  assert.throws(() => parseDatasets("multinews"), /--datasets: unknown dataset 'multinews' \(valid: narrativeqa, .*repobench-p\)/);
+  assert.throws(
+    () => parseDatasets("multinews"),
+    /--datasets: unknown dataset 'multinews' \(valid: narrativeqa, .*repobench-p\)/,
+  );
   assert.throws(() => readDataset(LB, "qasper"), /--data-dir: .*qasper\.jsonl not found/);
 });

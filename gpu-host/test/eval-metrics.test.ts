@@ -3,8 +3,18 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import {
-  answerWordScore, classificationScore, codeSimilarity, countScore, indelSimilarity, normalizeAnswer, qaF1, retrievalScore,
-  rouge1Recall, rougeL, stringMatchAll, stringMatchPart,
+  answerWordScore,
+  classificationScore,
+  codeSimilarity,
+  countScore,
+  indelSimilarity,
+  normalizeAnswer,
+  qaF1,
+  retrievalScore,
+  rouge1Recall,
+  rougeL,
+  stringMatchAll,
+  stringMatchPart,
 } from "../src/eval/metrics.js";
 import { postProcess, scoreSample } from "../src/eval/longbench.js";
 

@@ -7,7 +7,6 @@ import { sliceTokens, type Tokenized, tokenizeWithEngine } from "../src/eval/eng
 import { haystackText, parseDepths, parseLengths, placeNeedle } from "../src/eval/needle.js";
 import { ESSAYS } from "./eval-data.js";
 
-
 /** A word-level tokenization of `text` (each token a word with its leading space). */
 function wordTokens(text: string): Tokenized {
   const bytes = Buffer.from(text, "utf8");
@@ -47,9 +46,13 @@ test("on the essays with the model's tokenizer the needle lands at its depth, af
     const p = placeNeedle(hay, n, NEEDLE, 6, depth);
     assert.equal(p.haystackTokens, n - 6);
     const target = depth === 100 ? p.haystackTokens : Math.floor((p.haystackTokens * depth) / 100);
-    assert.ok(p.tokensBefore <= target && target - p.tokensBefore < 200, `depth ${depth}: needle at token ${p.tokensBefore}, target ${target}`);
+    assert.ok(
+      p.tokensBefore <= target && target - p.tokensBefore < 200,
+      `depth ${depth}: needle at token ${p.tokensBefore}, target ${target}`,
+    );
     // at 100 % the needle simply ends the context; elsewhere it starts a sentence
-    if (p.tokensBefore > 0 && depth < 100) assert.match(sliceTokens(hay, p.tokensBefore - 1, p.tokensBefore), /[.!?]["')\]]?\s*$/);
+    if (p.tokensBefore > 0 && depth < 100)
+      assert.match(sliceTokens(hay, p.tokensBefore - 1, p.tokensBefore), /[.!?]["')\]]?\s*$/);
     // the real token count of the context is the haystack plus the needle, give or take the joins
     const counted = (await tokenizeWithEngine(p.context)).tokens.length;
     assert.ok(Math.abs(counted - n) <= 4, `depth ${depth}: ${counted} tokens for ${n}`);

@@ -39,22 +39,33 @@ test("every task: the length is within ±1 % of the target and the answers can b
       const value = /assigned the value (\d+)/.exec(body)![1]!;
       let current = new RegExp(`VAR ([A-Z]{5}) = ${value}\\.`).exec(body)![1]!;
       const found = [current];
-      for (let next = new RegExp(`VAR ([A-Z]{5}) = VAR ${current}\\.`).exec(body); next; next = new RegExp(`VAR ([A-Z]{5}) = VAR ${current}\\.`).exec(body)) {
+      for (
+        let next = new RegExp(`VAR ([A-Z]{5}) = VAR ${current}\\.`).exec(body);
+        next;
+        next = new RegExp(`VAR ([A-Z]{5}) = VAR ${current}\\.`).exec(body)
+      ) {
         current = next[1]!;
         found.push(current);
       }
       assert.deepEqual(found, s.answers);
     } else {
       // the answers are exactly the most frequent words of the list
-      const text = task === "cwe" ? body.slice(body.indexOf("\n1. "), body.lastIndexOf("\nQuestion")) : body.slice(body.indexOf("coded words. ") + 13, body.lastIndexOf("\nQuestion"));
-      const words = task === "cwe" ? [...text.matchAll(/\d+\. (\S+)/g)].map((m) => m[1]!) : text.split(/\s+/).filter(Boolean);
+      const text =
+        task === "cwe"
+          ? body.slice(body.indexOf("\n1. "), body.lastIndexOf("\nQuestion"))
+          : body.slice(body.indexOf("coded words. ") + 13, body.lastIndexOf("\nQuestion"));
+      const words =
+        task === "cwe" ? [...text.matchAll(/\d+\. (\S+)/g)].map((m) => m[1]!) : text.split(/\s+/).filter(Boolean);
       const freq = new Map<string, number>();
       for (const w of words) freq.set(w, (freq.get(w) ?? 0) + 1);
       const k = s.answers.length;
       const minAnswer = Math.min(...s.answers.map((a) => freq.get(a) ?? 0));
       const others = [...freq.entries()].filter(([w]) => !s.answers.includes(w)).map(([, c]) => c);
       assert.equal(k, task === "cwe" ? 10 : 3);
-      assert.ok(minAnswer > Math.max(0, ...others) || (task === "fwe" && minAnswer >= Math.max(0, ...others)), `${task}: answers are the top ${k}`);
+      assert.ok(
+        minAnswer > Math.max(0, ...others) || (task === "fwe" && minAnswer >= Math.max(0, ...others)),
+        `${task}: answers are the top ${k}`,
+      );
     }
   }
 });
@@ -73,5 +84,8 @@ test("the same seed gives the same sample; another seed another one", async () =
 
 test("--tasks refuses unknown tasks, listing the valid ones", () => {
   assert.deepEqual(parseTasks("vt,cwe"), ["vt", "cwe"]);
-  assert.throws(() => parseTasks("niah_single_9"), /--tasks: unknown task 'niah_single_9' \(valid: niah_single_1, .*fwe\)/);
+  assert.throws(
+    () => parseTasks("niah_single_9"),
+    /--tasks: unknown task 'niah_single_9' \(valid: niah_single_1, .*fwe\)/,
+  );
 });

@@ -3,7 +3,13 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { resolve } from "node:path";
 
-import { type AnyHostMessage, decodeHostMessage, encodeHostMessage, type FromHostMessage, type ToHostMessage } from "@pyramidkv/shared";
+import {
+  type AnyHostMessage,
+  decodeHostMessage,
+  encodeHostMessage,
+  type FromHostMessage,
+  type ToHostMessage,
+} from "@pyramidkv/shared";
 import { WebSocket } from "ws";
 
 import { repoRoot } from "../src/engine-path.js";
@@ -13,20 +19,36 @@ import { type RunningHost, startHost } from "../src/host/main.js";
 
 export const SECRET = "test-secret-0123456789abcdef";
 
-const FINAL = new Set(["opened", "appended", "buffered", "done", "cancelled", "closed", "stats_result", "tenant_set", "error"]);
+const FINAL = new Set([
+  "opened",
+  "appended",
+  "buffered",
+  "done",
+  "cancelled",
+  "closed",
+  "stats_result",
+  "tenant_set",
+  "error",
+]);
 
 export function testConfig(over: Partial<HostConfig> = {}, argv: string[] = []): HostConfig {
   return { ...parseHostConfig(["--port", "0", "--edge-secret", SECRET, "--threads", "2", ...argv], {}), ...over };
 }
 
-export async function startTestHost(over: Partial<HostConfig> = {}, argv: string[] = []): Promise<RunningHost & { url: string }> {
+export async function startTestHost(
+  over: Partial<HostConfig> = {},
+  argv: string[] = [],
+): Promise<RunningHost & { url: string }> {
   const host = await startHost(testConfig(over, argv));
   return { ...host, url: `ws://127.0.0.1:${host.address.port}` };
 }
 
 export class HostClient {
   private nextId = 1;
-  private readonly waiters = new Map<number, { frames: FromHostMessage[]; resolve: (f: FromHostMessage[]) => void; onFrame?: (f: FromHostMessage) => void }>();
+  private readonly waiters = new Map<
+    number,
+    { frames: FromHostMessage[]; resolve: (f: FromHostMessage[]) => void; onFrame?: (f: FromHostMessage) => void }
+  >();
   readonly unsolicited: FromHostMessage[] = [];
   hello?: FromHostMessage;
   private helloWait: Promise<void>;
@@ -66,7 +88,10 @@ export class HostClient {
   }
 
   /** Sends a request (id assigned) and resolves with every frame answering it, the final last. */
-  request(msg: Omit<ToHostMessage, "id"> & Record<string, unknown>, onFrame?: (f: FromHostMessage) => void): Promise<FromHostMessage[]> {
+  request(
+    msg: Omit<ToHostMessage, "id"> & Record<string, unknown>,
+    onFrame?: (f: FromHostMessage) => void,
+  ): Promise<FromHostMessage[]> {
     const id = this.nextId++;
     return new Promise((resolve) => {
       this.waiters.set(id, { frames: [], resolve, onFrame });
@@ -96,17 +121,26 @@ export class HostClient {
   }
 }
 
-export function expectType<T extends FromHostMessage["type"]>(m: FromHostMessage, type: T): Extract<FromHostMessage, { type: T }> {
+export function expectType<T extends FromHostMessage["type"]>(
+  m: FromHostMessage,
+  type: T,
+): Extract<FromHostMessage, { type: T }> {
   if (m.type !== type) throw new Error(`expected ${type}, got ${JSON.stringify(m)}`);
   return m as Extract<FromHostMessage, { type: T }>;
 }
 
 /** `pkv host` as a child process; resolves once it printed its port. */
-export async function spawnHostProcess(args: string[]): Promise<{ child: ChildProcess; port: number; exit: Promise<number | null> }> {
+export async function spawnHostProcess(
+  args: string[],
+): Promise<{ child: ChildProcess; port: number; exit: Promise<number | null> }> {
   const cli = resolve(repoRoot(), "gpu-host", "dist", "src", "cli.js");
-  const child = spawn(process.execPath, [cli, "host", "--port", "0", "--edge-secret", SECRET, "--threads", "2", ...args], {
-    stdio: ["ignore", "pipe", "pipe"],
-  });
+  const child = spawn(
+    process.execPath,
+    [cli, "host", "--port", "0", "--edge-secret", SECRET, "--threads", "2", ...args],
+    {
+      stdio: ["ignore", "pipe", "pipe"],
+    },
+  );
   const exit = new Promise<number | null>((r) => child.on("exit", (code) => r(code)));
   let err = "";
   child.stderr!.setEncoding("utf8").on("data", (d: string) => (err += d));

@@ -15,17 +15,26 @@ after(async () => {
   await host.stop();
 });
 
-const TEXT = "The lighthouse keeper counted ships every night. On Tuesday he saw nine ships, and on Friday he saw four ships. ".repeat(3);
+const TEXT =
+  "The lighthouse keeper counted ships every night. On Tuesday he saw nine ships, and on Friday he saw four ships. ".repeat(
+    3,
+  );
 
-test("pieces (more: true) are acknowledged with 'buffered' and prefill exactly like one append", { timeout: 60_000 }, async () => {
+test("pieces (more: true) are acknowledged with 'buffered' and prefill exactly like one append", {
+  timeout: 60_000,
+}, async () => {
   const c = await HostClient.connect(host.url);
-  for (const s of ["whole", "pieces"]) expectType(await c.call({ type: "open_session", tenant: "t", session: s, budget: 64 }), "opened");
+  for (const s of ["whole", "pieces"])
+    expectType(await c.call({ type: "open_session", tenant: "t", session: s, budget: 64 }), "opened");
   const whole = expectType(await c.call({ type: "append", tenant: "t", session: "whole", text: TEXT }), "appended");
   const cuts = [0, 101, 250, TEXT.length];
   let buffered = 0;
   for (let i = 0; i + 1 < cuts.length - 1; i++) {
     const piece = TEXT.slice(cuts[i], cuts[i + 1]);
-    const ack = expectType(await c.call({ type: "append", tenant: "t", session: "pieces", text: piece, more: true }), "buffered");
+    const ack = expectType(
+      await c.call({ type: "append", tenant: "t", session: "pieces", text: piece, more: true }),
+      "buffered",
+    );
     buffered += Buffer.byteLength(piece);
     assert.equal(ack.buffered_bytes, buffered);
   }
@@ -33,17 +42,33 @@ test("pieces (more: true) are acknowledged with 'buffered' and prefill exactly l
   const last = expectType(frames[frames.length - 1]!, "appended");
   assert.equal(last.tokens_seen, whole.tokens_seen);
   assert.equal(last.kv_bytes, whole.kv_bytes);
-  for (const s of ["whole", "pieces"]) expectType(await c.call({ type: "append", tenant: "t", session: s, text: "How many ships on Friday?", chat: true }), "appended");
+  for (const s of ["whole", "pieces"])
+    expectType(
+      await c.call({ type: "append", tenant: "t", session: s, text: "How many ships on Friday?", chat: true }),
+      "appended",
+    );
   const a = expectType(await c.call({ type: "generate", tenant: "t", session: "whole", max_tokens: 12 }), "done");
   const b = expectType(await c.call({ type: "generate", tenant: "t", session: "pieces", max_tokens: 12 }), "done");
   assert.equal(b.text, a.text);
   // A piece with tokens is invalid; buffered pieces over the bound are too_large and dropped.
-  assert.equal(expectType(await c.call({ type: "append", tenant: "t", session: "pieces", tokens: [1], more: true }), "error").code, "invalid");
-  expectType(await c.call({ type: "append", tenant: "t", session: "pieces", text: "x".repeat(1000), more: true }), "buffered");
-  const big = expectType(await c.call({ type: "append", tenant: "t", session: "pieces", text: "y".repeat(16 << 20), more: true }), "error");
+  assert.equal(
+    expectType(await c.call({ type: "append", tenant: "t", session: "pieces", tokens: [1], more: true }), "error").code,
+    "invalid",
+  );
+  expectType(
+    await c.call({ type: "append", tenant: "t", session: "pieces", text: "x".repeat(1000), more: true }),
+    "buffered",
+  );
+  const big = expectType(
+    await c.call({ type: "append", tenant: "t", session: "pieces", text: "y".repeat(16 << 20), more: true }),
+    "error",
+  );
   assert.equal(big.code, "too_large");
   assert.match(big.message, /16777216/);
-  const again = expectType(await c.call({ type: "append", tenant: "t", session: "pieces", text: "z", more: true }), "buffered");
+  const again = expectType(
+    await c.call({ type: "append", tenant: "t", session: "pieces", text: "z", more: true }),
+    "buffered",
+  );
   assert.equal(again.buffered_bytes, 1, "the dropped pieces are gone");
   c.close();
 });

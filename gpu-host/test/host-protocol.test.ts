@@ -47,7 +47,9 @@ test("unauthenticated connections get 401 and are closed", { timeout: 10_000 }, 
   assert.equal(await upgradeStatus({ authorization: `Bearer ${makeEdgeToken(SECRET)}` }), 101);
 });
 
-test("malformed, unknown, invalid and oversized frames get error frames; the host keeps serving", { timeout: 30_000 }, async () => {
+test("malformed, unknown, invalid and oversized frames get error frames; the host keeps serving", {
+  timeout: 30_000,
+}, async () => {
   const c = await HostClient.connect(host.url);
   const cases: [Uint8Array | string, string, boolean][] = [
     [new Uint8Array([0xc1]), "bad_frame", true],
@@ -59,13 +61,15 @@ test("malformed, unknown, invalid and oversized frames get error frames; the hos
     [encodeMsgpack({ type: "open_session", id: 9, tenant: "../etc", session: "x" }), "invalid", true],
     [encodeMsgpack({ type: "done", id: 10, session: "x", reason: "end", new_tokens: 1, text: "" }), "invalid", true],
     [new Uint8Array(HOST_MAX_FRAME_BYTES + 10), "too_large", true],
-    ["{\"type\":\"stats\"}", "bad_frame", false],
+    ['{"type":"stats"}', "bad_frame", false],
   ];
   for (const [bytes, code, binary] of cases) {
     const got = await c.raw(bytes, binary);
     assert.equal(expectType(got, "error").code, code, JSON.stringify(got));
   }
-  const err = c.unsolicited.find((m) => m.type === "error" && "id" in m && m.id === 7) as { id?: number; session?: string } | undefined;
+  const err = c.unsolicited.find((m) => m.type === "error" && "id" in m && m.id === 7) as
+    | { id?: number; session?: string }
+    | undefined;
   assert.deepEqual(err && { id: err.id, session: err.session }, { id: 7, session: "x" });
   const bad = expectType(await c.call({ type: "open_session", tenant: "t", session: "m", method: "nope" }), "error");
   assert.equal(bad.code, "invalid");
@@ -78,8 +82,16 @@ test("malformed, unknown, invalid and oversized frames get error frames; the hos
   assert.equal(health.status, 200);
   assert.equal(((await health.json()) as { status: string }).status, "ok");
   const metrics = await (await fetch(`http://127.0.0.1:${host.address.port}/metrics`)).text();
-  for (const name of ["pkv_host_sessions", "pkv_host_kv_pool_bytes", "pkv_host_tenant_kv_bytes", "pkv_host_quota_refusals_total",
-    "pkv_host_generated_tokens_total", "pkv_host_queue_length", "pkv_host_engine_restarts_total", "pkv_host_request_seconds_bucket"]) {
+  for (const name of [
+    "pkv_host_sessions",
+    "pkv_host_kv_pool_bytes",
+    "pkv_host_tenant_kv_bytes",
+    "pkv_host_quota_refusals_total",
+    "pkv_host_generated_tokens_total",
+    "pkv_host_queue_length",
+    "pkv_host_engine_restarts_total",
+    "pkv_host_request_seconds_bucket",
+  ]) {
     assert.ok(metrics.includes(name), name);
   }
   c.close();
@@ -88,7 +100,10 @@ test("malformed, unknown, invalid and oversized frames get error frames; the hos
 test("cancel stops a running generation: done with reason cancelled, then cancelled", { timeout: 30_000 }, async () => {
   const c = await HostClient.connect(host.url);
   expectType(await c.call({ type: "open_session", tenant: "t", session: "cx", budget: 32 }), "opened");
-  expectType(await c.call({ type: "append", tenant: "t", session: "cx", text: "Count from one to five hundred.", chat: true }), "appended");
+  expectType(
+    await c.call({ type: "append", tenant: "t", session: "cx", text: "Count from one to five hundred.", chat: true }),
+    "appended",
+  );
   let cancel: Promise<unknown> | undefined;
   const frames = await c.request({ type: "generate", tenant: "t", session: "cx", max_tokens: 500 }, (f) => {
     if (f.type === "token" && !cancel) cancel = c.call({ type: "cancel", tenant: "t", session: "cx" });

@@ -6,7 +6,8 @@ import { after, before, test } from "node:test";
 
 import { expectType, HostClient, startTestHost } from "./host-client.js";
 
-const PROMPT = "The ocean covers most of the planet. It holds many fish, whales and coral reefs. Describe it in one sentence.";
+const PROMPT =
+  "The ocean covers most of the planet. It holds many fish, whales and coral reefs. Describe it in one sentence.";
 const TENANTS = JSON.stringify({
   small: { kv_quota_bytes: 3_500_000, max_sessions: 2, policy: "refuse" },
   stretchy: { kv_quota_bytes: 3_500_000, max_sessions: 4, policy: "auto" },
@@ -31,13 +32,22 @@ async function turn(tenant: string, session: string, text: string, maxTokens: nu
 }
 
 test("admission within the quota, refusal over it, auto budget, session limit", { timeout: 60_000 }, async () => {
-  const bpe = (c.hello as { bytes_per_entry: number; n_layer: number });
+  const bpe = c.hello as { bytes_per_entry: number; n_layer: number };
   assert.equal(bpe.bytes_per_entry, 768);
-  const opened = expectType(await c.call({ type: "open_session", tenant: "small", session: "s1", budget: 64, prompt_tokens: 32 }), "opened");
+  const opened = expectType(
+    await c.call({ type: "open_session", tenant: "small", session: "s1", budget: 64, prompt_tokens: 32 }),
+    "opened",
+  );
   assert.equal(opened.reserved_bytes, 30 * (64 + 32) * 768);
-  const refused = expectType(await c.call({ type: "open_session", tenant: "small", session: "huge", budget: 200, prompt_tokens: 32 }), "error");
+  const refused = expectType(
+    await c.call({ type: "open_session", tenant: "small", session: "huge", budget: 200, prompt_tokens: 32 }),
+    "error",
+  );
   assert.equal(refused.code, "quota_exceeded");
-  const auto = expectType(await c.call({ type: "open_session", tenant: "stretchy", session: "a1", budget: 200, prompt_tokens: 32 }), "opened");
+  const auto = expectType(
+    await c.call({ type: "open_session", tenant: "stretchy", session: "a1", budget: 200, prompt_tokens: 32 }),
+    "opened",
+  );
   assert.equal(auto.budget, Math.floor(3_500_000 / (30 * 768)) - 32);
   assert.ok(auto.reserved_bytes <= 3_500_000);
   expectType(await c.call({ type: "close", tenant: "stretchy", session: "a1" }), "closed");
@@ -45,7 +55,9 @@ test("admission within the quota, refusal over it, auto budget, session limit", 
   assert.match(metrics, /pkv_host_quota_refusals_total\{tenant="small",reason="kv_quota"\} 1/);
 });
 
-test("an idle session is offloaded to admit another, restored on its next request, and continues identically", { timeout: 90_000 }, async () => {
+test("an idle session is offloaded to admit another, restored on its next request, and continues identically", {
+  timeout: 90_000,
+}, async () => {
   // Reference: the same turns in a roomy tenant, never offloaded.
   expectType(await c.call({ type: "open_session", tenant: "big", session: "ref", budget: 64 }), "opened");
   const ref1 = await turn("big", "ref", PROMPT, 6);
@@ -54,24 +66,41 @@ test("an idle session is offloaded to admit another, restored on its next reques
   const first = await turn("small", "s1", PROMPT, 6);
   assert.equal(first, ref1);
   // s2's reservation does not fit beside s1: s1 (idle) is offloaded to admit it.
-  expectType(await c.call({ type: "open_session", tenant: "small", session: "s2", budget: 64, prompt_tokens: 64 }), "opened");
+  expectType(
+    await c.call({ type: "open_session", tenant: "small", session: "s2", budget: 64, prompt_tokens: 64 }),
+    "opened",
+  );
   const tenantStats = expectType(await c.call({ type: "stats", tenant: "small" }), "stats_result");
   assert.equal(tenantStats.offloaded, 1);
   assert.ok((tenantStats.kv_used_bytes ?? 0) <= 3_500_000);
-  assert.equal(expectType(await c.call({ type: "stats", tenant: "small", session: "s1" }), "stats_result").resident, false);
+  assert.equal(
+    expectType(await c.call({ type: "stats", tenant: "small", session: "s1" }), "stats_result").resident,
+    false,
+  );
   // s1 comes back transparently (s2, idle, makes room) and continues as if never offloaded.
   const second = await turn("small", "s1", "Why?", 6);
   assert.equal(second, ref2);
-  assert.equal(expectType(await c.call({ type: "stats", tenant: "small", session: "s1" }), "stats_result").resident, true);
-  assert.equal(expectType(await c.call({ type: "stats", tenant: "small", session: "s2" }), "stats_result").resident, false);
+  assert.equal(
+    expectType(await c.call({ type: "stats", tenant: "small", session: "s1" }), "stats_result").resident,
+    true,
+  );
+  assert.equal(
+    expectType(await c.call({ type: "stats", tenant: "small", session: "s2" }), "stats_result").resident,
+    false,
+  );
   // Session limit (2), then raised by the edge.
-  assert.equal(expectType(await c.call({ type: "open_session", tenant: "small", session: "s3", budget: 16 }), "error").code, "session_limit");
+  assert.equal(
+    expectType(await c.call({ type: "open_session", tenant: "small", session: "s3", budget: 16 }), "error").code,
+    "session_limit",
+  );
   const set = expectType(await c.call({ type: "set_tenant", tenant: "small", max_sessions: 3 }), "tenant_set");
   assert.deepEqual([set.max_sessions, set.kv_quota_bytes, set.policy], [3, 3_500_000, "refuse"]);
   expectType(await c.call({ type: "open_session", tenant: "small", session: "s3", budget: 16 }), "opened");
 });
 
-test("tenants are isolated: another tenant's session id is unknown, and can be reused", { timeout: 30_000 }, async () => {
+test("tenants are isolated: another tenant's session id is unknown, and can be reused", {
+  timeout: 30_000,
+}, async () => {
   for (const msg of [
     { type: "append", tenant: "big", session: "s1", text: "hi" },
     { type: "generate", tenant: "big", session: "s1", max_tokens: 2 },
@@ -84,5 +113,8 @@ test("tenants are isolated: another tenant's session id is unknown, and can be r
   expectType(await c.call({ type: "open_session", tenant: "big", session: "s1", budget: 32 }), "opened");
   const small = expectType(await c.call({ type: "stats", tenant: "small" }), "stats_result");
   assert.equal(small.sessions, 3); // big's s1 counts for big only
-  assert.equal(expectType(await c.call({ type: "stats", tenant: "small", session: "s1" }), "stats_result").tokens_seen! > 0, true);
+  assert.equal(
+    expectType(await c.call({ type: "stats", tenant: "small", session: "s1" }), "stats_result").tokens_seen! > 0,
+    true,
+  );
 });

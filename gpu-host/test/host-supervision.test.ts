@@ -12,7 +12,10 @@ import { spawnHostProcess } from "./host-client.js";
 
 const PROMPT = "Write a long story about a lighthouse keeper and the sea.";
 
-async function waitHealthy(port: number, pidBefore: number | undefined): Promise<{ status: string; engine_pid: number }> {
+async function waitHealthy(
+  port: number,
+  pidBefore: number | undefined,
+): Promise<{ status: string; engine_pid: number }> {
   for (let i = 0; i < 200; i++) {
     const r = await fetch(`http://127.0.0.1:${port}/health`).catch(() => undefined);
     const body = r && ((await r.json()) as { status: string; engine_pid: number });
@@ -27,7 +30,9 @@ async function turn(c: Client, tenant: string, session: string, text: string, ma
   return expectType(await c.call({ type: "generate", tenant, session, max_tokens: maxTokens }), "done").text;
 }
 
-test("kill -9 of the engine mid-generation: error to that request, host healthy, session restored", { timeout: 90_000 }, async () => {
+test("kill -9 of the engine mid-generation: error to that request, host healthy, session restored", {
+  timeout: 90_000,
+}, async () => {
   const host = await startTestHost({}, ["--kv-pool-bytes", String(32 << 20)]);
   const c = await HostClient.connect(host.url);
   try {
@@ -43,12 +48,18 @@ test("kill -9 of the engine mid-generation: error to that request, host healthy,
     });
     const last = expectType(frames[frames.length - 1]!, "error");
     assert.equal(last.code, "engine_restarted");
-    const firstText = frames.filter((f) => f.type === "token").map((f) => (f as { text: string }).text).join("");
+    const firstText = frames
+      .filter((f) => f.type === "token")
+      .map((f) => (f as { text: string }).text)
+      .join("");
     const health = await waitHealthy(host.address.port, pid);
     assert.notEqual(health.engine_pid, pid);
     // The session continues from its last checkpoint: the same greedy tokens as the killed request.
     const again = expectType(await c.call({ type: "generate", tenant: "t", session: "k", max_tokens: 4 }), "done");
-    assert.ok(again.text.startsWith(firstText), `${JSON.stringify(again.text)} should start with ${JSON.stringify(firstText)}`);
+    assert.ok(
+      again.text.startsWith(firstText),
+      `${JSON.stringify(again.text)} should start with ${JSON.stringify(firstText)}`,
+    );
     const metrics = await (await fetch(`http://127.0.0.1:${host.address.port}/metrics`)).text();
     assert.match(metrics, /pkv_host_engine_restarts_total 1/);
   } finally {
@@ -57,7 +68,9 @@ test("kill -9 of the engine mid-generation: error to that request, host healthy,
   }
 });
 
-test("SIGTERM saves sessions to the offload directory and exits 0; a new host restores them", { timeout: 90_000 }, async () => {
+test("SIGTERM saves sessions to the offload directory and exits 0; a new host restores them", {
+  timeout: 90_000,
+}, async () => {
   const dir = mkdtempSync(join(tmpdir(), "pkv-offload-"));
   try {
     const args = ["--kv-pool-bytes", String(32 << 20), "--offload-dir", dir, "--checkpoint", "off"];
@@ -72,7 +85,10 @@ test("SIGTERM saves sessions to the offload directory and exits 0; a new host re
     first.child.kill("SIGTERM");
     assert.equal(await first.exit, 0);
     assert.ok(readdirSync(dir).includes("index.json"));
-    assert.ok(readdirSync(dir).every((f) => /^(index\.json|[0-9a-f]{64}\.kvstate)$/.test(f)), readdirSync(dir).join(","));
+    assert.ok(
+      readdirSync(dir).every((f) => /^(index\.json|[0-9a-f]{64}\.kvstate)$/.test(f)),
+      readdirSync(dir).join(","),
+    );
 
     const second = await spawnHostProcess(args);
     c = await HostClient.connect(`ws://127.0.0.1:${second.port}`);
@@ -87,25 +103,35 @@ test("SIGTERM saves sessions to the offload directory and exits 0; a new host re
   }
 });
 
-test("a FullKV session whose state exceeds one frame (> 64 MiB) is offloaded and restored in pieces", { timeout: 180_000 }, async () => {
+test("a FullKV session whose state exceeds one frame (> 64 MiB) is offloaded and restored in pieces", {
+  timeout: 180_000,
+}, async () => {
   const host = await startTestHost({}, ["--kv-pool-bytes", String(256 << 20), "--idle-seconds", "1"]);
   const c = await HostClient.connect(host.url);
   try {
     const pid = host.sessions.enginePid;
     const words = "The quick brown fox jumps over the lazy dog near the river bank today. ";
     expectType(await c.call({ type: "open_session", tenant: "t", session: "huge", method: "full" }), "opened");
-    const appended = expectType(await c.call({ type: "append", tenant: "t", session: "huge", text: words.repeat(200) }), "appended");
+    const appended = expectType(
+      await c.call({ type: "append", tenant: "t", session: "huge", text: words.repeat(200) }),
+      "appended",
+    );
     assert.ok(appended.kv_bytes > 64 * 1024 * 1024, String(appended.kv_bytes));
     expectType(await c.call({ type: "generate", tenant: "t", session: "huge", max_tokens: 2 }), "done");
     let resident = true;
-    for (let i = 0; i < 40 && resident; i++) { // idle: offloaded (saved in pieces, pool pages freed)
+    for (let i = 0; i < 40 && resident; i++) {
+      // idle: offloaded (saved in pieces, pool pages freed)
       await new Promise((r) => setTimeout(r, 500));
-      resident = expectType(await c.call({ type: "stats", tenant: "t", session: "huge" }), "stats_result").resident ?? true;
+      resident =
+        expectType(await c.call({ type: "stats", tenant: "t", session: "huge" }), "stats_result").resident ?? true;
     }
     assert.equal(resident, false, "the idle session was offloaded");
     const done = expectType(await c.call({ type: "generate", tenant: "t", session: "huge", max_tokens: 3 }), "done");
     assert.equal(done.new_tokens > 0 || done.reason === "end", true);
-    assert.equal(expectType(await c.call({ type: "stats", tenant: "t", session: "huge" }), "stats_result").resident, true);
+    assert.equal(
+      expectType(await c.call({ type: "stats", tenant: "t", session: "huge" }), "stats_result").resident,
+      true,
+    );
     assert.equal(host.sessions.enginePid, pid, "the engine never restarted");
     assert.equal(host.sessions.healthy, true);
   } finally {

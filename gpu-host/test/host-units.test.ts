@@ -4,7 +4,12 @@ import { test } from "node:test";
 
 import { parseHostConfig, parseTenants } from "../src/host/config.js";
 import { FairScheduler } from "../src/host/scheduler.js";
-import { appendTokenBound, largestBudgetThatFits, openReservationBytes, prefillPeakBytes } from "../src/host/tenants.js";
+import {
+  appendTokenBound,
+  largestBudgetThatFits,
+  openReservationBytes,
+  prefillPeakBytes,
+} from "../src/host/tenants.js";
 
 test("the scheduler serves tenants round-robin: many queued jobs of one cannot starve another", async () => {
   const s = new FairScheduler({ prefill: 1, decode: 8 });
@@ -12,10 +17,13 @@ test("the scheduler serves tenants round-robin: many queued jobs of one cannot s
   let release!: () => void;
   const gate = new Promise<void>((r) => (release = r));
   const jobs: Promise<void>[] = [];
-  const job = (tenant: string, name: string) => jobs.push(s.run(tenant, "prefill", async () => {
-    order.push(name);
-    await gate;
-  }).promise);
+  const job = (tenant: string, name: string) =>
+    jobs.push(
+      s.run(tenant, "prefill", async () => {
+        order.push(name);
+        await gate;
+      }).promise,
+    );
   for (let i = 0; i < 5; i++) job("greedy", `g${i}`);
   job("polite", "p0");
   job("polite", "p1");
@@ -49,14 +57,19 @@ test("admission arithmetic: peak = (budget + min(prompt, chunk)) entries per lay
 });
 
 test("config: flags and env, tenants JSON with defaults, errors name the parameter", () => {
-  const c = parseHostConfig(["--port", "0", "--tenants", '{"*": {"max_sessions": 5}, "a": {"kv_quota_bytes": 100, "policy": "auto"}}'],
-    { PKV_EDGE_SECRET: "0123456789abcdef!", PKV_IDLE_SECONDS: "7" });
+  const c = parseHostConfig(
+    ["--port", "0", "--tenants", '{"*": {"max_sessions": 5}, "a": {"kv_quota_bytes": 100, "policy": "auto"}}'],
+    { PKV_EDGE_SECRET: "0123456789abcdef!", PKV_IDLE_SECONDS: "7" },
+  );
   assert.equal(c.listen, "127.0.0.1");
   assert.equal(c.idleMs, 7000);
   assert.deepEqual(c.tenants.a, { kvQuotaBytes: 100, maxSessions: 5, policy: "auto" });
   assert.equal(c.defaultTenant.maxSessions, 5);
   assert.throws(() => parseHostConfig([], {}), /--edge-secret/);
-  assert.throws(() => parseHostConfig(["--port", "70000"], { PKV_EDGE_SECRET: "0123456789abcdef!" }), /--port: '70000'/);
+  assert.throws(
+    () => parseHostConfig(["--port", "70000"], { PKV_EDGE_SECRET: "0123456789abcdef!" }),
+    /--port: '70000'/,
+  );
   assert.throws(() => parseTenants('{"a/b": {}}'), /tenant name 'a\/b'/);
   assert.throws(() => parseTenants('{"a": {"policy": "maybe"}}'), /policy: 'maybe'/);
 });
@@ -66,7 +79,9 @@ test("backpressure: a slow connection gets its tokens coalesced, in order, and i
   const { decodeHostMessage } = await import("@pyramidkv/shared");
   const sent: unknown[] = [];
   const fake = {
-    readyState: 1, bufferedAmount: 0, terminated: false,
+    readyState: 1,
+    bufferedAmount: 0,
+    terminated: false,
     send(b: Uint8Array) {
       const d = decodeHostMessage(b);
       sent.push(d.ok ? d.message : d);
@@ -85,7 +100,10 @@ test("backpressure: a slow connection gets its tokens coalesced, in order, and i
   conn.sendToken(1, "s", 12, "c");
   assert.equal(sent.length, 1);
   conn.send({ type: "done", id: 1, session: "s", reason: "length", new_tokens: 3, text: "abc" }); // flushes first
-  assert.deepEqual(sent.slice(1).map((m) => (m as { type: string }).type), ["token", "done"]);
+  assert.deepEqual(
+    sent.slice(1).map((m) => (m as { type: string }).type),
+    ["token", "done"],
+  );
   assert.deepEqual((sent[1] as { tokens: number[]; text: string }).tokens, [11, 12]);
   assert.equal((sent[1] as { text: string }).text, "bc");
   fake.bufferedAmount = config.maxBufferedBytes + 1;

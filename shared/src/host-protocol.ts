@@ -5,11 +5,20 @@
 // length prefix, at most 32 MiB (Cloudflare's WebSocket message cap).
 import hostJson from "../protocol/host.json" with { type: "json" };
 import {
-  decodeMessage, type DecodedMessage, encodeMessage, type HostDirection, type MessageOf, type MessageTable, parseProtocolSpec,
+  decodeMessage,
+  type DecodedMessage,
+  encodeMessage,
+  type HostDirection,
+  type MessageOf,
+  type MessageTable,
+  parseProtocolSpec,
   type ProtocolSpec,
 } from "./protocol.js";
 
-export const HOST_PROTOCOL_SPEC: ProtocolSpec = parseProtocolSpec(hostJson, { file: "host.json", directions: ["to_host", "from_host"] });
+export const HOST_PROTOCOL_SPEC: ProtocolSpec = parseProtocolSpec(hostJson, {
+  file: "host.json",
+  directions: ["to_host", "from_host"],
+});
 export const HOST_PROTOCOL_VERSION: number = HOST_PROTOCOL_SPEC.version;
 export const HOST_MAX_FRAME_BYTES: number = HOST_PROTOCOL_SPEC.maxFrameBytes;
 
@@ -18,43 +27,101 @@ export const HOST_MESSAGES = {
   open_session: {
     direction: "to_host",
     fields: {
-      id: "uint", tenant: "str", session: "str", method: "str?", budget: "uint?", window: "uint?", beta: "uint?", kernel_size: "uint?",
-      pooling: "str?", head_aggregation: "str?", chunk_size: "uint?", prompt_tokens: "uint?",
+      id: "uint",
+      tenant: "str",
+      session: "str",
+      method: "str?",
+      budget: "uint?",
+      window: "uint?",
+      beta: "uint?",
+      kernel_size: "uint?",
+      pooling: "str?",
+      head_aggregation: "str?",
+      chunk_size: "uint?",
+      prompt_tokens: "uint?",
     },
   },
-  append: { direction: "to_host", fields: { id: "uint", tenant: "str", session: "str", text: "str?", tokens: "uint[]?", chat: "bool?", more: "bool?" } },
+  append: {
+    direction: "to_host",
+    fields: {
+      id: "uint",
+      tenant: "str",
+      session: "str",
+      text: "str?",
+      tokens: "uint[]?",
+      chat: "bool?",
+      more: "bool?",
+    },
+  },
   generate: {
     direction: "to_host",
     fields: {
-      id: "uint", tenant: "str", session: "str", max_tokens: "uint?", temperature: "float?", top_k: "uint?", top_p: "float?",
-      seed: "uint?", stop: "str[]?",
+      id: "uint",
+      tenant: "str",
+      session: "str",
+      max_tokens: "uint?",
+      temperature: "float?",
+      top_k: "uint?",
+      top_p: "float?",
+      seed: "uint?",
+      stop: "str[]?",
     },
   },
   cancel: { direction: "to_host", fields: { id: "uint", tenant: "str", session: "str" } },
   close: { direction: "to_host", fields: { id: "uint", tenant: "str", session: "str" } },
   stats: { direction: "to_host", fields: { id: "uint", tenant: "str", session: "str?" } },
-  set_tenant: { direction: "to_host", fields: { id: "uint", tenant: "str", kv_quota_bytes: "uint?", max_sessions: "uint?", policy: "str?" } },
+  set_tenant: {
+    direction: "to_host",
+    fields: { id: "uint", tenant: "str", kv_quota_bytes: "uint?", max_sessions: "uint?", policy: "str?" },
+  },
   hello: {
     direction: "from_host",
-    fields: { protocol: "uint", model: "str", n_layer: "uint", n_ctx: "uint", pool_bytes: "uint", bytes_per_entry: "uint" },
+    fields: {
+      protocol: "uint",
+      model: "str",
+      n_layer: "uint",
+      n_ctx: "uint",
+      pool_bytes: "uint",
+      bytes_per_entry: "uint",
+    },
   },
-  opened: { direction: "from_host", fields: { id: "uint", session: "str", method: "str", budget: "uint", reserved_bytes: "uint" } },
+  opened: {
+    direction: "from_host",
+    fields: { id: "uint", session: "str", method: "str", budget: "uint", reserved_bytes: "uint" },
+  },
   progress: { direction: "from_host", fields: { id: "uint", session: "str", done: "uint", total: "uint" } },
   appended: { direction: "from_host", fields: { id: "uint", session: "str", tokens_seen: "uint", kv_bytes: "uint" } },
   token: { direction: "from_host", fields: { id: "uint", session: "str", tokens: "uint[]", text: "str" } },
-  done: { direction: "from_host", fields: { id: "uint", session: "str", reason: "str", new_tokens: "uint", text: "str" } },
+  done: {
+    direction: "from_host",
+    fields: { id: "uint", session: "str", reason: "str", new_tokens: "uint", text: "str" },
+  },
   buffered: { direction: "from_host", fields: { id: "uint", session: "str", buffered_bytes: "uint" } },
   cancelled: { direction: "from_host", fields: { id: "uint", session: "str" } },
   closed: { direction: "from_host", fields: { id: "uint", session: "str" } },
   stats_result: {
     direction: "from_host",
     fields: {
-      id: "uint", tenant: "str", session: "str?", resident: "bool?", tokens_seen: "uint?", kv_bytes: "uint?", full_kv_bytes: "uint?",
-      layer_kv_lengths: "uint[]?", kv_quota_bytes: "uint?", kv_used_bytes: "uint?", max_sessions: "uint?", sessions: "uint?",
-      offloaded: "uint?", policy: "str?",
+      id: "uint",
+      tenant: "str",
+      session: "str?",
+      resident: "bool?",
+      tokens_seen: "uint?",
+      kv_bytes: "uint?",
+      full_kv_bytes: "uint?",
+      layer_kv_lengths: "uint[]?",
+      kv_quota_bytes: "uint?",
+      kv_used_bytes: "uint?",
+      max_sessions: "uint?",
+      sessions: "uint?",
+      offloaded: "uint?",
+      policy: "str?",
     },
   },
-  tenant_set: { direction: "from_host", fields: { id: "uint", tenant: "str", kv_quota_bytes: "uint", max_sessions: "uint", policy: "str" } },
+  tenant_set: {
+    direction: "from_host",
+    fields: { id: "uint", tenant: "str", kv_quota_bytes: "uint", max_sessions: "uint", policy: "str" },
+  },
   error: { direction: "from_host", fields: { id: "uint?", session: "str?", code: "str", message: "str" } },
 } as const satisfies MessageTable;
 
@@ -62,13 +129,31 @@ type HostMessages = typeof HOST_MESSAGES;
 export type HostMessageType = keyof HostMessages;
 export type HostMessage<T extends HostMessageType> = MessageOf<HostMessages, T>;
 export type AnyHostMessage = { [T in HostMessageType]: HostMessage<T> }[HostMessageType];
-export type ToHostMessage = { [T in HostMessageType]: HostMessages[T]["direction"] extends "to_host" ? HostMessage<T> : never }[HostMessageType];
-export type FromHostMessage = { [T in HostMessageType]: HostMessages[T]["direction"] extends "from_host" ? HostMessage<T> : never }[HostMessageType];
+export type ToHostMessage = {
+  [T in HostMessageType]: HostMessages[T]["direction"] extends "to_host" ? HostMessage<T> : never;
+}[HostMessageType];
+export type FromHostMessage = {
+  [T in HostMessageType]: HostMessages[T]["direction"] extends "from_host" ? HostMessage<T> : never;
+}[HostMessageType];
 
 /** Codes of host 'error' frames, as listed in host.json's doc of error.code (a test compares them). */
 export const HOST_ERROR_CODES = [
-  "bad_frame", "too_large", "unknown_type", "invalid", "unknown_session", "session_exists", "quota_exceeded", "session_limit",
-  "pool_full", "context_full", "busy", "cancelled", "engine_restarted", "session_lost", "shutting_down", "internal",
+  "bad_frame",
+  "too_large",
+  "unknown_type",
+  "invalid",
+  "unknown_session",
+  "session_exists",
+  "quota_exceeded",
+  "session_limit",
+  "pool_full",
+  "context_full",
+  "busy",
+  "cancelled",
+  "engine_restarted",
+  "session_lost",
+  "shutting_down",
+  "internal",
 ] as const;
 export type HostErrorCode = (typeof HOST_ERROR_CODES)[number];
 
@@ -77,7 +162,9 @@ export type HostErrorCode = (typeof HOST_ERROR_CODES)[number];
 export function encodeHostMessage(msg: AnyHostMessage): Uint8Array {
   const bytes = encodeMessage(msg as Record<string, unknown>, HOST_PROTOCOL_SPEC, "encodeHostMessage");
   if (bytes.length > HOST_MAX_FRAME_BYTES) {
-    throw new Error(`encodeHostMessage: message of ${bytes.length} bytes exceeds max_frame_bytes ${HOST_MAX_FRAME_BYTES}`);
+    throw new Error(
+      `encodeHostMessage: message of ${bytes.length} bytes exceeds max_frame_bytes ${HOST_MAX_FRAME_BYTES}`,
+    );
   }
   return bytes;
 }
@@ -88,7 +175,12 @@ export function decodeHostMessage<D extends HostDirection>(
   direction?: D,
 ): DecodedMessage<D extends "to_host" ? ToHostMessage : D extends "from_host" ? FromHostMessage : AnyHostMessage> {
   if (bytes.length > HOST_MAX_FRAME_BYTES) {
-    return { ok: false, code: "too_large", error: `message of ${bytes.length} bytes exceeds max_frame_bytes ${HOST_MAX_FRAME_BYTES}`, fatal: false };
+    return {
+      ok: false,
+      code: "too_large",
+      error: `message of ${bytes.length} bytes exceeds max_frame_bytes ${HOST_MAX_FRAME_BYTES}`,
+      fatal: false,
+    };
   }
   return decodeMessage(bytes, HOST_PROTOCOL_SPEC, direction) as never;
 }

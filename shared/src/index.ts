@@ -11,16 +11,48 @@ export function isKvMethod(value: string): value is KvMethod {
 }
 
 export {
-  decodeMsgpack, encodeFrame, encodeMsgpack, ERROR_CODES, FrameDecoder, MAX_FRAME_BYTES, MESSAGES, parseProtocolSpec, PROTOCOL_SPEC,
-  PROTOCOL_VERSION, validateFrame,
+  decodeMsgpack,
+  encodeFrame,
+  encodeMsgpack,
+  ERROR_CODES,
+  FrameDecoder,
+  MAX_FRAME_BYTES,
+  MESSAGES,
+  parseProtocolSpec,
+  PROTOCOL_SPEC,
+  PROTOCOL_VERSION,
+  validateFrame,
 } from "./protocol.js";
 export type {
-  DecodedFrame, Direction, EngineMessage, ErrorCode, FieldSpec, FieldType, FromEngineMessage, Message, MessageSpec,
-  MessageType, ProtocolSpec, ToEngineMessage,
+  DecodedFrame,
+  Direction,
+  EngineMessage,
+  ErrorCode,
+  FieldSpec,
+  FieldType,
+  FromEngineMessage,
+  Message,
+  MessageSpec,
+  MessageType,
+  ProtocolSpec,
+  ToEngineMessage,
 } from "./protocol.js";
 export { decodeMessage, encodeMessage, ENGINE_SPEC_FORMAT } from "./protocol.js";
 export type { AnyDirection, DecodedMessage, HostDirection, MessageOf, MessageTable, SpecFormat } from "./protocol.js";
 export {
-  decodeHostMessage, encodeHostMessage, HOST_ERROR_CODES, HOST_MAX_FRAME_BYTES, HOST_MESSAGES, HOST_PROTOCOL_SPEC, HOST_PROTOCOL_VERSION,
+  decodeHostMessage,
+  encodeHostMessage,
+  HOST_ERROR_CODES,
+  HOST_MAX_FRAME_BYTES,
+  HOST_MESSAGES,
+  HOST_PROTOCOL_SPEC,
+  HOST_PROTOCOL_VERSION,
 } from "./host-protocol.js";
-export type { AnyHostMessage, FromHostMessage, HostErrorCode, HostMessage, HostMessageType, ToHostMessage } from "./host-protocol.js";
+export type {
+  AnyHostMessage,
+  FromHostMessage,
+  HostErrorCode,
+  HostMessage,
+  HostMessageType,
+  ToHostMessage,
+} from "./host-protocol.js";

@@ -70,7 +70,8 @@ export function parseProtocolSpec(json: unknown, format: SpecFormat = ENGINE_SPE
   if (!isPlainObject(json)) return fail(file, "must be an object");
   onlyKeys(json, file, ["$comment", "version", "max_frame_bytes", "messages"]);
   const { version, max_frame_bytes: maxFrameBytes, messages } = json;
-  if (typeof version !== "number" || !Number.isInteger(version) || version < 1) fail(file, "version must be a positive integer");
+  if (typeof version !== "number" || !Number.isInteger(version) || version < 1)
+    fail(file, "version must be a positive integer");
   if (typeof maxFrameBytes !== "number" || !Number.isInteger(maxFrameBytes) || maxFrameBytes < 16)
     fail(file, "max_frame_bytes must be an integer >= 16");
   if (!isPlainObject(messages)) return fail(file, "messages must be an object");
@@ -87,7 +88,8 @@ export function parseProtocolSpec(json: unknown, format: SpecFormat = ENGINE_SPE
       if (fname === "type") fail(fwhere, "'type' is implicit in every message");
       if (!isPlainObject(f)) return fail(fwhere, "must be an object");
       onlyKeys(f, fwhere, ["type", "required", "doc"]);
-      if (typeof f.type !== "string" || !FIELD_TYPES.includes(f.type)) fail(fwhere, `unknown field type '${String(f.type)}'`);
+      if (typeof f.type !== "string" || !FIELD_TYPES.includes(f.type))
+        fail(fwhere, `unknown field type '${String(f.type)}'`);
       if (f.required !== undefined && typeof f.required !== "boolean") fail(fwhere, "required must be a bool");
       fields.push({ name: fname, type: f.type as FieldType, required: f.required === true });
     }
@@ -112,15 +114,33 @@ export const MESSAGES = {
   open: {
     direction: "to_engine",
     fields: {
-      id: "uint", session: "str", method: "str?", budget: "uint?", window: "uint?", beta: "uint?", kernel_size: "uint?",
-      pooling: "str?", head_aggregation: "str?", chunk_size: "uint?", keep_scores: "bool?",
+      id: "uint",
+      session: "str",
+      method: "str?",
+      budget: "uint?",
+      window: "uint?",
+      beta: "uint?",
+      kernel_size: "uint?",
+      pooling: "str?",
+      head_aggregation: "str?",
+      chunk_size: "uint?",
+      keep_scores: "bool?",
     },
   },
-  append: { direction: "to_engine", fields: { id: "uint", session: "str", text: "str?", tokens: "uint[]?", chat: "bool?" } },
+  append: {
+    direction: "to_engine",
+    fields: { id: "uint", session: "str", text: "str?", tokens: "uint[]?", chat: "bool?" },
+  },
   generate: {
     direction: "to_engine",
     fields: {
-      id: "uint", session: "str", max_tokens: "uint?", temperature: "float?", top_k: "uint?", top_p: "float?", seed: "uint?",
+      id: "uint",
+      session: "str",
+      max_tokens: "uint?",
+      temperature: "float?",
+      top_k: "uint?",
+      top_p: "float?",
+      seed: "uint?",
       stop: "str[]?",
     },
   },
@@ -128,12 +148,23 @@ export const MESSAGES = {
   close: { direction: "to_engine", fields: { id: "uint", session: "str" } },
   stats: { direction: "to_engine", fields: { id: "uint", session: "str?" } },
   save: { direction: "to_engine", fields: { id: "uint", session: "str", offset: "uint?", max_bytes: "uint?" } },
-  restore: { direction: "to_engine", fields: { id: "uint", session: "str", state: "bin", offset: "uint?", total: "uint?" } },
+  restore: {
+    direction: "to_engine",
+    fields: { id: "uint", session: "str", state: "bin", offset: "uint?", total: "uint?" },
+  },
   fork: {
     direction: "to_engine",
     fields: {
-      id: "uint", session: "str", new_session: "str", method: "str", budget: "uint?", window: "uint?", beta: "uint?",
-      kernel_size: "uint?", pooling: "str?", head_aggregation: "str?",
+      id: "uint",
+      session: "str",
+      new_session: "str",
+      method: "str",
+      budget: "uint?",
+      window: "uint?",
+      beta: "uint?",
+      kernel_size: "uint?",
+      pooling: "str?",
+      head_aggregation: "str?",
     },
   },
   shutdown: { direction: "to_engine", fields: { id: "uint" } },
@@ -145,15 +176,28 @@ export const MESSAGES = {
   progress: { direction: "from_engine", fields: { id: "uint", session: "str", done: "uint", total: "uint" } },
   appended: { direction: "from_engine", fields: { id: "uint", session: "str", tokens_seen: "uint", kv_bytes: "uint" } },
   token: { direction: "from_engine", fields: { id: "uint", session: "str", token: "uint", text: "str" } },
-  done: { direction: "from_engine", fields: { id: "uint", session: "str", reason: "str", new_tokens: "uint", text: "str" } },
+  done: {
+    direction: "from_engine",
+    fields: { id: "uint", session: "str", reason: "str", new_tokens: "uint", text: "str" },
+  },
   stats_result: {
     direction: "from_engine",
     fields: {
-      id: "uint", session: "str?", tokens_seen: "uint?", layer_kv_lengths: "uint[]?", kv_bytes: "uint?", full_kv_bytes: "uint?",
-      pool_bytes: "uint?", pool_used_bytes: "uint?", sessions: "uint?",
+      id: "uint",
+      session: "str?",
+      tokens_seen: "uint?",
+      layer_kv_lengths: "uint[]?",
+      kv_bytes: "uint?",
+      full_kv_bytes: "uint?",
+      pool_bytes: "uint?",
+      pool_used_bytes: "uint?",
+      sessions: "uint?",
     },
   },
-  saved: { direction: "from_engine", fields: { id: "uint", session: "str", state: "bin", offset: "uint", total: "uint" } },
+  saved: {
+    direction: "from_engine",
+    fields: { id: "uint", session: "str", state: "bin", offset: "uint", total: "uint" },
+  },
   restored: { direction: "from_engine", fields: { id: "uint", session: "str", received: "uint" } },
   forked: { direction: "from_engine", fields: { id: "uint", session: "str" } },
   closed: { direction: "from_engine", fields: { id: "uint", session: "str" } },
@@ -165,14 +209,21 @@ export const MESSAGES = {
 type Messages = typeof MESSAGES;
 export type MessageType = keyof Messages;
 
-type TsType<T> = T extends "uint" | "int" | "float" ? number
-  : T extends "str" ? string
-  : T extends "bin" ? Uint8Array
-  : T extends "bool" ? boolean
-  : T extends "map" ? Record<string, unknown>
-  : T extends "str[]" ? string[]
-  : T extends "uint[]" ? number[]
-  : never;
+type TsType<T> = T extends "uint" | "int" | "float"
+  ? number
+  : T extends "str"
+    ? string
+    : T extends "bin"
+      ? Uint8Array
+      : T extends "bool"
+        ? boolean
+        : T extends "map"
+          ? Record<string, unknown>
+          : T extends "str[]"
+            ? string[]
+            : T extends "uint[]"
+              ? number[]
+              : never;
 type Simplify<T> = { [K in keyof T]: T[K] };
 export type FieldsOf<F> = Simplify<
   { -readonly [K in keyof F as F[K] extends `${string}?` ? never : K]: TsType<F[K]> } & {
@@ -181,18 +232,33 @@ export type FieldsOf<F> = Simplify<
 >;
 
 /** The frame of message type T of a message table. */
-export type MessageOf<Table extends MessageTable, T extends keyof Table & string> = Simplify<{ type: T } & FieldsOf<Table[T]["fields"]>>;
+export type MessageOf<Table extends MessageTable, T extends keyof Table & string> = Simplify<
+  { type: T } & FieldsOf<Table[T]["fields"]>
+>;
 
 /** The frame of one message type, e.g. Message<"open">. */
 export type Message<T extends MessageType> = Simplify<{ type: T } & FieldsOf<Messages[T]["fields"]>>;
 export type EngineMessage = { [T in MessageType]: Message<T> }[MessageType];
-export type ToEngineMessage = { [T in MessageType]: Messages[T]["direction"] extends "to_engine" ? Message<T> : never }[MessageType];
-export type FromEngineMessage = { [T in MessageType]: Messages[T]["direction"] extends "from_engine" ? Message<T> : never }[MessageType];
+export type ToEngineMessage = {
+  [T in MessageType]: Messages[T]["direction"] extends "to_engine" ? Message<T> : never;
+}[MessageType];
+export type FromEngineMessage = {
+  [T in MessageType]: Messages[T]["direction"] extends "from_engine" ? Message<T> : never;
+}[MessageType];
 
 /** Codes of 'error' frames, as listed in engine.json's doc of error.code (a test compares them). */
 export const ERROR_CODES = [
-  "bad_frame", "too_large", "unknown_type", "invalid", "unknown_session", "session_exists", "pool_full", "context_full", "busy",
-  "cancelled", "internal",
+  "bad_frame",
+  "too_large",
+  "unknown_type",
+  "invalid",
+  "unknown_session",
+  "session_exists",
+  "pool_full",
+  "context_full",
+  "busy",
+  "cancelled",
+  "internal",
 ] as const;
 export type ErrorCode = (typeof ERROR_CODES)[number];
 
@@ -202,10 +268,14 @@ export type ErrorCode = (typeof ERROR_CODES)[number];
 function kindOf(v: unknown): string {
   if (v === null || v === undefined) return "nil";
   switch (typeof v) {
-    case "boolean": return "bool";
-    case "number": return Number.isInteger(v) ? (v >= 0 ? "uint" : "int") : "float";
-    case "bigint": return v >= 0n ? "uint" : "int";
-    case "string": return "str";
+    case "boolean":
+      return "bool";
+    case "number":
+      return Number.isInteger(v) ? (v >= 0 ? "uint" : "int") : "float";
+    case "bigint":
+      return v >= 0n ? "uint" : "int";
+    case "string":
+      return "str";
   }
   if (v instanceof Uint8Array) return "bin";
   if (Array.isArray(v)) return "array";
@@ -216,12 +286,18 @@ function kindOf(v: unknown): string {
 function matches(v: unknown, t: FieldType): boolean {
   const kind = kindOf(v);
   switch (t) {
-    case "uint": return kind === "uint";
-    case "int": return kind === "uint" || kind === "int";
-    case "float": return kind === "uint" || kind === "int" || kind === "float";
-    case "str[]": return Array.isArray(v) && v.every((x) => kindOf(x) === "str");
-    case "uint[]": return Array.isArray(v) && v.every((x) => kindOf(x) === "uint");
-    default: return kind === t;
+    case "uint":
+      return kind === "uint";
+    case "int":
+      return kind === "uint" || kind === "int";
+    case "float":
+      return kind === "uint" || kind === "int" || kind === "float";
+    case "str[]":
+      return Array.isArray(v) && v.every((x) => kindOf(x) === "str");
+    case "uint[]":
+      return Array.isArray(v) && v.every((x) => kindOf(x) === "uint");
+    default:
+      return kind === t;
   }
 }
 
@@ -237,7 +313,10 @@ function describe(v: unknown, t: FieldType): string {
 // 64 code points (not UTF-16 units: C++ counts UTF-8 code points, and both must agree).
 function quoted(s: string): string {
   const points = Array.from(s);
-  const shown = points.slice(0, 64).map((c) => (c < " " || c === "\x7f" ? "?" : c)).join("");
+  const shown = points
+    .slice(0, 64)
+    .map((c) => (c < " " || c === "\x7f" ? "?" : c))
+    .join("");
   return `'${shown}${points.length > 64 ? "..." : ""}'`;
 }
 
@@ -255,7 +334,11 @@ function codePointLess(a: string, b: string): boolean {
  * type and the field, identical to the C++ engine's validate_frame(). Fields set to undefined
  * count as absent (encodeFrame drops them). `spec` defaults to the engine's.
  */
-export function validateFrame(value: unknown, direction?: AnyDirection, spec: ProtocolSpec = PROTOCOL_SPEC): string | null {
+export function validateFrame(
+  value: unknown,
+  direction?: AnyDirection,
+  spec: ProtocolSpec = PROTOCOL_SPEC,
+): string | null {
   if (!isPlainObject(value)) return `frame must be a map, got ${kindOf(value)}`;
   const present = (k: string) => Object.prototype.hasOwnProperty.call(value, k) && value[k] !== undefined;
   if (!present("type")) return "frame has no 'type' field";
@@ -263,7 +346,8 @@ export function validateFrame(value: unknown, direction?: AnyDirection, spec: Pr
   if (typeof type !== "string") return `field 'type' must be str, got ${kindOf(type)}`;
   const msgSpec = spec.messages.get(type);
   if (!msgSpec) return `unknown message type ${quoted(type)}`;
-  if (direction && msgSpec.direction !== direction) return `${type}: message goes ${msgSpec.direction}, expected ${direction}`;
+  if (direction && msgSpec.direction !== direction)
+    return `${type}: message goes ${msgSpec.direction}, expected ${direction}`;
   for (const f of msgSpec.fields) {
     if (!present(f.name)) {
       if (f.required) return `${type}: missing required field '${f.name}'`;
@@ -274,7 +358,12 @@ export function validateFrame(value: unknown, direction?: AnyDirection, spec: Pr
   }
   let unknown: string | undefined;
   for (const k of Object.keys(value)) {
-    if (k !== "type" && present(k) && !msgSpec.fields.some((f) => f.name === k) && (unknown === undefined || codePointLess(k, unknown)))
+    if (
+      k !== "type" &&
+      present(k) &&
+      !msgSpec.fields.some((f) => f.name === k) &&
+      (unknown === undefined || codePointLess(k, unknown))
+    )
       unknown = k;
   }
   return unknown === undefined ? null : `${type}: unknown field ${quoted(unknown)}`;
@@ -313,7 +402,8 @@ function wireValue(v: unknown): unknown {
  * message is not valid (a bug on our side) or exceeds MAX_FRAME_BYTES. */
 export function encodeFrame(msg: EngineMessage): Uint8Array {
   const payload = encodeMessage(msg, PROTOCOL_SPEC, "encodeFrame");
-  if (payload.length > MAX_FRAME_BYTES) throw new Error(`encodeFrame: frame of ${payload.length} bytes exceeds max_frame_bytes ${MAX_FRAME_BYTES}`);
+  if (payload.length > MAX_FRAME_BYTES)
+    throw new Error(`encodeFrame: frame of ${payload.length} bytes exceeds max_frame_bytes ${MAX_FRAME_BYTES}`);
   const frame = new Uint8Array(4 + payload.length);
   new DataView(frame.buffer).setUint32(0, payload.length);
   frame.set(payload, 4);
@@ -332,18 +422,32 @@ export function encodeMessage(msg: Record<string, unknown>, spec: ProtocolSpec, 
 
 /** Decodes one msgpack map (a whole frame's payload) and validates it against `spec`: the
  * decoding half of FrameDecoder, for transports that frame messages themselves (WebSocket). */
-export function decodeMessage(payload: Uint8Array, spec: ProtocolSpec, direction?: AnyDirection): DecodedMessage<Record<string, unknown>> {
+export function decodeMessage(
+  payload: Uint8Array,
+  spec: ProtocolSpec,
+  direction?: AnyDirection,
+): DecodedMessage<Record<string, unknown>> {
   let value: unknown;
   try {
     if (payload.length === 0) throw new Error("empty frame"); // msgpackr would return undefined
     value = unpackr.unpack(payload);
     if (value === C1) throw new Error("invalid byte 0xc1"); // msgpackr returns a marker, C++ refuses it
   } catch (e) {
-    return { ok: false, code: "bad_frame", error: `bad msgpack: ${e instanceof Error ? e.message : String(e)}`, fatal: false };
+    return {
+      ok: false,
+      code: "bad_frame",
+      error: `bad msgpack: ${e instanceof Error ? e.message : String(e)}`,
+      fatal: false,
+    };
   }
   const problem = validateFrame(value, direction, spec);
   if (problem === null) return { ok: true, message: value as Record<string, unknown> };
-  const err: DecodedMessage<never> = { ok: false, code: problem.startsWith("unknown message type") ? "unknown_type" : "invalid", error: problem, fatal: false };
+  const err: DecodedMessage<never> = {
+    ok: false,
+    code: problem.startsWith("unknown message type") ? "unknown_type" : "invalid",
+    error: problem,
+    fatal: false,
+  };
   if (isPlainObject(value)) {
     if (kindOf(value.id) === "uint" && typeof value.id === "number") err.id = value.id;
     if (typeof value.session === "string") err.session = value.session;
@@ -354,15 +458,15 @@ export function decodeMessage(payload: Uint8Array, spec: ProtocolSpec, direction
 export type DecodedMessage<M> =
   | { ok: true; message: M }
   | {
-    ok: false;
-    code: "too_large" | "bad_frame" | "unknown_type" | "invalid";
-    error: string;
-    /** true: the stream cannot be resynchronised and the decoder ignores all further input. */
-    fatal: boolean;
-    /** the request's id and session, when the frame was readable enough to tell (for the reply) */
-    id?: number;
-    session?: string;
-  };
+      ok: false;
+      code: "too_large" | "bad_frame" | "unknown_type" | "invalid";
+      error: string;
+      /** true: the stream cannot be resynchronised and the decoder ignores all further input. */
+      fatal: boolean;
+      /** the request's id and session, when the frame was readable enough to tell (for the reply) */
+      id?: number;
+      session?: string;
+    };
 
 export type DecodedFrame = DecodedMessage<EngineMessage>;
 /**
@@ -393,7 +497,12 @@ export class FrameDecoder {
         this.failed = true;
         this.chunks = [];
         this.buffered = 0;
-        out.push({ ok: false, code: "too_large", error: `frame of ${n} bytes exceeds max_frame_bytes ${this.maxFrameBytes}`, fatal: true });
+        out.push({
+          ok: false,
+          code: "too_large",
+          error: `frame of ${n} bytes exceeds max_frame_bytes ${this.maxFrameBytes}`,
+          fatal: true,
+        });
         break;
       }
       if (this.buffered < 4 + n) break;

@@ -7,8 +7,15 @@ import { fileURLToPath } from "node:url";
 import { test } from "node:test";
 
 import {
-  decodeHostMessage, encodeHostMessage, encodeMsgpack, HOST_ERROR_CODES, HOST_MAX_FRAME_BYTES, HOST_MESSAGES, HOST_PROTOCOL_SPEC,
-  HOST_PROTOCOL_VERSION, parseProtocolSpec,
+  decodeHostMessage,
+  encodeHostMessage,
+  encodeMsgpack,
+  HOST_ERROR_CODES,
+  HOST_MAX_FRAME_BYTES,
+  HOST_MESSAGES,
+  HOST_PROTOCOL_SPEC,
+  HOST_PROTOCOL_VERSION,
+  parseProtocolSpec,
 } from "../src/index.js";
 
 const hostJsonPath = fileURLToPath(new URL("../../protocol/host.json", import.meta.url)); // from dist/test/
@@ -18,18 +25,29 @@ test("host.json loads: version 2, 32 MiB messages, to_host/from_host directions"
   assert.equal(HOST_MAX_FRAME_BYTES, 32 * 1024 * 1024);
   assert.equal(HOST_PROTOCOL_SPEC.messages.get("open_session")?.direction, "to_host");
   assert.equal(HOST_PROTOCOL_SPEC.messages.get("token")?.direction, "from_host");
-  assert.throws(() => parseProtocolSpec(JSON.parse(readFileSync(hostJsonPath, "utf8"))), /direction must be to_engine or from_engine/);
+  assert.throws(
+    () => parseProtocolSpec(JSON.parse(readFileSync(hostJsonPath, "utf8"))),
+    /direction must be to_engine or from_engine/,
+  );
 });
 
 test("the TypeScript host message table equals host.json field for field", () => {
   const json = JSON.parse(readFileSync(hostJsonPath, "utf8")) as {
-    messages: Record<string, { direction: string; fields: Record<string, { type: string; required?: boolean; doc?: string }> }>;
+    messages: Record<
+      string,
+      { direction: string; fields: Record<string, { type: string; required?: boolean; doc?: string }> }
+    >;
   };
   assert.deepEqual(json.messages.error?.fields.code?.doc?.split(", "), [...HOST_ERROR_CODES]);
-  const fromJson = Object.fromEntries(Object.entries(json.messages).map(([name, m]) => [name, {
-    direction: m.direction,
-    fields: Object.fromEntries(Object.entries(m.fields).map(([f, s]) => [f, s.type + (s.required ? "" : "?")])),
-  }]));
+  const fromJson = Object.fromEntries(
+    Object.entries(json.messages).map(([name, m]) => [
+      name,
+      {
+        direction: m.direction,
+        fields: Object.fromEntries(Object.entries(m.fields).map(([f, s]) => [f, s.type + (s.required ? "" : "?")])),
+      },
+    ]),
+  );
   assert.deepEqual(JSON.parse(JSON.stringify(HOST_MESSAGES)), fromJson);
 });
 
@@ -37,8 +55,14 @@ test("host messages round-trip; invalid and malformed ones are typed errors", ()
   const open = { type: "open_session", id: 1, tenant: "a", session: "s", budget: 64 } as const;
   const got = decodeHostMessage(encodeHostMessage(open), "to_host");
   assert.deepEqual(got, { ok: true, message: open });
-  assert.deepEqual(decodeHostMessage(encodeMsgpack({ type: "append", id: 2, session: "s" }), "to_host"),
-    { ok: false, code: "invalid", error: "append: missing required field 'tenant'", fatal: false, id: 2, session: "s" });
+  assert.deepEqual(decodeHostMessage(encodeMsgpack({ type: "append", id: 2, session: "s" }), "to_host"), {
+    ok: false,
+    code: "invalid",
+    error: "append: missing required field 'tenant'",
+    fatal: false,
+    id: 2,
+    session: "s",
+  });
   assert.equal(decodeHostMessage(encodeMsgpack({ type: "nope", id: 2 })).ok, false);
   const bad = decodeHostMessage(new Uint8Array([0xc1]));
   assert.ok(!bad.ok && bad.code === "bad_frame");

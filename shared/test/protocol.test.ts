@@ -9,8 +9,20 @@ import { fileURLToPath } from "node:url";
 import { test } from "node:test";
 
 import {
-  type DecodedFrame, decodeMsgpack, type EngineMessage, encodeFrame, encodeMsgpack, ERROR_CODES, FrameDecoder, type FieldType,
-  MAX_FRAME_BYTES, MESSAGES, parseProtocolSpec, PROTOCOL_SPEC, PROTOCOL_VERSION, validateFrame,
+  type DecodedFrame,
+  decodeMsgpack,
+  type EngineMessage,
+  encodeFrame,
+  encodeMsgpack,
+  ERROR_CODES,
+  FrameDecoder,
+  type FieldType,
+  MAX_FRAME_BYTES,
+  MESSAGES,
+  parseProtocolSpec,
+  PROTOCOL_SPEC,
+  PROTOCOL_VERSION,
+  validateFrame,
 } from "../src/index.js";
 
 const engineJsonPath = fileURLToPath(new URL("../../protocol/engine.json", import.meta.url)); // from dist/test/
@@ -19,15 +31,24 @@ const unhex = (h: string) => new Uint8Array(Buffer.from(h.replace(/ /g, ""), "he
 
 function exampleOf(t: FieldType): unknown {
   switch (t) {
-    case "uint": return 1;
-    case "int": return -1;
-    case "float": return 0.5;
-    case "str": return "s";
-    case "bin": return new Uint8Array([0, 1]);
-    case "bool": return true;
-    case "map": return {};
-    case "str[]": return ["a"];
-    case "uint[]": return [1, 2];
+    case "uint":
+      return 1;
+    case "int":
+      return -1;
+    case "float":
+      return 0.5;
+    case "str":
+      return "s";
+    case "bin":
+      return new Uint8Array([0, 1]);
+    case "bool":
+      return true;
+    case "map":
+      return {};
+    case "str[]":
+      return ["a"];
+    case "uint[]":
+      return [1, 2];
   }
 }
 
@@ -76,23 +97,43 @@ test("engine.json loads: version 2, 64 MiB frames", () => {
 
 test("the TypeScript message table equals engine.json field for field", () => {
   const json = JSON.parse(readFileSync(engineJsonPath, "utf8")) as {
-    messages: Record<string, { direction: string; fields: Record<string, { type: string; required?: boolean; doc?: string }> }>;
+    messages: Record<
+      string,
+      { direction: string; fields: Record<string, { type: string; required?: boolean; doc?: string }> }
+    >;
   };
   assert.deepEqual(json.messages.error?.fields.code?.doc?.split(", "), [...ERROR_CODES]);
-  const fromJson = Object.fromEntries(Object.entries(json.messages).map(([name, m]) => [name, {
-    direction: m.direction,
-    fields: Object.fromEntries(Object.entries(m.fields).map(([f, s]) => [f, s.type + (s.required ? "" : "?")])),
-  }]));
+  const fromJson = Object.fromEntries(
+    Object.entries(json.messages).map(([name, m]) => [
+      name,
+      {
+        direction: m.direction,
+        fields: Object.fromEntries(Object.entries(m.fields).map(([f, s]) => [f, s.type + (s.required ? "" : "?")])),
+      },
+    ]),
+  );
   assert.deepEqual(plain(MESSAGES), fromJson);
 });
 
 test("the spec parser refuses mistakes in engine.json", () => {
-  const withField = (field: unknown) => ({ version: 1, max_frame_bytes: 1024, messages: { m: { direction: "to_engine", fields: { a: field } } } });
+  const withField = (field: unknown) => ({
+    version: 1,
+    max_frame_bytes: 1024,
+    messages: { m: { direction: "to_engine", fields: { a: field } } },
+  });
   assert.doesNotThrow(() => parseProtocolSpec(withField({ type: "uint[]", required: true, doc: "x" })));
   assert.throws(() => parseProtocolSpec(withField({ type: "uint64" })), /unknown field type 'uint64'/);
   assert.throws(() => parseProtocolSpec(withField({ type: "uint", requried: true })), /unknown key 'requried'/);
-  assert.throws(() => parseProtocolSpec({ version: 1, max_frame_bytes: 1024, messages: { m: { direction: "up", fields: {} } } }));
-  assert.throws(() => parseProtocolSpec({ version: 1, max_frame_bytes: 1024, messages: { m: { direction: "to_engine", fields: { type: { type: "str" } } } } }));
+  assert.throws(() =>
+    parseProtocolSpec({ version: 1, max_frame_bytes: 1024, messages: { m: { direction: "up", fields: {} } } }),
+  );
+  assert.throws(() =>
+    parseProtocolSpec({
+      version: 1,
+      max_frame_bytes: 1024,
+      messages: { m: { direction: "to_engine", fields: { type: { type: "str" } } } },
+    }),
+  );
   assert.throws(() => parseProtocolSpec({ version: 1, messages: {} }));
 });
 
@@ -111,7 +152,9 @@ test("every message type round-trips through encodeFrame and FrameDecoder", () =
 
 test("bin fields decode as Uint8Array, maps as plain objects", () => {
   const state = new Uint8Array([0, 255, 7]);
-  const [got] = new FrameDecoder().push(encodeFrame({ type: "saved", id: 3, session: "s", state, offset: 0, total: 3 }));
+  const [got] = new FrameDecoder().push(
+    encodeFrame({ type: "saved", id: 3, session: "s", state, offset: 0, total: 3 }),
+  );
   assert.ok(got?.ok);
   assert.ok(got.message.type === "saved" && got.message.state instanceof Uint8Array);
   assert.equal(Object.getPrototypeOf(got.message), Object.prototype);
@@ -121,8 +164,9 @@ test("bin fields decode as Uint8Array, maps as plain objects", () => {
 test("bytes equal the C++ encoder's (msgpack_test.cpp, protocol_test.cpp)", () => {
   assert.equal(hex(encodeMsgpack({ a: 1 })), "81a16101");
   const open = { type: "open", id: 7, session: "s1", method: "pyramidkv", budget: 128 } as const;
-  const cppFrame = "00 00 00 34 85 a4 74 79 70 65 a4 6f 70 65 6e a2 69 64 07 a7 73 65 73 73 69 6f 6e a2 73 31 a6 6d 65 74 "
-    + "68 6f 64 a9 70 79 72 61 6d 69 64 6b 76 a6 62 75 64 67 65 74 cc 80";
+  const cppFrame =
+    "00 00 00 34 85 a4 74 79 70 65 a4 6f 70 65 6e a2 69 64 07 a7 73 65 73 73 69 6f 6e a2 73 31 a6 6d 65 74 " +
+    "68 6f 64 a9 70 79 72 61 6d 69 64 6b 76 a6 62 75 64 67 65 74 cc 80";
   assert.equal(hex(encodeFrame(open)), cppFrame.replace(/ /g, ""));
   assert.deepEqual(decodeMsgpack(unhex(cppFrame).subarray(4)), open);
   // A few of msgpack_test.cpp's known encodings, decoded here.
@@ -143,7 +187,10 @@ test("integers beyond 32 bits are written as 64-bit integers, never float64", ()
 test("undefined optional fields are left out of the frame", () => {
   const frame = encodeFrame({ type: "open", id: 1, session: "s", budget: undefined });
   assert.deepEqual(decodeMsgpack(frame.subarray(4)), { type: "open", id: 1, session: "s" });
-  assert.throws(() => encodeFrame({ type: "open", id: 1 } as unknown as EngineMessage), /open: missing required field 'session'/);
+  assert.throws(
+    () => encodeFrame({ type: "open", id: 1 } as unknown as EngineMessage),
+    /open: missing required field 'session'/,
+  );
 });
 
 test("the decoder reassembles frames split at every byte boundary", () => {
@@ -162,13 +209,18 @@ test("the decoder reassembles frames split at every byte boundary", () => {
 test("several frames in one chunk come out in order", () => {
   const msgs = examples(false);
   const got = new FrameDecoder().push(concat(msgs.map(encodeFrame)));
-  assert.deepEqual(got.map((g) => (g.ok ? g.message.type : g.error)), msgs.map((m) => m.type));
+  assert.deepEqual(
+    got.map((g) => (g.ok ? g.message.type : g.error)),
+    msgs.map((m) => m.type),
+  );
 });
 
 test("an oversized declared length is refused without buffering, and ends the stream", () => {
   const decoder = new FrameDecoder();
   const got = decoder.push(concat([header(MAX_FRAME_BYTES + 1), new Uint8Array(1000)]));
-  assert.deepEqual(got, [{ ok: false, code: "too_large", error: "frame of 67108865 bytes exceeds max_frame_bytes 67108864", fatal: true }]);
+  assert.deepEqual(got, [
+    { ok: false, code: "too_large", error: "frame of 67108865 bytes exceeds max_frame_bytes 67108864", fatal: true },
+  ]);
   assert.equal(decoder.pendingBytes, 0);
   assert.deepEqual(decoder.push(encodeFrame({ type: "shutdown", id: 1 })), []); // cannot resynchronise
   // The refusal comes as soon as the header is complete, not when the payload would be.
@@ -195,7 +247,14 @@ test("malformed msgpack is a bad_frame error, and the next frame still decodes",
 test("invalid frames report their id and session so the error can be answered", () => {
   const payload = encodeMsgpack({ type: "open", id: 9, session: "s", budgte: 1 });
   const [got] = new FrameDecoder("to_engine").push(concat([header(payload.length), payload]));
-  assert.deepEqual(got, { ok: false, code: "invalid", error: "open: unknown field 'budgte'", fatal: false, id: 9, session: "s" });
+  assert.deepEqual(got, {
+    ok: false,
+    code: "invalid",
+    error: "open: unknown field 'budgte'",
+    fatal: false,
+    id: 9,
+    session: "s",
+  });
   const unknown = encodeMsgpack({ type: "foo", id: 2 });
   const [u] = new FrameDecoder().push(concat([header(unknown.length), unknown]));
   assert.ok(u && !u.ok && u.code === "unknown_type" && u.id === 2);
@@ -211,7 +270,10 @@ test("validation errors match the C++ validator line for line", () => {
     [{}, "frame has no 'type' field"],
     [{ type: 5 }, "field 'type' must be str, got uint"],
     [{ type: "foo", id: 1 }, "unknown message type 'foo'"],
-    [{ type: "hello", protocol: 1, model: "m", n_layer: 1, n_ctx: 1, pool_bytes: 1, page_bytes: 1 }, "hello: message goes from_engine, expected to_engine"],
+    [
+      { type: "hello", protocol: 1, model: "m", n_layer: 1, n_ctx: 1, pool_bytes: 1, page_bytes: 1 },
+      "hello: message goes from_engine, expected to_engine",
+    ],
     [{ type: "open", session: "s" }, "open: missing required field 'id'"],
     [{ type: "open", id: 1 }, "open: missing required field 'session'"],
     [{ ...open, budget: "128" }, "open: field 'budget' must be uint, got str"],
@@ -229,10 +291,12 @@ test("validation errors match the C++ validator line for line", () => {
     [{ type: "restore", id: 1, session: "s", state: "abc" }, "restore: field 'state' must be bin, got str"],
     [{ type: "x\ny" + "z".repeat(100) }, `unknown message type 'x?y${"z".repeat(61)}...'`],
   ];
-  for (const [frame, expected] of cases) assert.equal(validateFrame(frame, "to_engine"), expected, JSON.stringify(frame));
+  for (const [frame, expected] of cases)
+    assert.equal(validateFrame(frame, "to_engine"), expected, JSON.stringify(frame));
   assert.equal(validateFrame({ ...gen, temperature: 1, top_p: 0 }, "to_engine"), null); // float accepts integers
   // Decoded from msgpack, the answers are the same.
-  for (const [frame, expected] of cases) assert.equal(validateFrame(decodeMsgpack(encodeMsgpack(frame)), "to_engine"), expected);
+  for (const [frame, expected] of cases)
+    assert.equal(validateFrame(decodeMsgpack(encodeMsgpack(frame)), "to_engine"), expected);
 });
 
 test("msgpack works where code generation from strings is refused (Cloudflare Workers)", () => {
@@ -246,7 +310,11 @@ test("msgpack works where code generation from strings is refused (Cloudflare Wo
     }
     try { new Function("return 1"); console.log("eval allowed"); } catch { console.log("eval refused"); }
   `;
-  const r = spawnSync(process.execPath, ["--disallow-code-generation-from-strings", "--input-type=module", "-e", script], { encoding: "utf8" });
+  const r = spawnSync(
+    process.execPath,
+    ["--disallow-code-generation-from-strings", "--input-type=module", "-e", script],
+    { encoding: "utf8" },
+  );
   assert.equal(r.status, 0, r.stderr);
   assert.equal(r.stdout.trim(), "eval refused");
 });

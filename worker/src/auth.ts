@@ -32,13 +32,26 @@ export const tenantStub = (env: Env, tenant: string) => env.TENANTS.get(env.TENA
 
 export const requireKey: MiddlewareHandler<AppEnv> = async (c, next) => {
   const m = /^Bearer\s+(\S+)$/.exec(c.req.header("authorization") ?? "");
-  if (!m) throw new ApiError(401, "authentication_error", "missing API key: send 'Authorization: Bearer <key>'", null, "invalid_api_key");
+  if (!m)
+    throw new ApiError(
+      401,
+      "authentication_error",
+      "missing API key: send 'Authorization: Bearer <key>'",
+      null,
+      "invalid_api_key",
+    );
   const rec = await c.env.KEYS.get<KeyRecord>(`key:${await sha256Hex(m[1]!)}`, "json");
   if (!rec) throw new ApiError(401, "authentication_error", "invalid API key", null, "invalid_api_key");
   const adm = await tenantStub(c.env, rec.tenant).admitRequest();
   if (!adm.ok) {
-    throw new ApiError(429, "rate_limit_error", `tenant '${rec.tenant}' made ${adm.used} requests in the last minute; its limit is ${adm.limit} per minute`,
-      null, "rate_limit_exceeded", { "retry-after": String(adm.retry_after_s) });
+    throw new ApiError(
+      429,
+      "rate_limit_error",
+      `tenant '${rec.tenant}' made ${adm.used} requests in the last minute; its limit is ${adm.limit} per minute`,
+      null,
+      "rate_limit_exceeded",
+      { "retry-after": String(adm.retry_after_s) },
+    );
   }
   c.set("tenant", rec.tenant);
   await next();

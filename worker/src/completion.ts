@@ -26,33 +26,53 @@ export interface CompletionJob {
 }
 
 const usageOf = (job: CompletionJob, done: HostMessage<"done">) => ({
-  prompt_tokens: job.promptTokens, completion_tokens: done.new_tokens, total_tokens: job.promptTokens + done.new_tokens,
+  prompt_tokens: job.promptTokens,
+  completion_tokens: done.new_tokens,
+  total_tokens: job.promptTokens + done.new_tokens,
 });
 
 export function streamCompletion(job: CompletionJob): Response {
   const id = randomId("chatcmpl-");
   const created = Math.floor(Date.now() / 1000);
   const chunk = (delta: Record<string, unknown>, finish: string | null) => ({
-    id, object: "chat.completion.chunk", created, model: job.model, ...job.extra, choices: [{ index: 0, delta, logprobs: null, finish_reason: finish }],
+    id,
+    object: "chat.completion.chunk",
+    created,
+    model: job.model,
+    ...job.extra,
+    choices: [{ index: 0, delta, logprobs: null, finish_reason: finish }],
   });
-  return sseResponse(async (sse) => {
-    let done: HostMessage<"done"> | undefined;
-    try {
-      sse.data(chunk({ role: "assistant", content: "" }, null));
-      done = await generate(job.link, job.session, job.sampling, (text) => sse.data(chunk({ content: text }, null)));
-      sse.data(chunk({}, finishReason(done.reason)));
-      if (job.includeUsage) sse.data({ id, object: "chat.completion.chunk", created, model: job.model, ...job.extra, choices: [], usage: usageOf(job, done) });
-      sse.done();
-    } catch (e) {
-      await job.after(done, e);
-      throw e;
-    }
-    await job.after(done, undefined);
-  }, () => {
-    // The client went away: closing the link cancels the generation on the host.
-    if (job.onCancel) job.onCancel();
-    else job.link.close();
-  }, job.signal);
+  return sseResponse(
+    async (sse) => {
+      let done: HostMessage<"done"> | undefined;
+      try {
+        sse.data(chunk({ role: "assistant", content: "" }, null));
+        done = await generate(job.link, job.session, job.sampling, (text) => sse.data(chunk({ content: text }, null)));
+        sse.data(chunk({}, finishReason(done.reason)));
+        if (job.includeUsage)
+          sse.data({
+            id,
+            object: "chat.completion.chunk",
+            created,
+            model: job.model,
+            ...job.extra,
+            choices: [],
+            usage: usageOf(job, done),
+          });
+        sse.done();
+      } catch (e) {
+        await job.after(done, e);
+        throw e;
+      }
+      await job.after(done, undefined);
+    },
+    () => {
+      // The client went away: closing the link cancels the generation on the host.
+      if (job.onCancel) job.onCancel();
+      else job.link.close();
+    },
+    job.signal,
+  );
 }
 
 export async function wholeCompletion(job: CompletionJob): Promise<Record<string, unknown>> {
@@ -66,8 +86,19 @@ export async function wholeCompletion(job: CompletionJob): Promise<Record<string
   }
   await job.after(done, undefined);
   return {
-    id: randomId("chatcmpl-"), object: "chat.completion", created: Math.floor(Date.now() / 1000), model: job.model, ...job.extra,
-    choices: [{ index: 0, message: { role: "assistant", content: text, refusal: null }, logprobs: null, finish_reason: finishReason(done.reason) }],
+    id: randomId("chatcmpl-"),
+    object: "chat.completion",
+    created: Math.floor(Date.now() / 1000),
+    model: job.model,
+    ...job.extra,
+    choices: [
+      {
+        index: 0,
+        message: { role: "assistant", content: text, refusal: null },
+        logprobs: null,
+        finish_reason: finishReason(done.reason),
+      },
+    ],
     usage: usageOf(job, done),
   };
 }

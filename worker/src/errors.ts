@@ -1,7 +1,12 @@
 // One error shape at the HTTP edge: OpenAI's {"error": {message, type, param, code}}.
 import type { Context } from "hono";
 
-export type ErrorType = "invalid_request_error" | "authentication_error" | "not_found_error" | "rate_limit_error" | "server_error";
+export type ErrorType =
+  | "invalid_request_error"
+  | "authentication_error"
+  | "not_found_error"
+  | "rate_limit_error"
+  | "server_error";
 
 export class ApiError extends Error {
   constructor(
@@ -20,8 +25,10 @@ export class ApiError extends Error {
   }
 }
 
-export const invalid = (param: string, message: string, code = "invalid_value") => new ApiError(400, "invalid_request_error", message, param, code);
-export const notFound = (message: string, code = "not_found") => new ApiError(404, "not_found_error", message, null, code);
+export const invalid = (param: string, message: string, code = "invalid_value") =>
+  new ApiError(400, "invalid_request_error", message, param, code);
+export const notFound = (message: string, code = "not_found") =>
+  new ApiError(404, "not_found_error", message, null, code);
 export const noHost = (message: string) => new ApiError(503, "server_error", message, null, "host_unavailable");
 
 /** A host's error code → the HTTP status and type a client sees. */
@@ -49,6 +56,9 @@ export function fromHostError(code: string, message: string): ApiError {
 }
 
 export function errorResponse(c: Context, e: unknown): Response {
-  const err = e instanceof ApiError ? e : new ApiError(500, "server_error", e instanceof Error ? e.message : String(e), null, "internal");
+  const err =
+    e instanceof ApiError
+      ? e
+      : new ApiError(500, "server_error", e instanceof Error ? e.message : String(e), null, "internal");
   return c.json(err.body(), err.status, err.headers);
 }

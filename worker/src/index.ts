@@ -16,9 +16,22 @@ export { TenantState } from "./tenant.js";
 const app = new Hono<AppEnv>();
 
 app.onError((e, c) => errorResponse(c, e));
-app.notFound((c) => errorResponse(c, new ApiError(404, "not_found_error", `no route ${c.req.method} ${new URL(c.req.url).pathname}`, null, "unknown_route")));
+app.notFound((c) =>
+  errorResponse(
+    c,
+    new ApiError(
+      404,
+      "not_found_error",
+      `no route ${c.req.method} ${new URL(c.req.url).pathname}`,
+      null,
+      "unknown_route",
+    ),
+  ),
+);
 
-app.get("/", (c) => c.json({ service: "pyramidkv edge", api: ["/v1/chat/completions", "/v1/models", "/v1/sessions", "/v1/usage"] }));
+app.get("/", (c) =>
+  c.json({ service: "pyramidkv edge", api: ["/v1/chat/completions", "/v1/models", "/v1/sessions", "/v1/usage"] }),
+);
 app.use("/v1/*", requireKey);
 app.route("/v1", chat);
 app.route("/v1/sessions", sessions);

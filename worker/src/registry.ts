@@ -23,7 +23,8 @@ export function normaliseHostUrl(raw: string): string {
   }
   if (u.protocol === "ws:") u.protocol = "http:";
   if (u.protocol === "wss:") u.protocol = "https:";
-  if (u.protocol !== "http:" && u.protocol !== "https:") throw new Error(`host url '${raw}': the scheme must be http, https, ws or wss`);
+  if (u.protocol !== "http:" && u.protocol !== "https:")
+    throw new Error(`host url '${raw}': the scheme must be http, https, ws or wss`);
   return `${u.protocol}//${u.host}`;
 }
 

@@ -27,27 +27,41 @@ export async function probe(url: string): Promise<HostHealth> {
     const h = (await r.json()) as { status?: string; model?: string; pool_bytes?: number; kv_used_bytes?: number };
     const ok = r.ok && h.status === "ok";
     const free = Math.max(0, (h.pool_bytes ?? 0) - (h.kv_used_bytes ?? 0));
-    return { url, ok, model: h.model, pool_bytes: h.pool_bytes, kv_used_bytes: h.kv_used_bytes, free_bytes: free, ...(ok ? {} : { error: `status ${h.status ?? r.status}` }) };
+    return {
+      url,
+      ok,
+      model: h.model,
+      pool_bytes: h.pool_bytes,
+      kv_used_bytes: h.kv_used_bytes,
+      free_bytes: free,
+      ...(ok ? {} : { error: `status ${h.status ?? r.status}` }),
+    };
   } catch (e) {
     return { url, ok: false, free_bytes: 0, error: e instanceof Error ? e.message : String(e) };
   }
 }
 
 /** Routable hosts, most free KV first (probes every host not marked down). */
-export async function rankHosts(env: Env, nowMs = Date.now()): Promise<{ ranked: HostHealth[]; registered: HostEntry[] }> {
+export async function rankHosts(
+  env: Env,
+  nowMs = Date.now(),
+): Promise<{ ranked: HostHealth[]; registered: HostEntry[] }> {
   const reg = registry(env);
   const registered = await reg.list();
   const probes = await Promise.all(registered.filter((h) => h.down_until <= nowMs).map((h) => probe(h.url)));
-  await Promise.all(probes.map((p) => {
-    const entry = registered.find((h) => h.url === p.url);
-    if (!p.ok) return reg.markDown(p.url, p.error ?? "unhealthy");
-    return entry && entry.down_until !== 0 ? reg.markUp(p.url) : Promise.resolve();
-  }));
+  await Promise.all(
+    probes.map((p) => {
+      const entry = registered.find((h) => h.url === p.url);
+      if (!p.ok) return reg.markDown(p.url, p.error ?? "unhealthy");
+      return entry && entry.down_until !== 0 ? reg.markUp(p.url) : Promise.resolve();
+    }),
+  );
   return { ranked: probes.filter((p) => p.ok).sort((a, b) => b.free_bytes - a.free_bytes), registered };
 }
 
 function secret(env: Env): string {
-  if (!env.EDGE_SECRET || env.EDGE_SECRET.length < 16) throw noHost("the worker has no EDGE_SECRET (at least 16 characters) to reach GPU hosts");
+  if (!env.EDGE_SECRET || env.EDGE_SECRET.length < 16)
+    throw noHost("the worker has no EDGE_SECRET (at least 16 characters) to reach GPU hosts");
   return env.EDGE_SECRET;
 }
 
@@ -83,5 +97,8 @@ export async function connectTo(env: Env, url: string, tenant: string): Promise<
 
 /** Marks the host of a failed link down when the failure was the host going away. */
 export async function reportFailure(env: Env, link: HostLink | undefined, e: unknown): Promise<void> {
-  if (link && e instanceof HostGone && !e.byEdge) await registry(env).markDown(link.url, e.message).catch(() => {});
+  if (link && e instanceof HostGone && !e.byEdge)
+    await registry(env)
+      .markDown(link.url, e.message)
+      .catch(() => {});
 }

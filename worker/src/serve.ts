@@ -13,16 +13,23 @@ export const DEFAULT_PIECE_BYTES = 65536;
 /** host-side sessions per tenant: the edge counts sessions itself; this only bounds a runaway */
 const HOST_MAX_SESSIONS = 100_000;
 
-export type Progress = { phase: "upload"; done: number; total: number; unit: "bytes" } | { phase: "prefill"; done: number; total: number; unit: "tokens" };
+export type Progress =
+  | { phase: "upload"; done: number; total: number; unit: "bytes" }
+  | { phase: "prefill"; done: number; total: number; unit: "tokens" };
 
 export const modelId = (file: string) => file.replace(/\.gguf$/i, "");
 
 /** Passes the tenant's KV quota and policy to the host the link reaches. */
 export async function applyTenant(link: HostLink, cfg: TenantConfig | null): Promise<void> {
-  await link.call({
-    type: "set_tenant", kv_quota_bytes: cfg?.kv_quota_bytes ?? DEFAULT_LIMITS.kv_quota_bytes, max_sessions: HOST_MAX_SESSIONS,
-    policy: cfg?.policy ?? DEFAULT_LIMITS.policy,
-  }, "tenant_set");
+  await link.call(
+    {
+      type: "set_tenant",
+      kv_quota_bytes: cfg?.kv_quota_bytes ?? DEFAULT_LIMITS.kv_quota_bytes,
+      max_sessions: HOST_MAX_SESSIONS,
+      policy: cfg?.policy ?? DEFAULT_LIMITS.policy,
+    },
+    "tenant_set",
+  );
 }
 
 // open_session carries no prompt_tokens hint: the host accounts the first append's peak when the
@@ -33,7 +40,13 @@ export async function applyTenant(link: HostLink, cfg: TenantConfig | null): Pro
  * the host acknowledged the previous one ('buffered'), then the last piece, whose prefill reports
  * 'progress' frames. Upload and prefill progress go to onProgress.
  */
-export async function appendText(env: Env, link: HostLink, session: string, text: string, onProgress?: (p: Progress) => void): Promise<HostMessage<"appended">> {
+export async function appendText(
+  env: Env,
+  link: HostLink,
+  session: string,
+  text: string,
+  onProgress?: (p: Progress) => void,
+): Promise<HostMessage<"appended">> {
   const pieces = splitText(text, intVar(env.PKV_PIECE_BYTES, DEFAULT_PIECE_BYTES));
   const total = utf8Bytes(text);
   let sent = 0;
@@ -49,13 +62,27 @@ export async function appendText(env: Env, link: HostLink, session: string, text
 }
 
 /** Streams a generation: onText for each piece of text, resolves with 'done'. */
-export function generate(link: HostLink, session: string, s: Sampling, onText: (text: string) => void): Promise<HostMessage<"done">> {
-  return link.call({
-    type: "generate", session, max_tokens: s.max_tokens, ...(s.temperature !== undefined ? { temperature: s.temperature } : {}),
-    ...(s.top_p !== undefined ? { top_p: s.top_p } : {}), ...(s.seed !== undefined ? { seed: s.seed } : {}), ...(s.stop ? { stop: s.stop } : {}),
-  }, "done", (f: FromHostMessage) => {
-    if (f.type === "token" && f.text !== "") onText(f.text);
-  });
+export function generate(
+  link: HostLink,
+  session: string,
+  s: Sampling,
+  onText: (text: string) => void,
+): Promise<HostMessage<"done">> {
+  return link.call(
+    {
+      type: "generate",
+      session,
+      max_tokens: s.max_tokens,
+      ...(s.temperature !== undefined ? { temperature: s.temperature } : {}),
+      ...(s.top_p !== undefined ? { top_p: s.top_p } : {}),
+      ...(s.seed !== undefined ? { seed: s.seed } : {}),
+      ...(s.stop ? { stop: s.stop } : {}),
+    },
+    "done",
+    (f: FromHostMessage) => {
+      if (f.type === "token" && f.text !== "") onText(f.text);
+    },
+  );
 }
 
 /** The engine's reason → OpenAI's finish_reason. */

@@ -12,7 +12,12 @@ export interface SseSink {
   readonly cancelled: boolean;
 }
 
-export function sseResponse(run: (sink: SseSink) => Promise<void>, onCancel: () => void, signal?: AbortSignal, headers: Record<string, string> = {}): Response {
+export function sseResponse(
+  run: (sink: SseSink) => Promise<void>,
+  onCancel: () => void,
+  signal?: AbortSignal,
+  headers: Record<string, string> = {},
+): Response {
   const enc = new TextEncoder();
   let ping: ReturnType<typeof setInterval> | null = null;
   let cancelled = false;
@@ -48,7 +53,10 @@ export function sseResponse(run: (sink: SseSink) => Promise<void>, onCancel: () 
       write(": stream open\n\n");
       void run(sink)
         .catch((e: unknown) => {
-          const err = e instanceof ApiError ? e : new ApiError(500, "server_error", e instanceof Error ? e.message : String(e), null, "internal");
+          const err =
+            e instanceof ApiError
+              ? e
+              : new ApiError(500, "server_error", e instanceof Error ? e.message : String(e), null, "internal");
           sink.data(err.body());
         })
         .finally(() => {
@@ -62,6 +70,11 @@ export function sseResponse(run: (sink: SseSink) => Promise<void>, onCancel: () 
     },
   });
   return new Response(stream, {
-    headers: { "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache", connection: "keep-alive", ...headers },
+    headers: {
+      "content-type": "text/event-stream; charset=utf-8",
+      "cache-control": "no-cache",
+      connection: "keep-alive",
+      ...headers,
+    },
   });
 }

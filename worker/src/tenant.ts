@@ -18,7 +18,12 @@ export interface TenantConfig {
   policy: "refuse" | "auto";
 }
 
-export const DEFAULT_LIMITS: Omit<TenantConfig, "name"> = { kv_quota_bytes: 0, max_sessions: 16, requests_per_minute: 600, policy: "refuse" };
+export const DEFAULT_LIMITS: Omit<TenantConfig, "name"> = {
+  kv_quota_bytes: 0,
+  max_sessions: 16,
+  requests_per_minute: 600,
+  policy: "refuse",
+};
 
 export interface SessionRecord {
   id: string;
@@ -30,14 +35,20 @@ export interface SessionRecord {
   open_turn: boolean;
 }
 
-export type Admission = { ok: true; used: number; limit: number } | { ok: false; used: number; limit: number; retry_after_s: number };
+export type Admission =
+  | { ok: true; used: number; limit: number }
+  | { ok: false; used: number; limit: number; retry_after_s: number };
 
 const WINDOW_MS = 60_000;
 
 export class TenantState extends DurableObject<Env> {
   async configure(name: string, patch: Partial<Omit<TenantConfig, "name">>): Promise<TenantConfig> {
     const prev = (await this.ctx.storage.get<TenantConfig>("config")) ?? { name, ...DEFAULT_LIMITS };
-    const next: TenantConfig = { ...prev, ...Object.fromEntries(Object.entries(patch).filter(([, v]) => v !== undefined)), name };
+    const next: TenantConfig = {
+      ...prev,
+      ...Object.fromEntries(Object.entries(patch).filter(([, v]) => v !== undefined)),
+      name,
+    };
     await this.ctx.storage.put("config", next);
     return next;
   }
@@ -61,11 +72,21 @@ export class TenantState extends DurableObject<Env> {
   }
 
   /** Claims a session slot; null when the tenant is at max_sessions. */
-  async reserveSession(id: string, kv: { method: string; budget: number }): Promise<{ used: number; limit: number } | null> {
+  async reserveSession(
+    id: string,
+    kv: { method: string; budget: number },
+  ): Promise<{ used: number; limit: number } | null> {
     const limit = (await this.config())?.max_sessions ?? DEFAULT_LIMITS.max_sessions;
     const sessions = await this.ctx.storage.list<SessionRecord>({ prefix: "session:" });
     if (sessions.size >= limit) return null;
-    const rec: SessionRecord = { id, host: "", created: Math.floor(Date.now() / 1000), kv_method: kv.method, kv_budget: kv.budget, open_turn: false };
+    const rec: SessionRecord = {
+      id,
+      host: "",
+      created: Math.floor(Date.now() / 1000),
+      kv_method: kv.method,
+      kv_budget: kv.budget,
+      open_turn: false,
+    };
     await this.ctx.storage.put(`session:${id}`, rec);
     return { used: sessions.size + 1, limit };
   }
@@ -86,7 +107,9 @@ export class TenantState extends DurableObject<Env> {
     return this.ctx.storage.delete(`session:${id}`);
   }
 
-  async usage(nowMs = Date.now()): Promise<{ config: TenantConfig | null; sessions: SessionRecord[]; requests_last_minute: number }> {
+  async usage(
+    nowMs = Date.now(),
+  ): Promise<{ config: TenantConfig | null; sessions: SessionRecord[]; requests_last_minute: number }> {
     const window = ((await this.ctx.storage.get<number[]>("window")) ?? []).filter((t) => t > nowMs - WINDOW_MS);
     const sessions = [...(await this.ctx.storage.list<SessionRecord>({ prefix: "session:" })).values()];
     return { config: await this.config(), sessions, requests_last_minute: window.length };

@@ -53,16 +53,31 @@ const show = (v: unknown) => {
 /** The JSON object of a request body, or 400/413. */
 export async function readJsonBody(req: Request, maxBytes: number): Promise<Record<string, unknown>> {
   const declared = Number(req.headers.get("content-length") ?? "0");
-  if (declared > maxBytes) throw new ApiError(413, "invalid_request_error", `request body of ${declared} bytes exceeds the limit of ${maxBytes} bytes`, null, "too_large");
+  if (declared > maxBytes)
+    throw new ApiError(
+      413,
+      "invalid_request_error",
+      `request body of ${declared} bytes exceeds the limit of ${maxBytes} bytes`,
+      null,
+      "too_large",
+    );
   const text = await req.text();
-  if (text.length > maxBytes) throw new ApiError(413, "invalid_request_error", `request body exceeds the limit of ${maxBytes} bytes`, null, "too_large");
+  if (text.length > maxBytes)
+    throw new ApiError(
+      413,
+      "invalid_request_error",
+      `request body exceeds the limit of ${maxBytes} bytes`,
+      null,
+      "too_large",
+    );
   let json: unknown;
   try {
     json = JSON.parse(text);
   } catch (e) {
     throw invalid("body", `the body is not valid JSON: ${e instanceof Error ? e.message : String(e)}`, "invalid_json");
   }
-  if (typeof json !== "object" || json === null || Array.isArray(json)) throw invalid("body", "the body must be a JSON object", "invalid_json");
+  if (typeof json !== "object" || json === null || Array.isArray(json))
+    throw invalid("body", "the body must be a JSON object", "invalid_json");
   return json as Record<string, unknown>;
 }
 
@@ -71,14 +86,16 @@ function int(o: Record<string, unknown>, name: string, lo: number, hi: number): 
 function int(o: Record<string, unknown>, name: string, lo: number, hi: number, fallback?: number): number | undefined {
   const v = o[name];
   if (v === undefined || v === null) return fallback;
-  if (typeof v !== "number" || !Number.isInteger(v) || v < lo || v > hi) throw invalid(name, `'${name}': ${show(v)} is not an integer in [${lo}, ${hi}]`);
+  if (typeof v !== "number" || !Number.isInteger(v) || v < lo || v > hi)
+    throw invalid(name, `'${name}': ${show(v)} is not an integer in [${lo}, ${hi}]`);
   return v;
 }
 
 function num(o: Record<string, unknown>, name: string, lo: number, hi: number): number | undefined {
   const v = o[name];
   if (v === undefined || v === null) return undefined;
-  if (typeof v !== "number" || !Number.isFinite(v) || v < lo || v > hi) throw invalid(name, `'${name}': ${show(v)} is not a number in [${lo}, ${hi}]`);
+  if (typeof v !== "number" || !Number.isFinite(v) || v < lo || v > hi)
+    throw invalid(name, `'${name}': ${show(v)} is not a number in [${lo}, ${hi}]`);
   return v;
 }
 
@@ -103,21 +120,26 @@ function str(o: Record<string, unknown>, name: string, required = false): string
 
 export function kvSettings(o: Record<string, unknown>): KvSettings {
   const method = str(o, "kv_method") ?? "pyramidkv";
-  if (!(KV_METHODS as readonly string[]).includes(method)) throw invalid("kv_method", `'kv_method': ${show(method)} is not one of ${KV_METHODS.join(", ")}`);
+  if (!(KV_METHODS as readonly string[]).includes(method))
+    throw invalid("kv_method", `'kv_method': ${show(method)} is not one of ${KV_METHODS.join(", ")}`);
   const budget = int(o, "kv_budget", BUDGET_RANGE[0], BUDGET_RANGE[1], 128);
   return { method: method as KvMethod, budget };
 }
 
 function sampling(o: Record<string, unknown>): Sampling {
-  const maxTokens = int(o, "max_completion_tokens", MAX_TOKENS_RANGE[0], MAX_TOKENS_RANGE[1]) ?? int(o, "max_tokens", MAX_TOKENS_RANGE[0], MAX_TOKENS_RANGE[1], DEFAULT_MAX_TOKENS);
+  const maxTokens =
+    int(o, "max_completion_tokens", MAX_TOKENS_RANGE[0], MAX_TOKENS_RANGE[1]) ??
+    int(o, "max_tokens", MAX_TOKENS_RANGE[0], MAX_TOKENS_RANGE[1], DEFAULT_MAX_TOKENS);
   int(o, "n", 1, 1); // one choice per request
   let stop: string[] | undefined;
   const s = o.stop;
   if (typeof s === "string") stop = [s];
   else if (Array.isArray(s)) {
-    if (s.length > 4 || !s.every((x) => typeof x === "string" && x.length > 0)) throw invalid("stop", `'stop': ${show(s)} is not up to 4 non-empty strings`);
+    if (s.length > 4 || !s.every((x) => typeof x === "string" && x.length > 0))
+      throw invalid("stop", `'stop': ${show(s)} is not up to 4 non-empty strings`);
     stop = s as string[];
-  } else if (s !== undefined && s !== null) throw invalid("stop", `'stop': ${show(s)} is not a string or an array of strings`);
+  } else if (s !== undefined && s !== null)
+    throw invalid("stop", `'stop': ${show(s)} is not a string or an array of strings`);
   return {
     max_tokens: maxTokens,
     temperature: num(o, "temperature", 0, 2),
@@ -130,7 +152,8 @@ function sampling(o: Record<string, unknown>): Sampling {
 function streamOptions(o: Record<string, unknown>): boolean {
   const so = o.stream_options;
   if (so === undefined || so === null) return false;
-  if (typeof so !== "object" || Array.isArray(so)) throw invalid("stream_options", `'stream_options': ${show(so)} is not an object`);
+  if (typeof so !== "object" || Array.isArray(so))
+    throw invalid("stream_options", `'stream_options': ${show(so)} is not an object`);
   return bool(so as Record<string, unknown>, "include_usage", false);
 }
 
@@ -139,7 +162,16 @@ const ROLES: readonly Role[] = ["system", "user", "assistant"];
 function content(v: unknown, where: string): string {
   if (typeof v === "string") return v;
   // OpenAI's content parts: text only here.
-  if (Array.isArray(v) && v.every((p) => typeof p === "object" && p !== null && (p as { type?: unknown }).type === "text" && typeof (p as { text?: unknown }).text === "string")) {
+  if (
+    Array.isArray(v) &&
+    v.every(
+      (p) =>
+        typeof p === "object" &&
+        p !== null &&
+        (p as { type?: unknown }).type === "text" &&
+        typeof (p as { text?: unknown }).text === "string",
+    )
+  ) {
     return v.map((p) => (p as { text: string }).text).join("");
   }
   throw invalid(where, `'${where}': ${show(v)} is not a string or an array of text parts`);
@@ -148,18 +180,31 @@ function content(v: unknown, where: string): string {
 export function chatRequest(o: Record<string, unknown>): ChatRequest {
   const model = str(o, "model", true);
   const messages = o.messages;
-  if (!Array.isArray(messages) || messages.length === 0) throw invalid("messages", `'messages': ${show(messages)} is not a non-empty array of {role, content}`);
+  if (!Array.isArray(messages) || messages.length === 0)
+    throw invalid("messages", `'messages': ${show(messages)} is not a non-empty array of {role, content}`);
   const turns = messages.map((m: unknown, i): Turn => {
-    if (typeof m !== "object" || m === null) throw invalid(`messages[${i}]`, `'messages[${i}]': ${show(m)} is not an object`);
+    if (typeof m !== "object" || m === null)
+      throw invalid(`messages[${i}]`, `'messages[${i}]': ${show(m)} is not an object`);
     const { role, content: c } = m as { role?: unknown; content?: unknown };
     const r = role === "developer" ? "system" : role;
     if (typeof r !== "string" || !(ROLES as readonly string[]).includes(r)) {
-      throw invalid(`messages[${i}].role`, `'messages[${i}].role': ${show(role)} is not one of system, developer, user, assistant`);
+      throw invalid(
+        `messages[${i}].role`,
+        `'messages[${i}].role': ${show(role)} is not one of system, developer, user, assistant`,
+      );
     }
     return { role: r as Role, content: content(c, `messages[${i}].content`) };
   });
-  if (turns[turns.length - 1]!.role !== "user") throw invalid("messages", "'messages': the last message must have role user");
-  return { model, turns, stream: bool(o, "stream", false), includeUsage: streamOptions(o), kv: kvSettings(o), sampling: sampling(o) };
+  if (turns[turns.length - 1]!.role !== "user")
+    throw invalid("messages", "'messages': the last message must have role user");
+  return {
+    model,
+    turns,
+    stream: bool(o, "stream", false),
+    includeUsage: streamOptions(o),
+    kv: kvSettings(o),
+    sampling: sampling(o),
+  };
 }
 
 export function sessionRequest(o: Record<string, unknown>): SessionRequest {
@@ -169,9 +214,13 @@ export function sessionRequest(o: Record<string, unknown>): SessionRequest {
 }
 
 export function messageRequest(o: Record<string, unknown>): MessageRequest {
-  const c = content(o.content ?? (() => {
-    throw invalid("content", "'content' is required (the question, a string)", "missing_required_parameter");
-  })(), "content");
+  const c = content(
+    o.content ??
+      (() => {
+        throw invalid("content", "'content' is required (the question, a string)", "missing_required_parameter");
+      })(),
+    "content",
+  );
   if (c.length === 0) throw invalid("content", "'content' must not be empty");
   return { content: c, stream: bool(o, "stream", true), includeUsage: streamOptions(o), sampling: sampling(o) };
 }

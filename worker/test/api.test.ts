@@ -8,7 +8,9 @@ const worker = (exports as unknown as { default: { fetch(req: Request): Promise<
 const call = (path: string, init: RequestInit = {}) => worker.fetch(new Request(`http://edge${path}`, init));
 
 async function makeTenant(name: string, limits: Record<string, unknown>): Promise<string> {
-  expect((await call(`/admin/tenants/${name}`, { method: "PUT", headers: ADMIN, body: JSON.stringify(limits) })).status).toBe(200);
+  expect(
+    (await call(`/admin/tenants/${name}`, { method: "PUT", headers: ADMIN, body: JSON.stringify(limits) })).status,
+  ).toBe(200);
   const r = await call(`/admin/tenants/${name}/keys`, { method: "POST", headers: ADMIN });
   expect(r.status).toBe(201);
   return ((await r.json()) as { key: string }).key;
@@ -40,26 +42,44 @@ describe("edge API", () => {
 
   it("401 without a key, with a wrong key, and on admin with a wrong token", async () => {
     expect(await error(await call("/v1/models"))).toMatchObject({ status: 401, type: "authentication_error" });
-    expect(await error(await call("/v1/models", as("pkv-0000")))).toMatchObject({ status: 401, code: "invalid_api_key" });
+    expect(await error(await call("/v1/models", as("pkv-0000")))).toMatchObject({
+      status: 401,
+      code: "invalid_api_key",
+    });
     expect((await call("/admin/tenants", { headers: { authorization: "Bearer nope" } })).status).toBe(401);
   });
 
   it("400 for malformed bodies and 413 beyond the size limit", async () => {
     expect(await error(await call("/v1/chat/completions", as(key, "{")))).toMatchObject({ status: 400, param: "body" });
-    expect(await error(await call("/v1/chat/completions", as(key, { model: "m", messages: [{ role: "user", content: "x" }], kv_budget: 1 }))))
-      .toMatchObject({ status: 400, param: "kv_budget" });
-    expect(await error(await call("/v1/sessions", as(key, { document: "x".repeat(5000) })))).toMatchObject({ status: 413 });
+    expect(
+      await error(
+        await call(
+          "/v1/chat/completions",
+          as(key, { model: "m", messages: [{ role: "user", content: "x" }], kv_budget: 1 }),
+        ),
+      ),
+    ).toMatchObject({ status: 400, param: "kv_budget" });
+    expect(await error(await call("/v1/sessions", as(key, { document: "x".repeat(5000) })))).toMatchObject({
+      status: 413,
+    });
     expect((await call("/admin/tenants/bad name!", { method: "PUT", headers: ADMIN, body: "{}" })).status).toBe(400);
   });
 
   it("404 for unknown sessions and routes", async () => {
-    expect(await error(await call("/v1/sessions/sess-nope", as(key)))).toMatchObject({ status: 404, type: "not_found_error" });
-    expect(await error(await call("/v1/sessions/sess-nope/messages", as(key, { content: "hi" })))).toMatchObject({ status: 404 });
+    expect(await error(await call("/v1/sessions/sess-nope", as(key)))).toMatchObject({
+      status: 404,
+      type: "not_found_error",
+    });
+    expect(await error(await call("/v1/sessions/sess-nope/messages", as(key, { content: "hi" })))).toMatchObject({
+      status: 404,
+    });
     expect((await call("/v1/nothing", as(key))).status).toBe(404);
   });
 
   it("503 when no GPU host is registered, and the session slot is given back", async () => {
-    const r = await error(await call("/v1/chat/completions", as(key, { model: "m", messages: [{ role: "user", content: "hi" }] })));
+    const r = await error(
+      await call("/v1/chat/completions", as(key, { model: "m", messages: [{ role: "user", content: "hi" }] })),
+    );
     expect(r).toMatchObject({ status: 503, code: "host_unavailable" });
     for (let i = 0; i < 3; i++) expect((await call("/v1/sessions", as(key, { document: "doc" }))).status).toBe(503);
     const usage = (await (await call("/v1/usage", as(key))).json()) as { sessions: number };
@@ -67,9 +87,19 @@ describe("edge API", () => {
   });
 
   it("a host that does not answer is marked down", async () => {
-    expect((await call("/admin/hosts", { method: "POST", headers: ADMIN, body: JSON.stringify({ url: "http://127.0.0.1:9" }) })).status).toBe(201);
+    expect(
+      (
+        await call("/admin/hosts", {
+          method: "POST",
+          headers: ADMIN,
+          body: JSON.stringify({ url: "http://127.0.0.1:9" }),
+        })
+      ).status,
+    ).toBe(201);
     expect((await call("/v1/models", as(key))).status).toBe(503);
-    const hosts = (await (await call("/admin/hosts", { headers: ADMIN })).json()) as { data: { url: string; down_until: number }[] };
+    const hosts = (await (await call("/admin/hosts", { headers: ADMIN })).json()) as {
+      data: { url: string; down_until: number }[];
+    };
     expect(hosts.data.find((h) => h.url === "http://127.0.0.1:9")!.down_until).toBeGreaterThan(0);
     expect((await call("/admin/hosts?url=http://127.0.0.1:9", { method: "DELETE", headers: ADMIN })).status).toBe(200);
   });
@@ -84,7 +114,11 @@ describe("edge API", () => {
   });
 
   it("tenant settings: validated, reported in usage", async () => {
-    const r = await call("/admin/tenants/acme", { method: "PUT", headers: ADMIN, body: JSON.stringify({ max_sessions: -1 }) });
+    const r = await call("/admin/tenants/acme", {
+      method: "PUT",
+      headers: ADMIN,
+      body: JSON.stringify({ max_sessions: -1 }),
+    });
     expect(await error(r)).toMatchObject({ status: 400, param: "max_sessions" });
     const u = (await (await call("/v1/usage", as(key))).json()) as { tenant: string; limits: { max_sessions: number } };
     expect(u).toMatchObject({ tenant: "acme", limits: { max_sessions: 2 } });

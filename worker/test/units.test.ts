@@ -39,12 +39,23 @@ describe("splitText", () => {
 
 describe("ChatML", () => {
   it("renders turns and the assistant opening like the engine's chat template", () => {
-    expect(renderPrompt([{ role: "user", content: "Hi" }])).toBe("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
-    expect(renderTurns([{ role: "system", content: "S" }, { role: "user", content: "U" }])).toBe("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>");
+    expect(renderPrompt([{ role: "user", content: "Hi" }])).toBe(
+      "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+    );
+    expect(
+      renderTurns([
+        { role: "system", content: "S" },
+        { role: "user", content: "U" },
+      ]),
+    ).toBe("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>");
   });
   it("continues a session, closing a turn the model left open", () => {
-    expect(renderPrompt([{ role: "user", content: "Q" }], { continues: true })).toBe("\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n");
-    expect(renderPrompt([{ role: "user", content: "Q" }], { continues: true, openTurn: true })).toBe("<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n");
+    expect(renderPrompt([{ role: "user", content: "Q" }], { continues: true })).toBe(
+      "\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n",
+    );
+    expect(renderPrompt([{ role: "user", content: "Q" }], { continues: true, openTurn: true })).toBe(
+      "<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n",
+    );
   });
 });
 
@@ -63,8 +74,17 @@ describe("validation", () => {
   };
   const ok = { model: "m", messages: [{ role: "user", content: "hi" }] };
   it("accepts an OpenAI body with defaults", () => {
-    const r = chatRequest({ ...ok, messages: [{ role: "developer", content: [{ type: "text", text: "be brief" }] }, { role: "user", content: "hi" }] });
-    expect(r.turns).toEqual([{ role: "system", content: "be brief" }, { role: "user", content: "hi" }]);
+    const r = chatRequest({
+      ...ok,
+      messages: [
+        { role: "developer", content: [{ type: "text", text: "be brief" }] },
+        { role: "user", content: "hi" },
+      ],
+    });
+    expect(r.turns).toEqual([
+      { role: "system", content: "be brief" },
+      { role: "user", content: "hi" },
+    ]);
     expect(r.kv).toEqual({ method: "pyramidkv", budget: 128 });
     expect(r.sampling.max_tokens).toBe(256);
     expect(r.stream).toBe(false);
@@ -72,23 +92,34 @@ describe("validation", () => {
   it("names the parameter and the accepted range", () => {
     bad(() => chatRequest({ ...ok, kv_budget: 8 }), "kv_budget", /\[16, 1048576\]/);
     bad(() => chatRequest({ ...ok, kv_budget: 64.5 }), "kv_budget", /not an integer/);
-    bad(() => chatRequest({ ...ok, kv_method: "zip" }), "kv_method", /one of full, streamingllm, h2o, snapkv, pyramidkv/);
+    bad(
+      () => chatRequest({ ...ok, kv_method: "zip" }),
+      "kv_method",
+      /one of full, streamingllm, h2o, snapkv, pyramidkv/,
+    );
     bad(() => chatRequest({ ...ok, temperature: -1 }), "temperature", /\[0, 2\]/);
     bad(() => chatRequest({ ...ok, stop: ["a", "b", "c", "d", "e"] }), "stop", /up to 4/);
-    bad(() => chatRequest({ ...ok, messages: [{ role: "assistant", content: "x" }] }), "messages", /last message must have role user/);
+    bad(
+      () => chatRequest({ ...ok, messages: [{ role: "assistant", content: "x" }] }),
+      "messages",
+      /last message must have role user/,
+    );
     bad(() => chatRequest({ ...ok, messages: [{ role: "user", content: 5 }] }), "messages[0].content", /not a string/);
     bad(() => chatRequest({ ...ok, stream: "yes" }), "stream", /true or false/);
     bad(() => messageRequest({}), "content", /required/);
   });
   it("kv settings for every engine method", () => {
-    for (const m of ["full", "streamingllm", "h2o", "snapkv", "pyramidkv"]) expect(kvSettings({ kv_method: m, kv_budget: 64 }).method).toBe(m);
+    for (const m of ["full", "streamingllm", "h2o", "snapkv", "pyramidkv"])
+      expect(kvSettings({ kv_method: m, kv_budget: 64 }).method).toBe(m);
   });
 });
 
 describe("edge token and host urls", () => {
   it("is the HMAC the host verifies (gpu-host/src/host/auth.ts)", async () => {
     // expiry 1800000300 = (1800000000 s + 300 s TTL); the MAC computed with node:crypto.
-    expect(await edgeToken("test-secret-0123456789abcdef", 1_800_000_000_000)).toBe("1800000300.04d027e7ac13fac8ccb462edd58bc9b2f9cccf9209fcbb96477ac5d27e15bf4b");
+    expect(await edgeToken("test-secret-0123456789abcdef", 1_800_000_000_000)).toBe(
+      "1800000300.04d027e7ac13fac8ccb462edd58bc9b2f9cccf9209fcbb96477ac5d27e15bf4b",
+    );
   });
   it("normalises host urls", () => {
     expect(normaliseHostUrl("ws://127.0.0.1:8790/")).toBe("http://127.0.0.1:8790");

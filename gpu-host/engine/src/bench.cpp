@@ -57,13 +57,13 @@ std::vector<int32_t> random_tokens(int n, int n_vocab, uint32_t seed) {
 }
 
 struct Row {
-    std::string test;    // "pp512", "tg32@d8192"
-    std::string method;  // full / pyramidkv
-    int         budget = 0;
-    double      tokens_per_second = 0.0;  // median
+    std::string         test;    // "pp512", "tg32@d8192"
+    std::string         method;  // full / pyramidkv
+    int                 budget            = 0;
+    double              tokens_per_second = 0.0;  // median
     std::vector<double> samples;
-    double      kv_mib = 0.0;
-    double      llama_tokens_per_second = 0.0;  // llama-bench, same run (0 = not measured)
+    double              kv_mib                  = 0.0;
+    double              llama_tokens_per_second = 0.0;  // llama-bench, same run (0 = not measured)
 };
 
 // llama-bench -o csv: avg_ts per test, keyed like our rows ("pp512", "tg32@d8192").
@@ -74,7 +74,7 @@ std::map<std::string, double> run_llama_bench_once(const std::string & cmd) {
     std::map<std::string, int>    col;
     std::map<std::string, double> out;
     char                          line[8192];
-    auto split = [](const std::string & s) {
+    auto                          split = [](const std::string & s) {
         std::vector<std::string> v;
         std::string              cur;
         bool                     quoted = false;
@@ -97,8 +97,9 @@ std::map<std::string, double> run_llama_bench_once(const std::string & cmd) {
             continue;
         }
         const int pp = std::stoi(cells[col["n_prompt"]]), tg = std::stoi(cells[col["n_gen"]]);
-        const int d  = col.count("n_depth") ? std::stoi(cells[col["n_depth"]]) : 0;
-        out[pp > 0 ? "pp" + std::to_string(pp) : "tg" + std::to_string(tg) + "@d" + std::to_string(d)] = std::stod(cells[col["avg_ts"]]);
+        const int d = col.count("n_depth") ? std::stoi(cells[col["n_depth"]]) : 0;
+        out[pp > 0 ? "pp" + std::to_string(pp) : "tg" + std::to_string(tg) + "@d" + std::to_string(d)] =
+            std::stod(cells[col["avg_ts"]]);
     }
     if (pclose(f) != 0 && out.empty()) throw Error("--llama-bench", "'" + cmd + "' failed");
     return out;
@@ -113,10 +114,13 @@ std::string joined(const std::vector<int> & v) {
 // Two runs: prefill from an empty cache, then generation at each depth (llama-bench would
 // otherwise also run every prefill size at every depth).
 std::map<std::string, double> run_llama_bench(const std::string & bin, const std::string & model, int threads, int reps,
-                                              const std::vector<int> & prefill, const std::vector<int> & depths, int n_gen) {
-    const std::string base = bin + " -m '" + model + "' -t " + std::to_string(threads) + " -r " + std::to_string(reps) + " -fa 1 -o csv";
+                                              const std::vector<int> & prefill, const std::vector<int> & depths,
+                                              int n_gen) {
+    const std::string base =
+        bin + " -m '" + model + "' -t " + std::to_string(threads) + " -r " + std::to_string(reps) + " -fa 1 -o csv";
     std::map<std::string, double> out = run_llama_bench_once(base + " -p " + joined(prefill) + " -n 0");
-    for (const auto & kv : run_llama_bench_once(base + " -p 0 -n " + std::to_string(n_gen) + " -d " + joined(depths))) out.insert(kv);
+    for (const auto & kv : run_llama_bench_once(base + " -p 0 -n " + std::to_string(n_gen) + " -d " + joined(depths)))
+        out.insert(kv);
     return out;
 }
 
@@ -148,13 +152,19 @@ int bench_pool_fit(const Flags & a);
 
 int cmd_bench(int argc, char ** argv) {
     Flags                          a;
-    const std::vector<std::string> valued = { "--model", "--threads", "--repetitions", "--prefill", "--depths", "--budgets",
-                                              "--decode-tokens", "--llama-bench", "--llama-batched-bench", "--device",
-                                              "--budget-depth", "--sessions", "--prompt-len", "--methods", "--budget",
-                                              "--prefill-memory", "--chunk-size", "--kv-pool-bytes", "--pool-fit", "--child" };
+    const std::vector<std::string> valued = { "--model",          "--threads",      "--repetitions",
+                                              "--prefill",        "--depths",       "--budgets",
+                                              "--decode-tokens",  "--llama-bench",  "--llama-batched-bench",
+                                              "--device",         "--budget-depth", "--sessions",
+                                              "--prompt-len",     "--methods",      "--budget",
+                                              "--prefill-memory", "--chunk-size",   "--kv-pool-bytes",
+                                              "--pool-fit",       "--child" };
     for (int i = 2; i < argc; ++i) {
         const std::string k = argv[i];
-        if (k == "--json") { a[k] = "1"; continue; }
+        if (k == "--json") {
+            a[k] = "1";
+            continue;
+        }
         if (std::find(valued.begin(), valued.end(), k) == valued.end()) throw Error(k, "unknown option");
         if (i + 1 >= argc) throw Error(k, "missing value");
         a[k] = argv[++i];
@@ -168,13 +178,14 @@ int cmd_bench(int argc, char ** argv) {
 namespace {
 
 int bench_single(const Flags & a) {
-    auto get = [&](const std::string & k, const std::string & d) { return flag(a, k, d); };
-    const std::vector<int> prefill  = int_list("--prefill", get("--prefill", "512,4096"), 1);
-    const std::vector<int> depths   = int_list("--depths", get("--depths", "0,2048,8192"), 0);
-    const std::vector<int> budgets  = int_list("--budgets", get("--budgets", "64,128,512"), 9);
-    const int budget_depth = int_list("--budget-depth", get("--budget-depth", std::to_string(*std::max_element(depths.begin(), depths.end()))), 1)[0];
-    const int n_gen  = int_list("--decode-tokens", get("--decode-tokens", "32"), 1)[0];
-    const int reps   = int_list("--repetitions", get("--repetitions", "3"), 1)[0];
+    auto                   get          = [&](const std::string & k, const std::string & d) { return flag(a, k, d); };
+    const std::vector<int> prefill      = int_list("--prefill", get("--prefill", "512,4096"), 1);
+    const std::vector<int> depths       = int_list("--depths", get("--depths", "0,2048,8192"), 0);
+    const std::vector<int> budgets      = int_list("--budgets", get("--budgets", "64,128,512"), 9);
+    const int              budget_depth = int_list(
+        "--budget-depth", get("--budget-depth", std::to_string(*std::max_element(depths.begin(), depths.end()))), 1)[0];
+    const int n_gen   = int_list("--decode-tokens", get("--decode-tokens", "32"), 1)[0];
+    const int reps    = int_list("--repetitions", get("--repetitions", "3"), 1)[0];
     const int threads = int_list("--threads", get("--threads", std::to_string(default_threads())), 1)[0];
 
     EngineOptions eo;
@@ -190,8 +201,8 @@ int bench_single(const Flags & a) {
         for (int b : budgets) tokens += 2 * b + n_gen * reps + 128;
         eo.kv_pool_tokens = tokens + budget_depth;
     }
-    Engine engine(eo);
-    const int n_vocab = engine.config().n_vocab;
+    Engine           engine(eo);
+    const int        n_vocab = engine.config().n_vocab;
     std::vector<Row> rows;
 
     for (int n : prefill) {
@@ -199,7 +210,7 @@ int bench_single(const Flags & a) {
         r.test = "pp" + std::to_string(n), r.method = "full";
         const std::vector<int32_t> toks = random_tokens(n, n_vocab, 1234 + n);
         for (int rep = 0; rep < reps; ++rep) {
-            Session s(engine, CompressionParams{ "full" });
+            Session    s(engine, CompressionParams{ "full" });
             const auto t0 = std::chrono::steady_clock::now();
             s.prefill(toks);
             r.samples.push_back(n / seconds_since(t0));
@@ -213,7 +224,7 @@ int bench_single(const Flags & a) {
     struct DecodeRow {
         Row                      row;
         std::unique_ptr<Session> own;
-        Session *                s = nullptr;
+        Session *                s   = nullptr;
         int32_t                  tok = 0;
     };
     std::vector<DecodeRow> decode;
@@ -221,8 +232,8 @@ int bench_single(const Flags & a) {
         DecodeRow d;
         d.row.test   = "tg" + std::to_string(n_gen) + "@d" + std::to_string(depth);
         d.row.method = method, d.row.budget = budget;
-        d.own        = std::move(s);
-        d.s          = d.own.get();
+        d.own = std::move(s);
+        d.s   = d.own.get();
         decode.push_back(std::move(d));
     };
     for (int d : depths) {
@@ -279,17 +290,22 @@ int bench_single(const Flags & a) {
     }
 
     std::map<std::string, double> full_at;
-    for (const auto & r : rows) if (r.method == "full") full_at[r.test] = r.tokens_per_second;
+    for (const auto & r : rows)
+        if (r.method == "full") full_at[r.test] = r.tokens_per_second;
     if (a.count("--json")) {
         std::vector<std::string> items;
         for (const auto & r : rows) {
             json::Object o;
-            o.str("test", r.test).str("method", r.method).integer("budget", r.budget).num("tokens_per_second", r.tokens_per_second);
+            o.str("test", r.test)
+                .str("method", r.method)
+                .integer("budget", r.budget)
+                .num("tokens_per_second", r.tokens_per_second);
             std::vector<std::string> samples;
             for (double x : r.samples) samples.push_back(json::number(x));
             o.raw("samples", json::array(samples)).num("kv_mib", r.kv_mib);
             if (r.llama_tokens_per_second > 0) o.num("llama_cpp_tokens_per_second", r.llama_tokens_per_second);
-            if (r.method != "full" && full_at.count(r.test)) o.num("speedup_vs_full", r.tokens_per_second / full_at[r.test]);
+            if (r.method != "full" && full_at.count(r.test))
+                o.num("speedup_vs_full", r.tokens_per_second / full_at[r.test]);
             items.push_back(o.dump());
         }
         std::cout << json::Object()
@@ -302,10 +318,11 @@ int bench_single(const Flags & a) {
                   << "\n";
         return 0;
     }
-    std::printf("model %s | %s | %d threads | median of %d\n", eo.model_path.c_str(), engine.device_name().c_str(), threads, reps);
+    std::printf("model %s | %s | %d threads | median of %d\n", eo.model_path.c_str(), engine.device_name().c_str(),
+                threads, reps);
     std::printf("%-14s %-16s %12s %10s %14s %10s\n", "test", "method", "tok/s", "KV MiB", "llama.cpp", "ratio");
     for (const auto & r : rows) {
-        std::string m = r.method + (r.budget ? "@" + std::to_string(r.budget) : "");
+        std::string m       = r.method + (r.budget ? "@" + std::to_string(r.budget) : "");
         char        ref[32] = "-", ratio[32] = "-";
         if (r.llama_tokens_per_second > 0) {
             std::snprintf(ref, sizeof(ref), "%.1f", r.llama_tokens_per_second);
@@ -313,39 +330,41 @@ int bench_single(const Flags & a) {
         } else if (r.method != "full" && full_at.count(r.test)) {
             std::snprintf(ratio, sizeof(ratio), "%.2fx full", r.tokens_per_second / full_at[r.test]);
         }
-        std::printf("%-14s %-16s %12.1f %10.2f %14s %10s\n", r.test.c_str(), m.c_str(), r.tokens_per_second, r.kv_mib, ref, ratio);
+        std::printf("%-14s %-16s %12.1f %10.2f %14s %10s\n", r.test.c_str(), m.c_str(), r.tokens_per_second, r.kv_mib,
+                    ref, ratio);
     }
     return 0;
 }
 
-
 // Aggregate decode speed of N concurrent sessions sharing one prefill of --prompt-len random
 // tokens (forked, so the prompt is computed once, like llama-batched-bench -pps), per method.
 int bench_sessions(const Flags & a) {
-    const std::vector<int> counts  = int_list("--sessions", flag(a, "--sessions", "1,4,16,64"), 1);
-    const int              n       = int_list("--prompt-len", flag(a, "--prompt-len", "4096"), 16)[0];
-    const int              n_gen   = int_list("--decode-tokens", flag(a, "--decode-tokens", "32"), 1)[0];
-    const int              budget  = int_list("--budget", flag(a, "--budget", "128"), 9)[0];
-    const int              threads = int_list("--threads", flag(a, "--threads", std::to_string(default_threads())), 1)[0];
+    const std::vector<int> counts = int_list("--sessions", flag(a, "--sessions", "1,4,16,64"), 1);
+    const int              n      = int_list("--prompt-len", flag(a, "--prompt-len", "4096"), 16)[0];
+    const int              n_gen  = int_list("--decode-tokens", flag(a, "--decode-tokens", "32"), 1)[0];
+    const int              budget = int_list("--budget", flag(a, "--budget", "128"), 9)[0];
+    const int threads = int_list("--threads", flag(a, "--threads", std::to_string(default_threads())), 1)[0];
     std::vector<std::string> methods;
     {
         std::stringstream ss(flag(a, "--methods", "full,pyramidkv"));
         for (std::string m; std::getline(ss, m, ',');) {
-            if (!find_method(m)) throw Error("--methods", "unknown method '" + m + "' (accepted: " + method_names_joined() + ")");
+            if (!find_method(m))
+                throw Error("--methods", "unknown method '" + m + "' (accepted: " + method_names_joined() + ")");
             methods.push_back(m);
         }
     }
-    const int most = *std::max_element(counts.begin(), counts.end());
+    const int     most = *std::max_element(counts.begin(), counts.end());
     EngineOptions eo;
-    eo.model_path = flag(a, "--model", default_model_path());
-    eo.n_threads  = threads;
-    eo.device     = flag(a, "--device", "auto");
-    eo.n_ctx      = n + n_gen + 1;
+    eo.model_path    = flag(a, "--model", default_model_path());
+    eo.n_threads     = threads;
+    eo.device        = flag(a, "--device", "auto");
+    eo.n_ctx         = n + n_gen + 1;
     eo.kv_pool_bytes = a.count("--kv-pool-bytes") ? std::stoull(a.at("--kv-pool-bytes")) : 0;
     // FullKV for every session plus the source prefill, with page and growth slack.
     eo.kv_pool_tokens = (size_t) (most + 1) * (n + n / 8 + n_gen + 128);
     Engine engine(eo);
-    std::fprintf(stderr, "[bench] pool %.2f GiB, prefill %d tokens once\n", engine.pool().capacity_bytes() / 1073741824.0, n);
+    std::fprintf(stderr, "[bench] pool %.2f GiB, prefill %d tokens once\n",
+                 engine.pool().capacity_bytes() / 1073741824.0, n);
     Session source(engine, CompressionParams{ "full" });
     source.set_keep_scores(true);
     source.prefill(random_tokens(n, engine.config().n_vocab, 7));
@@ -373,7 +392,8 @@ int bench_sessions(const Flags & a) {
             }
             const double secs = seconds_since(t0);
             results.push_back({ m, count, count * n_gen / secs, sessions[0]->stats().kv_bytes / 1048576.0 });
-            std::fprintf(stderr, "[bench] %s x%d: %.1f tok/s aggregate\n", m.c_str(), count, results.back().tokens_per_second);
+            std::fprintf(stderr, "[bench] %s x%d: %.1f tok/s aggregate\n", m.c_str(), count,
+                         results.back().tokens_per_second);
         }
     }
     std::map<int, double> llama;
@@ -399,17 +419,27 @@ int bench_sessions(const Flags & a) {
         std::vector<std::string> items;
         for (const auto & r : results) {
             json::Object o;
-            o.str("method", r.method).integer("sessions", r.sessions).num("tokens_per_second", r.tokens_per_second).num("kv_mib_per_session", r.kv_mib_per_session);
+            o.str("method", r.method)
+                .integer("sessions", r.sessions)
+                .num("tokens_per_second", r.tokens_per_second)
+                .num("kv_mib_per_session", r.kv_mib_per_session);
             if (llama.count(r.sessions)) o.num("llama_cpp_tokens_per_second", llama[r.sessions]);
             items.push_back(o.dump());
         }
-        std::cout << json::Object().integer("prompt_tokens", n).integer("decode_tokens", n_gen).integer("threads", threads)
-                         .str("device", engine.device_name()).raw("results", json::array(items)).dump() << "\n";
+        std::cout << json::Object()
+                         .integer("prompt_tokens", n)
+                         .integer("decode_tokens", n_gen)
+                         .integer("threads", threads)
+                         .str("device", engine.device_name())
+                         .raw("results", json::array(items))
+                         .dump()
+                  << "\n";
         return 0;
     }
-    std::printf("aggregate decode: %d sessions sharing a %d-token prefill, %d tokens each | %s | %d threads\n", most, n, n_gen,
-                engine.device_name().c_str(), threads);
-    std::printf("%-14s %9s %14s %16s %18s\n", "method", "sessions", "tok/s (sum)", "KV MiB/session", "llama-batched-bench");
+    std::printf("aggregate decode: %d sessions sharing a %d-token prefill, %d tokens each | %s | %d threads\n", most, n,
+                n_gen, engine.device_name().c_str(), threads);
+    std::printf("%-14s %9s %14s %16s %18s\n", "method", "sessions", "tok/s (sum)", "KV MiB/session",
+                "llama-batched-bench");
     for (const auto & r : results) {
         std::string m = r.method + (r.method == "full" ? "" : "@" + std::to_string(budget));
         std::printf("%-14s %9d %14.1f %16.2f %18s\n", m.c_str(), r.sessions, r.tokens_per_second, r.kv_mib_per_session,
@@ -425,19 +455,21 @@ int bench_prefill_memory(const Flags & a) {
     const int              chunk   = int_list("--chunk-size", flag(a, "--chunk-size", "1024"), 0)[0];
     const int              budget  = int_list("--budget", flag(a, "--budget", "128"), 9)[0];
     const std::string      model   = flag(a, "--model", default_model_path());
-    const int              threads = int_list("--threads", flag(a, "--threads", std::to_string(default_threads())), 1)[0];
+    const int threads = int_list("--threads", flag(a, "--threads", std::to_string(default_threads())), 1)[0];
     if (lengths.size() > 1 || !a.count("--child")) {
-        std::printf("peak RSS of one pyramidkv@%d session prefilling N tokens, chunk %d | model %s\n", budget, chunk, model.c_str());
+        std::printf("peak RSS of one pyramidkv@%d session prefilling N tokens, chunk %d | model %s\n", budget, chunk,
+                    model.c_str());
         std::printf("%10s %12s %12s %14s\n", "tokens", "peak MiB", "seconds", "KV MiB after");
         for (int n : lengths) {
-            char exe[4096];
+            char          exe[4096];
             const ssize_t len = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
             if (len <= 0) throw Error("bench", "cannot locate the engine binary");
-            const std::string cmd = std::string(exe, len) + " bench --prefill-memory " + std::to_string(n) + " --chunk-size " +
-                                    std::to_string(chunk) + " --budget " + std::to_string(budget) + " --model '" + model +
-                                    "' --threads " + std::to_string(threads) + " --child 1 2>/dev/null";
-            FILE * f = popen(cmd.c_str(), "r");
-            char   line[512] = "";
+            const std::string cmd = std::string(exe, len) + " bench --prefill-memory " + std::to_string(n) +
+                                    " --chunk-size " + std::to_string(chunk) + " --budget " + std::to_string(budget) +
+                                    " --model '" + model + "' --threads " + std::to_string(threads) +
+                                    " --child 1 2>/dev/null";
+            FILE *            f   = popen(cmd.c_str(), "r");
+            char              line[512] = "";
             if (f) {
                 if (!std::fgets(line, sizeof(line), f)) line[0] = 0;
                 pclose(f);
@@ -447,7 +479,7 @@ int bench_prefill_memory(const Flags & a) {
         }
         return 0;
     }
-    const int n = lengths[0];
+    const int     n = lengths[0];
     EngineOptions eo;
     eo.model_path = model;
     eo.n_threads  = threads;
@@ -470,9 +502,9 @@ int bench_prefill_memory(const Flags & a) {
 // How many sessions of --prompt-len tokens fit in a --kv-pool-bytes pool (default 1 GiB),
 // FullKV vs pyramidkv@budget: sessions are forked from one prefill until the pool refuses.
 int bench_pool_fit(const Flags & a) {
-    const int    n       = int_list("--prompt-len", flag(a, "--prompt-len", "8192"), 16)[0];
-    const int    budget  = int_list("--budget", flag(a, "--budget", "128"), 9)[0];
-    const size_t pool    = a.count("--kv-pool-bytes") ? std::stoull(a.at("--kv-pool-bytes")) : (size_t) 1 << 30;
+    const int     n      = int_list("--prompt-len", flag(a, "--prompt-len", "8192"), 16)[0];
+    const int     budget = int_list("--budget", flag(a, "--budget", "128"), 9)[0];
+    const size_t  pool   = a.count("--kv-pool-bytes") ? std::stoull(a.at("--kv-pool-bytes")) : (size_t) 1 << 30;
     EngineOptions eo;
     eo.model_path    = flag(a, "--model", default_model_path());
     eo.n_threads     = int_list("--threads", flag(a, "--threads", std::to_string(default_threads())), 1)[0];
@@ -501,10 +533,11 @@ int bench_pool_fit(const Flags & a) {
         const size_t per  = held.empty() ? source_bytes : held[0]->stats().pool_bytes;
         const int    more = per ? (int) (source_bytes / per) : 0;
         fits.emplace_back(m, (int) held.size() + more);
-        std::printf("%-14s %8d sessions  (%.2f MiB of pool each)\n", (m == "full" ? m : m + "@" + std::to_string(budget)).c_str(),
-                    fits.back().second, per / 1048576.0);
+        std::printf("%-14s %8d sessions  (%.2f MiB of pool each)\n",
+                    (m == "full" ? m : m + "@" + std::to_string(budget)).c_str(), fits.back().second, per / 1048576.0);
     }
-    if (fits[0].second > 0) std::printf("ratio: %.1fx more sessions with pyramidkv@%d\n", (double) fits[1].second / fits[0].second, budget);
+    if (fits[0].second > 0)
+        std::printf("ratio: %.1fx more sessions with pyramidkv@%d\n", (double) fits[1].second / fits[0].second, budget);
     return 0;
 }
 

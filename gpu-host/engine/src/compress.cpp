@@ -39,7 +39,7 @@ std::vector<int> pyramid_budgets(int n_layers, int budget, int n, int window, in
         hi = n - alpha;
         lo = 2 * (B - alpha) - hi;
     }
-    const int64_t steps = n_layers > 1 ? (hi - lo) / (n_layers - 1) : 0;
+    const int64_t    steps = n_layers > 1 ? (hi - lo) / (n_layers - 1) : 0;
     std::vector<int> out(n_layers);
     for (int l = 0; l < n_layers; ++l) {
         out[l] = static_cast<int>(hi - l * steps + alpha);
@@ -117,9 +117,7 @@ HeadSelection all_positions(int n_head_kv, int n) {
 }
 
 // NaN (a broken model, not a user error) must not break nth_element's strict weak ordering.
-float rank_key(float s) {
-    return std::isnan(s) ? -std::numeric_limits<float>::infinity() : s;
-}
+float rank_key(float s) { return std::isnan(s) ? -std::numeric_limits<float>::infinity() : s; }
 
 }  // namespace
 
@@ -251,14 +249,25 @@ std::vector<int> pyramid_layer_budgets(int n_layers, int n, const CompressionPar
 }
 
 const Method kFull{ "full", "FullKV: keeps every prompt position", false, false, full_budgets, full_select };
-const Method kStreamingLLM{ "streamingllm", "StreamingLLM: 4 attention sinks plus the most recent tokens",
-                            false, false, uniform_layer_budgets, streamingllm_select };
-const Method kH2O{ "h2o", "H2O: heavy hitters by attention accumulated over all prompt queries", false, true,
-                   uniform_layer_budgets, h2o_select };
-const Method kSnapKV{ "snapkv", "SnapKV: observation-window scores, uniform budget", true, false,
-                      uniform_layer_budgets, snap_select };
-const Method kPyramidKV{ "pyramidkv", "PyramidKV: observation-window scores, pyramid per-layer budgets", true,
-                         false, pyramid_layer_budgets, snap_select };
+const Method kStreamingLLM{ "streamingllm",
+                            "StreamingLLM: 4 attention sinks plus the most recent tokens",
+                            false,
+                            false,
+                            uniform_layer_budgets,
+                            streamingllm_select };
+const Method kH2O{ "h2o",
+                   "H2O: heavy hitters by attention accumulated over all prompt queries",
+                   false,
+                   true,
+                   uniform_layer_budgets,
+                   h2o_select };
+const Method kSnapKV{
+    "snapkv", "SnapKV: observation-window scores, uniform budget", true, false, uniform_layer_budgets, snap_select
+};
+const Method kPyramidKV{
+    "pyramidkv", "PyramidKV: observation-window scores, pyramid per-layer budgets", true, false, pyramid_layer_budgets,
+    snap_select
+};
 
 }  // namespace
 
@@ -297,12 +306,12 @@ std::string validate_params(const CompressionParams & p) {
     }
     // The budget includes the window, so it must leave room for at least one selected position.
     if (p.budget <= p.window) {
-        return "--budget: " + std::to_string(p.budget) + " must be greater than --window (" +
-               std::to_string(p.window) + ")";
+        return "--budget: " + std::to_string(p.budget) + " must be greater than --window (" + std::to_string(p.window) +
+               ")";
     }
     if (m == &kStreamingLLM && p.budget <= kAttentionSinks) {
-        return "--budget: " + std::to_string(p.budget) + " must be greater than " +
-               std::to_string(kAttentionSinks) + " for streamingllm (its attention sinks)";
+        return "--budget: " + std::to_string(p.budget) + " must be greater than " + std::to_string(kAttentionSinks) +
+               " for streamingllm (its attention sinks)";
     }
     if (p.beta < 1) {
         return "--beta: " + std::to_string(p.beta) + " must be >= 1";

@@ -38,7 +38,8 @@ ggml_backend_t init_backend(const std::string & device, int n_threads) {
     if (!backend) backend = ggml_backend_init_by_type(GGML_BACKEND_DEVICE_TYPE_CPU, nullptr);
     if (!backend) throw Error("--device", "no ggml backend could be initialised");
     if (ggml_backend_is_cpu(backend)) {
-        ggml_backend_cpu_set_n_threads(backend, n_threads > 0 ? n_threads : (int) std::max(1u, std::thread::hardware_concurrency()));
+        ggml_backend_cpu_set_n_threads(
+            backend, n_threads > 0 ? n_threads : (int) std::max(1u, std::thread::hardware_concurrency()));
     }
     return backend;
 }
@@ -56,12 +57,12 @@ Engine::Engine(const EngineOptions & opt) : opt_(opt) {
         ggml_backend_free(backend_);
         throw;
     }
-    const ModelConfig & c        = model_->config();
-    const size_t        per_slot = 2 * (size_t) c.n_head_kv * c.head_dim * sizeof(ggml_fp16_t);
-    const size_t        pool_bytes =
-        opt_.kv_pool_bytes > 0    ? opt_.kv_pool_bytes
-        : opt_.kv_pool_tokens > 0 ? per_slot * c.n_layer * opt_.kv_pool_tokens
-                                  : per_slot * c.n_layer * ((size_t) n_ctx() + opt_.n_ubatch + 64);
+    const ModelConfig & c          = model_->config();
+    const size_t        per_slot   = 2 * (size_t) c.n_head_kv * c.head_dim * sizeof(ggml_fp16_t);
+    const size_t        pool_bytes = opt_.kv_pool_bytes > 0 ? opt_.kv_pool_bytes
+                                     : opt_.kv_pool_tokens > 0
+                                         ? per_slot * c.n_layer * opt_.kv_pool_tokens
+                                         : per_slot * c.n_layer * ((size_t) n_ctx() + opt_.n_ubatch + 64);
     try {
         pool_ = std::make_unique<KvPool>(backend_, c.head_dim, c.n_head_kv, pool_bytes);
     } catch (...) {
@@ -101,7 +102,8 @@ void Engine::compute(Graph & g) {
     }
 }
 
-ggml_tensor * window_probs(ggml_context * ctx, ggml_tensor * k, ggml_tensor * q_window, ggml_tensor * mask, float scale) {
+ggml_tensor * window_probs(ggml_context * ctx, ggml_tensor * k, ggml_tensor * q_window, ggml_tensor * mask,
+                           float scale) {
     ggml_tensor * kq = ggml_mul_mat(ctx, k, q_window);  // [n_kv, n_window, n_head]
     ggml_prec_set_acc(kq, GGML_PREC_F32);
     return ggml_soft_max_ext(ctx, kq, mask, scale, 0.0f);
@@ -110,7 +112,6 @@ ggml_tensor * window_probs(ggml_context * ctx, ggml_tensor * k, ggml_tensor * q_
 int32_t argmax(const std::vector<float> & logits) {
     return (int32_t) (std::max_element(logits.begin(), logits.end()) - logits.begin());
 }
-
 
 void Engine::decode_batch(const std::vector<Session *> & sessions, const std::vector<int32_t> & tokens) {
     if (sessions.size() != tokens.size()) throw Error("tokens", "one token per session");
@@ -135,9 +136,9 @@ void Engine::forward(const std::vector<ForwardItem> & items, const ForwardOption
     const int           n_items  = (int) items.size();
     int                 n_total  = 0;
     for (const ForwardItem & it : items) n_total += it.n_tokens;
-    const bool scores = n_items == 1 && (fo.window_probs > 0 || fo.accumulate_probs);
-    Graph          g   = begin_graph();
-    ggml_context * ctx = g.ctx;
+    const bool     scores = n_items == 1 && (fo.window_probs > 0 || fo.accumulate_probs);
+    Graph          g      = begin_graph();
+    ggml_context * ctx    = g.ctx;
 
     ggml_tensor * inp_tokens = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_total);
     ggml_tensor * inp_pos    = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_total);
@@ -152,7 +153,7 @@ void Engine::forward(const std::vector<ForwardItem> & items, const ForwardOption
     // Causal masks for items of several tokens, one per (item, stored length): keys are the stored
     // entries (all visible) followed by the new tokens.
     std::map<std::pair<int, int>, ggml_tensor *> masks;
-    auto mask_for = [&](int item, int stored) -> ggml_tensor * {
+    auto                                         mask_for = [&](int item, int stored) -> ggml_tensor * {
         ggml_tensor *& t = masks[{ item, stored }];
         if (!t) {
             t = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, stored + items[item].n_tokens, items[item].n_tokens);
@@ -168,7 +169,7 @@ void Engine::forward(const std::vector<ForwardItem> & items, const ForwardOption
     }
 
     std::vector<std::pair<int, ggml_tensor *>> window_out, accum_out;
-    ggml_tensor * x = ggml_get_rows(ctx, m.token_embd, inp_tokens);  // [n_embd, n_total]
+    ggml_tensor *                              x = ggml_get_rows(ctx, m.token_embd, inp_tokens);  // [n_embd, n_total]
     for (int il = 0; il < c.n_layer; ++il) {
         const LayerWeights & w      = m.layers[il];
         ggml_tensor *        inp_sa = x;
@@ -189,10 +190,10 @@ void Engine::forward(const std::vector<ForwardItem> & items, const ForwardOption
             q = ggml_mul(ctx, ggml_rms_norm(ctx, q, c.rms_eps), w.q_norm);
             k = ggml_mul(ctx, ggml_rms_norm(ctx, k, c.rms_eps), w.k_norm);
         }
-        q = ggml_rope_ext(ctx, q, inp_pos, m.rope_freqs, c.n_rot, c.rope_type, c.n_ctx_train, c.rope_base,
-                          c.rope_scale, 0.0f, 1.0f, 32.0f, 1.0f);
-        k = ggml_rope_ext(ctx, k, inp_pos, m.rope_freqs, c.n_rot, c.rope_type, c.n_ctx_train, c.rope_base,
-                          c.rope_scale, 0.0f, 1.0f, 32.0f, 1.0f);
+        q = ggml_rope_ext(ctx, q, inp_pos, m.rope_freqs, c.n_rot, c.rope_type, c.n_ctx_train, c.rope_base, c.rope_scale,
+                          0.0f, 1.0f, 32.0f, 1.0f);
+        k = ggml_rope_ext(ctx, k, inp_pos, m.rope_freqs, c.n_rot, c.rope_type, c.n_ctx_train, c.rope_base, c.rope_scale,
+                          0.0f, 1.0f, 32.0f, 1.0f);
 
         // Append every token's K, V at its session's next slot of this layer. Reading the store
         // through set_rows' result orders these writes before the attention.
@@ -208,27 +209,33 @@ void Engine::forward(const std::vector<ForwardItem> & items, const ForwardOption
             const int       n_kv   = stored + n_tok;
             const size_t    first  = (size_t) pool_->first_slot(s.pages_[il]);
             // This session's entries: a strided view of its pages, [head_dim, n_kv, n_head_kv].
-            ggml_tensor * kview = ggml_view_3d(ctx, kc, c.head_dim, n_kv, c.n_head_kv, kc->nb[1], kc->nb[2], first * kc->nb[1]);
-            ggml_tensor * vview = ggml_view_3d(ctx, vc, c.head_dim, n_kv, c.n_head_kv, vc->nb[1], vc->nb[2], first * vc->nb[1]);
-            ggml_tensor * qb    = n_items == 1 ? qp : ggml_view_3d(ctx, qp, c.head_dim, n_tok, c.n_head, qp->nb[1], qp->nb[2], offset * qp->nb[1]);
-            ggml_tensor * mask  = n_tok > 1 ? mask_for(b, stored) : nullptr;
-            ggml_tensor * attn  = ggml_flash_attn_ext(ctx, qb, kview, vview, mask, kq_scale, 0.0f, 0.0f);
+            ggml_tensor * kview =
+                ggml_view_3d(ctx, kc, c.head_dim, n_kv, c.n_head_kv, kc->nb[1], kc->nb[2], first * kc->nb[1]);
+            ggml_tensor * vview =
+                ggml_view_3d(ctx, vc, c.head_dim, n_kv, c.n_head_kv, vc->nb[1], vc->nb[2], first * vc->nb[1]);
+            ggml_tensor * qb   = n_items == 1 ? qp
+                                              : ggml_view_3d(ctx, qp, c.head_dim, n_tok, c.n_head, qp->nb[1], qp->nb[2],
+                                                             offset * qp->nb[1]);
+            ggml_tensor * mask = n_tok > 1 ? mask_for(b, stored) : nullptr;
+            ggml_tensor * attn = ggml_flash_attn_ext(ctx, qb, kview, vview, mask, kq_scale, 0.0f, 0.0f);
             ggml_prec_set_acc(attn, GGML_PREC_F32);
             attn_parts.push_back(ggml_reshape_2d(ctx, attn, c.head_dim * c.n_head, n_tok));  // [n_head*head_dim, n_tok]
 
             if (scores && fo.window_probs > 0) {
                 // SnapKV scores: the last window queries against every key, an α×n product per layer.
                 const int     nw = fo.window_probs;
-                ggml_tensor * qw = ggml_view_3d(ctx, qb, c.head_dim, nw, c.n_head, qb->nb[1], qb->nb[2], (n_tok - nw) * qb->nb[1]);
-                ggml_tensor * mw = mask ? ggml_view_2d(ctx, mask, n_kv, nw, mask->nb[1], (n_tok - nw) * mask->nb[1]) : nullptr;
-                ggml_tensor * p  = window_probs(ctx, kview, qw, mw, kq_scale);
+                ggml_tensor * qw =
+                    ggml_view_3d(ctx, qb, c.head_dim, nw, c.n_head, qb->nb[1], qb->nb[2], (n_tok - nw) * qb->nb[1]);
+                ggml_tensor * mw =
+                    mask ? ggml_view_2d(ctx, mask, n_kv, nw, mask->nb[1], (n_tok - nw) * mask->nb[1]) : nullptr;
+                ggml_tensor * p = window_probs(ctx, kview, qw, mw, kq_scale);
                 ggml_set_output(p);
                 ggml_build_forward_expand(g.gf, p);
                 window_out.emplace_back(il, p);
             }
             if (scores && fo.accumulate_probs) {
                 // H2O: every query of this chunk against every key, summed over queries.
-                ggml_tensor * p = window_probs(ctx, kview, qb, mask, kq_scale);                // [n_kv, n_tok, n_head]
+                ggml_tensor * p = window_probs(ctx, kview, qb, mask, kq_scale);            // [n_kv, n_tok, n_head]
                 p = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, p, 1, 0, 2, 3)));  // [1, n_kv, n_head]
                 ggml_set_output(p);
                 ggml_build_forward_expand(g.gf, p);
@@ -304,14 +311,15 @@ void Engine::forward(const std::vector<ForwardItem> & items, const ForwardOption
         }
         for (auto & [il, t] : accum_out) {
             // Entries of this layer's view: those stored before (whose sums we hold) then the chunk.
-            const int           n_kv = (int) t->ne[1];
-            std::vector<float>  chunk(ggml_nelements(t));
+            const int          n_kv = (int) t->ne[1];
+            std::vector<float> chunk(ggml_nelements(t));
             ggml_backend_tensor_get(t, chunk.data(), 0, ggml_nbytes(t));
             std::vector<float> & acc   = s.accumulated_[il];
             const int            old_n = acc.empty() ? 0 : (int) (acc.size() / c.n_head);
             std::vector<float>   grown((size_t) c.n_head * n_kv, 0.0f);
             for (int h = 0; h < c.n_head; ++h) {
-                for (int j = 0; j < std::min(old_n, n_kv); ++j) grown[(size_t) h * n_kv + j] = acc[(size_t) h * old_n + j];
+                for (int j = 0; j < std::min(old_n, n_kv); ++j)
+                    grown[(size_t) h * n_kv + j] = acc[(size_t) h * old_n + j];
                 for (int j = 0; j < n_kv; ++j) grown[(size_t) h * n_kv + j] += chunk[(size_t) h * n_kv + j];
             }
             acc = std::move(grown);
@@ -326,7 +334,9 @@ void Engine::forward(const std::vector<ForwardItem> & items, const ForwardOption
 
     for (int b = 0; b < n_items; ++b) {
         Session & s = *items[b].session;
-        if (logits) s.logits_.assign(all_logits.begin() + (size_t) b * c.n_vocab, all_logits.begin() + (size_t) (b + 1) * c.n_vocab);
+        if (logits)
+            s.logits_.assign(all_logits.begin() + (size_t) b * c.n_vocab,
+                             all_logits.begin() + (size_t) (b + 1) * c.n_vocab);
         s.appended(items[b].tokens, items[b].n_tokens);
     }
 }

@@ -18,13 +18,13 @@ namespace pkv {
 
 struct EngineOptions {
     std::string model_path;
-    int         n_threads     = 0;       // 0: all cores
-    std::string device        = "auto";  // auto | cpu | gpu
-    int         n_ubatch      = 512;     // prompt tokens per graph evaluation
-    int         n_ctx         = 0;       // longest session in tokens; 0: the model's training context
-    size_t      kv_pool_bytes = 0;       // pool capacity; 0: see kv_pool_tokens
-    size_t      kv_pool_tokens = 0;      // pool capacity as entries per layer (when bytes is 0);
-                                         // both 0: one FullKV session of n_ctx tokens + one ubatch
+    int         n_threads      = 0;       // 0: all cores
+    std::string device         = "auto";  // auto | cpu | gpu
+    int         n_ubatch       = 512;     // prompt tokens per graph evaluation
+    int         n_ctx          = 0;       // longest session in tokens; 0: the model's training context
+    size_t      kv_pool_bytes  = 0;       // pool capacity; 0: see kv_pool_tokens
+    size_t      kv_pool_tokens = 0;       // pool capacity as entries per layer (when bytes is 0);
+                                          // both 0: one FullKV session of n_ctx tokens + one ubatch
 };
 
 class Session;
@@ -37,7 +37,7 @@ class Engine {
   public:
     explicit Engine(const EngineOptions & opt);
     ~Engine();
-    Engine(const Engine &) = delete;
+    Engine(const Engine &)             = delete;
     Engine & operator=(const Engine &) = delete;
 
     const Model &         model() const { return *model_; }
@@ -100,7 +100,7 @@ class Session {
     // per layer ≤ budget + chunk); 0: one-shot (the whole input, then compress once).
     Session(Engine & engine, const CompressionParams & params, int chunk_size = 0);
     ~Session();
-    Session(const Session &) = delete;
+    Session(const Session &)             = delete;
     Session & operator=(const Session &) = delete;
 
     // Evaluate tokens (in ubatches of EngineOptions::n_ubatch), compressing per the method and the
@@ -117,7 +117,7 @@ class Session {
     };
     std::vector<AppendStep> plan_append(int n) const;
     void                    run_append_step(const std::vector<int32_t> & tokens, const AppendStep & step);
-    void prefill(const std::vector<int32_t> & tokens) { append(tokens); }
+    void                    prefill(const std::vector<int32_t> & tokens) { append(tokens); }
     // Append one token (its position = tokens seen) and compute its logits.
     void decode(int32_t token);
     // Make room for n more tokens in every layer (fails cleanly when the pool is full).
@@ -131,8 +131,8 @@ class Session {
     std::string                     save() const;
     static std::unique_ptr<Session> restore(Engine & engine, const std::string & bytes);
 
-    const std::vector<float> &         logits() const { return logits_; }
-    SessionStats                       stats() const;
+    const std::vector<float> & logits() const { return logits_; }
+    SessionStats               stats() const;
     // Prompt positions kept per layer and KV head by the last compression (empty before).
     const std::vector<HeadSelection> & kept() const { return kept_; }
     // Positions held now, per layer and KV head, in storage order.
@@ -145,7 +145,7 @@ class Session {
 
     // Keep the prefill's attention scores (needed by fork; tests inspect them): window
     // probabilities [n_head][n_window][n] and accumulated attention [n_head][n] per layer.
-    void set_keep_scores(bool on) { keep_scores_ = on; }
+    void                                    set_keep_scores(bool on) { keep_scores_ = on; }
     const std::vector<std::vector<float>> & recorded_window_probs() const { return window_probs_; }
     const std::vector<std::vector<float>> & recorded_accumulated() const { return accumulated_; }
 
@@ -156,36 +156,37 @@ class Session {
     void compress();
     // Keep, per layer, the listed entries of each KV head (storage indices, ascending), copying
     // them from `src` (this session or the one being forked) into this session's pages.
-    void keep_entries(const std::vector<HeadSelection> & entries, const Session & src);
+    void                       keep_entries(const std::vector<HeadSelection> & entries, const Session & src);
     std::vector<HeadSelection> select(const Method & method, const CompressionParams & p) const;
     void                       ensure_layer_capacity(int il, int need, bool growth_room);
     void                       check_tokens(const int32_t * tokens, int n) const;  // ids and context
-    void                       appended(const int32_t * tokens, int n);           // bookkeeping after a forward
+    void                       appended(const int32_t * tokens, int n);            // bookkeeping after a forward
 
-    Engine &                   engine_;
-    CompressionParams          params_;
-    const Method *             method_;
-    int                        chunk_size_ = 0;
-    std::vector<KvPool::Handle> pages_;     // per layer
-    std::vector<int>           size_;       // entries held per layer
-    std::vector<HeadSelection> positions_;  // [layer][kv_head][entry] → token position
-    std::vector<HeadSelection> kept_;
-    std::vector<int32_t>       tokens_;
-    std::vector<float>         logits_;
+    Engine &                    engine_;
+    CompressionParams           params_;
+    const Method *              method_;
+    int                         chunk_size_ = 0;
+    std::vector<KvPool::Handle> pages_;      // per layer
+    std::vector<int>            size_;       // entries held per layer
+    std::vector<HeadSelection>  positions_;  // [layer][kv_head][entry] → token position
+    std::vector<HeadSelection>  kept_;
+    std::vector<int32_t>        tokens_;
+    std::vector<float>          logits_;
     // Scores of the current prefill, per layer, for the entries held when they were computed.
     std::vector<std::vector<float>> window_probs_;  // [n_head][n_window][n]
     std::vector<std::vector<float>> accumulated_;   // [n_head][n]
-    bool   keep_scores_     = false;
-    bool   compressed_      = false;  // entries were dropped at least once
-    double prefill_seconds_ = 0.0;
-    double append_started_  = 0.0;
+    bool                            keep_scores_     = false;
+    bool                            compressed_      = false;  // entries were dropped at least once
+    double                          prefill_seconds_ = 0.0;
+    double                          append_started_  = 0.0;
 };
 
 // The SnapKV scoring product, one graph piece shared by the engine and its tests:
 // k [head_dim, n_kv, n_head_kv] (after RoPE), q_window [head_dim, n_window, n_head] (after RoPE),
 // mask F16 [n_kv, n_window] or null → softmax(q·kᵀ·scale + mask) in fp32, [n_kv, n_window, n_head].
 // Query head h reads KV head h / (n_head / n_head_kv), as in the attention itself.
-ggml_tensor * window_probs(ggml_context * ctx, ggml_tensor * k, ggml_tensor * q_window, ggml_tensor * mask, float scale);
+ggml_tensor * window_probs(ggml_context * ctx, ggml_tensor * k, ggml_tensor * q_window, ggml_tensor * mask,
+                           float scale);
 
 // Greedy argmax of a logit row (ties: lowest id), the default sampler.
 int32_t argmax(const std::vector<float> & logits);

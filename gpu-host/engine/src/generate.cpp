@@ -30,8 +30,8 @@ int32_t Sampler::sample(const std::vector<float> & logits) {
     return token;
 }
 
-GenerationResult generate(Session & session, const std::vector<int32_t> & prompt, int max_new, const SamplerOptions & so,
-                          const std::function<void(const std::string &)> & on_piece) {
+GenerationResult generate(Session & session, const std::vector<int32_t> & prompt, int max_new,
+                          const SamplerOptions & so, const std::function<void(const std::string &)> & on_piece) {
     using clock = std::chrono::steady_clock;
     GenerationResult r;
     Sampler          sampler(so);
@@ -45,9 +45,9 @@ GenerationResult generate(Session & session, const std::vector<int32_t> & prompt
     if (max_new <= 0) return r;
     session.reserve(max_new);
 
-    double decode_seconds = 0.0;
-    int    decode_steps   = 0;
-    int32_t token         = sampler.sample(session.logits());
+    double  decode_seconds = 0.0;
+    int     decode_steps   = 0;
+    int32_t token          = sampler.sample(session.logits());
     while (true) {
         if (model.is_end_of_turn(token)) break;
         r.tokens.push_back(token);

@@ -54,9 +54,9 @@ class Object {
         body_ += (body_.empty() ? "" : ", ") + quote(key) + ": " + encoded;
         return *this;
     }
-    Object & str(const std::string & key, const std::string & v) { return raw(key, quote(v)); }
-    Object & num(const std::string & key, double v) { return raw(key, number(v)); }
-    Object & integer(const std::string & key, long long v) { return raw(key, std::to_string(v)); }
+    Object &    str(const std::string & key, const std::string & v) { return raw(key, quote(v)); }
+    Object &    num(const std::string & key, double v) { return raw(key, number(v)); }
+    Object &    integer(const std::string & key, long long v) { return raw(key, std::to_string(v)); }
     std::string dump() const { return "{" + body_ + "}"; }
 
   private:

@@ -25,17 +25,17 @@ KvPool::KvPool(ggml_backend_t backend, int head_dim, int n_head_kv, size_t capac
     // Slots are addressed with int: n_slots = n_pages * page_slots must fit.
     const size_t max_pages = (size_t) (INT_MAX / page_slots);
     if (pages < 1) {
-        throw Error(kParam, std::to_string(capacity_bytes) + " bytes cannot hold one page of " +
-                                std::to_string(page) + " bytes (" + std::to_string(page_slots) + " slots of " +
-                                std::to_string(bytes_per_slot()) + " bytes); accepted range: " +
-                                std::to_string(page) + " to " + std::to_string(max_pages * page) + " bytes");
+        throw Error(kParam, std::to_string(capacity_bytes) + " bytes cannot hold one page of " + std::to_string(page) +
+                                " bytes (" + std::to_string(page_slots) + " slots of " +
+                                std::to_string(bytes_per_slot()) + " bytes); accepted range: " + std::to_string(page) +
+                                " to " + std::to_string(max_pages * page) + " bytes");
     }
     if (pages > max_pages) {
         throw Error(kParam, std::to_string(capacity_bytes) + " bytes is more than " + std::to_string(max_pages) +
                                 " pages of " + std::to_string(page) + " bytes; accepted range: " +
                                 std::to_string(page) + " to " + std::to_string(max_pages * page) + " bytes");
     }
-    n_pages_ = (int) pages;
+    n_pages_              = (int) pages;
     const int64_t n_slots = (int64_t) n_pages_ * page_slots_;
 
     ggml_init_params ip{ ggml_tensor_overhead() * 3, nullptr, /*no_alloc=*/true };
@@ -51,8 +51,7 @@ KvPool::KvPool(ggml_backend_t backend, int head_dim, int n_head_kv, size_t capac
         ctx_ = nullptr;
         throw Error(kParam, std::to_string(capacity_bytes) + " bytes (" + std::to_string(this->capacity_bytes()) +
                                 " in whole pages) cannot be allocated on backend " + ggml_backend_name(backend) +
-                                "; accepted range: " + std::to_string(page) +
-                                " bytes up to what the device has free");
+                                "; accepted range: " + std::to_string(page) + " bytes up to what the device has free");
     }
     // Zeroed once so slots that were never written hold finite values (masked attention reads them).
     ggml_backend_buffer_clear(buffer_, 0);
@@ -129,7 +128,8 @@ bool KvPool::resize(Handle h, int slots, int keep) {
     // 1. In place: the pages right after the run are free.
     if (cur > 0 && r.first_page + need <= n_pages_) {
         bool free_after = true;
-        for (int p = r.first_page + cur; p < r.first_page + need && free_after; ++p) free_after = page_owner_[p] == kNone;
+        for (int p = r.first_page + cur; p < r.first_page + need && free_after; ++p)
+            free_after = page_owner_[p] == kNone;
         if (free_after) {
             set_owner(r.first_page + cur, extra, h);
             used_pages_ += extra;
@@ -142,7 +142,8 @@ bool KvPool::resize(Handle h, int slots, int keep) {
     set_owner(r.first_page, cur, kNone);
     const int to = find_free_run(need);
     if (to >= 0) {
-        if (keep > 0 && to != r.first_page) move_data(r.first_page * page_slots_, to * page_slots_, need * page_slots_, keep);
+        if (keep > 0 && to != r.first_page)
+            move_data(r.first_page * page_slots_, to * page_slots_, need * page_slots_, keep);
         r.first_page = to;
         r.n_pages    = need;
         set_owner(to, need, h);

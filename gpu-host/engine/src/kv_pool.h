@@ -23,21 +23,21 @@ namespace pkv {
 
 class KvPool {
   public:
-    using Handle = int32_t;  // stable id of an allocation; its position may move on compaction
+    using Handle                  = int32_t;  // stable id of an allocation; its position may move on compaction
     static constexpr Handle kNone = -1;
 
     // capacity_bytes is rounded down to whole pages. Throws pkv::Error("--kv-pool-bytes", ...) when
     // it cannot hold a single page or the backend cannot allocate it.
     KvPool(ggml_backend_t backend, int head_dim, int n_head_kv, size_t capacity_bytes, int page_slots = 16);
     ~KvPool();
-    KvPool(const KvPool &) = delete;
+    KvPool(const KvPool &)             = delete;
     KvPool & operator=(const KvPool &) = delete;
 
     ggml_tensor * k() const { return k_; }  // [head_dim, n_slots, n_head_kv] f16
     ggml_tensor * v() const { return v_; }
     int           page_slots() const { return page_slots_; }
     int           n_pages() const { return n_pages_; }
-    size_t        bytes_per_slot() const;   // K + V, all KV heads, one slot
+    size_t        bytes_per_slot() const;  // K + V, all KV heads, one slot
     size_t        bytes_per_page() const { return bytes_per_slot() * page_slots_; }
     size_t        capacity_bytes() const { return bytes_per_page() * n_pages_; }
     size_t        used_bytes() const { return bytes_per_page() * used_pages_; }
@@ -74,7 +74,7 @@ class KvPool {
         bool live       = false;
     };
     bool is_live(Handle h) const { return h >= 0 && (size_t) h < runs_.size() && runs_[h].live; }
-    int  find_free_run(int pages) const;  // first-fit, -1 when none
+    int  find_free_run(int pages) const;   // first-fit, -1 when none
     void compact() { compact(kNone, 0); }  // slide every live run towards page 0, keeping order
     // Same, but `last` (with the data of its first `last_keep` slots) is placed after every other
     // run, so the free pages that follow it let it grow in place.
@@ -91,14 +91,14 @@ class KvPool {
     ggml_backend_t        backend_;
     int                   head_dim_  = 0;
     int                   n_head_kv_ = 0;
-    ggml_context *        ctx_    = nullptr;
-    ggml_backend_buffer_t buffer_ = nullptr;
-    ggml_tensor *         k_ = nullptr, * v_ = nullptr;
-    int                   page_slots_ = 16;
-    int                   n_pages_    = 0;
-    int                   used_pages_ = 0;
+    ggml_context *        ctx_       = nullptr;
+    ggml_backend_buffer_t buffer_    = nullptr;
+    ggml_tensor *         k_ = nullptr, *v_ = nullptr;
+    int                   page_slots_  = 16;
+    int                   n_pages_     = 0;
+    int                   used_pages_  = 0;
     int                   compactions_ = 0;
-    std::vector<Run>      runs_;        // indexed by Handle
+    std::vector<Run>      runs_;  // indexed by Handle
     std::vector<Handle>   free_handles_;
     std::vector<Handle>   page_owner_;  // kNone for a free page
     std::vector<uint8_t>  scratch_;     // host staging for data moves

@@ -4,22 +4,22 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
-#include <limits>
 #include <iostream>
+#include <limits>
 #include <map>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include "bench.h"
-#include "serve.h"
-#include "generate.h"
 #include "compress.h"
 #include "engine.h"
 #include "error.h"
+#include "generate.h"
 #include "json.h"
 #include "llama.h"
 #include "paths.h"
+#include "serve.h"
 
 using namespace pkv;
 
@@ -49,7 +49,7 @@ class Args {
     }
     long integer(const std::string & k, long fallback, long lo, long hi) const {
         if (!has(k)) return fallback;
-        const std::string v = str(k);
+        const std::string v   = str(k);
         char *            end = nullptr;
         const long        x   = std::strtol(v.c_str(), &end, 10);
         if (v.empty() || *end != '\0' || x < lo || x > hi) {
@@ -59,7 +59,7 @@ class Args {
     }
     double real(const std::string & k, double fallback, double lo, double hi) const {
         if (!has(k)) return fallback;
-        const std::string v = str(k);
+        const std::string v   = str(k);
         char *            end = nullptr;
         const double      x   = std::strtod(v.c_str(), &end);
         if (v.empty() || *end != '\0' || !(x >= lo && x <= hi)) {
@@ -72,25 +72,28 @@ class Args {
     std::map<std::string, std::string> values_;
 };
 
-const std::vector<std::string> kCompressionFlags = { "--method", "--budget", "--window", "--beta", "--kernel-size", "--pooling", "--head-aggregation" };
+const std::vector<std::string> kCompressionFlags = { "--method",      "--budget",  "--window",          "--beta",
+                                                     "--kernel-size", "--pooling", "--head-aggregation" };
 
 CompressionParams compression_params(const Args & a) {
     CompressionParams p;
-    p.method      = a.str("--method", p.method);
+    p.method = a.str("--method", p.method);
     // Ranges here only guard the integer parse; validate_params owns the real rules.
-    p.budget      = (int) a.integer("--budget", p.budget, -1000000000, 1000000000);
-    p.window      = (int) a.integer("--window", p.window, -1000000000, 1000000000);
-    p.beta        = (int) a.integer("--beta", p.beta, -1000000000, 1000000000);
-    p.kernel_size = (int) a.integer("--kernel-size", p.kernel_size, -1000000000, 1000000000);
+    p.budget            = (int) a.integer("--budget", p.budget, -1000000000, 1000000000);
+    p.window            = (int) a.integer("--window", p.window, -1000000000, 1000000000);
+    p.beta              = (int) a.integer("--beta", p.beta, -1000000000, 1000000000);
+    p.kernel_size       = (int) a.integer("--kernel-size", p.kernel_size, -1000000000, 1000000000);
     std::string problem = parse_pooling(a.str("--pooling", "maxpool"), "--pooling", p.pooling);
-    if (problem.empty()) problem = parse_aggregation(a.str("--head-aggregation", "mean"), "--head-aggregation", p.aggregation);
+    if (problem.empty())
+        problem = parse_aggregation(a.str("--head-aggregation", "mean"), "--head-aggregation", p.aggregation);
     if (problem.empty()) problem = validate_params(p);
     if (!problem.empty()) throw Error("", problem);
     return p;
 }
 
 std::string read_prompt(const Args & a) {
-    if (a.has("--prompt-file") == a.has("--prompt")) throw Error("--prompt-file", "give exactly one of --prompt-file F or --prompt T");
+    if (a.has("--prompt-file") == a.has("--prompt"))
+        throw Error("--prompt-file", "give exactly one of --prompt-file F or --prompt T");
     std::string text;
     if (a.has("--prompt")) {
         text = a.str("--prompt");
@@ -110,11 +113,11 @@ std::string read_prompt(const Args & a) {
 
 EngineOptions engine_options(const Args & a) {
     EngineOptions o;
-    o.model_path = a.str("--model", default_model_path());
-    o.n_threads  = (int) a.integer("--threads", 0, 0, 1024);
-    o.device     = a.str("--device", "auto");
-    o.n_ubatch   = (int) a.integer("--ubatch", 512, 1, 65536);
-    o.n_ctx      = (int) a.integer("--ctx-size", 0, 0, 1 << 24);
+    o.model_path    = a.str("--model", default_model_path());
+    o.n_threads     = (int) a.integer("--threads", 0, 0, 1024);
+    o.device        = a.str("--device", "auto");
+    o.n_ubatch      = (int) a.integer("--ubatch", 512, 1, 65536);
+    o.n_ctx         = (int) a.integer("--ctx-size", 0, 0, 1 << 24);
     o.kv_pool_bytes = (size_t) a.integer("--kv-pool-bytes", 0, 0, std::numeric_limits<long>::max());
     return o;
 }
@@ -123,11 +126,11 @@ int cmd_budgets(int argc, char ** argv) {
     Args a(argc, argv, 2, { "--json" }, { "--layers", "--budget", "--prompt-len", "--window", "--beta", "--method" });
     if (!a.has("--layers")) throw Error("--layers", "required (number of layers, >= 1)");
     if (!a.has("--prompt-len")) throw Error("--prompt-len", "required (prompt length in tokens, >= 1)");
-    const int layers = (int) a.integer("--layers", 0, 1, 100000);
-    const int n      = (int) a.integer("--prompt-len", 0, 1, 1 << 30);
-    CompressionParams p = compression_params(a);
-    const std::vector<int> b = find_method(p.method)->layer_budgets(layers, n, p);
-    double mean = 0;
+    const int              layers = (int) a.integer("--layers", 0, 1, 100000);
+    const int              n      = (int) a.integer("--prompt-len", 0, 1, 1 << 30);
+    CompressionParams      p      = compression_params(a);
+    const std::vector<int> b      = find_method(p.method)->layer_budgets(layers, n, p);
+    double                 mean   = 0;
     for (int x : b) mean += x;
     mean /= b.size();
     if (a.has("--json")) {
@@ -160,34 +163,40 @@ void write_kept(const std::string & path, const Session & s) {
 }
 
 int cmd_generate(int argc, char ** argv) {
-    Args a(argc, argv, 2, { "--json", "--no-chat-template" },
-           { "--model", "--method", "--budget", "--window", "--beta", "--kernel-size", "--pooling", "--head-aggregation",
-             "--prompt-file", "--prompt", "--question", "--max-new-tokens", "--threads", "--device", "--ubatch",
-             "--dump-kept", "--temperature", "--top-k", "--top-p", "--seed", "--chunk-size", "--kv-pool-bytes", "--ctx-size" });
+    Args                    a(argc, argv, 2, { "--json", "--no-chat-template" },
+                              { "--model",       "--method",        "--budget",   "--window",
+                                "--beta",        "--kernel-size",   "--pooling",  "--head-aggregation",
+                                "--prompt-file", "--prompt",        "--question", "--max-new-tokens",
+                                "--threads",     "--device",        "--ubatch",   "--dump-kept",
+                                "--temperature", "--top-k",         "--top-p",    "--seed",
+                                "--chunk-size",  "--kv-pool-bytes", "--ctx-size" });
     const CompressionParams p        = compression_params(a);
     const int               max_new  = (int) a.integer("--max-new-tokens", 128, 0, 1 << 20);
     const std::string       document = read_prompt(a);
     const bool              as_json  = a.has("--json");
-    SamplerOptions so;
+    SamplerOptions          so;
     so.temperature = (float) a.real("--temperature", 0.0, 0.0, 100.0);
     so.top_k       = (int) a.integer("--top-k", 0, 0, 1 << 30);
     so.top_p       = (float) a.real("--top-p", 1.0, 0.0, 1.0);
     so.seed        = (uint32_t) a.integer("--seed", 0, 0, 4294967295L);
 
-    Engine engine(engine_options(a));
+    Engine        engine(engine_options(a));
     const Model & model = engine.model();
     std::string   user  = document;
     if (a.has("--question")) user += "\n\n" + a.str("--question");
     const std::string          text   = a.has("--no-chat-template") ? user : model.apply_chat_template(user);
     const std::vector<int32_t> prompt = model.tokenize(text, true);
     if ((int) prompt.size() + max_new > engine.n_ctx()) {
-        throw Error(a.has("--prompt") ? "--prompt" : "--prompt-file", std::to_string(prompt.size()) + " prompt tokens + " + std::to_string(max_new) +
-                                         " new tokens exceed the model's context of " + std::to_string(engine.n_ctx()));
+        throw Error(a.has("--prompt") ? "--prompt" : "--prompt-file",
+                    std::to_string(prompt.size()) + " prompt tokens + " + std::to_string(max_new) +
+                        " new tokens exceed the model's context of " + std::to_string(engine.n_ctx()));
     }
 
     const int chunk = (int) a.integer("--chunk-size", kDefaultChunkSize, 0, 1 << 24);
-    if (chunk > 0 && chunk < p.window) throw Error("--chunk-size", std::to_string(chunk) + " must be 0 (one-shot) or >= --window (" + std::to_string(p.window) + ")");
-    Session session(engine, p, chunk);
+    if (chunk > 0 && chunk < p.window)
+        throw Error("--chunk-size",
+                    std::to_string(chunk) + " must be 0 (one-shot) or >= --window (" + std::to_string(p.window) + ")");
+    Session          session(engine, p, chunk);
     GenerationResult r = generate(session, prompt, max_new, so, [&](const std::string & piece) {
         if (!as_json) {
             std::cout << piece << std::flush;
@@ -195,7 +204,7 @@ int cmd_generate(int argc, char ** argv) {
     });
     if (a.has("--dump-kept")) write_kept(a.str("--dump-kept"), session);
 
-    const SessionStats st = session.stats();
+    const SessionStats st         = session.stats();
     const std::string  model_name = model.path().substr(model.path().find_last_of('/') + 1);
     if (as_json) {
         std::cout << json::Object()
@@ -213,17 +222,20 @@ int cmd_generate(int argc, char ** argv) {
                          .dump()
                   << "\n";
     } else {
-        int mn = r.prompt_kv_lengths[0], mx = mn;
+        int    mn = r.prompt_kv_lengths[0], mx = mn;
         double mean = 0;
         for (int x : r.prompt_kv_lengths) mn = std::min(mn, x), mx = std::max(mx, x), mean += x;
         mean /= r.prompt_kv_lengths.size();
-        std::printf("\n\n--- %s | method %s | budget %d (window %d, beta %d)\n", model_name.c_str(), p.method.c_str(), p.budget, p.window, p.beta);
+        std::printf("\n\n--- %s | method %s | budget %d (window %d, beta %d)\n", model_name.c_str(), p.method.c_str(),
+                    p.budget, p.window, p.beta);
         std::printf("prompt tokens %zu | kept per layer min %d / mean %.1f / max %d\n", prompt.size(), mn, mean, mx);
         std::printf("KV bytes after prefill: FullKV %.2f MiB, kept %.2f MiB, ratio %.1fx (now %zu tokens: %.2f MiB)\n",
                     r.prompt_full_kv_bytes / 1048576.0, r.prompt_kv_bytes / 1048576.0,
-                    (double) r.prompt_full_kv_bytes / std::max<size_t>(1, r.prompt_kv_bytes), (size_t) st.tokens_seen, st.kv_bytes / 1048576.0);
+                    (double) r.prompt_full_kv_bytes / std::max<size_t>(1, r.prompt_kv_bytes), (size_t) st.tokens_seen,
+                    st.kv_bytes / 1048576.0);
         std::printf("prefill %.2f s (%.1f tok/s) | decode %d tokens, %.1f tok/s | %s\n", r.prefill_seconds,
-                    prompt.size() / std::max(1e-9, r.prefill_seconds), r.new_tokens, r.decode_tokens_per_second, engine.device_name().c_str());
+                    prompt.size() / std::max(1e-9, r.prefill_seconds), r.new_tokens, r.decode_tokens_per_second,
+                    engine.device_name().c_str());
     }
     return 0;
 }
@@ -232,7 +244,7 @@ int cmd_generate(int argc, char ** argv) {
 // places needles and sizes prompts in tokens). The text is tokenized as given: no chat template.
 int cmd_tokenize(int argc, char ** argv) {
     Args a(argc, argv, 2, { "--json" }, { "--model", "--prompt-file", "--prompt", "--threads", "--kv-pool-bytes" });
-    const std::string          text   = read_prompt(a);
+    const std::string          text = read_prompt(a);
     Engine                     engine(engine_options(a));
     const std::vector<int32_t> tokens = engine.model().tokenize(text, false);
     std::vector<long long>     offsets;
@@ -246,22 +258,25 @@ int cmd_tokenize(int argc, char ** argv) {
 }
 
 void usage() {
-    std::fprintf(stderr,
-                 "usage: pkv-engine <command> [options]\n"
-                 "  budgets  --layers L --prompt-len N [--budget B --window A --beta b --method M] [--json]\n"
-                 "  generate [--model M] [--method %s] [--budget 128] [--window 8] [--beta 20]\n"
-                 "           [--kernel-size 7] [--pooling maxpool|avgpool|none] [--head-aggregation mean|max]\n"
-                 "           (--prompt-file F | --prompt T) [--question Q] [--max-new-tokens N] [--no-chat-template]\n"
-                 "           [--temperature T --top-k K --top-p P --seed S] [--threads N] [--device auto|cpu|gpu]\n"
-                 "           [--chunk-size %d (0 = one-shot)] [--kv-pool-bytes N] [--ctx-size N] [--dump-kept FILE] [--json]\n"
-                 "  tokenize (--prompt-file F | --prompt T) [--model M] --json   token ids and byte offsets\n"
-                 "  bench    [--model M] [--threads N] [--repetitions R] [--prefill 512,4096] [--depths 0,2048,8192]\n"
-                 "           [--budgets 64,128,512] [--decode-tokens N] [--llama-bench PATH] [--json]\n"
-                 "  bench    --sessions 1,4,16,64 [--prompt-len 4096] [--methods full,pyramidkv] [--budget 128] [--llama-batched-bench PATH]\n"
-                 "  bench    --prefill-memory 2048,8192,32768 [--chunk-size N] [--budget 128]\n"
-                 "  bench    --pool-fit 1 [--prompt-len 8192] [--kv-pool-bytes 1073741824] [--budget 128]\n"
-                 "  serve    --stdio [--model M] [--kv-pool-bytes N] [--chunk-size N] [--ctx-size N] [--threads N] [--device D]\n",
-                 method_names_joined("|").c_str(), kDefaultChunkSize);
+    std::fprintf(
+        stderr,
+        "usage: pkv-engine <command> [options]\n"
+        "  budgets  --layers L --prompt-len N [--budget B --window A --beta b --method M] [--json]\n"
+        "  generate [--model M] [--method %s] [--budget 128] [--window 8] [--beta 20]\n"
+        "           [--kernel-size 7] [--pooling maxpool|avgpool|none] [--head-aggregation mean|max]\n"
+        "           (--prompt-file F | --prompt T) [--question Q] [--max-new-tokens N] [--no-chat-template]\n"
+        "           [--temperature T --top-k K --top-p P --seed S] [--threads N] [--device auto|cpu|gpu]\n"
+        "           [--chunk-size %d (0 = one-shot)] [--kv-pool-bytes N] [--ctx-size N] [--dump-kept FILE] [--json]\n"
+        "  tokenize (--prompt-file F | --prompt T) [--model M] --json   token ids and byte offsets\n"
+        "  bench    [--model M] [--threads N] [--repetitions R] [--prefill 512,4096] [--depths 0,2048,8192]\n"
+        "           [--budgets 64,128,512] [--decode-tokens N] [--llama-bench PATH] [--json]\n"
+        "  bench    --sessions 1,4,16,64 [--prompt-len 4096] [--methods full,pyramidkv] [--budget 128] "
+        "[--llama-batched-bench PATH]\n"
+        "  bench    --prefill-memory 2048,8192,32768 [--chunk-size N] [--budget 128]\n"
+        "  bench    --pool-fit 1 [--prompt-len 8192] [--kv-pool-bytes 1073741824] [--budget 128]\n"
+        "  serve    --stdio [--model M] [--kv-pool-bytes N] [--chunk-size N] [--ctx-size N] [--threads N] [--device "
+        "D]\n",
+        method_names_joined("|").c_str(), kDefaultChunkSize);
 }
 
 }  // namespace

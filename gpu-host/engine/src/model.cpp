@@ -53,18 +53,18 @@ ModelConfig read_config(const gguf_context * g, const std::string & path) {
     ModelConfig c;
     c.arch = get_string(g, "general.architecture");
     if (c.arch != "llama" && c.arch != "mistral3" && c.arch != "qwen2" && c.arch != "qwen3") {
-        throw Error("--model", path + ": unsupported architecture '" + c.arch + "' (supported: " +
-                                   kSupportedArchs + "; Mistral 7B GGUFs use 'llama')");
+        throw Error("--model", path + ": unsupported architecture '" + c.arch + "' (supported: " + kSupportedArchs +
+                                   "; Mistral 7B GGUFs use 'llama')");
     }
     const std::string a = c.arch + ".";
-    c.n_layer     = (int) get_int(g, a + "block_count", 0);
-    c.n_embd      = (int) get_int(g, a + "embedding_length", 0);
-    c.n_head      = (int) get_int(g, a + "attention.head_count", 0);
-    c.n_head_kv   = (int) get_int(g, a + "attention.head_count_kv", c.n_head);
-    c.n_ff        = (int) get_int(g, a + "feed_forward_length", 0);
-    c.n_ctx_train = (int) get_int(g, a + "context_length", 2048);
-    c.rms_eps     = get_float(g, a + "attention.layer_norm_rms_epsilon", 1e-5f);
-    c.rope_base   = get_float(g, a + "rope.freq_base", 10000.0f);
+    c.n_layer           = (int) get_int(g, a + "block_count", 0);
+    c.n_embd            = (int) get_int(g, a + "embedding_length", 0);
+    c.n_head            = (int) get_int(g, a + "attention.head_count", 0);
+    c.n_head_kv         = (int) get_int(g, a + "attention.head_count_kv", c.n_head);
+    c.n_ff              = (int) get_int(g, a + "feed_forward_length", 0);
+    c.n_ctx_train       = (int) get_int(g, a + "context_length", 2048);
+    c.rms_eps           = get_float(g, a + "attention.layer_norm_rms_epsilon", 1e-5f);
+    c.rope_base         = get_float(g, a + "rope.freq_base", 10000.0f);
     if (c.n_layer <= 0 || c.n_embd <= 0 || c.n_head <= 0 || c.n_head_kv <= 0 || c.n_ff <= 0 ||
         c.n_head % c.n_head_kv != 0) {
         throw Error("--model", path + ": incomplete or inconsistent hyperparameters for '" + c.arch + "'");
@@ -98,7 +98,7 @@ Model::Model(const std::string & path, ggml_backend_t backend) : path_(path) {
     if (!std::ifstream(path).good()) {
         throw Error("--model", "cannot read '" + path + "'");
     }
-    gguf_init_params gp{ /*no_alloc=*/true, /*ctx=*/&ctx_ };
+    gguf_init_params                                    gp{ /*no_alloc=*/true, /*ctx=*/&ctx_ };
     std::unique_ptr<gguf_context, decltype(&gguf_free)> g(gguf_init_from_file(path.c_str(), gp), gguf_free);
     if (!g) {
         throw Error("--model", "'" + path + "' is not a readable GGUF file");
@@ -114,21 +114,21 @@ Model::Model(const std::string & path, ggml_backend_t backend) : path_(path) {
     output_norm = tensor("output_norm.weight");
     output      = tensor("output.weight", false);
     if (!output) output = token_embd;
-    rope_freqs = tensor("rope_freqs.weight", false);
+    rope_freqs   = tensor("rope_freqs.weight", false);
     cfg_.n_vocab = (int) token_embd->ne[1];
     layers.resize(cfg_.n_layer);
     for (int il = 0; il < cfg_.n_layer; ++il) {
         const std::string p = "blk." + std::to_string(il) + ".";
         LayerWeights &    l = layers[il];
-        l.attn_norm = tensor(p + "attn_norm.weight");
-        l.wq        = tensor(p + "attn_q.weight");
-        l.wk        = tensor(p + "attn_k.weight");
-        l.wv        = tensor(p + "attn_v.weight");
-        l.wo        = tensor(p + "attn_output.weight");
-        l.ffn_norm  = tensor(p + "ffn_norm.weight");
-        l.ffn_gate  = tensor(p + "ffn_gate.weight");
-        l.ffn_up    = tensor(p + "ffn_up.weight");
-        l.ffn_down  = tensor(p + "ffn_down.weight");
+        l.attn_norm         = tensor(p + "attn_norm.weight");
+        l.wq                = tensor(p + "attn_q.weight");
+        l.wk                = tensor(p + "attn_k.weight");
+        l.wv                = tensor(p + "attn_v.weight");
+        l.wo                = tensor(p + "attn_output.weight");
+        l.ffn_norm          = tensor(p + "ffn_norm.weight");
+        l.ffn_gate          = tensor(p + "ffn_gate.weight");
+        l.ffn_up            = tensor(p + "ffn_up.weight");
+        l.ffn_down          = tensor(p + "ffn_down.weight");
         if (cfg_.has_qkv_bias) {
             l.bq = tensor(p + "attn_q.bias");
             l.bk = tensor(p + "attn_k.bias");
@@ -145,13 +145,14 @@ Model::Model(const std::string & path, ggml_backend_t backend) : path_(path) {
     }
 
     buffer_ = ggml_backend_alloc_ctx_tensors(ctx_, backend);
-    if (!buffer_) throw Error("--model", "cannot allocate " + std::to_string(ggml_get_mem_size(ctx_)) + " bytes for the weights");
+    if (!buffer_)
+        throw Error("--model", "cannot allocate " + std::to_string(ggml_get_mem_size(ctx_)) + " bytes for the weights");
     ggml_backend_buffer_set_usage(buffer_, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
 
     // Stream each tensor's bytes from the file into its backend buffer.
-    std::ifstream       in(path, std::ios::binary);
-    const size_t        data_offset = gguf_get_data_offset(g.get());
-    std::vector<char>   staging;
+    std::ifstream     in(path, std::ios::binary);
+    const size_t      data_offset = gguf_get_data_offset(g.get());
+    std::vector<char> staging;
     for (int64_t i = 0; i < gguf_get_n_tensors(g.get()); ++i) {
         ggml_tensor * t = ggml_get_tensor(ctx_, gguf_get_tensor_name(g.get(), i));
         const size_t  n = ggml_nbytes(t);
@@ -167,7 +168,7 @@ Model::Model(const std::string & path, ggml_backend_t backend) : path_(path) {
     mp.vocab_only         = true;
     llama_                = llama_model_load_from_file(path.c_str(), mp);
     if (!llama_) throw Error("--model", path + ": libllama could not load the vocabulary");
-    vocab_ = llama_model_get_vocab(llama_);
+    vocab_                            = llama_model_get_vocab(llama_);
     const std::vector<int32_t> im_end = tokenize("<|im_end|>", false);
     if (im_end.size() == 1) im_end_ = im_end[0];
 }
@@ -182,17 +183,19 @@ size_t Model::weight_bytes() const { return buffer_ ? ggml_backend_buffer_get_si
 
 std::vector<int32_t> Model::tokenize(const std::string & text, bool add_special) const {
     std::vector<int32_t> out(text.size() + 16);
-    int n = llama_tokenize(vocab_, text.data(), (int32_t) text.size(), out.data(), (int32_t) out.size(), add_special, true);
+    int                  n =
+        llama_tokenize(vocab_, text.data(), (int32_t) text.size(), out.data(), (int32_t) out.size(), add_special, true);
     if (n < 0) {
         out.resize(-n);
-        n = llama_tokenize(vocab_, text.data(), (int32_t) text.size(), out.data(), (int32_t) out.size(), add_special, true);
+        n = llama_tokenize(vocab_, text.data(), (int32_t) text.size(), out.data(), (int32_t) out.size(), add_special,
+                           true);
     }
     out.resize(std::max(n, 0));
     return out;
 }
 
 std::string Model::token_to_piece(int32_t token) const {
-    char buf[256];
+    char      buf[256];
     const int n = llama_token_to_piece(vocab_, token, buf, sizeof(buf), 0, false);
     if (n >= 0) return std::string(buf, n);
     std::string big(-n, '\0');

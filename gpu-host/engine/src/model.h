@@ -15,30 +15,30 @@ namespace pkv {
 
 struct ModelConfig {
     std::string arch;
-    int   n_layer     = 0;
-    int   n_embd      = 0;
-    int   n_head      = 0;
-    int   n_head_kv   = 0;
-    int   head_dim    = 0;
-    int   n_rot       = 0;
-    int   n_ff        = 0;
-    int   n_vocab     = 0;
-    int   n_ctx_train = 0;
-    float rms_eps     = 1e-5f;
-    float rope_base   = 10000.0f;
-    float rope_scale  = 1.0f;  // freq_scale: 1 / linear scaling factor
-    int   rope_type   = 0;     // GGML_ROPE_TYPE_NORMAL or GGML_ROPE_TYPE_NEOX
-    bool  has_qkv_bias = false;  // qwen2
-    bool  has_qk_norm  = false;  // qwen3
+    int         n_layer      = 0;
+    int         n_embd       = 0;
+    int         n_head       = 0;
+    int         n_head_kv    = 0;
+    int         head_dim     = 0;
+    int         n_rot        = 0;
+    int         n_ff         = 0;
+    int         n_vocab      = 0;
+    int         n_ctx_train  = 0;
+    float       rms_eps      = 1e-5f;
+    float       rope_base    = 10000.0f;
+    float       rope_scale   = 1.0f;   // freq_scale: 1 / linear scaling factor
+    int         rope_type    = 0;      // GGML_ROPE_TYPE_NORMAL or GGML_ROPE_TYPE_NEOX
+    bool        has_qkv_bias = false;  // qwen2
+    bool        has_qk_norm  = false;  // qwen3
 };
 
 struct LayerWeights {
     ggml_tensor * attn_norm = nullptr;
-    ggml_tensor * wq = nullptr, * wk = nullptr, * wv = nullptr, * wo = nullptr;
-    ggml_tensor * bq = nullptr, * bk = nullptr, * bv = nullptr;  // qwen2
-    ggml_tensor * q_norm = nullptr, * k_norm = nullptr;          // qwen3
+    ggml_tensor * wq = nullptr, *wk = nullptr, *wv = nullptr, *wo = nullptr;
+    ggml_tensor * bq = nullptr, *bk = nullptr, *bv = nullptr;  // qwen2
+    ggml_tensor * q_norm = nullptr, *k_norm = nullptr;         // qwen3
     ggml_tensor * ffn_norm = nullptr;
-    ggml_tensor * ffn_gate = nullptr, * ffn_up = nullptr, * ffn_down = nullptr;
+    ggml_tensor * ffn_gate = nullptr, *ffn_up = nullptr, *ffn_down = nullptr;
 };
 
 class Model {
@@ -46,7 +46,7 @@ class Model {
     // Throws pkv::Error("--model", ...) for an unreadable file or an unsupported architecture.
     Model(const std::string & path, ggml_backend_t backend);
     ~Model();
-    Model(const Model &) = delete;
+    Model(const Model &)             = delete;
     Model & operator=(const Model &) = delete;
 
     const ModelConfig & config() const { return cfg_; }

@@ -32,7 +32,8 @@ static const std::string * duplicate_key(const Value::Map & m) {
     for (const auto & kv : m) keys.push_back(&kv.first);
     auto less = [](const std::string * a, const std::string * b) { return *a < *b; };
     std::sort(keys.begin(), keys.end(), less);
-    auto dup = std::adjacent_find(keys.begin(), keys.end(), [](const std::string * a, const std::string * b) { return *a == *b; });
+    auto dup = std::adjacent_find(keys.begin(), keys.end(),
+                                  [](const std::string * a, const std::string * b) { return *a == *b; });
     return dup == keys.end() ? nullptr : *dup;
 }
 
@@ -195,19 +196,37 @@ void encode_to(std::string & out, const Value & v) {
         case Type::UInt: {
             uint64_t u = v.as_uint();
             if (u <= 0x7f) out += (char) u;
-            else if (u <= 0xff) { out += (char) 0xcc; put_be(out, u, 1); }
-            else if (u <= 0xffff) { out += (char) 0xcd; put_be(out, u, 2); }
-            else if (u <= 0xffffffffULL) { out += (char) 0xce; put_be(out, u, 4); }
-            else { out += (char) 0xcf; put_be(out, u, 8); }
+            else if (u <= 0xff) {
+                out += (char) 0xcc;
+                put_be(out, u, 1);
+            } else if (u <= 0xffff) {
+                out += (char) 0xcd;
+                put_be(out, u, 2);
+            } else if (u <= 0xffffffffULL) {
+                out += (char) 0xce;
+                put_be(out, u, 4);
+            } else {
+                out += (char) 0xcf;
+                put_be(out, u, 8);
+            }
             break;
         }
         case Type::Int: {  // always negative (see Type)
             int64_t i = v.as_int();
             if (i >= -32) out += (char) (uint8_t) i;  // negative fixint 0xe0..0xff
-            else if (i >= INT8_MIN) { out += (char) 0xd0; put_be(out, (uint64_t) i, 1); }
-            else if (i >= INT16_MIN) { out += (char) 0xd1; put_be(out, (uint64_t) i, 2); }
-            else if (i >= INT32_MIN) { out += (char) 0xd2; put_be(out, (uint64_t) i, 4); }
-            else { out += (char) 0xd3; put_be(out, (uint64_t) i, 8); }
+            else if (i >= INT8_MIN) {
+                out += (char) 0xd0;
+                put_be(out, (uint64_t) i, 1);
+            } else if (i >= INT16_MIN) {
+                out += (char) 0xd1;
+                put_be(out, (uint64_t) i, 2);
+            } else if (i >= INT32_MIN) {
+                out += (char) 0xd2;
+                put_be(out, (uint64_t) i, 4);
+            } else {
+                out += (char) 0xd3;
+                put_be(out, (uint64_t) i, 8);
+            }
             break;
         }
         case Type::Float: {
@@ -259,7 +278,8 @@ std::string encode(const Value & v) {
 
 class Decoder {
   public:
-    Decoder(const uint8_t * p, size_t n, size_t max_values) : p_(p), end_(p + n), max_values_(max_values), values_left_(max_values) {}
+    Decoder(const uint8_t * p, size_t n, size_t max_values)
+        : p_(p), end_(p + n), max_values_(max_values), values_left_(max_values) {}
 
     Value value(int depth) {
         if (values_left_ == 0) fail("more than " + std::to_string(max_values_) + " values");
@@ -304,16 +324,22 @@ class Decoder {
             case 0xdd: return array(be(4), depth);
             case 0xde: return map(be(2), depth);
             case 0xdf: return map(be(4), depth);
-            case 0xc7: case 0xc8: case 0xc9:                        // ext 8/16/32
-            case 0xd4: case 0xd5: case 0xd6: case 0xd7: case 0xd8:  // fixext 1..16
+            case 0xc7:
+            case 0xc8:
+            case 0xc9:  // ext 8/16/32
+            case 0xd4:
+            case 0xd5:
+            case 0xd6:
+            case 0xd7:
+            case 0xd8:  // fixext 1..16
                 fail("ext types are not accepted");
             default:  // 0xc1 is never used
                 fail("invalid byte 0x" + hex(op));
         }
     }
 
-    bool at_end() const { return p_ == end_; }
-    size_t left() const { return (size_t) (end_ - p_); }
+    bool              at_end() const { return p_ == end_; }
+    size_t            left() const { return (size_t) (end_ - p_); }
     [[noreturn]] void fail(const std::string & msg) const { throw Error("msgpack", msg); }
 
   private:
@@ -335,7 +361,8 @@ class Decoder {
     }
 
     std::string str(uint64_t n) {
-        if (n > left()) fail("declared length " + std::to_string(n) + " exceeds the " + std::to_string(left()) + " bytes left");
+        if (n > left())
+            fail("declared length " + std::to_string(n) + " exceeds the " + std::to_string(left()) + " bytes left");
         std::string s((const char *) p_, (size_t) n);
         p_ += n;
         return s;
@@ -345,7 +372,8 @@ class Decoder {
     // lie we can refuse at once, as is a count over the value budget.
     void check_count(uint64_t n, size_t values_each, int depth) {
         if (depth >= kMaxDepth) fail("nesting deeper than " + std::to_string(kMaxDepth));
-        if (n > left() / values_each) fail("declared " + std::to_string(n) + " elements exceed the " + std::to_string(left()) + " bytes left");
+        if (n > left() / values_each)
+            fail("declared " + std::to_string(n) + " elements exceed the " + std::to_string(left()) + " bytes left");
         if (n > values_left_ / values_each) fail("more than " + std::to_string(max_values_) + " values");
     }
 
@@ -384,7 +412,7 @@ class Decoder {
 
 Value decode(const uint8_t * data, size_t size, size_t max_values) {
     Decoder d(data, size, max_values);
-    Value v = d.value(0);
+    Value   v = d.value(0);
     if (!d.at_end()) d.fail(std::to_string(d.left()) + " trailing bytes after the value");
     return v;
 }

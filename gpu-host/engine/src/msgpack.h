@@ -36,8 +36,7 @@ class Value {
     Value() = default;
     Value(std::nullptr_t) {}
     Value(bool b) : v_(b) {}
-    template <typename T, std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, bool>, int> = 0>
-    Value(T v) {
+    template <typename T, std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, bool>, int> = 0> Value(T v) {
         if constexpr (std::is_signed_v<T>) {
             if (v < 0) {
                 v_ = (int64_t) v;
@@ -93,9 +92,9 @@ class Value {
     const Map &         as_map(const char * what = "value") const;
 
     // Map lookups. find() returns nullptr when absent (or when this is not a map).
-    const Value *       find(std::string_view key) const;
-    const Value &       at(std::string_view key) const;  // throws pkv::Error(key, "missing field")
-    bool                has(std::string_view key) const { return find(key) != nullptr; }
+    const Value * find(std::string_view key) const;
+    const Value & at(std::string_view key) const;  // throws pkv::Error(key, "missing field")
+    bool          has(std::string_view key) const { return find(key) != nullptr; }
     // Optional fields with defaults; present with a wrong type throws pkv::Error(key, ...).
     uint64_t    get_uint(std::string_view key, uint64_t def) const;
     int64_t     get_int(std::string_view key, int64_t def) const;
@@ -111,7 +110,7 @@ class Value {
   private:
     struct Bin {
         std::string bytes;
-        bool operator==(const Bin & o) const { return bytes == o.bytes; }
+        bool        operator==(const Bin & o) const { return bytes == o.bytes; }
     };
     explicit Value(Map m) : v_(std::move(m)) {}
     explicit Value(Bin b) : v_(std::move(b)) {}
@@ -128,7 +127,7 @@ void        encode_to(std::string & out, const Value & v);
 
 // Throws pkv::Error("msgpack", ...) on malformed, truncated or over-deep input, trailing bytes,
 // ext types, non-string or duplicate map keys, or more than max_values values.
-Value decode(const uint8_t * data, size_t size, size_t max_values = kMaxValues);
+Value        decode(const uint8_t * data, size_t size, size_t max_values = kMaxValues);
 inline Value decode(std::string_view bytes) { return decode((const uint8_t *) bytes.data(), bytes.size()); }
 
 }  // namespace pkv::mp

@@ -1,15 +1,15 @@
 #include "paths.h"
 
+#include <unistd.h>
 #include <cstdlib>
 #include <fstream>
-#include <unistd.h>
 
 namespace pkv {
 
 std::string default_model_path() {
     static const char * kRelative = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
     if (const char * env = std::getenv("PKV_MODEL"); env && *env) return env;
-    char      exe[4096];
+    char          exe[4096];
     const ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
     if (n > 0) {
         std::string dir(exe, n);

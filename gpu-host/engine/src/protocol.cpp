@@ -103,7 +103,9 @@ class JsonReader {
             }
             if (i_ >= s_.size()) fail("unterminated string");
             switch (char e = s_[i_++]) {
-                case '"': case '\\': case '/': out += e; break;
+                case '"':
+                case '\\':
+                case '/': out += e; break;
                 case 'b': out += '\b'; break;
                 case 'f': out += '\f'; break;
                 case 'n': out += '\n'; break;
@@ -202,8 +204,8 @@ struct TypeEntry {
     FieldType    type;
 };
 constexpr TypeEntry kFieldTypes[] = {
-    { "uint", FieldType::UInt }, { "int", FieldType::Int },   { "float", FieldType::Float },
-    { "str", FieldType::Str },   { "bin", FieldType::Bin },   { "bool", FieldType::Bool },
+    { "uint", FieldType::UInt }, { "int", FieldType::Int },        { "float", FieldType::Float },
+    { "str", FieldType::Str },   { "bin", FieldType::Bin },        { "bool", FieldType::Bool },
     { "map", FieldType::Map },   { "str[]", FieldType::StrArray }, { "uint[]", FieldType::UIntArray },
 };
 
@@ -221,13 +223,15 @@ ProtocolSpec parse_protocol_spec(std::string_view json) {
     ProtocolSpec spec;
     spec.version         = (int) doc.at("version").as_uint("engine.json version");
     spec.max_frame_bytes = (size_t) doc.at("max_frame_bytes").as_uint("engine.json max_frame_bytes");
-    if (spec.version < 1 || spec.max_frame_bytes < 16) throw Error("engine.json", "version and max_frame_bytes must be positive");
+    if (spec.version < 1 || spec.max_frame_bytes < 16)
+        throw Error("engine.json", "version and max_frame_bytes must be positive");
     for (const auto & [name, m] : doc.at("messages").as_map("engine.json messages")) {
         const std::string where = "engine.json messages." + name;
         MessageSpec       msg;
         msg.name = name;
         for (const auto & kv : m.as_map(where.c_str())) {
-            if (!allowed(kv.first, { "direction", "doc", "fields" })) throw Error(where, "unknown key '" + kv.first + "'");
+            if (!allowed(kv.first, { "direction", "doc", "fields" }))
+                throw Error(where, "unknown key '" + kv.first + "'");
         }
         msg.direction = m.at("direction").as_str((where + ".direction").c_str());
         if (msg.direction != "to_engine" && msg.direction != "from_engine")
@@ -236,7 +240,8 @@ ProtocolSpec parse_protocol_spec(std::string_view json) {
             const std::string fwhere = where + ".fields." + fname;
             if (fname == "type") throw Error(fwhere, "'type' is implicit in every message");
             for (const auto & kv : f.as_map(fwhere.c_str())) {
-                if (!allowed(kv.first, { "type", "required", "doc" })) throw Error(fwhere, "unknown key '" + kv.first + "'");
+                if (!allowed(kv.first, { "type", "required", "doc" }))
+                    throw Error(fwhere, "unknown key '" + kv.first + "'");
             }
             FieldSpec field;
             field.name      = fname;
@@ -337,17 +342,19 @@ std::string validate_frame(const mp::Value & v, const char * direction) {
     const mp::Value * type = v.find("type");
     if (!type) return "frame has no 'type' field";
     if (!type->is_str()) return std::string("field 'type' must be str, got ") + type->type_name();
-    const std::string &  name = type->as_str();
+    const std::string & name = type->as_str();
     const MessageSpec * msg  = protocol_spec().message(name);
     if (!msg) return "unknown message type " + quoted(name);
-    if (direction && msg->direction != direction) return name + ": message goes " + msg->direction + ", expected " + direction;
+    if (direction && msg->direction != direction)
+        return name + ": message goes " + msg->direction + ", expected " + direction;
     for (const FieldSpec & f : msg->fields) {
         const mp::Value * x = v.find(f.name);
         if (!x) {
             if (f.required) return name + ": missing required field '" + f.name + "'";
             continue;
         }
-        if (!matches(*x, f.type)) return name + ": field '" + f.name + "' must be " + f.type_name + ", got " + describe(*x, f.type);
+        if (!matches(*x, f.type))
+            return name + ": field '" + f.name + "' must be " + f.type_name + ", got " + describe(*x, f.type);
     }
     const std::string * unknown = nullptr;
     for (const auto & kv : v.as_map()) {
@@ -374,7 +381,8 @@ bool read_frame(FILE * in, std::string & payload, std::string & error, std::stri
     if (got < 4) return fail("bad_frame", "input ended inside a frame header");
     const size_t n = ((size_t) header[0] << 24) | ((size_t) header[1] << 16) | ((size_t) header[2] << 8) | header[3];
     if (n > max_frame_bytes())
-        return fail("too_large", "frame of " + std::to_string(n) + " bytes exceeds max_frame_bytes " + std::to_string(max_frame_bytes()));
+        return fail("too_large", "frame of " + std::to_string(n) + " bytes exceeds max_frame_bytes " +
+                                     std::to_string(max_frame_bytes()));
     // Grow with the bytes that really arrive rather than trusting n up front.
     constexpr size_t kChunk = 1 << 20;
     while (payload.size() < n) {
@@ -383,7 +391,10 @@ bool read_frame(FILE * in, std::string & payload, std::string & error, std::stri
         payload.resize(old + want);
         const size_t r = std::fread(&payload[old], 1, want, in);
         payload.resize(old + r);
-        if (r < want) return fail("bad_frame", std::ferror(in) ? std::string("read error") : "input ended inside a frame (" + std::to_string(payload.size()) + " of " + std::to_string(n) + " bytes)");
+        if (r < want)
+            return fail("bad_frame", std::ferror(in) ? std::string("read error")
+                                                     : "input ended inside a frame (" + std::to_string(payload.size()) +
+                                                           " of " + std::to_string(n) + " bytes)");
     }
     return true;
 }
@@ -393,14 +404,15 @@ std::string encode_frame(const mp::Value & v) {
     mp::encode_to(out, v);
     const size_t n = out.size() - 4;
     if (n > max_frame_bytes())
-        throw Error("frame", "frame of " + std::to_string(n) + " bytes exceeds max_frame_bytes " + std::to_string(max_frame_bytes()));
+        throw Error("frame", "frame of " + std::to_string(n) + " bytes exceeds max_frame_bytes " +
+                                 std::to_string(max_frame_bytes()));
     for (int i = 0; i < 4; ++i) out[i] = (char) ((n >> (8 * (3 - i))) & 0xff);
     return out;
 }
 
 void write_frame(FILE * out, const mp::Value & v) {
-    const std::string bytes = encode_frame(v);  // encode outside the lock
-    static std::mutex mutex;
+    const std::string           bytes = encode_frame(v);  // encode outside the lock
+    static std::mutex           mutex;
     std::lock_guard<std::mutex> lock(mutex);
     if (std::fwrite(bytes.data(), 1, bytes.size(), out) != bytes.size() || std::fflush(out) != 0)
         throw Error("stdout", "write failed (the reader has gone)");

@@ -1,12 +1,12 @@
 #include "serve.h"
 
+#include <algorithm>
 #include <condition_variable>
 #include <cstdio>
 #include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
-#include <algorithm>
 #include <optional>
 #include <thread>
 
@@ -83,7 +83,8 @@ void read_loop(Inbox & inbox) {
     for (;;) {
         std::string payload, error, code;
         if (!read_frame(stdin, payload, error, &code)) {
-            if (!error.empty()) send_error(nullptr, "", code.empty() ? "bad_frame" : code, error + " (no further input is read)");
+            if (!error.empty())
+                send_error(nullptr, "", code.empty() ? "bad_frame" : code, error + " (no further input is read)");
             inbox.push({});
             return;
         }
@@ -96,10 +97,10 @@ void read_loop(Inbox & inbox) {
         }
         const std::string problem = validate_frame(v, "to_engine");
         if (!problem.empty()) {
-            const Value * id = v.is_map() ? v.find("id") : nullptr;
-            const Value * t  = v.is_map() ? v.find("type") : nullptr;
+            const Value * id      = v.is_map() ? v.find("id") : nullptr;
+            const Value * t       = v.is_map() ? v.find("type") : nullptr;
             const bool    unknown = t && t->is_str() && !protocol_spec().message(t->as_str());
-            const Value * s  = v.is_map() ? v.find("session") : nullptr;
+            const Value * s       = v.is_map() ? v.find("session") : nullptr;
             send_error(id, s && s->is_str() ? s->as_str() : "", unknown ? "unknown_type" : "invalid", problem);
             continue;
         }
@@ -140,7 +141,7 @@ struct ServedSession {
     std::optional<int32_t>    pending;  // sampled and sent, not yet in the KV cache
     std::optional<Generation> generation;
     std::optional<Prefill>    prefill;
-    bool busy() const { return generation || prefill; }
+    bool                      busy() const { return generation || prefill; }
 };
 
 class Server {
@@ -180,20 +181,22 @@ class Server {
             return nullptr;
         }
         if (must_be_idle && it->second.busy()) {
-            send_error(&m.at("id"), name, "busy", "session '" + name + "' is " + (it->second.generation ? "generating" : "prefilling"));
+            send_error(&m.at("id"), name, "busy",
+                       "session '" + name + "' is " + (it->second.generation ? "generating" : "prefilling"));
             return nullptr;
         }
         return &it->second;
     }
 
     static CompressionParams params_from(const Value & m, CompressionParams p) {
-        p.method      = m.get_str("method", p.method);
-        p.budget      = (int) std::min<uint64_t>(m.get_uint("budget", p.budget), 1u << 30);
-        p.window      = (int) std::min<uint64_t>(m.get_uint("window", p.window), 1u << 30);
-        p.beta        = (int) std::min<uint64_t>(m.get_uint("beta", p.beta), 1u << 30);
-        p.kernel_size = (int) std::min<uint64_t>(m.get_uint("kernel_size", p.kernel_size), 1u << 30);
+        p.method            = m.get_str("method", p.method);
+        p.budget            = (int) std::min<uint64_t>(m.get_uint("budget", p.budget), 1u << 30);
+        p.window            = (int) std::min<uint64_t>(m.get_uint("window", p.window), 1u << 30);
+        p.beta              = (int) std::min<uint64_t>(m.get_uint("beta", p.beta), 1u << 30);
+        p.kernel_size       = (int) std::min<uint64_t>(m.get_uint("kernel_size", p.kernel_size), 1u << 30);
         std::string problem = parse_pooling(m.get_str("pooling", "maxpool"), "pooling", p.pooling);
-        if (problem.empty()) problem = parse_aggregation(m.get_str("head_aggregation", "mean"), "head_aggregation", p.aggregation);
+        if (problem.empty())
+            problem = parse_aggregation(m.get_str("head_aggregation", "mean"), "head_aggregation", p.aggregation);
         if (!problem.empty()) throw Error("", problem);
         return p;
     }
@@ -229,7 +232,8 @@ class Server {
                 return false;
             }
             if (type == "open") {
-                if (sessions_.count(name)) return send_error(&m.at("id"), name, "session_exists", "session '" + name + "' exists"), true;
+                if (sessions_.count(name))
+                    return send_error(&m.at("id"), name, "session_exists", "session '" + name + "' exists"), true;
                 const int chunk = (int) std::min<uint64_t>(m.get_uint("chunk_size", default_chunk_), 1u << 24);
                 auto      s     = std::make_unique<Session>(engine_, params_from(m, CompressionParams{}), chunk);
                 s->set_keep_scores(m.get_bool("keep_scores", false));
@@ -243,20 +247,25 @@ class Server {
                 if (m.has("text")) {
                     const std::string & text = m.at("text").as_str();
                     const bool          chat = m.get_bool("chat", false);
-                    const std::string   full = chat ? (s->session->tokens().empty() ? "" : "\n") + engine_.model().apply_chat_template(text) : text;
-                    const auto          t    = engine_.model().tokenize(full, s->session->tokens().empty());
+                    const std::string   full =
+                        chat ? (s->session->tokens().empty() ? "" : "\n") + engine_.model().apply_chat_template(text)
+                             : text;
+                    const auto t = engine_.model().tokenize(full, s->session->tokens().empty());
                     tokens.insert(tokens.end(), t.begin(), t.end());
                 }
                 if (m.has("tokens")) {
                     for (const Value & t : m.at("tokens").as_array()) {
                         const uint64_t x = t.as_uint("tokens");
-                        if (x >= (uint64_t) engine_.config().n_vocab) throw Error("tokens", "token id " + std::to_string(x) + " outside [0, " + std::to_string(engine_.config().n_vocab) + ")");
+                        if (x >= (uint64_t) engine_.config().n_vocab)
+                            throw Error("tokens", "token id " + std::to_string(x) + " outside [0, " +
+                                                      std::to_string(engine_.config().n_vocab) + ")");
                         tokens.push_back((int32_t) x);
                     }
                 }
                 if (tokens.empty()) throw Error("append", "nothing to append: give text or tokens");
                 if ((int) (s->session->tokens().size() + tokens.size()) > engine_.n_ctx()) {
-                    throw Error("prompt", std::to_string(s->session->tokens().size() + tokens.size()) + " tokens exceed the context of " + std::to_string(engine_.n_ctx()));
+                    throw Error("prompt", std::to_string(s->session->tokens().size() + tokens.size()) +
+                                              " tokens exceed the context of " + std::to_string(engine_.n_ctx()));
                 }
                 s->pending.reset();
                 Prefill p{ id, std::move(tokens), {}, 0 };
@@ -266,7 +275,8 @@ class Server {
                 ServedSession * s = find(m, true);
                 if (!s) return true;
                 flush_pending(*s);
-                if (s->session->logits().empty()) throw Error("generate", "the session holds no tokens yet: append first");
+                if (s->session->logits().empty())
+                    throw Error("generate", "the session holds no tokens yet: append first");
                 Generation g;
                 g.id         = id;
                 g.max_tokens = (int) std::min<uint64_t>(m.get_uint("max_tokens", 256), 1u << 24);
@@ -275,11 +285,12 @@ class Server {
                 so.top_k       = (int) std::min<uint64_t>(m.get_uint("top_k", 0), 1u << 30);
                 so.top_p       = (float) m.get_double("top_p", 1.0);
                 so.seed        = (uint32_t) m.get_uint("seed", 0);
-                if (so.temperature < 0 || !(so.top_p > 0 && so.top_p <= 1)) throw Error("generate", "temperature must be >= 0 and top_p in (0, 1]");
+                if (so.temperature < 0 || !(so.top_p > 0 && so.top_p <= 1))
+                    throw Error("generate", "temperature must be >= 0 and top_p in (0, 1]");
                 if (m.has("stop")) {
                     for (const Value & x : m.at("stop").as_array()) g.stop.push_back(x.as_str("stop"));
                 }
-                g.sampler = std::make_unique<Sampler>(so);
+                g.sampler     = std::make_unique<Sampler>(so);
                 s->generation = std::move(g);
                 if (s->generation->max_tokens == 0) finish(name, *s, "length");
                 else emit(name, *s, s->generation->sampler->sample(s->session->logits()));
@@ -289,7 +300,8 @@ class Server {
                 if (s->generation) finish(name, *s, "cancelled");
                 if (s->prefill) {
                     const size_t done = s->prefill->next ? s->prefill->steps[s->prefill->next - 1].end : 0;
-                    send_error(&m.at("id"), name, "cancelled", "prefill cancelled after " + std::to_string(done) + " tokens");
+                    send_error(&m.at("id"), name, "cancelled",
+                               "prefill cancelled after " + std::to_string(done) + " tokens");
                     s->prefill.reset();
                 }
                 send(Value::map().set("type", "cancelled").set("id", id).set("session", name));
@@ -302,8 +314,12 @@ class Server {
             } else if (type == "stats") {
                 if (name.empty()) {
                     const KvPool & pool = engine_.pool();
-                    send(Value::map().set("type", "stats_result").set("id", id).set("pool_bytes", pool.capacity_bytes())
-                             .set("pool_used_bytes", pool.used_bytes()).set("sessions", sessions_.size()));
+                    send(Value::map()
+                             .set("type", "stats_result")
+                             .set("id", id)
+                             .set("pool_bytes", pool.capacity_bytes())
+                             .set("pool_used_bytes", pool.used_bytes())
+                             .set("sessions", sessions_.size()));
                 } else if (ServedSession * s = find(m, false)) {
                     send(stats_of(id, name, *s->session));
                 }
@@ -317,9 +333,16 @@ class Server {
                 const uint64_t    cap    = max_frame_bytes() - (1u << 20);
                 const uint64_t    offset = m.get_uint("offset", 0);
                 const uint64_t    piece  = std::min(std::max<uint64_t>(m.get_uint("max_bytes", cap), 1), cap);
-                if (offset > state.size()) throw Error("offset", std::to_string(offset) + " is beyond the state's " + std::to_string(state.size()) + " bytes");
-                send(Value::map().set("type", "saved").set("id", id).set("session", name)
-                         .set("state", Value::bin(state.substr(offset, piece))).set("offset", offset).set("total", state.size()));
+                if (offset > state.size())
+                    throw Error("offset", std::to_string(offset) + " is beyond the state's " +
+                                              std::to_string(state.size()) + " bytes");
+                send(Value::map()
+                         .set("type", "saved")
+                         .set("id", id)
+                         .set("session", name)
+                         .set("state", Value::bin(state.substr(offset, piece)))
+                         .set("offset", offset)
+                         .set("total", state.size()));
             } else if (type == "restore") {
                 // Pieces arrive in order; the session exists once the last one is in.
                 const std::string & piece  = m.at("state").as_bin();
@@ -332,29 +355,40 @@ class Server {
                     return send_error(&m.at("id"), name, "session_exists", "session '" + name + "' exists"), true;
                 }
                 if (offset != buffer.size() || offset + piece.size() > total || total > (uint64_t(1) << 40)) {
-                    const std::string why = "piece at " + std::to_string(offset) + " of " + std::to_string(piece.size()) +
-                                            " bytes does not continue the " + std::to_string(buffer.size()) + " bytes received (total " +
+                    const std::string why = "piece at " + std::to_string(offset) + " of " +
+                                            std::to_string(piece.size()) + " bytes does not continue the " +
+                                            std::to_string(buffer.size()) + " bytes received (total " +
                                             std::to_string(total) + ")";
                     partial_states_.erase(name);
                     throw Error("offset", why);
                 }
                 buffer += piece;
                 if (buffer.size() < total) {
-                    send(Value::map().set("type", "restored").set("id", id).set("session", name).set("received", buffer.size()));
+                    send(Value::map()
+                             .set("type", "restored")
+                             .set("id", id)
+                             .set("session", name)
+                             .set("received", buffer.size()));
                     return true;
                 }
                 const std::string state = std::move(buffer);
                 partial_states_.erase(name);
-                if (sessions_.count(name)) return send_error(&m.at("id"), name, "session_exists", "session '" + name + "' exists"), true;
+                if (sessions_.count(name))
+                    return send_error(&m.at("id"), name, "session_exists", "session '" + name + "' exists"), true;
                 sessions_[name].session = Session::restore(engine_, state);
-                send(Value::map().set("type", "restored").set("id", id).set("session", name).set("received", state.size()));
+                send(Value::map()
+                         .set("type", "restored")
+                         .set("id", id)
+                         .set("session", name)
+                         .set("received", state.size()));
             } else if (type == "fork") {
                 const std::string & target = m.at("new_session").as_str();
-                if (sessions_.count(target)) return send_error(&m.at("id"), target, "session_exists", "session '" + target + "' exists"), true;
+                if (sessions_.count(target))
+                    return send_error(&m.at("id"), target, "session_exists", "session '" + target + "' exists"), true;
                 ServedSession * s = find(m, true);
                 if (!s) return true;
                 flush_pending(*s);
-                auto child = s->session->fork(params_from(m, CompressionParams{}));
+                auto child                = s->session->fork(params_from(m, CompressionParams{}));
                 sessions_[target].session = std::move(child);
                 send(Value::map().set("type", "forked").set("id", id).set("session", target));
             }
@@ -378,7 +412,7 @@ class Server {
             if (s.prefill) waiting.push_back(name);
         }
         if (waiting.empty()) return;
-        auto pick = std::upper_bound(waiting.begin(), waiting.end(), last_prefilled_);
+        auto              pick = std::upper_bound(waiting.begin(), waiting.end(), last_prefilled_);
         const std::string name = pick == waiting.end() ? waiting.front() : *pick;
         last_prefilled_        = name;
         ServedSession & s      = sessions_[name];
@@ -388,11 +422,21 @@ class Server {
             const Session::AppendStep & step = p.steps[p.next++];
             s.session->run_append_step(p.tokens, step);
             if (p.next < p.steps.size()) {
-                send(Value::map().set("type", "progress").set("id", id).set("session", name).set("done", step.end).set("total", p.tokens.size()));
+                send(Value::map()
+                         .set("type", "progress")
+                         .set("id", id)
+                         .set("session", name)
+                         .set("done", step.end)
+                         .set("total", p.tokens.size()));
                 return;
             }
             const SessionStats st = s.session->stats();
-            send(Value::map().set("type", "appended").set("id", id).set("session", name).set("tokens_seen", st.tokens_seen).set("kv_bytes", st.kv_bytes));
+            send(Value::map()
+                     .set("type", "appended")
+                     .set("id", id)
+                     .set("session", name)
+                     .set("tokens_seen", st.tokens_seen)
+                     .set("kv_bytes", st.kv_bytes));
             s.prefill.reset();
         } catch (const Error & e) {
             send_error(&id, name, code_for(e), e.what());
@@ -407,8 +451,8 @@ class Server {
             if (s.generation) active.emplace_back(name, &s);
         }
         if (active.empty()) return;
-        std::vector<Session *> batch;
-        std::vector<int32_t>   tokens;
+        std::vector<Session *>                               batch;
+        std::vector<int32_t>                                 tokens;
         std::vector<std::pair<std::string, ServedSession *>> stepping;
         for (auto & [name, s] : active) {
             try {
@@ -448,7 +492,11 @@ class Server {
         g.text += engine_.model().token_to_piece(token);
         ++g.produced;
         const size_t ready = complete_utf8(g.text);
-        send(Value::map().set("type", "token").set("id", g.id).set("session", name).set("token", (uint64_t) token)
+        send(Value::map()
+                 .set("type", "token")
+                 .set("id", g.id)
+                 .set("session", name)
+                 .set("token", (uint64_t) token)
                  .set("text", g.text.substr(g.sent, ready - g.sent)));
         g.sent = ready;
         for (const std::string & stop : g.stop) {
@@ -465,8 +513,13 @@ class Server {
         Generation & g = *s.generation;
         g.text.resize(complete_utf8(g.text));
         if (std::string(reason) != "error") {
-            send(Value::map().set("type", "done").set("id", g.id).set("session", name).set("reason", reason)
-                     .set("new_tokens", (uint64_t) g.produced).set("text", g.text));
+            send(Value::map()
+                     .set("type", "done")
+                     .set("id", g.id)
+                     .set("session", name)
+                     .set("reason", reason)
+                     .set("new_tokens", (uint64_t) g.produced)
+                     .set("text", g.text));
         }
         s.generation.reset();
     }
@@ -483,14 +536,16 @@ class Server {
 
 int cmd_serve(int argc, char ** argv) {
     EngineOptions o;
-    o.model_path      = default_model_path();
-    bool stdio        = false;
-    int  chunk        = kDefaultChunkSize;
-    auto number       = [&](int & i, const std::string & flag, long lo, long hi) -> long {
+    o.model_path = default_model_path();
+    bool stdio   = false;
+    int  chunk   = kDefaultChunkSize;
+    auto number  = [&](int & i, const std::string & flag, long lo, long hi) -> long {
         if (i + 1 >= argc) throw Error(flag, "missing value");
-        char *      end = nullptr;
-        const long  v   = std::strtol(argv[++i], &end, 10);
-        if (*end || v < lo || v > hi) throw Error(flag, "'" + std::string(argv[i]) + "' is not an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+        char *     end = nullptr;
+        const long v   = std::strtol(argv[++i], &end, 10);
+        if (*end || v < lo || v > hi)
+            throw Error(flag, "'" + std::string(argv[i]) + "' is not an integer in [" + std::to_string(lo) + ", " +
+                                  std::to_string(hi) + "]");
         return v;
     };
     for (int i = 2; i < argc; ++i) {
@@ -505,12 +560,17 @@ int cmd_serve(int argc, char ** argv) {
         else throw Error(a, "unknown option");
     }
     if (!stdio) throw Error("--stdio", "required (the only transport so far)");
-    Engine engine(o);
-    const KvPool & pool = engine.pool();
+    Engine            engine(o);
+    const KvPool &    pool = engine.pool();
     const std::string name = o.model_path.substr(o.model_path.find_last_of('/') + 1);
-    send(Value::map().set("type", "hello").set("protocol", protocol_version()).set("model", name)
-             .set("n_layer", engine.config().n_layer).set("n_ctx", engine.n_ctx())
-             .set("pool_bytes", pool.capacity_bytes()).set("page_bytes", pool.bytes_per_page()));
+    send(Value::map()
+             .set("type", "hello")
+             .set("protocol", protocol_version())
+             .set("model", name)
+             .set("n_layer", engine.config().n_layer)
+             .set("n_ctx", engine.n_ctx())
+             .set("pool_bytes", pool.capacity_bytes())
+             .set("page_bytes", pool.bytes_per_page()));
     Inbox       inbox;
     std::thread reader(read_loop, std::ref(inbox));
     reader.detach();  // blocked in fread until stdin closes; the process exits without joining it

@@ -27,7 +27,7 @@ Session::Session(Engine & engine, const CompressionParams & params, int chunk_si
         throw Error("--chunk-size", std::to_string(chunk_size_) + " must be 0 (one-shot) or >= --window (" +
                                         std::to_string(params_.window) + ")");
     }
-    method_ = find_method(params_.method);
+    method_               = find_method(params_.method);
     const ModelConfig & c = engine_.config();
     pages_.assign(c.n_layer, KvPool::kNone);
     size_.assign(c.n_layer, 0);
@@ -43,7 +43,7 @@ SessionStats Session::stats() const {
     SessionStats   s;
     s.tokens_seen      = (int) tokens_.size();
     s.layer_kv_lengths = size_;
-    size_t entries = 0;
+    size_t entries     = 0;
     for (size_t il = 0; il < size_.size(); ++il) {
         entries += size_[il];
         if (pages_[il] != KvPool::kNone) s.pool_bytes += (size_t) pool.slot_count(pages_[il]) * pool.bytes_per_slot();
@@ -56,11 +56,13 @@ SessionStats Session::stats() const {
 void Session::check_tokens(const int32_t * tokens, int n) const {
     const ModelConfig & c = engine_.config();
     if ((int) tokens_.size() + n > engine_.n_ctx()) {
-        throw Error("prompt", std::to_string(tokens_.size() + n) + " tokens exceed the context of " + std::to_string(engine_.n_ctx()));
+        throw Error("prompt", std::to_string(tokens_.size() + n) + " tokens exceed the context of " +
+                                  std::to_string(engine_.n_ctx()));
     }
     for (int i = 0; i < n; ++i) {
         if (tokens[i] < 0 || tokens[i] >= c.n_vocab) {
-            throw Error("prompt", "token id " + std::to_string(tokens[i]) + " outside [0, " + std::to_string(c.n_vocab) + ")");
+            throw Error("prompt",
+                        "token id " + std::to_string(tokens[i]) + " outside [0, " + std::to_string(c.n_vocab) + ")");
         }
     }
 }
@@ -68,7 +70,7 @@ void Session::check_tokens(const int32_t * tokens, int n) const {
 void Session::reserve(int n_more) {
     // Growth room only when every layer that grows can have it: otherwise the first layers would
     // take it and starve the last ones of the exact room they need. Refuse before moving anything.
-    KvPool & pool = engine_.pool();
+    KvPool & pool  = engine_.pool();
     long     exact = 0, roomy = 0;
     for (size_t il = 0; il < pages_.size(); ++il) {
         const int need = size_[il] + n_more;
@@ -80,8 +82,9 @@ void Session::reserve(int n_more) {
     if (exact == 0) return;
     if (exact > pool.free_pages()) {
         throw Error("kv_pool", "the KV pool is full: " + std::to_string(n_more) + " more entries per layer need " +
-                                   std::to_string(exact * pool.bytes_per_page()) + " bytes; " + std::to_string(pool.free_bytes()) +
-                                   " of " + std::to_string(pool.capacity_bytes()) + " bytes free");
+                                   std::to_string(exact * pool.bytes_per_page()) + " bytes; " +
+                                   std::to_string(pool.free_bytes()) + " of " + std::to_string(pool.capacity_bytes()) +
+                                   " bytes free");
     }
     const bool room = roomy <= pool.free_pages();
     for (size_t il = 0; il < pages_.size(); ++il) ensure_layer_capacity((int) il, size_[il] + n_more, room);
@@ -90,9 +93,9 @@ void Session::reserve(int n_more) {
 void Session::ensure_layer_capacity(int il, int need, bool room) {
     KvPool & pool = engine_.pool();
     if (pages_[il] != KvPool::kNone && pool.slot_count(pages_[il]) >= need) return;
-    const int want = room ? grown(need) : need;
-    const bool ok  = pages_[il] == KvPool::kNone ? (pages_[il] = pool.allocate(want)) != KvPool::kNone
-                                                 : pool.resize(pages_[il], want, size_[il]);
+    const int  want = room ? grown(need) : need;
+    const bool ok   = pages_[il] == KvPool::kNone ? (pages_[il] = pool.allocate(want)) != KvPool::kNone
+                                                  : pool.resize(pages_[il], want, size_[il]);
     if (!ok) {
         throw Error("kv_pool", "the KV pool is full: layer " + std::to_string(il) + " needs " + std::to_string(need) +
                                    " entries; " + std::to_string(pool.free_bytes()) + " of " +
@@ -113,8 +116,9 @@ void Session::appended(const int32_t * tokens, int n) {
 
 void Session::evaluate(const int32_t * tokens, int n, bool last_of_segment, bool scores) {
     Engine::ForwardOptions fo;
-    fo.want_logits      = last_of_segment;
-    fo.window_probs     = last_of_segment && scores && (method_->needs_window_probs || keep_scores_) ? std::min(params_.window, n) : 0;
+    fo.want_logits = last_of_segment;
+    fo.window_probs =
+        last_of_segment && scores && (method_->needs_window_probs || keep_scores_) ? std::min(params_.window, n) : 0;
     fo.accumulate_probs = scores && (method_->needs_accumulated || keep_scores_);
     reserve(n);
     engine_.forward({ { this, tokens, n } }, fo);
@@ -136,7 +140,8 @@ std::vector<Session::AppendStep> Session::plan_append(int n) const {
     std::vector<AppendStep> steps;
     const std::vector<int>  segments = split(0, n, chunk_size_ > 0 ? std::max(chunk_size_, n_window) : n);
     for (size_t si = 0; si + 1 < segments.size(); ++si) {
-        const std::vector<int> ub = split(segments[si], segments[si + 1], std::max(engine_.options().n_ubatch, n_window));
+        const std::vector<int> ub =
+            split(segments[si], segments[si + 1], std::max(engine_.options().n_ubatch, n_window));
         for (size_t i = 0; i + 1 < ub.size(); ++i) steps.push_back({ ub[i], ub[i + 1], i == 0, i + 2 == ub.size() });
     }
     return steps;
@@ -172,8 +177,8 @@ void Session::append(const std::vector<int32_t> & tokens, const std::function<vo
 void Session::decode(int32_t token) { engine_.decode_batch({ this }, { token }); }
 
 std::vector<HeadSelection> Session::select(const Method & method, const CompressionParams & p) const {
-    const ModelConfig &    c       = engine_.config();
-    const std::vector<int> budgets = method.layer_budgets(c.n_layer, (int) tokens_.size(), p);
+    const ModelConfig &        c       = engine_.config();
+    const std::vector<int>     budgets = method.layer_budgets(c.n_layer, (int) tokens_.size(), p);
     std::vector<HeadSelection> entries(c.n_layer);
     for (int il = 0; il < c.n_layer; ++il) {
         const int m = size_[il];
@@ -185,14 +190,16 @@ std::vector<HeadSelection> Session::select(const Method & method, const Compress
             continue;
         }
         LayerAttention att;
-        att.n         = m;
-        att.n_head    = c.n_head;
-        att.n_head_kv = c.n_head_kv;
-        att.n_window  = std::min(p.window, m);
+        att.n                 = m;
+        att.n_head            = c.n_head;
+        att.n_head_kv         = c.n_head_kv;
+        att.n_window          = std::min(p.window, m);
         const bool has_window = il < (int) window_probs_.size() && window_probs_[il].size() >= (size_t) c.n_head * m;
         const bool has_acc    = il < (int) accumulated_.size() && accumulated_[il].size() == (size_t) c.n_head * m;
-        if (method.needs_window_probs && !has_window) throw Error("engine", "window scores missing for layer " + std::to_string(il));
-        if (method.needs_accumulated && !has_acc) throw Error("engine", "accumulated scores missing for layer " + std::to_string(il));
+        if (method.needs_window_probs && !has_window)
+            throw Error("engine", "window scores missing for layer " + std::to_string(il));
+        if (method.needs_accumulated && !has_acc)
+            throw Error("engine", "accumulated scores missing for layer " + std::to_string(il));
         att.n_window     = has_window ? (int) (window_probs_[il].size() / ((size_t) c.n_head * m)) : att.n_window;
         att.window_probs = has_window ? window_probs_[il].data() : nullptr;
         att.accumulated  = has_acc ? accumulated_[il].data() : nullptr;
@@ -215,7 +222,8 @@ void Session::compress() {
             const int          keep = (int) entries[il][0].size();
             std::vector<float> kept((size_t) c.n_head * keep);
             for (int h = 0; h < c.n_head; ++h)
-                for (int e = 0; e < keep; ++e) kept[(size_t) h * keep + e] = acc[(size_t) h * size_[il] + entries[il][h / group][e]];
+                for (int e = 0; e < keep; ++e)
+                    kept[(size_t) h * keep + e] = acc[(size_t) h * size_[il] + entries[il][h / group][e]];
             acc = std::move(kept);
         }
         keep_entries(entries, *this);
@@ -226,12 +234,12 @@ void Session::compress() {
 }
 
 void Session::keep_entries(const std::vector<HeadSelection> & entries, const Session & src) {
-    const ModelConfig & c       = engine_.config();
-    KvPool &            pool    = engine_.pool();
-    const bool          in_place = &src == this;
-    Engine::Graph       g       = engine_.begin_graph();
+    const ModelConfig &                                         c        = engine_.config();
+    KvPool &                                                    pool     = engine_.pool();
+    const bool                                                  in_place = &src == this;
+    Engine::Graph                                               g        = engine_.begin_graph();
     std::vector<std::pair<ggml_tensor *, std::vector<int32_t>>> index_inputs;
-    std::vector<int> keep(c.n_layer);
+    std::vector<int>                                            keep(c.n_layer);
     for (int il = 0; il < c.n_layer; ++il) {
         keep[il] = (int) entries[il][0].size();
         if (!in_place) {
@@ -239,7 +247,8 @@ void Session::keep_entries(const std::vector<HeadSelection> & entries, const Ses
             if (pages_[il] == KvPool::kNone) pages_[il] = pool.allocate(std::max(keep[il], 1));
             if (pages_[il] == KvPool::kNone) {
                 ggml_free(g.ctx);
-                throw Error("kv_pool", "the KV pool is full: cannot hold " + std::to_string(keep[il]) + " entries for layer " + std::to_string(il));
+                throw Error("kv_pool", "the KV pool is full: cannot hold " + std::to_string(keep[il]) +
+                                           " entries for layer " + std::to_string(il));
             }
         }
     }
@@ -256,7 +265,8 @@ void Session::keep_entries(const std::vector<HeadSelection> & entries, const Ses
         const size_t to = (size_t) pool.first_slot(pages_[il]);
         for (ggml_tensor * store : { pool.k(), pool.v() }) {
             ggml_tensor * rows = ggml_get_rows(g.ctx, store, idx);  // [head_dim, n_keep, n_head_kv] f32
-            ggml_tensor * dst  = ggml_view_3d(g.ctx, store, c.head_dim, keep[il], c.n_head_kv, store->nb[1], store->nb[2], to * store->nb[1]);
+            ggml_tensor * dst  = ggml_view_3d(g.ctx, store, c.head_dim, keep[il], c.n_head_kv, store->nb[1],
+                                              store->nb[2], to * store->nb[1]);
             ggml_build_forward_expand(g.gf, ggml_cpy(g.ctx, rows, dst));
         }
     }
@@ -280,11 +290,12 @@ void Session::keep_entries(const std::vector<HeadSelection> & entries, const Ses
 
 std::unique_ptr<Session> Session::fork(const CompressionParams & params) const {
     if (!keep_scores_) throw Error("fork", "the source session was not opened with keep_scores");
-    if (compressed_) throw Error("fork", "the source session's prefill was already compressed (open it with method full)");
+    if (compressed_)
+        throw Error("fork", "the source session's prefill was already compressed (open it with method full)");
     if (tokens_.empty()) throw Error("fork", "the source session holds no tokens");
-    auto child         = std::make_unique<Session>(engine_, params, chunk_size_);
-    child->tokens_     = tokens_;
-    child->logits_     = logits_;
+    auto child     = std::make_unique<Session>(engine_, params, chunk_size_);
+    child->tokens_ = tokens_;
+    child->logits_ = logits_;
     child->keep_entries(select(*child->method_, params), *this);
     child->compressed_ = child->size_ != size_;
     child->kept_       = child->positions_;
@@ -302,10 +313,10 @@ namespace {
 constexpr uint32_t kStateVersion = 1;
 
 struct Writer {
-    std::string out;
+    std::string                out;
     template <typename T> void put(T v) { out.append(reinterpret_cast<const char *>(&v), sizeof(T)); }
-    void bytes(const void * p, size_t n) { out.append(static_cast<const char *>(p), n); }
-    void str(const std::string & s) {
+    void                       bytes(const void * p, size_t n) { out.append(static_cast<const char *>(p), n); }
+    void                       str(const std::string & s) {
         put<uint32_t>((uint32_t) s.size());
         bytes(s.data(), s.size());
     }
@@ -314,7 +325,7 @@ struct Writer {
 struct Reader {
     const std::string & in;
     size_t              at = 0;
-    void need(size_t n) const {
+    void                need(size_t n) const {
         if (in.size() - at < n) throw Error("state", "truncated session state");
     }
     template <typename T> T get() {
@@ -348,7 +359,8 @@ std::string Session::save() const {
     w.put<uint32_t>(kStateVersion);
     for (int v : { c.n_layer, c.n_head_kv, c.head_dim, c.n_vocab }) w.put<uint32_t>((uint32_t) v);
     w.str(params_.method);
-    for (int v : { params_.budget, params_.window, params_.beta, params_.kernel_size, (int) params_.pooling, (int) params_.aggregation, chunk_size_ })
+    for (int v : { params_.budget, params_.window, params_.beta, params_.kernel_size, (int) params_.pooling,
+                   (int) params_.aggregation, chunk_size_ })
         w.put<int32_t>(v);
     w.put<uint8_t>(compressed_ ? 1 : 0);
     w.put<uint32_t>((uint32_t) tokens_.size());
@@ -385,13 +397,15 @@ std::unique_ptr<Session> Session::restore(Engine & engine, const std::string & b
     }
     CompressionParams p;
     p.method = r.str();
-    p.budget = r.get<int32_t>(), p.window = r.get<int32_t>(), p.beta = r.get<int32_t>(), p.kernel_size = r.get<int32_t>();
+    p.budget = r.get<int32_t>(), p.window = r.get<int32_t>(), p.beta = r.get<int32_t>(),
+    p.kernel_size         = r.get<int32_t>();
     const int32_t pooling = r.get<int32_t>(), aggregation = r.get<int32_t>(), chunk = r.get<int32_t>();
-    if (pooling < 0 || pooling > 2 || aggregation < 0 || aggregation > 1) throw Error("state", "corrupt compression settings");
-    p.pooling     = (Pooling) pooling;
-    p.aggregation = (HeadAggregation) aggregation;
-    auto s        = std::make_unique<Session>(engine, p, chunk);  // validates the settings
-    s->compressed_ = r.get<uint8_t>() != 0;
+    if (pooling < 0 || pooling > 2 || aggregation < 0 || aggregation > 1)
+        throw Error("state", "corrupt compression settings");
+    p.pooling               = (Pooling) pooling;
+    p.aggregation           = (HeadAggregation) aggregation;
+    auto s                  = std::make_unique<Session>(engine, p, chunk);  // validates the settings
+    s->compressed_          = r.get<uint8_t>() != 0;
     const uint32_t n_tokens = r.get<uint32_t>();
     r.need((size_t) n_tokens * sizeof(int32_t));
     s->tokens_.resize(n_tokens);

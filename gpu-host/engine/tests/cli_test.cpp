@@ -10,7 +10,8 @@ namespace {
 std::string engine() { return PKV_ENGINE_BIN; }
 
 TEST(Cli, BudgetsJsonMatchesTheContract) {
-    const CliResult r = run_cli(engine(), "budgets --layers 30 --budget 128 --prompt-len 4000 --window 8 --beta 20 --json");
+    const CliResult r =
+        run_cli(engine(), "budgets --layers 30 --budget 128 --prompt-len 4000 --window 8 --beta 20 --json");
     ASSERT_EQ(r.exit_code, 0) << r.err;
     EXPECT_EQ(r.out.rfind("{\"layer_budgets\": [242, 235, 228, ", 0), 0u) << r.out;
     EXPECT_NE(r.out.find(", 46, 39]}\n"), std::string::npos) << r.out;
@@ -28,9 +29,9 @@ void PrintTo(const BadInput & b, std::ostream * os) { *os << b.args; }
 class CliErrors : public testing::TestWithParam<BadInput> {};
 
 TEST_P(CliErrors, ExitTwoWithOneLineNamingTheParameter) {
-    const BadInput  b = GetParam();
-    std::string     args = b.args;
-    const std::string tmp = testing::TempDir();
+    const BadInput    b    = GetParam();
+    std::string       args = b.args;
+    const std::string tmp  = testing::TempDir();
     std::ofstream(tmp + "pkv_empty.txt").close();
     {
         std::ofstream big(tmp + "pkv_huge.txt");
@@ -50,43 +51,47 @@ TEST_P(CliErrors, ExitTwoWithOneLineNamingTheParameter) {
 
 INSTANTIATE_TEST_SUITE_P(
     Generate, CliErrors,
-    testing::Values(
-        BadInput{ "unknown_method", "generate --prompt hi --method magic", "--method" },
-        BadInput{ "budget_not_above_window", "generate --prompt hi --budget 8 --window 8", "--budget" },
-        BadInput{ "window_below_one", "generate --prompt hi --window 0", "--window" },
-        BadInput{ "beta_below_one", "generate --prompt hi --beta 0", "--beta" },
-        BadInput{ "kernel_even", "generate --prompt hi --kernel-size 4", "--kernel-size" },
-        BadInput{ "kernel_below_one", "generate --prompt hi --kernel-size 0", "--kernel-size" },
-        BadInput{ "budget_not_a_number", "generate --prompt hi --budget lots", "--budget" },
-        BadInput{ "missing_prompt_file", "generate --prompt-file $TMP/does_not_exist.txt", "--prompt-file" },
-        BadInput{ "empty_prompt_file", "generate --prompt-file $TMP/pkv_empty.txt", "--prompt-file" },
-        BadInput{ "no_prompt", "generate", "--prompt" },
-        BadInput{ "unreadable_model", "generate --prompt hi --model $TMP/no_such_model.gguf", "--model" },
-        BadInput{ "not_a_gguf", "generate --prompt hi --model $TMP/pkv_not_a_model.gguf", "--model" },
-        BadInput{ "prompt_over_context", "generate --prompt-file $TMP/pkv_huge.txt --max-new-tokens 4", "--prompt-file" },
-        BadInput{ "unknown_option", "generate --prompt hi --bogus 1", "--bogus" },
-        BadInput{ "unknown_pooling", "generate --prompt hi --pooling median", "--pooling" },
-        BadInput{ "budgets_missing_layers", "budgets --prompt-len 10", "--layers" },
-        BadInput{ "budgets_bad_window", "budgets --layers 4 --prompt-len 10 --window -1", "--window" },
-        BadInput{ "unknown_command", "frobnicate", "command" }),
+    testing::Values(BadInput{ "unknown_method", "generate --prompt hi --method magic", "--method" },
+                    BadInput{ "budget_not_above_window", "generate --prompt hi --budget 8 --window 8", "--budget" },
+                    BadInput{ "window_below_one", "generate --prompt hi --window 0", "--window" },
+                    BadInput{ "beta_below_one", "generate --prompt hi --beta 0", "--beta" },
+                    BadInput{ "kernel_even", "generate --prompt hi --kernel-size 4", "--kernel-size" },
+                    BadInput{ "kernel_below_one", "generate --prompt hi --kernel-size 0", "--kernel-size" },
+                    BadInput{ "budget_not_a_number", "generate --prompt hi --budget lots", "--budget" },
+                    BadInput{ "missing_prompt_file", "generate --prompt-file $TMP/does_not_exist.txt",
+                              "--prompt-file" },
+                    BadInput{ "empty_prompt_file", "generate --prompt-file $TMP/pkv_empty.txt", "--prompt-file" },
+                    BadInput{ "no_prompt", "generate", "--prompt" },
+                    BadInput{ "unreadable_model", "generate --prompt hi --model $TMP/no_such_model.gguf", "--model" },
+                    BadInput{ "not_a_gguf", "generate --prompt hi --model $TMP/pkv_not_a_model.gguf", "--model" },
+                    BadInput{ "prompt_over_context", "generate --prompt-file $TMP/pkv_huge.txt --max-new-tokens 4",
+                              "--prompt-file" },
+                    BadInput{ "unknown_option", "generate --prompt hi --bogus 1", "--bogus" },
+                    BadInput{ "unknown_pooling", "generate --prompt hi --pooling median", "--pooling" },
+                    BadInput{ "budgets_missing_layers", "budgets --prompt-len 10", "--layers" },
+                    BadInput{ "budgets_bad_window", "budgets --layers 4 --prompt-len 10 --window -1", "--window" },
+                    BadInput{ "unknown_command", "frobnicate", "command" }),
     [](const testing::TestParamInfo<BadInput> & i) { return std::string(i.param.name); });
 
 TEST(Cli, GenerateJsonPrintsOneObjectWithTheContractKeys) {
     const std::string kept = testing::TempDir() + "pkv_kept.json";
     std::ofstream(testing::TempDir() + "pkv_doc.txt") << essay_text(3000);
-    const CliResult r = run_cli(engine(), "generate --prompt-file " + testing::TempDir() + "pkv_doc.txt --question 'What is this about?' "
-                                          "--method pyramidkv --budget 64 --max-new-tokens 8 --json --dump-kept " + kept);
+    const CliResult r = run_cli(engine(), "generate --prompt-file " + testing::TempDir() +
+                                              "pkv_doc.txt --question 'What is this about?' "
+                                              "--method pyramidkv --budget 64 --max-new-tokens 8 --json --dump-kept " +
+                                              kept);
     ASSERT_EQ(r.exit_code, 0) << r.err;
     EXPECT_EQ(count_lines(r.out), 1) << r.out;
     EXPECT_EQ(r.out.front(), '{');
-    for (const char * key : { "text", "model", "method", "budget", "prompt_tokens", "new_tokens", "layer_kv_lengths", "kv_bytes",
-                              "full_kv_bytes", "prefill_seconds", "decode_tokens_per_second" }) {
+    for (const char * key : { "text", "model", "method", "budget", "prompt_tokens", "new_tokens", "layer_kv_lengths",
+                              "kv_bytes", "full_kv_bytes", "prefill_seconds", "decode_tokens_per_second" }) {
         EXPECT_NE(r.out.find("\"" + std::string(key) + "\": "), std::string::npos) << key << " missing in " << r.out;
     }
     EXPECT_NE(r.out.find("\"method\": \"pyramidkv\""), std::string::npos);
     EXPECT_NE(r.out.find("\"model\": \"SmolLM2-135M-Instruct.Q4_1.gguf\""), std::string::npos);
     const std::string dump = read_file(kept);
-    EXPECT_EQ(dump.rfind("{\"method\": \"pyramidkv\", \"budget\": 64, \"prompt_token_ids\": [", 0), 0u) << dump.substr(0, 200);
+    EXPECT_EQ(dump.rfind("{\"method\": \"pyramidkv\", \"budget\": 64, \"prompt_token_ids\": [", 0), 0u)
+        << dump.substr(0, 200);
     EXPECT_NE(dump.find("\"kept\": [[["), std::string::npos);
 }
 

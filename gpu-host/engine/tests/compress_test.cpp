@@ -37,9 +37,12 @@ struct Probs {
     int                n, n_head, n_head_kv, n_window;
     std::vector<float> data;
 
-    Probs(int n_, int n_head_, int n_head_kv_, int n_window_) :
-        n(n_), n_head(n_head_), n_head_kv(n_head_kv_), n_window(n_window_),
-        data(static_cast<size_t>(n_) * n_head_ * n_window_, 0.0f) {}
+    Probs(int n_, int n_head_, int n_head_kv_, int n_window_)
+        : n(n_),
+          n_head(n_head_),
+          n_head_kv(n_head_kv_),
+          n_window(n_window_),
+          data(static_cast<size_t>(n_) * n_head_ * n_window_, 0.0f) {}
 
     float & at(int h, int i, int j) { return data[(static_cast<size_t>(h) * n_window + i) * n + j]; }
 
@@ -109,9 +112,7 @@ void expect_well_formed(const HeadSelection & sel, int n_head_kv, int n) {
     }
 }
 
-bool contains(const std::vector<int32_t> & v, int x) {
-    return std::find(v.begin(), v.end(), x) != v.end();
-}
+bool contains(const std::vector<int32_t> & v, int x) { return std::find(v.begin(), v.end(), x) != v.end(); }
 
 }  // namespace
 
@@ -195,18 +196,18 @@ std::vector<int> design_reference(int L, int B, int n, int a, int beta) {
 
 TEST(PyramidBudgets, MatchesDesignFormulaOnRandomInputs) {
     std::mt19937 rng(1234);
-    auto         uni = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+    auto         uni           = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
     int          formula_cases = 0;
     for (int iter = 0; iter < 5000; ++iter) {
-        const int L    = uni(2, 80);
-        const int B    = uni(9, 2048);
+        const int L = uni(2, 80);
+        const int B = uni(9, 2048);
         // Bias half the draws towards the branch boundaries around B and 2·(B−α).
-        const int n    = iter % 2 ? uni(1, 40000) : uni(std::max(1, B - 20), 2 * B + 20);
-        const int a    = uni(1, std::min(64, B - 1));
-        const int beta = uni(1, 50);
-        const auto got = pyramid_budgets(L, B, n, a, beta);
-        ASSERT_EQ(got, design_reference(L, B, n, a, beta)) << "L=" << L << " B=" << B << " n=" << n << " a=" << a
-                                                            << " beta=" << beta;
+        const int  n    = iter % 2 ? uni(1, 40000) : uni(std::max(1, B - 20), 2 * B + 20);
+        const int  a    = uni(1, std::min(64, B - 1));
+        const int  beta = uni(1, 50);
+        const auto got  = pyramid_budgets(L, B, n, a, beta);
+        ASSERT_EQ(got, design_reference(L, B, n, a, beta))
+            << "L=" << L << " B=" << B << " n=" << n << " a=" << a << " beta=" << beta;
         ASSERT_EQ(static_cast<int>(got.size()), L);
         for (int l = 0; l < L; ++l) {
             ASSERT_LE(got[l], n);
@@ -273,13 +274,13 @@ TEST(Selection, TopKTiesGoToEarlierPositions) {
 TEST(Scores, PoolingModes) {
     // One query head, one window query; a spike of 1 at prefix position 10 (n_prefix 20).
     Probs pr(21, 1, 1, 1);
-    pr.at(0, 0, 10) = 1.0f;
-    pr.at(0, 0, 20) = 0.0f;
+    pr.at(0, 0, 10)     = 1.0f;
+    pr.at(0, 0, 20)     = 0.0f;
     CompressionParams p = params("snapkv");
     p.kernel_size       = 7;
 
-    p.pooling     = Pooling::MaxPool;
-    auto s        = window_scores(pr.att(), p);
+    p.pooling = Pooling::MaxPool;
+    auto s    = window_scores(pr.att(), p);
     ASSERT_EQ(s.size(), 20u);
     for (int j = 0; j < 20; ++j) {
         EXPECT_FLOAT_EQ(s[j], (j >= 7 && j <= 13) ? 1.0f : 0.0f) << "j=" << j;
@@ -321,8 +322,8 @@ TEST(Scores, PoolingAtTheEdges) {
 
 TEST(Scores, SumsOverWindowQueriesOnPrefixOnly) {
     Probs pr(10, 1, 1, 3);
-    pr.spike(0, 4, 0.25f);   // 3 window rows -> 0.75
-    pr.at(0, 1, 8) = 0.5f;   // window position: not scored
+    pr.spike(0, 4, 0.25f);       // 3 window rows -> 0.75
+    pr.at(0, 1, 8)      = 0.5f;  // window position: not scored
     CompressionParams p = params("snapkv");
     p.pooling           = Pooling::None;
     const auto s        = window_scores(pr.att(), p);
@@ -335,10 +336,10 @@ TEST(Scores, MeanVersusMaxAggregation) {
     // One KV head with G = 2 and a prefix of 2 positions (n 3, window 1). Head 0 scores
     // [0.9, 0.5], head 1 [0.0, 0.6]: mean 0.45 vs 0.55 keeps position 1, max 0.9 vs 0.6 keeps 0.
     Probs pr(3, 2, 1, 1);
-    pr.at(0, 0, 0) = 0.9f;
-    pr.at(0, 0, 1) = 0.5f;
-    pr.at(1, 0, 0) = 0.0f;
-    pr.at(1, 0, 1) = 0.6f;
+    pr.at(0, 0, 0)      = 0.9f;
+    pr.at(0, 0, 1)      = 0.5f;
+    pr.at(1, 0, 0)      = 0.0f;
+    pr.at(1, 0, 1)      = 0.6f;
     CompressionParams p = params("snapkv");
     p.pooling           = Pooling::None;
 
@@ -379,10 +380,10 @@ TEST(Methods, H2OPicksByAccumulatedAttention) {
 
 TEST(Methods, StreamingLlmKeepsSinksAndRecent) {
     LayerAttention att;
-    att.n         = 100;
-    att.n_head    = 4;
-    att.n_head_kv = 2;
-    att.n_window  = 8;
+    att.n          = 100;
+    att.n_head     = 4;
+    att.n_head_kv  = 2;
+    att.n_window   = 8;
     const auto sel = find_method("streamingllm")->select(att, 20, params("streamingllm"));
     expect_well_formed(sel, 2, 100);
     std::vector<int32_t> want = range(0, 4);
@@ -395,10 +396,10 @@ TEST(Methods, StreamingLlmKeepsSinksAndRecent) {
 
 TEST(Methods, FullKeepsEverything) {
     LayerAttention att;
-    att.n         = 50;
-    att.n_head    = 4;
-    att.n_head_kv = 2;
-    att.n_window  = 8;
+    att.n            = 50;
+    att.n_head       = 4;
+    att.n_head_kv    = 2;
+    att.n_window     = 8;
     const Method * m = find_method("full");
     ASSERT_NE(m, nullptr);
     EXPECT_EQ(m->layer_budgets(3, 50, params("full", 8 + 1)), std::vector<int>(3, 50));
@@ -444,9 +445,9 @@ TEST_P(EveryMethod, KeepAtLeastNKeepsAll) {
 TEST_P(EveryMethod, StoredSizesEqualLayerBudgets) {
     const Method *    m = GetParam();
     std::mt19937      rng(11);
-    CompressionParams p = params(m->name, 24);
-    const int         n = 300;
-    const int         L = 6;
+    CompressionParams p       = params(m->name, 24);
+    const int         n       = 300;
+    const int         L       = 6;
     const auto        budgets = m->layer_budgets(L, n, p);
     ASSERT_EQ(static_cast<int>(budgets.size()), L);
     for (int l = 0; l < L; ++l) {

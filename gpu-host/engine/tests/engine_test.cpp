@@ -131,7 +131,7 @@ TEST(Scores, WindowAndAccumulatedAttentionAreConsistent) {
     const ModelConfig &        c      = engine.config();
     const std::vector<int32_t> prompt = chat_prompt(4500, "What is the main argument?");
     const int                  n = (int) prompt.size(), nw = 8;
-    ASSERT_GT(n, 1024);  // accumulation crosses ubatch boundaries
+    ASSERT_GT(n, 1024);                              // accumulation crosses ubatch boundaries
     Session s(engine, CompressionParams{ "full" });  // an exact prefill keeping its scores (a fork source)
     s.set_keep_scores(true);
     s.prefill(prompt);
@@ -167,13 +167,13 @@ TEST(Scores, WindowAndAccumulatedAttentionAreConsistent) {
 // The scoring graph on constructed Q/K: a prefix key that the window queries of KV head 1's query
 // heads attend to dominantly is kept by head 1 only; the window is kept by every head.
 TEST(Scoring, DominantKeyInOneKvHeadIsKeptByThatHeadOnly) {
-    const int d = 8, n = 32, n_head = 4, n_head_kv = 2, nw = 4, target = 9;
+    const int        d = 8, n = 32, n_head = 4, n_head_kv = 2, nw = 4, target = 9;
     ggml_init_params ip{ 16 * 1024 * 1024, nullptr, false };
     ggml_context *   ctx = ggml_init(ip);
     ggml_tensor *    k   = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, d, n, n_head_kv);
     ggml_tensor *    q   = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, d, nw, n_head);
-    auto             kat = [&](int dim, int pos, int head) -> float & { return ((float *) k->data)[(head * n + pos) * d + dim]; };
-    auto             qat = [&](int dim, int row, int head) -> float & { return ((float *) q->data)[(head * nw + row) * d + dim]; };
+    auto kat = [&](int dim, int pos, int head) -> float & { return ((float *) k->data)[(head * n + pos) * d + dim]; };
+    auto qat = [&](int dim, int row, int head) -> float & { return ((float *) q->data)[(head * nw + row) * d + dim]; };
     for (int h = 0; h < n_head_kv; ++h)
         for (int j = 0; j < n; ++j)
             for (int x = 0; x < d; ++x) kat(x, j, h) = 0.05f * std::sin(1.3f * j + 0.7f * x + h);

@@ -43,15 +43,17 @@ size_t offset_of(const ggml_tensor * t, int head, int slot) { return head * t->n
 
 // Reads every slot of a live run, all heads of K and V, in Expected's layout.
 std::vector<uint16_t> read_run(const KvPool & pool, Handle h) {
-    const ggml_tensor * k     = pool.k();
-    const int           hd    = (int) k->ne[0];
-    const int           nh    = (int) k->ne[2];
-    const int           slots = pool.slot_count(h);
+    const ggml_tensor *   k     = pool.k();
+    const int             hd    = (int) k->ne[0];
+    const int             nh    = (int) k->ne[2];
+    const int             slots = pool.slot_count(h);
     std::vector<uint16_t> out((size_t) 2 * nh * slots * hd);
     size_t                pos = 0;
     for (ggml_tensor * t : { pool.k(), pool.v() }) {
         for (int head = 0; head < nh; ++head) {
-            if (slots > 0) ggml_backend_tensor_get(t, out.data() + pos, offset_of(t, head, pool.first_slot(h)), (size_t) slots * hd * 2);
+            if (slots > 0)
+                ggml_backend_tensor_get(t, out.data() + pos, offset_of(t, head, pool.first_slot(h)),
+                                        (size_t) slots * hd * 2);
             pos += (size_t) slots * hd;
         }
     }
@@ -68,8 +70,8 @@ void fill_run(const KvPool & pool, Handle h, int from, Expected & e, std::mt1993
     int ti = 0;
     for (ggml_tensor * t : { pool.k(), pool.v() }) {
         for (int head = 0; head < nh; ++head, ++ti) {
-            uint16_t * dst = e.v.data() + ((size_t) ti * e.slots + from) * hd;
-            const size_t n = (size_t) (e.slots - from) * hd;
+            uint16_t *   dst = e.v.data() + ((size_t) ti * e.slots + from) * hd;
+            const size_t n   = (size_t) (e.slots - from) * hd;
             for (size_t i = 0; i < n; ++i) dst[i] = (uint16_t) rng();
             ggml_backend_tensor_set(t, dst, offset_of(t, head, pool.first_slot(h) + from), n * 2);
         }
@@ -83,14 +85,16 @@ void relayout(const KvPool & pool, Expected & e, int new_slots, int keep) {
     const int             nh = (int) pool.k()->ne[2];
     std::vector<uint16_t> v((size_t) 2 * nh * new_slots * hd);
     for (int ti = 0; ti < 2 * nh; ++ti) {
-        std::copy_n(e.v.begin() + (size_t) ti * e.slots * hd, (size_t) keep * hd, v.begin() + (size_t) ti * new_slots * hd);
+        std::copy_n(e.v.begin() + (size_t) ti * e.slots * hd, (size_t) keep * hd,
+                    v.begin() + (size_t) ti * new_slots * hd);
     }
     e.v     = std::move(v);
     e.slots = new_slots;
 }
 
 // Checks the first `keep` slots (all of them by default) of every tracked run.
-void expect_data(const KvPool & pool, const std::map<Handle, Expected> & runs, const std::map<Handle, int> * valid = nullptr) {
+void expect_data(const KvPool & pool, const std::map<Handle, Expected> & runs,
+                 const std::map<Handle, int> * valid = nullptr) {
     const int hd = (int) pool.k()->ne[0];
     const int nh = (int) pool.k()->ne[2];
     for (const auto & [h, e] : runs) {
@@ -199,7 +203,7 @@ TEST_F(KvPoolTest, GrowthIntoAnOverlappingRunKeepsData) {
 }
 
 TEST_F(KvPoolTest, ZeroSlotsHandlesAndNoOps) {
-    KvPool pool(backend_, 8, 2, 4 * 1024, 16);
+    KvPool       pool(backend_, 8, 2, 4 * 1024, 16);
     const Handle z = pool.allocate(0);
     ASSERT_NE(z, KvPool::kNone);
     EXPECT_EQ(pool.slot_count(z), 0);
@@ -250,8 +254,8 @@ TEST_F(KvPoolTest, RefusalsChangeNothing) {
     KvPool       pool(backend_, 4, 3, 8 * 4 * 48, 4);  // 8 pages of 4 slots, 48 bytes a slot
     ASSERT_EQ(pool.n_pages(), 8);
     std::map<Handle, Expected> runs;
-    const Handle a = pool.allocate(10);
-    const Handle b = pool.allocate(6);
+    const Handle               a = pool.allocate(10);
+    const Handle               b = pool.allocate(6);
     ASSERT_NE(a, KvPool::kNone);
     ASSERT_NE(b, KvPool::kNone);
     fill_run(pool, a, 0, runs[a], rng);
@@ -262,8 +266,8 @@ TEST_F(KvPoolTest, RefusalsChangeNothing) {
     EXPECT_EQ(pool.allocate(3 * 4 + 1), KvPool::kNone);  // more than the free pages
     EXPECT_EQ(pool.used_bytes(), used);
     EXPECT_EQ(pool.compactions(), 0);
-    EXPECT_FALSE(pool.resize(a, 8 * 4 + 1, 10));            // beyond capacity
-    EXPECT_FALSE(pool.resize(a, (3 + 3) * 4 + 1, 10));      // own 3 pages + 3 free are not enough
+    EXPECT_FALSE(pool.resize(a, 8 * 4 + 1, 10));        // beyond capacity
+    EXPECT_FALSE(pool.resize(a, (3 + 3) * 4 + 1, 10));  // own 3 pages + 3 free are not enough
     EXPECT_EQ(pool.used_bytes(), used);
     EXPECT_EQ(pool.first_slot(a), 0);
     EXPECT_EQ(pool.slot_count(a), 12);
@@ -283,13 +287,13 @@ TEST_F(KvPoolTest, RefusalsChangeNothing) {
 // Deterministic compaction: a hole in the middle plus the free tail serve one allocation, and the
 // runs that slide keep their data for every head of K and V.
 TEST_F(KvPoolTest, CompactionSlidesRunsAndKeepsTheirData) {
-    std::mt19937 rng(11);
-    KvPool       pool(backend_, 4, 3, 10 * 4 * 48, 4);  // 10 pages of 4 slots
+    std::mt19937               rng(11);
+    KvPool                     pool(backend_, 4, 3, 10 * 4 * 48, 4);  // 10 pages of 4 slots
     std::map<Handle, Expected> runs;
-    const Handle a = pool.allocate(8);   // pages 0-1
-    const Handle b = pool.allocate(12);  // pages 2-4
-    const Handle c = pool.allocate(8);   // pages 5-6
-    const Handle d = pool.allocate(4);   // page 7
+    const Handle               a = pool.allocate(8);   // pages 0-1
+    const Handle               b = pool.allocate(12);  // pages 2-4
+    const Handle               c = pool.allocate(8);   // pages 5-6
+    const Handle               d = pool.allocate(4);   // page 7
     for (Handle h : { a, b, c, d }) fill_run(pool, h, 0, runs[h], rng);
     pool.release(b);
     runs.erase(b);
@@ -330,8 +334,8 @@ TEST_F(KvPoolTest, AdmitsWheneverFreePagesSufficeUnderRandomChurn) {
     const int ps = pool.page_slots();
 
     std::vector<std::vector<Handle>> sessions;
-    int admitted = 0, refused = 0, probes = 0, grown = 0, grow_refused = 0, big_probes = 0;
-    int model_used = 0;  // pages, tracked independently of the pool
+    int                              admitted = 0, refused = 0, probes = 0, grown = 0, grow_refused = 0, big_probes = 0;
+    int                              model_used = 0;  // pages, tracked independently of the pool
 
     auto checked_allocate = [&](int slots) -> Handle {
         const int    free_before = pool.free_pages();
@@ -364,9 +368,7 @@ TEST_F(KvPoolTest, AdmitsWheneverFreePagesSufficeUnderRandomChurn) {
             const int           top    = uni(1, 300);
             std::vector<Handle> runs;
             for (int il = 0; il < layers; ++il) {
-                int slots = shape == 0   ? top
-                            : shape == 1 ? std::max(1, top - (top * il) / layers)
-                                         : uni(1, 300);
+                int slots      = shape == 0 ? top : shape == 1 ? std::max(1, top - (top * il) / layers) : uni(1, 300);
                 const Handle h = checked_allocate(slots);
                 if (h != KvPool::kNone) runs.push_back(h);
             }

@@ -1,7 +1,7 @@
 // msgpack: encodings checked byte for byte against the msgpack spec, round trips at every format
 // boundary, and hostile inputs that must end in a pkv::Error, never a crash or a huge allocation.
-#include "test_util.h"
 #include "msgpack.h"
+#include "test_util.h"
 
 #include <gtest/gtest.h>
 
@@ -73,7 +73,12 @@ TEST(Msgpack, KnownEncodingsMatchTheSpec) {
         { Value::array_of(std::vector<int>{ 1, 2 }), "92 01 02" },
         { Value::map(), "80" },
         // One realistic frame payload; shared/test/protocol.test.ts expects the same bytes from msgpackr.
-        { Value::map().set("type", "open").set("id", 7).set("session", "s1").set("method", "pyramidkv").set("budget", 128),
+        { Value::map()
+              .set("type", "open")
+              .set("id", 7)
+              .set("session", "s1")
+              .set("method", "pyramidkv")
+              .set("budget", 128),
           "85 a4 74 79 70 65 a4 6f 70 65 6e a2 69 64 07 a7 73 65 73 73 69 6f 6e a2 73 31 a6 6d 65 74 68 6f 64 "
           "a9 70 79 72 61 6d 69 64 6b 76 a6 62 75 64 67 65 74 cc 80" },
     };
@@ -84,11 +89,13 @@ TEST(Msgpack, KnownEncodingsMatchTheSpec) {
 }
 
 TEST(Msgpack, IntegersRoundTripAtEveryFormatBoundary) {
-    const std::vector<uint64_t> uints = { 0, 1, 127, 128, 255, 256, 65535, 65536, 4294967295ull, 4294967296ull,
-                                          std::numeric_limits<uint64_t>::max() };
+    const std::vector<uint64_t> uints = {
+        0, 1, 127, 128, 255, 256, 65535, 65536, 4294967295ull, 4294967296ull, std::numeric_limits<uint64_t>::max()
+    };
     for (uint64_t u : uints) EXPECT_EQ(round_trip(Value(u)).as_uint(), u);
-    const std::vector<int64_t> ints = { -1, -32, -33, -128, -129, -32768, -32769, INT32_MIN, int64_t(INT32_MIN) - 1,
-                                        std::numeric_limits<int64_t>::min() };
+    const std::vector<int64_t> ints = {
+        -1, -32, -33, -128, -129, -32768, -32769, INT32_MIN, int64_t(INT32_MIN) - 1, std::numeric_limits<int64_t>::min()
+    };
     for (int64_t i : ints) {
         Value back = round_trip(Value(i));
         EXPECT_EQ(back.type(), Type::Int);
@@ -118,8 +125,8 @@ TEST(Msgpack, FloatsDecodeAsDouble) {
 TEST(Msgpack, StringsAndBinsRoundTripAtEveryLengthBoundary) {
     // length → the header byte the spec prescribes for str and for bin
     const std::vector<std::tuple<size_t, uint8_t, uint8_t>> cases = {
-        { 0, 0xa0, 0xc4 },    { 31, 0xbf, 0xc4 },    { 32, 0xd9, 0xc4 },    { 255, 0xd9, 0xc4 },
-        { 256, 0xda, 0xc5 },  { 65535, 0xda, 0xc5 }, { 65536, 0xdb, 0xc6 },
+        { 0, 0xa0, 0xc4 },   { 31, 0xbf, 0xc4 },    { 32, 0xd9, 0xc4 },    { 255, 0xd9, 0xc4 },
+        { 256, 0xda, 0xc5 }, { 65535, 0xda, 0xc5 }, { 65536, 0xdb, 0xc6 },
     };
     for (const auto & [n, str_op, bin_op] : cases) {
         std::string s(n, 'x');
@@ -138,8 +145,7 @@ TEST(Msgpack, StringsAndBinsRoundTripAtEveryLengthBoundary) {
 
 TEST(Msgpack, ArraysAndMapsRoundTripAtEveryCountBoundary) {
     const std::vector<std::tuple<size_t, uint8_t, uint8_t>> cases = {
-        { 0, 0x90, 0x80 },     { 15, 0x9f, 0x8f },      { 16, 0xdc, 0xde },
-        { 65535, 0xdc, 0xde }, { 65536, 0xdd, 0xdf },
+        { 0, 0x90, 0x80 }, { 15, 0x9f, 0x8f }, { 16, 0xdc, 0xde }, { 65535, 0xdc, 0xde }, { 65536, 0xdd, 0xdf },
     };
     for (const auto & [n, array_op, map_op] : cases) {
         Value      a = Value::array();
@@ -148,7 +154,7 @@ TEST(Msgpack, ArraysAndMapsRoundTripAtEveryCountBoundary) {
             a.push(Value(i));
             entries.emplace_back("k" + std::to_string(i), Value(i));
         }
-        const Value m = Value::map(std::move(entries));
+        const Value m   = Value::map(std::move(entries));
         std::string enc = pkv::mp::encode(a);
         EXPECT_EQ((uint8_t) enc[0], array_op) << n;
         EXPECT_EQ(pkv::mp::decode(enc), a);
@@ -201,13 +207,13 @@ TEST(Msgpack, AccessorsAndDefaults) {
 }
 
 TEST(Msgpack, TruncationAtEveryByteThrows) {
-    Value v = Value::map()
-                  .set("type", "open")
-                  .set("tokens", Value::array_of(std::vector<uint32_t>{ 1, 300, 70000, 4000000000u }))
-                  .set("f", 1.25)
-                  .set("neg", -40000)
-                  .set("bin", Value::bin(std::string(300, 'z')))
-                  .set("long", std::string(40, 'q'));
+    Value             v   = Value::map()
+                                .set("type", "open")
+                                .set("tokens", Value::array_of(std::vector<uint32_t>{ 1, 300, 70000, 4000000000u }))
+                                .set("f", 1.25)
+                                .set("neg", -40000)
+                                .set("bin", Value::bin(std::string(300, 'z')))
+                                .set("long", std::string(40, 'q'));
     const std::string enc = pkv::mp::encode(v);
     ASSERT_EQ(pkv::mp::decode(enc), v);
     for (size_t n = 0; n < enc.size(); ++n) expect_rejected(enc.substr(0, n), "truncated");
@@ -262,9 +268,12 @@ TEST(Msgpack, AMaximalFrameOfTinyValuesIsRefusedCheaply) {
 
 TEST(Msgpack, RandomAndMutatedInputsNeverCrash) {
     std::mt19937      rng(42);
-    const std::string valid = pkv::mp::encode(
-        Value::map().set("type", "append").set("id", 3).set("tokens", Value::array_of(std::vector<int>{ 1, 2, 300 })).set("text", "hello"));
-    size_t decoded = 0;
+    const std::string valid   = pkv::mp::encode(Value::map()
+                                                    .set("type", "append")
+                                                    .set("id", 3)
+                                                    .set("tokens", Value::array_of(std::vector<int>{ 1, 2, 300 }))
+                                                    .set("text", "hello"));
+    size_t            decoded = 0;
     for (int iter = 0; iter < 20000; ++iter) {
         std::string bytes;
         if (iter % 2) {
@@ -277,8 +286,7 @@ TEST(Msgpack, RandomAndMutatedInputsNeverCrash) {
         try {
             pkv::mp::decode(bytes);
             ++decoded;
-        } catch (const pkv::Error &) {
-        }
+        } catch (const pkv::Error &) {}
     }
     EXPECT_GT(decoded, 0u);  // the mutations are not all fatal: both paths were exercised
 }

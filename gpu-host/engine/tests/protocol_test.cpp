@@ -2,8 +2,8 @@
 // built from its spec, each kind of mistake is reported with the message type and field (the
 // same lines shared/test/protocol.test.ts expects from the TypeScript validator), and frame
 // reading refuses oversized and truncated frames.
-#include "test_util.h"
 #include "protocol.h"
+#include "test_util.h"
 
 #include <gtest/gtest.h>
 
@@ -87,7 +87,8 @@ TEST(Protocol, EveryMessageTypeAcceptsAMinimalAndAFullFrame) {
 }
 
 TEST(Protocol, FloatFieldsAcceptIntegers) {
-    Value v = Value::map().set("type", "generate").set("id", 1).set("session", "s").set("temperature", 1).set("top_p", -0.0);
+    Value v =
+        Value::map().set("type", "generate").set("id", 1).set("session", "s").set("temperature", 1).set("top_p", -0.0);
     EXPECT_EQ(pkv::validate_frame(v, "to_engine"), "");
 }
 
@@ -98,8 +99,14 @@ TEST(Protocol, ErrorsNameTheMessageAndTheField) {
         { Value::map(), "frame has no 'type' field" },
         { Value::map().set("type", 5), "field 'type' must be str, got uint" },
         { Value::map().set("type", "foo").set("id", 1), "unknown message type 'foo'" },
-        { Value::map().set("type", "hello").set("protocol", 1).set("model", "m").set("n_layer", 1).set("n_ctx", 1)
-              .set("pool_bytes", 1).set("page_bytes", 1),
+        { Value::map()
+              .set("type", "hello")
+              .set("protocol", 1)
+              .set("model", "m")
+              .set("n_layer", 1)
+              .set("n_ctx", 1)
+              .set("pool_bytes", 1)
+              .set("page_bytes", 1),
           "hello: message goes from_engine, expected to_engine" },
         { Value::map().set("type", "open").set("session", "s"), "open: missing required field 'id'" },
         { Value::map().set("type", "open").set("id", 1), "open: missing required field 'session'" },
@@ -111,11 +118,19 @@ TEST(Protocol, ErrorsNameTheMessageAndTheField) {
         { open_frame().set("budgte", 128), "open: unknown field 'budgte'" },
         { open_frame().set("zz", 1).set("aa", 2), "open: unknown field 'aa'" },
         { open_frame().set("budgte", "x").set("budget", "y"), "open: field 'budget' must be uint, got str" },
-        { Value::map().set("type", "generate").set("id", 1).set("session", "s").set("stop", Value::array().push("a").push(2)),
+        { Value::map()
+              .set("type", "generate")
+              .set("id", 1)
+              .set("session", "s")
+              .set("stop", Value::array().push("a").push(2)),
           "generate: field 'stop' must be str[], got array (element 1 is uint)" },
         { Value::map().set("type", "generate").set("id", 1).set("session", "s").set("temperature", "hot"),
           "generate: field 'temperature' must be float, got str" },
-        { Value::map().set("type", "append").set("id", 1).set("session", "s").set("tokens", Value::array().push(1).push(-2)),
+        { Value::map()
+              .set("type", "append")
+              .set("id", 1)
+              .set("session", "s")
+              .set("tokens", Value::array().push(1).push(-2)),
           "append: field 'tokens' must be uint[], got array (element 1 is int)" },
         { Value::map().set("type", "append").set("id", 1).set("session", "s").set("tokens", "1 2"),
           "append: field 'tokens' must be uint[], got str" },
@@ -129,7 +144,12 @@ TEST(Protocol, ErrorsNameTheMessageAndTheField) {
 }
 
 TEST(Protocol, FrameEncodingIsLengthPrefixed) {
-    Value open = Value::map().set("type", "open").set("id", 7).set("session", "s1").set("method", "pyramidkv").set("budget", 128);
+    Value open = Value::map()
+                     .set("type", "open")
+                     .set("id", 7)
+                     .set("session", "s1")
+                     .set("method", "pyramidkv")
+                     .set("budget", 128);
     // Same bytes as shared/test/protocol.test.ts expects from encodeFrame().
     EXPECT_EQ(hex(pkv::encode_frame(open)),
               "00 00 00 34 85 a4 74 79 70 65 a4 6f 70 65 6e a2 69 64 07 a7 73 65 73 73 69 6f 6e a2 73 31 a6 6d 65 74 "
@@ -138,8 +158,8 @@ TEST(Protocol, FrameEncodingIsLengthPrefixed) {
 }
 
 TEST(Protocol, ReadFrameReadsFramesThenACleanEnd) {
-    Value  a = open_frame(), b = Value::map().set("type", "close").set("id", 2).set("session", "s");
-    FILE * f = file_with(pkv::encode_frame(a) + pkv::encode_frame(b));
+    Value       a = open_frame(), b = Value::map().set("type", "close").set("id", 2).set("session", "s");
+    FILE *      f = file_with(pkv::encode_frame(a) + pkv::encode_frame(b));
     std::string payload, error;
     ASSERT_TRUE(pkv::read_frame(f, payload, error));
     EXPECT_EQ(pkv::mp::decode(payload), a);
@@ -171,7 +191,10 @@ TEST(Protocol, ReadFrameRefusesAnOversizedLengthWithoutReadingIt) {
 
 TEST(Protocol, ReadFrameRefusesTruncatedFrames) {
     std::string payload, error, code;
-    FILE *      f = file_with(std::string("\x00\x00\x00\x0a" "abc", 7));  // declares 10, holds 3
+    FILE *      f =
+        file_with(std::string("\x00\x00\x00\x0a"
+                              "abc",
+                              7));  // declares 10, holds 3
     EXPECT_FALSE(pkv::read_frame(f, payload, error, &code));
     EXPECT_EQ(code, "bad_frame");
     EXPECT_EQ(error, "input ended inside a frame (3 of 10 bytes)");
@@ -190,7 +213,11 @@ TEST(Protocol, WriteFrameIsThreadSafe) {
     for (int t = 0; t < 4; ++t) {
         threads.emplace_back([f, t] {
             for (int i = 0; i < 200; ++i) {
-                pkv::write_frame(f, Value::map().set("type", "token").set("id", t).set("session", "s").set("token", i)
+                pkv::write_frame(f, Value::map()
+                                        .set("type", "token")
+                                        .set("id", t)
+                                        .set("session", "s")
+                                        .set("token", i)
                                         .set("text", std::string(1 + i % 50, 'a' + t)));
             }
         });
@@ -211,21 +238,25 @@ TEST(Protocol, WriteFrameIsThreadSafe) {
 
 TEST(Protocol, SpecParserRefusesMistakesInEngineJson) {
     auto spec_with = [](const std::string & field) {
-        return R"({"version": 1, "max_frame_bytes": 1024, "messages": {"m": {"direction": "to_engine", "fields": {)" + field + "}}}}";
+        return R"({"version": 1, "max_frame_bytes": 1024, "messages": {"m": {"direction": "to_engine", "fields": {)" +
+               field + "}}}}";
     };
     EXPECT_NO_THROW(pkv::parse_protocol_spec(spec_with(R"("a": {"type": "uint[]", "required": true, "doc": "x"})")));
     EXPECT_THROW(pkv::parse_protocol_spec(spec_with(R"("a": {"type": "uint64"})")), pkv::Error);
     EXPECT_THROW(pkv::parse_protocol_spec(spec_with(R"("a": {"type": "uint", "requried": true})")), pkv::Error);
     EXPECT_THROW(pkv::parse_protocol_spec(spec_with(R"("type": {"type": "str"})")), pkv::Error);
     EXPECT_THROW(pkv::parse_protocol_spec(spec_with(R"("a": {"type": "uint"}, "a": {"type": "str"})")), pkv::Error);
-    EXPECT_THROW(pkv::parse_protocol_spec(R"({"version": 1, "max_frame_bytes": 1024, "messages": {"m": {"direction": "up", "fields": {}}}})"),
-                 pkv::Error);
+    EXPECT_THROW(
+        pkv::parse_protocol_spec(
+            R"({"version": 1, "max_frame_bytes": 1024, "messages": {"m": {"direction": "up", "fields": {}}}})"),
+        pkv::Error);
     EXPECT_THROW(pkv::parse_protocol_spec(R"({"version": 1, "messages": {}})"), pkv::Error);
     EXPECT_THROW(pkv::parse_protocol_spec("{"), pkv::Error);
 }
 
 TEST(Protocol, JsonReader) {
-    Value v = pkv::parse_json(R"( {"s": "a\"b\\c\n\u00e9\ud83d\ude00", "n": [0, -12, 3.5, 1e3, true, false, null], "o": {}} )");
+    Value v = pkv::parse_json(
+        R"( {"s": "a\"b\\c\n\u00e9\ud83d\ude00", "n": [0, -12, 3.5, 1e3, true, false, null], "o": {}} )");
     EXPECT_EQ(v.at("s").as_str(), "a\"b\\c\n\xc3\xa9\xf0\x9f\x98\x80");
     const auto & n = v.at("n").as_array();
     ASSERT_EQ(n.size(), 7u);

@@ -18,9 +18,9 @@ const bool kQuietLibllama = (llama_log_set([](ggml_log_level, const char *, void
 class Reference {
   public:
     Reference(const std::string & path, int n_ctx) {
-        llama_model_params mp = llama_model_default_params();
-        mp.n_gpu_layers       = 0;
-        model_                = llama_model_load_from_file(path.c_str(), mp);
+        llama_model_params mp   = llama_model_default_params();
+        mp.n_gpu_layers         = 0;
+        model_                  = llama_model_load_from_file(path.c_str(), mp);
         llama_context_params cp = llama_context_default_params();
         cp.n_ctx                = n_ctx;
         cp.n_batch              = 512;
@@ -28,14 +28,14 @@ class Reference {
         cp.flash_attn_type      = LLAMA_FLASH_ATTN_TYPE_ENABLED;  // the engine always uses flash attention
         cp.no_perf              = true;
         cp.n_threads = cp.n_threads_batch = kThreads;
-        ctx_                    = model_ ? llama_init_from_model(model_, cp) : nullptr;
-        n_vocab_                = model_ ? llama_vocab_n_tokens(llama_model_get_vocab(model_)) : 0;
+        ctx_                              = model_ ? llama_init_from_model(model_, cp) : nullptr;
+        n_vocab_                          = model_ ? llama_vocab_n_tokens(llama_model_get_vocab(model_)) : 0;
     }
     ~Reference() {
         if (ctx_) llama_free(ctx_);
         if (model_) llama_model_free(model_);
     }
-    bool ok() const { return ctx_ != nullptr; }
+    bool               ok() const { return ctx_ != nullptr; }
     std::vector<float> decode(std::vector<int32_t> tokens) {
         for (size_t i = 0; i < tokens.size(); i += 512) {
             const int n = (int) std::min<size_t>(512, tokens.size() - i);
@@ -48,8 +48,8 @@ class Reference {
     bool evict(int p0, int p1) { return llama_memory_seq_rm(llama_get_memory(ctx_), 0, p0, p1); }
 
   private:
-    llama_model *   model_ = nullptr;
-    llama_context * ctx_   = nullptr;
+    llama_model *   model_   = nullptr;
+    llama_context * ctx_     = nullptr;
     int             n_vocab_ = 0;
 };
 
@@ -110,8 +110,9 @@ Comparison compare_with_reference(Session & ours, Reference & ref, const std::ve
 }
 
 void report(const char * what, const std::vector<int32_t> & prompt, int steps, const Comparison & c) {
-    std::printf("[reference] %s: %zu prompt tokens, %d greedy steps identical, max |dlogit| prefill %.6f, decode %.6f\n",
-                what, prompt.size(), steps, c.worst_prefill, c.worst_decode);
+    std::printf(
+        "[reference] %s: %zu prompt tokens, %d greedy steps identical, max |dlogit| prefill %.6f, decode %.6f\n", what,
+        prompt.size(), steps, c.worst_prefill, c.worst_decode);
 }
 
 std::vector<int32_t> essay_prompt(size_t chars, const char * question) {
@@ -151,7 +152,8 @@ class RandomArch : public testing::TestWithParam<ArchCase> {};
 TEST_P(RandomArch, FullKvMatchesLibllama) {
     const ArchCase    c    = GetParam();
     const std::string path = testing::TempDir() + "pkv_random_" + c.name + ".gguf";
-    const CliResult   made = run_cli(PKV_MAKE_GGUF_BIN, std::string(c.flags) + " --out " + path + " --vocab-from " + embedded_model());
+    const CliResult   made =
+        run_cli(PKV_MAKE_GGUF_BIN, std::string(c.flags) + " --out " + path + " --vocab-from " + embedded_model());
     ASSERT_EQ(made.exit_code, 0) << made.err;
     std::vector<int32_t> prompt;
     for (int i = 0; i < 150; ++i) prompt.push_back((i * 7919 + 13) % 4000 + 100);
@@ -162,18 +164,21 @@ TEST_P(RandomArch, FullKvMatchesLibllama) {
     report(c.name, prompt, 64, compare_with_reference(ours, ref, prompt, 64));
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Archs, RandomArch,
-    testing::Values(ArchCase{ "llama", "--arch llama --preset tiny --seed 1" },
-                    ArchCase{ "llama3_rope_freqs", "--arch llama --preset tiny --rope-freqs --seed 2" },
-                    ArchCase{ "mistral3", "--arch mistral3 --preset tiny --seed 3" },
-                    ArchCase{ "qwen2", "--arch qwen2 --preset tiny --seed 4" },
-                    ArchCase{ "qwen3", "--arch qwen3 --preset tiny --seed 5" }),
-    [](const testing::TestParamInfo<ArchCase> & i) { return std::string(i.param.name); });
+INSTANTIATE_TEST_SUITE_P(Archs, RandomArch,
+                         testing::Values(ArchCase{ "llama", "--arch llama --preset tiny --seed 1" },
+                                         ArchCase{ "llama3_rope_freqs",
+                                                   "--arch llama --preset tiny --rope-freqs --seed 2" },
+                                         ArchCase{ "mistral3", "--arch mistral3 --preset tiny --seed 3" },
+                                         ArchCase{ "qwen2", "--arch qwen2 --preset tiny --seed 4" },
+                                         ArchCase{ "qwen3", "--arch qwen3 --preset tiny --seed 5" }),
+                         [](const testing::TestParamInfo<ArchCase> & i) { return std::string(i.param.name); });
 
 TEST(Reference, UnsupportedArchitectureIsRefused) {
     const std::string path = testing::TempDir() + "pkv_random_gpt2.gguf";
-    ASSERT_EQ(run_cli(PKV_MAKE_GGUF_BIN, "--arch gpt2 --preset tiny --out " + path + " --vocab-from " + embedded_model()).exit_code, 0);
+    ASSERT_EQ(
+        run_cli(PKV_MAKE_GGUF_BIN, "--arch gpt2 --preset tiny --out " + path + " --vocab-from " + embedded_model())
+            .exit_code,
+        0);
     const CliResult r = run_cli(PKV_ENGINE_BIN, "generate --model " + path + " --prompt hello --max-new-tokens 1");
     EXPECT_EQ(r.exit_code, 2);
     EXPECT_NE(r.err.find("unsupported architecture 'gpt2'"), std::string::npos) << r.err;
@@ -215,7 +220,7 @@ TEST(Reference, StreamingLlmMatchesLibllamaWithEvictedCells) {
     std::vector<float> ref_logits = ref.decode(prompt);
     EXPECT_LE(max_abs_diff(ours.logits(), ref_logits), kExactRel * logit_range(ref_logits));
     ASSERT_TRUE(ref.evict(4, n - (budget - 4)));
-    float worst = 0;
+    float worst    = 0;
     int   decisive = 0;
     for (int i = 0; i < steps; ++i) {
         const int32_t next = argmax(ref_logits);
@@ -231,8 +236,10 @@ TEST(Reference, StreamingLlmMatchesLibllamaWithEvictedCells) {
     }
     EXPECT_GE(decisive, steps / 2);
     for (int len : ours.stats().layer_kv_lengths) EXPECT_EQ(len, budget + steps);
-    std::printf("[reference] SmolLM2 streamingllm@%d vs evicted libllama cells: %d prompt tokens, %d teacher-forced steps, "
-                "max |dlogit| %.4f, greedy agrees on all %d decisive steps\n", budget, n, steps, worst, decisive);
+    std::printf(
+        "[reference] SmolLM2 streamingllm@%d vs evicted libllama cells: %d prompt tokens, %d teacher-forced steps, "
+        "max |dlogit| %.4f, greedy agrees on all %d decisive steps\n",
+        budget, n, steps, worst, decisive);
 }
 
 }  // namespace

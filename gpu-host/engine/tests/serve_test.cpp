@@ -32,7 +32,8 @@ class EngineProcess {
             dup2(out[1], 1);
             close(in[1]);
             close(out[0]);
-            std::vector<std::string> args = { PKV_ENGINE_BIN, "serve", "--stdio", "--model", embedded_model(), "--chunk-size", "256" };
+            std::vector<std::string> args = { PKV_ENGINE_BIN,   "serve",        "--stdio", "--model",
+                                              embedded_model(), "--chunk-size", "256" };
             args.insert(args.end(), extra.begin(), extra.end());
             std::vector<char *> argv;
             for (auto & a : args) argv.push_back(a.data());
@@ -42,7 +43,7 @@ class EngineProcess {
         }
         close(in[0]);
         close(out[1]);
-        to_ = in[1];
+        to_   = in[1];
         from_ = out[0];
         signal(SIGPIPE, SIG_IGN);
     }
@@ -55,7 +56,9 @@ class EngineProcess {
         }
     }
     void send(const Value & v) { send_raw(encode_frame(v)); }
-    void send_raw(const std::string & bytes) { ASSERT_EQ(write(to_, bytes.data(), bytes.size()), (ssize_t) bytes.size()); }
+    void send_raw(const std::string & bytes) {
+        ASSERT_EQ(write(to_, bytes.data(), bytes.size()), (ssize_t) bytes.size());
+    }
     void close_input() {
         close(to_);
         to_ = -1;
@@ -64,7 +67,8 @@ class EngineProcess {
     Value next(int timeout_ms = 120000) {
         for (;;) {
             if (buf_.size() >= 4) {
-                const uint32_t n = (uint8_t) buf_[0] << 24 | (uint8_t) buf_[1] << 16 | (uint8_t) buf_[2] << 8 | (uint8_t) buf_[3];
+                const uint32_t n =
+                    (uint8_t) buf_[0] << 24 | (uint8_t) buf_[1] << 16 | (uint8_t) buf_[2] << 8 | (uint8_t) buf_[3];
                 if (buf_.size() >= 4 + n) {
                     Value v = mp::decode(std::string_view(buf_).substr(4, n));
                     buf_.erase(0, 4 + n);
@@ -74,7 +78,7 @@ class EngineProcess {
             }
             pollfd p{ from_, POLLIN, 0 };
             if (poll(&p, 1, timeout_ms) <= 0) return Value();
-            char      chunk[65536];
+            char          chunk[65536];
             const ssize_t n = read(from_, chunk, sizeof(chunk));
             if (n <= 0) return Value();
             buf_.append(chunk, n);
@@ -121,7 +125,7 @@ Value append_msg(uint64_t id, const char * session, const std::string & text) {
 }
 
 std::string frame_of_payload(const std::string & payload) {
-    std::string f(4, '\0');
+    std::string    f(4, '\0');
     const uint32_t n = (uint32_t) payload.size();
     f[0] = (char) (n >> 24), f[1] = (char) (n >> 16), f[2] = (char) (n >> 8), f[3] = (char) n;
     return f + payload;
@@ -138,16 +142,16 @@ TEST(Serve, HelloOpenAppendGenerate) {
     e.send(open_msg(1, "s1", "pyramidkv", 64));
     EXPECT_EQ(e.until_type("opened", 1).back().at("session").as_str(), "s1");
     e.send(append_msg(2, "s1", essay_text(3000) + "\n\nWhat is this text about?"));
-    const std::vector<Value> prefill = e.until_type("appended", 2);
-    int progress = 0;
+    const std::vector<Value> prefill  = e.until_type("appended", 2);
+    int                      progress = 0;
     for (const Value & v : prefill) progress += v.get_str("type", "") == "progress";
     EXPECT_GE(progress, 2) << "an input of several chunks reports progress";
     EXPECT_GT(prefill.back().at("tokens_seen").as_uint(), 600u);
 
     e.send(msg("generate", 3).set("session", "s1").set("max_tokens", 8));
     const std::vector<Value> out = e.until_type("done", 3);
-    std::string text;
-    int         tokens = 0;
+    std::string              text;
+    int                      tokens = 0;
     for (const Value & v : out) {
         if (v.get_str("type", "") == "token") text += v.at("text").as_str(), ++tokens;
     }
@@ -187,13 +191,14 @@ TEST(Serve, EveryBadFrameGetsAnErrorWhileAnotherSessionKeepsGenerating) {
         { encode_frame(append_msg(16, "s1", "more")), "busy", "generating" },
         { encode_frame(open_msg(17, "x", "magic", 64)), "invalid", "--method" },
         { encode_frame(open_msg(18, "y", "pyramidkv", 4)), "invalid", "--budget" },
-        { encode_frame(msg("restore", 19).set("session", "z").set("state", Value::bin("not a state"))), "invalid", "state" },
+        { encode_frame(msg("restore", 19).set("session", "z").set("state", Value::bin("not a state"))), "invalid",
+          "state" },
         { encode_frame(msg("hello", 20)), "invalid", "from_engine" },
     };
     for (const Bad & b : bad) e.send_raw(b.frame);
-    std::vector<Value> errors;
+    std::vector<Value>       errors;
     const std::vector<Value> seen = e.until([&](const Value & v) { return v.get_str("type", "") == "done"; });
-    int tokens_after_errors = 0;
+    int                      tokens_after_errors = 0;
     for (const Value & v : seen) {
         if (v.get_str("type", "") == "error") errors.push_back(v);
         if (v.get_str("type", "") == "token" && errors.size() == bad.size()) ++tokens_after_errors;
@@ -206,7 +211,7 @@ TEST(Serve, EveryBadFrameGetsAnErrorWhileAnotherSessionKeepsGenerating) {
     ASSERT_EQ(errors.size(), bad.size());
     // Frames rejected by validation are answered by the reader, the others by the engine loop, so
     // the answers are matched by request id (frames without a readable id, in order).
-    std::vector<Value> without_id;
+    std::vector<Value>        without_id;
     std::map<uint64_t, Value> by_id;
     for (const Value & v : errors) {
         if (v.has("id")) by_id[v.at("id").as_uint()] = v;
@@ -217,7 +222,8 @@ TEST(Serve, EveryBadFrameGetsAnErrorWhileAnotherSessionKeepsGenerating) {
         ASSERT_TRUE(has_id ? by_id.count(8 + i) > 0 : anonymous < without_id.size()) << "no answer to bad frame " << i;
         const Value & err = has_id ? by_id[8 + i] : without_id[anonymous++];
         EXPECT_EQ(err.at("code").as_str(), bad[i].code) << i << ": " << err.at("message").as_str();
-        EXPECT_NE(err.at("message").as_str().find(bad[i].says), std::string::npos) << i << ": " << err.at("message").as_str();
+        EXPECT_NE(err.at("message").as_str().find(bad[i].says), std::string::npos)
+            << i << ": " << err.at("message").as_str();
     }
     EXPECT_EQ(seen.back().at("reason").as_str(), "length");
     EXPECT_EQ(seen.back().at("new_tokens").as_uint(), 40u) << "the generation ran to the end despite the bad frames";
@@ -255,9 +261,10 @@ TEST(Serve, ForkSaveRestoreAndCancelThroughFrames) {
     e.send(msg("generate", 8).set("session", "src").set("max_tokens", 100000));
     e.until([](const Value & v) { return v.get_str("type", "") == "token"; });
     e.send(msg("cancel", 9).set("session", "src"));
-    const std::vector<Value> cancel = e.until_type("cancelled", 9);
-    bool done_cancelled = false;
-    for (const Value & v : cancel) done_cancelled |= v.get_str("type", "") == "done" && v.at("reason").as_str() == "cancelled";
+    const std::vector<Value> cancel         = e.until_type("cancelled", 9);
+    bool                     done_cancelled = false;
+    for (const Value & v : cancel)
+        done_cancelled |= v.get_str("type", "") == "done" && v.at("reason").as_str() == "cancelled";
     EXPECT_TRUE(done_cancelled);
 
     e.send(msg("close", 10).set("session", "b"));
@@ -288,11 +295,19 @@ TEST(Serve, AStateLargerThanAFrameIsSavedAndRestoredInPieces) {
     EXPECT_GT(total, (uint64_t) max_frame_bytes()) << "the state needed more than one frame";
     EXPECT_GE(id, 12u);
     // restore in pieces of 40 MB; a piece out of order is refused and resets the transfer
-    e.send(msg("restore", 20).set("session", "copy").set("state", Value::bin(state.substr(0, 1000))).set("offset", 5).set("total", state.size()));
+    e.send(msg("restore", 20)
+               .set("session", "copy")
+               .set("state", Value::bin(state.substr(0, 1000)))
+               .set("offset", 5)
+               .set("total", state.size()));
     EXPECT_EQ(e.until_type("error", 20).back().at("code").as_str(), "invalid");
     const size_t piece = 40u << 20;
     for (size_t at = 0, i = 0; at < state.size(); at += piece, ++i) {
-        e.send(msg("restore", 21 + i).set("session", "copy").set("state", Value::bin(state.substr(at, piece))).set("offset", at).set("total", state.size()));
+        e.send(msg("restore", 21 + i)
+                   .set("session", "copy")
+                   .set("state", Value::bin(state.substr(at, piece)))
+                   .set("offset", at)
+                   .set("total", state.size()));
         EXPECT_EQ(e.until_type("restored", 21 + i).back().at("received").as_uint(), std::min(state.size(), at + piece));
     }
     auto generate = [&](uint64_t gid, const char * s) {
@@ -302,7 +317,8 @@ TEST(Serve, AStateLargerThanAFrameIsSavedAndRestoredInPieces) {
     EXPECT_EQ(generate(30, "big"), generate(31, "copy"));
     e.send(msg("stats", 32).set("session", "big"));
     // 3000 prompt tokens + 6 generated, the last of which enters the cache with the next request
-    EXPECT_EQ(e.until_type("stats_result", 32).back().at("tokens_seen").as_uint(), 3005u) << "the engine and the session live on";
+    EXPECT_EQ(e.until_type("stats_result", 32).back().at("tokens_seen").as_uint(), 3005u)
+        << "the engine and the session live on";
 }
 
 }  // namespace

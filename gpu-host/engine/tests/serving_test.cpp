@@ -52,20 +52,20 @@ TEST(Serving, RestoreRejectsDamagedStates) {
     s.prefill(chat_tokens(e.model(), 800, 0, "Why?"));
     const std::string good = s.save();
     const size_t      used = e.pool().used_bytes();
-    for (const std::string & bad : { std::string(), good.substr(0, good.size() / 2), std::string("XXXX") + good.substr(4),
-                                     good + "trailing" }) {
+    for (const std::string & bad :
+         { std::string(), good.substr(0, good.size() / 2), std::string("XXXX") + good.substr(4), good + "trailing" }) {
         EXPECT_THROW(Session::restore(e, bad), Error);
     }
     EXPECT_EQ(e.pool().used_bytes(), used) << "a failed restore leaves no pages behind";
 }
 
 TEST(Serving, ChunkedPrefillNeverHoldsMoreThanBudgetPlusChunk) {
-    const int chunk = 256, budget = 64;
-    Engine &  shared_engine = engine_for(embedded_model());
-    const std::vector<int32_t> prompt = chat_tokens(shared_engine.model(), 9000, 0, "Summarise.");
-    const int n = (int) prompt.size();
+    const int                  chunk = 256, budget = 64;
+    Engine &                   shared_engine = engine_for(embedded_model());
+    const std::vector<int32_t> prompt        = chat_tokens(shared_engine.model(), 9000, 0, "Summarise.");
+    const int                  n             = (int) prompt.size();
     ASSERT_GT(n, 6 * chunk);
-    CompressionParams p = params("pyramidkv", budget);
+    CompressionParams   p = params("pyramidkv", budget);
     const ModelConfig & c = shared_engine.config();
 
     Session s(shared_engine, p, chunk);
@@ -90,8 +90,8 @@ TEST(Serving, ChunkedPrefillNeverHoldsMoreThanBudgetPlusChunk) {
     o.device         = "cpu";
     o.n_ubatch       = chunk;
     o.kv_pool_tokens = 2 * budget + chunk + 160;
-    Engine   small(o);
-    Session  chunked(small, p, chunk);
+    Engine  small(o);
+    Session chunked(small, p, chunk);
     EXPECT_NO_THROW(chunked.prefill(prompt));
     Session one_shot(small, p, 0);
     try {
@@ -138,7 +138,8 @@ TEST(Serving, BatchedDecodeGivesEachSessionItsOwnTokens) {
         }
         e.decode_batch(ptrs, next);
     }
-    for (size_t i = 0; i < cases.size(); ++i) EXPECT_EQ(batched[i], alone[i]) << "session " << i << " (" << cases[i].p.method << ")";
+    for (size_t i = 0; i < cases.size(); ++i)
+        EXPECT_EQ(batched[i], alone[i]) << "session " << i << " (" << cases[i].p.method << ")";
     EXPECT_THROW(e.decode_batch({ ptrs[0], ptrs[0] }, { 1, 2 }), Error);
 }
 
@@ -149,8 +150,8 @@ TEST(Serving, ForkEqualsAnIndependentRun) {
     source.set_keep_scores(true);
     source.prefill(prompt);
     const size_t source_bytes = source.stats().kv_bytes;
-    for (const auto & [method, budget] : std::vector<std::pair<const char *, int>>{ { "pyramidkv", 64 }, { "snapkv", 128 },
-                                                                                    { "h2o", 64 }, { "streamingllm", 64 }, { "full", 0 } }) {
+    for (const auto & [method, budget] : std::vector<std::pair<const char *, int>>{
+             { "pyramidkv", 64 }, { "snapkv", 128 }, { "h2o", 64 }, { "streamingllm", 64 }, { "full", 0 } }) {
         auto    fork = source.fork(params(method, budget > 0 ? budget : 128));
         Session independent(e, params(method, budget > 0 ? budget : 128));
         independent.prefill(prompt);
@@ -175,11 +176,13 @@ TEST(Serving, MultiTurnKeepsTheCompressedHistoryAndAppends) {
     s.append(chat_tokens(e.model(), 3000, 0, "What is the essay about?"));
     const int after_first = s.stats().tokens_seen;
     greedy_continue(s, 8);
-    const std::vector<int32_t> turn2 = e.model().tokenize("\n" + e.model().apply_chat_template("And who wrote it?"), false);
+    const std::vector<int32_t> turn2 =
+        e.model().tokenize("\n" + e.model().apply_chat_template("And who wrote it?"), false);
     s.append(turn2);
     const SessionStats st = s.stats();
     EXPECT_EQ(st.tokens_seen, after_first + 8 + (int) turn2.size());
-    const std::vector<int> budgets = find_method("pyramidkv")->layer_budgets(e.config().n_layer, st.tokens_seen, s.params());
+    const std::vector<int> budgets =
+        find_method("pyramidkv")->layer_budgets(e.config().n_layer, st.tokens_seen, s.params());
     EXPECT_EQ(st.layer_kv_lengths, budgets) << "every turn is compressed to the budgets of the tokens seen";
     for (const auto & layer : s.positions())
         for (const auto & head : layer) EXPECT_EQ(head.back(), st.tokens_seen - 1) << "the newest token is always kept";

@@ -3,14 +3,14 @@
 
 #include <gtest/gtest.h>
 
+#include <sys/wait.h>
 #include <array>
 #include <cstdio>
 #include <cstdlib>
-#include <stdexcept>
 #include <fstream>
 #include <sstream>
+#include <stdexcept>
 #include <string>
-#include <sys/wait.h>
 #include <vector>
 
 #include "engine.h"
@@ -38,8 +38,9 @@ inline std::string essay_text(size_t chars) {
                        read_file(shared_data() + "/haystack/paul_graham_essays/avg.txt") +
                        read_file(shared_data() + "/haystack/paul_graham_essays/founders.txt");
     if (text.empty()) {
-        throw std::runtime_error("test data missing: no essays under " + shared_data() +
-                                 "/haystack/paul_graham_essays (clone the repository beside shared/, or set PKV_SHARED_DATA)");
+        throw std::runtime_error(
+            "test data missing: no essays under " + shared_data() +
+            "/haystack/paul_graham_essays (clone the repository beside shared/, or set PKV_SHARED_DATA)");
     }
     return text.substr(0, std::min(chars, text.size()));
 }

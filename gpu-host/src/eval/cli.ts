@@ -38,16 +38,25 @@ export async function runEvalCli(args: string[]): Promise<number> {
     const { values } = parseArgs({
       args: rest,
       options: {
-        ...COMMON_FLAGS, lengths: { type: "string" }, depths: { type: "string" }, "haystack-dir": { type: "string" },
-        haystack: { type: "string" }, needle: { type: "string" }, question: { type: "string" }, answer: { type: "string" },
-        "chat-template": { type: "boolean" }, "report-only": { type: "boolean" },
+        ...COMMON_FLAGS,
+        lengths: { type: "string" },
+        depths: { type: "string" },
+        "haystack-dir": { type: "string" },
+        haystack: { type: "string" },
+        needle: { type: "string" },
+        question: { type: "string" },
+        answer: { type: "string" },
+        "chat-template": { type: "boolean" },
+        "report-only": { type: "boolean" },
       },
     });
     const common = commonOptions(values, "eval-results/needle");
-    if (values.haystack !== undefined && values.haystack !== "noise") throw new Error(`--haystack: '${values.haystack}' is not supported (valid: noise; or give --haystack-dir DIR)`);
+    if (values.haystack !== undefined && values.haystack !== "noise")
+      throw new Error(`--haystack: '${values.haystack}' is not supported (valid: noise; or give --haystack-dir DIR)`);
     const noise = values.haystack === "noise";
     const haystackDir = noise ? undefined : (values["haystack-dir"] ?? defaultHaystackDir());
-    if (!noise && haystackDir === undefined) throw new Error("--haystack-dir: required (a directory of text files), or --haystack noise");
+    if (!noise && haystackDir === undefined)
+      throw new Error("--haystack-dir: required (a directory of text files), or --haystack noise");
     const lengths = parseLengths(values.lengths ?? "1024,2048,4096,6144,8000", MAX_CONTEXT, 300);
     const depths = parseDepths(values.depths ?? "11");
     const needle = values.needle ?? NEEDLE_DEFAULTS.needle;
@@ -56,20 +65,35 @@ export async function runEvalCli(args: string[]): Promise<number> {
       throw new Error("--needle: a custom needle needs --question and --answer too");
     }
     const r = await runNeedle({
-      ...common, lengths, depths, haystackDir, noise, needle,
-      question: values.question ?? NEEDLE_DEFAULTS.question, answer: values.answer ?? NEEDLE_DEFAULTS.answer,
+      ...common,
+      lengths,
+      depths,
+      haystackDir,
+      noise,
+      needle,
+      question: values.question ?? NEEDLE_DEFAULTS.question,
+      answer: values.answer ?? NEEDLE_DEFAULTS.answer,
       // raw completion by default: on the embedded 135M model FullKV finds the needle more often
       // without the chat template (docs/EVAL.md, "Chat template")
       chat: values["chat-template"] === true,
       reportOnly: values["report-only"] === true,
     });
-    process.stdout.write(common.json ? `${JSON.stringify({ summary: r.summary, files: r.files, seconds: r.seconds })}\n` : `${r.table}\n`);
+    process.stdout.write(
+      common.json ? `${JSON.stringify({ summary: r.summary, files: r.files, seconds: r.seconds })}\n` : `${r.table}\n`,
+    );
     return 0;
   }
   if (sub === "ruler") {
     const { values } = parseArgs({
       args: rest,
-      options: { ...COMMON_FLAGS, tasks: { type: "string" }, lengths: { type: "string" }, limit: { type: "string" }, seed: { type: "string" }, "haystack-dir": { type: "string" } },
+      options: {
+        ...COMMON_FLAGS,
+        tasks: { type: "string" },
+        lengths: { type: "string" },
+        limit: { type: "string" },
+        seed: { type: "string" },
+        "haystack-dir": { type: "string" },
+      },
     });
     const common = commonOptions(values, "eval-results/ruler");
     const tasks = parseTasks(values.tasks);
@@ -78,21 +102,32 @@ export async function runEvalCli(args: string[]): Promise<number> {
     const seed = parsePositiveInt("seed", values.seed, 42, 0, 2 ** 31)!;
     const haystackDir = values["haystack-dir"] ?? defaultHaystackDir();
     const r = await runRuler({ ...common, tasks, lengths, limit, seed, haystackDir });
-    process.stdout.write(common.json ? `${JSON.stringify({ summary: r.summary, files: r.files, seconds: r.seconds })}\n` : `${r.table}\n`);
+    process.stdout.write(
+      common.json ? `${JSON.stringify({ summary: r.summary, files: r.files, seconds: r.seconds })}\n` : `${r.table}\n`,
+    );
     return 0;
   }
   if (sub === "longbench") {
     const { values } = parseArgs({
       args: rest,
-      options: { ...COMMON_FLAGS, "data-dir": { type: "string" }, datasets: { type: "string" }, limit: { type: "string" }, "max-length": { type: "string" } },
+      options: {
+        ...COMMON_FLAGS,
+        "data-dir": { type: "string" },
+        datasets: { type: "string" },
+        limit: { type: "string" },
+        "max-length": { type: "string" },
+      },
     });
     const common = commonOptions(values, "eval-results/longbench");
     const datasets = parseDatasets(values.datasets);
-    if (values["data-dir"] === undefined) throw new Error("--data-dir: required (a directory holding LongBench's <dataset>.jsonl files)");
+    if (values["data-dir"] === undefined)
+      throw new Error("--data-dir: required (a directory holding LongBench's <dataset>.jsonl files)");
     const limit = parsePositiveInt("limit", values.limit, undefined, 1, 100000);
     const maxLength = parsePositiveInt("max-length", values["max-length"], undefined, 256, MAX_CONTEXT);
     const r = await runLongBench({ ...common, dataDir: values["data-dir"], datasets, limit, maxLength });
-    process.stdout.write(common.json ? `${JSON.stringify({ summary: r.summary, files: r.files, seconds: r.seconds })}\n` : `${r.table}\n`);
+    process.stdout.write(
+      common.json ? `${JSON.stringify({ summary: r.summary, files: r.files, seconds: r.seconds })}\n` : `${r.table}\n`,
+    );
     return 0;
   }
   throw new Error(`eval: unknown subcommand '${sub}' (valid: needle, ruler, longbench)`);

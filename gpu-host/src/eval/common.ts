@@ -21,10 +21,14 @@ export const DEFAULT_BUDGETS = [64, 128, 256, 512];
 
 export function parseMethods(value: string | undefined): string[] {
   if (value === undefined) return DEFAULT_METHODS;
-  const ms = value.split(",").map((m) => m.trim()).filter(Boolean);
+  const ms = value
+    .split(",")
+    .map((m) => m.trim())
+    .filter(Boolean);
   if (ms.length === 0) throw new Error(`--methods: empty list (valid: ${KV_METHODS.join(", ")})`);
   for (const m of ms) {
-    if (!(KV_METHODS as readonly string[]).includes(m)) throw new Error(`--methods: unknown method '${m}' (valid: ${KV_METHODS.join(", ")})`);
+    if (!(KV_METHODS as readonly string[]).includes(m))
+      throw new Error(`--methods: unknown method '${m}' (valid: ${KV_METHODS.join(", ")})`);
   }
   return [...new Set(ms)].sort((a, b) => METHOD_ORDER.indexOf(a as never) - METHOD_ORDER.indexOf(b as never));
 }
@@ -32,17 +36,29 @@ export function parseMethods(value: string | undefined): string[] {
 /** Budgets: KV entries per layer per head, window included; > the window (8). */
 export function parseBudgets(value: string | undefined): number[] {
   if (value === undefined) return DEFAULT_BUDGETS;
-  return [...new Set(value.split(",").map((v) => {
-    const n = Number(v.trim());
-    if (!Number.isInteger(n) || n < 9 || n > 1_000_000) throw new Error(`--budgets: '${v}' is not an integer in [9, 1000000]`);
-    return n;
-  }))];
+  return [
+    ...new Set(
+      value.split(",").map((v) => {
+        const n = Number(v.trim());
+        if (!Number.isInteger(n) || n < 9 || n > 1_000_000)
+          throw new Error(`--budgets: '${v}' is not an integer in [9, 1000000]`);
+        return n;
+      }),
+    ),
+  ];
 }
 
-export function parsePositiveInt(name: string, value: string | undefined, fallback: number | undefined, lo: number, hi: number): number | undefined {
+export function parsePositiveInt(
+  name: string,
+  value: string | undefined,
+  fallback: number | undefined,
+  lo: number,
+  hi: number,
+): number | undefined {
   if (value === undefined) return fallback;
   const n = Number(value);
-  if (!Number.isInteger(n) || n < lo || n > hi) throw new Error(`--${name}: '${value}' is not an integer in [${lo}, ${hi}]`);
+  if (!Number.isInteger(n) || n < lo || n > hi)
+    throw new Error(`--${name}: '${value}' is not an integer in [${lo}, ${hi}]`);
   return n;
 }
 
@@ -60,8 +76,13 @@ export function commonOptions(values: Record<string, string | boolean | undefine
 }
 
 export const COMMON_FLAGS = {
-  model: { type: "string" }, methods: { type: "string" }, budgets: { type: "string" }, out: { type: "string" },
-  resume: { type: "boolean" }, json: { type: "boolean" }, threads: { type: "string" },
+  model: { type: "string" },
+  methods: { type: "string" },
+  budgets: { type: "string" },
+  out: { type: "string" },
+  resume: { type: "boolean" },
+  json: { type: "boolean" },
+  threads: { type: "string" },
 } as const;
 
 /** The results file: one JSON object per cell, appended as cells finish (so --resume can continue). */
@@ -70,7 +91,12 @@ export class ResultsFile<Row extends object> {
   private readonly done = new Set<string>();
   readonly rows: Row[] = [];
 
-  constructor(dir: string, name: string, resume: boolean, private readonly keyOf: (r: Row) => string) {
+  constructor(
+    dir: string,
+    name: string,
+    resume: boolean,
+    private readonly keyOf: (r: Row) => string,
+  ) {
     mkdirSync(dir, { recursive: true });
     this.path = join(dir, name);
     if (existsSync(this.path)) {
@@ -122,7 +148,10 @@ export function summarise(rows: ScoredRow[], settings: Setting[]): SummaryRow[] 
     const mine = rows.filter((r) => r.method === s.method && (r.budget ?? null) === s.budget);
     if (mine.length === 0) continue;
     out.push({
-      setting: settingLabel(s), method: s.method, budget: s.budget, cells: mine.length,
+      setting: settingLabel(s),
+      method: s.method,
+      budget: s.budget,
+      cells: mine.length,
       mean_score: mine.reduce((a, r) => a + r.score, 0) / mine.length,
       mean_kv_bytes: mine.reduce((a, r) => a + r.kv_bytes, 0) / mine.length,
     });
@@ -135,7 +164,10 @@ export function methodBudgetTable(summary: SummaryRow[], digits = 3, scale = 1):
   const budgets = [...new Set(summary.filter((s) => s.budget !== null).map((s) => s.budget!))].sort((a, b) => a - b);
   const methods = [...new Set(summary.map((s) => s.method))];
   const cols = budgets.length > 0 ? budgets.map(String) : ["all"];
-  const lines = [`| method | ${cols.map((c) => (c === "all" ? "score" : `budget ${c}`)).join(" | ")} |`, `|---|${cols.map(() => "---:").join("|")}|`];
+  const lines = [
+    `| method | ${cols.map((c) => (c === "all" ? "score" : `budget ${c}`)).join(" | ")} |`,
+    `|---|${cols.map(() => "---:").join("|")}|`,
+  ];
   for (const m of methods) {
     const cells = cols.map((c) => {
       const row = summary.find((s) => s.method === m && (s.budget === null || String(s.budget) === c));
@@ -149,14 +181,21 @@ export function methodBudgetTable(summary: SummaryRow[], digits = 3, scale = 1):
 export { settingKey };
 
 /** Markdown table: one row per setting, one column per dataset/task, plus the average over the columns. */
-export function settingByColumnTable(settings: Setting[], columns: string[], score: (s: Setting, column: string) => number | undefined, digits = 2): string {
+export function settingByColumnTable(
+  settings: Setting[],
+  columns: string[],
+  score: (s: Setting, column: string) => number | undefined,
+  digits = 2,
+): string {
   const lines = [`| setting | ${columns.join(" | ")} | average |`, `|---|${columns.map(() => "---:").join("|")}|---:|`];
   for (const s of settings) {
     const vals = columns.map((c) => score(s, c));
     const present = vals.filter((v): v is number => v !== undefined);
     if (present.length === 0) continue;
     const avg = present.reduce((a, b) => a + b, 0) / present.length;
-    lines.push(`| ${settingLabel(s)} | ${vals.map((v) => (v === undefined ? "" : v.toFixed(digits))).join(" | ")} | ${avg.toFixed(digits)} |`);
+    lines.push(
+      `| ${settingLabel(s)} | ${vals.map((v) => (v === undefined ? "" : v.toFixed(digits))).join(" | ")} | ${avg.toFixed(digits)} |`,
+    );
   }
   return lines.join("\n");
 }

@@ -57,7 +57,10 @@ export interface EvalEngineOptions {
 export class EvalEngine {
   private reviving: Promise<void> | undefined;
 
-  private constructor(private proc: EngineProcess, private readonly options: EvalEngineOptions) {}
+  private constructor(
+    private proc: EngineProcess,
+    private readonly options: EvalEngineOptions,
+  ) {}
 
   static async start(o: EvalEngineOptions = {}): Promise<EvalEngine> {
     return new EvalEngine(await EvalEngine.spawn(o), o);
@@ -66,7 +69,12 @@ export class EvalEngine {
   private static spawn(o: EvalEngineOptions): Promise<EngineProcess> {
     // chunk size 0: the exact prefill is one-shot, as in the published set-ups
     // two prompts in flight, each a full prefill plus its forks: 1 GiB holds two 8k SmolLM2 prompts with 16 forks each
-    return EngineProcess.start({ model: o.model, threads: o.threads, kvPoolBytes: o.kvPoolBytes ?? 1 << 30, chunkSize: 0 });
+    return EngineProcess.start({
+      model: o.model,
+      threads: o.threads,
+      kvPoolBytes: o.kvPoolBytes ?? 1 << 30,
+      chunkSize: 0,
+    });
   }
 
   get model(): string | undefined {
@@ -80,13 +88,16 @@ export class EvalEngine {
   /** Starts a fresh engine after the old one died (its sessions are gone); concurrent callers share one restart. */
   async revive(): Promise<void> {
     if (this.proc.alive) return;
-    this.reviving ??= EvalEngine.spawn(this.options).then((p) => {
-      this.proc = p;
-      this.reviving = undefined;
-    }, (e: unknown) => {
-      this.reviving = undefined;
-      throw e;
-    });
+    this.reviving ??= EvalEngine.spawn(this.options).then(
+      (p) => {
+        this.proc = p;
+        this.reviving = undefined;
+      },
+      (e: unknown) => {
+        this.reviving = undefined;
+        throw e;
+      },
+    );
     await this.reviving;
   }
 
@@ -120,7 +131,13 @@ export class EvalEngine {
 
   /** Greedy generation (stops at the end of turn / EOS, a stop string, or maxTokens). */
   async generate(session: string, maxTokens: number, stop: string[] = []): Promise<Generation> {
-    const r = await this.proc.call<"done">({ type: "generate", session, max_tokens: maxTokens, temperature: 0, ...(stop.length ? { stop } : {}) });
+    const r = await this.proc.call<"done">({
+      type: "generate",
+      session,
+      max_tokens: maxTokens,
+      temperature: 0,
+      ...(stop.length ? { stop } : {}),
+    });
     return { text: r.text, reason: r.reason, newTokens: r.new_tokens };
   }
 

@@ -5,7 +5,15 @@ import { join } from "node:path";
 
 import { type CommonOptions, ResultsFile, settingByColumnTable, type SummaryRow } from "./common.js";
 import { EvalEngine } from "./engine-client.js";
-import { buildPrompt, defaultMaxLength, maxNewTokens, NO_CHAT_TEMPLATE, readDataset, scoreSample, truncateMiddle } from "./longbench.js";
+import {
+  buildPrompt,
+  defaultMaxLength,
+  maxNewTokens,
+  NO_CHAT_TEMPLATE,
+  readDataset,
+  scoreSample,
+  truncateMiddle,
+} from "./longbench.js";
 import { Progress } from "./progress.js";
 import { type PromptJob, runJobs, settingKey, settingLabel } from "./runner.js";
 
@@ -29,9 +37,13 @@ export interface LongBenchResultRow {
   truncated: boolean;
 }
 
-const rowKey = (r: { dataset: string; id: string; method: string; budget: number | null }) => `${r.dataset}|${r.id}|${settingKey(r)}`;
+const rowKey = (r: { dataset: string; id: string; method: string; budget: number | null }) =>
+  `${r.dataset}|${r.id}|${settingKey(r)}`;
 
-export async function runLongBench(o: LongBenchRunOptions, log: (s: string) => void = (s) => process.stderr.write(`${s}\n`)) {
+export async function runLongBench(
+  o: LongBenchRunOptions,
+  log: (s: string) => void = (s) => process.stderr.write(`${s}\n`),
+) {
   const t0 = Date.now();
   // read and check every dataset before starting the engine
   const data = o.datasets.map((d) => ({ dataset: d, rows: readDataset(o.dataDir, d).slice(0, o.limit ?? Infinity) }));
@@ -39,11 +51,16 @@ export async function runLongBench(o: LongBenchRunOptions, log: (s: string) => v
   const engine = await EvalEngine.start({ model: o.model, threads: o.threads });
   try {
     const jobs: PromptJob[] = [];
-    const meta = new Map<string, { dataset: string; id: string; answers: string[]; classes: string[] | null; truncated: boolean }>();
+    const meta = new Map<
+      string,
+      { dataset: string; id: string; answers: string[]; classes: string[] | null; truncated: boolean }
+    >();
     for (const { dataset, rows } of data) {
       const maxLength = o.maxLength ?? defaultMaxLength(engine.nCtx, dataset);
       if (maxLength + maxNewTokens(dataset) > engine.nCtx) {
-        throw new Error(`--max-length: ${maxLength} + ${maxNewTokens(dataset)} new tokens for ${dataset} exceed the model's context of ${engine.nCtx}`);
+        throw new Error(
+          `--max-length: ${maxLength} + ${maxNewTokens(dataset)} new tokens for ${dataset} exceed the model's context of ${engine.nCtx}`,
+        );
       }
       for (const [i, row] of rows.entries()) {
         const id = row._id ?? String(i);
@@ -52,8 +69,20 @@ export async function runLongBench(o: LongBenchRunOptions, log: (s: string) => v
         const tokenized = await engine.tokenize(buildPrompt(dataset, row));
         const text = truncateMiddle(tokenized, maxLength);
         const key = `${dataset}|${id}`;
-        meta.set(key, { dataset, id, answers: row.answers, classes: row.all_classes, truncated: tokenized.tokens.length > maxLength });
-        jobs.push({ id: key, text, chat: !NO_CHAT_TEMPLATE.has(dataset), maxNewTokens: maxNewTokens(dataset), settings });
+        meta.set(key, {
+          dataset,
+          id,
+          answers: row.answers,
+          classes: row.all_classes,
+          truncated: tokenized.tokens.length > maxLength,
+        });
+        jobs.push({
+          id: key,
+          text,
+          chat: !NO_CHAT_TEMPLATE.has(dataset),
+          maxNewTokens: maxNewTokens(dataset),
+          settings,
+        });
       }
     }
     const total = jobs.reduce((a, j) => a + j.settings.length, 0);
@@ -61,9 +90,16 @@ export async function runLongBench(o: LongBenchRunOptions, log: (s: string) => v
     await runJobs(engine, jobs, (c) => {
       const m = meta.get(c.job.id)!;
       results.add({
-        task: "longbench", dataset: m.dataset, id: m.id, method: c.setting.method, budget: c.setting.budget,
-        score: scoreSample(m.dataset, c.generation.text, m.answers, m.classes), response: c.generation.text,
-        kv_bytes: c.kvBytes, prompt_tokens: c.promptTokens, truncated: m.truncated,
+        task: "longbench",
+        dataset: m.dataset,
+        id: m.id,
+        method: c.setting.method,
+        budget: c.setting.budget,
+        score: scoreSample(m.dataset, c.generation.text, m.answers, m.classes),
+        response: c.generation.text,
+        kv_bytes: c.kvBytes,
+        prompt_tokens: c.promptTokens,
+        truncated: m.truncated,
       });
       progress.tick();
     });
@@ -79,14 +115,22 @@ export async function runLongBench(o: LongBenchRunOptions, log: (s: string) => v
       const mine = rows.filter((r) => r.dataset === dataset && r.method === s.method && r.budget === s.budget);
       if (mine.length === 0) continue;
       summary.push({
-        dataset, setting: settingLabel(s), method: s.method, budget: s.budget, cells: mine.length,
+        dataset,
+        setting: settingLabel(s),
+        method: s.method,
+        budget: s.budget,
+        cells: mine.length,
         mean_score: (100 * mine.reduce((a, r) => a + r.score, 0)) / mine.length,
         mean_kv_bytes: mine.reduce((a, r) => a + r.kv_bytes, 0) / mine.length,
       });
     }
   }
   const ds = data.map((d) => d.dataset);
-  const table = settingByColumnTable(o.settings, ds, (s, d) => summary.find((x) => x.dataset === d && x.method === s.method && x.budget === s.budget)?.mean_score);
+  const table = settingByColumnTable(
+    o.settings,
+    ds,
+    (s, d) => summary.find((x) => x.dataset === d && x.method === s.method && x.budget === s.budget)?.mean_score,
+  );
   const md = join(o.out, "longbench-summary.md");
   writeFileSync(md, `LongBench scores (100 × mean of per-sample best over answers)\n\n${table}\n`);
   const seconds = (Date.now() - t0) / 1000;

@@ -10,7 +10,11 @@
 
 /** Lower-case words (letters and digits) of a text. */
 export function words(s: string): string[] {
-  return s.toLowerCase().replace(/[^\p{L}\p{N}\s]/gu, " ").split(/\s+/).filter(Boolean);
+  return s
+    .toLowerCase()
+    .replace(/[^\p{L}\p{N}\s]/gu, " ")
+    .split(/\s+/)
+    .filter(Boolean);
 }
 
 /** Needle score: the fraction of the answer's distinct-position words present in the response (0–1). */
@@ -110,7 +114,10 @@ function lcsPositions(ref: string[], cand: string[]): number[] {
 
 /** Sentences (split at '.') as lists of whitespace tokens, empty ones dropped. */
 function sentences(s: string): string[][] {
-  return s.split(".").map((x) => x.split(/\s+/).filter(Boolean)).filter((x) => x.length > 0);
+  return s
+    .split(".")
+    .map((x) => x.split(/\s+/).filter(Boolean))
+    .filter((x) => x.length > 0);
 }
 
 /**

@@ -49,7 +49,10 @@ export interface NeedleSummary {
   seconds: number;
 }
 
-export async function runNeedle(o: NeedleRunOptions, log: (s: string) => void = (s) => process.stderr.write(`${s}\n`)): Promise<NeedleSummary> {
+export async function runNeedle(
+  o: NeedleRunOptions,
+  log: (s: string) => void = (s) => process.stderr.write(`${s}\n`),
+): Promise<NeedleSummary> {
   const t0 = Date.now();
   haystackText({ dir: o.haystackDir, noise: o.noise }, 1); // a bad --haystack-dir fails before the engine starts
   const results = new ResultsFile<NeedleRow>(o.out, "needle.jsonl", o.resume || o.reportOnly === true, rowKey);
@@ -64,12 +67,19 @@ export async function runNeedle(o: NeedleRunOptions, log: (s: string) => void = 
   const methods = [...new Set(o.settings.map((s) => s.method))];
   const budgets = [...new Set(o.settings.filter((s) => s.budget !== null).map((s) => s.budget!))];
   for (const s of o.settings) {
-    const cells = rows.filter((r) => r.method === s.method && r.budget === s.budget).map((r) => ({ length: r.length, depth: r.depth, score: r.score }));
+    const cells = rows
+      .filter((r) => r.method === s.method && r.budget === s.budget)
+      .map((r) => ({ length: r.length, depth: r.depth, score: r.score }));
     if (cells.length === 0) continue;
     const name = join(o.out, `needle-${s.method}${s.budget === null ? "" : `-${s.budget}`}.png`);
     writeFileSync(name, svgToPng(heatmapSvg(settingLabel(s), cells)));
     files.push(name);
-    tiles.push({ row: methods.indexOf(s.method), col: s.budget === null ? 0 : budgets.indexOf(s.budget), title: settingLabel(s), cells });
+    tiles.push({
+      row: methods.indexOf(s.method),
+      col: s.budget === null ? 0 : budgets.indexOf(s.budget),
+      title: settingLabel(s),
+      cells,
+    });
   }
   if (tiles.length > 0) {
     const name = join(o.out, "needle-overview.png");
@@ -79,7 +89,10 @@ export async function runNeedle(o: NeedleRunOptions, log: (s: string) => void = 
   const md = join(o.out, "needle-summary.md");
   const depthsSeen = [...new Set(rows.map((r) => r.depth))].sort((a, b) => a - b);
   const lengthsSeen = [...new Set(rows.map((r) => r.length))].sort((a, b) => a - b);
-  writeFileSync(md, `mean needle score (0–1), lengths ${lengthsSeen.join(", ")} × depths ${depthsSeen.join(", ")} (${rows.length} cells)\n\n${table}\n`);
+  writeFileSync(
+    md,
+    `mean needle score (0–1), lengths ${lengthsSeen.join(", ")} × depths ${depthsSeen.join(", ")} (${rows.length} cells)\n\n${table}\n`,
+  );
   files.push(md);
   const seconds = (Date.now() - t0) / 1000;
   log(`wrote ${files.join(", ")} in ${seconds.toFixed(0)} s`);
@@ -109,7 +122,13 @@ async function runGrid(o: NeedleRunOptions, results: ResultsFile<NeedleRow>): Pr
         const placed = placeNeedle(hay, length - RESERVED_TOKENS, o.needle, needleTokens, depth);
         const id = `${length}|${depth}`;
         meta.set(id, { length, depth, needleToken: placed.tokensBefore });
-        jobs.push({ id, text: needlePrompt(placed.context, o.question), chat: o.chat, maxNewTokens: NEEDLE_MAX_NEW_TOKENS, settings });
+        jobs.push({
+          id,
+          text: needlePrompt(placed.context, o.question),
+          chat: o.chat,
+          maxNewTokens: NEEDLE_MAX_NEW_TOKENS,
+          settings,
+        });
       }
     }
     const total = jobs.reduce((a, j) => a + j.settings.length, 0);
@@ -117,10 +136,19 @@ async function runGrid(o: NeedleRunOptions, results: ResultsFile<NeedleRow>): Pr
     await runJobs(engine, jobs, (c) => {
       const m = meta.get(c.job.id)!;
       results.add({
-        task: "needle", method: c.setting.method, budget: c.setting.budget, length: m.length, depth: m.depth,
-        score: answerWordScore(o.answer, c.generation.text), rouge1_recall: rouge1Recall(o.answer, c.generation.text),
-        response: c.generation.text, kv_bytes: c.kvBytes, full_kv_bytes: c.fullKvBytes, mean_layer_kv: c.meanLayerKv,
-        prompt_tokens: c.promptTokens, needle_token: m.needleToken,
+        task: "needle",
+        method: c.setting.method,
+        budget: c.setting.budget,
+        length: m.length,
+        depth: m.depth,
+        score: answerWordScore(o.answer, c.generation.text),
+        rouge1_recall: rouge1Recall(o.answer, c.generation.text),
+        response: c.generation.text,
+        kv_bytes: c.kvBytes,
+        full_kv_bytes: c.fullKvBytes,
+        mean_layer_kv: c.meanLayerKv,
+        prompt_tokens: c.promptTokens,
+        needle_token: m.needleToken,
       });
       progress.tick();
     });

@@ -31,7 +31,8 @@ export function haystackText(source: { dir?: string; noise?: boolean }, chars: n
   } catch {
     throw new Error(`--haystack-dir: cannot read directory '${dir}'`);
   }
-  if (files.length === 0) throw new Error(`--haystack-dir: '${dir}' holds no files (give a directory of .txt files, or --haystack noise)`);
+  if (files.length === 0)
+    throw new Error(`--haystack-dir: '${dir}' holds no files (give a directory of .txt files, or --haystack noise)`);
   return directoryHaystack(dir, chars);
 }
 
@@ -53,7 +54,13 @@ export interface PlacedNeedle {
  * Cuts the tokenized haystack to `contextTokens − needleTokens` tokens and inserts the needle at
  * `depth` % of them, moved back to just after the previous sentence end (depth 100: at the end).
  */
-export function placeNeedle(hay: Tokenized, contextTokens: number, needle: string, needleTokens: number, depth: number): PlacedNeedle {
+export function placeNeedle(
+  hay: Tokenized,
+  contextTokens: number,
+  needle: string,
+  needleTokens: number,
+  depth: number,
+): PlacedNeedle {
   if (!(depth >= 0 && depth <= 100)) throw new Error(`--depths: ${depth} is outside 0–100`);
   const n = Math.min(hay.tokens.length, contextTokens - needleTokens);
   if (n <= 0) throw new Error(`--lengths: ${contextTokens} tokens leave no room for the haystack`);
@@ -91,12 +98,16 @@ export function parseLengths(value: string, maxTokens: number, minTokens: number
   } else {
     out = value.split(",").map((v) => {
       const n = Number(v.trim());
-      if (!Number.isInteger(n)) throw new Error(`--lengths: '${v}' is not an integer (give a list like 1024,2048 or start:stop:step)`);
+      if (!Number.isInteger(n))
+        throw new Error(`--lengths: '${v}' is not an integer (give a list like 1024,2048 or start:stop:step)`);
       return n;
     });
   }
   for (const n of out) {
-    if (n < minTokens || n > maxTokens) throw new Error(`--lengths: ${n} is outside [${minTokens}, ${maxTokens}] tokens (the model's context is ${maxTokens})`);
+    if (n < minTokens || n > maxTokens)
+      throw new Error(
+        `--lengths: ${n} is outside [${minTokens}, ${maxTokens}] tokens (the model's context is ${maxTokens})`,
+      );
   }
   return [...new Set(out)];
 }
@@ -106,7 +117,8 @@ export function parseDepths(value: string): number[] {
   const v = value.trim();
   if (/^\d+$/.test(v) && !v.includes(",")) {
     const count = Number(v);
-    if (count < 1 || count > 101) throw new Error(`--depths: a count must be in [1, 101], got ${count} (or give a list like 0,50,100)`);
+    if (count < 1 || count > 101)
+      throw new Error(`--depths: a count must be in [1, 101], got ${count} (or give a list like 0,50,100)`);
     if (count === 1) return [50];
     return [...new Set(Array.from({ length: count }, (_, i) => Math.round((i * 100) / (count - 1))))];
   }

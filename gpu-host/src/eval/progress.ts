@@ -34,8 +34,10 @@ export class Progress {
     const width = 24;
     const filled = Math.round(frac * width);
     const eta = this.done === 0 ? Number.NaN : (elapsed / this.done) * (this.total - this.done);
-    return `${this.label} [${"#".repeat(filled)}${".".repeat(width - filled)}] ${this.done}/${this.total} ` +
-      `${(frac * 100).toFixed(0)}% elapsed ${formatDuration(elapsed)} ETA ${formatDuration(eta)}`;
+    return (
+      `${this.label} [${"#".repeat(filled)}${".".repeat(width - filled)}] ${this.done}/${this.total} ` +
+      `${(frac * 100).toFixed(0)}% elapsed ${formatDuration(elapsed)} ETA ${formatDuration(eta)}`
+    );
   }
 
   finish(): void {

@@ -39,15 +39,21 @@ const rowKey = (r: { ruler_task: string; length: number; index: number; method: 
 export async function runRuler(o: RulerRunOptions, log: (s: string) => void = (s) => process.stderr.write(`${s}\n`)) {
   const t0 = Date.now();
   if (o.tasks.some((t) => ESSAY_TASKS.has(t)) && o.haystackDir === undefined) {
-    throw new Error(`--haystack-dir: required for ${o.tasks.filter((t) => ESSAY_TASKS.has(t)).join(", ")} (a directory of text files)`);
+    throw new Error(
+      `--haystack-dir: required for ${o.tasks.filter((t) => ESSAY_TASKS.has(t)).join(", ")} (a directory of text files)`,
+    );
   }
   const results = new ResultsFile<RulerRow>(o.out, "ruler.jsonl", o.resume, rowKey);
   const engine = await EvalEngine.start({ model: o.model, threads: o.threads });
   try {
     const maxLen = Math.max(...o.lengths);
-    if (maxLen + 128 > engine.nCtx) throw new Error(`--lengths: ${maxLen} (+128 new tokens) is beyond the model's context of ${engine.nCtx} tokens`);
-    const hay: Haystacks = { noise: await engine.tokenize(NOISE_TEXT.repeat(Math.ceil((maxLen * 6) / NOISE_TEXT.length))) };
-    if (o.haystackDir !== undefined && o.tasks.some((t) => ESSAY_TASKS.has(t))) hay.essay = await engine.tokenize(haystackText({ dir: o.haystackDir }, maxLen * 6));
+    if (maxLen + 128 > engine.nCtx)
+      throw new Error(`--lengths: ${maxLen} (+128 new tokens) is beyond the model's context of ${engine.nCtx} tokens`);
+    const hay: Haystacks = {
+      noise: await engine.tokenize(NOISE_TEXT.repeat(Math.ceil((maxLen * 6) / NOISE_TEXT.length))),
+    };
+    if (o.haystackDir !== undefined && o.tasks.some((t) => ESSAY_TASKS.has(t)))
+      hay.essay = await engine.tokenize(haystackText({ dir: o.haystackDir }, maxLen * 6));
     const count = async (text: string) => (await engine.tokenize(text)).tokens.length;
     const jobs: PromptJob[] = [];
     const meta = new Map<string, { task: RulerTask; length: number; index: number; answers: string[] }>();
@@ -68,9 +74,17 @@ export async function runRuler(o: RulerRunOptions, log: (s: string) => void = (s
     await runJobs(engine, jobs, (c) => {
       const m = meta.get(c.job.id)!;
       results.add({
-        task: "ruler", ruler_task: m.task, length: m.length, index: m.index, method: c.setting.method, budget: c.setting.budget,
-        score: stringMatchAll(c.generation.text, m.answers), response: c.generation.text, answers: m.answers,
-        kv_bytes: c.kvBytes, prompt_tokens: c.promptTokens,
+        task: "ruler",
+        ruler_task: m.task,
+        length: m.length,
+        index: m.index,
+        method: c.setting.method,
+        budget: c.setting.budget,
+        score: stringMatchAll(c.generation.text, m.answers),
+        response: c.generation.text,
+        answers: m.answers,
+        kv_bytes: c.kvBytes,
+        prompt_tokens: c.promptTokens,
       });
       progress.tick();
     });
@@ -78,23 +92,42 @@ export async function runRuler(o: RulerRunOptions, log: (s: string) => void = (s
   } finally {
     await engine.shutdown();
   }
-  const rows = results.rows.filter((r) => o.tasks.includes(r.ruler_task) && o.lengths.includes(r.length) && r.index < o.limit);
+  const rows = results.rows.filter(
+    (r) => o.tasks.includes(r.ruler_task) && o.lengths.includes(r.length) && r.index < o.limit,
+  );
   const summary: (SummaryRow & { ruler_task: string; length: number })[] = [];
   for (const s of o.settings) {
     for (const length of o.lengths) {
       for (const task of o.tasks) {
-        const mine = rows.filter((r) => r.ruler_task === task && r.length === length && r.method === s.method && r.budget === s.budget);
+        const mine = rows.filter(
+          (r) => r.ruler_task === task && r.length === length && r.method === s.method && r.budget === s.budget,
+        );
         if (mine.length === 0) continue;
         summary.push({
-          ruler_task: task, length, setting: settingKey(s), method: s.method, budget: s.budget, cells: mine.length,
+          ruler_task: task,
+          length,
+          setting: settingKey(s),
+          method: s.method,
+          budget: s.budget,
+          cells: mine.length,
           mean_score: (100 * mine.reduce((a, r) => a + r.score, 0)) / mine.length,
           mean_kv_bytes: mine.reduce((a, r) => a + r.kv_bytes, 0) / mine.length,
         });
       }
     }
   }
-  const tables = o.lengths.map((length) => `length ${length}\n\n` + settingByColumnTable(o.settings, o.tasks,
-    (s, t) => summary.find((x) => x.length === length && x.ruler_task === t && x.method === s.method && x.budget === s.budget)?.mean_score));
+  const tables = o.lengths.map(
+    (length) =>
+      `length ${length}\n\n` +
+      settingByColumnTable(
+        o.settings,
+        o.tasks,
+        (s, t) =>
+          summary.find(
+            (x) => x.length === length && x.ruler_task === t && x.method === s.method && x.budget === s.budget,
+          )?.mean_score,
+      ),
+  );
   const table = tables.join("\n\n");
   const md = join(o.out, "ruler-summary.md");
   writeFileSync(md, `RULER scores (string_match_all × 100), ${o.limit} samples per task, seed ${o.seed}\n\n${table}\n`);

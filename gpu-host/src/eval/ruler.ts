@@ -10,18 +10,34 @@ import { seededRandom } from "../haystack.js";
 export { seededRandom };
 
 export const RULER_TASKS = [
-  "niah_single_1", "niah_single_2", "niah_multikey_1", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe",
+  "niah_single_1",
+  "niah_single_2",
+  "niah_multikey_1",
+  "niah_multivalue",
+  "niah_multiquery",
+  "vt",
+  "cwe",
+  "fwe",
 ] as const;
 export type RulerTask = (typeof RULER_TASKS)[number];
 
 /** Tasks whose haystack is the essays (the others use noise sentences or word lists). */
-export const ESSAY_TASKS = new Set<RulerTask>(["niah_single_2", "niah_multikey_1", "niah_multivalue", "niah_multiquery"]);
+export const ESSAY_TASKS = new Set<RulerTask>([
+  "niah_single_2",
+  "niah_multikey_1",
+  "niah_multivalue",
+  "niah_multiquery",
+]);
 
 export function parseTasks(value: string | undefined): RulerTask[] {
   if (value === undefined) return [...RULER_TASKS];
-  const ts = value.split(",").map((t) => t.trim()).filter(Boolean);
+  const ts = value
+    .split(",")
+    .map((t) => t.trim())
+    .filter(Boolean);
   for (const t of ts) {
-    if (!(RULER_TASKS as readonly string[]).includes(t)) throw new Error(`--tasks: unknown task '${t}' (valid: ${RULER_TASKS.join(", ")})`);
+    if (!(RULER_TASKS as readonly string[]).includes(t))
+      throw new Error(`--tasks: unknown task '${t}' (valid: ${RULER_TASKS.join(", ")})`);
   }
   if (ts.length === 0) throw new Error(`--tasks: empty list (valid: ${RULER_TASKS.join(", ")})`);
   return [...new Set(ts)] as RulerTask[];
@@ -33,14 +49,113 @@ function hashString(s: string): number {
   return h >>> 0;
 }
 
-const ADJECTIVES = ["amber", "brave", "calm", "dusty", "eager", "faint", "gentle", "hollow", "icy", "jolly", "keen", "lively",
-  "mellow", "narrow", "odd", "polite", "quiet", "rough", "sharp", "tidy", "upset", "vivid", "wary", "young", "zealous",
-  "bitter", "clever", "damp", "early", "fancy", "giant", "hasty", "itchy", "jumpy", "lazy", "misty", "noisy", "plain", "rapid", "silly"];
-const NOUNS = ["anchor", "basket", "candle", "desk", "engine", "feather", "garden", "hammer", "island", "jacket", "kettle", "ladder",
-  "marble", "needle", "orchard", "pillow", "quarry", "river", "saddle", "tunnel", "umbrella", "valley", "wagon", "yard", "zipper",
-  "bottle", "cabin", "drum", "fence", "glove", "harbor", "jewel", "kitten", "lantern", "mirror", "napkin", "oven", "pepper", "rocket", "spoon"];
+const ADJECTIVES = [
+  "amber",
+  "brave",
+  "calm",
+  "dusty",
+  "eager",
+  "faint",
+  "gentle",
+  "hollow",
+  "icy",
+  "jolly",
+  "keen",
+  "lively",
+  "mellow",
+  "narrow",
+  "odd",
+  "polite",
+  "quiet",
+  "rough",
+  "sharp",
+  "tidy",
+  "upset",
+  "vivid",
+  "wary",
+  "young",
+  "zealous",
+  "bitter",
+  "clever",
+  "damp",
+  "early",
+  "fancy",
+  "giant",
+  "hasty",
+  "itchy",
+  "jumpy",
+  "lazy",
+  "misty",
+  "noisy",
+  "plain",
+  "rapid",
+  "silly",
+];
+const NOUNS = [
+  "anchor",
+  "basket",
+  "candle",
+  "desk",
+  "engine",
+  "feather",
+  "garden",
+  "hammer",
+  "island",
+  "jacket",
+  "kettle",
+  "ladder",
+  "marble",
+  "needle",
+  "orchard",
+  "pillow",
+  "quarry",
+  "river",
+  "saddle",
+  "tunnel",
+  "umbrella",
+  "valley",
+  "wagon",
+  "yard",
+  "zipper",
+  "bottle",
+  "cabin",
+  "drum",
+  "fence",
+  "glove",
+  "harbor",
+  "jewel",
+  "kitten",
+  "lantern",
+  "mirror",
+  "napkin",
+  "oven",
+  "pepper",
+  "rocket",
+  "spoon",
+];
 
-const SYLLABLES = ["ba", "ko", "mi", "tu", "re", "sa", "lo", "ni", "ve", "da", "pu", "ga", "fi", "zo", "he", "ru", "ta", "mo", "li", "ke"];
+const SYLLABLES = [
+  "ba",
+  "ko",
+  "mi",
+  "tu",
+  "re",
+  "sa",
+  "lo",
+  "ni",
+  "ve",
+  "da",
+  "pu",
+  "ga",
+  "fi",
+  "zo",
+  "he",
+  "ru",
+  "ta",
+  "mo",
+  "li",
+  "ke",
+];
 
 export interface RulerSample {
   task: RulerTask;
@@ -65,9 +180,11 @@ function distinct<T>(rng: Rng, n: number, make: (r: Rng) => T): T[] {
 
 const keyWord = (rng: Rng) => `${pick(rng, ADJECTIVES)}-${pick(rng, NOUNS)}`;
 const magicNumber = (rng: Rng) => String(int(rng, 1_000_000, 9_999_999));
-const varName = (rng: Rng) => Array.from({ length: 5 }, () => String.fromCharCode(65 + Math.floor(rng() * 26))).join("");
+const varName = (rng: Rng) =>
+  Array.from({ length: 5 }, () => String.fromCharCode(65 + Math.floor(rng() * 26))).join("");
 const pseudoWord = (rng: Rng) => Array.from({ length: int(rng, 2, 3) }, () => pick(rng, SYLLABLES)).join("");
-const codedWord = (rng: Rng) => Array.from({ length: int(rng, 3, 6) }, () => String.fromCharCode(97 + Math.floor(rng() * 26))).join("");
+const codedWord = (rng: Rng) =>
+  Array.from({ length: int(rng, 3, 6) }, () => String.fromCharCode(97 + Math.floor(rng() * 26))).join("");
 
 function shuffle<T>(rng: Rng, xs: T[]): T[] {
   for (let i = xs.length - 1; i > 0; i--) {
@@ -110,7 +227,8 @@ export interface Haystacks {
   essay?: Tokenized;
 }
 
-const NIAH_INSTRUCTION = "Some special magic numbers are hidden within the following text. Make sure to memorize it. I will quiz you about the numbers afterwards.";
+const NIAH_INSTRUCTION =
+  "Some special magic numbers are hidden within the following text. Make sure to memorize it. I will quiz you about the numbers afterwards.";
 const needleSentence = (key: string, value: string) => `One of the special magic numbers for ${key} is: ${value}.`;
 
 function joinKeys(keys: string[]): string {
@@ -130,14 +248,22 @@ function builder(task: RulerTask, seed: number, hay: Haystacks): (size: number) 
       const query = task === "niah_multiquery" ? keys : [keys[0]!];
       const answers = task === "niah_multiquery" || task === "niah_multivalue" ? values : [values[0]!];
       const depths = needles.map(() => rng()).sort((a, b) => a - b);
-      const order = shuffle(rng, needles.map((_, i) => i));
+      const order = shuffle(
+        rng,
+        needles.map((_, i) => i),
+      );
       const source = task === "niah_single_1" ? hay.noise : hay.essay!;
-      const context = haystackWith(source, size, depths.map((d, i) => ({ depth: d, text: needles[order[i]!]! })));
+      const context = haystackWith(
+        source,
+        size,
+        depths.map((d, i) => ({ depth: d, text: needles[order[i]!]! })),
+      );
       const q = joinKeys(query);
       return {
         user: `${NIAH_INSTRUCTION}\n${context}\nWhat are all the special magic numbers for ${q} mentioned in the provided text?`,
         prefix: `The special magic numbers for ${q} mentioned in the provided text are`,
-        answers, maxNewTokens: 128,
+        answers,
+        maxNewTokens: 128,
       };
     }
     if (task === "vt") {
@@ -145,11 +271,16 @@ function builder(task: RulerTask, seed: number, hay: Haystacks): (size: number) 
       const value = String(int(rng, 10000, 99999));
       const chain = names.map((n, i) => (i === 0 ? `VAR ${n} = ${value}.` : `VAR ${n} = VAR ${names[i - 1]}.`));
       const depths = chain.map(() => rng()).sort((a, b) => a - b);
-      const context = haystackWith(hay.noise, size, depths.map((d, i) => ({ depth: d, text: chain[i]! })));
+      const context = haystackWith(
+        hay.noise,
+        size,
+        depths.map((d, i) => ({ depth: d, text: chain[i]! })),
+      );
       return {
         user: `Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n${context}\nQuestion: Find all variables that are assigned the value ${value} in the text above.`,
         prefix: `Answer: According to the chain(s) of variable assignment in the text above, ${names.length} variables are assigned the value ${value}, they are: `,
-        answers: names, maxNewTokens: 30,
+        answers: names,
+        maxNewTokens: 30,
       };
     }
     if (task === "cwe") {
@@ -157,12 +288,16 @@ function builder(task: RulerTask, seed: number, hay: Haystacks): (size: number) 
       const vocabulary = distinct(rng, 10 + Math.ceil(size / 3), pseudoWord);
       const common = vocabulary.slice(0, 10);
       const rare = vocabulary.slice(10, 10 + Math.max(0, Math.floor((size - 10 * commonFrequency(size)) / 3)));
-      const list = shuffle(rng, [...common.flatMap((w) => Array<string>(commonFrequency(size)).fill(w)), ...rare.flatMap((w) => [w, w, w])]);
+      const list = shuffle(rng, [
+        ...common.flatMap((w) => Array<string>(commonFrequency(size)).fill(w)),
+        ...rare.flatMap((w) => [w, w, w]),
+      ]);
       const context = list.map((w, i) => `${i + 1}. ${w}`).join(" ");
       return {
         user: `Below is a numbered list of words. In these words, some appear more often than others. Memorize the ones that appear most often.\n${context}\nQuestion: What are the 10 most common words in the above list?`,
         prefix: "Answer: The top 10 words that appear most often in the list are:",
-        answers: common, maxNewTokens: 120,
+        answers: common,
+        maxNewTokens: 120,
       };
     }
     // fwe: coded words drawn from a Zipf distribution (exponent 2); the three most frequent are the answer
@@ -175,15 +310,25 @@ function builder(task: RulerTask, seed: number, hay: Haystacks): (size: number) 
     const count = new Map<string, number>();
     for (let i = 0; i < size; i++) {
       const u = rng();
-      const w = vocabulary[Math.min(vocabulary.length - 1, cdf.findIndex((c) => u <= c))]!;
+      const w =
+        vocabulary[
+          Math.min(
+            vocabulary.length - 1,
+            cdf.findIndex((c) => u <= c),
+          )
+        ]!;
       text.push(w);
       count.set(w, (count.get(w) ?? 0) + 1);
     }
-    const top = [...count.entries()].sort((a, b) => b[1] - a[1] || vocabulary.indexOf(a[0]) - vocabulary.indexOf(b[0])).slice(0, 3).map(([w]) => w);
+    const top = [...count.entries()]
+      .sort((a, b) => b[1] - a[1] || vocabulary.indexOf(a[0]) - vocabulary.indexOf(b[0]))
+      .slice(0, 3)
+      .map(([w]) => w);
     return {
       user: `Read the following coded text and track the frequency of each coded word. Find the three most frequently appeared coded words. ${text.join(" ")}\nQuestion: Do not provide any explanation. What are the three most frequently appeared words in the above coded text?`,
       prefix: "Answer: According to the coded text above, the three most frequently appeared words are:",
-      answers: top, maxNewTokens: 50,
+      answers: top,
+      maxNewTokens: 50,
     };
   };
 }
@@ -203,7 +348,11 @@ export function sampleSeed(seed: number, task: RulerTask, length: number, index:
  * measured token count of the whole prompt (chat template and answer prefix included).
  */
 export async function generateSample(
-  task: RulerTask, targetTokens: number, seed: number, hay: Haystacks, countTokens: (text: string) => Promise<number>,
+  task: RulerTask,
+  targetTokens: number,
+  seed: number,
+  hay: Haystacks,
+  countTokens: (text: string) => Promise<number>,
 ): Promise<RulerSample> {
   if (ESSAY_TASKS.has(task) && !hay.essay) throw new Error(`--haystack-dir: task ${task} needs the essay haystack`);
   const build = builder(task, seed, hay);
@@ -215,7 +364,14 @@ export async function generateSample(
   let tokens = await countTokens(render(built));
   let prev: { size: number; tokens: number } | undefined;
   for (let step = 0; step < 8 && Math.abs(tokens - targetTokens) > targetTokens * 0.005; step++) {
-    const slope = prev && prev.size !== size ? (tokens - prev.tokens) / (size - prev.size) : wordTask ? (task === "cwe" ? 5 : 2) : 1;
+    const slope =
+      prev && prev.size !== size
+        ? (tokens - prev.tokens) / (size - prev.size)
+        : wordTask
+          ? task === "cwe"
+            ? 5
+            : 2
+          : 1;
     prev = { size, tokens };
     size = Math.max(10, Math.round(size + (targetTokens - tokens) / Math.max(0.1, slope)));
     if (size === prev.size) size += targetTokens > tokens ? 1 : -1;

@@ -61,7 +61,9 @@ async function runJob(engine: EvalEngine, job: PromptJob, onCell: (c: CellOutcom
       return;
     } catch (e) {
       if (engine.alive || attempt >= 3) throw e;
-      process.stderr.write(`\nthe engine died (${e instanceof Error ? e.message : String(e)}); restarting it and running prompt ${job.id} again\n`);
+      process.stderr.write(
+        `\nthe engine died (${e instanceof Error ? e.message : String(e)}); restarting it and running prompt ${job.id} again\n`,
+      );
       await engine.revive();
     }
   }
@@ -86,13 +88,23 @@ async function runJobOnce(engine: EvalEngine, job: PromptJob, onCell: (c: CellOu
     const all = [...forks];
     if (useSource) all.push({ session: base, setting: useSource });
     else await engine.close(base);
-    await Promise.all(all.map(async ({ session, setting }) => {
-      const st = await engine.stats(session);
-      const generation = await engine.generate(session, job.maxNewTokens, job.stop ?? []);
-      await engine.close(session);
-      const mean = st.layerKvLengths.reduce((a, b) => a + b, 0) / Math.max(1, st.layerKvLengths.length);
-      onCell({ job, setting, generation, promptTokens: tokensSeen, kvBytes: st.kvBytes, fullKvBytes: st.fullKvBytes, meanLayerKv: mean });
-    }));
+    await Promise.all(
+      all.map(async ({ session, setting }) => {
+        const st = await engine.stats(session);
+        const generation = await engine.generate(session, job.maxNewTokens, job.stop ?? []);
+        await engine.close(session);
+        const mean = st.layerKvLengths.reduce((a, b) => a + b, 0) / Math.max(1, st.layerKvLengths.length);
+        onCell({
+          job,
+          setting,
+          generation,
+          promptTokens: tokensSeen,
+          kvBytes: st.kvBytes,
+          fullKvBytes: st.fullKvBytes,
+          meanLayerKv: mean,
+        });
+      }),
+    );
   } catch (e) {
     // a failed prompt must not leave its sessions holding the KV pool
     if (engine.alive) {
@@ -104,7 +116,12 @@ async function runJobOnce(engine: EvalEngine, job: PromptJob, onCell: (c: CellOu
 }
 
 /** Runs every job with `inFlight` prompts at a time; onCell is called once per finished cell. */
-export async function runJobs(engine: EvalEngine, jobs: PromptJob[], onCell: (c: CellOutcome) => void, inFlight = 2): Promise<void> {
+export async function runJobs(
+  engine: EvalEngine,
+  jobs: PromptJob[],
+  onCell: (c: CellOutcome) => void,
+  inFlight = 2,
+): Promise<void> {
   let next = 0;
   const worker = async () => {
     while (next < jobs.length) {

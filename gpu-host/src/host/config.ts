@@ -57,7 +57,8 @@ export const HOST_USAGE = `usage: pkv host [options]            (each option als
 function int(name: string, value: string | undefined, fallback: number, lo: number, hi: number): number {
   if (value === undefined || value === "") return fallback;
   const n = Number(value);
-  if (!Number.isInteger(n) || n < lo || n > hi) throw new Error(`--${name}: '${value}' is not an integer in [${lo}, ${hi}]`);
+  if (!Number.isInteger(n) || n < lo || n > hi)
+    throw new Error(`--${name}: '${value}' is not an integer in [${lo}, ${hi}]`);
   return n;
 }
 
@@ -75,18 +76,27 @@ export function parseTenantLimits(where: string, v: unknown, base: TenantLimits)
   const num = (k: string, fallback: number) => {
     const x = o[k];
     if (x === undefined) return fallback;
-    if (typeof x !== "number" || !Number.isSafeInteger(x) || x < 0) throw new Error(`${where}.${k}: '${String(x)}' is not an integer >= 0`);
+    if (typeof x !== "number" || !Number.isSafeInteger(x) || x < 0)
+      throw new Error(`${where}.${k}: '${String(x)}' is not an integer >= 0`);
     return x;
   };
   const policy = o.policy ?? base.policy;
-  if (policy !== "refuse" && policy !== "auto") throw new Error(`${where}.policy: '${String(policy)}' is not one of refuse, auto`);
-  return { kvQuotaBytes: num("kv_quota_bytes", base.kvQuotaBytes), maxSessions: num("max_sessions", base.maxSessions), policy };
+  if (policy !== "refuse" && policy !== "auto")
+    throw new Error(`${where}.policy: '${String(policy)}' is not one of refuse, auto`);
+  return {
+    kvQuotaBytes: num("kv_quota_bytes", base.kvQuotaBytes),
+    maxSessions: num("max_sessions", base.maxSessions),
+    policy,
+  };
 }
 
 export const TENANT_NAME = /^[A-Za-z0-9_.-]{1,64}$/;
 
 /** --tenants: a file name or inline JSON. The key "*" sets the defaults of unlisted tenants. */
-export function parseTenants(text: string | undefined): { tenants: Record<string, TenantLimits>; defaults: TenantLimits } {
+export function parseTenants(text: string | undefined): {
+  tenants: Record<string, TenantLimits>;
+  defaults: TenantLimits;
+} {
   let defaults: TenantLimits = { kvQuotaBytes: 0, maxSessions: 1000, policy: "refuse" };
   const tenants: Record<string, TenantLimits> = {};
   if (text === undefined || text.trim() === "") return { tenants, defaults };
@@ -97,7 +107,8 @@ export function parseTenants(text: string | undefined): { tenants: Record<string
   } catch (e) {
     throw new Error(`--tenants: not valid JSON: ${e instanceof Error ? e.message : String(e)}`);
   }
-  if (typeof json !== "object" || json === null || Array.isArray(json)) throw new Error("--tenants: must be a JSON object");
+  if (typeof json !== "object" || json === null || Array.isArray(json))
+    throw new Error("--tenants: must be a JSON object");
   const entries = Object.entries(json as Record<string, unknown>);
   const star = entries.find(([k]) => k === "*");
   if (star) defaults = parseTenantLimits("--tenants.*", star[1], defaults);
@@ -113,16 +124,26 @@ export function parseHostConfig(argv: string[], env: NodeJS.ProcessEnv = process
   const { values } = parseArgs({
     args: argv,
     options: {
-      listen: { type: "string" }, port: { type: "string" }, "edge-secret": { type: "string" }, model: { type: "string" },
-      "kv-pool-bytes": { type: "string" }, "chunk-size": { type: "string" }, threads: { type: "string" },
-      "offload-dir": { type: "string" }, "idle-seconds": { type: "string" }, tenants: { type: "string" },
-      checkpoint: { type: "string" }, "max-prefills": { type: "string" }, engine: { type: "string" },
+      listen: { type: "string" },
+      port: { type: "string" },
+      "edge-secret": { type: "string" },
+      model: { type: "string" },
+      "kv-pool-bytes": { type: "string" },
+      "chunk-size": { type: "string" },
+      threads: { type: "string" },
+      "offload-dir": { type: "string" },
+      "idle-seconds": { type: "string" },
+      tenants: { type: "string" },
+      checkpoint: { type: "string" },
+      "max-prefills": { type: "string" },
+      engine: { type: "string" },
     },
   });
   const edgeSecret = values["edge-secret"] ?? env.PKV_EDGE_SECRET ?? "";
   if (edgeSecret.length < 16) throw new Error("--edge-secret (or PKV_EDGE_SECRET): required, at least 16 characters");
   const checkpoint = values.checkpoint ?? env.PKV_CHECKPOINT ?? "on";
-  if (checkpoint !== "on" && checkpoint !== "off") throw new Error(`--checkpoint: '${checkpoint}' is not one of on, off`);
+  if (checkpoint !== "on" && checkpoint !== "off")
+    throw new Error(`--checkpoint: '${checkpoint}' is not one of on, off`);
   const offloadDir = values["offload-dir"] ?? env.PKV_OFFLOAD_DIR; // created on start
   const { tenants, defaults } = parseTenants(values.tenants ?? env.PKV_TENANTS);
   return {

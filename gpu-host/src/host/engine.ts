@@ -3,7 +3,13 @@
 import { type ChildProcessWithoutNullStreams, spawn } from "node:child_process";
 import { EventEmitter } from "node:events";
 
-import { encodeFrame, FrameDecoder, type FromEngineMessage, type Message, type ToEngineMessage } from "@pyramidkv/shared";
+import {
+  encodeFrame,
+  FrameDecoder,
+  type FromEngineMessage,
+  type Message,
+  type ToEngineMessage,
+} from "@pyramidkv/shared";
 
 import { engineBinary } from "../engine-path.js";
 
@@ -21,7 +27,10 @@ export type EngineHello = Message<"hello">;
 
 /** An 'error' frame answering a request, or the engine's death while the request was open. */
 export class EngineRequestError extends Error {
-  constructor(readonly code: string, message: string) {
+  constructor(
+    readonly code: string,
+    message: string,
+  ) {
     super(message);
   }
 }
@@ -37,8 +46,16 @@ type Request = ToEngineMessage extends infer M ? (M extends { id: number } ? Omi
 
 // The frame that completes each request type (an 'error' frame completes any of them).
 const FINAL: Record<string, string> = {
-  open: "opened", append: "appended", generate: "done", cancel: "cancelled", close: "closed", stats: "stats_result",
-  save: "saved", restore: "restored", fork: "forked", shutdown: "bye",
+  open: "opened",
+  append: "appended",
+  generate: "done",
+  cancel: "cancelled",
+  close: "closed",
+  stats: "stats_result",
+  save: "saved",
+  restore: "restored",
+  fork: "forked",
+  shutdown: "bye",
 };
 
 export class EngineProcess extends EventEmitter<{ exit: [code: number | null, signal: NodeJS.Signals | null] }> {
@@ -47,7 +64,10 @@ export class EngineProcess extends EventEmitter<{ exit: [code: number | null, si
   private exited = false;
   private stderrTail = "";
 
-  private constructor(private readonly child: ChildProcessWithoutNullStreams, readonly hello: EngineHello) {
+  private constructor(
+    private readonly child: ChildProcessWithoutNullStreams,
+    readonly hello: EngineHello,
+  ) {
     super();
   }
 
@@ -72,7 +92,9 @@ export class EngineProcess extends EventEmitter<{ exit: [code: number | null, si
       let stderr = "";
       const timer = setTimeout(() => {
         child.kill("SIGKILL");
-        reject(new Error(`pkv-engine sent no hello within ${o.startTimeoutMs ?? 60_000} ms: ${stderr.trim().slice(-500)}`));
+        reject(
+          new Error(`pkv-engine sent no hello within ${o.startTimeoutMs ?? 60_000} ms: ${stderr.trim().slice(-500)}`),
+        );
       }, o.startTimeoutMs ?? 60_000);
       child.stderr.setEncoding("utf8").on("data", (d: string) => {
         stderr = (stderr + d).slice(-4000);
@@ -85,7 +107,8 @@ export class EngineProcess extends EventEmitter<{ exit: [code: number | null, si
       });
       child.on("exit", (code, signal) => {
         clearTimeout(timer);
-        if (!engine) return reject(new Error(`pkv-engine exited (${code ?? signal}) before hello: ${stderr.trim().slice(-500)}`));
+        if (!engine)
+          return reject(new Error(`pkv-engine exited (${code ?? signal}) before hello: ${stderr.trim().slice(-500)}`));
         engine.onExit(code, signal);
       });
       child.stdout.on("data", (chunk: Buffer) => {
@@ -123,11 +146,15 @@ export class EngineProcess extends EventEmitter<{ exit: [code: number | null, si
   call<T extends FromEngineMessage["type"]>(msg: Request): Promise<Extract<FromEngineMessage, { type: T }>> {
     const final = FINAL[msg.type]!;
     return new Promise((resolve, reject) => {
-      this.request(msg, (m) => {
-        if (m.type !== final) return false;
-        resolve(m as never);
-        return true;
-      }, reject);
+      this.request(
+        msg,
+        (m) => {
+          if (m.type !== final) return false;
+          resolve(m as never);
+          return true;
+        },
+        reject,
+      );
     });
   }
 
@@ -135,7 +162,11 @@ export class EngineProcess extends EventEmitter<{ exit: [code: number | null, si
   async shutdown(timeoutMs = 5000): Promise<void> {
     if (this.exited) return;
     const exited = new Promise<void>((r) => this.once("exit", () => r()));
-    this.request({ type: "shutdown" }, () => true, () => {});
+    this.request(
+      { type: "shutdown" },
+      () => true,
+      () => {},
+    );
     const timer = setTimeout(() => this.child.kill("SIGKILL"), timeoutMs);
     await exited;
     clearTimeout(timer);
@@ -160,7 +191,8 @@ export class EngineProcess extends EventEmitter<{ exit: [code: number | null, si
   private route(m: FromEngineMessage): void {
     const id = "id" in m ? m.id : undefined;
     if (id === undefined) {
-      if (m.type === "error") process.stderr.write(`pkv host: engine error without a request: ${m.code}: ${m.message}\n`);
+      if (m.type === "error")
+        process.stderr.write(`pkv host: engine error without a request: ${m.code}: ${m.message}\n`);
       return;
     }
     const p = this.pending.get(id);

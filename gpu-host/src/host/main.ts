@@ -20,11 +20,12 @@ export async function startHost(config: HostConfig): Promise<RunningHost> {
   const server = new HostServer(sessions, config, metrics);
   const address = await server.listen();
   let stopping: Promise<void> | undefined;
-  const stop = () => (stopping ??= (async () => {
-    server.stopAccepting();
-    await sessions.shutdown();
-    await server.close();
-  })());
+  const stop = () =>
+    (stopping ??= (async () => {
+      server.stopAccepting();
+      await sessions.shutdown();
+      await server.close();
+    })());
   return { address, sessions, server, metrics, stop };
 }
 
@@ -32,8 +33,10 @@ export async function startHost(config: HostConfig): Promise<RunningHost> {
 export async function runHost(config: HostConfig): Promise<number> {
   const host = await startHost(config);
   const h = host.sessions.hello;
-  process.stdout.write(`pkv host listening on ${host.address.address}:${host.address.port} ` +
-    `(model ${h.model}, KV pool ${h.pool_bytes} bytes, offload ${config.offloadDir ?? "memory"})\n`);
+  process.stdout.write(
+    `pkv host listening on ${host.address.address}:${host.address.port} ` +
+      `(model ${h.model}, KV pool ${h.pool_bytes} bytes, offload ${config.offloadDir ?? "memory"})\n`,
+  );
   await new Promise<void>((resolve) => {
     const onSignal = (sig: string) => {
       process.stderr.write(`pkv host: ${sig}: draining, saving sessions\n`);

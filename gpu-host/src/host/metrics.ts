@@ -5,12 +5,17 @@ type Labels = Record<string, string>;
 const key = (l: Labels) => JSON.stringify(Object.entries(l).sort());
 const fmtLabels = (l: Labels) => {
   const e = Object.entries(l);
-  return e.length === 0 ? "" : `{${e.map(([k, v]) => `${k}="${v.replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/\n/g, "\\n")}"`).join(",")}}`;
+  return e.length === 0
+    ? ""
+    : `{${e.map(([k, v]) => `${k}="${v.replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/\n/g, "\\n")}"`).join(",")}}`;
 };
 
 class Counter {
   private readonly values = new Map<string, { labels: Labels; value: number }>();
-  constructor(readonly name: string, readonly help: string) {}
+  constructor(
+    readonly name: string,
+    readonly help: string,
+  ) {}
   inc(labels: Labels = {}, by = 1): void {
     const k = key(labels);
     const cur = this.values.get(k);
@@ -28,7 +33,11 @@ class Counter {
 
 class Histogram {
   private readonly series = new Map<string, { labels: Labels; counts: number[]; sum: number; count: number }>();
-  constructor(readonly name: string, readonly help: string, readonly buckets: number[]) {}
+  constructor(
+    readonly name: string,
+    readonly help: string,
+    readonly buckets: number[],
+  ) {}
   observe(labels: Labels, value: number): void {
     const k = key(labels);
     let s = this.series.get(k);
@@ -42,7 +51,9 @@ class Histogram {
   render(): string {
     const rows: string[] = [];
     for (const s of this.series.values()) {
-      this.buckets.forEach((b, i) => rows.push(`${this.name}_bucket${fmtLabels({ ...s.labels, le: String(b) })} ${s.counts[i]}`));
+      this.buckets.forEach((b, i) =>
+        rows.push(`${this.name}_bucket${fmtLabels({ ...s.labels, le: String(b) })} ${s.counts[i]}`),
+      );
       rows.push(`${this.name}_bucket${fmtLabels({ ...s.labels, le: "+Inf" })} ${s.count}`);
       rows.push(`${this.name}_sum${fmtLabels(s.labels)} ${s.sum}`);
       rows.push(`${this.name}_count${fmtLabels(s.labels)} ${s.count}`);
@@ -62,31 +73,72 @@ export interface HostGauges {
 }
 
 export class HostMetrics {
-  readonly quotaRefusals = new Counter("pkv_host_quota_refusals_total", "Requests refused because the tenant's KV quota or session limit was reached.");
-  readonly generatedTokens = new Counter("pkv_host_generated_tokens_total", "Tokens generated (rate() gives tokens/s).");
+  readonly quotaRefusals = new Counter(
+    "pkv_host_quota_refusals_total",
+    "Requests refused because the tenant's KV quota or session limit was reached.",
+  );
+  readonly generatedTokens = new Counter(
+    "pkv_host_generated_tokens_total",
+    "Tokens generated (rate() gives tokens/s).",
+  );
   readonly promptTokens = new Counter("pkv_host_prefilled_tokens_total", "Tokens appended (prefilled).");
-  readonly engineRestarts = new Counter("pkv_host_engine_restarts_total", "Times the engine process died and was restarted.");
-  readonly offloads = new Counter("pkv_host_offloads_total", "Sessions saved out of the engine (idle, quota or pool pressure, shutdown).");
+  readonly engineRestarts = new Counter(
+    "pkv_host_engine_restarts_total",
+    "Times the engine process died and was restarted.",
+  );
+  readonly offloads = new Counter(
+    "pkv_host_offloads_total",
+    "Sessions saved out of the engine (idle, quota or pool pressure, shutdown).",
+  );
   readonly restores = new Counter("pkv_host_restores_total", "Offloaded sessions restored into the engine.");
   readonly errors = new Counter("pkv_host_errors_total", "Error frames sent, by code.");
-  readonly latency = new Histogram("pkv_host_request_seconds", "Request latency from receipt to the final frame, by type.",
-    [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]);
-  readonly firstToken = new Histogram("pkv_host_time_to_first_token_seconds", "generate: receipt to first token.",
-    [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]);
+  readonly latency = new Histogram(
+    "pkv_host_request_seconds",
+    "Request latency from receipt to the final frame, by type.",
+    [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60],
+  );
+  readonly firstToken = new Histogram(
+    "pkv_host_time_to_first_token_seconds",
+    "generate: receipt to first token.",
+    [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+  );
 
   render(g: HostGauges): string {
     const gauge = (name: string, help: string, rows: [Labels, number][]) =>
       `# HELP ${name} ${help}\n# TYPE ${name} gauge\n${rows.map(([l, v]) => `${name}${fmtLabels(l)} ${v}\n`).join("")}`;
     return [
-      gauge("pkv_host_sessions", "Sessions by tenant and state (active = in the engine).", g.sessions.map((s) => [{ tenant: s.tenant, state: s.state }, s.count])),
-      gauge("pkv_host_tenant_kv_bytes", "KV bytes accounted to the tenant's resident sessions.", g.tenantKvBytes.map((t) => [{ tenant: t.tenant }, t.used])),
-      gauge("pkv_host_tenant_kv_quota_bytes", "The tenant's KV quota.", g.tenantKvBytes.map((t) => [{ tenant: t.tenant }, t.quota])),
+      gauge(
+        "pkv_host_sessions",
+        "Sessions by tenant and state (active = in the engine).",
+        g.sessions.map((s) => [{ tenant: s.tenant, state: s.state }, s.count]),
+      ),
+      gauge(
+        "pkv_host_tenant_kv_bytes",
+        "KV bytes accounted to the tenant's resident sessions.",
+        g.tenantKvBytes.map((t) => [{ tenant: t.tenant }, t.used]),
+      ),
+      gauge(
+        "pkv_host_tenant_kv_quota_bytes",
+        "The tenant's KV quota.",
+        g.tenantKvBytes.map((t) => [{ tenant: t.tenant }, t.quota]),
+      ),
       gauge("pkv_host_kv_pool_bytes", "Engine KV pool capacity.", [[{}, g.poolBytes]]),
       gauge("pkv_host_kv_pool_used_bytes", "Engine KV pool bytes in use (last engine stats).", [[{}, g.poolUsedBytes]]),
-      gauge("pkv_host_queue_length", "Requests waiting for their tenant's turn.", g.queued.map((q) => [{ kind: q.kind }, q.count])),
+      gauge(
+        "pkv_host_queue_length",
+        "Requests waiting for their tenant's turn.",
+        g.queued.map((q) => [{ kind: q.kind }, q.count]),
+      ),
       gauge("pkv_host_connections", "Edge connections.", [[{}, g.connections]]),
-      this.quotaRefusals.render(), this.generatedTokens.render(), this.promptTokens.render(), this.engineRestarts.render(),
-      this.offloads.render(), this.restores.render(), this.errors.render(), this.latency.render(), this.firstToken.render(),
+      this.quotaRefusals.render(),
+      this.generatedTokens.render(),
+      this.promptTokens.render(),
+      this.engineRestarts.render(),
+      this.offloads.render(),
+      this.restores.render(),
+      this.errors.render(),
+      this.latency.render(),
+      this.firstToken.render(),
     ].join("");
   }
 }

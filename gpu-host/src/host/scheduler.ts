@@ -68,7 +68,11 @@ export class FairScheduler {
 
   /** Runs fn when the tenant's turn comes. `abort` removes a job that has not started yet
    * (it then rejects with `reason`). */
-  run<T>(tenant: string, kind: JobKind, fn: () => Promise<T>): { promise: Promise<T>; abort: (reason: Error) => boolean } {
+  run<T>(
+    tenant: string,
+    kind: JobKind,
+    fn: () => Promise<T>,
+  ): { promise: Promise<T>; abort: (reason: Error) => boolean } {
     const lane = this.lanes[kind];
     let job!: Job;
     let rejectQueued!: (e: Error) => void;
@@ -77,7 +81,9 @@ export class FairScheduler {
       job = {
         tenant,
         start: () => {
-          fn().then(resolve, reject).finally(() => lane.done());
+          fn()
+            .then(resolve, reject)
+            .finally(() => lane.done());
         },
       };
     });

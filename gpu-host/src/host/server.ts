@@ -10,7 +10,13 @@ import { createServer, type IncomingMessage, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
 import type { Duplex } from "node:stream";
 
-import { decodeHostMessage, encodeHostMessage, type FromHostMessage, HOST_MAX_FRAME_BYTES, HOST_PROTOCOL_VERSION } from "@pyramidkv/shared";
+import {
+  decodeHostMessage,
+  encodeHostMessage,
+  type FromHostMessage,
+  HOST_MAX_FRAME_BYTES,
+  HOST_PROTOCOL_VERSION,
+} from "@pyramidkv/shared";
 import { WebSocket, WebSocketServer } from "ws";
 
 import { verifyEdgeAuthorization } from "./auth.js";
@@ -26,7 +32,11 @@ export class Connection implements Sink {
   private readonly coalesced = new Map<number, { session: string; tokens: number[]; text: string }>();
   private flushTimer?: NodeJS.Timeout;
 
-  constructor(private readonly ws: WebSocket, private readonly config: HostConfig, private readonly onDrop: () => void) {}
+  constructor(
+    private readonly ws: WebSocket,
+    private readonly config: HostConfig,
+    private readonly onDrop: () => void,
+  ) {}
 
   get open(): boolean {
     return this.ws.readyState === WebSocket.OPEN;
@@ -88,7 +98,11 @@ export class HostServer {
   private readonly wss: WebSocketServer;
   private readonly sockets = new Set<WebSocket>();
 
-  constructor(private readonly host: SessionHost, private readonly config: HostConfig, private readonly metrics: HostMetrics) {
+  constructor(
+    private readonly host: SessionHost,
+    private readonly config: HostConfig,
+    private readonly metrics: HostMetrics,
+  ) {
     this.wss = new WebSocketServer({ noServer: true, maxPayload: MAX_READ_BYTES, perMessageDeflate: false });
     this.http = createServer((req, res) => {
       const path = (req.url ?? "/").split("?")[0];
@@ -96,10 +110,17 @@ export class HostServer {
         const ok = this.host.healthy && !this.host.isClosing;
         const h = this.host.hello;
         res.writeHead(ok ? 200 : 503, { "content-type": "application/json" });
-        res.end(JSON.stringify({
-          status: ok ? "ok" : this.host.isClosing ? "shutting_down" : "engine_restarting", protocol: HOST_PROTOCOL_VERSION, model: h.model,
-          engine_pid: this.host.enginePid, pool_bytes: h.pool_bytes, kv_used_bytes: this.host.kvUsedBytes, connections: this.sockets.size,
-        }));
+        res.end(
+          JSON.stringify({
+            status: ok ? "ok" : this.host.isClosing ? "shutting_down" : "engine_restarting",
+            protocol: HOST_PROTOCOL_VERSION,
+            model: h.model,
+            engine_pid: this.host.enginePid,
+            pool_bytes: h.pool_bytes,
+            kv_used_bytes: this.host.kvUsedBytes,
+            connections: this.sockets.size,
+          }),
+        );
         return;
       }
       if (req.method === "GET" && path === "/metrics") {
@@ -128,16 +149,32 @@ export class HostServer {
     const conn = new Connection(ws, this.config, () => this.host.connectionClosed(conn));
     const h = this.host.hello;
     conn.send({
-      type: "hello", protocol: HOST_PROTOCOL_VERSION, model: h.model, n_layer: h.n_layer, n_ctx: h.n_ctx, pool_bytes: h.pool_bytes,
+      type: "hello",
+      protocol: HOST_PROTOCOL_VERSION,
+      model: h.model,
+      n_layer: h.n_layer,
+      n_ctx: h.n_ctx,
+      pool_bytes: h.pool_bytes,
       bytes_per_entry: this.host.geometry.bytesPerEntry,
     });
     ws.on("message", (data, isBinary) => {
       const bytes = Array.isArray(data) ? Buffer.concat(data) : Buffer.isBuffer(data) ? data : Buffer.from(data);
-      if (!isBinary) return conn.send({ type: "error", code: "bad_frame", message: "text messages are not accepted: send one msgpack map per binary message" });
+      if (!isBinary)
+        return conn.send({
+          type: "error",
+          code: "bad_frame",
+          message: "text messages are not accepted: send one msgpack map per binary message",
+        });
       const decoded = decodeHostMessage(bytes, "to_host");
       if (!decoded.ok) {
         this.metrics.errors.inc({ code: decoded.code });
-        return conn.send({ type: "error", ...(decoded.id !== undefined ? { id: decoded.id } : {}), ...(decoded.session !== undefined ? { session: decoded.session } : {}), code: decoded.code, message: decoded.error });
+        return conn.send({
+          type: "error",
+          ...(decoded.id !== undefined ? { id: decoded.id } : {}),
+          ...(decoded.session !== undefined ? { session: decoded.session } : {}),
+          code: decoded.code,
+          message: decoded.error,
+        });
       }
       this.host.handle(conn, decoded.message);
     });

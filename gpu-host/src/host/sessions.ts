@@ -13,7 +13,12 @@
 // (full_kv_bytes / tokens_seen / n_layer), page_bytes / 16 until the first stats.
 // Offloaded sessions count nothing (their state is in host memory or on disk).
 import {
-  type FromHostMessage, type HostErrorCode, type HostMessage, MAX_FRAME_BYTES, type Message, type ToHostMessage,
+  type FromHostMessage,
+  type HostErrorCode,
+  type HostMessage,
+  MAX_FRAME_BYTES,
+  type Message,
+  type ToHostMessage,
 } from "@pyramidkv/shared";
 
 import { type HostConfig, TENANT_NAME, type TenantPolicy } from "./config.js";
@@ -22,7 +27,12 @@ import type { HostGauges, HostMetrics } from "./metrics.js";
 import { FairScheduler } from "./scheduler.js";
 import { StateStore, type StoredSessionMeta } from "./store.js";
 import {
-  appendTokenBound, type KvGeometry, largestBudgetThatFits, openReservationBytes, prefillPeakBytes, Tenants,
+  appendTokenBound,
+  type KvGeometry,
+  largestBudgetThatFits,
+  openReservationBytes,
+  prefillPeakBytes,
+  Tenants,
 } from "./tenants.js";
 
 /** A connection as the sessions see it. */
@@ -34,7 +44,10 @@ export interface Sink {
 }
 
 export class HostError extends Error {
-  constructor(readonly code: HostErrorCode, message: string) {
+  constructor(
+    readonly code: HostErrorCode,
+    message: string,
+  ) {
     super(message);
   }
 }
@@ -46,7 +59,10 @@ const SLOTS_PER_PAGE = 16;
  * this the pieces are dropped and the piece is refused with too_large. */
 export const MAX_PIECE_BUFFER_BYTES = 16 << 20;
 
-type OpenParams = Omit<HostMessage<"open_session">, "type" | "id" | "tenant" | "session" | "prompt_tokens"> & { method: string; budget: number };
+type OpenParams = Omit<HostMessage<"open_session">, "type" | "id" | "tenant" | "session" | "prompt_tokens"> & {
+  method: string;
+  budget: number;
+};
 
 interface Op {
   kind: "append" | "generate";
@@ -93,8 +109,18 @@ function dropPieces(s: HostSession): void {
 function errorCode(e: unknown): { code: HostErrorCode; message: string } {
   if (e instanceof HostError) return { code: e.code, message: e.message };
   if (e instanceof EngineRequestError) {
-    if (e.code === ENGINE_DIED) return { code: "engine_restarted", message: `${e.message}; the session is restored from its last saved state` };
-    const known: readonly string[] = ["invalid", "unknown_session", "session_exists", "pool_full", "context_full", "busy", "cancelled", "too_large"];
+    if (e.code === ENGINE_DIED)
+      return { code: "engine_restarted", message: `${e.message}; the session is restored from its last saved state` };
+    const known: readonly string[] = [
+      "invalid",
+      "unknown_session",
+      "session_exists",
+      "pool_full",
+      "context_full",
+      "busy",
+      "cancelled",
+      "too_large",
+    ];
     return { code: (known.includes(e.code) ? e.code : "internal") as HostErrorCode, message: e.message };
   }
   return { code: "internal", message: e instanceof Error ? e.message : String(e) };
@@ -116,7 +142,10 @@ export class SessionHost {
   private timer?: NodeJS.Timeout;
   connections = 0;
 
-  private constructor(private readonly config: HostConfig, readonly metrics: HostMetrics) {
+  private constructor(
+    private readonly config: HostConfig,
+    readonly metrics: HostMetrics,
+  ) {
     this.scheduler = new FairScheduler({ prefill: config.maxConcurrentPrefills, decode: 1 << 20 });
     this.store = new StateStore(config.offloadDir);
   }
@@ -126,7 +155,11 @@ export class SessionHost {
     host.engine = await host.spawnEngine();
     host.ready = Promise.resolve(host.engine);
     const h = host.engine.hello;
-    host.geometry = { nLayer: h.n_layer, bytesPerEntry: Math.floor(h.page_bytes / SLOTS_PER_PAGE), chunkSize: config.chunkSize ?? DEFAULT_CHUNK };
+    host.geometry = {
+      nLayer: h.n_layer,
+      bytesPerEntry: Math.floor(h.page_bytes / SLOTS_PER_PAGE),
+      chunkSize: config.chunkSize ?? DEFAULT_CHUNK,
+    };
     host.tenants = new Tenants(config.tenants, config.defaultTenant, h.pool_bytes);
     for (const meta of await host.store.load()) host.adoptStored(meta);
     const tick = Math.max(50, Math.min(1000, config.idleMs / 4));
@@ -163,24 +196,53 @@ export class SessionHost {
     const fail = (e: unknown) => {
       const { code, message } = errorCode(e);
       this.metrics.errors.inc({ code });
-      if (sink.open) sink.send({ type: "error", id: msg.id, ...("session" in msg && msg.session !== undefined ? { session: msg.session } : {}), code, message });
+      if (sink.open)
+        sink.send({
+          type: "error",
+          id: msg.id,
+          ...("session" in msg && msg.session !== undefined ? { session: msg.session } : {}),
+          code,
+          message,
+        });
     };
     const finish = () => this.metrics.latency.observe({ type: msg.type }, (performance.now() - t0) / 1000);
     try {
-      if (!TENANT_NAME.test(msg.tenant)) throw new HostError("invalid", `${msg.type}: tenant '${msg.tenant.slice(0, 64)}' must match ${TENANT_NAME.source}`);
+      if (!TENANT_NAME.test(msg.tenant))
+        throw new HostError(
+          "invalid",
+          `${msg.type}: tenant '${msg.tenant.slice(0, 64)}' must match ${TENANT_NAME.source}`,
+        );
       if (this.closing && msg.type !== "stats") throw new HostError("shutting_down", "the host is shutting down");
       switch (msg.type) {
-        case "open_session": return void this.open(sink, msg).then(finish, fail);
-        case "append": return void this.enqueue(this.lookup(msg.tenant, msg.session), sink, "append", msg, t0).then(finish, fail);
-        case "generate": return void this.enqueue(this.lookup(msg.tenant, msg.session), sink, "generate", msg, t0).then(finish, fail);
-        case "cancel": return void this.cancel(sink, msg).then(finish, fail);
-        case "close": return void this.close(sink, msg).then(finish, fail);
-        case "stats": return void this.stats(sink, msg).then(finish, fail);
+        case "open_session":
+          return void this.open(sink, msg).then(finish, fail);
+        case "append":
+          return void this.enqueue(this.lookup(msg.tenant, msg.session), sink, "append", msg, t0).then(finish, fail);
+        case "generate":
+          return void this.enqueue(this.lookup(msg.tenant, msg.session), sink, "generate", msg, t0).then(finish, fail);
+        case "cancel":
+          return void this.cancel(sink, msg).then(finish, fail);
+        case "close":
+          return void this.close(sink, msg).then(finish, fail);
+        case "stats":
+          return void this.stats(sink, msg).then(finish, fail);
         case "set_tenant": {
           const policy = msg.policy as TenantPolicy | undefined;
-          if (policy !== undefined && policy !== "refuse" && policy !== "auto") throw new HostError("invalid", `set_tenant: policy '${policy}' is not one of refuse, auto`);
-          const t = this.tenants.set(msg.tenant, { kvQuotaBytes: msg.kv_quota_bytes, maxSessions: msg.max_sessions, policy });
-          sink.send({ type: "tenant_set", id: msg.id, tenant: msg.tenant, kv_quota_bytes: t.kvQuotaBytes, max_sessions: t.maxSessions, policy: t.policy });
+          if (policy !== undefined && policy !== "refuse" && policy !== "auto")
+            throw new HostError("invalid", `set_tenant: policy '${policy}' is not one of refuse, auto`);
+          const t = this.tenants.set(msg.tenant, {
+            kvQuotaBytes: msg.kv_quota_bytes,
+            maxSessions: msg.max_sessions,
+            policy,
+          });
+          sink.send({
+            type: "tenant_set",
+            id: msg.id,
+            tenant: msg.tenant,
+            kv_quota_bytes: t.kvQuotaBytes,
+            max_sessions: t.maxSessions,
+            policy: t.policy,
+          });
           return finish();
         }
       }
@@ -214,15 +276,32 @@ export class SessionHost {
     const count = [...this.sessions.values()].filter((s) => s.tenant === msg.tenant).length;
     if (count >= limits.maxSessions) {
       this.metrics.quotaRefusals.inc({ tenant: msg.tenant, reason: "session_limit" });
-      throw new HostError("session_limit", `tenant '${msg.tenant}' has ${count} sessions, its limit is ${limits.maxSessions}`);
+      throw new HostError(
+        "session_limit",
+        `tenant '${msg.tenant}' has ${count} sessions, its limit is ${limits.maxSessions}`,
+      );
     }
     const { id: _id, type: _type, tenant: _tenant, session: _session, prompt_tokens: promptTokens = 0, ...rest } = msg;
     const params: OpenParams = { ...rest, method: msg.method ?? "pyramidkv", budget: msg.budget ?? 128 };
     const g = this.geometryFor(params);
     const s: HostSession = {
-      tenant: msg.tenant, id: msg.session, engineName: `${msg.tenant}/${msg.session}`, params, resident: false, saved: false, dirty: false,
-      steadyBytes: 0, reservedBytes: 0, inflightBytes: 0, tokensSeen: 0, lastUsed: Date.now(), chain: Promise.resolve(), pendingOps: 0, ops: [],
-      pieces: [], pieceBytes: 0,
+      tenant: msg.tenant,
+      id: msg.session,
+      engineName: `${msg.tenant}/${msg.session}`,
+      params,
+      resident: false,
+      saved: false,
+      dirty: false,
+      steadyBytes: 0,
+      reservedBytes: 0,
+      inflightBytes: 0,
+      tokensSeen: 0,
+      lastUsed: Date.now(),
+      chain: Promise.resolve(),
+      pendingOps: 0,
+      ops: [],
+      pieces: [],
+      pieceBytes: 0,
     };
     this.sessions.set(key, s);
     s.pendingOps++;
@@ -240,7 +319,14 @@ export class SessionHost {
       const engine = await this.ready;
       await engine.call({ type: "open", session: s.engineName, ...params });
       s.resident = true;
-      sink.send({ type: "opened", id: msg.id, session: msg.session, method: params.method, budget: params.budget, reserved_bytes: reservation });
+      sink.send({
+        type: "opened",
+        id: msg.id,
+        session: msg.session,
+        method: params.method,
+        budget: params.budget,
+        reserved_bytes: reservation,
+      });
     } catch (e) {
       this.sessions.delete(key);
       throw e;
@@ -254,7 +340,13 @@ export class SessionHost {
   }
 
   // append and generate run one at a time per session, in arrival order.
-  private enqueue(s: HostSession, sink: Sink, kind: "append" | "generate", msg: HostMessage<"append"> | HostMessage<"generate">, t0: number): Promise<void> {
+  private enqueue(
+    s: HostSession,
+    sink: Sink,
+    kind: "append" | "generate",
+    msg: HostMessage<"append"> | HostMessage<"generate">,
+    t0: number,
+  ): Promise<void> {
     const op: Op = { kind, id: msg.id, sink, cancelled: false };
     s.ops.push(op);
     s.pendingOps++;
@@ -279,12 +371,16 @@ export class SessionHost {
     // Pieces come from one connection; a piece or final append from another one starts afresh.
     if (s.pieceSink !== undefined && s.pieceSink !== op.sink) dropPieces(s);
     if (msg.more) {
-      if (msg.tokens !== undefined) throw new HostError("invalid", "append: a piece (more: true) carries text only, not tokens");
+      if (msg.tokens !== undefined)
+        throw new HostError("invalid", "append: a piece (more: true) carries text only, not tokens");
       const bytes = Buffer.byteLength(msg.text ?? "", "utf8");
       if (s.pieceBytes + bytes > MAX_PIECE_BUFFER_BYTES) {
         const had = s.pieceBytes;
         dropPieces(s);
-        throw new HostError("too_large", `append: ${had + bytes} bytes of pieces exceed the host's buffer of ${MAX_PIECE_BUFFER_BYTES} bytes; the pieces were dropped`);
+        throw new HostError(
+          "too_large",
+          `append: ${had + bytes} bytes of pieces exceed the host's buffer of ${MAX_PIECE_BUFFER_BYTES} bytes; the pieces were dropped`,
+        );
       }
       s.pieces.push(msg.text ?? "");
       s.pieceBytes += bytes;
@@ -299,16 +395,27 @@ export class SessionHost {
     await this.ensureResident(s, extra);
     try {
       const engine = await this.ready;
-      const job = this.scheduler.run(s.tenant, "prefill", () => new Promise<Message<"appended">>((resolve, reject) => {
-        if (op.cancelled) return reject(new HostError("cancelled", "append cancelled before it started"));
-        op.engine = engine;
-        op.engineId = engine.request({ type: "append", session: s.engineName, text, tokens: msg.tokens, chat: msg.chat }, (m) => {
-          if (m.type === "progress") op.sink.open && op.sink.send({ type: "progress", id: op.id, session: s.id, done: m.done, total: m.total });
-          if (m.type !== "appended") return false;
-          resolve(m);
-          return true;
-        }, reject);
-      }));
+      const job = this.scheduler.run(
+        s.tenant,
+        "prefill",
+        () =>
+          new Promise<Message<"appended">>((resolve, reject) => {
+            if (op.cancelled) return reject(new HostError("cancelled", "append cancelled before it started"));
+            op.engine = engine;
+            op.engineId = engine.request(
+              { type: "append", session: s.engineName, text, tokens: msg.tokens, chat: msg.chat },
+              (m) => {
+                if (m.type === "progress")
+                  op.sink.open &&
+                    op.sink.send({ type: "progress", id: op.id, session: s.id, done: m.done, total: m.total });
+                if (m.type !== "appended") return false;
+                resolve(m);
+                return true;
+              },
+              reject,
+            );
+          }),
+      );
       op.abortQueued = job.abort;
       const done = await job.promise;
       s.steadyBytes = done.kv_bytes;
@@ -319,7 +426,14 @@ export class SessionHost {
       s.inflightBytes = 0;
       // Answered once checkpointed: when the edge sees 'appended', an engine crash loses nothing.
       await this.afterOp(s);
-      if (op.sink.open) op.sink.send({ type: "appended", id: op.id, session: s.id, tokens_seen: done.tokens_seen, kv_bytes: done.kv_bytes });
+      if (op.sink.open)
+        op.sink.send({
+          type: "appended",
+          id: op.id,
+          session: s.id,
+          tokens_seen: done.tokens_seen,
+          kv_bytes: done.kv_bytes,
+        });
     } finally {
       s.inflightBytes = 0;
     }
@@ -332,28 +446,45 @@ export class SessionHost {
       const engine = await this.ready;
       const { type: _t, tenant: _tenant, session: _s, id: _id, ...sampling } = msg;
       let first = true;
-      const job = this.scheduler.run(s.tenant, "decode", () => new Promise<Message<"done">>((resolve, reject) => {
-        if (op.cancelled) return reject(new HostError("cancelled", "generate cancelled before it started"));
-        op.engine = engine;
-        op.engineId = engine.request({ type: "generate", session: s.engineName, ...sampling }, (m) => {
-          if (m.type === "token") {
-            if (first) this.metrics.firstToken.observe({}, (performance.now() - t0) / 1000);
-            first = false;
-            this.metrics.generatedTokens.inc({ tenant: s.tenant });
-            if (op.sink.open) op.sink.sendToken(op.id, s.id, m.token, m.text);
-            return false;
-          }
-          if (m.type !== "done") return false;
-          resolve(m);
-          return true;
-        }, reject);
-      }));
+      const job = this.scheduler.run(
+        s.tenant,
+        "decode",
+        () =>
+          new Promise<Message<"done">>((resolve, reject) => {
+            if (op.cancelled) return reject(new HostError("cancelled", "generate cancelled before it started"));
+            op.engine = engine;
+            op.engineId = engine.request(
+              { type: "generate", session: s.engineName, ...sampling },
+              (m) => {
+                if (m.type === "token") {
+                  if (first) this.metrics.firstToken.observe({}, (performance.now() - t0) / 1000);
+                  first = false;
+                  this.metrics.generatedTokens.inc({ tenant: s.tenant });
+                  if (op.sink.open) op.sink.sendToken(op.id, s.id, m.token, m.text);
+                  return false;
+                }
+                if (m.type !== "done") return false;
+                resolve(m);
+                return true;
+              },
+              reject,
+            );
+          }),
+      );
       op.abortQueued = job.abort;
       const done = await job.promise;
       s.dirty = true;
       s.inflightBytes = 0;
       await this.afterOp(s);
-      if (op.sink.open) op.sink.send({ type: "done", id: op.id, session: s.id, reason: done.reason, new_tokens: done.new_tokens, text: done.text });
+      if (op.sink.open)
+        op.sink.send({
+          type: "done",
+          id: op.id,
+          session: s.id,
+          reason: done.reason,
+          new_tokens: done.new_tokens,
+          text: done.text,
+        });
     } finally {
       s.inflightBytes = 0;
     }
@@ -371,7 +502,9 @@ export class SessionHost {
       if (this.config.checkpoint) await this.save(s, engine);
     } catch (e) {
       if (!(e instanceof EngineRequestError && e.code === ENGINE_DIED)) {
-        process.stderr.write(`pkv host: checkpoint of ${s.engineName} failed: ${e instanceof Error ? e.message : String(e)}\n`);
+        process.stderr.write(
+          `pkv host: checkpoint of ${s.engineName} failed: ${e instanceof Error ? e.message : String(e)}\n`,
+        );
       }
     }
   }
@@ -390,14 +523,22 @@ export class SessionHost {
     let total = 1;
     while (received < total) {
       const saved = await engine.call<"saved">({ type: "save", session: s.engineName, offset: received });
-      if (saved.offset !== received) throw new HostError("internal", `engine answered offset ${saved.offset}, expected ${received}`);
+      if (saved.offset !== received)
+        throw new HostError("internal", `engine answered offset ${saved.offset}, expected ${received}`);
       pieces.push(saved.state);
       received += saved.state.length;
       total = saved.total;
-      if (saved.state.length === 0 && received < total) throw new HostError("internal", "engine sent an empty state piece");
+      if (saved.state.length === 0 && received < total)
+        throw new HostError("internal", "engine sent an empty state piece");
     }
     const state = pieces.length === 1 ? pieces[0]! : Buffer.concat(pieces);
-    const meta: StoredSessionMeta = { tenant: s.tenant, session: s.id, params: s.params, tokens_seen: s.tokensSeen, kv_bytes: s.steadyBytes };
+    const meta: StoredSessionMeta = {
+      tenant: s.tenant,
+      session: s.id,
+      params: s.params,
+      tokens_seen: s.tokensSeen,
+      kv_bytes: s.steadyBytes,
+    };
     await this.store.put(meta, state);
     s.saved = true;
     s.dirty = false;
@@ -407,14 +548,22 @@ export class SessionHost {
   private async restoreInEngine(s: HostSession, engine: EngineProcess, state: Uint8Array): Promise<void> {
     const piece = Math.floor(MAX_FRAME_BYTES / 2);
     for (let at = 0; at === 0 || at < state.length; at += piece) {
-      await engine.call({ type: "restore", session: s.engineName, state: state.subarray(at, at + piece), offset: at, total: state.length });
+      await engine.call({
+        type: "restore",
+        session: s.engineName,
+        state: state.subarray(at, at + piece),
+        offset: at,
+        total: state.length,
+      });
     }
   }
 
   // ---- admission, offload, restore ---------------------------------------------------------------
 
   private accounted(s: HostSession): number {
-    return s.resident || (s.pendingOps > 0 && s.reservedBytes > 0) ? Math.max(s.steadyBytes, s.reservedBytes) + s.inflightBytes : 0;
+    return s.resident || (s.pendingOps > 0 && s.reservedBytes > 0)
+      ? Math.max(s.steadyBytes, s.reservedBytes) + s.inflightBytes
+      : 0;
   }
 
   private usage(tenant?: string): number {
@@ -438,35 +587,42 @@ export class SessionHost {
    */
   private admit(s: HostSession, need: number, fit?: (freeBytes: number) => number | null): Promise<void> {
     const prev = this.tenantLocks.get(s.tenant) ?? Promise.resolve();
-    const run = prev.catch(() => {}).then(async () => {
-      const quota = this.tenants.get(s.tenant).kvQuotaBytes;
-      for (;;) {
-        const others = this.usage(s.tenant) - this.accounted(s);
-        if (others + need <= quota) break;
-        const victim = this.lru((x) => x.tenant === s.tenant && x !== s);
-        if (victim) {
-          if (!(await this.offload(victim))) break;
-          continue;
+    const run = prev
+      .catch(() => {})
+      .then(async () => {
+        const quota = this.tenants.get(s.tenant).kvQuotaBytes;
+        for (;;) {
+          const others = this.usage(s.tenant) - this.accounted(s);
+          if (others + need <= quota) break;
+          const victim = this.lru((x) => x.tenant === s.tenant && x !== s);
+          if (victim) {
+            if (!(await this.offload(victim))) break;
+            continue;
+          }
+          const smaller = fit?.(quota - others);
+          if (smaller !== null && smaller !== undefined && others + smaller <= quota) {
+            need = smaller;
+            break;
+          }
+          this.metrics.quotaRefusals.inc({ tenant: s.tenant, reason: "kv_quota" });
+          throw new HostError(
+            "quota_exceeded",
+            `tenant '${s.tenant}' needs ${need} KV bytes for session '${s.id.slice(0, 64)}'; its quota is ${quota}, ${others} in use by busy sessions`,
+          );
         }
-        const smaller = fit?.(quota - others);
-        if (smaller !== null && smaller !== undefined && others + smaller <= quota) {
-          need = smaller;
-          break;
+        const pool = this.engine.hello.pool_bytes;
+        for (;;) {
+          if (this.usage() - this.accounted(s) + need <= pool) break;
+          const victim = this.lru((x) => x !== s);
+          if (!victim || !(await this.offload(victim))) break; // the engine's pool_full decides
         }
-        this.metrics.quotaRefusals.inc({ tenant: s.tenant, reason: "kv_quota" });
-        throw new HostError("quota_exceeded",
-          `tenant '${s.tenant}' needs ${need} KV bytes for session '${s.id.slice(0, 64)}'; its quota is ${quota}, ${others} in use by busy sessions`);
-      }
-      const pool = this.engine.hello.pool_bytes;
-      for (;;) {
-        if (this.usage() - this.accounted(s) + need <= pool) break;
-        const victim = this.lru((x) => x !== s);
-        if (!victim || !(await this.offload(victim))) break; // the engine's pool_full decides
-      }
-      if (s.resident) s.inflightBytes = Math.max(0, need - Math.max(s.steadyBytes, s.reservedBytes));
-      else s.reservedBytes = Math.max(s.reservedBytes, need);
-    });
-    this.tenantLocks.set(s.tenant, run.catch(() => {}));
+        if (s.resident) s.inflightBytes = Math.max(0, need - Math.max(s.steadyBytes, s.reservedBytes));
+        else s.reservedBytes = Math.max(s.reservedBytes, need);
+      });
+    this.tenantLocks.set(
+      s.tenant,
+      run.catch(() => {}),
+    );
     return run;
   }
 
@@ -516,7 +672,9 @@ export class SessionHost {
         this.metrics.offloads.inc({ tenant: s.tenant });
         return true;
       } catch (e) {
-        process.stderr.write(`pkv host: offload of ${s.engineName} failed: ${e instanceof Error ? e.message : String(e)}\n`);
+        process.stderr.write(
+          `pkv host: offload of ${s.engineName} failed: ${e instanceof Error ? e.message : String(e)}\n`,
+        );
         return false;
       } finally {
         s.pendingOps--;
@@ -529,10 +687,23 @@ export class SessionHost {
   private adoptStored(meta: StoredSessionMeta): void {
     if (!TENANT_NAME.test(meta.tenant)) return;
     this.sessions.set(keyOf(meta.tenant, meta.session), {
-      tenant: meta.tenant, id: meta.session, engineName: `${meta.tenant}/${meta.session}`, params: meta.params as OpenParams,
-      resident: false, saved: true, dirty: false, steadyBytes: meta.kv_bytes, reservedBytes: 0, inflightBytes: 0,
-      tokensSeen: meta.tokens_seen, lastUsed: Date.now(), chain: Promise.resolve(), pendingOps: 0, ops: [],
-      pieces: [], pieceBytes: 0,
+      tenant: meta.tenant,
+      id: meta.session,
+      engineName: `${meta.tenant}/${meta.session}`,
+      params: meta.params as OpenParams,
+      resident: false,
+      saved: true,
+      dirty: false,
+      steadyBytes: meta.kv_bytes,
+      reservedBytes: 0,
+      inflightBytes: 0,
+      tokensSeen: meta.tokens_seen,
+      lastUsed: Date.now(),
+      chain: Promise.resolve(),
+      pendingOps: 0,
+      ops: [],
+      pieces: [],
+      pieceBytes: 0,
     });
   }
 
@@ -575,13 +746,26 @@ export class SessionHost {
       const t = this.tenants.get(msg.tenant);
       const mine = [...this.sessions.values()].filter((s) => s.tenant === msg.tenant);
       sink.send({
-        type: "stats_result", id: msg.id, tenant: msg.tenant, kv_quota_bytes: t.kvQuotaBytes, kv_used_bytes: this.usage(msg.tenant),
-        max_sessions: t.maxSessions, sessions: mine.length, offloaded: mine.filter((s) => !s.resident).length, policy: t.policy,
+        type: "stats_result",
+        id: msg.id,
+        tenant: msg.tenant,
+        kv_quota_bytes: t.kvQuotaBytes,
+        kv_used_bytes: this.usage(msg.tenant),
+        max_sessions: t.maxSessions,
+        sessions: mine.length,
+        offloaded: mine.filter((s) => !s.resident).length,
+        policy: t.policy,
       });
       return;
     }
     const s = this.lookup(msg.tenant, msg.session);
-    const base = { type: "stats_result" as const, id: msg.id, tenant: msg.tenant, session: msg.session, resident: s.resident };
+    const base = {
+      type: "stats_result" as const,
+      id: msg.id,
+      tenant: msg.tenant,
+      session: msg.session,
+      resident: s.resident,
+    };
     if (!s.resident) {
       sink.send({ ...base, tokens_seen: s.tokensSeen, kv_bytes: s.steadyBytes });
       return;
@@ -589,14 +773,23 @@ export class SessionHost {
     const engine = await this.ready;
     const st = await engine.call<"stats_result">({ type: "stats", session: s.engineName });
     this.learnGeometry(st);
-    sink.send({ ...base, tokens_seen: st.tokens_seen, kv_bytes: st.kv_bytes, full_kv_bytes: st.full_kv_bytes, layer_kv_lengths: st.layer_kv_lengths });
+    sink.send({
+      ...base,
+      tokens_seen: st.tokens_seen,
+      kv_bytes: st.kv_bytes,
+      full_kv_bytes: st.full_kv_bytes,
+      layer_kv_lengths: st.layer_kv_lengths,
+    });
   }
 
   // ---- engine supervision, housekeeping, shutdown -------------------------------------------------
 
   private async spawnEngine(): Promise<EngineProcess> {
     const engine = await EngineProcess.start({
-      bin: this.config.engineBin, model: this.config.model, kvPoolBytes: this.config.kvPoolBytes, chunkSize: this.config.chunkSize,
+      bin: this.config.engineBin,
+      model: this.config.model,
+      kvPoolBytes: this.config.kvPoolBytes,
+      chunkSize: this.config.chunkSize,
       threads: this.config.threads,
     });
     engine.on("exit", (code, signal) => this.onEngineExit(engine, code, signal));
@@ -613,7 +806,8 @@ export class SessionHost {
       if (!s.resident) continue;
       s.resident = false;
       s.inflightBytes = 0;
-      if (!s.saved && s.tokensSeen === 0) s.reopen = true; // nothing to lose: open it again
+      if (!s.saved && s.tokensSeen === 0)
+        s.reopen = true; // nothing to lose: open it again
       else if (!s.saved) s.lost = "the engine died before it was ever saved";
       else if (s.dirty) s.dirty = false; // back to the checkpoint
     }
@@ -636,7 +830,10 @@ export class SessionHost {
     for (const s of this.sessions.values()) {
       if (s.resident && s.pendingOps === 0 && now - s.lastUsed >= this.config.idleMs) void this.offload(s);
     }
-    void this.engine.call<"stats_result">({ type: "stats" }).then((st) => (this.poolUsedBytes = st.pool_used_bytes ?? 0), () => {});
+    void this.engine.call<"stats_result">({ type: "stats" }).then(
+      (st) => (this.poolUsedBytes = st.pool_used_bytes ?? 0),
+      () => {},
+    );
   }
 
   gauges(): Omit<HostGauges, "connections"> {
@@ -649,11 +846,20 @@ export class SessionHost {
     }
     return {
       sessions: [...byTenant.entries()].flatMap(([tenant, c]) => [
-        { tenant, state: "active" as const, count: c.active }, { tenant, state: "offloaded" as const, count: c.offloaded }]),
-      tenantKvBytes: [...byTenant.keys()].map((tenant) => ({ tenant, used: this.usage(tenant), quota: this.tenants.get(tenant).kvQuotaBytes })),
+        { tenant, state: "active" as const, count: c.active },
+        { tenant, state: "offloaded" as const, count: c.offloaded },
+      ]),
+      tenantKvBytes: [...byTenant.keys()].map((tenant) => ({
+        tenant,
+        used: this.usage(tenant),
+        quota: this.tenants.get(tenant).kvQuotaBytes,
+      })),
       poolBytes: this.engine.hello.pool_bytes,
       poolUsedBytes: this.poolUsedBytes,
-      queued: [{ kind: "prefill", count: this.scheduler.queued("prefill") }, { kind: "decode", count: this.scheduler.queued("decode") }],
+      queued: [
+        { kind: "prefill", count: this.scheduler.queued("prefill") },
+        { kind: "decode", count: this.scheduler.queued("decode") },
+      ],
     };
   }
 

@@ -9,7 +9,11 @@ export interface TenantView extends TenantLimits {
 export class Tenants {
   private readonly limits = new Map<string, TenantLimits>();
 
-  constructor(configured: Record<string, TenantLimits>, private readonly defaults: TenantLimits, private readonly poolBytes: number) {
+  constructor(
+    configured: Record<string, TenantLimits>,
+    private readonly defaults: TenantLimits,
+    private readonly poolBytes: number,
+  ) {
     for (const [name, l] of Object.entries(configured)) this.limits.set(name, { ...l });
   }
 
@@ -42,7 +46,11 @@ export interface KvGeometry {
 
 /** Upper bound on the tokens of an append before tokenising: a token is at least one byte of
  * text, plus the chat template's wrapping. */
-export function appendTokenBound(text: string | undefined, tokens: number[] | undefined, chat: boolean | undefined): number {
+export function appendTokenBound(
+  text: string | undefined,
+  tokens: number[] | undefined,
+  chat: boolean | undefined,
+): number {
   return (text === undefined ? 0 : Buffer.byteLength(text, "utf8") + (chat ? 16 : 1)) + (tokens?.length ?? 0) + 1;
 }
 

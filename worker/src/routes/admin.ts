@@ -15,22 +15,32 @@ export const TENANT_NAME = /^[A-Za-z0-9_.-]{1,64}$/;
 
 const requireAdmin: MiddlewareHandler<AppEnv> = async (c, next) => {
   const want = c.env.ADMIN_TOKEN;
-  if (!want) throw new ApiError(401, "authentication_error", "the admin API is disabled: set the ADMIN_TOKEN secret", null, "admin_disabled");
+  if (!want)
+    throw new ApiError(
+      401,
+      "authentication_error",
+      "the admin API is disabled: set the ADMIN_TOKEN secret",
+      null,
+      "admin_disabled",
+    );
   const got = /^Bearer\s+(\S+)$/.exec(c.req.header("authorization") ?? "")?.[1] ?? "";
   // Compare digests, so the comparison takes the same time whatever the token.
-  if ((await sha256Hex(got)) !== (await sha256Hex(want))) throw new ApiError(401, "authentication_error", "invalid admin token", null, "invalid_admin_token");
+  if ((await sha256Hex(got)) !== (await sha256Hex(want)))
+    throw new ApiError(401, "authentication_error", "invalid admin token", null, "invalid_admin_token");
   await next();
 };
 
 function tenantName(name: string): string {
-  if (!TENANT_NAME.test(name)) throw invalid("tenant", `tenant name '${name.slice(0, 80)}' must match ${TENANT_NAME.source}`);
+  if (!TENANT_NAME.test(name))
+    throw invalid("tenant", `tenant name '${name.slice(0, 80)}' must match ${TENANT_NAME.source}`);
   return name;
 }
 
 function limit(o: Record<string, unknown>, name: string): number | undefined {
   const v = o[name];
   if (v === undefined || v === null) return undefined;
-  if (typeof v !== "number" || !Number.isSafeInteger(v) || v < 0) throw invalid(name, `'${name}': ${JSON.stringify(v)} is not an integer >= 0`);
+  if (typeof v !== "number" || !Number.isSafeInteger(v) || v < 0)
+    throw invalid(name, `'${name}': ${JSON.stringify(v)} is not an integer >= 0`);
   return v;
 }
 
@@ -38,22 +48,41 @@ function limit(o: Record<string, unknown>, name: string): number | undefined {
 export async function tenantUsage(env: Env, tenant: string) {
   const { config, sessions, requests_last_minute } = await tenantStub(env, tenant).usage();
   const hosts = await registry(env).list();
-  const perHost = await Promise.all(hosts.filter((h) => h.down_until <= Date.now()).map(async (h) => {
-    try {
-      const link = await HostLink.connect(h.url, env.EDGE_SECRET ?? "", tenant);
-      try {
-        const st = await link.call({ type: "stats" }, "stats_result");
-        return { host: h.url, kv_used_bytes: st.kv_used_bytes ?? 0, kv_quota_bytes: st.kv_quota_bytes ?? 0, sessions: st.sessions ?? 0, offloaded: st.offloaded ?? 0 };
-      } finally {
-        link.close();
-      }
-    } catch (e) {
-      return { host: h.url, error: e instanceof Error ? e.message : String(e) };
-    }
-  }));
+  const perHost = await Promise.all(
+    hosts
+      .filter((h) => h.down_until <= Date.now())
+      .map(async (h) => {
+        try {
+          const link = await HostLink.connect(h.url, env.EDGE_SECRET ?? "", tenant);
+          try {
+            const st = await link.call({ type: "stats" }, "stats_result");
+            return {
+              host: h.url,
+              kv_used_bytes: st.kv_used_bytes ?? 0,
+              kv_quota_bytes: st.kv_quota_bytes ?? 0,
+              sessions: st.sessions ?? 0,
+              offloaded: st.offloaded ?? 0,
+            };
+          } finally {
+            link.close();
+          }
+        } catch (e) {
+          return { host: h.url, error: e instanceof Error ? e.message : String(e) };
+        }
+      }),
+  );
   return {
-    tenant, limits: config, requests_last_minute, sessions: sessions.length,
-    session_list: sessions.map((s) => ({ id: s.id, host: s.host, kv_method: s.kv_method, kv_budget: s.kv_budget, created: s.created })),
+    tenant,
+    limits: config,
+    requests_last_minute,
+    sessions: sessions.length,
+    session_list: sessions.map((s) => ({
+      id: s.id,
+      host: s.host,
+      kv_method: s.kv_method,
+      kv_budget: s.kv_budget,
+      created: s.created,
+    })),
     hosts: perHost,
   };
 }
@@ -66,13 +95,20 @@ admin.put("/tenants/:name", async (c) => {
   const body = await readJsonBody(c.req.raw, 1 << 16);
   for (const k of Object.keys(body)) {
     if (!["kv_quota_bytes", "max_sessions", "requests_per_minute", "policy"].includes(k)) {
-      throw invalid(k, `unknown field '${k}': accepted are kv_quota_bytes, max_sessions, requests_per_minute, policy`, "unknown_parameter");
+      throw invalid(
+        k,
+        `unknown field '${k}': accepted are kv_quota_bytes, max_sessions, requests_per_minute, policy`,
+        "unknown_parameter",
+      );
     }
   }
   const policy = body.policy;
-  if (policy !== undefined && policy !== "refuse" && policy !== "auto") throw invalid("policy", `'policy': ${JSON.stringify(policy)} is not one of refuse, auto`);
+  if (policy !== undefined && policy !== "refuse" && policy !== "auto")
+    throw invalid("policy", `'policy': ${JSON.stringify(policy)} is not one of refuse, auto`);
   const patch: Partial<Omit<TenantConfig, "name">> = {
-    kv_quota_bytes: limit(body, "kv_quota_bytes"), max_sessions: limit(body, "max_sessions"), requests_per_minute: limit(body, "requests_per_minute"),
+    kv_quota_bytes: limit(body, "kv_quota_bytes"),
+    max_sessions: limit(body, "max_sessions"),
+    requests_per_minute: limit(body, "requests_per_minute"),
     policy: policy as TenantConfig["policy"] | undefined,
   };
   const cfg = await tenantStub(c.env, name).configure(name, patch);
@@ -94,7 +130,8 @@ admin.get("/tenants/:name", async (c) => {
 
 admin.post("/tenants/:name/keys", async (c) => {
   const name = tenantName(c.req.param("name"));
-  if (!(await tenantStub(c.env, name).config())) throw notFound(`no tenant '${name}': create it first (PUT /admin/tenants/${name})`, "tenant_not_found");
+  if (!(await tenantStub(c.env, name).config()))
+    throw notFound(`no tenant '${name}': create it first (PUT /admin/tenants/${name})`, "tenant_not_found");
   const key = newApiKey();
   const rec = await storeKey(c.env, name, key);
   return c.json({ key, ...rec }, 201);

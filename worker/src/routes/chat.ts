@@ -32,7 +32,13 @@ chat.post("/chat/completions", async (c) => {
     const appended = await appendText(c.env, link, session, prompt);
     const l = link;
     const job = {
-      link: l, session, model: req.model, promptTokens: appended.tokens_seen, sampling: req.sampling, includeUsage: req.includeUsage, signal: c.req.raw.signal,
+      link: l,
+      session,
+      model: req.model,
+      promptTokens: appended.tokens_seen,
+      sampling: req.sampling,
+      includeUsage: req.includeUsage,
+      signal: c.req.raw.signal,
       after: async (_done: unknown, error: unknown) => {
         await reportFailure(c.env, l, error);
         if (l.alive) await l.send({ type: "close", session }).catch(() => {});
@@ -40,7 +46,13 @@ chat.post("/chat/completions", async (c) => {
       },
       // Close the ephemeral session (which cancels its generation), then the connection.
       // waitUntil: the invocation outlives the client for that close.
-      onCancel: () => c.executionCtx.waitUntil(l.send({ type: "close", session }).catch(() => {}).finally(() => l.close())),
+      onCancel: () =>
+        c.executionCtx.waitUntil(
+          l
+            .send({ type: "close", session })
+            .catch(() => {})
+            .finally(() => l.close()),
+        ),
     };
     if (req.stream) return streamCompletion(job);
     return c.json(await wholeCompletion(job));
@@ -56,5 +68,8 @@ chat.get("/models", async (c) => {
   const { ranked } = await rankHosts(c.env);
   if (ranked.length === 0) throw noHost("no GPU host is available to list its models");
   const ids = [...new Set(ranked.map((h) => modelId(h.model ?? "unknown")))];
-  return c.json({ object: "list", data: ids.map((id) => ({ id, object: "model", created: 0, owned_by: "pyramidkv" })) });
+  return c.json({
+    object: "list",
+    data: ids.map((id) => ({ id, object: "model", created: 0, owned_by: "pyramidkv" })),
+  });
 });

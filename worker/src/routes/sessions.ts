@@ -17,15 +17,24 @@ import type { SessionRecord } from "../tenant.js";
 import { messageRequest, readJsonBody, sessionRequest } from "../validate.js";
 import { DEFAULT_MAX_BODY_BYTES } from "./chat.js";
 
-export const DEFAULT_SYSTEM = "You are a helpful assistant. Answer questions about the document the user gives you, briefly and accurately.";
+export const DEFAULT_SYSTEM =
+  "You are a helpful assistant. Answer questions about the document the user gives you, briefly and accurately.";
 
 export const sessions = new Hono<AppEnv>();
 
 async function sessionObject(link: HostLink, rec: SessionRecord) {
   const st = await link.call({ type: "stats", session: rec.id }, "stats_result");
   return {
-    id: rec.id, object: "session", created: rec.created, model: modelId(link.hello.model), host: rec.host, kv_method: rec.kv_method,
-    kv_budget: rec.kv_budget, tokens: st.tokens_seen ?? 0, kv_bytes: st.kv_bytes ?? 0, full_kv_bytes: st.full_kv_bytes ?? null,
+    id: rec.id,
+    object: "session",
+    created: rec.created,
+    model: modelId(link.hello.model),
+    host: rec.host,
+    kv_method: rec.kv_method,
+    kv_budget: rec.kv_budget,
+    tokens: st.tokens_seen ?? 0,
+    kv_bytes: st.kv_bytes ?? 0,
+    full_kv_bytes: st.full_kv_bytes ?? null,
     resident: st.resident ?? null,
   };
 }
@@ -44,9 +53,18 @@ sessions.post("/", async (c) => {
   const slot = await stub.reserveSession(id, req.kv);
   if (!slot) {
     const cfg = await stub.config();
-    throw new ApiError(429, "rate_limit_error", `tenant '${tenant}' has reached its limit of ${cfg?.max_sessions} open sessions; delete one first`, null, "session_limit");
+    throw new ApiError(
+      429,
+      "rate_limit_error",
+      `tenant '${tenant}' has reached its limit of ${cfg?.max_sessions} open sessions; delete one first`,
+      null,
+      "session_limit",
+    );
   }
-  const text = renderTurns([{ role: "system", content: req.system ?? DEFAULT_SYSTEM }, { role: "user", content: req.document }]);
+  const text = renderTurns([
+    { role: "system", content: req.system ?? DEFAULT_SYSTEM },
+    { role: "user", content: req.document },
+  ]);
   let link: HostLink | undefined;
   const fail = async (e: unknown) => {
     await reportFailure(c.env, link, e);
@@ -58,7 +76,10 @@ sessions.post("/", async (c) => {
   try {
     link = await connectBest(c.env, tenant);
     await applyTenant(link, await stub.config());
-    const opened = await link.call({ type: "open_session", session: id, method: req.kv.method, budget: req.kv.budget }, "opened");
+    const opened = await link.call(
+      { type: "open_session", session: id, method: req.kv.method, budget: req.kv.budget },
+      "opened",
+    );
     rec = (await stub.updateSession(id, { host: link.url, kv_budget: opened.budget }))!;
   } catch (e) {
     await fail(e);
@@ -77,11 +98,15 @@ sessions.post("/", async (c) => {
     }
   };
   if (!req.stream) return c.json(await upload(), 201);
-  return sseResponse(async (sse) => {
-    const obj = await upload((p) => sse.event("progress", p));
-    sse.event("session", obj);
-    sse.done();
-  }, () => void fail(new Error("client disconnected")), c.req.raw.signal);
+  return sseResponse(
+    async (sse) => {
+      const obj = await upload((p) => sse.event("progress", p));
+      sse.event("session", obj);
+      sse.done();
+    },
+    () => void fail(new Error("client disconnected")),
+    c.req.raw.signal,
+  );
 });
 
 sessions.get("/:id", async (c) => {
@@ -128,8 +153,14 @@ sessions.post("/:id/messages", async (c) => {
     const prompt = renderPrompt([{ role: "user", content: req.content }], { continues: true, openTurn: rec.open_turn });
     const appended = await appendText(c.env, link, rec.id, prompt);
     const job = {
-      link, session: rec.id, model: modelId(link.hello.model), promptTokens: appended.tokens_seen - (before.tokens_seen ?? 0), sampling: req.sampling,
-      includeUsage: req.includeUsage, signal: c.req.raw.signal, extra: { session: rec.id },
+      link,
+      session: rec.id,
+      model: modelId(link.hello.model),
+      promptTokens: appended.tokens_seen - (before.tokens_seen ?? 0),
+      sampling: req.sampling,
+      includeUsage: req.includeUsage,
+      signal: c.req.raw.signal,
+      extra: { session: rec.id },
       after: async (done: { reason: string } | undefined, error: unknown) => {
         await reportFailure(c.env, link, error);
         // An answer cut short (max_tokens, a stop string, a disconnect) leaves the turn open.
