@@ -42,7 +42,10 @@ class DirectClient {
       headers: { authorization: `Bearer ${makeEdgeToken(secret)}` },
     });
     const c = new DirectClient(ws);
-    await new Promise<void>((res, rej) => (ws.once("open", () => res()), ws.once("error", rej)));
+    await new Promise<void>((res, rej) => {
+      ws.once("open", () => res());
+      ws.once("error", rej);
+    });
     return c;
   }
   /** Sends; resolves with the final frame; onFrame sees every frame. */

@@ -104,7 +104,7 @@ export function directoryHaystack(dir: string, chars: number): string {
   const text = files.map((f) => readFileSync(join(dir, f), "utf8")).join("\n\n");
   if (text.trim().length === 0) throw new Error(`--haystack-dir: no text found in '${dir}'`);
   let out = text;
-  while (out.length < chars) out += "\n\n" + text;
+  while (out.length < chars) out += `\n\n${text}`;
   return out.slice(0, chars);
 }
 

@@ -12,8 +12,7 @@ export async function* readSse(res: Response): AsyncGenerator<SseEvent> {
     const { value, done } = await reader.read();
     if (done) break;
     buf += value;
-    let at: number;
-    while ((at = buf.indexOf("\n\n")) >= 0) {
+    for (let at = buf.indexOf("\n\n"); at >= 0; at = buf.indexOf("\n\n")) {
       const block = buf.slice(0, at);
       buf = buf.slice(at + 2);
       let event = "message";

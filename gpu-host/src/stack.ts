@@ -75,14 +75,12 @@ function waitFor(
         logs.push(d);
         check();
       });
-    child.once(
-      "exit",
-      (code) =>
-        !done &&
-        ((done = true),
-        clearTimeout(timer),
-        rej(new Error(`${what} exited (${code}) before it was ready:\n${logs.join("").slice(-2000)}`))),
-    );
+    child.once("exit", (code) => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      rej(new Error(`${what} exited (${code}) before it was ready:\n${logs.join("").slice(-2000)}`));
+    });
   });
 }
 
@@ -268,7 +266,11 @@ export async function startStack(o: StackOptions): Promise<Stack> {
   const secret = newSecret();
   const adminToken = newSecret();
   const started: Proc[] = [];
-  const keep = <T extends Proc>(p: Promise<T>) => p.then((x) => (started.push(x), x));
+  const keep = <T extends Proc>(p: Promise<T>) =>
+    p.then((x) => {
+      started.push(x);
+      return x;
+    });
   try {
     const [worker, ...hosts] = await Promise.all([
       keep(startWorker({ secret, adminToken, persistDir: o.persistDir, port: o.workerPort, vars: o.vars })),

@@ -340,7 +340,7 @@ export function validateFrame(
   spec: ProtocolSpec = PROTOCOL_SPEC,
 ): string | null {
   if (!isPlainObject(value)) return `frame must be a map, got ${kindOf(value)}`;
-  const present = (k: string) => Object.prototype.hasOwnProperty.call(value, k) && value[k] !== undefined;
+  const present = (k: string) => Object.hasOwn(value, k) && value[k] !== undefined;
   if (!present("type")) return "frame has no 'type' field";
   const type = value.type;
   if (typeof type !== "string") return `field 'type' must be str, got ${kindOf(type)}`;

@@ -289,7 +289,7 @@ test("validation errors match the C++ validator line for line", () => {
     [{ ...append, tokens: [1, -2] }, "append: field 'tokens' must be uint[], got array (element 1 is int)"],
     [{ ...append, tokens: "1 2" }, "append: field 'tokens' must be uint[], got str"],
     [{ type: "restore", id: 1, session: "s", state: "abc" }, "restore: field 'state' must be bin, got str"],
-    [{ type: "x\ny" + "z".repeat(100) }, `unknown message type 'x?y${"z".repeat(61)}...'`],
+    [{ type: `x\ny${"z".repeat(100)}` }, `unknown message type 'x?y${"z".repeat(61)}...'`],
   ];
   for (const [frame, expected] of cases)
     assert.equal(validateFrame(frame, "to_engine"), expected, JSON.stringify(frame));

@@ -127,16 +127,25 @@ export class HostLink {
   }
 
   private onMessage(data: unknown): void {
-    if (typeof data === "string") return this.fail(new HostGone(this.url, "the host sent a text message"));
+    if (typeof data === "string") {
+      this.fail(new HostGone(this.url, "the host sent a text message"));
+      return;
+    }
     const bytes =
       data instanceof ArrayBuffer
         ? new Uint8Array(data)
         : ArrayBuffer.isView(data)
           ? new Uint8Array(data.buffer, data.byteOffset, data.byteLength)
           : null;
-    if (!bytes) return this.fail(new HostGone(this.url, "unreadable message"));
+    if (!bytes) {
+      this.fail(new HostGone(this.url, "unreadable message"));
+      return;
+    }
     const d = decodeHostMessage(bytes, "from_host");
-    if (!d.ok) return this.fail(new HostGone(this.url, `invalid frame: ${d.error}`));
+    if (!d.ok) {
+      this.fail(new HostGone(this.url, `invalid frame: ${d.error}`));
+      return;
+    }
     const m = d.message;
     const id = m.type === "hello" ? 0 : "id" in m ? m.id : undefined;
     if (id === undefined) {

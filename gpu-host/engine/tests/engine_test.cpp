@@ -200,7 +200,9 @@ TEST(Scoring, DominantKeyInOneKvHeadIsKeptByThatHeadOnly) {
             double sum = 0;
             for (int j = 0; j < n; ++j) {
                 const float v = pr[(h * nw + i) * n + j];
-                if (j > n - nw + i) EXPECT_EQ(v, 0.0f) << "causal mask inside the window";
+                if (j > n - nw + i) {
+                    EXPECT_EQ(v, 0.0f) << "causal mask inside the window";
+                }
                 sum += v;
             }
             EXPECT_NEAR(sum, 1.0, 1e-4);

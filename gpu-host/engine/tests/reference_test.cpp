@@ -91,7 +91,9 @@ Comparison compare_with_reference(Session & ours, Reference & ref, const std::ve
                                   int evict_p0 = -1, int evict_p1 = -1) {
     Comparison         cmp;
     std::vector<float> ref_logits = ref.decode(prompt);
-    if (evict_p0 >= 0) EXPECT_TRUE(ref.evict(evict_p0, evict_p1));
+    if (evict_p0 >= 0) {
+        EXPECT_TRUE(ref.evict(evict_p0, evict_p1));
+    }
     const float tol   = kExactRel * logit_range(ref_logits);
     cmp.worst_prefill = max_abs_diff(ours.logits(), ref_logits);
     EXPECT_LE(cmp.worst_prefill, tol) << "prompt logits differ";

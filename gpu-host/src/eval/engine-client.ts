@@ -1,7 +1,6 @@
 // The evaluation's view of one engine process (pkv-engine serve --stdio): an exact prefill per
 // prompt, forks of it per (method, budget), generation, stats. Tokenizing goes through the engine's
 // `tokenize` command (same tokenizer as the served model), so needles and lengths are placed in tokens.
-import { spawn } from "node:child_process";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";

@@ -57,12 +57,12 @@ function heatmapGroup(
     );
   }
   if (!compact) {
-    lengths.forEach((l, i) =>
-      out.push(`<text x="${(i + 0.5) * cw}" y="${h + 14}" text-anchor="middle" font-size="10">${l}</text>`),
-    );
-    depths.forEach((d, j) =>
-      out.push(`<text x="-4" y="${(j + 0.5) * ch + 3}" text-anchor="end" font-size="10">${d}</text>`),
-    );
+    for (const [i, l] of lengths.entries()) {
+      out.push(`<text x="${(i + 0.5) * cw}" y="${h + 14}" text-anchor="middle" font-size="10">${l}</text>`);
+    }
+    for (const [j, d] of depths.entries()) {
+      out.push(`<text x="-4" y="${(j + 0.5) * ch + 3}" text-anchor="end" font-size="10">${d}</text>`);
+    }
     out.push(`<text x="${w / 2}" y="${h + 30}" text-anchor="middle" font-size="11">context length (tokens)</text>`);
     out.push(
       `<text transform="translate(-34,${h / 2}) rotate(-90)" text-anchor="middle" font-size="11">depth (%)</text>`,
@@ -110,7 +110,7 @@ export function overviewSvg(tiles: { row: number; col: number; title: string; ce
     `x: context length ${Math.min(...lengths)}–${Math.max(...lengths)} tokens, left to right; ` +
     `y: needle depth 0–100 %, top to bottom`;
   const h = 30 + rows * (th + 32);
-  return wrap(w, h + 16, body + legend(w - 50, 30, th) + `<text x="20" y="${h + 4}" font-size="11">${caption}</text>`);
+  return wrap(w, h + 16, `${body}${legend(w - 50, 30, th)}<text x="20" y="${h + 4}" font-size="11">${caption}</text>`);
 }
 
 export function svgToPng(svg: string): Buffer {

@@ -305,7 +305,11 @@ function builder(task: RulerTask, seed: number, hay: Haystacks): (size: number) 
     const weights = vocabulary.map((_, k) => 1 / (k + 1) ** 2);
     const sum = weights.reduce((a, b) => a + b, 0);
     const cdf: number[] = [];
-    weights.reduce((acc, w) => (cdf.push(acc + w / sum), acc + w / sum), 0);
+    let acc = 0;
+    for (const w of weights) {
+      acc += w / sum;
+      cdf.push(acc);
+    }
     const text: string[] = [];
     const count = new Map<string, number>();
     for (let i = 0; i < size; i++) {

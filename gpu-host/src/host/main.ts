@@ -1,7 +1,7 @@
 // `pkv host`: start the engine, the sessions and the server; SIGTERM/SIGINT drain and exit 0.
 import type { AddressInfo } from "node:net";
 
-import { type HostConfig } from "./config.js";
+import type { HostConfig } from "./config.js";
 import { HostMetrics } from "./metrics.js";
 import { HostServer } from "./server.js";
 import { SessionHost } from "./sessions.js";

@@ -41,19 +41,20 @@ class Histogram {
   observe(labels: Labels, value: number): void {
     const k = key(labels);
     let s = this.series.get(k);
-    if (!s) this.series.set(k, (s = { labels, counts: this.buckets.map(() => 0), sum: 0, count: 0 }));
-    this.buckets.forEach((b, i) => {
-      if (value <= b) s.counts[i]!++;
-    });
+    if (!s) {
+      s = { labels, counts: this.buckets.map(() => 0), sum: 0, count: 0 };
+      this.series.set(k, s);
+    }
+    for (const [i, b] of this.buckets.entries()) if (value <= b) s.counts[i]!++;
     s.sum += value;
     s.count++;
   }
   render(): string {
     const rows: string[] = [];
     for (const s of this.series.values()) {
-      this.buckets.forEach((b, i) =>
-        rows.push(`${this.name}_bucket${fmtLabels({ ...s.labels, le: String(b) })} ${s.counts[i]}`),
-      );
+      for (const [i, b] of this.buckets.entries()) {
+        rows.push(`${this.name}_bucket${fmtLabels({ ...s.labels, le: String(b) })} ${s.counts[i]}`);
+      }
       rows.push(`${this.name}_bucket${fmtLabels({ ...s.labels, le: "+Inf" })} ${s.count}`);
       rows.push(`${this.name}_sum${fmtLabels(s.labels)} ${s.sum}`);
       rows.push(`${this.name}_count${fmtLabels(s.labels)} ${s.count}`);

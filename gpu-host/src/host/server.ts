@@ -81,7 +81,10 @@ export class Connection implements Sink {
   }
 
   private flushIfDrained(): void {
-    if (!this.open) return this.stopFlushing();
+    if (!this.open) {
+      this.stopFlushing();
+      return;
+    }
     if (this.ws.bufferedAmount > this.config.highWaterBytes) return;
     for (const id of [...this.coalesced.keys()]) this.flush(id);
     this.stopFlushing();
@@ -139,9 +142,9 @@ export class HostServer {
       socket.end(`HTTP/1.1 ${status}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`);
       socket.destroy();
     };
-    if (!verifyEdgeAuthorization(req.headers.authorization, this.config.edgeSecret)) return refuse("401 Unauthorized");
-    if (this.host.isClosing) return refuse("503 Service Unavailable");
-    this.wss.handleUpgrade(req, socket, head, (ws) => this.accept(ws));
+    if (!verifyEdgeAuthorization(req.headers.authorization, this.config.edgeSecret)) refuse("401 Unauthorized");
+    else if (this.host.isClosing) refuse("503 Service Unavailable");
+    else this.wss.handleUpgrade(req, socket, head, (ws) => this.accept(ws));
   }
 
   private accept(ws: WebSocket): void {

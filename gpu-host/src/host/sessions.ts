@@ -243,7 +243,8 @@ export class SessionHost {
             max_sessions: t.maxSessions,
             policy: t.policy,
           });
-          return finish();
+          finish();
+          return;
         }
       }
     } catch (e) {
