@@ -2,12 +2,12 @@
 // `npx pkv …`: the project's TypeScript CLI. Thin: parse, call, print.
 import { parseArgs } from "node:util";
 
-import { runChunkStudy } from "./chunk-study.js";
-import { DEMO_DEFAULTS, runDemo } from "./demo.js";
+import { runChunkStudy } from "./engine/chunk-study.js";
+import { DEMO_DEFAULTS, runDemo } from "./engine/demo.js";
 import { runEvalCli } from "./eval/cli.js";
 import { HOST_USAGE, parseHostConfig } from "./host/config.js";
 import { runHost } from "./host/main.js";
-import { runStackCli, STACK_USAGE } from "./stack-cli.js";
+import { runStackCli, STACK_USAGE } from "./stack/stack-cli.js";
 
 const USAGE = `usage: pkv <command> [options]
 ${STACK_USAGE}

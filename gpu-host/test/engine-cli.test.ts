@@ -4,7 +4,7 @@ import { spawnSync } from "node:child_process";
 import { resolve } from "node:path";
 import { test } from "node:test";
 
-import { repoRoot } from "../src/engine-path.js";
+import { repoRoot } from "../src/engine/engine-path.js";
 
 const cli = resolve(repoRoot(), "node_modules", ".bin", "pkv-engine");
 

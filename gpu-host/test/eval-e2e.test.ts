@@ -7,7 +7,7 @@ import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { test } from "node:test";
 
-import { repoRoot } from "../src/engine-path.js";
+import { repoRoot } from "../src/engine/engine-path.js";
 import { DATA_DIR, ESSAYS } from "./eval-data.js";
 
 const CLI = resolve(repoRoot(), "gpu-host", "dist", "src", "cli.js");

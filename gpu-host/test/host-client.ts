@@ -12,7 +12,7 @@ import {
 } from "@pyramidkv/shared";
 import { WebSocket } from "ws";
 
-import { repoRoot } from "../src/engine-path.js";
+import { repoRoot } from "../src/engine/engine-path.js";
 import { makeEdgeToken } from "../src/host/auth.js";
 import { type HostConfig, parseHostConfig } from "../src/host/config.js";
 import { type RunningHost, startHost } from "../src/host/main.js";

@@ -2,7 +2,7 @@
 import { existsSync } from "node:fs";
 import { parseArgs } from "node:util";
 
-import { essaysDir } from "../haystack.js";
+import { essaysDir } from "./haystack.js";
 import { COMMON_FLAGS, commonOptions, parsePositiveInt } from "./common.js";
 import { LONGBENCH_DATASETS, parseDatasets } from "./longbench.js";
 import { runLongBench } from "./longbench-run.js";

@@ -5,7 +5,7 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
-import { runEngineJson } from "../engine-run.js";
+import { runEngineJson } from "../engine/engine-run.js";
 import { EngineProcess } from "../host/engine.js";
 
 export interface Tokenized {

@@ -5,7 +5,7 @@
 // words in the response, ROUGE-1 recall beside it.
 import { readdirSync, statSync } from "node:fs";
 
-import { directoryHaystack } from "../haystack.js";
+import { directoryHaystack } from "./haystack.js";
 import { type Tokenized, sliceTokens } from "./engine-client.js";
 
 export const NEEDLE_DEFAULTS = {

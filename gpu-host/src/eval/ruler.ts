@@ -5,7 +5,7 @@
 import { chatml, endsSentence } from "./needle.js";
 import type { Tokenized } from "./engine-client.js";
 import { sliceTokens } from "./engine-client.js";
-import { seededRandom } from "../haystack.js";
+import { seededRandom } from "./haystack.js";
 
 export { seededRandom };
 

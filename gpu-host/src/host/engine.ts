@@ -11,7 +11,7 @@ import {
   type ToEngineMessage,
 } from "@pyramidkv/shared";
 
-import { engineBinary } from "../engine-path.js";
+import { engineBinary } from "../engine/engine-path.js";
 
 export interface EngineOptions {
   bin?: string;

@@ -8,7 +8,7 @@ import { join } from "node:path";
 import { decodeHostMessage, encodeHostMessage, type FromHostMessage, type ToHostMessage } from "@pyramidkv/shared";
 import { WebSocket } from "ws";
 
-import { makeEdgeToken } from "./host/auth.js";
+import { makeEdgeToken } from "../host/auth.js";
 import { readSse } from "./sse-client.js";
 import { startStack } from "./stack.js";
 

@@ -13,7 +13,7 @@ import {
   directoryHaystack,
   generatedFiller,
   insertNeedle,
-} from "./haystack.js";
+} from "../eval/haystack.js";
 
 export interface ChunkStudyOptions {
   lengthsChars: number[];

@@ -13,7 +13,7 @@ import {
   essaysDir,
   generatedFiller,
   insertNeedle,
-} from "./haystack.js";
+} from "../eval/haystack.js";
 import { readSse } from "./sse-client.js";
 import { startStack } from "./stack.js";
 

@@ -4,7 +4,13 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
 
-import { answerWordRecall, DEFAULT_NEEDLE, directoryHaystack, generatedFiller, insertNeedle } from "../src/haystack.js";
+import {
+  answerWordRecall,
+  DEFAULT_NEEDLE,
+  directoryHaystack,
+  generatedFiller,
+  insertNeedle,
+} from "../src/eval/haystack.js";
 
 test("generated filler is deterministic for a seed, long enough, and made of sentences", () => {
   const a = generatedFiller(5000, 7);

@@ -4,7 +4,7 @@
 import { readdirSync, readFileSync, statSync } from "node:fs";
 import { join, resolve } from "node:path";
 
-import { repoRoot } from "./engine-path.js";
+import { repoRoot } from "../engine/engine-path.js";
 
 /** The needle-haystack essays beside the repository (../shared/data/haystack/paul_graham_essays). */
 export function essaysDir(): string {

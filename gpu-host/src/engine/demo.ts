@@ -11,7 +11,7 @@ import {
   directoryHaystack,
   generatedFiller,
   insertNeedle,
-} from "./haystack.js";
+} from "../eval/haystack.js";
 import { generate, type GenerateResult } from "./engine-run.js";
 
 export interface DemoOptions {

@@ -6,7 +6,7 @@ import { existsSync, readFileSync } from "node:fs";
 import { resolve } from "node:path";
 import { parseArgs } from "node:util";
 
-import { repoRoot } from "./engine-path.js";
+import { repoRoot } from "../engine/engine-path.js";
 import { AdminClient, newSecret, startWorker } from "./stack.js";
 
 export const ADMIN_USAGE = `usage: pkv admin [--remote URL --admin-token T] <command>

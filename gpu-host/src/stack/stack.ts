@@ -7,7 +7,7 @@ import { mkdirSync } from "node:fs";
 import { createServer } from "node:net";
 import { resolve } from "node:path";
 
-import { repoRoot } from "./engine-path.js";
+import { repoRoot } from "../engine/engine-path.js";
 
 export interface Proc {
   child: ChildProcess;

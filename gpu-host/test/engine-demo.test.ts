@@ -2,7 +2,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { runDemo } from "../src/demo.js";
+import { runDemo } from "../src/engine/demo.js";
 
 test("pkv demo compares FullKV and PyramidKV on one needle prompt", async () => {
   const lines: string[] = [];
