@@ -1,19 +1,20 @@
-// Bindings (wrangler.jsonc) and per-request variables, typed once.
-import type { HostRegistry } from "./registry.js";
-import type { TenantState } from "./tenant.js";
-
-export interface Env {
-  KEYS: KVNamespace;
-  TENANTS: DurableObjectNamespace<TenantState>;
-  ROUTER: DurableObjectNamespace<HostRegistry>;
-  /** shared secret of the GPU hosts (pkv host --edge-secret) */
-  EDGE_SECRET?: string;
-  /** bearer token of /admin/* */
-  ADMIN_TOKEN?: string;
-  PKV_HOSTS?: string;
-  PKV_PIECE_BYTES?: string;
-  PKV_MAX_BODY_BYTES?: string;
+// Bindings (wrangler.jsonc) and per-request variables, typed once. The bindings' types are
+// generated from wrangler.jsonc by `wrangler types` into worker-configuration.d.ts (with the
+// runtime's own types for this compatibility date and flags): run `npm run types` in worker/
+// after changing wrangler.jsonc; test/worker-types.test.ts fails until then. Secrets are not in
+// wrangler.jsonc (`wrangler secret put`) and may be unset, so they are declared here, optional.
+declare global {
+  namespace Cloudflare {
+    interface Env {
+      /** shared secret of the GPU hosts (pkv host --edge-secret) */
+      EDGE_SECRET?: string;
+      /** bearer token of /admin/* */
+      ADMIN_TOKEN?: string;
+    }
+  }
 }
+
+export type Env = Cloudflare.Env;
 
 export interface Vars {
   tenant: string;

@@ -4,8 +4,7 @@ import { env, exports } from "cloudflare:workers";
 import { beforeAll, describe, expect, it } from "vitest";
 
 const ADMIN = { authorization: "Bearer test-admin-token", "content-type": "application/json" };
-const worker = (exports as unknown as { default: { fetch(req: Request): Promise<Response> } }).default;
-const call = (path: string, init: RequestInit = {}) => worker.fetch(new Request(`http://edge${path}`, init));
+const call = (path: string, init: RequestInit = {}) => exports.default.fetch(new Request(`http://edge${path}`, init));
 
 async function makeTenant(name: string, limits: Record<string, unknown>): Promise<string> {
   expect(
