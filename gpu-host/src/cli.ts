@@ -1,114 +1,160 @@
 #!/usr/bin/env node
-// `npx pkv …`: the project's TypeScript CLI. Thin: parse, call, print.
-import { parseArgs } from "node:util";
+// `npx pkv …`: the project's TypeScript CLI. One table: each command (or command + subcommand) →
+// its usage line and the module that owns it, loaded only when it runs. A module exports
+// `command` (flags.ts): its flag schema and `run`. Thin: parse, call, print.
+import { realpathSync } from "node:fs";
+import { fileURLToPath } from "node:url";
 
-import { runChunkStudy } from "./engine/chunk-study.js";
-import { DEMO_DEFAULTS, runDemo } from "./engine/demo.js";
-import { runEvalCli } from "./eval/cli.js";
-import { HOST_USAGE, parseHostConfig } from "./host/config.js";
-import { runHost } from "./host/main.js";
-import { runStackCli, STACK_USAGE } from "./stack/stack-cli.js";
+import { type Command, parseFlags } from "./flags.js";
 
-const USAGE = `usage: pkv <command> [options]
-${STACK_USAGE}
-  demo engine [--chars N] [--depth 0-100] [--budget B] [--haystack-dir DIR] [--model M] [--max-new-tokens N] [--chunk-size N]
-       a needle prompt (~4k tokens) answered with FullKV and PyramidKV side by side
-  bench chunking [--chars 12000,24000] [--depths 25,50,75] [--chunk-sizes 0,1024,2048,4096] [--method pyramidkv]
-       [--budget 128] [--haystack-dir DIR] [--model M]
-       needle accuracy of chunked prefill vs one-shot compression (chunk size 0)
-  host [--port N] [--edge-secret S] [--kv-pool-bytes N] [--offload-dir DIR] [--tenants FILE|JSON] ... (pkv host --help)
-       the GPU host: engine supervisor, WebSocket server for the edge, /health, /metrics
-  eval needle|ruler|longbench [--methods M,…] [--budgets B,…] [--out DIR] [--resume] [--json] ... (pkv eval --help)
-       long-context accuracy per method × budget: one exact prefill per prompt, every setting forked from it`;
-
-function intList(name: string, value: string | undefined, fallback: number[], lo: number, hi: number): number[] {
-  if (value === undefined) return fallback;
-  return value.split(",").map((v) => intOption(name, v, 0, lo, hi));
+export interface CommandEntry {
+  /** the words that select it: "demo", "demo engine", "eval needle" */
+  name: string;
+  /** its flags, as `pkv --help` lists them */
+  usage: string;
+  /** what it does, one line */
+  summary: string;
+  load(): Promise<Command>;
 }
 
-function intOption(name: string, value: string | undefined, fallback: number, lo: number, hi: number): number {
-  if (value === undefined) return fallback;
-  const n = Number(value);
-  if (!Number.isInteger(n) || n < lo || n > hi)
-    throw new Error(`--${name}: '${value}' is not an integer in [${lo}, ${hi}]`);
-  return n;
+export const COMMANDS: CommandEntry[] = [
+  {
+    name: "demo",
+    usage: "[--chars N] [--budget B] [--method M] [--max-tokens N] [--haystack-dir DIR]",
+    summary:
+      "the full stack: GPU host + edge worker (Miniflare); a ~6k-token document as a session, two questions streamed",
+    load: async () => (await import("./stack/stack-demo.js")).command,
+  },
+  {
+    name: "demo engine",
+    usage:
+      "[--chars N] [--depth 0-100] [--budget B] [--haystack-dir DIR] [--model M] [--max-new-tokens N] [--chunk-size N]",
+    summary: "the engine alone: a needle prompt (~4k tokens) answered with FullKV and PyramidKV side by side",
+    load: async () => (await import("./engine/demo.js")).command,
+  },
+  {
+    name: "dev",
+    usage: "[--port 8787] [--hosts 1] [--kv-pool-bytes N]",
+    summary: "(npm run dev) GPU host on CPU + worker in Miniflare, a test API key",
+    load: async () => (await import("./stack/dev.js")).command,
+  },
+  {
+    name: "admin",
+    usage: "... (pkv admin --help)",
+    summary: "tenants, API keys, quotas, GPU hosts of a worker (local or --remote URL)",
+    load: async () => (await import("./stack/admin.js")).command,
+  },
+  {
+    name: "bench ttft",
+    usage: "[--requests 20] [--max-tokens 4] [--budget 128]",
+    summary: "time to first token: through the worker vs straight to the host",
+    load: async () => (await import("./stack/bench-ttft.js")).command,
+  },
+  {
+    name: "bench chunking",
+    usage:
+      "[--chars 12000,24000] [--depths 25,50,75] [--chunk-sizes 0,1024,2048,4096] [--method pyramidkv] [--budget 128] [--haystack-dir DIR] [--model M]",
+    summary: "needle accuracy of chunked prefill vs one-shot compression (chunk size 0)",
+    load: async () => (await import("./engine/chunk-study.js")).command,
+  },
+  {
+    name: "host",
+    usage:
+      "[--port N] [--edge-secret S] [--kv-pool-bytes N] [--offload-dir DIR] [--tenants FILE|JSON] ... (pkv host --help)",
+    summary: "the GPU host: engine supervisor, WebSocket server for the edge, /health, /metrics",
+    load: async () => (await import("./host/main.js")).command,
+  },
+  {
+    name: "eval needle",
+    usage: "[--lengths L,…] [--depths 11] [--haystack-dir DIR | --haystack noise] ... (pkv eval --help)",
+    summary: "needle in a haystack: accuracy per method × budget over context lengths × depths",
+    load: async () => (await import("./eval/cli.js")).needle,
+  },
+  {
+    name: "eval ruler",
+    usage: "[--tasks T,…] [--lengths 4096] [--limit 25] [--seed 42] ... (pkv eval --help)",
+    summary: "RULER's tasks, generated locally: accuracy per method × budget",
+    load: async () => (await import("./eval/cli.js")).ruler,
+  },
+  {
+    name: "eval longbench",
+    usage: "--data-dir DIR [--datasets D,…] [--limit N] [--max-length N] ... (pkv eval --help)",
+    summary: "LongBench v1 with its official prompts and metrics: accuracy per method × budget",
+    load: async () => (await import("./eval/cli.js")).longbench,
+  },
+];
+
+/**
+ * Commands whose first word alone is no command: `pkv eval` prints the group's usage (exit 2; 0 for
+ * --help), and a subcommand outside the table is an error naming the valid ones.
+ */
+const GROUPS: Record<string, () => Promise<string>> = {
+  eval: async () => (await import("./eval/cli.js")).EVAL_USAGE,
+};
+
+export function usage(): string {
+  const lines = COMMANDS.map((c) => `  ${c.name} ${c.usage}\n       ${c.summary}`);
+  return `usage: pkv <command> [options]\n${lines.join("\n")}`;
 }
 
-async function main(argv: string[]): Promise<number> {
-  const [command, ...rest] = argv;
-  if (
-    command === "admin" ||
-    command === "dev" ||
-    (command === "demo" && rest[0] !== "engine") ||
-    (command === "bench" && rest[0] === "ttft")
-  ) {
-    return runStackCli(command, rest);
+export interface Io {
+  out(s: string): void;
+  err(s: string): void;
+}
+
+const processIo: Io = { out: (s) => process.stdout.write(s), err: (s) => process.stderr.write(s) };
+
+const wantsHelp = (args: string[]) => args.includes("--help") || args.includes("-h");
+
+/** The entry whose words begin argv; the longest wins ("demo engine" over "demo"). */
+function find(argv: string[]): CommandEntry | undefined {
+  let best: CommandEntry | undefined;
+  for (const c of COMMANDS) {
+    const words = c.name.split(" ");
+    if (words.every((w, i) => argv[i] === w) && words.length > (best?.name.split(" ").length ?? 0)) best = c;
   }
-  if (command === "demo") {
-    const { values } = parseArgs({
-      args: rest.slice(1),
-      options: {
-        chars: { type: "string" },
-        depth: { type: "string" },
-        budget: { type: "string" },
-        "haystack-dir": { type: "string" },
-        model: { type: "string" },
-        "max-new-tokens": { type: "string" },
-        "chunk-size": { type: "string" },
-      },
-    });
-    await runDemo({
-      chars: intOption("chars", values.chars, DEMO_DEFAULTS.chars, 200, 1_000_000),
-      depth: intOption("depth", values.depth, DEMO_DEFAULTS.depth, 0, 100),
-      budget: intOption("budget", values.budget, DEMO_DEFAULTS.budget, 9, 1_000_000),
-      maxNewTokens: intOption("max-new-tokens", values["max-new-tokens"], DEMO_DEFAULTS.maxNewTokens, 1, 4096),
-      chunkSize:
-        values["chunk-size"] === undefined ? undefined : intOption("chunk-size", values["chunk-size"], 0, 0, 1 << 24),
-      haystackDir: values["haystack-dir"],
-      model: values.model,
-    });
-    return 0;
-  }
-  if (command === "eval") return runEvalCli(rest);
-  if (command === "host") {
-    if (rest.includes("--help")) {
-      process.stdout.write(`${HOST_USAGE}\n`);
+  return best;
+}
+
+/** Runs `pkv ARGV`; resolves with the exit code. Errors print one `error: …` line (exit 2). */
+export async function pkv(argv: string[], io: Io = processIo): Promise<number> {
+  try {
+    const entry = find(argv);
+    if (entry === undefined) {
+      const [first, sub] = argv;
+      const group = first === undefined ? undefined : GROUPS[first];
+      if (group !== undefined && (sub === undefined || wantsHelp([sub]))) {
+        io.out(`${await group()}\n`);
+        return sub === undefined ? 2 : 0;
+      }
+      if (group !== undefined) {
+        const valid = COMMANDS.filter((c) => c.name.startsWith(`${first} `)).map((c) => c.name.split(" ")[1]);
+        throw new Error(`${first}: unknown subcommand '${sub}' (valid: ${valid.join(", ")})`);
+      }
+      io.err(`${usage()}\n`);
+      return first === undefined || first === "--help" || first === "-h" ? 0 : 2;
+    }
+    const args = argv.slice(entry.name.split(" ").length);
+    const command = await entry.load();
+    if (wantsHelp(args)) {
+      io.out(`${command.help ?? `usage: pkv ${entry.name} ${entry.usage}\n  ${entry.summary}`}\n`);
       return 0;
     }
-    return runHost(parseHostConfig(rest));
+    const { values, positionals } = parseFlags(command.flags, args, { positionals: command.positionals });
+    return await command.run(values, positionals);
+  } catch (e) {
+    io.err(`error: ${e instanceof Error ? e.message : String(e)}\n`);
+    return 2;
   }
-  if (command === "bench" && rest[0] === "chunking") {
-    const { values } = parseArgs({
-      args: rest.slice(1),
-      options: {
-        chars: { type: "string" },
-        depths: { type: "string" },
-        "chunk-sizes": { type: "string" },
-        method: { type: "string" },
-        budget: { type: "string" },
-        "haystack-dir": { type: "string" },
-        model: { type: "string" },
-      },
-    });
-    await runChunkStudy({
-      lengthsChars: intList("chars", values.chars, [12000, 24000], 200, 10_000_000),
-      depths: intList("depths", values.depths, [25, 50, 75], 0, 100),
-      chunkSizes: intList("chunk-sizes", values["chunk-sizes"], [0, 1024, 2048, 4096], 0, 1 << 24),
-      method: values.method ?? "pyramidkv",
-      budget: intOption("budget", values.budget, 128, 9, 1_000_000),
-      haystackDir: values["haystack-dir"],
-      model: values.model,
-    });
-    return 0;
-  }
-  process.stderr.write(`${USAGE}\n`);
-  return command === undefined || command === "--help" ? 0 : 2;
 }
 
-main(process.argv.slice(2)).then(
-  (code) => process.exit(code),
-  (e: unknown) => {
-    process.stderr.write(`error: ${e instanceof Error ? e.message : String(e)}\n`);
-    process.exit(2);
-  },
-);
+/** Run as a program (node cli.js, the `pkv` bin's symlink), not when a test imports the table. */
+function isMain(): boolean {
+  try {
+    return process.argv[1] !== undefined && realpathSync(process.argv[1]) === fileURLToPath(import.meta.url);
+  } catch {
+    return false;
+  }
+}
+
+if (isMain()) void pkv(process.argv.slice(2)).then((code) => process.exit(code));

@@ -5,6 +5,7 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
+import { defineCommand, int, ints, string } from "../flags.js";
 import { generate } from "./engine-run.js";
 import {
   answerWordRecall,
@@ -85,3 +86,27 @@ export async function runChunkStudy(
   }
   return cells;
 }
+
+export const command = defineCommand({
+  flags: {
+    chars: ints({ min: 200, max: 10_000_000, default: [12000, 24000] }),
+    depths: ints({ min: 0, max: 100, default: [25, 50, 75] }),
+    "chunk-sizes": ints({ min: 0, max: 1 << 24, default: [0, 1024, 2048, 4096] }),
+    method: string({ default: "pyramidkv" }),
+    budget: int({ min: 9, max: 1_000_000, default: 128 }),
+    "haystack-dir": string(),
+    model: string(),
+  },
+  async run(f) {
+    await runChunkStudy({
+      lengthsChars: f.chars,
+      depths: f.depths,
+      chunkSizes: f["chunk-sizes"],
+      method: f.method,
+      budget: f.budget,
+      haystackDir: f["haystack-dir"],
+      model: f.model,
+    });
+    return 0;
+  },
+});

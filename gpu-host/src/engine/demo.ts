@@ -1,5 +1,6 @@
-// `pkv demo`: a needle-in-a-haystack prompt (~4k tokens) answered with FullKV and with PyramidKV,
-// side by side: the answers, KV bytes and their ratio, prefill time and decode speed.
+// `pkv demo engine` (make demo-engine): a needle-in-a-haystack prompt (~4k tokens) answered with
+// FullKV and with PyramidKV, side by side: the answers, KV bytes and their ratio, prefill time and
+// decode speed.
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -12,6 +13,7 @@ import {
   generatedFiller,
   insertNeedle,
 } from "../eval/haystack.js";
+import { defineCommand, int, string } from "../flags.js";
 import { generate, type GenerateResult } from "./engine-run.js";
 
 export interface DemoOptions {
@@ -83,3 +85,27 @@ export async function runDemo(
     rmSync(dir, { recursive: true, force: true });
   }
 }
+
+export const command = defineCommand({
+  flags: {
+    chars: int({ min: 200, max: 1_000_000, default: DEMO_DEFAULTS.chars }),
+    depth: int({ min: 0, max: 100, default: DEMO_DEFAULTS.depth }),
+    budget: int({ min: 9, max: 1_000_000, default: DEMO_DEFAULTS.budget }),
+    "haystack-dir": string(),
+    model: string(),
+    "max-new-tokens": int({ min: 1, max: 4096, default: DEMO_DEFAULTS.maxNewTokens }),
+    "chunk-size": int({ min: 0, max: 1 << 24 }),
+  },
+  async run(f) {
+    await runDemo({
+      chars: f.chars,
+      depth: f.depth,
+      budget: f.budget,
+      maxNewTokens: f["max-new-tokens"],
+      chunkSize: f["chunk-size"],
+      haystackDir: f["haystack-dir"],
+      model: f.model,
+    });
+    return 0;
+  },
+});

@@ -1,9 +1,10 @@
-// `pkv eval needle | ruler | longbench`: flag parsing only; the work is in *-run.ts.
+// `pkv eval needle | ruler | longbench`: each subcommand's flags, and the call; the work is in
+// *-run.ts.
 import { existsSync } from "node:fs";
-import { parseArgs } from "node:util";
 
+import { bool, defineCommand, int, string } from "../flags.js";
+import { COMMON_FLAGS, commonOptions } from "./common.js";
 import { essaysDir } from "./haystack.js";
-import { COMMON_FLAGS, commonOptions, parsePositiveInt } from "./common.js";
 import { LONGBENCH_DATASETS, parseDatasets } from "./longbench.js";
 import { runLongBench } from "./longbench-run.js";
 import { NEEDLE_DEFAULTS, parseDepths, parseLengths } from "./needle.js";
@@ -19,7 +20,7 @@ common: [--model M] [--methods full,pyramidkv,snapkv,h2o,streamingllm] [--budget
   ruler     [--tasks ${RULER_TASKS.join(",")}] [--lengths 4096] [--limit N] [--seed S] [--haystack-dir DIR]
   longbench --data-dir DIR [--datasets ${LONGBENCH_DATASETS.slice(0, 3).join(",")},…] [--limit N] [--max-length N]`;
 
-/** The essays beside the repository (../shared/data/...), when present: the default haystack. */
+/** The essays beside the repository (../shared/data/…, test data), when present: the default haystack. */
 function defaultHaystackDir(): string | undefined {
   const dir = process.env.PKV_HAYSTACK_DIR ?? essaysDir();
   return existsSync(dir) ? dir : undefined;
@@ -28,40 +29,40 @@ function defaultHaystackDir(): string | undefined {
 /** Conservative context bound for flag checks before the engine starts; the engine's n_ctx is checked again. */
 const MAX_CONTEXT = 1 << 20;
 
-export async function runEvalCli(args: string[]): Promise<number> {
-  const [sub, ...rest] = args;
-  if (sub === undefined || sub === "--help" || sub === "-h") {
-    process.stdout.write(`${EVAL_USAGE}\n`);
-    return sub === undefined ? 2 : 0;
-  }
-  if (sub === "needle") {
-    const { values } = parseArgs({
-      args: rest,
-      options: {
-        ...COMMON_FLAGS,
-        lengths: { type: "string" },
-        depths: { type: "string" },
-        "haystack-dir": { type: "string" },
-        haystack: { type: "string" },
-        needle: { type: "string" },
-        question: { type: "string" },
-        answer: { type: "string" },
-        "chat-template": { type: "boolean" },
-        "report-only": { type: "boolean" },
-      },
-    });
-    const common = commonOptions(values, "eval-results/needle");
-    if (values.haystack !== undefined && values.haystack !== "noise")
-      throw new Error(`--haystack: '${values.haystack}' is not supported (valid: noise; or give --haystack-dir DIR)`);
-    const noise = values.haystack === "noise";
-    const haystackDir = noise ? undefined : (values["haystack-dir"] ?? defaultHaystackDir());
+/** What each subcommand prints: the summary as one JSON object, or the Markdown table. */
+function report(json: boolean, r: { summary: unknown; files: string[]; seconds: number; table: string }): number {
+  process.stdout.write(
+    json ? `${JSON.stringify({ summary: r.summary, files: r.files, seconds: r.seconds })}\n` : `${r.table}\n`,
+  );
+  return 0;
+}
+
+export const needle = defineCommand({
+  flags: {
+    ...COMMON_FLAGS,
+    lengths: string(),
+    depths: string({ default: "11" }),
+    "haystack-dir": string(),
+    haystack: string(),
+    needle: string(),
+    question: string(),
+    answer: string(),
+    "chat-template": bool(),
+    "report-only": bool(),
+  },
+  help: EVAL_USAGE,
+  async run(f) {
+    const common = commonOptions(f, "eval-results/needle");
+    if (f.haystack !== undefined && f.haystack !== "noise")
+      throw new Error(`--haystack: '${f.haystack}' is not supported (valid: noise; or give --haystack-dir DIR)`);
+    const noise = f.haystack === "noise";
+    const haystackDir = noise ? undefined : (f["haystack-dir"] ?? defaultHaystackDir());
     if (!noise && haystackDir === undefined)
       throw new Error("--haystack-dir: required (a directory of text files), or --haystack noise");
-    const lengths = parseLengths(values.lengths ?? "1024,2048,4096,6144,8000", MAX_CONTEXT, 300);
-    const depths = parseDepths(values.depths ?? "11");
-    const needle = values.needle ?? NEEDLE_DEFAULTS.needle;
-    const custom = values.needle !== undefined;
-    if (custom && (values.question === undefined || values.answer === undefined)) {
+    const lengths = parseLengths(f.lengths ?? "1024,2048,4096,6144,8000", MAX_CONTEXT, 300);
+    const depths = parseDepths(f.depths);
+    const custom = f.needle !== undefined;
+    if (custom && (f.question === undefined || f.answer === undefined)) {
       throw new Error("--needle: a custom needle needs --question and --answer too");
     }
     const r = await runNeedle({
@@ -70,65 +71,56 @@ export async function runEvalCli(args: string[]): Promise<number> {
       depths,
       haystackDir,
       noise,
-      needle,
-      question: values.question ?? NEEDLE_DEFAULTS.question,
-      answer: values.answer ?? NEEDLE_DEFAULTS.answer,
+      needle: f.needle ?? NEEDLE_DEFAULTS.needle,
+      question: f.question ?? NEEDLE_DEFAULTS.question,
+      answer: f.answer ?? NEEDLE_DEFAULTS.answer,
       // raw completion by default: on the embedded 135M model FullKV finds the needle more often
       // without the chat template (docs/EVAL.md, "Chat template")
-      chat: values["chat-template"] === true,
-      reportOnly: values["report-only"] === true,
+      chat: f["chat-template"],
+      reportOnly: f["report-only"],
     });
-    process.stdout.write(
-      common.json ? `${JSON.stringify({ summary: r.summary, files: r.files, seconds: r.seconds })}\n` : `${r.table}\n`,
+    return report(common.json, r);
+  },
+});
+
+export const ruler = defineCommand({
+  flags: {
+    ...COMMON_FLAGS,
+    tasks: string(),
+    lengths: string({ default: "4096" }),
+    limit: int({ min: 1, max: 100000, default: 25 }),
+    seed: int({ min: 0, max: 2 ** 31, default: 42 }),
+    "haystack-dir": string(),
+  },
+  help: EVAL_USAGE,
+  async run(f) {
+    const common = commonOptions(f, "eval-results/ruler");
+    const tasks = parseTasks(f.tasks);
+    const lengths = parseLengths(f.lengths, MAX_CONTEXT, 512);
+    const haystackDir = f["haystack-dir"] ?? defaultHaystackDir();
+    return report(
+      common.json,
+      await runRuler({ ...common, tasks, lengths, limit: f.limit, seed: f.seed, haystackDir }),
     );
-    return 0;
-  }
-  if (sub === "ruler") {
-    const { values } = parseArgs({
-      args: rest,
-      options: {
-        ...COMMON_FLAGS,
-        tasks: { type: "string" },
-        lengths: { type: "string" },
-        limit: { type: "string" },
-        seed: { type: "string" },
-        "haystack-dir": { type: "string" },
-      },
-    });
-    const common = commonOptions(values, "eval-results/ruler");
-    const tasks = parseTasks(values.tasks);
-    const lengths = parseLengths(values.lengths ?? "4096", MAX_CONTEXT, 512);
-    const limit = parsePositiveInt("limit", values.limit, 25, 1, 100000)!;
-    const seed = parsePositiveInt("seed", values.seed, 42, 0, 2 ** 31)!;
-    const haystackDir = values["haystack-dir"] ?? defaultHaystackDir();
-    const r = await runRuler({ ...common, tasks, lengths, limit, seed, haystackDir });
-    process.stdout.write(
-      common.json ? `${JSON.stringify({ summary: r.summary, files: r.files, seconds: r.seconds })}\n` : `${r.table}\n`,
-    );
-    return 0;
-  }
-  if (sub === "longbench") {
-    const { values } = parseArgs({
-      args: rest,
-      options: {
-        ...COMMON_FLAGS,
-        "data-dir": { type: "string" },
-        datasets: { type: "string" },
-        limit: { type: "string" },
-        "max-length": { type: "string" },
-      },
-    });
-    const common = commonOptions(values, "eval-results/longbench");
-    const datasets = parseDatasets(values.datasets);
-    if (values["data-dir"] === undefined)
+  },
+});
+
+export const longbench = defineCommand({
+  flags: {
+    ...COMMON_FLAGS,
+    "data-dir": string(),
+    datasets: string(),
+    limit: int({ min: 1, max: 100000 }),
+    "max-length": int({ min: 256, max: MAX_CONTEXT }),
+  },
+  help: EVAL_USAGE,
+  async run(f) {
+    const common = commonOptions(f, "eval-results/longbench");
+    const datasets = parseDatasets(f.datasets);
+    const dataDir = f["data-dir"];
+    if (dataDir === undefined)
       throw new Error("--data-dir: required (a directory holding LongBench's <dataset>.jsonl files)");
-    const limit = parsePositiveInt("limit", values.limit, undefined, 1, 100000);
-    const maxLength = parsePositiveInt("max-length", values["max-length"], undefined, 256, MAX_CONTEXT);
-    const r = await runLongBench({ ...common, dataDir: values["data-dir"], datasets, limit, maxLength });
-    process.stdout.write(
-      common.json ? `${JSON.stringify({ summary: r.summary, files: r.files, seconds: r.seconds })}\n` : `${r.table}\n`,
-    );
-    return 0;
-  }
-  throw new Error(`eval: unknown subcommand '${sub}' (valid: needle, ruler, longbench)`);
-}
+    const r = await runLongBench({ ...common, dataDir, datasets, limit: f.limit, maxLength: f["max-length"] });
+    return report(common.json, r);
+  },
+});

@@ -5,6 +5,7 @@ import { join } from "node:path";
 
 import { KV_METHODS } from "@pyramidkv/shared";
 
+import { bool, type FlagValues, int, ints, string } from "../flags.js";
 import { METHOD_ORDER, type Setting, settingKey, settingLabel, settingsGrid } from "./runner.js";
 
 export interface CommonOptions {
@@ -33,57 +34,27 @@ export function parseMethods(value: string | undefined): string[] {
   return [...new Set(ms)].sort((a, b) => METHOD_ORDER.indexOf(a as never) - METHOD_ORDER.indexOf(b as never));
 }
 
-/** Budgets: KV entries per layer per head, window included; > the window (8). */
-export function parseBudgets(value: string | undefined): number[] {
-  if (value === undefined) return DEFAULT_BUDGETS;
-  return [
-    ...new Set(
-      value.split(",").map((v) => {
-        const n = Number(v.trim());
-        if (!Number.isInteger(n) || n < 9 || n > 1_000_000)
-          throw new Error(`--budgets: '${v}' is not an integer in [9, 1000000]`);
-        return n;
-      }),
-    ),
-  ];
-}
+/** The flags every subcommand takes. Budgets: KV entries per layer per head, window included; > the window (8). */
+export const COMMON_FLAGS = {
+  model: string(),
+  methods: string(),
+  budgets: ints({ min: 9, max: 1_000_000, default: DEFAULT_BUDGETS }),
+  out: string(),
+  resume: bool(),
+  json: bool(),
+  threads: int({ min: 1, max: 1024 }),
+};
 
-export function parsePositiveInt(
-  name: string,
-  value: string | undefined,
-  fallback: number | undefined,
-  lo: number,
-  hi: number,
-): number | undefined {
-  if (value === undefined) return fallback;
-  const n = Number(value);
-  if (!Number.isInteger(n) || n < lo || n > hi)
-    throw new Error(`--${name}: '${value}' is not an integer in [${lo}, ${hi}]`);
-  return n;
-}
-
-export function commonOptions(values: Record<string, string | boolean | undefined>, defaultOut: string): CommonOptions {
-  const methods = parseMethods(values.methods as string | undefined);
-  const budgets = parseBudgets(values.budgets as string | undefined);
+export function commonOptions(values: FlagValues<typeof COMMON_FLAGS>, defaultOut: string): CommonOptions {
   return {
-    model: values.model as string | undefined,
-    settings: settingsGrid(methods, budgets),
-    out: (values.out as string | undefined) ?? defaultOut,
-    resume: values.resume === true,
-    json: values.json === true,
-    threads: parsePositiveInt("threads", values.threads as string | undefined, undefined, 1, 1024),
+    model: values.model,
+    settings: settingsGrid(parseMethods(values.methods), [...new Set(values.budgets)]),
+    out: values.out ?? defaultOut,
+    resume: values.resume,
+    json: values.json,
+    threads: values.threads,
   };
 }
-
-export const COMMON_FLAGS = {
-  model: { type: "string" },
-  methods: { type: "string" },
-  budgets: { type: "string" },
-  out: { type: "string" },
-  resume: { type: "boolean" },
-  json: { type: "boolean" },
-  threads: { type: "string" },
-} as const;
 
 /** The results file: one JSON object per cell, appended as cells finish (so --resume can continue). */
 export class ResultsFile<Row extends object> {

@@ -1,4 +1,4 @@
-// `pkv eval needle`: needle in a haystack as in the published set-up (DESIGN §6). The haystack
+// `pkv eval needle`: needle in a haystack as in the published set-up (docs/EVAL.md). The haystack
 // (text files concatenated in sorted order and repeated, or RULER's noise sentences) is cut to
 // `length − 200` tokens with the needle, the needle goes in at a token depth moved back to the
 // previous sentence end, the question follows the document. Score: fraction of the answer's

@@ -1,7 +1,8 @@
 // Host configuration: flags override environment variables override defaults. Parsing only; the
 // values are checked here so that every other module can trust them.
 import { readFileSync } from "node:fs";
-import { parseArgs } from "node:util";
+
+import { type FlagValues, int, oneOf, parseFlags, string } from "../flags.js";
 
 export type TenantPolicy = "refuse" | "auto";
 export const TENANT_POLICIES: readonly TenantPolicy[] = ["refuse", "auto"];
@@ -53,18 +54,6 @@ export const HOST_USAGE = `usage: pkv host [options]            (each option als
   --tenants FILE|JSON        PKV_TENANTS            {"name": {"kv_quota_bytes": N, "max_sessions": N, "policy": "refuse"|"auto"}, "*": {...}}
   --checkpoint on|off        PKV_CHECKPOINT         save sessions after every append/generate (on)
   --max-prefills N           PKV_MAX_PREFILLS       appends in the engine at once (2)`;
-
-function int(name: string, value: string | undefined, fallback: number, lo: number, hi: number): number {
-  if (value === undefined || value === "") return fallback;
-  const n = Number(value);
-  if (!Number.isInteger(n) || n < lo || n > hi)
-    throw new Error(`--${name}: '${value}' is not an integer in [${lo}, ${hi}]`);
-  return n;
-}
-
-function optInt(name: string, value: string | undefined, lo: number, hi: number): number | undefined {
-  return value === undefined || value === "" ? undefined : int(name, value, 0, lo, hi);
-}
 
 /** One tenant's limits from JSON ({kv_quota_bytes, max_sessions, policy}); `base` fills gaps. */
 export function parseTenantLimits(where: string, v: unknown, base: TenantLimits): TenantLimits {
@@ -120,47 +109,49 @@ export function parseTenants(text: string | undefined): {
   return { tenants, defaults };
 }
 
+/** The flags of `pkv host`; each absent flag reads its environment variable (HOST_USAGE). */
+export const HOST_FLAGS = {
+  listen: string({ env: "PKV_HOST_LISTEN", default: "127.0.0.1" }),
+  port: int({ min: 0, max: 65535, default: 8790, env: "PKV_HOST_PORT" }),
+  "edge-secret": string({ env: "PKV_EDGE_SECRET", default: "" }),
+  model: string({ env: "PKV_MODEL" }),
+  "kv-pool-bytes": int({ min: 1, max: Number.MAX_SAFE_INTEGER, env: "PKV_KV_POOL_BYTES" }),
+  "chunk-size": int({ min: 0, max: 1 << 24, env: "PKV_CHUNK_SIZE" }),
+  threads: int({ min: 0, max: 1024, env: "PKV_THREADS" }),
+  "offload-dir": string({ env: "PKV_OFFLOAD_DIR" }),
+  "idle-seconds": int({ min: 0, max: 86400 * 365, default: 300, env: "PKV_IDLE_SECONDS" }),
+  tenants: string({ env: "PKV_TENANTS" }),
+  checkpoint: oneOf(["on", "off"], { env: "PKV_CHECKPOINT", default: "on" }),
+  "max-prefills": int({ min: 1, max: 1024, default: 2, env: "PKV_MAX_PREFILLS" }),
+  /** the engine binary (tests); not in the usage */
+  engine: string({ env: "PKV_ENGINE_BIN" }),
+};
+
 export function parseHostConfig(argv: string[], env: NodeJS.ProcessEnv = process.env): HostConfig {
-  const { values } = parseArgs({
-    args: argv,
-    options: {
-      listen: { type: "string" },
-      port: { type: "string" },
-      "edge-secret": { type: "string" },
-      model: { type: "string" },
-      "kv-pool-bytes": { type: "string" },
-      "chunk-size": { type: "string" },
-      threads: { type: "string" },
-      "offload-dir": { type: "string" },
-      "idle-seconds": { type: "string" },
-      tenants: { type: "string" },
-      checkpoint: { type: "string" },
-      "max-prefills": { type: "string" },
-      engine: { type: "string" },
-    },
-  });
-  const edgeSecret = values["edge-secret"] ?? env.PKV_EDGE_SECRET ?? "";
-  if (edgeSecret.length < 16) throw new Error("--edge-secret (or PKV_EDGE_SECRET): required, at least 16 characters");
-  const checkpoint = values.checkpoint ?? env.PKV_CHECKPOINT ?? "on";
-  if (checkpoint !== "on" && checkpoint !== "off")
-    throw new Error(`--checkpoint: '${checkpoint}' is not one of on, off`);
-  const offloadDir = values["offload-dir"] ?? env.PKV_OFFLOAD_DIR; // created on start
-  const { tenants, defaults } = parseTenants(values.tenants ?? env.PKV_TENANTS);
+  return hostConfig(parseFlags(HOST_FLAGS, argv, { env }).values);
+}
+
+/** The checked flag values as a HostConfig: what one flag alone cannot check is checked here. */
+export function hostConfig(f: FlagValues<typeof HOST_FLAGS>): HostConfig {
+  if (f["edge-secret"].length < 16)
+    throw new Error("--edge-secret (or PKV_EDGE_SECRET): required, at least 16 characters");
+  const offloadDir = f["offload-dir"]; // created on start
+  const { tenants, defaults } = parseTenants(f.tenants);
   return {
-    listen: values.listen ?? env.PKV_HOST_LISTEN ?? "127.0.0.1",
-    port: int("port", values.port ?? env.PKV_HOST_PORT, 8790, 0, 65535),
-    engineBin: values.engine ?? env.PKV_ENGINE_BIN,
-    model: values.model ?? env.PKV_MODEL,
-    kvPoolBytes: optInt("kv-pool-bytes", values["kv-pool-bytes"] ?? env.PKV_KV_POOL_BYTES, 1, Number.MAX_SAFE_INTEGER),
-    chunkSize: optInt("chunk-size", values["chunk-size"] ?? env.PKV_CHUNK_SIZE, 0, 1 << 24),
-    threads: optInt("threads", values.threads ?? env.PKV_THREADS, 0, 1024),
-    edgeSecret,
+    listen: f.listen,
+    port: f.port,
+    engineBin: f.engine,
+    model: f.model,
+    kvPoolBytes: f["kv-pool-bytes"],
+    chunkSize: f["chunk-size"],
+    threads: f.threads,
+    edgeSecret: f["edge-secret"],
     offloadDir: offloadDir === "" ? undefined : offloadDir,
-    idleMs: int("idle-seconds", values["idle-seconds"] ?? env.PKV_IDLE_SECONDS, 300, 0, 86400 * 365) * 1000,
-    checkpoint: checkpoint === "on",
+    idleMs: f["idle-seconds"] * 1000,
+    checkpoint: f.checkpoint === "on",
     tenants,
     defaultTenant: defaults,
-    maxConcurrentPrefills: int("max-prefills", values["max-prefills"] ?? env.PKV_MAX_PREFILLS, 2, 1, 1024),
+    maxConcurrentPrefills: f["max-prefills"],
     highWaterBytes: 1 << 20,
     maxBufferedBytes: 64 << 20,
     drainMs: 10_000,

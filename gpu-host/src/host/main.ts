@@ -1,7 +1,8 @@
 // `pkv host`: start the engine, the sessions and the server; SIGTERM/SIGINT drain and exit 0.
 import type { AddressInfo } from "node:net";
 
-import type { HostConfig } from "./config.js";
+import { defineCommand } from "../flags.js";
+import { HOST_FLAGS, HOST_USAGE, type HostConfig, hostConfig } from "./config.js";
 import { HostMetrics } from "./metrics.js";
 import { HostServer } from "./server.js";
 import { SessionHost } from "./sessions.js";
@@ -47,3 +48,9 @@ export async function runHost(config: HostConfig): Promise<number> {
   });
   return 0;
 }
+
+export const command = defineCommand({
+  flags: HOST_FLAGS,
+  help: HOST_USAGE,
+  run: (f) => runHost(hostConfig(f)),
+});

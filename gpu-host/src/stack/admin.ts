@@ -4,9 +4,9 @@
 // duration of the command. Remote: --remote URL --admin-token T (or PKV_ADMIN_TOKEN).
 import { existsSync, readFileSync } from "node:fs";
 import { resolve } from "node:path";
-import { parseArgs } from "node:util";
 
 import { repoRoot } from "../engine/engine-path.js";
+import { bool, defineCommand, type FlagValues, int, oneOf, parseFlags, string } from "../flags.js";
 import { AdminClient, newSecret, startWorker } from "./stack.js";
 
 export const ADMIN_USAGE = `usage: pkv admin [--remote URL --admin-token T] <command>
@@ -23,13 +23,6 @@ export interface DevInfo {
   admin_token: string;
 }
 
-function nonNegative(name: string, v: string | undefined): number | undefined {
-  if (v === undefined) return undefined;
-  const n = Number(v);
-  if (!Number.isSafeInteger(n) || n < 0) throw new Error(`--${name}: '${v}' is not an integer >= 0`);
-  return n;
-}
-
 async function reachable(url: string): Promise<boolean> {
   try {
     return (await fetch(`${url}/`, { signal: AbortSignal.timeout(2000) })).ok;
@@ -38,54 +31,65 @@ async function reachable(url: string): Promise<boolean> {
   }
 }
 
-export async function runAdmin(
+const ADMIN_FLAGS = {
+  remote: string(),
+  "admin-token": string({ env: "PKV_ADMIN_TOKEN" }),
+  "kv-quota-bytes": int({ min: 0 }),
+  "max-sessions": int({ min: 0 }),
+  rpm: int({ min: 0 }),
+  policy: oneOf(["refuse", "auto"]),
+  help: bool(),
+};
+
+/** `pkv admin ARGS`, for callers that hold the raw arguments (the end-to-end tests). */
+export function runAdmin(
   argv: string[],
   print: (s: string) => void = (s) => process.stdout.write(`${s}\n`),
 ): Promise<number> {
-  const { values, positionals } = parseArgs({
-    args: argv,
-    allowPositionals: true,
-    options: {
-      remote: { type: "string" },
-      "admin-token": { type: "string" },
-      "kv-quota-bytes": { type: "string" },
-      "max-sessions": { type: "string" },
-      rpm: { type: "string" },
-      policy: { type: "string" },
-      help: { type: "boolean" },
-    },
-  });
+  const { values, positionals } = parseFlags(ADMIN_FLAGS, argv, { positionals: true });
+  return admin(values, positionals, print);
+}
+
+export const command = defineCommand({
+  flags: ADMIN_FLAGS,
+  positionals: true,
+  help: ADMIN_USAGE,
+  run: (values, positionals) => admin(values, positionals, (s) => process.stdout.write(`${s}\n`)),
+});
+
+async function admin(
+  values: FlagValues<typeof ADMIN_FLAGS>,
+  positionals: string[],
+  print: (s: string) => void,
+): Promise<number> {
   const [group, action, arg] = positionals;
   if (values.help || !group) {
     print(ADMIN_USAGE);
     return values.help ? 0 : 2;
   }
-  const run = async (admin: AdminClient): Promise<unknown> => {
+  const run = async (client: AdminClient): Promise<unknown> => {
     const need = (what: string) => {
       if (!arg) throw new Error(`pkv admin ${group} ${action}: ${what} is required`);
       return arg;
     };
     if (group === "tenant" && action === "set") {
-      const policy = values.policy;
-      if (policy !== undefined && policy !== "refuse" && policy !== "auto")
-        throw new Error(`--policy: '${policy}' is not one of refuse, auto`);
-      return admin.setTenant(need("NAME"), {
-        kv_quota_bytes: nonNegative("kv-quota-bytes", values["kv-quota-bytes"]),
-        max_sessions: nonNegative("max-sessions", values["max-sessions"]),
-        requests_per_minute: nonNegative("rpm", values.rpm),
-        policy,
+      return client.setTenant(need("NAME"), {
+        kv_quota_bytes: values["kv-quota-bytes"],
+        max_sessions: values["max-sessions"],
+        requests_per_minute: values.rpm,
+        policy: values.policy,
       });
     }
-    if (group === "tenant" && action === "show") return admin.tenant(need("NAME"));
-    if (group === "tenant" && action === "list") return admin.tenants();
-    if (group === "key" && action === "create") return { tenant: need("TENANT"), key: await admin.createKey(arg!) };
-    if (group === "host" && action === "add") return admin.addHost(need("URL"));
-    if (group === "host" && action === "remove") return admin.removeHost(need("URL"));
-    if (group === "host" && action === "list") return admin.hosts();
+    if (group === "tenant" && action === "show") return client.tenant(need("NAME"));
+    if (group === "tenant" && action === "list") return client.tenants();
+    if (group === "key" && action === "create") return { tenant: need("TENANT"), key: await client.createKey(arg!) };
+    if (group === "host" && action === "add") return client.addHost(need("URL"));
+    if (group === "host" && action === "remove") return client.removeHost(need("URL"));
+    if (group === "host" && action === "list") return client.hosts();
     throw new Error(`unknown command 'admin ${positionals.join(" ")}'\n${ADMIN_USAGE}`);
   };
   if (values.remote) {
-    const token = values["admin-token"] ?? process.env.PKV_ADMIN_TOKEN;
+    const token = values["admin-token"];
     if (!token) throw new Error("--remote needs --admin-token (or PKV_ADMIN_TOKEN): the worker's ADMIN_TOKEN secret");
     print(JSON.stringify(await run(new AdminClient(values.remote.replace(/\/$/, ""), token)), null, 2));
     return 0;

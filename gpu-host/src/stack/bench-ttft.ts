@@ -8,6 +8,7 @@ import { join } from "node:path";
 import { decodeHostMessage, encodeHostMessage, type FromHostMessage, type ToHostMessage } from "@pyramidkv/shared";
 import { WebSocket } from "ws";
 
+import { defineCommand, int } from "../flags.js";
 import { makeEdgeToken } from "../host/auth.js";
 import { readSse } from "./sse-client.js";
 import { startStack } from "./stack.js";
@@ -148,3 +149,15 @@ export async function runTtftBench(
     rmSync(dir, { recursive: true, force: true });
   }
 }
+
+export const command = defineCommand({
+  flags: {
+    requests: int({ min: 1, max: 10_000, default: 20 }),
+    "max-tokens": int({ min: 1, max: 4096, default: 4 }),
+    budget: int({ min: 16, max: 1 << 20, default: 128 }),
+  },
+  async run(f) {
+    await runTtftBench({ requests: f.requests, maxTokens: f["max-tokens"], budget: f.budget });
+    return 0;
+  },
+});

@@ -4,6 +4,7 @@
 import { mkdirSync, writeFileSync } from "node:fs";
 import { resolve } from "node:path";
 
+import { defineCommand, int } from "../flags.js";
 import { devDir, type DevInfo } from "./admin.js";
 import { startStack } from "./stack.js";
 
@@ -49,3 +50,12 @@ Ctrl-C stops everything.
   await stack.stop();
   return 0;
 }
+
+export const command = defineCommand({
+  flags: {
+    port: int({ min: 0, max: 65535, default: 8787 }),
+    hosts: int({ min: 1, max: 8, default: 1 }),
+    "kv-pool-bytes": int({ min: 1 << 20, max: Number.MAX_SAFE_INTEGER, default: 512 << 20 }),
+  },
+  run: (f) => runDev({ port: f.port, hosts: f.hosts, kvPoolBytes: f["kv-pool-bytes"] }),
+});

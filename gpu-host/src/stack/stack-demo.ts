@@ -14,6 +14,7 @@ import {
   generatedFiller,
   insertNeedle,
 } from "../eval/haystack.js";
+import { defineCommand, int, string } from "../flags.js";
 import { readSse } from "./sse-client.js";
 import { startStack } from "./stack.js";
 
@@ -43,7 +44,8 @@ export async function runStackDemo(
     vars: { PKV_PIECE_BYTES: "8192" },
   });
   try {
-    // The quota must hold the prefill's peak (the whole document uncompressed, DESIGN trap 4), not just the compressed session.
+    // The quota must hold the prefill's peak (the whole document uncompressed; docs/HOST.md,
+    // "Admission"), not just the compressed session.
     const quota = { kv_quota_bytes: 256 << 20, max_sessions: 4, requests_per_minute: 60 };
     await stack.admin.setTenant("demo", quota);
     const key = await stack.admin.createKey("demo");
@@ -123,3 +125,23 @@ export async function runStackDemo(
     rmSync(dir, { recursive: true, force: true });
   }
 }
+
+export const command = defineCommand({
+  flags: {
+    chars: int({ min: 200, max: 30_000, default: STACK_DEMO_DEFAULTS.chars }),
+    budget: int({ min: 16, max: 1 << 20, default: STACK_DEMO_DEFAULTS.budget }),
+    method: string({ default: STACK_DEMO_DEFAULTS.method }),
+    "max-tokens": int({ min: 1, max: 4096, default: STACK_DEMO_DEFAULTS.maxTokens }),
+    "haystack-dir": string(),
+  },
+  async run(f) {
+    await runStackDemo({
+      chars: f.chars,
+      budget: f.budget,
+      method: f.method,
+      maxTokens: f["max-tokens"],
+      haystackDir: f["haystack-dir"],
+    });
+    return 0;
+  },
+});
