@@ -2,7 +2,7 @@
 // bad input refused with a clear error before any model work.
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { test } from "node:test";
@@ -79,6 +79,30 @@ test("needle: a 2×1 grid with FullKV and one compressed method, then --resume a
   assert.equal(report.code, 0, report.stderr);
   const cells = (JSON.parse(report.stdout) as { summary: { cells: number }[] }).summary.map((s) => s.cells);
   assert.deepEqual(cells, [2, 2]);
+  // without --lengths, every row of the file; a report needs no haystack (none found here)
+  for (const f of ["needle-overview.png", "needle-full.png", "needle-streamingllm-32.png"]) rmSync(join(out, f));
+  const whole = spawnSync(
+    process.execPath,
+    [
+      CLI,
+      "eval",
+      "needle",
+      "--report-only",
+      "--methods",
+      "full,streamingllm",
+      "--budgets",
+      "32",
+      "--out",
+      out,
+      "--json",
+    ],
+    { encoding: "utf8", env: { ...process.env, PKV_HAYSTACK_DIR: join(out, "no-such-dir") } },
+  );
+  assert.equal(whole.status, 0, whole.stderr);
+  const all = (JSON.parse(whole.stdout) as { summary: { cells: number }[] }).summary.map((s) => s.cells);
+  assert.deepEqual(all, [4, 4]);
+  for (const f of ["needle-overview.png", "needle-full.png", "needle-streamingllm-32.png"])
+    assert.ok(existsSync(join(out, f)), f);
 });
 
 test("ruler: one sample of one task, scored", () => {

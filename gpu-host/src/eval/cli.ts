@@ -56,10 +56,15 @@ export const needle = defineCommand({
     if (f.haystack !== undefined && f.haystack !== "noise")
       throw new Error(`--haystack: '${f.haystack}' is not supported (valid: noise; or give --haystack-dir DIR)`);
     const noise = f.haystack === "noise";
+    const reportOnly = f["report-only"];
     const haystackDir = noise ? undefined : (f["haystack-dir"] ?? defaultHaystackDir());
-    if (!noise && haystackDir === undefined)
+    if (!noise && haystackDir === undefined && !reportOnly)
       throw new Error("--haystack-dir: required (a directory of text files), or --haystack noise");
-    const lengths = parseLengths(f.lengths ?? "1024,2048,4096,6144,8000", MAX_CONTEXT, 300);
+    // --report-only without --lengths: every length in the results file
+    const lengths =
+      reportOnly && f.lengths === undefined
+        ? undefined
+        : parseLengths(f.lengths ?? "1024,2048,4096,6144,8000", MAX_CONTEXT, 300);
     const depths = parseDepths(f.depths);
     const custom = f.needle !== undefined;
     if (custom && (f.question === undefined || f.answer === undefined)) {
@@ -77,7 +82,7 @@ export const needle = defineCommand({
       // raw completion by default: on the embedded 135M model FullKV finds the needle more often
       // without the chat template (docs/EVAL.md, "Chat template")
       chat: f["chat-template"],
-      reportOnly: f["report-only"],
+      reportOnly,
     });
     return report(common.json, r);
   },

@@ -11,7 +11,8 @@ import { Progress } from "./progress.js";
 import { type PromptJob, runJobs, settingKey, settingLabel } from "./runner.js";
 
 export interface NeedleRunOptions extends CommonOptions {
-  lengths: number[];
+  /** context lengths in tokens; with reportOnly, undefined = every length in the results file */
+  lengths?: number[];
   depths: number[];
   haystackDir?: string;
   noise: boolean;
@@ -54,12 +55,19 @@ export async function runNeedle(
   log: (s: string) => void = (s) => process.stderr.write(`${s}\n`),
 ): Promise<NeedleSummary> {
   const t0 = Date.now();
-  haystackText({ dir: o.haystackDir, noise: o.noise }, 1); // a bad --haystack-dir fails before the engine starts
+  // a bad --haystack-dir fails before the engine starts; a report needs no haystack
+  if (!o.reportOnly) haystackText({ dir: o.haystackDir, noise: o.noise }, 1);
   const results = new ResultsFile<NeedleRow>(o.out, "needle.jsonl", o.resume || o.reportOnly === true, rowKey);
   if (o.reportOnly && results.rows.length === 0) throw new Error(`--report-only: ${results.path} holds no results`);
-  if (!o.reportOnly) await runGrid(o, results);
+  const lengths = o.lengths;
+  if (!o.reportOnly) {
+    if (lengths === undefined) throw new Error("--lengths: required unless --report-only");
+    await runGrid({ ...o, lengths }, results);
+  }
   // tables and pictures from every row of the grid (this run's and resumed ones)
-  const rows = results.rows.filter((r) => o.lengths.includes(r.length) && (o.reportOnly || o.depths.includes(r.depth)));
+  const rows = results.rows.filter(
+    (r) => (lengths === undefined || lengths.includes(r.length)) && (o.reportOnly || o.depths.includes(r.depth)),
+  );
   const summary = summarise(rows, o.settings);
   const table = methodBudgetTable(summary);
   const files = [results.path];
@@ -99,7 +107,7 @@ export async function runNeedle(
   return { summary, table, files, seconds };
 }
 
-async function runGrid(o: NeedleRunOptions, results: ResultsFile<NeedleRow>): Promise<void> {
+async function runGrid(o: NeedleRunOptions & { lengths: number[] }, results: ResultsFile<NeedleRow>): Promise<void> {
   const engine = await EvalEngine.start({ model: o.model, threads: o.threads });
   try {
     const maxLen = Math.max(...o.lengths);
