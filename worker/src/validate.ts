@@ -1,9 +1,13 @@
-// Request bodies, checked at the edge: every error names the parameter, the value received and
-// what is accepted (400 invalid_request_error).
+// Request bodies, checked at the edge of each route (Hono validator middleware, jsonBody): every
+// error names the parameter, the value received and what is accepted (400 invalid_request_error).
 import { KV_METHODS, type KvMethod } from "@pyramidkv/shared";
+import { HTTPException } from "hono/http-exception";
+import { validator } from "hono/validator";
 
+import { maxBodyBytes, readBody } from "./body.js";
 import type { Role, Turn } from "./chat.js";
-import { ApiError, invalid } from "./errors.js";
+import type { Env } from "./env.js";
+import { type ApiError, invalid } from "./errors.js";
 
 export const BUDGET_RANGE = [16, 1 << 20] as const;
 export const MAX_TOKENS_RANGE = [1, 4096] as const;
@@ -50,35 +54,44 @@ const show = (v: unknown) => {
   return s === undefined ? String(v) : s.length > 60 ? `${s.slice(0, 57)}...` : s;
 };
 
-/** The JSON object of a request body, or 400/413. */
-export async function readJsonBody(req: Request, maxBytes: number): Promise<Record<string, unknown>> {
-  const declared = Number(req.headers.get("content-length") ?? "0");
-  if (declared > maxBytes)
-    throw new ApiError(
-      413,
-      "invalid_request_error",
-      `request body of ${declared} bytes exceeds the limit of ${maxBytes} bytes`,
-      null,
-      "too_large",
-    );
-  const text = await req.text();
-  if (text.length > maxBytes)
-    throw new ApiError(
-      413,
-      "invalid_request_error",
-      `request body exceeds the limit of ${maxBytes} bytes`,
-      null,
-      "too_large",
-    );
-  let json: unknown;
-  try {
-    json = JSON.parse(text);
-  } catch (e) {
-    throw invalid("body", `the body is not valid JSON: ${e instanceof Error ? e.message : String(e)}`, "invalid_json");
-  }
-  if (typeof json !== "object" || json === null || Array.isArray(json))
+/** A parsed body that is not a JSON object (an array, a number, null) is refused. */
+function jsonObject(value: unknown): Record<string, unknown> {
+  if (typeof value !== "object" || value === null || Array.isArray(value))
     throw invalid("body", "the body must be a JSON object", "invalid_json");
-  return json as Record<string, unknown>;
+  return value as Record<string, unknown>;
+}
+
+function notJson(body: Uint8Array): ApiError | undefined {
+  try {
+    JSON.parse(new TextDecoder().decode(body));
+    return undefined;
+  } catch (e) {
+    return invalid("body", `the body is not valid JSON: ${e instanceof Error ? e.message : String(e)}`, "invalid_json");
+  }
+}
+
+/**
+ * A route's body validator, as Hono middleware (`validator("json")`; the handler reads the result
+ * with `c.req.valid("json")`): the body is read under the byte limit (body.ts), parsed as JSON
+ * whatever its content type (`curl -d` sends a form type, which Hono's validator would not parse),
+ * and handed to `check`, whose errors name the parameter. Malformed JSON and a body that is not an
+ * object are 400 invalid_json on `body`.
+ */
+export function jsonBody<T>(check: (body: Record<string, unknown>) => T, limit: (env: Env) => number = maxBodyBytes) {
+  const validate = validator("json", (value: unknown) => check(jsonObject(value)));
+  const middleware: typeof validate = async (c, next) => {
+    const body = await readBody(c.req.raw, limit(c.env));
+    const headers = new Headers(c.req.raw.headers);
+    headers.set("content-type", "application/json");
+    c.req.raw = new Request(c.req.raw, { body, headers, signal: c.req.raw.signal });
+    try {
+      return await validate(c, next);
+    } catch (e) {
+      // Hono's parse failed (HTTPException 400): today's message, with the parser's reason.
+      throw (e instanceof HTTPException && notJson(body)) || e;
+    }
+  };
+  return middleware;
 }
 
 function int(o: Record<string, unknown>, name: string, lo: number, hi: number, fallback: number): number;

@@ -1,29 +1,9 @@
 // The worker as a client sees it, inside the Workers runtime with its Durable Objects and KV:
 // auth, admin, tenant binding, quotas, error bodies, and 503 when no GPU host is reachable.
-import { env, exports } from "cloudflare:workers";
+import { env } from "cloudflare:workers";
 import { beforeAll, describe, expect, it } from "vitest";
 
-const ADMIN = { authorization: "Bearer test-admin-token", "content-type": "application/json" };
-const call = (path: string, init: RequestInit = {}) => exports.default.fetch(new Request(`http://edge${path}`, init));
-
-async function makeTenant(name: string, limits: Record<string, unknown>): Promise<string> {
-  expect(
-    (await call(`/admin/tenants/${name}`, { method: "PUT", headers: ADMIN, body: JSON.stringify(limits) })).status,
-  ).toBe(200);
-  const r = await call(`/admin/tenants/${name}/keys`, { method: "POST", headers: ADMIN });
-  expect(r.status).toBe(201);
-  return ((await r.json()) as { key: string }).key;
-}
-
-const as = (key: string, body?: unknown) => ({
-  headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
-  ...(body === undefined ? {} : { method: "POST", body: typeof body === "string" ? body : JSON.stringify(body) }),
-});
-
-async function error(r: Response) {
-  const j = (await r.json()) as { error: { type: string; code: string; param: string | null; message: string } };
-  return { status: r.status, ...j.error };
-}
+import { ADMIN, as, call, error, makeTenant } from "./client.js";
 
 describe("edge API", () => {
   let key: string;

@@ -1,6 +1,7 @@
 // /admin/*: tenants, their API keys and quotas, and the GPU host registry. Guarded by the
 // ADMIN_TOKEN secret (Bearer); `npx pkv admin` is its client.
 import { Hono, type MiddlewareHandler } from "hono";
+import { validator } from "hono/validator";
 
 import { newApiKey, sha256Hex, storeKey, tenantStub } from "../auth.js";
 import type { AppEnv, Env } from "../env.js";
@@ -9,7 +10,10 @@ import { HostLink } from "../host-link.js";
 import { normaliseHostUrl } from "../registry.js";
 import { probe, registry } from "../routing.js";
 import type { TenantConfig } from "../tenant.js";
-import { readJsonBody } from "../validate.js";
+import { jsonBody } from "../validate.js";
+
+/** admin bodies are a few fields */
+const ADMIN_MAX_BODY_BYTES = 1 << 16;
 
 export const TENANT_NAME = /^[A-Za-z0-9_.-]{1,64}$/;
 
@@ -30,11 +34,13 @@ const requireAdmin: MiddlewareHandler<AppEnv> = async (c, next) => {
   await next();
 };
 
-function tenantName(name: string): string {
+/** `:name` must be a valid tenant name (checked before any body is read). */
+const tenantParam = validator("param", (p) => {
+  const name = p.name!;
   if (!TENANT_NAME.test(name))
     throw invalid("tenant", `tenant name '${name.slice(0, 80)}' must match ${TENANT_NAME.source}`);
   return name;
-}
+});
 
 function limit(o: Record<string, unknown>, name: string): number | undefined {
   const v = o[name];
@@ -90,46 +96,59 @@ export async function tenantUsage(env: Env, tenant: string) {
 export const admin = new Hono<AppEnv>();
 admin.use("*", requireAdmin);
 
-admin.put("/tenants/:name", async (c) => {
-  const name = tenantName(c.req.param("name"));
-  const body = await readJsonBody(c.req.raw, 1 << 16);
+const TENANT_FIELDS = ["kv_quota_bytes", "max_sessions", "requests_per_minute", "policy"];
+
+function tenantPatch(body: Record<string, unknown>): Partial<Omit<TenantConfig, "name">> {
   for (const k of Object.keys(body)) {
-    if (!["kv_quota_bytes", "max_sessions", "requests_per_minute", "policy"].includes(k)) {
-      throw invalid(
-        k,
-        `unknown field '${k}': accepted are kv_quota_bytes, max_sessions, requests_per_minute, policy`,
-        "unknown_parameter",
-      );
-    }
+    if (!TENANT_FIELDS.includes(k))
+      throw invalid(k, `unknown field '${k}': accepted are ${TENANT_FIELDS.join(", ")}`, "unknown_parameter");
   }
   const policy = body.policy;
   if (policy !== undefined && policy !== "refuse" && policy !== "auto")
     throw invalid("policy", `'policy': ${JSON.stringify(policy)} is not one of refuse, auto`);
-  const patch: Partial<Omit<TenantConfig, "name">> = {
+  return {
     kv_quota_bytes: limit(body, "kv_quota_bytes"),
     max_sessions: limit(body, "max_sessions"),
     requests_per_minute: limit(body, "requests_per_minute"),
     policy: policy as TenantConfig["policy"] | undefined,
   };
-  const cfg = await tenantStub(c.env, name).configure(name, patch);
-  await c.env.KEYS.put(`tenant:${name}`, JSON.stringify(cfg));
-  return c.json(cfg);
-});
+}
+
+function hostUrl(body: Record<string, unknown>): string {
+  if (typeof body.url !== "string") throw invalid("url", "'url' is required: the GPU host's http(s)://host:port");
+  try {
+    return normaliseHostUrl(body.url);
+  } catch (e) {
+    throw invalid("url", e instanceof Error ? e.message : String(e));
+  }
+}
+
+admin.put(
+  "/tenants/:name",
+  tenantParam,
+  jsonBody(tenantPatch, () => ADMIN_MAX_BODY_BYTES),
+  async (c) => {
+    const name = c.req.valid("param");
+    const cfg = await tenantStub(c.env, name).configure(name, c.req.valid("json"));
+    await c.env.KEYS.put(`tenant:${name}`, JSON.stringify(cfg));
+    return c.json(cfg);
+  },
+);
 
 admin.get("/tenants", async (c) => {
   const list = await c.env.KEYS.list({ prefix: "tenant:" });
   return c.json({ data: list.keys.map((k) => k.name.slice("tenant:".length)) });
 });
 
-admin.get("/tenants/:name", async (c) => {
-  const name = tenantName(c.req.param("name"));
+admin.get("/tenants/:name", tenantParam, async (c) => {
+  const name = c.req.valid("param");
   const usage = await tenantUsage(c.env, name);
   if (!usage.limits) throw notFound(`no tenant '${name}'`, "tenant_not_found");
   return c.json(usage);
 });
 
-admin.post("/tenants/:name/keys", async (c) => {
-  const name = tenantName(c.req.param("name"));
+admin.post("/tenants/:name/keys", tenantParam, async (c) => {
+  const name = c.req.valid("param");
   if (!(await tenantStub(c.env, name).config()))
     throw notFound(`no tenant '${name}': create it first (PUT /admin/tenants/${name})`, "tenant_not_found");
   const key = newApiKey();
@@ -143,17 +162,11 @@ admin.get("/hosts", async (c) => {
   return c.json({ data: hosts.map((h, i) => ({ ...h, health: health[i] })) });
 });
 
-admin.post("/hosts", async (c) => {
-  const body = await readJsonBody(c.req.raw, 1 << 16);
-  if (typeof body.url !== "string") throw invalid("url", "'url' is required: the GPU host's http(s)://host:port");
-  let url: string;
-  try {
-    url = normaliseHostUrl(body.url);
-  } catch (e) {
-    throw invalid("url", e instanceof Error ? e.message : String(e));
-  }
-  return c.json(await registry(c.env).add(url), 201);
-});
+admin.post(
+  "/hosts",
+  jsonBody(hostUrl, () => ADMIN_MAX_BODY_BYTES),
+  async (c) => c.json(await registry(c.env).add(c.req.valid("json")), 201),
+);
 
 admin.delete("/hosts", async (c) => {
   const url = c.req.query("url");

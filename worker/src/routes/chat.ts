@@ -7,19 +7,17 @@ import { Hono } from "hono";
 import { tenantStub } from "../auth.js";
 import { renderPrompt } from "../chat.js";
 import { streamCompletion, wholeCompletion } from "../completion.js";
-import { type AppEnv, intVar } from "../env.js";
+import type { AppEnv } from "../env.js";
 import { noHost } from "../errors.js";
 import type { HostLink } from "../host-link.js";
 import { connectBest, rankHosts, reportFailure } from "../routing.js";
 import { appendText, applyTenant, modelId, randomId } from "../serve.js";
-import { chatRequest, readJsonBody } from "../validate.js";
-
-export const DEFAULT_MAX_BODY_BYTES = 8 << 20;
+import { chatRequest, jsonBody } from "../validate.js";
 
 export const chat = new Hono<AppEnv>();
 
-chat.post("/chat/completions", async (c) => {
-  const req = chatRequest(await readJsonBody(c.req.raw, intVar(c.env.PKV_MAX_BODY_BYTES, DEFAULT_MAX_BODY_BYTES)));
+chat.post("/chat/completions", jsonBody(chatRequest), async (c) => {
+  const req = c.req.valid("json");
   const tenant = c.get("tenant");
   const cfg = await tenantStub(c.env, tenant).config();
   const prompt = renderPrompt(req.turns);

@@ -3,19 +3,19 @@
 // Session ids are bound to their tenant (the tenant's Durable Object maps id → host; another
 // tenant's id is 404) and the host namespaces sessions by tenant as well.
 import { Hono } from "hono";
+import { validator } from "hono/validator";
 
 import { tenantStub } from "../auth.js";
 import { renderPrompt, renderTurns } from "../chat.js";
 import { streamCompletion, wholeCompletion } from "../completion.js";
-import { type AppEnv, type Env, intVar } from "../env.js";
+import type { AppEnv, Env } from "../env.js";
 import { ApiError, notFound } from "../errors.js";
 import type { HostLink } from "../host-link.js";
 import { connectBest, connectTo, reportFailure } from "../routing.js";
 import { appendText, applyTenant, modelId, type Progress, randomId } from "../serve.js";
 import { sseResponse } from "../sse.js";
 import type { SessionRecord } from "../tenant.js";
-import { messageRequest, readJsonBody, sessionRequest } from "../validate.js";
-import { DEFAULT_MAX_BODY_BYTES } from "./chat.js";
+import { jsonBody, messageRequest, sessionRequest } from "../validate.js";
 
 export const DEFAULT_SYSTEM =
   "You are a helpful assistant. Answer questions about the document the user gives you, briefly and accurately.";
@@ -45,8 +45,11 @@ async function lookup(env: Env, tenant: string, id: string): Promise<SessionReco
   return rec;
 }
 
-sessions.post("/", async (c) => {
-  const req = sessionRequest(await readJsonBody(c.req.raw, intVar(c.env.PKV_MAX_BODY_BYTES, DEFAULT_MAX_BODY_BYTES)));
+/** `:id` is valid when it names a session of the calling tenant (404 otherwise, before any body is read). */
+const sessionParam = validator("param", (p, c) => lookup(c.env, c.get("tenant"), p.id!));
+
+sessions.post("/", jsonBody(sessionRequest), async (c) => {
+  const req = c.req.valid("json");
   const tenant = c.get("tenant");
   const stub = tenantStub(c.env, tenant);
   const id = randomId("sess-");
@@ -109,8 +112,8 @@ sessions.post("/", async (c) => {
   );
 });
 
-sessions.get("/:id", async (c) => {
-  const rec = await lookup(c.env, c.get("tenant"), c.req.param("id"));
+sessions.get("/:id", sessionParam, async (c) => {
+  const rec = c.req.valid("param");
   const link = await connectTo(c.env, rec.host, c.get("tenant"));
   try {
     return c.json(await sessionObject(link, rec));
@@ -122,9 +125,9 @@ sessions.get("/:id", async (c) => {
   }
 });
 
-sessions.delete("/:id", async (c) => {
+sessions.delete("/:id", sessionParam, async (c) => {
   const tenant = c.get("tenant");
-  const rec = await lookup(c.env, tenant, c.req.param("id"));
+  const rec = c.req.valid("param");
   let hostClosed = false;
   try {
     const link = await connectTo(c.env, rec.host, tenant);
@@ -141,10 +144,10 @@ sessions.delete("/:id", async (c) => {
   return c.json({ id: rec.id, object: "session.deleted", deleted: true, host_closed: hostClosed });
 });
 
-sessions.post("/:id/messages", async (c) => {
+sessions.post("/:id/messages", sessionParam, jsonBody(messageRequest), async (c) => {
   const tenant = c.get("tenant");
-  const rec = await lookup(c.env, tenant, c.req.param("id"));
-  const req = messageRequest(await readJsonBody(c.req.raw, intVar(c.env.PKV_MAX_BODY_BYTES, DEFAULT_MAX_BODY_BYTES)));
+  const rec = c.req.valid("param");
+  const req = c.req.valid("json");
   const stub = tenantStub(c.env, tenant);
   const link = await connectTo(c.env, rec.host, tenant);
   try {

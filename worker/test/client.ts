@@ -1,0 +1,55 @@
+// The worker as a client calls it in tests: requests to the app's default export, tenants and
+// keys made through the admin API, error bodies unpacked.
+import { exports } from "cloudflare:workers";
+import { expect } from "vitest";
+
+export const ADMIN = { authorization: "Bearer test-admin-token", "content-type": "application/json" };
+
+export const call = (path: string, init: RequestInit = {}) =>
+  exports.default.fetch(new Request(`http://edge${path}`, init));
+
+export async function makeTenant(name: string, limits: Record<string, unknown>): Promise<string> {
+  expect(
+    (await call(`/admin/tenants/${name}`, { method: "PUT", headers: ADMIN, body: JSON.stringify(limits) })).status,
+  ).toBe(200);
+  const r = await call(`/admin/tenants/${name}/keys`, { method: "POST", headers: ADMIN });
+  expect(r.status).toBe(201);
+  return ((await r.json()) as { key: string }).key;
+}
+
+/** Headers of a tenant's request, with a JSON body (POST) when one is given. */
+export const as = (key: string, body?: unknown) => ({
+  headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
+  ...(body === undefined ? {} : { method: "POST", body: typeof body === "string" ? body : JSON.stringify(body) }),
+});
+
+export async function error(r: Response) {
+  const j = (await r.json()) as { error: { type: string; code: string; param: string | null; message: string } };
+  return { status: r.status, ...j.error };
+}
+
+export async function addHost(url: string): Promise<void> {
+  expect((await call("/admin/hosts", { method: "POST", headers: ADMIN, body: JSON.stringify({ url }) })).status).toBe(
+    201,
+  );
+}
+
+export async function removeHost(url: string): Promise<void> {
+  expect((await call(`/admin/hosts?url=${url}`, { method: "DELETE", headers: ADMIN })).status).toBe(200);
+}
+
+export async function hostEntry(url: string): Promise<{ url: string; down_until: number; last_error?: string }> {
+  const hosts = (await (await call("/admin/hosts", { headers: ADMIN })).json()) as {
+    data: { url: string; down_until: number; last_error?: string }[];
+  };
+  return hosts.data.find((h) => h.url === url)!;
+}
+
+/** Waits until `check` holds (for effects that finish after the response, e.g. closes sent in the background). */
+export async function eventually(check: () => boolean, what: string, ms = 2000): Promise<void> {
+  const until = Date.now() + ms;
+  while (!check()) {
+    if (Date.now() > until) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
