@@ -1,26 +1,23 @@
 // An answer in OpenAI's chat completion format, streamed (chat.completion.chunk frames, then
 // `data: [DONE]`) or whole (chat.completion with usage). Shared by /v1/chat/completions and
-// /v1/sessions/{id}/messages. The prompt is already prefilled; this runs the generation.
+// /v1/sessions/{id}/messages. The prompt is already prefilled; this runs the generation on the
+// lease's link (the lease is ended by the stream, or by withHost for a whole answer).
 import type { HostMessage } from "@pyramidkv/shared";
 
-import type { HostLink } from "./host-link.js";
+import type { HostLease } from "./host-lease.js";
 import { finishReason, generate, randomId } from "./serve.js";
-import { sseResponse } from "./sse.js";
 import type { Sampling } from "./validate.js";
 
 export interface CompletionJob {
-  link: HostLink;
+  /** the host link, held until the generation ends (host-lease.ts) */
+  lease: HostLease;
   session: string;
   model: string;
   promptTokens: number;
   sampling: Sampling;
   includeUsage: boolean;
-  /** runs after the generation (success or not), e.g. closing an ephemeral session */
-  after: (done: HostMessage<"done"> | undefined, error: unknown) => Promise<void>;
-  /** the client went away mid-stream (default: close the link, which cancels on the host) */
-  onCancel?: () => void;
-  /** the client's request: its signal aborts when the client disconnects */
-  signal?: AbortSignal;
+  /** runs when the generation ends, however it ends (e.g. recording whether the turn was left open) */
+  after?: (done: HostMessage<"done"> | undefined) => Promise<unknown>;
   /** extra top-level fields of every chunk / the completion (e.g. session) */
   extra?: Record<string, unknown>;
 }
@@ -42,49 +39,40 @@ export function streamCompletion(job: CompletionJob): Response {
     ...job.extra,
     choices: [{ index: 0, delta, logprobs: null, finish_reason: finish }],
   });
-  return sseResponse(
-    async (sse) => {
-      let done: HostMessage<"done"> | undefined;
-      try {
-        sse.data(chunk({ role: "assistant", content: "" }, null));
-        done = await generate(job.link, job.session, job.sampling, (text) => sse.data(chunk({ content: text }, null)));
-        sse.data(chunk({}, finishReason(done.reason)));
-        if (job.includeUsage)
-          sse.data({
-            id,
-            object: "chat.completion.chunk",
-            created,
-            model: job.model,
-            ...job.extra,
-            choices: [],
-            usage: usageOf(job, done),
-          });
-        sse.done();
-      } catch (e) {
-        await job.after(done, e);
-        throw e;
-      }
-      await job.after(done, undefined);
-    },
-    () => {
-      // The client went away: closing the link cancels the generation on the host.
-      if (job.onCancel) job.onCancel();
-      else job.link.close();
-    },
-    job.signal,
-  );
+  // The client going away ends the lease, which closes the link: that cancels the generation on the host.
+  return job.lease.sse(async (sse) => {
+    let done: HostMessage<"done"> | undefined;
+    try {
+      sse.data(chunk({ role: "assistant", content: "" }, null));
+      done = await generate(job.lease.link, job.session, job.sampling, (text) =>
+        sse.data(chunk({ content: text }, null)),
+      );
+      sse.data(chunk({}, finishReason(done.reason)));
+      if (job.includeUsage)
+        sse.data({
+          id,
+          object: "chat.completion.chunk",
+          created,
+          model: job.model,
+          ...job.extra,
+          choices: [],
+          usage: usageOf(job, done),
+        });
+      sse.done();
+    } finally {
+      await job.after?.(done);
+    }
+  });
 }
 
 export async function wholeCompletion(job: CompletionJob): Promise<Record<string, unknown>> {
   let text = "";
-  let done: HostMessage<"done">;
+  let done: HostMessage<"done"> | undefined;
   try {
-    done = await generate(job.link, job.session, job.sampling, (t) => (text += t));
-  } catch (e) {
-    await job.after(undefined, e);
-    throw e;
+    done = await generate(job.lease.link, job.session, job.sampling, (t) => (text += t));
+  } finally {
+    await job.after?.(done);
   }
-  await job.after(done, undefined);
   return {
     id: randomId("chatcmpl-"),
     object: "chat.completion",

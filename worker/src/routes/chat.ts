@@ -4,62 +4,34 @@
 // generated, closed.
 import { Hono } from "hono";
 
-import { tenantStub } from "../auth.js";
 import { renderPrompt } from "../chat.js";
 import { streamCompletion, wholeCompletion } from "../completion.js";
 import type { AppEnv } from "../env.js";
 import { noHost } from "../errors.js";
-import type { HostLink } from "../host-link.js";
-import { connectBest, rankHosts, reportFailure } from "../routing.js";
-import { appendText, applyTenant, modelId, randomId } from "../serve.js";
+import { withHost } from "../host-lease.js";
+import { rankHosts } from "../routing.js";
+import { appendText, modelId, randomId } from "../serve.js";
 import { chatRequest, jsonBody } from "../validate.js";
 
 export const chat = new Hono<AppEnv>();
 
 chat.post("/chat/completions", jsonBody(chatRequest), async (c) => {
   const req = c.req.valid("json");
-  const tenant = c.get("tenant");
-  const cfg = await tenantStub(c.env, tenant).config();
-  const prompt = renderPrompt(req.turns);
   const session = randomId("chat-");
-  let link: HostLink | undefined;
-  try {
-    link = await connectBest(c.env, tenant);
-    await applyTenant(link, cfg);
-    await link.call({ type: "open_session", session, method: req.kv.method, budget: req.kv.budget }, "opened");
-    const appended = await appendText(c.env, link, session, prompt);
-    const l = link;
+  // The session is closed on the host after the answer, and when anything fails or the client leaves.
+  return withHost(c, { opens: session, ephemeral: true }, async (lease) => {
+    await lease.link.call({ type: "open_session", session, method: req.kv.method, budget: req.kv.budget }, "opened");
+    const appended = await appendText(c.env, lease.link, session, renderPrompt(req.turns));
     const job = {
-      link: l,
+      lease,
       session,
       model: req.model,
       promptTokens: appended.tokens_seen,
       sampling: req.sampling,
       includeUsage: req.includeUsage,
-      signal: c.req.raw.signal,
-      after: async (_done: unknown, error: unknown) => {
-        await reportFailure(c.env, l, error);
-        if (l.alive) await l.send({ type: "close", session }).catch(() => {});
-        l.close();
-      },
-      // Close the ephemeral session (which cancels its generation), then the connection.
-      // waitUntil: the invocation outlives the client for that close.
-      onCancel: () =>
-        c.executionCtx.waitUntil(
-          l
-            .send({ type: "close", session })
-            .catch(() => {})
-            .finally(() => l.close()),
-        ),
     };
-    if (req.stream) return streamCompletion(job);
-    return c.json(await wholeCompletion(job));
-  } catch (e) {
-    await reportFailure(c.env, link, e);
-    if (link?.alive) await link.send({ type: "close", session }).catch(() => {});
-    link?.close();
-    throw e;
-  }
+    return req.stream ? streamCompletion(job) : c.json(await wholeCompletion(job));
+  });
 });
 
 chat.get("/models", async (c) => {

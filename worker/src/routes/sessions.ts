@@ -11,9 +11,8 @@ import { streamCompletion, wholeCompletion } from "../completion.js";
 import type { AppEnv, Env } from "../env.js";
 import { ApiError, notFound } from "../errors.js";
 import type { HostLink } from "../host-link.js";
-import { connectBest, connectTo, reportFailure } from "../routing.js";
-import { appendText, applyTenant, modelId, type Progress, randomId } from "../serve.js";
-import { sseResponse } from "../sse.js";
+import { withHost } from "../host-lease.js";
+import { appendText, modelId, randomId } from "../serve.js";
 import type { SessionRecord } from "../tenant.js";
 import { jsonBody, messageRequest, sessionRequest } from "../validate.js";
 
@@ -68,114 +67,62 @@ sessions.post("/", jsonBody(sessionRequest), async (c) => {
     { role: "system", content: req.system ?? DEFAULT_SYSTEM },
     { role: "user", content: req.document },
   ]);
-  let link: HostLink | undefined;
-  const fail = async (e: unknown) => {
-    await reportFailure(c.env, link, e);
-    if (link?.alive) await link.send({ type: "close", session: id }).catch(() => {});
-    link?.close();
-    await stub.dropSession(id);
-  };
-  let rec: SessionRecord;
-  try {
-    link = await connectBest(c.env, tenant);
-    await applyTenant(link, await stub.config());
-    const opened = await link.call(
+  // A failed upload, or a client that leaves during it, closes the session on the host and gives the slot back.
+  return withHost(c, { opens: id, onFailure: () => stub.dropSession(id) }, async (lease) => {
+    const opened = await lease.link.call(
       { type: "open_session", session: id, method: req.kv.method, budget: req.kv.budget },
       "opened",
     );
-    rec = (await stub.updateSession(id, { host: link.url, kv_budget: opened.budget }))!;
-  } catch (e) {
-    await fail(e);
-    throw e;
-  }
-  const l = link;
-  const upload = async (onProgress?: (p: Progress) => void) => {
-    try {
-      await appendText(c.env, l, id, text, onProgress);
-      const obj = await sessionObject(l, rec);
-      l.close();
-      return obj;
-    } catch (e) {
-      await fail(e);
-      throw e;
+    const rec = (await stub.updateSession(id, { host: lease.link.url, kv_budget: opened.budget }))!;
+    if (!req.stream) {
+      await appendText(c.env, lease.link, id, text);
+      return c.json(await sessionObject(lease.link, rec), 201);
     }
-  };
-  if (!req.stream) return c.json(await upload(), 201);
-  return sseResponse(
-    async (sse) => {
-      const obj = await upload((p) => sse.event("progress", p));
-      sse.event("session", obj);
+    return lease.sse(async (sse) => {
+      await appendText(c.env, lease.link, id, text, (p) => sse.event("progress", p));
+      sse.event("session", await sessionObject(lease.link, rec));
       sse.done();
-    },
-    () => void fail(new Error("client disconnected")),
-    c.req.raw.signal,
-  );
+    });
+  });
 });
 
 sessions.get("/:id", sessionParam, async (c) => {
   const rec = c.req.valid("param");
-  const link = await connectTo(c.env, rec.host, c.get("tenant"));
-  try {
-    return c.json(await sessionObject(link, rec));
-  } catch (e) {
-    await reportFailure(c.env, link, e);
-    throw e;
-  } finally {
-    link.close();
-  }
+  return c.json(
+    await withHost(c, { host: rec.host, tenantSettings: false }, (lease) => sessionObject(lease.link, rec)),
+  );
 });
 
 sessions.delete("/:id", sessionParam, async (c) => {
-  const tenant = c.get("tenant");
   const rec = c.req.valid("param");
-  let hostClosed = false;
-  try {
-    const link = await connectTo(c.env, rec.host, tenant);
-    try {
-      const f = await link.send({ type: "close", session: rec.id });
-      hostClosed = f.type === "closed" || (f.type === "error" && f.code === "unknown_session");
-    } finally {
-      link.close();
-    }
-  } catch {
-    // The host is gone: its sessions went with it; forget the record anyway.
-  }
-  await tenantStub(c.env, tenant).dropSession(rec.id);
+  const hostClosed = await withHost(c, { host: rec.host, tenantSettings: false }, async ({ link }) => {
+    const f = await link.send({ type: "close", session: rec.id });
+    return f.type === "closed" || (f.type === "error" && f.code === "unknown_session");
+  }).catch(() => false); // the host is gone: its sessions went with it; forget the record anyway
+  await tenantStub(c.env, c.get("tenant")).dropSession(rec.id);
   return c.json({ id: rec.id, object: "session.deleted", deleted: true, host_closed: hostClosed });
 });
 
 sessions.post("/:id/messages", sessionParam, jsonBody(messageRequest), async (c) => {
-  const tenant = c.get("tenant");
   const rec = c.req.valid("param");
   const req = c.req.valid("json");
-  const stub = tenantStub(c.env, tenant);
-  const link = await connectTo(c.env, rec.host, tenant);
-  try {
-    await applyTenant(link, await stub.config());
-    const before = await link.call({ type: "stats", session: rec.id }, "stats_result");
+  const stub = tenantStub(c.env, c.get("tenant"));
+  return withHost(c, { host: rec.host }, async (lease) => {
+    const before = await lease.link.call({ type: "stats", session: rec.id }, "stats_result");
     const prompt = renderPrompt([{ role: "user", content: req.content }], { continues: true, openTurn: rec.open_turn });
-    const appended = await appendText(c.env, link, rec.id, prompt);
+    const appended = await appendText(c.env, lease.link, rec.id, prompt);
     const job = {
-      link,
+      lease,
       session: rec.id,
-      model: modelId(link.hello.model),
+      model: modelId(lease.link.hello.model),
       promptTokens: appended.tokens_seen - (before.tokens_seen ?? 0),
       sampling: req.sampling,
       includeUsage: req.includeUsage,
-      signal: c.req.raw.signal,
       extra: { session: rec.id },
-      after: async (done: { reason: string } | undefined, error: unknown) => {
-        await reportFailure(c.env, link, error);
-        // An answer cut short (max_tokens, a stop string, a disconnect) leaves the turn open.
-        await stub.updateSession(rec.id, { open_turn: done?.reason !== "end" });
-        link.close();
-      },
+      // An answer cut short (max_tokens, a stop string, a disconnect) leaves the turn open.
+      after: (done: { reason: string } | undefined) =>
+        stub.updateSession(rec.id, { open_turn: done?.reason !== "end" }),
     };
-    if (req.stream) return streamCompletion(job);
-    return c.json(await wholeCompletion(job));
-  } catch (e) {
-    await reportFailure(c.env, link, e);
-    link.close();
-    throw e;
-  }
+    return req.stream ? streamCompletion(job) : c.json(await wholeCompletion(job));
+  });
 });

@@ -1,0 +1,136 @@
+// A request's use of one GPU host, start to end, in one place: connect (the session's own host, or
+// the live host with the most free KV for a new session), pass the tenant's settings, do the work,
+// and when the work ends — done, failed, or the client went away — report a host that went away
+// (out of routing for 30 s, registry.ts), close on the host a session the work opened, close the
+// link, and roll back what the edge recorded. Routes say only what the work is (withHost).
+//
+// dial() is the one place that obtains a link to a host: today the edge dials the host (routing.ts,
+// host-link.ts); hosts dialling in would change dial() and nothing else.
+import type { Context } from "hono";
+
+import { tenantStub } from "./auth.js";
+import type { AppEnv, Env } from "./env.js";
+import type { HostLink } from "./host-link.js";
+import { connectBest, connectTo, reportFailure } from "./routing.js";
+import { applyTenant } from "./serve.js";
+import { type SseSink, sseResponse } from "./sse.js";
+
+export interface HostPlan {
+  /** the host holding the session; absent: the live host with the most free KV (a new session) */
+  host?: string;
+  /** the tenant whose work this is; default the request's (set by requireKey) */
+  tenant?: string;
+  /** pass the tenant's KV quota and policy to the host first (set_tenant); false for reads and closes */
+  tenantSettings?: boolean;
+  /** a host session the work opens: closed on the host when the work fails or the client leaves */
+  opens?: string;
+  /** close `opens` when the work succeeds too (a chat completion's ephemeral session) */
+  ephemeral?: boolean;
+  /** rolls back the edge's own records when the work fails or the client leaves, even before a host was reached */
+  onFailure?: () => Promise<unknown>;
+}
+
+/** The link to a host for a plan: the session's host, or the best one for a new session. */
+function dial(env: Env, tenant: string, host: string | undefined): Promise<HostLink> {
+  return host === undefined ? connectBest(env, tenant) : connectTo(env, host, tenant);
+}
+
+/** The link held for one piece of work, and how that work ends. Ending is idempotent: the first end counts. */
+export class HostLease {
+  private ending?: Promise<void>;
+  private held = false;
+
+  constructor(
+    readonly link: HostLink,
+    private readonly env: Env,
+    private readonly plan: HostPlan,
+    private readonly background: (p: Promise<unknown>) => void,
+    private readonly signal?: AbortSignal,
+  ) {}
+
+  /** The work succeeded. */
+  end(): Promise<void> {
+    this.ending ??= this.finish(false, undefined);
+    return this.ending;
+  }
+
+  /** The work failed with `error`. */
+  fail(error: unknown): Promise<void> {
+    this.ending ??= this.finish(true, error);
+    return this.ending;
+  }
+
+  /** The client went away: the work ends now, in the background (closing the link cancels it on the host). */
+  cancel(): void {
+    this.background(this.fail(new Error("client disconnected")));
+  }
+
+  /** Kept open after withHost's work returned: whoever holds it ends it (a stream). */
+  get isHeld(): boolean {
+    return this.held;
+  }
+
+  /**
+   * An SSE response that holds the lease until `run` ends (an error in it fails the lease) or the
+   * client leaves (cancel). Connect, settings and anything awaited before this call happen before
+   * the response starts, so their errors are HTTP statuses; errors in `run` are error frames.
+   */
+  sse(run: (sink: SseSink) => Promise<void>): Response {
+    this.held = true;
+    return sseResponse(
+      async (sink) => {
+        try {
+          await run(sink);
+        } catch (e) {
+          await this.fail(e);
+          throw e;
+        }
+        await this.end();
+      },
+      () => this.cancel(),
+      this.signal,
+    );
+  }
+
+  private async finish(failed: boolean, error: unknown): Promise<void> {
+    const { link, plan } = this;
+    try {
+      if (failed) await reportFailure(this.env, link, error);
+      if (plan.opens !== undefined && (failed || plan.ephemeral) && link.alive)
+        await link.send({ type: "close", session: plan.opens }).catch(() => {});
+    } finally {
+      link.close();
+    }
+    if (failed) await plan.onFailure?.();
+  }
+}
+
+/**
+ * Runs `work` on a host chosen by `plan`. A failure anywhere (connect, settings, work) ends the
+ * lease as failed and is rethrown; success ends it, unless the work handed the lease to a stream
+ * (lease.sse), which ends it when the stream does.
+ */
+export async function withHost<T>(
+  c: Context<AppEnv>,
+  plan: HostPlan,
+  work: (lease: HostLease) => Promise<T>,
+): Promise<T> {
+  const tenant = plan.tenant ?? c.get("tenant");
+  let link: HostLink;
+  try {
+    link = await dial(c.env, tenant, plan.host);
+  } catch (e) {
+    await plan.onFailure?.();
+    throw e;
+  }
+  const lease = new HostLease(link, c.env, plan, (p) => c.executionCtx.waitUntil(p), c.req.raw.signal);
+  try {
+    if (plan.tenantSettings !== false) await applyTenant(link, await tenantStub(c.env, tenant).config());
+    const result = await work(lease);
+    if (!lease.isHeld) await lease.end();
+    return result;
+  } catch (e) {
+    await lease.fail(e);
+    throw e;
+  }
+}
