@@ -1,14 +1,15 @@
 // The edge worker: a streaming chat API for long contexts on Cloudflare Workers (Miniflare
-// locally). Auth and quotas as middleware, one file per route group, GPU hosts dialled over
-// WebSocket (host-link.ts). docs/WORKER.md is the contract.
+// locally). Auth and quotas as middleware, one file per route group with its body validators
+// (validate.ts), GPU hosts used through one lifecycle (host-lease.ts). docs/WORKER.md is the contract.
 import { Hono } from "hono";
 
 import { requireKey } from "./auth.js";
 import type { AppEnv } from "./env.js";
 import { ApiError, errorResponse } from "./errors.js";
-import { admin, tenantUsage } from "./routes/admin.js";
+import { admin } from "./routes/admin.js";
 import { chat } from "./routes/chat.js";
 import { sessions } from "./routes/sessions.js";
+import { usage } from "./routes/usage.js";
 
 export { HostRegistry } from "./registry.js";
 export { TenantState } from "./tenant.js";
@@ -35,7 +36,7 @@ app.get("/", (c) =>
 app.use("/v1/*", requireKey);
 app.route("/v1", chat);
 app.route("/v1/sessions", sessions);
-app.get("/v1/usage", async (c) => c.json(await tenantUsage(c.env, c.get("tenant"))));
+app.route("/v1/usage", usage);
 app.route("/admin", admin);
 
 export default app;

@@ -94,7 +94,9 @@ export const answer: Handler = (m, reply) => {
         type: "stats_result",
         id: m.id,
         tenant: m.tenant,
-        ...(m.session ? { session: m.session, tokens_seen: 10, kv_bytes: 640 } : {}),
+        ...(m.session
+          ? { session: m.session, tokens_seen: 10, kv_bytes: 640 }
+          : { kv_used_bytes: 640, kv_quota_bytes: 1 << 20, sessions: 1, offloaded: 0 }),
       });
     case "close":
       return reply({ type: "closed", id: m.id, session: m.session });

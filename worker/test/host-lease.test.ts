@@ -111,4 +111,19 @@ describe("host lifecycle", () => {
     expect((await call(`/v1/sessions/${id}`, { ...as(key), method: "DELETE" })).status).toBe(200);
     expect(host.types().slice(-1)).toEqual(["close"]);
   });
+
+  it("GET /v1/usage: the tenant's stats from each host, on a link of its own, closed after", async () => {
+    const u = (await (await call("/v1/usage", as(key))).json()) as { tenant: string; hosts: unknown[] };
+    expect(u.tenant).toBe("lease");
+    expect(u.hosts).toContainEqual({
+      host: host.url,
+      kv_used_bytes: 640,
+      kv_quota_bytes: 1 << 20,
+      sessions: 1,
+      offloaded: 0,
+    });
+    expect(host.types()).toEqual(["stats"]);
+    expect(host.frames[0]).toMatchObject({ tenant: "lease" });
+    await eventually(() => host.closedByEdge === 1, "the edge to close the link");
+  });
 });

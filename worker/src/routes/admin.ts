@@ -4,13 +4,13 @@ import { Hono, type MiddlewareHandler } from "hono";
 import { validator } from "hono/validator";
 
 import { newApiKey, sha256Hex, storeKey, tenantStub } from "../auth.js";
-import type { AppEnv, Env } from "../env.js";
+import type { AppEnv } from "../env.js";
 import { ApiError, invalid, notFound } from "../errors.js";
-import { HostLink } from "../host-link.js";
 import { normaliseHostUrl } from "../registry.js";
 import { probe, registry } from "../routing.js";
 import type { TenantConfig } from "../tenant.js";
 import { jsonBody } from "../validate.js";
+import { tenantUsage } from "./usage.js";
 
 /** admin bodies are a few fields */
 const ADMIN_MAX_BODY_BYTES = 1 << 16;
@@ -48,49 +48,6 @@ function limit(o: Record<string, unknown>, name: string): number | undefined {
   if (typeof v !== "number" || !Number.isSafeInteger(v) || v < 0)
     throw invalid(name, `'${name}': ${JSON.stringify(v)} is not an integer >= 0`);
   return v;
-}
-
-/** A tenant's usage at the edge and on every healthy host (KV bytes used vs quota). */
-export async function tenantUsage(env: Env, tenant: string) {
-  const { config, sessions, requests_last_minute } = await tenantStub(env, tenant).usage();
-  const hosts = await registry(env).list();
-  const perHost = await Promise.all(
-    hosts
-      .filter((h) => h.down_until <= Date.now())
-      .map(async (h) => {
-        try {
-          const link = await HostLink.connect(h.url, env.EDGE_SECRET ?? "", tenant);
-          try {
-            const st = await link.call({ type: "stats" }, "stats_result");
-            return {
-              host: h.url,
-              kv_used_bytes: st.kv_used_bytes ?? 0,
-              kv_quota_bytes: st.kv_quota_bytes ?? 0,
-              sessions: st.sessions ?? 0,
-              offloaded: st.offloaded ?? 0,
-            };
-          } finally {
-            link.close();
-          }
-        } catch (e) {
-          return { host: h.url, error: e instanceof Error ? e.message : String(e) };
-        }
-      }),
-  );
-  return {
-    tenant,
-    limits: config,
-    requests_last_minute,
-    sessions: sessions.length,
-    session_list: sessions.map((s) => ({
-      id: s.id,
-      host: s.host,
-      kv_method: s.kv_method,
-      kv_budget: s.kv_budget,
-      created: s.created,
-    })),
-    hosts: perHost,
-  };
 }
 
 export const admin = new Hono<AppEnv>();
@@ -142,7 +99,7 @@ admin.get("/tenants", async (c) => {
 
 admin.get("/tenants/:name", tenantParam, async (c) => {
   const name = c.req.valid("param");
-  const usage = await tenantUsage(c.env, name);
+  const usage = await tenantUsage(c, name);
   if (!usage.limits) throw notFound(`no tenant '${name}'`, "tenant_not_found");
   return c.json(usage);
 });

@@ -1,0 +1,48 @@
+// GET /v1/usage: the calling tenant's limits, requests in the last minute, sessions, and per host
+// the KV bytes it uses vs its quota. The same report is the admin's GET /admin/tenants/{name}.
+import { type Context, Hono } from "hono";
+
+import { tenantStub } from "../auth.js";
+import type { AppEnv } from "../env.js";
+import { withHost } from "../host-lease.js";
+import { registry } from "../routing.js";
+
+/** A tenant's usage at the edge and on every host not marked down (KV bytes used vs quota, from each host's stats). */
+export async function tenantUsage(c: Context<AppEnv>, tenant: string) {
+  const { config, sessions, requests_last_minute } = await tenantStub(c.env, tenant).usage();
+  const hosts = await registry(c.env).list();
+  const perHost = await Promise.all(
+    hosts
+      .filter((h) => h.down_until <= Date.now())
+      .map((h) =>
+        withHost(c, { host: h.url, tenant, tenantSettings: false }, async ({ link }) => {
+          const st = await link.call({ type: "stats" }, "stats_result");
+          return {
+            host: h.url,
+            kv_used_bytes: st.kv_used_bytes ?? 0,
+            kv_quota_bytes: st.kv_quota_bytes ?? 0,
+            sessions: st.sessions ?? 0,
+            offloaded: st.offloaded ?? 0,
+          };
+        }).catch((e: unknown) => ({ host: h.url, error: e instanceof Error ? e.message : String(e) })),
+      ),
+  );
+  return {
+    tenant,
+    limits: config,
+    requests_last_minute,
+    sessions: sessions.length,
+    session_list: sessions.map((s) => ({
+      id: s.id,
+      host: s.host,
+      kv_method: s.kv_method,
+      kv_budget: s.kv_budget,
+      created: s.created,
+    })),
+    hosts: perHost,
+  };
+}
+
+export const usage = new Hono<AppEnv>();
+
+usage.get("/", async (c) => c.json(await tenantUsage(c, c.get("tenant"))));
