@@ -7,12 +7,17 @@ import { join } from "node:path";
 import { after, before, test } from "node:test";
 
 import { runAdmin } from "@pyramidkv/gpu-host/admin";
-import { DEFAULT_NEEDLE, directoryHaystack, generatedFiller, insertNeedle } from "@pyramidkv/gpu-host/haystack";
+import {
+  DEFAULT_NEEDLE,
+  directoryHaystack,
+  essaysDir,
+  generatedFiller,
+  insertNeedle,
+} from "@pyramidkv/gpu-host/haystack";
 import { type Stack, startStack } from "@pyramidkv/gpu-host/stack";
 import { readSse } from "@pyramidkv/gpu-host/sse";
 import OpenAI from "openai";
 
-const HAYSTACK_DIR = join(import.meta.dirname, "..", "..", "..", "shared", "data", "haystack", "paul_graham_essays");
 const PIECE_BYTES = 4096;
 const MAX_BODY = 1 << 20;
 
@@ -170,7 +175,7 @@ test("chat completions through the openai client: whole and streamed give the sa
 test("a long document (~3.5k tokens) uploaded in pieces with progress answers two streamed questions", {
   timeout: 600_000,
 }, async () => {
-  const hay = existsSync(HAYSTACK_DIR) ? directoryHaystack(HAYSTACK_DIR, 15_000) : generatedFiller(15_000);
+  const hay = existsSync(essaysDir()) ? directoryHaystack(essaysDir(), 15_000) : generatedFiller(15_000);
   const document = insertNeedle(hay, DEFAULT_NEEDLE, 50);
   const res = await api("alpha", "POST", "/v1/sessions", {
     document,
