@@ -8,6 +8,7 @@ import { test } from "node:test";
 
 import { COMMANDS, type Io, pkv } from "../src/cli.js";
 import { repoRoot } from "../src/engine/engine-path.js";
+import { runAdmin } from "../src/stack/admin.js";
 
 async function run(...argv: string[]): Promise<{ code: number; out: string; err: string }> {
   const out: string[] = [];
@@ -94,6 +95,9 @@ test("a bad integer names the flag, the value and the range, before the command 
     assert.equal(r.code, 2, argv.join(" "));
     assert.equal(r.err, `error: ${message}\n`, argv.join(" "));
   }
+  // the package export for callers holding raw arguments rejects its promise (it never throws)
+  const pending = runAdmin(["tenant", "set", "acme", "--rpm", "1.5"], () => {});
+  await assert.rejects(pending, { message: "--rpm: '1.5' is not an integer >= 0" });
   const unknown = await run("dev", "--nope");
   assert.equal(unknown.code, 2);
   assert.match(unknown.err, /^error: Unknown option '--nope'/);

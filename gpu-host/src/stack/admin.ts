@@ -41,8 +41,8 @@ const ADMIN_FLAGS = {
   help: bool(),
 };
 
-/** `pkv admin ARGS`, for callers that hold the raw arguments (the end-to-end tests). */
-export function runAdmin(
+/** `pkv admin ARGS`, for callers that hold the raw arguments (the end-to-end tests); bad flags reject. */
+export async function runAdmin(
   argv: string[],
   print: (s: string) => void = (s) => process.stdout.write(`${s}\n`),
 ): Promise<number> {
