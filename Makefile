@@ -82,7 +82,7 @@ test-ts:
 	node --test --test-reporter=spec "shared/dist/test/"*.test.js "gpu-host/dist/test/"*.test.js
 
 # Worker unit tests inside the Workers runtime (vitest pool for Workers), and its type check with
-# workers-types (tests included).
+# the types `wrangler types` generated (worker/worker-configuration.d.ts; tests included).
 test-worker: node
 	npx tsc -p worker/test/tsconfig.json
 	cd worker && npx vitest run

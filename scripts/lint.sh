@@ -17,3 +17,5 @@ echo "[lint] clang-format: ${#CPP[@]} C++ files" >&2
 "$CLANG_FORMAT" --dry-run --Werror --style=file "${CPP[@]}"
 echo "[lint] biome" >&2
 "$BIOME" ci .
+echo "[lint] versions" >&2
+node scripts/check-versions.mjs
