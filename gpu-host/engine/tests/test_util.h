@@ -4,7 +4,9 @@
 #include <gtest/gtest.h>
 
 #include <sys/wait.h>
+#include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -82,6 +84,27 @@ inline int count_lines(const std::string & s) {
     int n = 0;
     for (char c : s) n += c == '\n';
     return n + (!s.empty() && s.back() != '\n');
+}
+
+// Comparing logit rows (see docs/ENGINE.md, "Tests on any CPU", for which comparisons are exact).
+inline float max_abs_diff(const std::vector<float> & a, const std::vector<float> & b) {
+    EXPECT_EQ(a.size(), b.size());
+    float m = 0.0f;
+    for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) m = std::max(m, std::fabs(a[i] - b[i]));
+    return m;
+}
+
+inline float logit_range(const std::vector<float> & a) {
+    auto [lo, hi] = std::minmax_element(a.begin(), a.end());
+    return *hi - *lo;
+}
+
+// Top logit minus the runner-up: the greedy choice cannot flip under a perturbation of every
+// logit by less than half of it.
+inline float top2_margin(const std::vector<float> & l) {
+    std::vector<float> c = l;
+    std::partial_sort(c.begin(), c.begin() + 2, c.end(), std::greater<float>());
+    return c[0] - c[1];
 }
 
 // One Engine per (model path, threads) for the whole test binary (loading is the slow part).
