@@ -197,11 +197,11 @@ TEST(Serve, EveryBadFrameGetsAnErrorWhileAnotherSessionKeepsGenerating) {
     };
     for (const Bad & b : bad) e.send_raw(b.frame);
     std::vector<Value>       errors;
-    const std::vector<Value> seen = e.until([&](const Value & v) { return v.get_str("type", "") == "done"; });
-    int                      tokens_after_errors = 0;
+    const std::vector<Value> seen   = e.until([&](const Value & v) { return v.get_str("type", "") == "done"; });
+    uint64_t                 tokens = 0;
     for (const Value & v : seen) {
         if (v.get_str("type", "") == "error") errors.push_back(v);
-        if (v.get_str("type", "") == "token" && errors.size() == bad.size()) ++tokens_after_errors;
+        tokens += v.get_str("type", "") == "token";
     }
     while (errors.size() < bad.size()) {  // error frames that came after the generation finished
         const Value v = e.next(20000);
@@ -225,8 +225,15 @@ TEST(Serve, EveryBadFrameGetsAnErrorWhileAnotherSessionKeepsGenerating) {
         EXPECT_NE(err.at("message").as_str().find(bad[i].says), std::string::npos)
             << i << ": " << err.at("message").as_str();
     }
-    EXPECT_EQ(seen.back().at("reason").as_str(), "length");
-    EXPECT_EQ(seen.back().at("new_tokens").as_uint(), 40u) << "the generation ran to the end despite the bad frames";
+    // The generation ran to its end despite the bad frames: all 40 tokens, or fewer if the greedy
+    // text ends its turn first. Which one depends on the CPU: this text passes near-ties (top-2
+    // margins down to ~0.015 logits) that another instruction set may resolve otherwise
+    // (docs/ENGINE.md, "Tests on any CPU"), so both are accepted and the count checked either way.
+    const std::string reason     = seen.back().at("reason").as_str();
+    const uint64_t    new_tokens = seen.back().at("new_tokens").as_uint();
+    EXPECT_TRUE(reason == "length" ? new_tokens == 40u : reason == "end" && new_tokens < 40u)
+        << reason << " after " << new_tokens << " tokens";
+    EXPECT_EQ(tokens, new_tokens) << "one token frame per generated token";
 
     // An oversized frame cannot be skipped (its end is unknown): one error, then no more input,
     // but the engine finishes and exits cleanly.
@@ -254,6 +261,9 @@ TEST(Serve, ForkSaveRestoreAndCancelThroughFrames) {
         e.send(msg("generate", id).set("session", s).set("max_tokens", 12));
         return e.until_type("done", id).back().at("text").as_str();
     };
+    // b and c decode alone, over the same bytes with the same kernels: the same arithmetic, so
+    // equal text on any CPU. b is not empty on any CPU either: its first greedy token ("The") leads
+    // every end-of-turn token by ~10 logits, far more than CPUs' rounding can move a logit.
     const std::string b = generate(6, "b"), c = generate(7, "c");
     EXPECT_FALSE(b.empty());
     EXPECT_EQ(b, c) << "a restored session continues exactly like the original";
@@ -314,7 +324,7 @@ TEST(Serve, AStateLargerThanAFrameIsSavedAndRestoredInPieces) {
         e.send(msg("generate", gid).set("session", s).set("max_tokens", 6));
         return e.until_type("done", gid).back().at("text").as_str();
     };
-    EXPECT_EQ(generate(30, "big"), generate(31, "copy"));
+    EXPECT_EQ(generate(30, "big"), generate(31, "copy"));  // same bytes, same kernels: exact
     e.send(msg("stats", 32).set("session", "big"));
     // 3000 prompt tokens + 6 generated, the last of which enters the cache with the next request
     EXPECT_EQ(e.until_type("stats_result", 32).back().at("tokens_seen").as_uint(), 3005u)

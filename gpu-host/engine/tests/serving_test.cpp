@@ -26,6 +26,8 @@ CompressionParams params(const char * method, int budget) {
     return p;
 }
 
+// Exact equality: a restored session holds the same bytes (K/V f16 and logits copied verbatim)
+// and decodes with the same kernels over the same number of entries: the same arithmetic.
 TEST(Serving, SaveRestoreContinuesIdentically) {
     Engine &                   e      = engine_for(embedded_model());
     const std::vector<int32_t> prompt = chat_tokens(e.model(), 3000, 0, "What is this about?");
@@ -103,6 +105,16 @@ TEST(Serving, ChunkedPrefillNeverHoldsMoreThanBudgetPlusChunk) {
     }
 }
 
+// Batched decode against each session decoding alone, both fed the same (alone's greedy) tokens.
+// One graph for several sessions changes the arithmetic of one op only: every product with the
+// Q4_1 weights is one ggml vec_dot per (row, column) whatever the column count, and attention runs
+// per session over its own view; but the output projection (token_embd, Q8_0) takes llamafile's
+// tinyBLAS for >= 2 columns and ggml's vec_dot for one. Both sum the same exact int8 block products
+// in f32, in another order, so a logit may differ by a few f32 roundings of its ~20 block terms:
+// far below kBatchRel of the logit range (and equal on some CPUs), while a session that read
+// another's entries would be off by whole logits. So: logits within that bound at every step, and
+// the same greedy token wherever alone's top-2 margin exceeds twice the bound (a near-tie may
+// flip on some CPU). The K/V written stay bitwise equal, which keeps the comparison per step.
 TEST(Serving, BatchedDecodeGivesEachSessionItsOwnTokens) {
     Engine & e = engine_for(embedded_model());
     struct Case {
@@ -115,12 +127,18 @@ TEST(Serving, BatchedDecodeGivesEachSessionItsOwnTokens) {
         { params("snapkv", 96), chat_tokens(e.model(), 1800, 6000, "Who is the audience?") },
         { params("streamingllm", 64), chat_tokens(e.model(), 1200, 9000, "Give a title.") },
     };
-    const int                         steps = 16;
-    std::vector<std::vector<int32_t>> alone;
-    for (const Case & c : cases) {
-        Session s(e, c.p);
-        s.prefill(c.prompt);
-        alone.push_back(greedy_continue(s, steps));
+    constexpr float                              kBatchRel = 1e-4f;
+    const int                                    steps     = 16;
+    std::vector<std::vector<int32_t>>            alone(cases.size());
+    std::vector<std::vector<std::vector<float>>> alone_logits(cases.size());
+    for (size_t i = 0; i < cases.size(); ++i) {
+        Session s(e, cases[i].p);
+        s.prefill(cases[i].prompt);
+        for (int step = 0; step < steps; ++step) {
+            alone_logits[i].push_back(s.logits());
+            alone[i].push_back(argmax(s.logits()));
+            s.decode(alone[i].back());
+        }
     }
     std::vector<std::unique_ptr<Session>> sessions;
     std::vector<Session *>                ptrs;
@@ -129,20 +147,36 @@ TEST(Serving, BatchedDecodeGivesEachSessionItsOwnTokens) {
         sessions.back()->prefill(c.prompt);
         ptrs.push_back(sessions.back().get());
     }
-    std::vector<std::vector<int32_t>> batched(cases.size());
+    float worst    = 0;
+    int   decisive = 0;
     for (int step = 0; step < steps; ++step) {
         std::vector<int32_t> next;
         for (size_t i = 0; i < ptrs.size(); ++i) {
-            batched[i].push_back(argmax(ptrs[i]->logits()));
-            next.push_back(batched[i].back());
+            const std::vector<float> & want = alone_logits[i][step];
+            const float                tol  = kBatchRel * logit_range(want);
+            const float                diff = max_abs_diff(ptrs[i]->logits(), want);
+            worst                           = std::max(worst, diff / logit_range(want));
+            EXPECT_LE(diff, tol) << "session " << i << " (" << cases[i].p.method << "), step " << step;
+            if (top2_margin(want) > 2 * tol) {
+                ++decisive;
+                EXPECT_EQ(argmax(ptrs[i]->logits()), alone[i][step])
+                    << "session " << i << " (" << cases[i].p.method << "), step " << step;
+            }
+            next.push_back(alone[i][step]);
         }
         e.decode_batch(ptrs, next);
     }
-    for (size_t i = 0; i < cases.size(); ++i)
-        EXPECT_EQ(batched[i], alone[i]) << "session " << i << " (" << cases[i].p.method << ")";
+    std::printf(
+        "[batched] %zu sessions x %d steps: max |dlogit| %.2g of the range; greedy agrees on all %d steps "
+        "whose margin exceeds the bound\n",
+        cases.size(), steps, worst, decisive);
     EXPECT_THROW(e.decode_batch({ ptrs[0], ptrs[0] }, { 1, 2 }), Error);
 }
 
+// Exact equality: the fork's source and the independent session run the same prefill arithmetic
+// (scores are graph nodes beside the attention, the same for both), select from the same scores,
+// and keep K/V rows by copying (f16 → f32 → f16 is lossless): bitwise equal stores, so equal
+// logits and tokens on any CPU.
 TEST(Serving, ForkEqualsAnIndependentRun) {
     Engine &                   e      = engine_for(embedded_model());
     const std::vector<int32_t> prompt = chat_tokens(e.model(), 3500, 0, "What does the author recommend?");
