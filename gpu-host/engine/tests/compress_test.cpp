@@ -1,4 +1,4 @@
-// Tests for the compression methods (DESIGN §2): budgets against the published numbers and an
+// Tests for the compression methods (docs/DESIGN.md §2): budgets against the published numbers and an
 // independent transcription of the formula, selection on constructed attention patterns.
 #include <gtest/gtest.h>
 
@@ -166,7 +166,7 @@ TEST(PyramidBudgets, SingleLayerDoesNotDivideByZero) {
 
 namespace {
 
-// DESIGN §2, line by line, kept deliberately naive.
+// docs/DESIGN.md §2, line by line, kept deliberately naive.
 std::vector<int> design_reference(int L, int B, int n, int a, int beta) {
     std::vector<int> out;
     if (n < B) {
