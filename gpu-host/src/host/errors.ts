@@ -1,0 +1,37 @@
+// The host's error type and how an engine's failure becomes a host error frame.
+import type { HostErrorCode } from "@pyramidkv/shared";
+
+import { ENGINE_DIED, EngineRequestError } from "./engine.js";
+
+/** A request refused or failed by the host, answered as error{code, message}. */
+export class HostError extends Error {
+  constructor(
+    readonly code: HostErrorCode,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+// Engine error codes that mean the same on the host protocol; any other one is 'internal'.
+const PASSED_ON: readonly string[] = [
+  "invalid",
+  "unknown_session",
+  "session_exists",
+  "pool_full",
+  "context_full",
+  "busy",
+  "cancelled",
+  "too_large",
+];
+
+/** The error frame's code and message for anything a request threw. */
+export function errorCode(e: unknown): { code: HostErrorCode; message: string } {
+  if (e instanceof HostError) return { code: e.code, message: e.message };
+  if (e instanceof EngineRequestError) {
+    if (e.code === ENGINE_DIED)
+      return { code: "engine_restarted", message: `${e.message}; the session is restored from its last saved state` };
+    return { code: (PASSED_ON.includes(e.code) ? e.code : "internal") as HostErrorCode, message: e.message };
+  }
+  return { code: "internal", message: e instanceof Error ? e.message : String(e) };
+}
