@@ -1,5 +1,7 @@
 // Tenants and their KV quotas. A tenant's usage is the sum of what its resident sessions account
-// (sessions.ts decides what a session accounts); this module owns the limits and the arithmetic.
+// (account.ts decides what a session accounts, admission.ts whether it fits); this module owns the
+// limits and the arithmetic. Everything here that depends on the compression method (its name,
+// its defaults) is in this file and nowhere else in host/.
 import type { TenantLimits, TenantPolicy } from "./config.js";
 
 export interface TenantView extends TenantLimits {
@@ -19,6 +21,7 @@ export class Tenants {
 
   /** A tenant's limits (the defaults for an unconfigured one); quota 0 means the whole pool. */
   get(name: string): TenantView {
+    // issue 12: quota 0 = the whole pool lets that tenant's admission offload everyone else's sessions.
     const l = this.limits.get(name) ?? this.defaults;
     return { name, ...l, kvQuotaBytes: l.kvQuotaBytes === 0 ? this.poolBytes : l.kvQuotaBytes };
   }
@@ -34,6 +37,9 @@ export class Tenants {
     return this.get(name);
   }
 }
+
+/** The engine's defaults for open_session's absent fields (the engine's `open` applies the same). */
+export const OPEN_DEFAULTS = { method: "pyramidkv", budget: 128, window: 8 } as const;
 
 /** The KV geometry admission needs, from the engine's hello and stats. */
 export interface KvGeometry {
@@ -57,8 +63,14 @@ export function appendTokenBound(
 /** Extra KV bytes while `newTokens` are prefilled on top of the kept entries: at most one chunk
  * of uncompressed entries in every layer before the engine compresses it. */
 export function prefillPeakBytes(g: KvGeometry, newTokens: number): number {
+  // issue 12: FullKV keeps every prefilled token, so its peak is all of them, not one chunk (quota overshoot).
   const inFlight = g.chunkSize > 0 ? Math.min(newTokens, g.chunkSize) : newTokens;
   return g.nLayer * inFlight * g.bytesPerEntry;
+}
+
+/** Extra KV bytes while a generate runs: up to `maxTokens` new entries in every layer. */
+export function generatePeakBytes(g: KvGeometry, maxTokens: number): number {
+  return g.nLayer * maxTokens * g.bytesPerEntry;
 }
 
 /** Bytes a session reserves at open: its first append's peak, budget + min(prompt, chunk) entries
@@ -75,4 +87,20 @@ export function largestBudgetThatFits(g: KvGeometry, promptTokens: number, freeB
   const perLayer = Math.floor(freeBytes / (g.nLayer * g.bytesPerEntry));
   const budget = perLayer - inFlight;
   return budget > window ? budget : 0;
+}
+
+/** Policy auto at open_session: the largest budget whose reservation fits `freeBytes`, and that
+ * reservation; null when there is nothing to shrink (FullKV keeps every entry) or not even
+ * window + 1 entries fit. */
+export function autoBudget(
+  g: KvGeometry,
+  method: string,
+  promptTokens: number,
+  window: number,
+  freeBytes: number,
+): { budget: number; reservation: number } | null {
+  if (method === "full") return null;
+  const budget = largestBudgetThatFits(g, promptTokens, freeBytes, window);
+  if (budget === 0) return null;
+  return { budget, reservation: openReservationBytes(g, method, budget, promptTokens) };
 }

@@ -1,0 +1,203 @@
+// Admission without an engine: a table of fake sessions, an offload that the test controls, fixed
+// quotas and pool. Within the quota it admits; over it the tenant's least recently used idle
+// session goes first, then it refuses naming the numbers; busy sessions are never victims; other
+// tenants' sessions make room only for the pool; policy auto shrinks the budget; the per-tenant
+// lock keeps two admissions from both taking the last bytes.
+import assert from "node:assert/strict";
+import { test } from "node:test";
+
+import { KvAccount } from "../src/host/account.js";
+import { type Admissible, Admission } from "../src/host/admission.js";
+import { HostError } from "../src/host/errors.js";
+import { autoBudget, openReservationBytes } from "../src/host/tenants.js";
+
+class FakeSession implements Admissible {
+  readonly kv: KvAccount;
+  busy = false;
+  lost?: string;
+
+  constructor(
+    readonly tenant: string,
+    readonly id: string,
+    readonly lastUsed: number,
+    steady?: number,
+  ) {
+    this.kv = new KvAccount(steady ?? 0);
+    if (steady !== undefined) this.kv.opened();
+  }
+}
+
+/** A resident session of `steady` bytes, used last at `lastUsed`. */
+const resident = (tenant: string, id: string, steady: number, lastUsed: number) =>
+  new FakeSession(tenant, id, lastUsed, steady);
+
+/** A session being opened (busy, not in the engine yet). */
+function opening(tenant: string, id: string): FakeSession {
+  const s = new FakeSession(tenant, id, 1000);
+  s.busy = true;
+  return s;
+}
+
+function harness(table: FakeSession[], quotas: Record<string, number>, pool = 1 << 30) {
+  const offloaded: string[] = [];
+  const refused: string[] = [];
+  let offload = async (s: FakeSession) => {
+    offloaded.push(s.id);
+    s.kv.offloaded();
+    return true;
+  };
+  const admission = new Admission<FakeSession>({
+    sessions: () => table,
+    offload: (s) => offload(s),
+    quota: (tenant) => quotas[tenant] ?? Number.MAX_SAFE_INTEGER,
+    poolBytes: () => pool,
+    refused: (tenant) => refused.push(tenant),
+  });
+  return {
+    admission,
+    offloaded,
+    refused,
+    setOffload(f: (s: FakeSession) => Promise<boolean>) {
+      offload = f;
+    },
+  };
+}
+
+async function refusal(p: Promise<unknown>): Promise<HostError> {
+  const e = await p.then(
+    () => undefined,
+    (err: unknown) => err,
+  );
+  assert.ok(e instanceof HostError, `expected a HostError, got ${String(e)}`);
+  return e;
+}
+
+test("within the quota: admitted without offloading, the need reserved and accounted", async () => {
+  const a = resident("t", "a", 30, 1);
+  const s = opening("t", "s");
+  const h = harness([a, s], { t: 100 });
+  await h.admission.admit(s, 70);
+  assert.deepEqual(h.offloaded, []);
+  assert.equal(s.kv.reserved, 70);
+  assert.equal(h.admission.usage("t"), 100);
+  assert.equal(h.admission.usage(), 100);
+});
+
+test("over the quota: the tenant's least recently used idle sessions go first, busy and lost ones never; then quota_exceeded with the numbers", async () => {
+  const busyOld = resident("t", "busy", 20, 0);
+  busyOld.busy = true;
+  const lostOld = resident("t", "lost", 5, 0);
+  lostOld.lost = "the engine died before it was ever saved";
+  const a = resident("t", "a", 40, 3);
+  const b = resident("t", "b", 40, 1);
+  const s = opening("t", "s");
+  const h = harness([busyOld, lostOld, a, b, s], { t: 105 });
+  await h.admission.admit(s, 50); // 105 in use: b (least recently used) goes, still 65 + 50 > 105: a goes
+  assert.deepEqual(h.offloaded, ["b", "a"]);
+  assert.equal(h.admission.usage("t"), 20 + 5 + 50);
+
+  const s2 = opening("t", "s2");
+  const e = await refusal(h.admission.admit(s2, 90));
+  assert.equal(e.code, "quota_exceeded");
+  assert.equal(
+    e.message,
+    "tenant 't' needs 90 KV bytes for session 's2'; its quota is 105, 75 in use by busy sessions",
+  );
+  assert.deepEqual(h.offloaded, ["b", "a"], "the busy and the lost session stayed");
+  assert.deepEqual(h.refused, ["t"]);
+  assert.equal(s2.kv.reserved, 0, "nothing granted");
+
+  const s3 = opening("t", "s3"); // a refusal does not hold the tenant's lock
+  await h.admission.admit(s3, 30);
+  assert.equal(s3.kv.reserved, 30);
+});
+
+test("a resident session's request is granted as in-flight bytes on top of what it holds", async () => {
+  const s = resident("t", "s", 40, 1);
+  const h = harness([s], { t: 100 });
+  s.busy = true;
+  await h.admission.admit(s, s.kv.held + 60);
+  assert.equal(s.kv.inFlight, 60);
+  await refusal(h.admission.admit(s, s.kv.held + 61)); // its own bytes are not counted twice
+  assert.equal(h.refused.length, 1);
+});
+
+test("other tenants' idle sessions are offloaded for the pool, never for a tenant's quota", async () => {
+  const theirs = resident("u", "theirs", 60, 0);
+  const s = opening("t", "s");
+  const h = harness([theirs, s], { t: 100 }, 100);
+  const e = await refusal(h.admission.admit(s, 120));
+  assert.equal(e.code, "quota_exceeded");
+  assert.deepEqual(h.offloaded, [], "the other tenant's session is not offloaded for t's quota");
+
+  await h.admission.admit(s, 50); // within t's quota, but 60 + 50 > the pool of 100
+  assert.deepEqual(h.offloaded, ["theirs"]);
+  assert.equal(h.admission.usage(), 50);
+});
+
+test("policy auto: the budget shrinks to the largest that fits the tenant's free bytes; refused when none does", async () => {
+  const g = { nLayer: 30, bytesPerEntry: 768, chunkSize: 512 };
+  const quota = 3_500_000;
+  const other = resident("t", "other", 1_000_000, 0);
+  other.busy = true;
+  const s = opening("t", "s");
+  const h = harness([other, s], { t: quota });
+  let budget = 200;
+  const fit = (free: number) => {
+    const shrunk = autoBudget(g, "pyramidkv", 32, 8, free);
+    if (!shrunk) return null;
+    budget = shrunk.budget;
+    return shrunk.reservation;
+  };
+  await h.admission.admit(s, openReservationBytes(g, "pyramidkv", budget, 32), fit);
+  const free = quota - 1_000_000;
+  assert.equal(budget, Math.floor(free / (30 * 768)) - 32);
+  assert.equal(s.kv.reserved, openReservationBytes(g, "pyramidkv", budget, 32));
+  assert.ok(s.kv.reserved <= free);
+  assert.ok(openReservationBytes(g, "pyramidkv", budget + 1, 32) > free, "the largest budget that fits");
+
+  // Not even window + 1 entries (plus the prompt) fit beside a bigger busy session.
+  const crowd = resident("t", "crowd", quota - 30 * 768 * 40, 0);
+  crowd.busy = true;
+  const s2 = opening("t", "s2");
+  const tight = harness([crowd, s2], { t: quota });
+  const e = await refusal(tight.admission.admit(s2, openReservationBytes(g, "pyramidkv", 200, 32), fit));
+  assert.equal(e.code, "quota_exceeded");
+  assert.equal(autoBudget(g, "full", 32, 8, 1 << 30), null, "FullKV has no budget to shrink");
+});
+
+test("the per-tenant lock: two admissions cannot both take the tenant's last bytes while one waits for the pool", async () => {
+  // t's quota holds one of two 60-byte requests; the pool (150) needs u's idle session offloaded first.
+  const theirs = resident("u", "theirs", 100, 0);
+  const s1 = opening("t", "s1");
+  const s2 = opening("t", "s2");
+  const h = harness([theirs, s1, s2], { t: 100 }, 150);
+  let finishOffload!: () => void;
+  const offloadStarted = new Promise<void>((started) =>
+    h.setOffload(
+      (victim) =>
+        new Promise<boolean>((done) => {
+          victim.busy = true; // as residency.ts marks it while saving
+          started();
+          finishOffload = () => {
+            victim.kv.offloaded();
+            victim.busy = false;
+            done(true);
+          };
+        }),
+    ),
+  );
+  const first = h.admission.admit(s1, 60);
+  const second = h.admission.admit(s2, 60);
+  await offloadStarted;
+  // Meanwhile another tenant is not held up by t's lock.
+  const other = opening("v", "other");
+  await h.admission.admit(other, 10);
+  finishOffload();
+  await first;
+  const e = await refusal(second);
+  assert.equal(e.code, "quota_exceeded");
+  assert.equal(s1.kv.reserved, 60);
+  assert.equal(s2.kv.reserved, 0);
+  assert.ok(h.admission.usage("t") <= 100, `t accounts ${h.admission.usage("t")}`);
+});
