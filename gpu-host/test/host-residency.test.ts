@@ -1,0 +1,192 @@
+// Residency against a scripted engine: states cross in pieces (save from the next offset, restore
+// in half-frame pieces), offload saves and closes an idle session, a restore is admitted and
+// accounted (steady + the request's peak), a missing state loses the session, and sessions saved
+// by an earlier run are adopted as offloaded.
+import assert from "node:assert/strict";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { test } from "node:test";
+
+import { MAX_FRAME_BYTES } from "@pyramidkv/shared";
+
+import { Admission } from "../src/host/admission.js";
+import { EngineRequestError } from "../src/host/engine.js";
+import { HostError } from "../src/host/errors.js";
+import { HostMetrics } from "../src/host/metrics.js";
+import { Residency, restoreToEngine, type StateEngine, saveFromEngine } from "../src/host/residency.js";
+import { HostSession } from "../src/host/session.js";
+import { StateStore } from "../src/host/store.js";
+
+type Call = { type: string; session?: string; offset?: number; total?: number; state?: Uint8Array };
+
+/** Answers save/restore/open/close like the engine; `pieceBytes` caps each 'saved' piece. */
+class ScriptedEngine {
+  readonly calls: Call[] = [];
+  readonly states = new Map<string, Uint8Array>();
+  failing?: string;
+  /** called while a request is being answered (to look at the accounting mid-transfer) */
+  during?: (c: Call) => void;
+
+  constructor(private readonly pieceBytes = 1 << 30) {}
+
+  call = (async (msg: Call) => {
+    this.calls.push(msg);
+    this.during?.(msg);
+    if (msg.type === this.failing) throw new EngineRequestError("internal", `${msg.type} failed`);
+    const session = msg.session!;
+    if (msg.type === "save") {
+      const st = this.states.get(session) ?? new Uint8Array(0);
+      const at = msg.offset ?? 0;
+      return {
+        type: "saved",
+        id: 0,
+        session,
+        state: st.subarray(at, at + this.pieceBytes),
+        offset: at,
+        total: st.length,
+      };
+    }
+    if (msg.type === "restore")
+      return { type: "restored", id: 0, session, received: (msg.offset ?? 0) + msg.state!.length };
+    return { type: msg.type === "open" ? "opened" : "closed", id: 0, session };
+  }) as unknown as StateEngine["call"];
+}
+
+const bytes = (n: number) => Uint8Array.from({ length: n }, (_, i) => i % 251);
+
+function setup(engine: ScriptedEngine, store = new StateStore()) {
+  const sessions: HostSession[] = [];
+  const metrics = new HostMetrics();
+  const admission: Admission<HostSession> = new Admission<HostSession>({
+    sessions: () => sessions,
+    offload: (s): Promise<boolean> => residency.offload(s),
+    quota: () => 1 << 30,
+    poolBytes: () => 1 << 30,
+    refused: () => {},
+  });
+  const residency: Residency = new Residency(store, { ready: Promise.resolve(engine) }, admission, metrics);
+  const open = (id: string, steady: number) => {
+    const s = new HostSession("t", id, { method: "pyramidkv", budget: 64 });
+    s.kv.grant(steady);
+    s.kv.opened();
+    s.kv.settle(steady);
+    s.tokensSeen = 10;
+    s.dirty = true;
+    sessions.push(s);
+    return s;
+  };
+  return { residency, metrics, open, sessions };
+}
+
+test("a state crosses in pieces: save asks from each next offset, restore sends half-frame pieces in order", async () => {
+  const engine = new ScriptedEngine(4);
+  engine.states.set("t/a", bytes(10));
+  assert.deepEqual([...(await saveFromEngine(engine, "t/a"))], [...bytes(10)]);
+  assert.deepEqual(
+    engine.calls.map((c) => c.offset),
+    [0, 4, 8],
+  );
+
+  const big = bytes(Math.floor(MAX_FRAME_BYTES / 2) + 5);
+  const sink = new ScriptedEngine();
+  await restoreToEngine(sink, "t/a", big);
+  assert.deepEqual(
+    sink.calls.map((c) => [c.offset, c.state!.length, c.total]),
+    [
+      [0, Math.floor(MAX_FRAME_BYTES / 2), big.length],
+      [Math.floor(MAX_FRAME_BYTES / 2), 5, big.length],
+    ],
+  );
+  const empty = new ScriptedEngine();
+  await restoreToEngine(empty, "t/e", new Uint8Array(0));
+  assert.equal(empty.calls.length, 1, "an empty state is one (empty) piece");
+
+  const liar = new ScriptedEngine();
+  liar.call = (async () => ({ type: "saved", state: bytes(1), offset: 3, total: 9 })) as unknown as StateEngine["call"];
+  await assert.rejects(saveFromEngine(liar, "t/a"), (e: unknown) => e instanceof HostError && e.code === "internal");
+});
+
+test("offload saves a dirty idle session and closes it; restore is admitted at steady + peak and accounted", async () => {
+  const engine = new ScriptedEngine();
+  const { residency, metrics, open } = setup(engine);
+  const s = open("a", 2000);
+  engine.states.set("t/a", bytes(100));
+  assert.equal(await residency.offload(s), true);
+  assert.deepEqual(
+    engine.calls.map((c) => c.type),
+    ["save", "close"],
+  );
+  assert.deepEqual([s.resident, s.saved, s.dirty, s.busy], [false, true, false, false]);
+  assert.equal(s.kv.accounted(s.busy), 0);
+  assert.equal(metrics.offloads.get({ tenant: "t" }), 1);
+
+  let whileRestoring = -1;
+  engine.during = (c) => {
+    if (c.type === "restore") whileRestoring = s.kv.accounted(true);
+  };
+  s.pendingOps++; // the request that needs it
+  await residency.ensureResident(s, 300);
+  assert.equal(whileRestoring, 2300, "steady + the request's peak, reserved while restoring");
+  assert.deepEqual(engine.calls.at(-1)?.state, bytes(100));
+  assert.deepEqual([s.resident, s.dirty, s.kv.reserved, s.kv.inFlight], [true, false, 0, 300]);
+  assert.equal(s.kv.accounted(true), 2300);
+  assert.equal(metrics.restores.get({ tenant: "t" }), 1);
+  s.pendingOps--;
+});
+
+test("a busy session is not offloaded; a failed offload leaves it resident", async () => {
+  const engine = new ScriptedEngine();
+  const { residency, open } = setup(engine);
+  const s = open("a", 500);
+  s.pendingOps++;
+  assert.equal(await residency.offload(s), false);
+  assert.equal(engine.calls.length, 0);
+  s.pendingOps--;
+  engine.failing = "close";
+  assert.equal(await residency.offload(s), false);
+  assert.deepEqual([s.resident, s.busy], [true, false]);
+});
+
+test("a restore without a saved state loses the session; a failed restore releases its reservation", async () => {
+  const engine = new ScriptedEngine();
+  const { residency, open } = setup(engine);
+  const s = open("gone", 700);
+  s.kv.offloaded();
+  s.pendingOps++;
+  await assert.rejects(
+    residency.ensureResident(s, 10),
+    (e: unknown) => e instanceof HostError && e.code === "session_lost",
+  );
+  assert.equal(s.lost, "its saved state is missing");
+
+  const r = open("r", 700);
+  engine.states.set("t/r", bytes(8));
+  assert.equal(await residency.offload(r), true);
+  engine.failing = "restore";
+  r.pendingOps++;
+  await assert.rejects(residency.ensureResident(r, 10), EngineRequestError);
+  assert.deepEqual([r.resident, r.kv.reserved, r.kv.accounted(true)], [false, 0, 0]);
+});
+
+test("sessions an earlier host saved to the offload directory are adopted as offloaded", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "pkv-residency-"));
+  try {
+    const engine = new ScriptedEngine();
+    const first = setup(engine, new StateStore(dir));
+    const s = first.open("kept", 4096);
+    engine.states.set("t/kept", bytes(64));
+    assert.equal(await first.residency.offload(s), true);
+
+    const again = setup(engine, new StateStore(dir));
+    const [adopted, ...rest] = await again.residency.adopt();
+    assert.equal(rest.length, 0);
+    assert.deepEqual(
+      [adopted!.tenant, adopted!.id, adopted!.resident, adopted!.saved, adopted!.tokensSeen, adopted!.kv.steady],
+      ["t", "kept", false, true, 10, 4096],
+    );
+    assert.deepEqual(adopted!.params, { method: "pyramidkv", budget: 64 });
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
