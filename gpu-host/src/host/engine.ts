@@ -144,6 +144,7 @@ export class EngineProcess extends EventEmitter<{ exit: [code: number | null, si
 
   /** A request answered by one final frame (its type per FINAL); engine errors reject. */
   call<T extends FromEngineMessage["type"]>(msg: Request): Promise<Extract<FromEngineMessage, { type: T }>> {
+    // issue 12: no deadline; an engine that never answers holds the request for ever.
     const final = FINAL[msg.type]!;
     return new Promise((resolve, reject) => {
       this.request(
@@ -191,6 +192,7 @@ export class EngineProcess extends EventEmitter<{ exit: [code: number | null, si
   private route(m: FromEngineMessage): void {
     const id = "id" in m ? m.id : undefined;
     if (id === undefined) {
+      // issue 12: an error without an id leaves the request it meant hanging (and its prefill slot held).
       if (m.type === "error")
         process.stderr.write(`pkv host: engine error without a request: ${m.code}: ${m.message}\n`);
       return;

@@ -22,7 +22,8 @@ import { WebSocket, WebSocketServer } from "ws";
 import { verifyEdgeAuthorization } from "./auth.js";
 import type { HostConfig } from "./config.js";
 import type { HostMetrics } from "./metrics.js";
-import type { SessionHost, Sink } from "./sessions.js";
+import type { Sink } from "./session.js";
+import type { SessionHost } from "./sessions.js";
 
 // Messages up to this size are read and answered with a too_large error frame; larger ones make
 // ws close the connection (1009) without buffering them.

@@ -1,6 +1,13 @@
-// Sessions of all tenants: admission against quotas, the engine calls that serve them, offload
-// and transparent restore, checkpoints, and recovery when the engine dies. Frames in, frames out;
-// the WebSocket side is server.ts.
+// Sessions of all tenants: frames in, frames out (the WebSocket side is server.ts). This file
+// dispatches the requests, keeps each session's queue (appends and generates one at a time, in
+// arrival order), runs the operations (open, append, generate, cancel, close, stats) and the
+// housekeeping (idle offload, pool stats, the graceful stop). The rest has a module each:
+//   account.ts     what a session accounts (the rule below), one object per session
+//   admission.ts   quotas and the pool: LRU offload of idle sessions, policy auto, per-tenant lock
+//   residency.ts   save/restore in pieces, offload, restore on demand, adopt from the store
+//   pieces.ts      append pieces (more: true) until their final append
+//   supervisor.ts  the engine process, restarted with backoff; sessions back to their checkpoint
+//   tenants.ts     tenant limits and the sizes of requests (everything method-specific)
 //
 // Accounting (what a resident session counts against its tenant's quota, in KV bytes):
 //   max(steady, reservation) + in-flight
@@ -12,133 +19,44 @@
 // of one layer = 2 x n_head_kv x head_dim x 2 bytes (768 for SmolLM2-135M), from the engine's stats
 // (full_kv_bytes / tokens_seen / n_layer), page_bytes / 16 until the first stats.
 // Offloaded sessions count nothing (their state is in host memory or on disk).
-import {
-  type FromHostMessage,
-  type HostErrorCode,
-  type HostMessage,
-  MAX_FRAME_BYTES,
-  type Message,
-  type ToHostMessage,
-} from "@pyramidkv/shared";
+import type { HostMessage, Message, ToHostMessage } from "@pyramidkv/shared";
 
+import { Admission, type Fit } from "./admission.js";
 import { type HostConfig, TENANT_NAME, type TenantPolicy } from "./config.js";
 import { ENGINE_DIED, EngineProcess, EngineRequestError } from "./engine.js";
+import { errorCode, HostError } from "./errors.js";
 import type { HostGauges, HostMetrics } from "./metrics.js";
+import { Residency } from "./residency.js";
 import { FairScheduler } from "./scheduler.js";
-import { StateStore, type StoredSessionMeta } from "./store.js";
+import { HostSession, keyOf, type OpenParams, type Op, type Sink } from "./session.js";
+import { StateStore } from "./store.js";
+import { EngineSupervisor } from "./supervisor.js";
 import {
   appendTokenBound,
+  autoBudget,
+  generatePeakBytes,
   type KvGeometry,
-  largestBudgetThatFits,
+  OPEN_DEFAULTS,
   openReservationBytes,
   prefillPeakBytes,
   Tenants,
 } from "./tenants.js";
 
-/** A connection as the sessions see it. */
-export interface Sink {
-  send(msg: FromHostMessage): void;
-  /** a generated token; the connection may coalesce tokens when the client reads slowly */
-  sendToken(id: number, session: string, token: number, text: string): void;
-  readonly open: boolean;
-}
-
-export class HostError extends Error {
-  constructor(
-    readonly code: HostErrorCode,
-    message: string,
-  ) {
-    super(message);
-  }
-}
-
 const DEFAULT_CHUNK = 8192; // the engine's --chunk-size default
 const DEFAULT_MAX_TOKENS = 256; // the engine's max_tokens default
 const SLOTS_PER_PAGE = 16;
-/** Text buffered from `append` pieces (`more: true`) per session before its final piece; beyond
- * this the pieces are dropped and the piece is refused with too_large. */
-export const MAX_PIECE_BUFFER_BYTES = 16 << 20;
-
-type OpenParams = Omit<HostMessage<"open_session">, "type" | "id" | "tenant" | "session" | "prompt_tokens"> & {
-  method: string;
-  budget: number;
-};
-
-interface Op {
-  kind: "append" | "generate";
-  id: number;
-  sink: Sink;
-  cancelled: boolean;
-  engine?: EngineProcess;
-  engineId?: number;
-  abortQueued?: (e: Error) => boolean;
-}
-
-interface HostSession {
-  tenant: string;
-  id: string;
-  engineName: string;
-  params: OpenParams;
-  resident: boolean;
-  saved: boolean; // a state is in the store
-  dirty: boolean; // the engine holds changes the store lacks
-  steadyBytes: number;
-  reservedBytes: number;
-  inflightBytes: number;
-  tokensSeen: number;
-  lastUsed: number;
-  chain: Promise<void>;
-  pendingOps: number; // queued or running on chain
-  ops: Op[]; // append/generate queued or running, oldest first
-  lost?: string;
-  reopen?: boolean; // empty and never saved when the engine died: restored by opening it again
-  // append pieces (more: true) awaiting their final piece, bound to the connection that sent them
-  pieces: string[];
-  pieceBytes: number;
-  pieceSink?: Sink;
-}
-
-const keyOf = (tenant: string, session: string) => `${tenant}\0${session}`;
-
-function dropPieces(s: HostSession): void {
-  s.pieces = [];
-  s.pieceBytes = 0;
-  s.pieceSink = undefined;
-}
-
-function errorCode(e: unknown): { code: HostErrorCode; message: string } {
-  if (e instanceof HostError) return { code: e.code, message: e.message };
-  if (e instanceof EngineRequestError) {
-    if (e.code === ENGINE_DIED)
-      return { code: "engine_restarted", message: `${e.message}; the session is restored from its last saved state` };
-    const known: readonly string[] = [
-      "invalid",
-      "unknown_session",
-      "session_exists",
-      "pool_full",
-      "context_full",
-      "busy",
-      "cancelled",
-      "too_large",
-    ];
-    return { code: (known.includes(e.code) ? e.code : "internal") as HostErrorCode, message: e.message };
-  }
-  return { code: "internal", message: e instanceof Error ? e.message : String(e) };
-}
 
 export class SessionHost {
-  private engine!: EngineProcess;
-  private ready!: Promise<EngineProcess>;
   private readonly sessions = new Map<string, HostSession>();
-  private readonly tenantLocks = new Map<string, Promise<unknown>>();
   private readonly scheduler: FairScheduler;
-  private readonly store: StateStore;
+  private readonly engines: EngineSupervisor;
+  private readonly admission: Admission<HostSession>;
+  private readonly residency: Residency;
   private tenants!: Tenants;
   geometry!: KvGeometry;
   private bytesPerEntryMeasured = false;
   private poolUsedBytes = 0;
   private closing = false;
-  private stopped = false;
   private timer?: NodeJS.Timeout;
   connections = 0;
 
@@ -146,22 +64,40 @@ export class SessionHost {
     private readonly config: HostConfig,
     readonly metrics: HostMetrics,
   ) {
+    // issue 12: decode lanes are effectively unlimited; bound a tenant's share of a decode step.
     this.scheduler = new FairScheduler({ prefill: config.maxConcurrentPrefills, decode: 1 << 20 });
-    this.store = new StateStore(config.offloadDir);
+    this.engines = new EngineSupervisor({
+      spawn: () =>
+        EngineProcess.start({
+          bin: config.engineBin,
+          model: config.model,
+          kvPoolBytes: config.kvPoolBytes,
+          chunkSize: config.chunkSize,
+          threads: config.threads,
+        }),
+      sessions: () => this.sessions.values(),
+      died: () => metrics.engineRestarts.inc(),
+    });
+    this.admission = new Admission({
+      sessions: () => this.sessions.values(),
+      offload: (s) => this.residency.offload(s),
+      quota: (tenant) => this.tenants.get(tenant).kvQuotaBytes,
+      poolBytes: () => this.engines.engine.hello.pool_bytes,
+      refused: (tenant) => metrics.quotaRefusals.inc({ tenant, reason: "kv_quota" }),
+    });
+    this.residency = new Residency(new StateStore(config.offloadDir), this.engines, this.admission, metrics);
   }
 
   static async start(config: HostConfig, metrics: HostMetrics): Promise<SessionHost> {
     const host = new SessionHost(config, metrics);
-    host.engine = await host.spawnEngine();
-    host.ready = Promise.resolve(host.engine);
-    const h = host.engine.hello;
+    const h = (await host.engines.start()).hello;
     host.geometry = {
       nLayer: h.n_layer,
       bytesPerEntry: Math.floor(h.page_bytes / SLOTS_PER_PAGE),
       chunkSize: config.chunkSize ?? DEFAULT_CHUNK,
     };
     host.tenants = new Tenants(config.tenants, config.defaultTenant, h.pool_bytes);
-    for (const meta of await host.store.load()) host.adoptStored(meta);
+    for (const s of await host.residency.adopt()) host.sessions.set(keyOf(s.tenant, s.id), s);
     const tick = Math.max(50, Math.min(1000, config.idleMs / 4));
     host.timer = setInterval(() => host.housekeeping(), tick);
     host.timer.unref();
@@ -169,15 +105,15 @@ export class SessionHost {
   }
 
   get hello(): Message<"hello"> {
-    return this.engine.hello;
+    return this.engines.engine.hello;
   }
 
   get enginePid(): number | undefined {
-    return this.engine.pid;
+    return this.engines.engine.pid;
   }
 
   get healthy(): boolean {
-    return this.engine.alive && !this.stopped;
+    return this.engines.engine.alive && !this.engines.stopped;
   }
 
   get isClosing(): boolean {
@@ -186,7 +122,7 @@ export class SessionHost {
 
   /** KV bytes accounted to every tenant's sessions (steady, reservations, in-flight peaks). */
   get kvUsedBytes(): number {
-    return this.usage();
+    return this.admission.usage();
   }
 
   // ---- requests -------------------------------------------------------------------------------
@@ -207,6 +143,7 @@ export class SessionHost {
     };
     const finish = () => this.metrics.latency.observe({ type: msg.type }, (performance.now() - t0) / 1000);
     try {
+      // issue 12: the frame's tenant is trusted as sent; bind it to the connection's credential.
       if (!TENANT_NAME.test(msg.tenant))
         throw new HostError(
           "invalid",
@@ -254,8 +191,9 @@ export class SessionHost {
 
   /** A connection went away: nobody reads its generations any more. */
   connectionClosed(sink: Sink): void {
+    // issue 12: only its work is cancelled; its sessions stay open until closed (no idle TTL yet).
     for (const s of this.sessions.values()) {
-      if (s.pieceSink === sink) dropPieces(s);
+      s.pieces.dropFrom(sink);
       for (const op of s.ops) if (op.sink === sink) void this.cancelOp(s, op);
     }
   }
@@ -283,43 +221,31 @@ export class SessionHost {
       );
     }
     const { id: _id, type: _type, tenant: _tenant, session: _session, prompt_tokens: promptTokens = 0, ...rest } = msg;
-    const params: OpenParams = { ...rest, method: msg.method ?? "pyramidkv", budget: msg.budget ?? 128 };
-    const g = this.geometryFor(params);
-    const s: HostSession = {
-      tenant: msg.tenant,
-      id: msg.session,
-      engineName: `${msg.tenant}/${msg.session}`,
-      params,
-      resident: false,
-      saved: false,
-      dirty: false,
-      steadyBytes: 0,
-      reservedBytes: 0,
-      inflightBytes: 0,
-      tokensSeen: 0,
-      lastUsed: Date.now(),
-      chain: Promise.resolve(),
-      pendingOps: 0,
-      ops: [],
-      pieces: [],
-      pieceBytes: 0,
+    const params: OpenParams = {
+      ...rest,
+      method: msg.method ?? OPEN_DEFAULTS.method,
+      budget: msg.budget ?? OPEN_DEFAULTS.budget,
     };
+    const g = this.geometryFor(params);
+    const s = new HostSession(msg.tenant, msg.session, params);
     this.sessions.set(key, s);
     s.pendingOps++;
     try {
       let reservation = openReservationBytes(g, params.method, params.budget, promptTokens);
-      await this.admit(s, reservation, (free) => {
-        if (limits.policy !== "auto" || params.method === "full") return null;
-        const budget = largestBudgetThatFits(g, promptTokens, free, params.window ?? 8);
-        if (budget === 0) return null;
-        params.budget = budget;
-        reservation = openReservationBytes(g, params.method, budget, promptTokens);
-        return reservation;
-      });
-      s.reservedBytes = reservation;
-      const engine = await this.ready;
+      const fit: Fit | undefined =
+        limits.policy === "auto"
+          ? (free) => {
+              const shrunk = autoBudget(g, params.method, promptTokens, params.window ?? OPEN_DEFAULTS.window, free);
+              if (!shrunk) return null;
+              params.budget = shrunk.budget;
+              reservation = shrunk.reservation;
+              return reservation;
+            }
+          : undefined;
+      await this.admission.admit(s, reservation, fit); // reserves `reservation`
+      const engine = await this.engines.ready;
       await engine.call({ type: "open", session: s.engineName, ...params });
-      s.resident = true;
+      s.kv.opened();
       sink.send({
         type: "opened",
         id: msg.id,
@@ -348,6 +274,7 @@ export class SessionHost {
     msg: HostMessage<"append"> | HostMessage<"generate">,
     t0: number,
   ): Promise<void> {
+    // issue 12: two clients' turns on one session interleave here; serialise whole turns or answer session_busy.
     const op: Op = { kind, id: msg.id, sink, cancelled: false };
     s.ops.push(op);
     s.pendingOps++;
@@ -369,33 +296,20 @@ export class SessionHost {
   }
 
   private async append(s: HostSession, op: Op, msg: HostMessage<"append">): Promise<void> {
-    // Pieces come from one connection; a piece or final append from another one starts afresh.
-    if (s.pieceSink !== undefined && s.pieceSink !== op.sink) dropPieces(s);
+    s.pieces.from(op.sink);
     if (msg.more) {
       if (msg.tokens !== undefined)
         throw new HostError("invalid", "append: a piece (more: true) carries text only, not tokens");
-      const bytes = Buffer.byteLength(msg.text ?? "", "utf8");
-      if (s.pieceBytes + bytes > MAX_PIECE_BUFFER_BYTES) {
-        const had = s.pieceBytes;
-        dropPieces(s);
-        throw new HostError(
-          "too_large",
-          `append: ${had + bytes} bytes of pieces exceed the host's buffer of ${MAX_PIECE_BUFFER_BYTES} bytes; the pieces were dropped`,
-        );
-      }
-      s.pieces.push(msg.text ?? "");
-      s.pieceBytes += bytes;
-      s.pieceSink = op.sink;
-      if (op.sink.open) op.sink.send({ type: "buffered", id: op.id, session: s.id, buffered_bytes: s.pieceBytes });
+      const buffered = s.pieces.add(op.sink, msg.text ?? "");
+      if (op.sink.open) op.sink.send({ type: "buffered", id: op.id, session: s.id, buffered_bytes: buffered });
       return;
     }
-    const text = s.pieces.length > 0 ? s.pieces.join("") + (msg.text ?? "") : msg.text;
-    dropPieces(s);
+    const text = s.pieces.take(msg.text);
     const newTokens = appendTokenBound(text, msg.tokens, msg.chat);
     const extra = prefillPeakBytes(this.geometryFor(s.params), newTokens);
-    await this.ensureResident(s, extra);
+    await this.residency.ensureResident(s, extra);
     try {
-      const engine = await this.ready;
+      const engine = await this.engines.ready;
       const job = this.scheduler.run(
         s.tenant,
         "prefill",
@@ -419,12 +333,10 @@ export class SessionHost {
       );
       op.abortQueued = job.abort;
       const done = await job.promise;
-      s.steadyBytes = done.kv_bytes;
       this.metrics.promptTokens.inc({ tenant: s.tenant }, done.tokens_seen - s.tokensSeen);
       s.tokensSeen = done.tokens_seen;
-      s.reservedBytes = 0;
+      s.kv.settle(done.kv_bytes);
       s.dirty = true;
-      s.inflightBytes = 0;
       // Answered once checkpointed: when the edge sees 'appended', an engine crash loses nothing.
       await this.afterOp(s);
       if (op.sink.open)
@@ -436,15 +348,16 @@ export class SessionHost {
           kv_bytes: done.kv_bytes,
         });
     } finally {
-      s.inflightBytes = 0;
+      s.kv.end();
     }
   }
 
   private async generate(s: HostSession, op: Op, msg: HostMessage<"generate">, t0: number): Promise<void> {
     const maxTokens = msg.max_tokens ?? DEFAULT_MAX_TOKENS;
-    await this.ensureResident(s, this.geometry.nLayer * maxTokens * this.geometry.bytesPerEntry);
+    await this.residency.ensureResident(s, generatePeakBytes(this.geometry, maxTokens));
     try {
-      const engine = await this.ready;
+      const engine = await this.engines.ready;
+      // issue 12: sampling values the edge let through (top_p 0, NaN temperature) reach the engine unchecked.
       const { type: _t, tenant: _tenant, session: _s, id: _id, ...sampling } = msg;
       let first = true;
       const job = this.scheduler.run(
@@ -475,7 +388,7 @@ export class SessionHost {
       op.abortQueued = job.abort;
       const done = await job.promise;
       s.dirty = true;
-      s.inflightBytes = 0;
+      s.kv.end();
       await this.afterOp(s);
       if (op.sink.open)
         op.sink.send({
@@ -487,7 +400,7 @@ export class SessionHost {
           text: done.text,
         });
     } finally {
-      s.inflightBytes = 0;
+      s.kv.end();
     }
   }
 
@@ -495,13 +408,14 @@ export class SessionHost {
   // already completed; a session that cannot be checkpointed is only lost if the engine dies.
   private async afterOp(s: HostSession): Promise<void> {
     try {
-      const engine = await this.ready;
+      const engine = await this.engines.ready;
       const st = await engine.call<"stats_result">({ type: "stats", session: s.engineName });
       this.learnGeometry(st);
-      s.steadyBytes = st.kv_bytes ?? s.steadyBytes;
+      s.kv.measure(st.kv_bytes ?? s.kv.steady);
       s.tokensSeen = st.tokens_seen ?? s.tokensSeen;
-      if (this.config.checkpoint) await this.save(s, engine);
+      if (this.config.checkpoint) await this.residency.save(s, engine);
     } catch (e) {
+      // issue 12: a failed checkpoint is swallowed and appended/done still sent; fail the request instead.
       if (!(e instanceof EngineRequestError && e.code === ENGINE_DIED)) {
         process.stderr.write(
           `pkv host: checkpoint of ${s.engineName} failed: ${e instanceof Error ? e.message : String(e)}\n`,
@@ -514,198 +428,6 @@ export class SessionHost {
     if (this.bytesPerEntryMeasured || !st.full_kv_bytes || !st.tokens_seen) return;
     this.geometry.bytesPerEntry = Math.round(st.full_kv_bytes / (st.tokens_seen * this.geometry.nLayer));
     this.bytesPerEntryMeasured = true;
-  }
-
-  // A state larger than one engine frame (64 MiB; FullKV sessions beyond ~2.8k tokens) travels in
-  // pieces: 'saved' says the total and we ask again from the next offset.
-  private async save(s: HostSession, engine: EngineProcess): Promise<void> {
-    const pieces: Uint8Array[] = [];
-    let received = 0;
-    let total = 1;
-    while (received < total) {
-      const saved = await engine.call<"saved">({ type: "save", session: s.engineName, offset: received });
-      if (saved.offset !== received)
-        throw new HostError("internal", `engine answered offset ${saved.offset}, expected ${received}`);
-      pieces.push(saved.state);
-      received += saved.state.length;
-      total = saved.total;
-      if (saved.state.length === 0 && received < total)
-        throw new HostError("internal", "engine sent an empty state piece");
-    }
-    const state = pieces.length === 1 ? pieces[0]! : Buffer.concat(pieces);
-    const meta: StoredSessionMeta = {
-      tenant: s.tenant,
-      session: s.id,
-      params: s.params,
-      tokens_seen: s.tokensSeen,
-      kv_bytes: s.steadyBytes,
-    };
-    await this.store.put(meta, state);
-    s.saved = true;
-    s.dirty = false;
-  }
-
-  /** Restore pieces of at most half a frame each, in order. */
-  private async restoreInEngine(s: HostSession, engine: EngineProcess, state: Uint8Array): Promise<void> {
-    const piece = Math.floor(MAX_FRAME_BYTES / 2);
-    for (let at = 0; at === 0 || at < state.length; at += piece) {
-      await engine.call({
-        type: "restore",
-        session: s.engineName,
-        state: state.subarray(at, at + piece),
-        offset: at,
-        total: state.length,
-      });
-    }
-  }
-
-  // ---- admission, offload, restore ---------------------------------------------------------------
-
-  private accounted(s: HostSession): number {
-    return s.resident || (s.pendingOps > 0 && s.reservedBytes > 0)
-      ? Math.max(s.steadyBytes, s.reservedBytes) + s.inflightBytes
-      : 0;
-  }
-
-  private usage(tenant?: string): number {
-    let n = 0;
-    for (const s of this.sessions.values()) if (tenant === undefined || s.tenant === tenant) n += this.accounted(s);
-    return n;
-  }
-
-  private lru(filter: (s: HostSession) => boolean): HostSession | undefined {
-    let best: HostSession | undefined;
-    for (const s of this.sessions.values()) {
-      if (s.resident && s.pendingOps === 0 && !s.lost && filter(s) && (!best || s.lastUsed < best.lastUsed)) best = s;
-    }
-    return best;
-  }
-
-  /**
-   * Makes room for `s` to account `need` bytes (in total): offloads the tenant's idle sessions
-   * (least recently used first) until its quota holds it, then other tenants' idle sessions while
-   * the pool cannot. `fit(free)` may shrink the need (policy auto); null refuses.
-   */
-  private admit(s: HostSession, need: number, fit?: (freeBytes: number) => number | null): Promise<void> {
-    const prev = this.tenantLocks.get(s.tenant) ?? Promise.resolve();
-    const run = prev
-      .catch(() => {})
-      .then(async () => {
-        const quota = this.tenants.get(s.tenant).kvQuotaBytes;
-        for (;;) {
-          const others = this.usage(s.tenant) - this.accounted(s);
-          if (others + need <= quota) break;
-          const victim = this.lru((x) => x.tenant === s.tenant && x !== s);
-          if (victim) {
-            if (!(await this.offload(victim))) break;
-            continue;
-          }
-          const smaller = fit?.(quota - others);
-          if (smaller !== null && smaller !== undefined && others + smaller <= quota) {
-            need = smaller;
-            break;
-          }
-          this.metrics.quotaRefusals.inc({ tenant: s.tenant, reason: "kv_quota" });
-          throw new HostError(
-            "quota_exceeded",
-            `tenant '${s.tenant}' needs ${need} KV bytes for session '${s.id.slice(0, 64)}'; its quota is ${quota}, ${others} in use by busy sessions`,
-          );
-        }
-        const pool = this.engine.hello.pool_bytes;
-        for (;;) {
-          if (this.usage() - this.accounted(s) + need <= pool) break;
-          const victim = this.lru((x) => x !== s);
-          if (!victim || !(await this.offload(victim))) break; // the engine's pool_full decides
-        }
-        if (s.resident) s.inflightBytes = Math.max(0, need - Math.max(s.steadyBytes, s.reservedBytes));
-        else s.reservedBytes = Math.max(s.reservedBytes, need);
-      });
-    this.tenantLocks.set(
-      s.tenant,
-      run.catch(() => {}),
-    );
-    return run;
-  }
-
-  /** Admits `extra` bytes on top of the session's steady size, restoring it first if offloaded. */
-  private async ensureResident(s: HostSession, extra: number): Promise<void> {
-    if (s.resident) return this.admit(s, Math.max(s.steadyBytes, s.reservedBytes) + extra);
-    await this.admit(s, s.steadyBytes + extra);
-    if (s.reopen) {
-      try {
-        const engine = await this.ready;
-        await engine.call({ type: "open", session: s.engineName, ...s.params });
-      } finally {
-        s.reservedBytes = 0;
-      }
-      s.reopen = false;
-      s.resident = true;
-      s.inflightBytes = extra;
-      return;
-    }
-    const state = await this.store.get(s.tenant, s.id);
-    if (!state) {
-      s.lost = "its saved state is missing";
-      throw new HostError("session_lost", `session '${s.id}' has no saved state to restore`);
-    }
-    try {
-      const engine = await this.ready;
-      await this.restoreInEngine(s, engine, state);
-    } finally {
-      s.reservedBytes = 0; // held only while restoring; resident sessions account steady + in-flight
-    }
-    s.resident = true;
-    s.dirty = false;
-    s.inflightBytes = extra;
-    this.metrics.restores.inc({ tenant: s.tenant });
-  }
-
-  /** Saves an idle session out of the engine; false when it cannot be (busy, unsaveable). */
-  private async offload(s: HostSession): Promise<boolean> {
-    if (!s.resident || s.pendingOps > 0) return false;
-    s.pendingOps++;
-    const work = (async () => {
-      try {
-        const engine = await this.ready;
-        if (s.dirty || !s.saved) await this.save(s, engine);
-        await engine.call({ type: "close", session: s.engineName });
-        s.resident = false;
-        this.metrics.offloads.inc({ tenant: s.tenant });
-        return true;
-      } catch (e) {
-        process.stderr.write(
-          `pkv host: offload of ${s.engineName} failed: ${e instanceof Error ? e.message : String(e)}\n`,
-        );
-        return false;
-      } finally {
-        s.pendingOps--;
-      }
-    })();
-    s.chain = s.chain.then(() => work.then(() => {}));
-    return work;
-  }
-
-  private adoptStored(meta: StoredSessionMeta): void {
-    if (!TENANT_NAME.test(meta.tenant)) return;
-    this.sessions.set(keyOf(meta.tenant, meta.session), {
-      tenant: meta.tenant,
-      id: meta.session,
-      engineName: `${meta.tenant}/${meta.session}`,
-      params: meta.params as OpenParams,
-      resident: false,
-      saved: true,
-      dirty: false,
-      steadyBytes: meta.kv_bytes,
-      reservedBytes: 0,
-      inflightBytes: 0,
-      tokensSeen: meta.tokens_seen,
-      lastUsed: Date.now(),
-      chain: Promise.resolve(),
-      pendingOps: 0,
-      ops: [],
-      pieces: [],
-      pieceBytes: 0,
-    });
   }
 
   // ---- cancel, close, stats -------------------------------------------------------------------------
@@ -722,7 +444,7 @@ export class SessionHost {
 
   private async cancel(sink: Sink, msg: HostMessage<"cancel">): Promise<void> {
     const s = this.lookup(msg.tenant, msg.session);
-    dropPieces(s);
+    s.pieces.drop();
     await Promise.all(s.ops.map((op) => this.cancelOp(s, op)));
     sink.send({ type: "cancelled", id: msg.id, session: msg.session });
   }
@@ -734,11 +456,11 @@ export class SessionHost {
     this.sessions.delete(keyOf(s.tenant, s.id));
     s.lost = "closed";
     if (s.resident) {
-      const engine = await this.ready;
+      const engine = await this.engines.ready;
       await engine.call({ type: "close", session: s.engineName }).catch(() => {});
-      s.resident = false;
+      s.kv.offloaded();
     }
-    await this.store.delete(s.tenant, s.id);
+    await this.residency.forget(s);
     sink.send({ type: "closed", id: msg.id, session: msg.session });
   }
 
@@ -751,7 +473,7 @@ export class SessionHost {
         id: msg.id,
         tenant: msg.tenant,
         kv_quota_bytes: t.kvQuotaBytes,
-        kv_used_bytes: this.usage(msg.tenant),
+        kv_used_bytes: this.admission.usage(msg.tenant),
         max_sessions: t.maxSessions,
         sessions: mine.length,
         offloaded: mine.filter((s) => !s.resident).length,
@@ -768,10 +490,10 @@ export class SessionHost {
       resident: s.resident,
     };
     if (!s.resident) {
-      sink.send({ ...base, tokens_seen: s.tokensSeen, kv_bytes: s.steadyBytes });
+      sink.send({ ...base, tokens_seen: s.tokensSeen, kv_bytes: s.kv.steady });
       return;
     }
-    const engine = await this.ready;
+    const engine = await this.engines.ready;
     const st = await engine.call<"stats_result">({ type: "stats", session: s.engineName });
     this.learnGeometry(st);
     sink.send({
@@ -783,55 +505,17 @@ export class SessionHost {
     });
   }
 
-  // ---- engine supervision, housekeeping, shutdown -------------------------------------------------
-
-  private async spawnEngine(): Promise<EngineProcess> {
-    const engine = await EngineProcess.start({
-      bin: this.config.engineBin,
-      model: this.config.model,
-      kvPoolBytes: this.config.kvPoolBytes,
-      chunkSize: this.config.chunkSize,
-      threads: this.config.threads,
-    });
-    engine.on("exit", (code, signal) => this.onEngineExit(engine, code, signal));
-    return engine;
-  }
-
-  // Requests in flight have already failed (engine_restarted, through EngineProcess). Sessions
-  // fall back to their last checkpoint and are restored on their next request.
-  private onEngineExit(engine: EngineProcess, code: number | null, signal: NodeJS.Signals | null): void {
-    if (this.stopped || engine !== this.engine) return;
-    this.metrics.engineRestarts.inc();
-    process.stderr.write(`pkv host: the engine exited (${signal ?? `code ${code}`}); restarting it\n`);
-    for (const s of this.sessions.values()) {
-      if (!s.resident) continue;
-      s.resident = false;
-      s.inflightBytes = 0;
-      if (!s.saved && s.tokensSeen === 0)
-        s.reopen = true; // nothing to lose: open it again
-      else if (!s.saved) s.lost = "the engine died before it was ever saved";
-      else if (s.dirty) s.dirty = false; // back to the checkpoint
-    }
-    this.ready = (async () => {
-      for (let attempt = 0; ; attempt++) {
-        try {
-          this.engine = await this.spawnEngine();
-          return this.engine;
-        } catch (e) {
-          process.stderr.write(`pkv host: engine restart failed: ${e instanceof Error ? e.message : String(e)}\n`);
-          await new Promise((r) => setTimeout(r, Math.min(5000, 200 * 2 ** attempt)));
-        }
-      }
-    })();
-  }
+  // ---- housekeeping, shutdown ---------------------------------------------------------------------
 
   private housekeeping(): void {
-    if (this.closing || !this.engine.alive) return;
+    const engine = this.engines.engine;
+    if (this.closing || !engine.alive) return;
     const now = Date.now();
+    // issue 12: nothing expires; the sweep of sessions idle past their tenant's TTL goes here.
     for (const s of this.sessions.values()) {
-      if (s.resident && s.pendingOps === 0 && now - s.lastUsed >= this.config.idleMs) void this.offload(s);
+      if (s.resident && !s.busy && now - s.lastUsed >= this.config.idleMs) void this.residency.offload(s);
     }
-    void this.engine.call<"stats_result">({ type: "stats" }).then(
+    void engine.call<"stats_result">({ type: "stats" }).then(
       (st) => (this.poolUsedBytes = st.pool_used_bytes ?? 0),
       () => {},
     );
@@ -852,10 +536,10 @@ export class SessionHost {
       ]),
       tenantKvBytes: [...byTenant.keys()].map((tenant) => ({
         tenant,
-        used: this.usage(tenant),
+        used: this.admission.usage(tenant),
         quota: this.tenants.get(tenant).kvQuotaBytes,
       })),
-      poolBytes: this.engine.hello.pool_bytes,
+      poolBytes: this.engines.engine.hello.pool_bytes,
       poolUsedBytes: this.poolUsedBytes,
       queued: [
         { kind: "prefill", count: this.scheduler.queued("prefill") },
@@ -870,17 +554,17 @@ export class SessionHost {
     if (this.closing) return;
     this.closing = true;
     clearInterval(this.timer);
-    const idle = () => [...this.sessions.values()].every((s) => s.pendingOps === 0);
+    const idle = () => [...this.sessions.values()].every((s) => !s.busy);
     const deadline = Date.now() + this.config.drainMs;
     while (!idle() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
     if (!idle()) {
       for (const s of this.sessions.values()) for (const op of s.ops) await this.cancelOp(s, op);
       await Promise.all([...this.sessions.values()].map((s) => s.chain));
     }
-    if (this.store.persistent && this.engine.alive) {
-      for (const s of this.sessions.values()) if (s.resident) await this.offload(s);
+    if (this.residency.persistent && this.engines.engine.alive) {
+      for (const s of this.sessions.values()) if (s.resident) await this.residency.offload(s);
     }
-    this.stopped = true;
-    await this.engine.shutdown();
+    this.engines.stop();
+    await this.engines.engine.shutdown();
   }
 }

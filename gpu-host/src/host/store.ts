@@ -40,6 +40,7 @@ export class StateStore {
     } catch {
       return [];
     }
+    // issue 12: an empty or corrupt index stops the host here; quarantine it and rebuild from the state files.
     const entries = JSON.parse(text) as StoredSessionMeta[];
     for (const e of entries) this.index.set(stateFileName(e.tenant, e.session), e);
     return entries;
@@ -49,6 +50,7 @@ export class StateStore {
     const name = stateFileName(meta.tenant, meta.session);
     if (this.dir) {
       const path = join(this.dir, name);
+      // issue 12: no fsync of the file or the directory, and the file is world-readable (make it 0600).
       await writeFile(`${path}.tmp`, state);
       await rename(`${path}.tmp`, path);
     } else {
@@ -80,6 +82,7 @@ export class StateStore {
   private persistIndex(): Promise<void> {
     if (!this.dir) return Promise.resolve();
     const dir = this.dir;
+    // issue 12: one failed write rejects this chain, and with it every later index write.
     this.indexWrite = this.indexWrite.then(async () => {
       const path = join(dir, "index.json");
       await writeFile(`${path}.tmp`, JSON.stringify([...this.index.values()]));
