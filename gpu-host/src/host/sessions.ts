@@ -34,17 +34,15 @@ import { EngineSupervisor } from "./supervisor.js";
 import {
   appendTokenBound,
   autoBudget,
+  ENGINE_DEFAULTS,
   generatePeakBytes,
+  geometryFromHello,
   type KvGeometry,
   OPEN_DEFAULTS,
   openReservationBytes,
   prefillPeakBytes,
   Tenants,
 } from "./tenants.js";
-
-const DEFAULT_CHUNK = 8192; // the engine's --chunk-size default
-const DEFAULT_MAX_TOKENS = 256; // the engine's max_tokens default
-const SLOTS_PER_PAGE = 16;
 
 export class SessionHost {
   private readonly sessions = new Map<string, HostSession>();
@@ -91,11 +89,7 @@ export class SessionHost {
   static async start(config: HostConfig, metrics: HostMetrics): Promise<SessionHost> {
     const host = new SessionHost(config, metrics);
     const h = (await host.engines.start()).hello;
-    host.geometry = {
-      nLayer: h.n_layer,
-      bytesPerEntry: Math.floor(h.page_bytes / SLOTS_PER_PAGE),
-      chunkSize: config.chunkSize ?? DEFAULT_CHUNK,
-    };
+    host.geometry = geometryFromHello(h, config.chunkSize);
     host.tenants = new Tenants(config.tenants, config.defaultTenant, h.pool_bytes);
     for (const s of await host.residency.adopt()) host.sessions.set(keyOf(s.tenant, s.id), s);
     const tick = Math.max(50, Math.min(1000, config.idleMs / 4));
@@ -353,7 +347,7 @@ export class SessionHost {
   }
 
   private async generate(s: HostSession, op: Op, msg: HostMessage<"generate">, t0: number): Promise<void> {
-    const maxTokens = msg.max_tokens ?? DEFAULT_MAX_TOKENS;
+    const maxTokens = msg.max_tokens ?? ENGINE_DEFAULTS.maxTokens;
     await this.residency.ensureResident(s, generatePeakBytes(this.geometry, maxTokens));
     try {
       const engine = await this.engines.ready;

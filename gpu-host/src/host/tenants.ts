@@ -41,6 +41,10 @@ export class Tenants {
 /** The engine's defaults for open_session's absent fields (the engine's `open` applies the same). */
 export const OPEN_DEFAULTS = { method: "pyramidkv", budget: 128, window: 8 } as const;
 
+/** The engine's other defaults the host sizes requests with: `--chunk-size`, `generate.max_tokens`,
+ * and the KV slots per pool page. */
+export const ENGINE_DEFAULTS = { chunkSize: 8192, maxTokens: 256, slotsPerPage: 16 } as const;
+
 /** The KV geometry admission needs, from the engine's hello and stats. */
 export interface KvGeometry {
   nLayer: number;
@@ -48,6 +52,15 @@ export interface KvGeometry {
   bytesPerEntry: number;
   /** the engine's chunked-prefill chunk (tokens) */
   chunkSize: number;
+}
+
+/** The geometry before the first stats: one entry of one layer estimated as page_bytes / 16. */
+export function geometryFromHello(h: { n_layer: number; page_bytes: number }, chunkSize?: number): KvGeometry {
+  return {
+    nLayer: h.n_layer,
+    bytesPerEntry: Math.floor(h.page_bytes / ENGINE_DEFAULTS.slotsPerPage),
+    chunkSize: chunkSize ?? ENGINE_DEFAULTS.chunkSize,
+  };
 }
 
 /** Upper bound on the tokens of an append before tokenising: a token is at least one byte of
