@@ -15,7 +15,7 @@
 #include <thread>
 #include <vector>
 
-#include "engine.h"
+#include "session.h"
 #include "error.h"
 #include "json.h"
 #include "paths.h"

@@ -8,6 +8,7 @@
 #include "error.h"
 #include "ggml-alloc.h"
 #include "ggml-cpu.h"
+#include "session.h"
 
 namespace pkv {
 

@@ -13,7 +13,7 @@
 
 #include "bench.h"
 #include "compress.h"
-#include "engine.h"
+#include "session.h"
 #include "error.h"
 #include "generate.h"
 #include "json.h"

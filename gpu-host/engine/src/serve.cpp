@@ -10,7 +10,7 @@
 #include <optional>
 #include <thread>
 
-#include "engine.h"
+#include "session.h"
 #include "error.h"
 #include "generate.h"
 #include "paths.h"

@@ -1,8 +1,9 @@
+#include "session.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cstring>
 
-#include "engine.h"
 #include "error.h"
 
 namespace pkv {
