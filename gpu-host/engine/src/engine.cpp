@@ -130,54 +130,62 @@ void Engine::decode_batch(const std::vector<Session *> & sessions, const std::ve
     forward(items, ForwardOptions{});
 }
 
-void Engine::forward(const std::vector<ForwardItem> & items, const ForwardOptions & fo) {
-    const ModelConfig & c        = config();
-    const Model &       m        = *model_;
-    const float         kq_scale = 1.0f / std::sqrt((float) c.head_dim);
-    const int           n_items  = (int) items.size();
-    int                 n_total  = 0;
-    for (const ForwardItem & it : items) n_total += it.n_tokens;
-    const bool     scores = n_items == 1 && (fo.window_probs > 0 || fo.accumulate_probs);
-    Graph          g      = begin_graph();
-    ggml_context * ctx    = g.ctx;
+// ---------------------------------------------------------------------------------------------
+// The forward pass: build the graph (math only), then run it (fill inputs, compute, read outputs).
+// Prefill ubatches (one item of many tokens) and batched decode steps (many items of one token)
+// share it; n_total is the number of tokens of all items together.
 
-    ggml_tensor * inp_tokens = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_total);
-    ggml_tensor * inp_pos    = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_total);
-    ggml_set_input(inp_tokens);
-    ggml_set_input(inp_pos);
+Engine::ForwardScores Engine::forward(const std::vector<ForwardItem> & items, const ForwardOptions & fo) {
+    ForwardGraph fg = build_forward(items, fo);
+    allocate(fg.g);
+    std::vector<float>  logits;
+    const ForwardScores scores = run_forward(fg, items, logits);
+    ggml_free(fg.g.ctx);
+
+    const int n_vocab = config().n_vocab;
+    for (size_t b = 0; b < items.size(); ++b) {
+        Session & s = *items[b].session;
+        if (!logits.empty()) s.logits_.assign(logits.begin() + b * n_vocab, logits.begin() + (b + 1) * n_vocab);
+        s.appended(items[b].tokens, items[b].n_tokens);
+    }
+    return scores;
+}
+
+Engine::ForwardGraph Engine::build_forward(const std::vector<ForwardItem> & items, const ForwardOptions & fo) {
+    const ModelConfig & c       = config();
+    const Model &       m       = *model_;
+    const int           n_items = (int) items.size();
+    int                 n_total = 0;
+    for (const ForwardItem & it : items) n_total += it.n_tokens;
+    ForwardGraph fg;
+    fg.g               = begin_graph();
+    ggml_context * ctx = fg.g.ctx;
+
+    fg.tokens    = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_total);
+    fg.positions = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_total);
+    ggml_set_input(fg.tokens);
+    ggml_set_input(fg.positions);
     // Each token's slot in the pool, per layer (sessions' pages are anywhere in the pool).
-    std::vector<ggml_tensor *> inp_slots(c.n_layer);
-    for (auto & t : inp_slots) {
+    fg.slots.resize(c.n_layer);
+    for (auto & t : fg.slots) {
         t = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n_total);
         ggml_set_input(t);
     }
-    // Causal masks for items of several tokens, one per (item, stored length): keys are the stored
-    // entries (all visible) followed by the new tokens.
-    std::map<std::pair<int, int>, ggml_tensor *> masks;
-    auto                                         mask_for = [&](int item, int stored) -> ggml_tensor * {
-        ggml_tensor *& t = masks[{ item, stored }];
-        if (!t) {
-            t = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, stored + items[item].n_tokens, items[item].n_tokens);
-            ggml_set_input(t);
-        }
-        return t;
-    };
-    // Rows whose logits are wanted: the last token of every item.
-    ggml_tensor * out_ids = nullptr;
     if (fo.want_logits && n_total > n_items) {
-        out_ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_items);
-        ggml_set_input(out_ids);
+        fg.out_ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_items);
+        ggml_set_input(fg.out_ids);
     }
+    fg.window_probs.assign(c.n_layer, nullptr);
+    fg.attention_sums.assign(c.n_layer, nullptr);
 
-    std::vector<std::pair<int, ggml_tensor *>> window_out, accum_out;
-    ggml_tensor *                              x = ggml_get_rows(ctx, m.token_embd, inp_tokens);  // [n_embd, n_total]
+    ggml_tensor * x = ggml_get_rows(ctx, m.token_embd, fg.tokens);  // [n_embd, n_total]
     for (int il = 0; il < c.n_layer; ++il) {
         const LayerWeights & w      = m.layers[il];
         ggml_tensor *        inp_sa = x;
 
         ggml_tensor * cur = ggml_mul(ctx, ggml_rms_norm(ctx, x, c.rms_eps), w.attn_norm);
-        ggml_tensor * q   = ggml_mul_mat(ctx, w.wq, cur);
-        ggml_tensor * k   = ggml_mul_mat(ctx, w.wk, cur);
+        ggml_tensor * q   = ggml_mul_mat(ctx, w.wq, cur);  // [n_head * head_dim, n_total]
+        ggml_tensor * k   = ggml_mul_mat(ctx, w.wk, cur);  // [n_head_kv * head_dim, n_total]
         ggml_tensor * v   = ggml_mul_mat(ctx, w.wv, cur);
         if (w.bq) {
             q = ggml_add(ctx, q, w.bq);
@@ -191,85 +199,120 @@ void Engine::forward(const std::vector<ForwardItem> & items, const ForwardOption
             q = ggml_mul(ctx, ggml_rms_norm(ctx, q, c.rms_eps), w.q_norm);
             k = ggml_mul(ctx, ggml_rms_norm(ctx, k, c.rms_eps), w.k_norm);
         }
-        q = ggml_rope_ext(ctx, q, inp_pos, m.rope_freqs, c.n_rot, c.rope_type, c.n_ctx_train, c.rope_base, c.rope_scale,
-                          0.0f, 1.0f, 32.0f, 1.0f);
-        k = ggml_rope_ext(ctx, k, inp_pos, m.rope_freqs, c.n_rot, c.rope_type, c.n_ctx_train, c.rope_base, c.rope_scale,
-                          0.0f, 1.0f, 32.0f, 1.0f);
+        q = ggml_rope_ext(ctx, q, fg.positions, m.rope_freqs, c.n_rot, c.rope_type, c.n_ctx_train, c.rope_base,
+                          c.rope_scale, 0.0f, 1.0f, 32.0f, 1.0f);
+        k = ggml_rope_ext(ctx, k, fg.positions, m.rope_freqs, c.n_rot, c.rope_type, c.n_ctx_train, c.rope_base,
+                          c.rope_scale, 0.0f, 1.0f, 32.0f, 1.0f);
 
         // Append every token's K, V at its session's next slot of this layer. Reading the store
         // through set_rows' result orders these writes before the attention.
-        ggml_tensor * kc = ggml_set_rows(ctx, pool_->k(), ggml_permute(ctx, k, 0, 2, 1, 3), inp_slots[il]);
-        ggml_tensor * vc = ggml_set_rows(ctx, pool_->v(), ggml_permute(ctx, v, 0, 2, 1, 3), inp_slots[il]);
+        ggml_tensor * kc = ggml_set_rows(ctx, pool_->k(), ggml_permute(ctx, k, 0, 2, 1, 3), fg.slots[il]);
+        ggml_tensor * vc = ggml_set_rows(ctx, pool_->v(), ggml_permute(ctx, v, 0, 2, 1, 3), fg.slots[il]);
         ggml_tensor * qp = ggml_permute(ctx, q, 0, 2, 1, 3);  // [head_dim, n_total, n_head]
 
-        std::vector<ggml_tensor *> attn_parts;
-        for (int b = 0, offset = 0; b < n_items; offset += items[b].n_tokens, ++b) {
-            const Session & s      = *items[b].session;
-            const int       n_tok  = items[b].n_tokens;
-            const int       stored = s.size_[il];
-            const int       n_kv   = stored + n_tok;
-            const size_t    first  = (size_t) pool_->first_slot(s.pages_[il]);
-            // This session's entries: a strided view of its pages, [head_dim, n_kv, n_head_kv].
-            ggml_tensor * kview =
-                ggml_view_3d(ctx, kc, c.head_dim, n_kv, c.n_head_kv, kc->nb[1], kc->nb[2], first * kc->nb[1]);
-            ggml_tensor * vview =
-                ggml_view_3d(ctx, vc, c.head_dim, n_kv, c.n_head_kv, vc->nb[1], vc->nb[2], first * vc->nb[1]);
-            ggml_tensor * qb   = n_items == 1 ? qp
-                                              : ggml_view_3d(ctx, qp, c.head_dim, n_tok, c.n_head, qp->nb[1], qp->nb[2],
-                                                             offset * qp->nb[1]);
-            ggml_tensor * mask = n_tok > 1 ? mask_for(b, stored) : nullptr;
-            ggml_tensor * attn = ggml_flash_attn_ext(ctx, qb, kview, vview, mask, kq_scale, 0.0f, 0.0f);
-            ggml_prec_set_acc(attn, GGML_PREC_F32);
-            attn_parts.push_back(ggml_reshape_2d(ctx, attn, c.head_dim * c.n_head, n_tok));  // [n_head*head_dim, n_tok]
+        cur = build_attention(fg, items, fo, il, qp, kc, vc);  // [n_head * head_dim, n_total]
+        cur = ggml_mul_mat(ctx, w.wo, cur);                    // [n_embd, n_total]
 
-            if (scores && fo.window_probs > 0) {
-                // SnapKV scores: the last window queries against every key, an α×n product per layer.
-                const int     nw = fo.window_probs;
-                ggml_tensor * qw =
-                    ggml_view_3d(ctx, qb, c.head_dim, nw, c.n_head, qb->nb[1], qb->nb[2], (n_tok - nw) * qb->nb[1]);
-                ggml_tensor * mw =
-                    mask ? ggml_view_2d(ctx, mask, n_kv, nw, mask->nb[1], (n_tok - nw) * mask->nb[1]) : nullptr;
-                ggml_tensor * p = window_probs(ctx, kview, qw, mw, kq_scale);
-                ggml_set_output(p);
-                ggml_build_forward_expand(g.gf, p);
-                window_out.emplace_back(il, p);
-            }
-            if (scores && fo.accumulate_probs) {
-                // H2O: every query of this chunk against every key, summed over queries.
-                ggml_tensor * p = window_probs(ctx, kview, qb, mask, kq_scale);            // [n_kv, n_tok, n_head]
-                p = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, p, 1, 0, 2, 3)));  // [1, n_kv, n_head]
-                ggml_set_output(p);
-                ggml_build_forward_expand(g.gf, p);
-                accum_out.emplace_back(il, p);
-            }
-        }
-        cur = ggml_mul_mat(ctx, w.wo, concat_columns(ctx, attn_parts));
-
-        if (il == c.n_layer - 1 && out_ids) {
+        if (il == c.n_layer - 1 && fg.out_ids) {
             // Only the last token of each item needs logits: drop the other rows before the FFN.
-            cur    = ggml_get_rows(ctx, cur, out_ids);
-            inp_sa = ggml_get_rows(ctx, inp_sa, out_ids);
+            cur    = ggml_get_rows(ctx, cur, fg.out_ids);  // [n_embd, n_items]
+            inp_sa = ggml_get_rows(ctx, inp_sa, fg.out_ids);
         }
         x = ggml_add(ctx, cur, inp_sa);
 
         ggml_tensor * ffn_inp = x;
         cur                   = ggml_mul(ctx, ggml_rms_norm(ctx, x, c.rms_eps), w.ffn_norm);
-        ggml_tensor * gate    = ggml_mul_mat(ctx, w.ffn_gate, cur);
+        ggml_tensor * gate    = ggml_mul_mat(ctx, w.ffn_gate, cur);  // [n_ff, n_rows]
         ggml_tensor * up      = ggml_mul_mat(ctx, w.ffn_up, cur);
-        cur                   = ggml_mul_mat(ctx, w.ffn_down, ggml_swiglu_split(ctx, gate, up));
+        cur                   = ggml_mul_mat(ctx, w.ffn_down, ggml_swiglu_split(ctx, gate, up));  // [n_embd, n_rows]
         x                     = ggml_add(ctx, cur, ffn_inp);
     }
-    ggml_tensor * logits = nullptr;
     if (fo.want_logits) {
-        x      = ggml_mul(ctx, ggml_rms_norm(ctx, x, c.rms_eps), m.output_norm);
-        logits = ggml_mul_mat(ctx, m.output, x);  // [n_vocab, n_items]
-        ggml_set_output(logits);
-        ggml_build_forward_expand(g.gf, logits);
+        x         = ggml_mul(ctx, ggml_rms_norm(ctx, x, c.rms_eps), m.output_norm);
+        fg.logits = ggml_mul_mat(ctx, m.output, x);  // [n_vocab, n_items]
+        ggml_set_output(fg.logits);
+        ggml_build_forward_expand(fg.g.gf, fg.logits);
     } else {
-        ggml_build_forward_expand(g.gf, x);
+        ggml_build_forward_expand(fg.g.gf, x);
     }
-    allocate(g);
+    return fg;
+}
 
+// Attention of every item over its own session's entries (those stored, then its new tokens):
+// one flash attention per item over a strided view of its pages, the results side by side.
+// q [head_dim, n_total, n_head]; kc, vc: the pool after this layer's writes.
+ggml_tensor * Engine::build_attention(ForwardGraph & fg, const std::vector<ForwardItem> & items,
+                                      const ForwardOptions & fo, int il, ggml_tensor * q, ggml_tensor * kc,
+                                      ggml_tensor * vc) {
+    const ModelConfig &        c        = config();
+    ggml_context *             ctx      = fg.g.ctx;
+    const float                kq_scale = 1.0f / std::sqrt((float) c.head_dim);
+    const int                  n_items  = (int) items.size();
+    std::vector<ggml_tensor *> parts;
+    for (int b = 0, offset = 0; b < n_items; offset += items[b].n_tokens, ++b) {
+        const Session & s      = *items[b].session;
+        const int       n_tok  = items[b].n_tokens;
+        const int       stored = s.size_[il];
+        const int       n_kv   = stored + n_tok;
+        const size_t    first  = (size_t) pool_->first_slot(s.pages_[il]);
+        // This session's entries: a strided view of its pages, [head_dim, n_kv, n_head_kv].
+        ggml_tensor * kview =
+            ggml_view_3d(ctx, kc, c.head_dim, n_kv, c.n_head_kv, kc->nb[1], kc->nb[2], first * kc->nb[1]);
+        ggml_tensor * vview =
+            ggml_view_3d(ctx, vc, c.head_dim, n_kv, c.n_head_kv, vc->nb[1], vc->nb[2], first * vc->nb[1]);
+        // This item's queries, [head_dim, n_tok, n_head].
+        ggml_tensor * qb =
+            n_items == 1 ? q : ggml_view_3d(ctx, q, c.head_dim, n_tok, c.n_head, q->nb[1], q->nb[2], offset * q->nb[1]);
+        ggml_tensor * mask = nullptr;
+        if (n_tok > 1) {
+            ggml_tensor *& t = fg.masks[{ b, stored }];
+            if (!t) {
+                t = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, n_kv, n_tok);
+                ggml_set_input(t);
+            }
+            mask = t;
+        }
+        ggml_tensor * attn =
+            ggml_flash_attn_ext(ctx, qb, kview, vview, mask, kq_scale, 0.0f, 0.0f);  // [head_dim, n_head, n_tok]
+        ggml_prec_set_acc(attn, GGML_PREC_F32);
+        parts.push_back(ggml_reshape_2d(ctx, attn, c.head_dim * c.n_head, n_tok));  // [n_head * head_dim, n_tok]
+        if (n_items == 1) build_scores(fg, fo, il, qb, kview, mask);
+    }
+    return concat_columns(ctx, parts);  // [n_head * head_dim, n_total]
+}
+
+// The scores compression reads, beside the attention (never n×n at once). q [head_dim, n_tok,
+// n_head], k [head_dim, n_kv, n_head_kv], mask [n_kv, n_tok] or null.
+void Engine::build_scores(ForwardGraph & fg, const ForwardOptions & fo, int il, ggml_tensor * q, ggml_tensor * k,
+                          ggml_tensor * mask) {
+    ggml_context * ctx      = fg.g.ctx;
+    const float    kq_scale = 1.0f / std::sqrt((float) config().head_dim);
+    const int      n_tok = (int) q->ne[1], n_kv = (int) k->ne[1];
+    if (fo.window_probs > 0) {
+        // SnapKV: the last window queries against every key, an α×n product per layer.
+        const int     nw = fo.window_probs;
+        ggml_tensor * qw = ggml_view_3d(ctx, q, q->ne[0], nw, q->ne[2], q->nb[1], q->nb[2], (n_tok - nw) * q->nb[1]);
+        ggml_tensor * mw = mask ? ggml_view_2d(ctx, mask, n_kv, nw, mask->nb[1], (n_tok - nw) * mask->nb[1]) : nullptr;
+        ggml_tensor * p  = window_probs(ctx, k, qw, mw, kq_scale);  // [n_kv, nw, n_head]
+        ggml_set_output(p);
+        ggml_build_forward_expand(fg.g.gf, p);
+        fg.window_probs[il] = p;
+    }
+    if (fo.accumulate_probs) {
+        // H2O: every query of this chunk against every key, summed over queries.
+        ggml_tensor * p = window_probs(ctx, k, q, mask, kq_scale);  // [n_kv, n_tok, n_head]
+        p               = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, p, 1, 0, 2, 3)));  // [1, n_kv, n_head]
+        ggml_set_output(p);
+        ggml_build_forward_expand(fg.g.gf, p);
+        fg.attention_sums[il] = p;
+    }
+}
+
+Engine::ForwardScores Engine::run_forward(ForwardGraph & fg, const std::vector<ForwardItem> & items,
+                                          std::vector<float> & logits) {
+    const ModelConfig &  c       = config();
+    const int            n_items = (int) items.size();
+    const int            n_total = (int) fg.tokens->ne[0];
     std::vector<int32_t> tok(n_total), pos(n_total), last(n_items);
     for (int b = 0, o = 0; b < n_items; o += items[b].n_tokens, ++b) {
         const int n_seen = (int) items[b].session->tokens_.size();
@@ -279,9 +322,9 @@ void Engine::forward(const std::vector<ForwardItem> & items, const ForwardOption
         }
         last[b] = o + items[b].n_tokens - 1;
     }
-    ggml_backend_tensor_set(inp_tokens, tok.data(), 0, ggml_nbytes(inp_tokens));
-    ggml_backend_tensor_set(inp_pos, pos.data(), 0, ggml_nbytes(inp_pos));
-    if (out_ids) ggml_backend_tensor_set(out_ids, last.data(), 0, ggml_nbytes(out_ids));
+    ggml_backend_tensor_set(fg.tokens, tok.data(), 0, ggml_nbytes(fg.tokens));
+    ggml_backend_tensor_set(fg.positions, pos.data(), 0, ggml_nbytes(fg.positions));
+    if (fg.out_ids) ggml_backend_tensor_set(fg.out_ids, last.data(), 0, ggml_nbytes(fg.out_ids));
     std::vector<int64_t> slots(n_total);
     for (int il = 0; il < c.n_layer; ++il) {
         for (int b = 0, o = 0; b < n_items; o += items[b].n_tokens, ++b) {
@@ -289,11 +332,12 @@ void Engine::forward(const std::vector<ForwardItem> & items, const ForwardOption
             const int64_t   first = pool_->first_slot(s.pages_[il]) + s.size_[il];
             for (int i = 0; i < items[b].n_tokens; ++i) slots[o + i] = first + i;
         }
-        ggml_backend_tensor_set(inp_slots[il], slots.data(), 0, ggml_nbytes(inp_slots[il]));
+        ggml_backend_tensor_set(fg.slots[il], slots.data(), 0, ggml_nbytes(fg.slots[il]));
     }
+    // Keys are the stored entries (all visible) followed by the new tokens (causal).
     std::vector<ggml_fp16_t> mask;
     const ggml_fp16_t        zero = ggml_fp32_to_fp16(0.0f), neg_inf = ggml_fp32_to_fp16(-INFINITY);
-    for (auto & [key, t] : masks) {
+    for (auto & [key, t] : fg.masks) {
         const int stored = key.second, n_tok = items[key.first].n_tokens, n_kv = stored + n_tok;
         mask.assign((size_t) n_kv * n_tok, zero);
         for (int i = 0; i < n_tok; ++i) {
@@ -301,45 +345,24 @@ void Engine::forward(const std::vector<ForwardItem> & items, const ForwardOption
         }
         ggml_backend_tensor_set(t, mask.data(), 0, ggml_nbytes(t));
     }
-    compute(g);
+    compute(fg.g);
 
-    if (scores) {
-        Session & s = *items[0].session;
-        for (auto & [il, t] : window_out) {
-            // [n_kv, nw, n_head] is exactly LayerAttention's [n_head][n_window][n] layout.
-            s.window_probs_[il].resize(ggml_nelements(t));
-            ggml_backend_tensor_get(t, s.window_probs_[il].data(), 0, ggml_nbytes(t));
+    auto read = [](ggml_tensor * t) {
+        std::vector<float> out;
+        if (t) {
+            out.resize(ggml_nelements(t));
+            ggml_backend_tensor_get(t, out.data(), 0, ggml_nbytes(t));
         }
-        for (auto & [il, t] : accum_out) {
-            // Entries of this layer's view: those stored before (whose sums we hold) then the chunk.
-            const int          n_kv = (int) t->ne[1];
-            std::vector<float> chunk(ggml_nelements(t));
-            ggml_backend_tensor_get(t, chunk.data(), 0, ggml_nbytes(t));
-            std::vector<float> & acc   = s.accumulated_[il];
-            const int            old_n = acc.empty() ? 0 : (int) (acc.size() / c.n_head);
-            std::vector<float>   grown((size_t) c.n_head * n_kv, 0.0f);
-            for (int h = 0; h < c.n_head; ++h) {
-                for (int j = 0; j < std::min(old_n, n_kv); ++j)
-                    grown[(size_t) h * n_kv + j] = acc[(size_t) h * old_n + j];
-                for (int j = 0; j < n_kv; ++j) grown[(size_t) h * n_kv + j] += chunk[(size_t) h * n_kv + j];
-            }
-            acc = std::move(grown);
-        }
+        return out;
+    };
+    logits = read(fg.logits);
+    ForwardScores scores;
+    for (int il = 0; il < c.n_layer; ++il) {
+        // [n_kv, nw, n_head] and [1, n_kv, n_head] are exactly [n_head][nw][n_kv] and [n_head][n_kv].
+        scores.window_probs.push_back(read(fg.window_probs[il]));
+        scores.attention_sums.push_back(read(fg.attention_sums[il]));
     }
-    std::vector<float> all_logits;
-    if (logits) {
-        all_logits.resize(ggml_nelements(logits));
-        ggml_backend_tensor_get(logits, all_logits.data(), 0, ggml_nbytes(logits));
-    }
-    ggml_free(ctx);
-
-    for (int b = 0; b < n_items; ++b) {
-        Session & s = *items[b].session;
-        if (logits)
-            s.logits_.assign(all_logits.begin() + (size_t) b * c.n_vocab,
-                             all_logits.begin() + (size_t) (b + 1) * c.n_vocab);
-        s.appended(items[b].tokens, items[b].n_tokens);
-    }
+    return scores;
 }
 
 }  // namespace pkv

@@ -2,7 +2,7 @@
 // prefill chunks and every batched decode step run through (sessions: session.h).
 #pragma once
 
-#include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -72,9 +72,38 @@ class Engine {
         int  window_probs     = 0;      // score the last N queries against every key (SnapKV family)
         bool accumulate_probs = false;  // H2O: attention summed over every query of the chunk
     };
-    // Evaluates the items' tokens (appending their K, V to each session's store) in one graph.
-    // Score options apply only to a single item.
-    void forward(const std::vector<ForwardItem> & items, const ForwardOptions & fo);
+    // The tensors of one forward graph: build_forward() makes them, run_forward() fills the
+    // inputs and reads the outputs.
+    struct ForwardGraph {
+        Graph                      g{};
+        ggml_tensor *              tokens    = nullptr;  // [n_total] i32
+        ggml_tensor *              positions = nullptr;  // [n_total] i32: RoPE positions
+        std::vector<ggml_tensor *> slots;                // per layer, [n_total] i64: pool slot of each new row
+        // Causal masks of items of several tokens, per (item, entries stored before them):
+        // [n_stored + n_tokens, n_tokens] f16. A single token sees every key and needs none.
+        std::map<std::pair<int, int>, ggml_tensor *> masks;
+        ggml_tensor *              out_ids = nullptr;  // [n_items] i32: the row of each item's last token
+        ggml_tensor *              logits  = nullptr;  // [n_vocab, n_items]
+        std::vector<ggml_tensor *> window_probs;       // per layer, [n_kv, n_window, n_head] (or none)
+        std::vector<ggml_tensor *> attention_sums;     // per layer, [1, n_kv, n_head] (or none)
+    };
+    // Attention statistics of a single-item forward, per layer (empty vectors when not asked for),
+    // over the item's entries: those stored before it, then its own tokens.
+    struct ForwardScores {
+        std::vector<std::vector<float>> window_probs;    // [n_head][n_window][n_kv]
+        std::vector<std::vector<float>> attention_sums;  // [n_head][n_kv]: every query's softmax row, summed
+    };
+    // Evaluates the items' tokens in one graph: appends their K, V to each session's store, leaves
+    // each session its last token's logits (when wanted) and returns the scores (which apply only
+    // to a single item).
+    ForwardScores forward(const std::vector<ForwardItem> & items, const ForwardOptions & fo);
+    ForwardGraph  build_forward(const std::vector<ForwardItem> & items, const ForwardOptions & fo);
+    ggml_tensor * build_attention(ForwardGraph & fg, const std::vector<ForwardItem> & items, const ForwardOptions & fo,
+                                  int il, ggml_tensor * q, ggml_tensor * kc, ggml_tensor * vc);
+    void          build_scores(ForwardGraph & fg, const ForwardOptions & fo, int il, ggml_tensor * q, ggml_tensor * k,
+                               ggml_tensor * mask);
+    // Fills the inputs, computes, reads the logits ([n_items][n_vocab]) and the scores.
+    ForwardScores run_forward(ForwardGraph & fg, const std::vector<ForwardItem> & items, std::vector<float> & logits);
 
     EngineOptions           opt_;
     ggml_backend_t          backend_ = nullptr;

@@ -122,7 +122,23 @@ void Session::evaluate(const int32_t * tokens, int n, bool last_of_segment, bool
         last_of_segment && scores && (method_->needs_window_probs || keep_scores_) ? std::min(params_.window, n) : 0;
     fo.accumulate_probs = scores && (method_->needs_accumulated || keep_scores_);
     reserve(n);
-    engine_.forward({ { this, tokens, n } }, fo);
+    Engine::ForwardScores result = engine_.forward({ { this, tokens, n } }, fo);
+    const int             n_head = engine_.config().n_head;
+    for (size_t il = 0; il < result.window_probs.size(); ++il) {
+        if (!result.window_probs[il].empty()) window_probs_[il] = std::move(result.window_probs[il]);
+        const std::vector<float> & chunk = result.attention_sums[il];
+        if (chunk.empty()) continue;
+        // Entries of this layer's view: those stored before (whose sums we hold) then the chunk.
+        const int            n_kv  = (int) (chunk.size() / n_head);
+        std::vector<float> & acc   = accumulated_[il];
+        const int            old_n = acc.empty() ? 0 : (int) (acc.size() / n_head);
+        std::vector<float>   grown((size_t) n_head * n_kv, 0.0f);
+        for (int h = 0; h < n_head; ++h) {
+            for (int j = 0; j < std::min(old_n, n_kv); ++j) grown[(size_t) h * n_kv + j] = acc[(size_t) h * old_n + j];
+            for (int j = 0; j < n_kv; ++j) grown[(size_t) h * n_kv + j] += chunk[(size_t) h * n_kv + j];
+        }
+        acc = std::move(grown);
+    }
 }
 
 std::vector<Session::AppendStep> Session::plan_append(int n) const {
@@ -157,7 +173,7 @@ void Session::run_append_step(const std::vector<int32_t> & tokens, const AppendS
     }
     if (step.segment_start) {
         // Accumulated attention needs no realignment here: entries decoded since the last scores
-        // sit after the scored ones, and Engine::forward extends the sums over them.
+        // sit after the scored ones, and evaluate() extends the sums over them.
         window_probs_.assign(c.n_layer, {});
         if (accumulated_.size() != (size_t) c.n_layer) accumulated_.assign(c.n_layer, {});
     }
