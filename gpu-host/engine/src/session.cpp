@@ -20,8 +20,40 @@ int grown(int need) { return need + std::max(16, need / 8); }
 
 }  // namespace
 
+void AttentionSums::extend(int il, const std::vector<float> & chunk) {
+    const int            n_kv  = (int) (chunk.size() / n_head_);
+    std::vector<float> & acc   = layers_[il];
+    const int            old_n = (int) (acc.size() / n_head_);
+    std::vector<float>   grown((size_t) n_head_ * n_kv, 0.0f);
+    for (int h = 0; h < n_head_; ++h) {
+        for (int j = 0; j < std::min(old_n, n_kv); ++j) grown[(size_t) h * n_kv + j] = acc[(size_t) h * old_n + j];
+        for (int j = 0; j < n_kv; ++j) grown[(size_t) h * n_kv + j] += chunk[(size_t) h * n_kv + j];
+    }
+    acc = std::move(grown);
+}
+
+void AttentionSums::keep(int il, int n_entries, const HeadSelection & entries) {
+    std::vector<float> & acc = layers_[il];
+    if (acc.size() != (size_t) n_head_ * n_entries || entries.empty()) return;
+    const int          group = n_head_ / (int) entries.size();
+    const int          keep  = (int) entries[0].size();
+    std::vector<float> kept((size_t) n_head_ * keep);
+    for (int h = 0; h < n_head_; ++h)
+        for (int e = 0; e < keep; ++e)
+            kept[(size_t) h * keep + e] = acc[(size_t) h * n_entries + entries[h / group][e]];
+    acc = std::move(kept);
+}
+
+const float * AttentionSums::covering(int il, int n_entries) const {
+    const std::vector<float> & acc = layers_[il];
+    return acc.size() == (size_t) n_head_ * n_entries ? acc.data() : nullptr;
+}
+
 Session::Session(Engine & engine, const CompressionParams & params, int chunk_size)
-    : engine_(engine), params_(params), chunk_size_(chunk_size) {
+    : engine_(engine),
+      params_(params),
+      chunk_size_(chunk_size),
+      accumulated_(engine.config().n_layer, engine.config().n_head) {
     const std::string problem = validate_params(params_);
     if (!problem.empty()) throw Error("", problem);
     if (chunk_size_ < 0 || (chunk_size_ > 0 && chunk_size_ < params_.window)) {
@@ -123,21 +155,9 @@ void Session::evaluate(const int32_t * tokens, int n, bool last_of_segment, bool
     fo.accumulate_probs = scores && (method_->needs_accumulated || keep_scores_);
     reserve(n);
     Engine::ForwardScores result = engine_.forward({ { this, tokens, n } }, fo);
-    const int             n_head = engine_.config().n_head;
     for (size_t il = 0; il < result.window_probs.size(); ++il) {
         if (!result.window_probs[il].empty()) window_probs_[il] = std::move(result.window_probs[il]);
-        const std::vector<float> & chunk = result.attention_sums[il];
-        if (chunk.empty()) continue;
-        // Entries of this layer's view: those stored before (whose sums we hold) then the chunk.
-        const int            n_kv  = (int) (chunk.size() / n_head);
-        std::vector<float> & acc   = accumulated_[il];
-        const int            old_n = acc.empty() ? 0 : (int) (acc.size() / n_head);
-        std::vector<float>   grown((size_t) n_head * n_kv, 0.0f);
-        for (int h = 0; h < n_head; ++h) {
-            for (int j = 0; j < std::min(old_n, n_kv); ++j) grown[(size_t) h * n_kv + j] = acc[(size_t) h * old_n + j];
-            for (int j = 0; j < n_kv; ++j) grown[(size_t) h * n_kv + j] += chunk[(size_t) h * n_kv + j];
-        }
-        acc = std::move(grown);
+        if (!result.attention_sums[il].empty()) accumulated_.extend((int) il, result.attention_sums[il]);
     }
 }
 
@@ -175,7 +195,6 @@ void Session::run_append_step(const std::vector<int32_t> & tokens, const AppendS
         // Accumulated attention needs no realignment here: entries decoded since the last scores
         // sit after the scored ones, and evaluate() extends the sums over them.
         window_probs_.assign(c.n_layer, {});
-        if (accumulated_.size() != (size_t) c.n_layer) accumulated_.assign(c.n_layer, {});
     }
     const bool scores = method_->needs_window_probs || method_->needs_accumulated || keep_scores_;
     evaluate(tokens.data() + step.begin, step.end - step.begin, step.compress_after, scores);
@@ -211,15 +230,14 @@ std::vector<HeadSelection> Session::select(const Method & method, const Compress
         att.n_head            = c.n_head;
         att.n_head_kv         = c.n_head_kv;
         att.n_window          = std::min(p.window, m);
+        att.accumulated       = accumulated_.covering(il, m);
         const bool has_window = il < (int) window_probs_.size() && window_probs_[il].size() >= (size_t) c.n_head * m;
-        const bool has_acc    = il < (int) accumulated_.size() && accumulated_[il].size() == (size_t) c.n_head * m;
         if (method.needs_window_probs && !has_window)
             throw Error("engine", "window scores missing for layer " + std::to_string(il));
-        if (method.needs_accumulated && !has_acc)
+        if (method.needs_accumulated && !att.accumulated)
             throw Error("engine", "accumulated scores missing for layer " + std::to_string(il));
         att.n_window     = has_window ? (int) (window_probs_[il].size() / ((size_t) c.n_head * m)) : att.n_window;
         att.window_probs = has_window ? window_probs_[il].data() : nullptr;
-        att.accumulated  = has_acc ? accumulated_[il].data() : nullptr;
         entries[il]      = method.select(att, budgets[il], p);
     }
     return entries;
@@ -232,17 +250,7 @@ void Session::compress() {
     for (int il = 0; il < c.n_layer; ++il) shrinks |= (int) entries[il][0].size() < size_[il];
     if (shrinks) {
         // H2O keeps accumulating over later chunks: carry the sums of the entries that stay.
-        const int group = c.n_head / c.n_head_kv;
-        for (int il = 0; il < c.n_layer && !accumulated_.empty(); ++il) {
-            std::vector<float> & acc = accumulated_[il];
-            if (acc.size() != (size_t) c.n_head * size_[il]) continue;
-            const int          keep = (int) entries[il][0].size();
-            std::vector<float> kept((size_t) c.n_head * keep);
-            for (int h = 0; h < c.n_head; ++h)
-                for (int e = 0; e < keep; ++e)
-                    kept[(size_t) h * keep + e] = acc[(size_t) h * size_[il] + entries[il][h / group][e]];
-            acc = std::move(kept);
-        }
+        for (int il = 0; il < c.n_layer; ++il) accumulated_.keep(il, size_[il], entries[il]);
         keep_entries(entries, *this);
         compressed_ = true;
     }

@@ -23,6 +23,29 @@ struct SessionStats {
     size_t           pool_bytes    = 0;  // pool pages the session holds (entries rounded up to pages)
 };
 
+// H2O's running sums, owned by the session: per layer, the attention that every prompt query so far
+// gave each stored entry, [n_head][n_entries] in storage order. The engine hands over a chunk's
+// sums (Engine::ForwardScores::attention_sums); compression keeps the sums of the entries that stay.
+class AttentionSums {
+  public:
+    AttentionSums(int n_layer, int n_head) : n_head_(n_head), layers_(n_layer) {}
+    // Adds a chunk's sums [n_head][n_kv] over the layer's entries: those held before the chunk,
+    // then the chunk's own tokens. Entries without sums so far (decoded since the last chunk, or
+    // the chunk's) start from 0.
+    void extend(int il, const std::vector<float> & chunk);
+    // After compression: keeps the sums of the entries that stay, entries[kv_head] (indices into
+    // the layer's n_entries, ascending), query head h following KV head h / (n_head / n_head_kv).
+    // Sums that do not cover the layer's n_entries entries are left as they are.
+    void keep(int il, int n_entries, const HeadSelection & entries);
+    // The layer's sums when they cover exactly its n_entries entries, else null.
+    const float *                           covering(int il, int n_entries) const;
+    const std::vector<std::vector<float>> & layers() const { return layers_; }
+
+  private:
+    int                             n_head_;
+    std::vector<std::vector<float>> layers_;
+};
+
 class Session {
   public:
     // chunk_size > 0: chunked prefill, compressing after every chunk of that many tokens (peak KV
@@ -76,7 +99,7 @@ class Session {
     // probabilities [n_head][n_window][n] and accumulated attention [n_head][n] per layer.
     void                                    set_keep_scores(bool on) { keep_scores_ = on; }
     const std::vector<std::vector<float>> & recorded_window_probs() const { return window_probs_; }
-    const std::vector<std::vector<float>> & recorded_accumulated() const { return accumulated_; }
+    const std::vector<std::vector<float>> & recorded_accumulated() const { return accumulated_.layers(); }
 
   private:
     friend class Engine;
@@ -103,7 +126,7 @@ class Session {
     std::vector<float>          logits_;
     // Scores of the current prefill, per layer, for the entries held when they were computed.
     std::vector<std::vector<float>> window_probs_;  // [n_head][n_window][n]
-    std::vector<std::vector<float>> accumulated_;   // [n_head][n]
+    AttentionSums                   accumulated_;   // H2O's, over every query of the prompt so far
     bool                            keep_scores_     = false;
     bool                            compressed_      = false;  // entries were dropped at least once
     double                          prefill_seconds_ = 0.0;
