@@ -19,6 +19,7 @@ export {
   MAX_FRAME_BYTES,
   MESSAGES,
   parseProtocolSpec,
+  PROTOCOL_MINOR,
   PROTOCOL_SPEC,
   PROTOCOL_VERSION,
   validateFrame,

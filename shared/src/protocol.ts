@@ -22,7 +22,7 @@ export type Direction = "to_engine" | "from_engine";
 /** Directions of the host<->edge protocol (host.json). */
 export type HostDirection = "to_host" | "from_host";
 export type AnyDirection = Direction | HostDirection;
-export type FieldType = "uint" | "int" | "float" | "str" | "bin" | "bool" | "map" | "str[]" | "uint[]";
+export type FieldType = "uint" | "int" | "float" | "str" | "bin" | "bool" | "map" | "str[]" | "uint[]" | "map[]";
 
 export interface FieldSpec {
   readonly name: string;
@@ -36,11 +36,24 @@ export interface MessageSpec {
 }
 export interface ProtocolSpec {
   readonly version: number;
+  /** optional fields added since `version` (absent in the file: 0) */
+  readonly minor: number;
   readonly maxFrameBytes: number;
   readonly messages: ReadonlyMap<string, MessageSpec>; // engine.json order
 }
 
-const FIELD_TYPES: readonly string[] = ["uint", "int", "float", "str", "bin", "bool", "map", "str[]", "uint[]"];
+const FIELD_TYPES: readonly string[] = [
+  "uint",
+  "int",
+  "float",
+  "str",
+  "bin",
+  "bool",
+  "map",
+  "str[]",
+  "uint[]",
+  "map[]",
+];
 
 function isPlainObject(v: unknown): v is Record<string, unknown> {
   if (typeof v !== "object" || v === null) return false;
@@ -68,10 +81,11 @@ export function parseProtocolSpec(json: unknown, format: SpecFormat = ENGINE_SPE
     for (const k of Object.keys(o)) if (!keys.includes(k)) fail(where, `unknown key '${k}'`);
   };
   if (!isPlainObject(json)) return fail(file, "must be an object");
-  onlyKeys(json, file, ["$comment", "version", "max_frame_bytes", "messages"]);
-  const { version, max_frame_bytes: maxFrameBytes, messages } = json;
+  onlyKeys(json, file, ["$comment", "version", "minor", "max_frame_bytes", "messages"]);
+  const { version, minor = 0, max_frame_bytes: maxFrameBytes, messages } = json;
   if (typeof version !== "number" || !Number.isInteger(version) || version < 1)
     fail(file, "version must be a positive integer");
+  if (typeof minor !== "number" || !Number.isInteger(minor) || minor < 0) fail(file, "minor must be an integer >= 0");
   if (typeof maxFrameBytes !== "number" || !Number.isInteger(maxFrameBytes) || maxFrameBytes < 16)
     fail(file, "max_frame_bytes must be an integer >= 16");
   if (!isPlainObject(messages)) return fail(file, "messages must be an object");
@@ -95,11 +109,17 @@ export function parseProtocolSpec(json: unknown, format: SpecFormat = ENGINE_SPE
     }
     specs.set(name, { name, direction: m.direction as AnyDirection, fields });
   }
-  return { version: version as number, maxFrameBytes: maxFrameBytes as number, messages: specs };
+  return {
+    version: version as number,
+    minor: minor as number,
+    maxFrameBytes: maxFrameBytes as number,
+    messages: specs,
+  };
 }
 
 export const PROTOCOL_SPEC: ProtocolSpec = parseProtocolSpec(engineJson);
 export const PROTOCOL_VERSION: number = PROTOCOL_SPEC.version;
+export const PROTOCOL_MINOR: number = PROTOCOL_SPEC.minor;
 export const MAX_FRAME_BYTES: number = PROTOCOL_SPEC.maxFrameBytes;
 
 // ---- message types ---------------------------------------------------------------------------
@@ -223,7 +243,9 @@ type TsType<T> = T extends "uint" | "int" | "float"
             ? string[]
             : T extends "uint[]"
               ? number[]
-              : never;
+              : T extends "map[]"
+                ? Record<string, unknown>[]
+                : never;
 type Simplify<T> = { [K in keyof T]: T[K] };
 export type FieldsOf<F> = Simplify<
   { -readonly [K in keyof F as F[K] extends `${string}?` ? never : K]: TsType<F[K]> } & {
@@ -296,6 +318,8 @@ function matches(v: unknown, t: FieldType): boolean {
       return Array.isArray(v) && v.every((x) => kindOf(x) === "str");
     case "uint[]":
       return Array.isArray(v) && v.every((x) => kindOf(x) === "uint");
+    case "map[]":
+      return Array.isArray(v) && v.every((x) => kindOf(x) === "map");
     default:
       return kind === t;
   }
@@ -303,8 +327,8 @@ function matches(v: unknown, t: FieldType): boolean {
 
 // "str", or for an array with a wrong element "array (element 2 is uint)".
 function describe(v: unknown, t: FieldType): string {
-  if (!Array.isArray(v) || (t !== "str[]" && t !== "uint[]")) return kindOf(v);
-  const want = t === "str[]" ? "str" : "uint";
+  if (!Array.isArray(v) || (t !== "str[]" && t !== "uint[]" && t !== "map[]")) return kindOf(v);
+  const want = t === "str[]" ? "str" : t === "uint[]" ? "uint" : "map";
   const bad = v.findIndex((x) => kindOf(x) !== want);
   return bad < 0 ? "array" : `array (element ${bad} is ${kindOf(v[bad])})`;
 }

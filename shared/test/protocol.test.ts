@@ -49,6 +49,8 @@ function exampleOf(t: FieldType): unknown {
       return ["a"];
     case "uint[]":
       return [1, 2];
+    case "map[]":
+      return [{ k: 1 }];
   }
 }
 
@@ -122,6 +124,17 @@ test("the spec parser refuses mistakes in engine.json", () => {
     messages: { m: { direction: "to_engine", fields: { a: field } } },
   });
   assert.doesNotThrow(() => parseProtocolSpec(withField({ type: "uint[]", required: true, doc: "x" })));
+  assert.equal(parseProtocolSpec(withField({ type: "map[]" })).messages.get("m")?.fields[0]?.type, "map[]");
+  assert.equal(parseProtocolSpec(withField({ type: "uint" })).minor, 0, "no 'minor': 0");
+  assert.equal(parseProtocolSpec({ version: 2, minor: 3, max_frame_bytes: 1024, messages: {} }).minor, 3);
+  assert.throws(
+    () => parseProtocolSpec({ version: 2, minor: -1, max_frame_bytes: 1024, messages: {} }),
+    /minor must be an integer >= 0/,
+  );
+  assert.throws(
+    () => parseProtocolSpec({ version: 2, minr: 1, max_frame_bytes: 1024, messages: {} }),
+    /unknown key 'minr'/,
+  );
   assert.throws(() => parseProtocolSpec(withField({ type: "uint64" })), /unknown field type 'uint64'/);
   assert.throws(() => parseProtocolSpec(withField({ type: "uint", requried: true })), /unknown key 'requried'/);
   assert.throws(() =>

@@ -204,9 +204,10 @@ struct TypeEntry {
     FieldType    type;
 };
 constexpr TypeEntry kFieldTypes[] = {
-    { "uint", FieldType::UInt }, { "int", FieldType::Int },        { "float", FieldType::Float },
-    { "str", FieldType::Str },   { "bin", FieldType::Bin },        { "bool", FieldType::Bool },
-    { "map", FieldType::Map },   { "str[]", FieldType::StrArray }, { "uint[]", FieldType::UIntArray },
+    { "uint", FieldType::UInt },      { "int", FieldType::Int },        { "float", FieldType::Float },
+    { "str", FieldType::Str },        { "bin", FieldType::Bin },        { "bool", FieldType::Bool },
+    { "map", FieldType::Map },        { "str[]", FieldType::StrArray }, { "uint[]", FieldType::UIntArray },
+    { "map[]", FieldType::MapArray },
 };
 
 }  // namespace
@@ -217,11 +218,12 @@ ProtocolSpec parse_protocol_spec(std::string_view json) {
     const mp::Value doc = parse_json(json);
     if (!doc.is_map()) throw Error("engine.json", "must be an object");
     for (const auto & kv : doc.as_map()) {
-        if (!allowed(kv.first, { "$comment", "version", "max_frame_bytes", "messages" }))
+        if (!allowed(kv.first, { "$comment", "version", "minor", "max_frame_bytes", "messages" }))
             throw Error("engine.json", "unknown key '" + kv.first + "'");
     }
     ProtocolSpec spec;
     spec.version         = (int) doc.at("version").as_uint("engine.json version");
+    spec.minor           = (int) doc.get_uint("minor", 0);
     spec.max_frame_bytes = (size_t) doc.at("max_frame_bytes").as_uint("engine.json max_frame_bytes");
     if (spec.version < 1 || spec.max_frame_bytes < 16)
         throw Error("engine.json", "version and max_frame_bytes must be positive");
@@ -283,6 +285,8 @@ const ProtocolSpec & protocol_spec() {
 
 int protocol_version() { return protocol_spec().version; }
 
+int protocol_minor() { return protocol_spec().minor; }
+
 size_t max_frame_bytes() { return protocol_spec().max_frame_bytes; }
 
 // ---- validation ------------------------------------------------------------------------------
@@ -320,14 +324,19 @@ bool matches(const mp::Value & v, FieldType t) {
         case FieldType::Map: return v.is_map();
         case FieldType::StrArray: return v.is_array() && all_of_type(v, mp::Type::Str);
         case FieldType::UIntArray: return v.is_array() && all_of_type(v, mp::Type::UInt);
+        case FieldType::MapArray: return v.is_array() && all_of_type(v, mp::Type::Map);
     }
     return false;
 }
 
 // "str", or for an array with a wrong element "array (element 2 is uint)".
 std::string describe(const mp::Value & v, FieldType wanted) {
-    if (!v.is_array() || (wanted != FieldType::StrArray && wanted != FieldType::UIntArray)) return v.type_name();
-    const mp::Type elem = wanted == FieldType::StrArray ? mp::Type::Str : mp::Type::UInt;
+    if (!v.is_array() ||
+        (wanted != FieldType::StrArray && wanted != FieldType::UIntArray && wanted != FieldType::MapArray))
+        return v.type_name();
+    const mp::Type elem = wanted == FieldType::StrArray    ? mp::Type::Str
+                          : wanted == FieldType::UIntArray ? mp::Type::UInt
+                                                           : mp::Type::Map;
     const auto &   a    = v.as_array();
     for (size_t i = 0; i < a.size(); ++i) {
         if (a[i].type() != elem) return "array (element " + std::to_string(i) + " is " + a[i].type_name() + ")";

@@ -16,8 +16,9 @@
 namespace pkv {
 
 // The field types engine.json may use. "uint" is a non-negative integer, "int" any integer,
-// "float" any number (integers included), "str[]"/"uint[]" arrays whose every element is one.
-enum class FieldType { UInt, Int, Float, Str, Bin, Bool, Map, StrArray, UIntArray };
+// "float" any number (integers included), "str[]"/"uint[]"/"map[]" arrays whose every element is
+// one (a map's own fields are the message's business, not the spec's).
+enum class FieldType { UInt, Int, Float, Str, Bin, Bool, Map, StrArray, UIntArray, MapArray };
 
 struct FieldSpec {
     std::string name;
@@ -35,6 +36,7 @@ struct MessageSpec {
 
 struct ProtocolSpec {
     int                      version         = 0;
+    int                      minor           = 0;  // optional fields added since `version` (absent: 0)
     size_t                   max_frame_bytes = 0;
     std::vector<MessageSpec> messages;  // in engine.json order
     const MessageSpec *      message(std::string_view name) const;
@@ -44,6 +46,7 @@ struct ProtocolSpec {
 // the engine was built with is malformed (a build-time mistake, caught by the tests).
 const ProtocolSpec & protocol_spec();
 int                  protocol_version();
+int                  protocol_minor();
 size_t               max_frame_bytes();
 
 // Exposed for tests: the parser behind protocol_spec(), and the tiny JSON reader it uses (JSON

@@ -28,6 +28,7 @@ Value example_of(pkv::FieldType t) {
         case pkv::FieldType::Map: return Value::map();
         case pkv::FieldType::StrArray: return Value::array().push("a");
         case pkv::FieldType::UIntArray: return Value::array().push(1).push(2);
+        case pkv::FieldType::MapArray: return Value::array().push(Value::map().set("k", 1));
     }
     return Value();
 }
@@ -242,6 +243,15 @@ TEST(Protocol, SpecParserRefusesMistakesInEngineJson) {
                field + "}}}}";
     };
     EXPECT_NO_THROW(pkv::parse_protocol_spec(spec_with(R"("a": {"type": "uint[]", "required": true, "doc": "x"})")));
+    EXPECT_EQ(pkv::parse_protocol_spec(spec_with(R"("a": {"type": "map[]"})")).messages[0].fields[0].type,
+              pkv::FieldType::MapArray);
+    EXPECT_EQ(pkv::parse_protocol_spec(spec_with("")).minor, 0) << "no 'minor': 0";
+    EXPECT_EQ(pkv::parse_protocol_spec(R"({"version": 2, "minor": 3, "max_frame_bytes": 1024, "messages": {}})").minor,
+              3);
+    EXPECT_THROW(pkv::parse_protocol_spec(R"({"version": 2, "minor": -1, "max_frame_bytes": 1024, "messages": {}})"),
+                 pkv::Error);
+    EXPECT_THROW(pkv::parse_protocol_spec(R"({"version": 2, "minr": 1, "max_frame_bytes": 1024, "messages": {}})"),
+                 pkv::Error);
     EXPECT_THROW(pkv::parse_protocol_spec(spec_with(R"("a": {"type": "uint64"})")), pkv::Error);
     EXPECT_THROW(pkv::parse_protocol_spec(spec_with(R"("a": {"type": "uint", "requried": true})")), pkv::Error);
     EXPECT_THROW(pkv::parse_protocol_spec(spec_with(R"("type": {"type": "str"})")), pkv::Error);
