@@ -15,10 +15,10 @@
 #include <thread>
 #include <vector>
 
-#include "session.h"
 #include "error.h"
 #include "json.h"
 #include "paths.h"
+#include "session.h"
 
 namespace pkv {
 
@@ -56,9 +56,23 @@ std::vector<int32_t> random_tokens(int n, int n_vocab, uint32_t seed) {
     return t;
 }
 
+// The exact prefill every row is measured against (FullKV) and the method the budget rows use.
+CompressionParams exact_params() {
+    CompressionParams p;
+    p.method = exact_method().name;
+    return p;
+}
+
+bool compresses(const std::string & method) { return find_method(method)->compresses; }
+
+// "full", "pyramidkv@128": a method that does not compress has no budget to show.
+std::string label(const std::string & method, int budget) {
+    return compresses(method) ? method + "@" + std::to_string(budget) : method;
+}
+
 struct Row {
     std::string         test;    // "pp512", "tg32@d8192"
-    std::string         method;  // full / pyramidkv
+    std::string         method;  // the exact baseline, or the default method at a budget
     int                 budget            = 0;
     double              tokens_per_second = 0.0;  // median
     std::vector<double> samples;
@@ -207,10 +221,10 @@ int bench_single(const Flags & a) {
 
     for (int n : prefill) {
         Row r;
-        r.test = "pp" + std::to_string(n), r.method = "full";
+        r.test = "pp" + std::to_string(n), r.method = exact_method().name;
         const std::vector<int32_t> toks = random_tokens(n, n_vocab, 1234 + n);
         for (int rep = 0; rep < reps; ++rep) {
-            Session    s(engine, CompressionParams{ "full" });
+            Session    s(engine, exact_params());
             const auto t0 = std::chrono::steady_clock::now();
             s.prefill(toks);
             r.samples.push_back(n / seconds_since(t0));
@@ -237,11 +251,11 @@ int bench_single(const Flags & a) {
         decode.push_back(std::move(d));
     };
     for (int d : depths) {
-        auto s = std::make_unique<Session>(engine, CompressionParams{ "full" });
+        auto s = std::make_unique<Session>(engine, exact_params());
         if (d == budget_depth) s->set_keep_scores(true);
         // llama-bench starts a generation at depth 0 from one token; our prefill needs >= 1 token.
         s->prefill(random_tokens(std::max(d, 1), n_vocab, 99 + d));
-        add_row(d, "full", 0, std::move(s));
+        add_row(d, exact_method().name, 0, std::move(s));
     }
     Session * source = nullptr;
     for (auto & d : decode) {
@@ -249,14 +263,13 @@ int bench_single(const Flags & a) {
     }
     std::unique_ptr<Session> own_source;
     if (!source) {
-        own_source = std::make_unique<Session>(engine, CompressionParams{ "full" });
+        own_source = std::make_unique<Session>(engine, exact_params());
         own_source->set_keep_scores(true);
         own_source->prefill(random_tokens(budget_depth, n_vocab, 99 + budget_depth));
         source = own_source.get();
     }
     for (int b : budgets) {
-        CompressionParams p;
-        p.method = "pyramidkv";
+        CompressionParams p;  // the default method
         p.budget = b;
         add_row(budget_depth, p.method, b, source->fork(p));
     }
@@ -285,13 +298,13 @@ int bench_single(const Flags & a) {
     if (a.count("--llama-bench")) {
         const auto ref = run_llama_bench(a.at("--llama-bench"), eo.model_path, threads, reps, prefill, depths, n_gen);
         for (auto & r : rows) {
-            if (r.method == "full" && ref.count(r.test)) r.llama_tokens_per_second = ref.at(r.test);
+            if (!compresses(r.method) && ref.count(r.test)) r.llama_tokens_per_second = ref.at(r.test);
         }
     }
 
     std::map<std::string, double> full_at;
     for (const auto & r : rows)
-        if (r.method == "full") full_at[r.test] = r.tokens_per_second;
+        if (!compresses(r.method)) full_at[r.test] = r.tokens_per_second;
     if (a.count("--json")) {
         std::vector<std::string> items;
         for (const auto & r : rows) {
@@ -304,7 +317,7 @@ int bench_single(const Flags & a) {
             for (double x : r.samples) samples.push_back(json::number(x));
             o.raw("samples", json::array(samples)).num("kv_mib", r.kv_mib);
             if (r.llama_tokens_per_second > 0) o.num("llama_cpp_tokens_per_second", r.llama_tokens_per_second);
-            if (r.method != "full" && full_at.count(r.test))
+            if (compresses(r.method) && full_at.count(r.test))
                 o.num("speedup_vs_full", r.tokens_per_second / full_at[r.test]);
             items.push_back(o.dump());
         }
@@ -322,12 +335,12 @@ int bench_single(const Flags & a) {
                 threads, reps);
     std::printf("%-14s %-16s %12s %10s %14s %10s\n", "test", "method", "tok/s", "KV MiB", "llama.cpp", "ratio");
     for (const auto & r : rows) {
-        std::string m       = r.method + (r.budget ? "@" + std::to_string(r.budget) : "");
+        std::string m       = label(r.method, r.budget);
         char        ref[32] = "-", ratio[32] = "-";
         if (r.llama_tokens_per_second > 0) {
             std::snprintf(ref, sizeof(ref), "%.1f", r.llama_tokens_per_second);
             std::snprintf(ratio, sizeof(ratio), "%.2fx", r.tokens_per_second / r.llama_tokens_per_second);
-        } else if (r.method != "full" && full_at.count(r.test)) {
+        } else if (compresses(r.method) && full_at.count(r.test)) {
             std::snprintf(ratio, sizeof(ratio), "%.2fx full", r.tokens_per_second / full_at[r.test]);
         }
         std::printf("%-14s %-16s %12.1f %10.2f %14s %10s\n", r.test.c_str(), m.c_str(), r.tokens_per_second, r.kv_mib,
@@ -346,7 +359,7 @@ int bench_sessions(const Flags & a) {
     const int threads = int_list("--threads", flag(a, "--threads", std::to_string(default_threads())), 1)[0];
     std::vector<std::string> methods;
     {
-        std::stringstream ss(flag(a, "--methods", "full,pyramidkv"));
+        std::stringstream ss(flag(a, "--methods", std::string(exact_method().name) + "," + CompressionParams{}.method));
         for (std::string m; std::getline(ss, m, ',');) {
             if (!find_method(m))
                 throw Error("--methods", "unknown method '" + m + "' (accepted: " + method_names_joined() + ")");
@@ -365,7 +378,7 @@ int bench_sessions(const Flags & a) {
     Engine engine(eo);
     std::fprintf(stderr, "[bench] pool %.2f GiB, prefill %d tokens once\n",
                  engine.pool().capacity_bytes() / 1073741824.0, n);
-    Session source(engine, CompressionParams{ "full" });
+    Session source(engine, exact_params());
     source.set_keep_scores(true);
     source.prefill(random_tokens(n, engine.config().n_vocab, 7));
 
@@ -441,9 +454,9 @@ int bench_sessions(const Flags & a) {
     std::printf("%-14s %9s %14s %16s %18s\n", "method", "sessions", "tok/s (sum)", "KV MiB/session",
                 "llama-batched-bench");
     for (const auto & r : results) {
-        std::string m = r.method + (r.method == "full" ? "" : "@" + std::to_string(budget));
-        std::printf("%-14s %9d %14.1f %16.2f %18s\n", m.c_str(), r.sessions, r.tokens_per_second, r.kv_mib_per_session,
-                    llama.count(r.sessions) && r.method == "full" ? json::number(llama[r.sessions]).c_str() : "-");
+        std::printf("%-14s %9d %14.1f %16.2f %18s\n", label(r.method, budget).c_str(), r.sessions, r.tokens_per_second,
+                    r.kv_mib_per_session,
+                    llama.count(r.sessions) && !compresses(r.method) ? json::number(llama[r.sessions]).c_str() : "-");
     }
     return 0;
 }
@@ -457,8 +470,8 @@ int bench_prefill_memory(const Flags & a) {
     const std::string      model   = flag(a, "--model", default_model_path());
     const int threads = int_list("--threads", flag(a, "--threads", std::to_string(default_threads())), 1)[0];
     if (lengths.size() > 1 || !a.count("--child")) {
-        std::printf("peak RSS of one pyramidkv@%d session prefilling N tokens, chunk %d | model %s\n", budget, chunk,
-                    model.c_str());
+        std::printf("peak RSS of one %s session prefilling N tokens, chunk %d | model %s\n",
+                    label(CompressionParams{}.method, budget).c_str(), chunk, model.c_str());
         std::printf("%10s %12s %12s %14s\n", "tokens", "peak MiB", "seconds", "KV MiB after");
         for (int n : lengths) {
             char          exe[4096];
@@ -489,8 +502,7 @@ int bench_prefill_memory(const Flags & a) {
     // (the largest pyramid layer keeps up to 2 × budget)
     eo.kv_pool_tokens = (size_t) (chunk > 0 ? 2 * budget + chunk + eo.n_ubatch : n) + 256;
     Engine            engine(eo);
-    CompressionParams p;
-    p.method = "pyramidkv";
+    CompressionParams p;  // the default method
     p.budget = budget;
     Session    s(engine, p, chunk);
     const auto t0 = std::chrono::steady_clock::now();
@@ -512,14 +524,14 @@ int bench_pool_fit(const Flags & a) {
     eo.n_ctx         = n + 1;
     eo.kv_pool_bytes = pool;
     Engine  engine(eo);
-    Session source(engine, CompressionParams{ "full" });
+    Session source(engine, exact_params());
     source.set_keep_scores(true);
     source.prefill(random_tokens(n, engine.config().n_vocab, 5));
     const size_t source_bytes = source.stats().pool_bytes;
     std::printf("sessions of %d tokens in a %.2f GiB KV pool (the source prefill's %.1f MiB counted as free) | %s\n", n,
                 pool / 1073741824.0, source_bytes / 1048576.0, eo.model_path.c_str());
     std::vector<std::pair<std::string, int>> fits;
-    for (const std::string m : { "full", "pyramidkv" }) {
+    for (const std::string & m : { std::string(exact_method().name), CompressionParams{}.method }) {
         CompressionParams p;
         p.method = m;
         p.budget = budget;
@@ -533,11 +545,12 @@ int bench_pool_fit(const Flags & a) {
         const size_t per  = held.empty() ? source_bytes : held[0]->stats().pool_bytes;
         const int    more = per ? (int) (source_bytes / per) : 0;
         fits.emplace_back(m, (int) held.size() + more);
-        std::printf("%-14s %8d sessions  (%.2f MiB of pool each)\n",
-                    (m == "full" ? m : m + "@" + std::to_string(budget)).c_str(), fits.back().second, per / 1048576.0);
+        std::printf("%-14s %8d sessions  (%.2f MiB of pool each)\n", label(m, budget).c_str(), fits.back().second,
+                    per / 1048576.0);
     }
     if (fits[0].second > 0)
-        std::printf("ratio: %.1fx more sessions with pyramidkv@%d\n", (double) fits[1].second / fits[0].second, budget);
+        std::printf("ratio: %.1fx more sessions with %s\n", (double) fits[1].second / fits[0].second,
+                    label(fits[1].first, budget).c_str());
     return 0;
 }
 

@@ -1,5 +1,6 @@
-// KV-cache compression methods (DESIGN §2). Budgets and selection are pure functions of the
-// attention statistics the engine hands over, so they are tested here without a model.
+// What the compression methods share (docs/DESIGN.md §2): the registry, budgets, scoring, pooling,
+// top-k, validation. Budgets and selection are pure functions of the attention statistics the
+// engine hands over, so they are tested without a model. The methods themselves: methods/*.cpp.
 #include "compress.h"
 
 #include <algorithm>
@@ -8,8 +9,11 @@
 #include <cstdint>
 #include <limits>
 #include <numeric>
+#include <stdexcept>
 #include <string>
 #include <vector>
+
+#include "methods/methods.h"
 
 namespace pkv {
 
@@ -81,8 +85,11 @@ void pool_row(const float * in, float * out, int len, int k, Pooling pooling) {
     }
 }
 
-// Reduces per-query-head scores [n_head][len] to per-KV-head scores [n_head_kv][len]: selection
-// happens per KV head so the cache stays n_head_kv wide (DESIGN §5 trap 2).
+// NaN (a broken model, not a user error) must not break nth_element's strict weak ordering.
+float rank_key(float s) { return std::isnan(s) ? -std::numeric_limits<float>::infinity() : s; }
+
+}  // namespace
+
 std::vector<float> aggregate_heads(const std::vector<float> & per_head, int n_head, int n_head_kv, int len,
                                    HeadAggregation agg) {
     const int          G = n_head / n_head_kv;
@@ -115,11 +122,6 @@ HeadSelection all_positions(int n_head_kv, int n) {
     std::iota(all.begin(), all.end(), 0);
     return HeadSelection(std::max(n_head_kv, 0), all);
 }
-
-// NaN (a broken model, not a user error) must not break nth_element's strict weak ordering.
-float rank_key(float s) { return std::isnan(s) ? -std::numeric_limits<float>::infinity() : s; }
-
-}  // namespace
 
 std::vector<float> window_scores(const LayerAttention & att, const CompressionParams & p) {
     const int n_prefix = std::max(att.n - att.n_window, 0);
@@ -183,96 +185,11 @@ HeadSelection top_k_plus_window(const std::vector<float> & scores, int n_head_kv
 }
 
 // ---------------------------------------------------------------------------------------------
-// Methods: one budgets/select pair each
+// Registry: one line per method (each in its own file in methods/)
 // ---------------------------------------------------------------------------------------------
 
-namespace {
-
-std::vector<int> full_budgets(int n_layers, int n, const CompressionParams &) {
-    return std::vector<int>(std::max(n_layers, 0), std::max(n, 0));
-}
-
-HeadSelection full_select(const LayerAttention & att, int, const CompressionParams &) {
-    return all_positions(att.n_head_kv, att.n);
-}
-
-std::vector<int> uniform_layer_budgets(int n_layers, int n, const CompressionParams & p) {
-    return uniform_budgets(n_layers, p.budget, n);
-}
-
-// StreamingLLM: the first tokens act as attention sinks; keeping them plus a recent window
-// keeps the softmax stable without looking at any scores.
-constexpr int kAttentionSinks = 4;
-
-HeadSelection streamingllm_select(const LayerAttention & att, int keep, const CompressionParams &) {
-    if (keep >= att.n) {
-        return all_positions(att.n_head_kv, att.n);
-    }
-    keep             = std::max(keep, 0);
-    const int sinks  = std::min(kAttentionSinks, keep);
-    const int recent = keep - sinks;
-    // keep < n, so the sink range and the recent range never overlap.
-    std::vector<int32_t> pos;
-    pos.reserve(keep);
-    for (int j = 0; j < sinks; ++j) {
-        pos.push_back(j);
-    }
-    for (int j = att.n - recent; j < att.n; ++j) {
-        pos.push_back(j);
-    }
-    return HeadSelection(std::max(att.n_head_kv, 0), pos);
-}
-
-HeadSelection h2o_select(const LayerAttention & att, int keep, const CompressionParams & p) {
-    if (keep >= att.n) {
-        return all_positions(att.n_head_kv, att.n);
-    }
-    const int          n_prefix = att.n - att.n_window;
-    std::vector<float> per_head(static_cast<size_t>(att.n_head) * n_prefix);
-    for (int h = 0; h < att.n_head; ++h) {
-        std::copy_n(att.accumulated + static_cast<size_t>(h) * att.n, n_prefix,
-                    per_head.begin() + static_cast<ptrdiff_t>(h) * n_prefix);
-    }
-    const auto scores = aggregate_heads(per_head, att.n_head, att.n_head_kv, n_prefix, p.aggregation);
-    return top_k_plus_window(scores, att.n_head_kv, att.n, att.n_window, keep);
-}
-
-HeadSelection snap_select(const LayerAttention & att, int keep, const CompressionParams & p) {
-    if (keep >= att.n) {
-        return all_positions(att.n_head_kv, att.n);
-    }
-    return top_k_plus_window(window_scores(att, p), att.n_head_kv, att.n, att.n_window, keep);
-}
-
-std::vector<int> pyramid_layer_budgets(int n_layers, int n, const CompressionParams & p) {
-    return pyramid_budgets(n_layers, p.budget, n, p.window, p.beta);
-}
-
-const Method kFull{ "full", "FullKV: keeps every prompt position", false, false, full_budgets, full_select };
-const Method kStreamingLLM{ "streamingllm",
-                            "StreamingLLM: 4 attention sinks plus the most recent tokens",
-                            false,
-                            false,
-                            uniform_layer_budgets,
-                            streamingllm_select };
-const Method kH2O{ "h2o",
-                   "H2O: heavy hitters by attention accumulated over all prompt queries",
-                   false,
-                   true,
-                   uniform_layer_budgets,
-                   h2o_select };
-const Method kSnapKV{
-    "snapkv", "SnapKV: observation-window scores, uniform budget", true, false, uniform_layer_budgets, snap_select
-};
-const Method kPyramidKV{
-    "pyramidkv", "PyramidKV: observation-window scores, pyramid per-layer budgets", true, false, pyramid_layer_budgets,
-    snap_select
-};
-
-}  // namespace
-
 const std::vector<const Method *> & all_methods() {
-    static const std::vector<const Method *> methods = { &kFull, &kStreamingLLM, &kH2O, &kSnapKV, &kPyramidKV };
+    static const std::vector<const Method *> methods = { &kFullKV, &kStreamingLLM, &kH2O, &kSnapKV, &kPyramidKV };
     return methods;
 }
 
@@ -296,6 +213,15 @@ std::string method_names_joined(const char * sep) {
     return out;
 }
 
+const Method & exact_method() {
+    for (const Method * m : all_methods()) {
+        if (!m->compresses) {
+            return *m;
+        }
+    }
+    throw std::logic_error("no registered method keeps every entry");
+}
+
 std::string validate_params(const CompressionParams & p) {
     const Method * m = find_method(p.method);
     if (m == nullptr) {
@@ -309,9 +235,11 @@ std::string validate_params(const CompressionParams & p) {
         return "--budget: " + std::to_string(p.budget) + " must be greater than --window (" + std::to_string(p.window) +
                ")";
     }
-    if (m == &kStreamingLLM && p.budget <= kAttentionSinks) {
-        return "--budget: " + std::to_string(p.budget) + " must be greater than " + std::to_string(kAttentionSinks) +
-               " for streamingllm (its attention sinks)";
+    if (m->validate != nullptr) {
+        const std::string own = m->validate(p);
+        if (!own.empty()) {
+            return own;
+        }
     }
     if (p.beta < 1) {
         return "--beta: " + std::to_string(p.beta) + " must be >= 1";
@@ -329,6 +257,17 @@ std::string parse_pooling(const std::string & name, const char * param, Pooling 
     else return std::string(param) + ": '" + name + "' is not one of maxpool, avgpool, none";
     return "";
 }
+
+const char * pooling_name(Pooling p) {
+    switch (p) {
+        case Pooling::MaxPool: return "maxpool";
+        case Pooling::AvgPool: return "avgpool";
+        case Pooling::None: return "none";
+    }
+    return "?";
+}
+
+const char * aggregation_name(HeadAggregation a) { return a == HeadAggregation::Max ? "max" : "mean"; }
 
 std::string parse_aggregation(const std::string & name, const char * param, HeadAggregation & out) {
     if (name == "mean") out = HeadAggregation::Mean;

@@ -13,13 +13,13 @@
 
 #include "bench.h"
 #include "compress.h"
-#include "session.h"
 #include "error.h"
 #include "generate.h"
 #include "json.h"
 #include "llama.h"
 #include "paths.h"
 #include "serve.h"
+#include "session.h"
 
 using namespace pkv;
 
@@ -83,9 +83,10 @@ CompressionParams compression_params(const Args & a) {
     p.window            = (int) a.integer("--window", p.window, -1000000000, 1000000000);
     p.beta              = (int) a.integer("--beta", p.beta, -1000000000, 1000000000);
     p.kernel_size       = (int) a.integer("--kernel-size", p.kernel_size, -1000000000, 1000000000);
-    std::string problem = parse_pooling(a.str("--pooling", "maxpool"), "--pooling", p.pooling);
+    std::string problem = parse_pooling(a.str("--pooling", pooling_name(p.pooling)), "--pooling", p.pooling);
     if (problem.empty())
-        problem = parse_aggregation(a.str("--head-aggregation", "mean"), "--head-aggregation", p.aggregation);
+        problem = parse_aggregation(a.str("--head-aggregation", aggregation_name(p.aggregation)), "--head-aggregation",
+                                    p.aggregation);
     if (problem.empty()) problem = validate_params(p);
     if (!problem.empty()) throw Error("", problem);
     return p;

@@ -1,4 +1,4 @@
-// A small msgpack value type for the engine's stdio frames (DESIGN §3 "serve --stdio").
+// A small msgpack value type for the engine's stdio frames (docs/PROTOCOL.md).
 // Written for untrusted input: decode() checks every declared length against the bytes that are
 // really there before allocating, bounds nesting, and reports everything as a pkv::Error.
 #pragma once

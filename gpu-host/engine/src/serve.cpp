@@ -10,11 +10,11 @@
 #include <optional>
 #include <thread>
 
-#include "session.h"
 #include "error.h"
 #include "generate.h"
 #include "paths.h"
 #include "protocol.h"
+#include "session.h"
 
 namespace pkv {
 
@@ -194,9 +194,10 @@ class Server {
         p.window            = (int) std::min<uint64_t>(m.get_uint("window", p.window), 1u << 30);
         p.beta              = (int) std::min<uint64_t>(m.get_uint("beta", p.beta), 1u << 30);
         p.kernel_size       = (int) std::min<uint64_t>(m.get_uint("kernel_size", p.kernel_size), 1u << 30);
-        std::string problem = parse_pooling(m.get_str("pooling", "maxpool"), "pooling", p.pooling);
+        std::string problem = parse_pooling(m.get_str("pooling", pooling_name(p.pooling)), "pooling", p.pooling);
         if (problem.empty())
-            problem = parse_aggregation(m.get_str("head_aggregation", "mean"), "head_aggregation", p.aggregation);
+            problem = parse_aggregation(m.get_str("head_aggregation", aggregation_name(p.aggregation)),
+                                        "head_aggregation", p.aggregation);
         if (!problem.empty()) throw Error("", problem);
         return p;
     }

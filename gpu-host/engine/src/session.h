@@ -77,7 +77,7 @@ class Session {
 
     // A new session holding this session's prefill compressed with other settings, without
     // recomputing it. Needs keep_scores (set before the prefill) and no compression applied yet
-    // (method "full"), i.e. an exact prefill.
+    // (a method that does not compress, e.g. exact_method()), i.e. an exact prefill.
     std::unique_ptr<Session> fork(const CompressionParams & params) const;
     // Serialise the compressed state (tokens, positions, kept K/V, settings) / rebuild it.
     std::string                     save() const;

@@ -226,6 +226,17 @@ TEST(PyramidBudgets, MatchesDesignFormulaOnRandomInputs) {
     EXPECT_GT(formula_cases, 1000) << "the pyramid branch must be exercised";
 }
 
+TEST(PyramidBudgets, PyramidKvMethodUsesThePyramid) {
+    const Method * m = find_method("pyramidkv");
+    ASSERT_NE(m, nullptr);
+    CompressionParams p;
+    p.method = "pyramidkv";
+    p.budget = 24;
+    EXPECT_EQ(m->layer_budgets(6, 300, p), pyramid_budgets(6, 24, 300, p.window, p.beta));
+    EXPECT_GT(m->layer_budgets(6, 300, p).front(), m->layer_budgets(6, 300, p).back());
+    EXPECT_TRUE(m->needs_window_probs);
+}
+
 TEST(UniformBudgets, MinOfPromptAndBudget) {
     EXPECT_EQ(uniform_budgets(3, 128, 4000), std::vector<int>(3, 128));
     EXPECT_EQ(uniform_budgets(3, 128, 50), std::vector<int>(3, 50));
@@ -243,8 +254,9 @@ TEST(Selection, PerKvHeadSnapKv) {
     pr.spike(1, 40, 0.5f);
     pr.spike(2, 20, 0.5f);
     pr.spike(3, 20, 0.5f);
-    const CompressionParams p   = params("snapkv");
-    const HeadSelection     sel = find_method("snapkv")->select(pr.att(), 12, p);
+    const CompressionParams p = params("snapkv");
+    ASSERT_TRUE(find_method("snapkv")->needs_window_probs);
+    const HeadSelection sel = find_method("snapkv")->select(pr.att(), 12, p);
     expect_well_formed(sel, 2, 64);
     for (const auto & head : sel) {
         EXPECT_EQ(head.size(), 12u);
@@ -373,7 +385,8 @@ TEST(Methods, H2OPicksByAccumulatedAttention) {
     att.n_window    = 4;
     att.accumulated = acc.data();
     const auto p    = params("h2o");
-    const auto sel  = find_method("h2o")->select(att, 7, p);
+    ASSERT_TRUE(find_method("h2o")->needs_accumulated);
+    const auto sel = find_method("h2o")->select(att, 7, p);
     expect_well_formed(sel, 1, n);
     EXPECT_EQ(sel[0], (std::vector<int32_t>{ 5, 12, 20, 28, 29, 30, 31 }));
 }
@@ -402,6 +415,7 @@ TEST(Methods, FullKeepsEverything) {
     att.n_window     = 8;
     const Method * m = find_method("full");
     ASSERT_NE(m, nullptr);
+    EXPECT_FALSE(m->compresses);
     EXPECT_EQ(m->layer_budgets(3, 50, params("full", 8 + 1)), std::vector<int>(3, 50));
     const auto sel = m->select(att, 50, params("full"));
     EXPECT_EQ(sel, HeadSelection(2, range(0, 50)));
@@ -457,12 +471,65 @@ TEST_P(EveryMethod, StoredSizesEqualLayerBudgets) {
         for (const auto & head : sel) {
             EXPECT_EQ(static_cast<int>(head.size()), budgets[l]) << "layer " << l;
         }
-        if (std::string(m->name) != "full") {
+        if (m->compresses) {
             EXPECT_LT(budgets[l], n) << "compression must really shrink the cache";
+        } else {
+            EXPECT_EQ(budgets[l], n) << "a method that does not compress keeps everything";
+        }
+        if (m->keeps_window) {
+            for (const auto & head : sel) {
+                for (int j = n - p.window; j < n; ++j) EXPECT_TRUE(contains(head, j)) << "window position " << j;
+            }
         }
     }
-    if (std::string(m->name) == "pyramidkv") {
-        EXPECT_GT(budgets.front(), budgets.back());
+}
+
+// The score traits are what the engine computes: a method that does not declare a score selects
+// without it (the engine passes null), on every budget.
+TEST_P(EveryMethod, SelectsWithOnlyTheScoresItDeclares) {
+    const Method *    m = GetParam();
+    std::mt19937      rng(5);
+    CompressionParams p   = params(m->name, 24);
+    const int         n   = 120;
+    LayerAttention    att = make(n, p.window, rng);
+    if (!m->needs_window_probs) att.window_probs = nullptr;
+    if (!m->needs_accumulated) att.accumulated = nullptr;
+    // A method that does not compress is only ever asked to keep everything (its budgets are n).
+    const std::vector<int> keeps =
+        m->compresses ? std::vector<int>{ p.window + 1, 24, 60, n - 1 } : std::vector<int>{ n };
+    for (int keep : keeps) {
+        const HeadSelection sel = m->select(att, keep, p);
+        expect_well_formed(sel, 2, n);
+        EXPECT_EQ(sel[0].size(), (size_t) keep) << "keep " << keep;
+    }
+}
+
+// min_budget is what validation accepts: with the smallest window, min_budget passes and one less
+// fails naming --budget; with a larger window the budget must exceed it as well.
+TEST_P(EveryMethod, ValidatesItsMinimumBudget) {
+    const Method *    m = GetParam();
+    CompressionParams p = params(m->name, m->min_budget);
+    p.window            = 1;
+    EXPECT_EQ(validate_params(p), "") << "budget " << p.budget;
+    p.budget                = m->min_budget - 1;
+    const std::string error = validate_params(p);
+    EXPECT_EQ(error.rfind("--budget: " + std::to_string(p.budget) + " ", 0), 0u) << error;
+    EXPECT_EQ(error.find('\n'), std::string::npos);
+    p.window = m->min_budget + 5;
+    p.budget = p.window;
+    EXPECT_NE(validate_params(p), "") << "a budget must exceed the window";
+    p.budget = p.window + 1;
+    EXPECT_EQ(validate_params(p), "");
+}
+
+TEST_P(EveryMethod, IsRegisteredUnderItsNameWithADescription) {
+    const Method * m = GetParam();
+    EXPECT_EQ(find_method(m->name), m);
+    EXPECT_NE(std::string(m->description), "");
+    EXPECT_NE(method_names_joined().find(m->name), std::string::npos);
+    EXPECT_EQ(validate_params(params(m->name)), "") << "the default parameters are valid for " << m->name;
+    if (m->needs_window_probs || m->needs_accumulated) {
+        EXPECT_TRUE(m->compresses) << "scores only matter to compress";
     }
 }
 
@@ -489,7 +556,7 @@ TEST(Validate, ErrorsNameTheFlagAndValue) {
         return validate_params(p);
     };
     const std::string method = err([](CompressionParams & p) { p.method = "foo"; });
-    EXPECT_EQ(method, "--method: unknown method 'foo' (accepted: full, streamingllm, h2o, snapkv, pyramidkv)");
+    EXPECT_EQ(method, "--method: unknown method 'foo' (accepted: " + method_names_joined() + ")");
 
     const std::string budget = err([](CompressionParams & p) { p.budget = 8; });
     EXPECT_EQ(budget, "--budget: 8 must be greater than --window (8)");
@@ -503,37 +570,38 @@ TEST(Validate, ErrorsNameTheFlagAndValue) {
     const std::string kernel = err([](CompressionParams & p) { p.kernel_size = 4; });
     EXPECT_EQ(kernel, "--kernel-size: 4 must be odd and >= 1");
     EXPECT_NE(err([](CompressionParams & p) { p.kernel_size = -1; }).find("--kernel-size"), std::string::npos);
+}
 
-    const std::string sinks = err([](CompressionParams & p) {
-        p.method = "streamingllm";
-        p.window = 2;
-        p.budget = 4;
-    });
-    EXPECT_NE(sinks.find("--budget: 4"), std::string::npos) << sinks;
-    EXPECT_EQ(sinks.find('\n'), std::string::npos);
+TEST(Validate, StreamingLlmNeedsRoomBeyondItsSinks) {
+    const Method * m = find_method("streamingllm");
+    ASSERT_NE(m, nullptr);
+    EXPECT_EQ(m->min_budget, 5) << "4 attention sinks + 1";
+    CompressionParams p;
+    p.method                = "streamingllm";
+    p.window                = 2;
+    p.budget                = 4;
+    const std::string sinks = validate_params(p);
+    EXPECT_EQ(sinks, "--budget: 4 must be greater than 4 for streamingllm (its attention sinks)");
     // The same budget is fine for a method without attention sinks.
-    EXPECT_EQ(err([](CompressionParams & p) {
-                  p.method = "snapkv";
-                  p.window = 2;
-                  p.budget = 4;
-              }),
-              "");
+    p.method = "snapkv";
+    EXPECT_EQ(validate_params(p), "");
 }
 
 TEST(Registry, LookupAndNames) {
     EXPECT_EQ(find_method("nope"), nullptr);
     EXPECT_EQ(find_method(""), nullptr);
-    ASSERT_EQ(all_methods().size(), 5u);
-    const char * want[] = { "full", "streamingllm", "h2o", "snapkv", "pyramidkv" };
-    for (size_t i = 0; i < 5; ++i) {
-        EXPECT_STREQ(all_methods()[i]->name, want[i]);
-        EXPECT_EQ(find_method(want[i]), all_methods()[i]);
+    ASSERT_FALSE(all_methods().empty());
+    std::string           joined, piped;
+    std::set<std::string> names;
+    for (const Method * m : all_methods()) {
+        EXPECT_TRUE(names.insert(m->name).second) << m->name << " registered twice";
+        EXPECT_EQ(find_method(m->name), m);
+        joined += (joined.empty() ? "" : ", ") + std::string(m->name);
+        piped += (piped.empty() ? "" : "|") + std::string(m->name);
     }
-    EXPECT_EQ(method_names_joined(), "full, streamingllm, h2o, snapkv, pyramidkv");
-    EXPECT_EQ(method_names_joined("|"), "full|streamingllm|h2o|snapkv|pyramidkv");
-    EXPECT_TRUE(find_method("snapkv")->needs_window_probs);
-    EXPECT_TRUE(find_method("pyramidkv")->needs_window_probs);
-    EXPECT_TRUE(find_method("h2o")->needs_accumulated);
-    EXPECT_FALSE(find_method("streamingllm")->needs_window_probs);
-    EXPECT_FALSE(find_method("full")->needs_accumulated);
+    EXPECT_EQ(method_names_joined(), joined);
+    EXPECT_EQ(method_names_joined("|"), piped);
+    EXPECT_NE(find_method(CompressionParams{}.method), nullptr) << "the default method is registered";
+    EXPECT_FALSE(exact_method().compresses);
+    EXPECT_EQ(find_method(exact_method().name), &exact_method());
 }

@@ -1,0 +1,14 @@
+// The registered methods, one file each (compress.cpp lists them in its registry table).
+#pragma once
+
+#include "compress.h"
+
+namespace pkv {
+
+extern const Method kFullKV;        // full.cpp
+extern const Method kStreamingLLM;  // streamingllm.cpp
+extern const Method kH2O;           // h2o.cpp
+extern const Method kSnapKV;        // snapkv.cpp
+extern const Method kPyramidKV;     // pyramidkv.cpp
+
+}  // namespace pkv

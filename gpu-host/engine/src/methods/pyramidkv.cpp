@@ -1,0 +1,33 @@
+// PyramidKV: SnapKV's selection with the official pyramid of per-layer budgets (pyramid_budgets:
+// the lower layers keep more, the mean stays near B).
+#include <algorithm>
+
+#include "methods.h"
+
+namespace pkv {
+
+namespace {
+
+std::vector<int> budgets(int n_layers, int n, const CompressionParams & p) {
+    return pyramid_budgets(n_layers, p.budget, n, p.window, p.beta);
+}
+
+HeadSelection select(const LayerAttention & att, int keep, const CompressionParams & p) {
+    if (keep >= att.n) return all_positions(att.n_head_kv, att.n);
+    return top_k_plus_window(window_scores(att, p), att.n_head_kv, att.n, att.n_window, keep);
+}
+
+}  // namespace
+
+const Method kPyramidKV{ "pyramidkv",
+                         "PyramidKV: observation-window scores, pyramid per-layer budgets",
+                         /*compresses=*/true,
+                         /*needs_window_probs=*/true,
+                         /*needs_accumulated=*/false,
+                         /*keeps_window=*/true,
+                         /*min_budget=*/2,
+                         budgets,
+                         select,
+                         /*validate=*/nullptr };
+
+}  // namespace pkv

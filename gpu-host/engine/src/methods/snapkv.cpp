@@ -1,0 +1,34 @@
+// SnapKV: the observation window's attention decides. Each KV head keeps its top B−α prefix
+// positions by window score (window_scores: summed over the α queries, pooled, aggregated over its
+// query heads) plus the α window positions. Uniform budget.
+#include <algorithm>
+
+#include "methods.h"
+
+namespace pkv {
+
+namespace {
+
+std::vector<int> budgets(int n_layers, int n, const CompressionParams & p) {
+    return uniform_budgets(n_layers, p.budget, n);
+}
+
+HeadSelection select(const LayerAttention & att, int keep, const CompressionParams & p) {
+    if (keep >= att.n) return all_positions(att.n_head_kv, att.n);
+    return top_k_plus_window(window_scores(att, p), att.n_head_kv, att.n, att.n_window, keep);
+}
+
+}  // namespace
+
+const Method kSnapKV{ "snapkv",
+                      "SnapKV: observation-window scores, uniform budget",
+                      /*compresses=*/true,
+                      /*needs_window_probs=*/true,
+                      /*needs_accumulated=*/false,
+                      /*keeps_window=*/true,
+                      /*min_budget=*/2,
+                      budgets,
+                      select,
+                      /*validate=*/nullptr };
+
+}  // namespace pkv
