@@ -20,6 +20,7 @@ import {
   MAX_FRAME_BYTES,
   MESSAGES,
   parseProtocolSpec,
+  PROTOCOL_MINOR,
   PROTOCOL_SPEC,
   PROTOCOL_VERSION,
   validateFrame,
@@ -90,8 +91,9 @@ function header(n: number): Uint8Array {
   return h;
 }
 
-test("engine.json loads: version 2, 64 MiB frames", () => {
+test("engine.json loads: version 2, minor 1, 64 MiB frames", () => {
   assert.equal(PROTOCOL_VERSION, 2);
+  assert.equal(PROTOCOL_MINOR, 1);
   assert.equal(MAX_FRAME_BYTES, 64 * 1024 * 1024);
   assert.equal(PROTOCOL_SPEC.messages.get("open")?.direction, "to_engine");
   assert.equal(PROTOCOL_SPEC.messages.get("hello")?.direction, "from_engine");
@@ -310,6 +312,22 @@ test("validation errors match the C++ validator line for line", () => {
   // Decoded from msgpack, the answers are the same.
   for (const [frame, expected] of cases)
     assert.equal(validateFrame(decodeMsgpack(encodeMsgpack(frame)), "to_engine"), expected);
+});
+
+test("errors in frames from the engine match the C++ validator", () => {
+  // The same table as ErrorsInFramesFromTheEngine in gpu-host/engine/tests/protocol_test.cpp.
+  const hello = { type: "hello", protocol: 2, model: "m", n_layer: 1, n_ctx: 1, pool_bytes: 1, page_bytes: 1 };
+  assert.equal(validateFrame(hello, "from_engine"), null, "an older engine's hello (minor 0) is valid");
+  const cases: [unknown, string][] = [
+    [{ ...hello, methods: [{}, 1] }, "hello: field 'methods' must be map[], got array (element 1 is uint)"],
+    [{ ...hello, methods: {} }, "hello: field 'methods' must be map[], got map"],
+    [{ ...hello, defaults: [] }, "hello: field 'defaults' must be map, got array"],
+    [{ ...hello, protocol_minor: "1" }, "hello: field 'protocol_minor' must be uint, got str"],
+  ];
+  for (const [frame, expected] of cases) {
+    assert.equal(validateFrame(frame, "from_engine"), expected, JSON.stringify(frame));
+    assert.equal(validateFrame(decodeMsgpack(encodeMsgpack(frame)), "from_engine"), expected);
+  }
 });
 
 test("msgpack works where code generation from strings is refused (Cloudflare Workers)", () => {

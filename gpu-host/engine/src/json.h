@@ -1,10 +1,14 @@
-// A minimal JSON writer for the CLI's --json outputs (objects, arrays, numbers, strings).
+// A minimal JSON writer for the CLI's --json outputs (objects, arrays, numbers, strings, and
+// msgpack values as the protocol carries them).
 #pragma once
 
 #include <cmath>
 #include <cstdio>
 #include <string>
 #include <vector>
+
+#include "error.h"
+#include "msgpack.h"
 
 namespace pkv::json {
 
@@ -62,5 +66,30 @@ class Object {
   private:
     std::string body_;
 };
+
+// A msgpack value as JSON (the CLI prints what a protocol frame carries): maps in insertion order;
+// bin has no JSON form and is refused.
+inline std::string value(const mp::Value & v) {
+    switch (v.type()) {
+        case mp::Type::Nil: return "null";
+        case mp::Type::Bool: return v.as_bool() ? "true" : "false";
+        case mp::Type::Int: return std::to_string(v.as_int());
+        case mp::Type::UInt: return std::to_string(v.as_uint());
+        case mp::Type::Float: return number(v.as_double());
+        case mp::Type::Str: return quote(v.as_str());
+        case mp::Type::Bin: throw Error("json", "binary data has no JSON form");
+        case mp::Type::Array: {
+            std::vector<std::string> items;
+            for (const mp::Value & x : v.as_array()) items.push_back(value(x));
+            return array(items);
+        }
+        case mp::Type::Map: {
+            Object o;
+            for (const auto & [k, x] : v.as_map()) o.raw(k, value(x));
+            return o.dump();
+        }
+    }
+    return "null";
+}
 
 }  // namespace pkv::json

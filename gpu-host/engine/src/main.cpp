@@ -258,6 +258,27 @@ int cmd_tokenize(int argc, char ** argv) {
     return 0;
 }
 
+// The methods and defaults the engine offers, without a model or a session: what serve's hello
+// lists (with the built-in --chunk-size).
+int cmd_methods(int argc, char ** argv) {
+    Args            a(argc, argv, 2, { "--json" }, {});
+    const mp::Value catalog = engine_catalog(kDefaultChunkSize);
+    if (a.has("--json")) {
+        std::cout << json::value(catalog) << "\n";
+        return 0;
+    }
+    for (const Method * m : all_methods()) {
+        std::printf("%-14s %s\n", m->name, m->description);
+        std::printf("%-14s compresses %s, min budget %d (and > --window), scores: %s\n", "",
+                    m->compresses ? "yes" : "no", m->min_budget,
+                    m->needs_window_probs  ? "window"
+                    : m->needs_accumulated ? "accumulated"
+                                           : "none");
+    }
+    std::cout << "defaults: " << json::value(catalog.at("defaults")) << "\n";
+    return 0;
+}
+
 void usage() {
     std::fprintf(
         stderr,
@@ -269,6 +290,7 @@ void usage() {
         "           [--temperature T --top-k K --top-p P --seed S] [--threads N] [--device auto|cpu|gpu]\n"
         "           [--chunk-size %d (0 = one-shot)] [--kv-pool-bytes N] [--ctx-size N] [--dump-kept FILE] [--json]\n"
         "  tokenize (--prompt-file F | --prompt T) [--model M] --json   token ids and byte offsets\n"
+        "  methods  [--json]   the compression methods, their traits and the defaults (no model needed)\n"
         "  bench    [--model M] [--threads N] [--repetitions R] [--prefill 512,4096] [--depths 0,2048,8192]\n"
         "           [--budgets 64,128,512] [--decode-tokens N] [--llama-bench PATH] [--json]\n"
         "  bench    --sessions 1,4,16,64 [--prompt-len 4096] [--methods full,pyramidkv] [--budget 128] "
@@ -295,7 +317,8 @@ int main(int argc, char ** argv) {
         if (cmd == "bench") return cmd_bench(argc, argv);
         if (cmd == "serve") return cmd_serve(argc, argv);
         if (cmd == "tokenize") return cmd_tokenize(argc, argv);
-        throw Error("command", "unknown command '" + cmd + "' (budgets, generate, bench, serve, tokenize)");
+        if (cmd == "methods") return cmd_methods(argc, argv);
+        throw Error("command", "unknown command '" + cmd + "' (budgets, generate, bench, serve, tokenize, methods)");
     } catch (const Error & e) {
         std::fprintf(stderr, "error: %s\n", e.what());
         return 2;

@@ -121,7 +121,7 @@ size_t complete_utf8(const std::string & s) {
 
 struct Generation {
     uint64_t                 id         = 0;
-    int                      max_tokens = 256;
+    int                      max_tokens = kDefaultMaxTokens;
     int                      produced   = 0;
     std::string              text;
     size_t                   sent = 0;  // bytes of text already sent in token frames
@@ -280,7 +280,7 @@ class Server {
                     throw Error("generate", "the session holds no tokens yet: append first");
                 Generation g;
                 g.id         = id;
-                g.max_tokens = (int) std::min<uint64_t>(m.get_uint("max_tokens", 256), 1u << 24);
+                g.max_tokens = (int) std::min<uint64_t>(m.get_uint("max_tokens", kDefaultMaxTokens), 1u << 24);
                 SamplerOptions so;
                 so.temperature = (float) m.get_double("temperature", 0.0);
                 so.top_k       = (int) std::min<uint64_t>(m.get_uint("top_k", 0), 1u << 30);
@@ -535,6 +535,35 @@ class Server {
 
 }  // namespace
 
+mp::Value engine_catalog(int chunk_size) {
+    mp::Value methods = mp::Value::array();
+    for (const Method * m : all_methods()) {
+        mp::Value scores = mp::Value::array();
+        if (m->needs_window_probs) scores.push("window");
+        if (m->needs_accumulated) scores.push("accumulated");
+        methods.push(mp::Value::map()
+                         .set("name", m->name)
+                         .set("description", m->description)
+                         .set("compresses", m->compresses)
+                         .set("min_budget", m->min_budget)
+                         .set("keeps_window", m->keeps_window)
+                         .set("scores", scores));
+    }
+    const CompressionParams d;
+    return mp::Value::map()
+        .set("methods", methods)
+        .set("defaults", mp::Value::map()
+                             .set("method", d.method)
+                             .set("budget", d.budget)
+                             .set("window", d.window)
+                             .set("beta", d.beta)
+                             .set("kernel_size", d.kernel_size)
+                             .set("pooling", pooling_name(d.pooling))
+                             .set("head_aggregation", aggregation_name(d.aggregation))
+                             .set("chunk_size", chunk_size)
+                             .set("max_tokens", kDefaultMaxTokens));
+}
+
 int cmd_serve(int argc, char ** argv) {
     EngineOptions o;
     o.model_path = default_model_path();
@@ -562,8 +591,9 @@ int cmd_serve(int argc, char ** argv) {
     }
     if (!stdio) throw Error("--stdio", "required (the only transport so far)");
     Engine            engine(o);
-    const KvPool &    pool = engine.pool();
-    const std::string name = o.model_path.substr(o.model_path.find_last_of('/') + 1);
+    const KvPool &    pool    = engine.pool();
+    const std::string name    = o.model_path.substr(o.model_path.find_last_of('/') + 1);
+    const Value       catalog = engine_catalog(chunk);
     send(Value::map()
              .set("type", "hello")
              .set("protocol", protocol_version())
@@ -571,7 +601,11 @@ int cmd_serve(int argc, char ** argv) {
              .set("n_layer", engine.config().n_layer)
              .set("n_ctx", engine.n_ctx())
              .set("pool_bytes", pool.capacity_bytes())
-             .set("page_bytes", pool.bytes_per_page()));
+             .set("page_bytes", pool.bytes_per_page())
+             .set("protocol_minor", protocol_minor())
+             .set("page_slots", pool.page_slots())
+             .set("methods", catalog.at("methods"))
+             .set("defaults", catalog.at("defaults")));
     Inbox       inbox;
     std::thread reader(read_loop, std::ref(inbox));
     reader.detach();  // blocked in fread until stdin closes; the process exits without joining it

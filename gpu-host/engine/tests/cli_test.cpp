@@ -2,6 +2,8 @@
 // exit code 2 with exactly one line naming the parameter.
 #include <fstream>
 
+#include "protocol.h"
+#include "serve.h"
 #include "test_util.h"
 
 namespace pkv::test {
@@ -16,6 +18,38 @@ TEST(Cli, BudgetsJsonMatchesTheContract) {
     EXPECT_EQ(r.out.rfind("{\"layer_budgets\": [242, 235, 228, ", 0), 0u) << r.out;
     EXPECT_NE(r.out.find(", 46, 39]}\n"), std::string::npos) << r.out;
     EXPECT_EQ(count_lines(r.out), 1);
+}
+
+// The registry as the engine lists it without a model: every registered method with its traits,
+// and the defaults (what serve's hello carries, with the built-in --chunk-size).
+TEST(Cli, MethodsJsonListsTheRegistryAndTheDefaults) {
+    const CliResult r = run_cli(engine(), "methods --json");
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_EQ(count_lines(r.out), 1);
+    const mp::Value listed = parse_json(r.out);
+    EXPECT_EQ(listed, engine_catalog(kDefaultChunkSize));
+    const auto & methods = listed.at("methods").as_array();
+    ASSERT_EQ(methods.size(), all_methods().size());
+    for (size_t i = 0; i < methods.size(); ++i) {
+        const Method & m = *all_methods()[i];
+        EXPECT_EQ(methods[i].at("name").as_str(), m.name);
+        EXPECT_EQ(methods[i].at("compresses").as_bool(), m.compresses) << m.name;
+        EXPECT_EQ(methods[i].at("min_budget").as_uint(), (uint64_t) m.min_budget) << m.name;
+        EXPECT_EQ(methods[i].at("keeps_window").as_bool(), m.keeps_window) << m.name;
+        EXPECT_EQ(methods[i].at("scores").size(), (size_t) m.needs_window_probs + m.needs_accumulated) << m.name;
+    }
+    const CompressionParams defaults;
+    const mp::Value &       d = listed.at("defaults");
+    EXPECT_EQ(d.at("method").as_str(), defaults.method);
+    EXPECT_EQ(d.at("budget").as_uint(), (uint64_t) defaults.budget);
+    EXPECT_EQ(d.at("window").as_uint(), (uint64_t) defaults.window);
+    EXPECT_EQ(d.at("pooling").as_str(), pooling_name(defaults.pooling));
+    EXPECT_EQ(d.at("chunk_size").as_uint(), (uint64_t) kDefaultChunkSize);
+    EXPECT_EQ(d.at("max_tokens").as_uint(), (uint64_t) kDefaultMaxTokens);
+
+    const CliResult text = run_cli(engine(), "methods");
+    ASSERT_EQ(text.exit_code, 0) << text.err;
+    for (const Method * m : all_methods()) EXPECT_NE(text.out.find(m->description), std::string::npos) << m->name;
 }
 
 struct BadInput {
@@ -70,7 +104,8 @@ INSTANTIATE_TEST_SUITE_P(
                     BadInput{ "unknown_pooling", "generate --prompt hi --pooling median", "--pooling" },
                     BadInput{ "budgets_missing_layers", "budgets --prompt-len 10", "--layers" },
                     BadInput{ "budgets_bad_window", "budgets --layers 4 --prompt-len 10 --window -1", "--window" },
-                    BadInput{ "unknown_command", "frobnicate", "command" }),
+                    BadInput{ "unknown_command", "frobnicate", "command" },
+                    BadInput{ "methods_unknown_option", "methods --bogus", "--bogus" }),
     [](const testing::TestParamInfo<BadInput> & i) { return std::string(i.param.name); });
 
 TEST(Cli, GenerateJsonPrintsOneObjectWithTheContractKeys) {

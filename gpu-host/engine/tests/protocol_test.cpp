@@ -58,6 +58,7 @@ FILE * file_with(const std::string & bytes) {
 TEST(Protocol, EmbeddedSpecLoads) {
     const pkv::ProtocolSpec & spec = pkv::protocol_spec();
     EXPECT_EQ(pkv::protocol_version(), 2);
+    EXPECT_EQ(pkv::protocol_minor(), 1);
     EXPECT_EQ(pkv::max_frame_bytes(), 64u << 20);
     EXPECT_GE(spec.messages.size(), 20u);
     ASSERT_NE(spec.message("open"), nullptr);
@@ -142,6 +143,29 @@ TEST(Protocol, ErrorsNameTheMessageAndTheField) {
           "unknown message type 'x?y" + std::string(61, 'z') + "...'" },
     };
     for (const auto & [frame, expected] : cases) EXPECT_EQ(pkv::validate_frame(frame, "to_engine"), expected);
+}
+
+// Frames the engine sends; the same table is in shared/test/protocol.test.ts.
+TEST(Protocol, ErrorsInFramesFromTheEngine) {
+    auto hello = [] {
+        return Value::map()
+            .set("type", "hello")
+            .set("protocol", 2)
+            .set("model", "m")
+            .set("n_layer", 1)
+            .set("n_ctx", 1)
+            .set("pool_bytes", 1)
+            .set("page_bytes", 1);
+    };
+    EXPECT_EQ(pkv::validate_frame(hello(), "from_engine"), "") << "an older engine's hello (minor 0) is valid";
+    const std::vector<std::pair<Value, std::string>> cases = {
+        { hello().set("methods", Value::array().push(Value::map()).push(1)),
+          "hello: field 'methods' must be map[], got array (element 1 is uint)" },
+        { hello().set("methods", Value::map()), "hello: field 'methods' must be map[], got map" },
+        { hello().set("defaults", Value::array()), "hello: field 'defaults' must be map, got array" },
+        { hello().set("protocol_minor", "1"), "hello: field 'protocol_minor' must be uint, got str" },
+    };
+    for (const auto & [frame, expected] : cases) EXPECT_EQ(pkv::validate_frame(frame, "from_engine"), expected);
 }
 
 TEST(Protocol, FrameEncodingIsLengthPrefixed) {

@@ -13,6 +13,7 @@
 
 #include "msgpack.h"
 #include "protocol.h"
+#include "serve.h"
 #include "test_util.h"
 
 namespace pkv::test {
@@ -138,6 +139,13 @@ TEST(Serve, HelloOpenAppendGenerate) {
     EXPECT_EQ(hello.at("protocol").as_uint(), (uint64_t) protocol_version());
     EXPECT_EQ(hello.at("n_layer").as_uint(), 30u);
     EXPECT_GT(hello.at("pool_bytes").as_uint(), 0u);
+    EXPECT_EQ(hello.at("protocol_minor").as_uint(), (uint64_t) protocol_minor());
+    EXPECT_EQ(hello.at("page_bytes").as_uint() % hello.at("page_slots").as_uint(), 0u);
+    // The methods and defaults `pkv-engine methods --json` prints, with this server's --chunk-size.
+    const Value catalog = engine_catalog(256);
+    EXPECT_EQ(hello.at("methods"), catalog.at("methods"));
+    EXPECT_EQ(hello.at("defaults"), catalog.at("defaults"));
+    EXPECT_EQ(hello.at("defaults").at("chunk_size").as_uint(), 256u);
 
     e.send(open_msg(1, "s1", "pyramidkv", 64));
     EXPECT_EQ(e.until_type("opened", 1).back().at("session").as_str(), "s1");
