@@ -1,14 +1,17 @@
 // Protocol and types shared by the worker and the GPU host: the engine's stdio protocol
 // (msgpack frames, versioned, defined in protocol/engine.json) and the compression settings
-// that every side validates the same way.
+// that every side validates the same way (methods.ts: the engine's methods and defaults).
 
-/** KV-cache compression methods implemented by the engine (pkv-engine generate --method). */
-export const KV_METHODS = ["full", "streamingllm", "h2o", "snapkv", "pyramidkv"] as const;
-export type KvMethod = (typeof KV_METHODS)[number];
-
-export function isKvMethod(value: string): value is KvMethod {
-  return (KV_METHODS as readonly string[]).includes(value);
-}
+export {
+  ENGINE_DEFAULTS,
+  ENGINE_METHODS,
+  isKvMethod,
+  KV_METHODS,
+  methodInfo,
+  minBudget,
+  parseEngineCatalog,
+} from "./methods.js";
+export type { EngineCatalog, EngineDefaults, EngineMethod, KvMethod } from "./methods.js";
 
 export {
   decodeMsgpack,
