@@ -73,6 +73,7 @@ test("malformed, unknown, invalid and oversized frames get error frames; the hos
   assert.deepEqual(err && { id: err.id, session: err.session }, { id: 7, session: "x" });
   const bad = expectType(await c.call({ type: "open_session", tenant: "t", session: "m", method: "nope" }), "error");
   assert.equal(bad.code, "invalid");
+  assert.match(bad.message, /method 'nope' is not one of full, /, "names the field, the value and the accepted ones");
   // Still alive and serving.
   expectType(await c.call({ type: "open_session", tenant: "t", session: "ok", budget: 32 }), "opened");
   expectType(await c.call({ type: "append", tenant: "t", session: "ok", text: "Hello!", chat: true }), "appended");

@@ -51,8 +51,11 @@ test("admission arithmetic: peak = (budget + min(prompt, chunk)) entries per lay
   assert.equal(openReservationBytes(g, "pyramidkv", 128, 100), 30 * 228 * 768);
   assert.equal(openReservationBytes(g, "full", 128, 4000), 30 * 4000 * 768);
   assert.equal(prefillPeakBytes(g, 10_000), 30 * 512 * 768);
-  assert.equal(largestBudgetThatFits(g, 32, 30 * 768 * 100, 8), 68);
-  assert.equal(largestBudgetThatFits(g, 32, 30 * 768 * 40, 8), 0);
+  assert.equal(largestBudgetThatFits(g, "pyramidkv", 32, 30 * 768 * 100, 8), 68);
+  assert.equal(largestBudgetThatFits(g, "pyramidkv", 32, 30 * 768 * 40, 8), 0);
+  // The method's own minimum from the engine's table: StreamingLLM needs room beyond its 4 sinks.
+  assert.equal(largestBudgetThatFits(g, "pyramidkv", 32, 30 * 768 * 36, 2), 4);
+  assert.equal(largestBudgetThatFits(g, "streamingllm", 32, 30 * 768 * 36, 2), 0);
   assert.ok(appendTokenBound("héllo", [1, 2], true) >= 6 + 2);
 });
 

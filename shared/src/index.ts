@@ -5,6 +5,7 @@
 export {
   ENGINE_DEFAULTS,
   ENGINE_METHODS,
+  EXACT_METHOD,
   isKvMethod,
   KV_METHODS,
   methodInfo,

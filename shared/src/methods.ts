@@ -20,6 +20,10 @@ export type KvMethod = (typeof ENGINE_METHODS)[number]["name"];
 /** KV-cache compression methods implemented by the engine (pkv-engine generate --method). */
 export const KV_METHODS: readonly KvMethod[] = ENGINE_METHODS.map((m) => m.name);
 
+/** The method that keeps every entry (FullKV): exact prefills, fork sources and references use it
+ * (the engine's `exact_method()`). */
+export const EXACT_METHOD: KvMethod = (ENGINE_METHODS.find((m) => !m.compresses) ?? ENGINE_METHODS[0]).name;
+
 export function isKvMethod(value: string): value is KvMethod {
   return (KV_METHODS as readonly string[]).includes(value);
 }

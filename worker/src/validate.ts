@@ -1,6 +1,6 @@
 // Request bodies, checked at the edge of each route (Hono validator middleware, jsonBody): every
 // error names the parameter, the value received and what is accepted (400 invalid_request_error).
-import { KV_METHODS, type KvMethod } from "@pyramidkv/shared";
+import { ENGINE_DEFAULTS, isKvMethod, KV_METHODS, type KvMethod } from "@pyramidkv/shared";
 import { HTTPException } from "hono/http-exception";
 import { validator } from "hono/validator";
 
@@ -11,7 +11,8 @@ import { type ApiError, invalid } from "./errors.js";
 
 export const BUDGET_RANGE = [16, 1 << 20] as const;
 export const MAX_TOKENS_RANGE = [1, 4096] as const;
-export const DEFAULT_MAX_TOKENS = 256;
+/** The engine's own default (the shared table, proven equal to the engine by a test). */
+export const DEFAULT_MAX_TOKENS = ENGINE_DEFAULTS.max_tokens;
 
 export interface KvSettings {
   method: KvMethod;
@@ -132,11 +133,11 @@ function str(o: Record<string, unknown>, name: string, required = false): string
 }
 
 export function kvSettings(o: Record<string, unknown>): KvSettings {
-  const method = str(o, "kv_method") ?? "pyramidkv";
-  if (!(KV_METHODS as readonly string[]).includes(method))
+  const method = str(o, "kv_method") ?? ENGINE_DEFAULTS.method;
+  if (!isKvMethod(method))
     throw invalid("kv_method", `'kv_method': ${show(method)} is not one of ${KV_METHODS.join(", ")}`);
-  const budget = int(o, "kv_budget", BUDGET_RANGE[0], BUDGET_RANGE[1], 128);
-  return { method: method as KvMethod, budget };
+  const budget = int(o, "kv_budget", BUDGET_RANGE[0], BUDGET_RANGE[1], ENGINE_DEFAULTS.budget);
+  return { method, budget };
 }
 
 function sampling(o: Record<string, unknown>): Sampling {

@@ -5,6 +5,8 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
+import { EXACT_METHOD } from "@pyramidkv/shared";
+
 import {
   answerWordRecall,
   DEFAULT_NEEDLE,
@@ -77,7 +79,7 @@ export async function runDemo(
       model: o.model,
       chunkSize: o.chunkSize,
     };
-    const full = await generate({ ...common, method: "full", budget: o.budget });
+    const full = await generate({ ...common, method: EXACT_METHOD, budget: o.budget });
     const pyr = await generate({ ...common, method: "pyramidkv", budget: o.budget });
     log(formatSideBySide(full, pyr, DEFAULT_NEEDLE.replace(/^The best thing to do in San Francisco is /, "")));
     return [full, pyr];

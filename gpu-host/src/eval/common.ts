@@ -6,7 +6,7 @@ import { join } from "node:path";
 import { KV_METHODS } from "@pyramidkv/shared";
 
 import { bool, type FlagValues, int, ints, string } from "../flags.js";
-import { METHOD_ORDER, type Setting, settingKey, settingLabel, settingsGrid } from "./runner.js";
+import { byReportOrder, methodLabel, type Setting, settingKey, settingLabel, settingsGrid } from "./runner.js";
 
 export interface CommonOptions {
   model?: string;
@@ -17,7 +17,8 @@ export interface CommonOptions {
   threads?: number;
 }
 
-export const DEFAULT_METHODS = ["full", "pyramidkv", "snapkv", "h2o", "streamingllm"];
+/** Every method the engine has, in the reports' order. */
+export const DEFAULT_METHODS = byReportOrder(KV_METHODS);
 export const DEFAULT_BUDGETS = [64, 128, 256, 512];
 
 export function parseMethods(value: string | undefined): string[] {
@@ -31,7 +32,7 @@ export function parseMethods(value: string | undefined): string[] {
     if (!(KV_METHODS as readonly string[]).includes(m))
       throw new Error(`--methods: unknown method '${m}' (valid: ${KV_METHODS.join(", ")})`);
   }
-  return [...new Set(ms)].sort((a, b) => METHOD_ORDER.indexOf(a as never) - METHOD_ORDER.indexOf(b as never));
+  return byReportOrder([...new Set(ms)]);
 }
 
 /** The flags every subcommand takes. Budgets: KV entries per layer per head, window included; > the window (8). */
@@ -144,7 +145,7 @@ export function methodBudgetTable(summary: SummaryRow[], digits = 3, scale = 1):
       const row = summary.find((s) => s.method === m && (s.budget === null || String(s.budget) === c));
       return row ? (row.mean_score * scale).toFixed(digits) : "";
     });
-    lines.push(`| ${m === "full" ? "FullKV" : m} | ${cells.join(" | ")} |`);
+    lines.push(`| ${methodLabel(m)} | ${cells.join(" | ")} |`);
   }
   return lines.join("\n");
 }

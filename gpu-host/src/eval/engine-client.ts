@@ -5,6 +5,8 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
+import { EXACT_METHOD } from "@pyramidkv/shared";
+
 import { runEngineJson } from "../engine/engine-run.js";
 import { EngineProcess } from "../host/engine.js";
 
@@ -114,7 +116,7 @@ export class EvalEngine {
 
   /** Opens an exact (FullKV, scores kept) session and prefills `text`; returns the tokens seen. */
   async prefill(session: string, text: string, chat: boolean): Promise<{ tokensSeen: number; kvBytes: number }> {
-    await this.proc.call({ type: "open", session, method: "full", keep_scores: true, chunk_size: 0 });
+    await this.proc.call({ type: "open", session, method: EXACT_METHOD, keep_scores: true, chunk_size: 0 });
     const r = await this.proc.call<"appended">({ type: "append", session, text, chat });
     return { tokensSeen: r.tokens_seen, kvBytes: r.kv_bytes };
   }

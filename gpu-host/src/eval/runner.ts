@@ -2,9 +2,26 @@
 // budget) forked from it, all their generations issued at once so the engine batches the decode,
 // every session closed as soon as its answer is in. Two prompts are in flight, so one prefills
 // while the other's forks decode.
+import { EXACT_METHOD, KV_METHODS, methodInfo } from "@pyramidkv/shared";
+
 import type { EvalEngine, Generation } from "./engine-client.js";
 
-export const METHOD_ORDER = ["full", "pyramidkv", "snapkv", "h2o", "streamingllm"] as const;
+/** How reports order the engine's methods: the exact one first, then as the paper compares them;
+ * a method the engine adds later follows in the engine's order. */
+const REPORT_PREFERENCE: readonly string[] = [EXACT_METHOD, "pyramidkv", "snapkv", "h2o", "streamingllm"];
+const reportRank = (m: string) => {
+  const i = REPORT_PREFERENCE.indexOf(m);
+  return i >= 0 ? i : REPORT_PREFERENCE.length + KV_METHODS.indexOf(m as never);
+};
+/** Sorts method names into the reports' order. */
+export const byReportOrder = (methods: readonly string[]): string[] =>
+  [...methods].sort((a, b) => reportRank(a) - reportRank(b));
+
+/** A method that keeps every entry: one setting, no budget (its budget would change nothing). */
+export const isExact = (method: string): boolean => !methodInfo(method).compresses;
+
+/** A setting's name in tables and pictures: FullKV, or method@budget. */
+export const methodLabel = (method: string): string => (method === EXACT_METHOD ? "FullKV" : method);
 
 /** One (method, budget) cell; FullKV has no budget. */
 export interface Setting {
@@ -13,13 +30,14 @@ export interface Setting {
 }
 
 export const settingKey = (s: Setting): string => (s.budget === null ? s.method : `${s.method}@${s.budget}`);
-export const settingLabel = (s: Setting): string => (s.method === "full" ? "FullKV" : `${s.method}@${s.budget}`);
+export const settingLabel = (s: Setting): string =>
+  s.budget === null ? methodLabel(s.method) : `${s.method}@${s.budget}`;
 
-/** Every setting of a grid: FullKV once (if listed), then each other method at each budget. */
+/** Every setting of a grid: each exact method once (FullKV), then each other method at each budget. */
 export function settingsGrid(methods: string[], budgets: number[]): Setting[] {
   const out: Setting[] = [];
-  if (methods.includes("full")) out.push({ method: "full", budget: null });
-  for (const m of methods) if (m !== "full") for (const b of budgets) out.push({ method: m, budget: b });
+  for (const m of methods) if (isExact(m)) out.push({ method: m, budget: null });
+  for (const m of methods) if (!isExact(m)) for (const b of budgets) out.push({ method: m, budget: b });
   return out;
 }
 
@@ -77,7 +95,8 @@ async function runJobOnce(engine: EvalEngine, job: PromptJob, onCell: (c: CellOu
   try {
     const { tokensSeen } = await engine.prefill(base, job.text, job.chat);
     for (const s of job.settings) {
-      if (s.method === "full" && useSource === undefined) {
+      // The exact prefill is itself the exact setting's session: no fork for it.
+      if (isExact(s.method) && useSource === undefined) {
         useSource = s;
         continue;
       }

@@ -17,9 +17,16 @@
 // chunk of uncompressed entries per layer (min(new tokens, chunk), new tokens bounded by the
 // text's UTF-8 bytes before tokenising), during a generate max_tokens entries per layer. One entry
 // of one layer = 2 x n_head_kv x head_dim x 2 bytes (768 for SmolLM2-135M), from the engine's stats
-// (full_kv_bytes / tokens_seen / n_layer), page_bytes / 16 until the first stats.
+// (full_kv_bytes / tokens_seen / n_layer), page_bytes / page_slots until the first stats.
 // Offloaded sessions count nothing (their state is in host memory or on disk).
-import type { HostMessage, Message, ToHostMessage } from "@pyramidkv/shared";
+import {
+  ENGINE_DEFAULTS,
+  type HostMessage,
+  isKvMethod,
+  KV_METHODS,
+  type Message,
+  type ToHostMessage,
+} from "@pyramidkv/shared";
 
 import { Admission, type Fit } from "./admission.js";
 import { type HostConfig, TENANT_NAME, type TenantPolicy } from "./config.js";
@@ -34,11 +41,9 @@ import { EngineSupervisor } from "./supervisor.js";
 import {
   appendTokenBound,
   autoBudget,
-  ENGINE_DEFAULTS,
   generatePeakBytes,
   geometryFromHello,
   type KvGeometry,
-  OPEN_DEFAULTS,
   openReservationBytes,
   prefillPeakBytes,
   Tenants,
@@ -215,10 +220,17 @@ export class SessionHost {
       );
     }
     const { id: _id, type: _type, tenant: _tenant, session: _session, prompt_tokens: promptTokens = 0, ...rest } = msg;
+    // Known before admission sizes it by the method's traits (the engine would refuse it anyway).
+    if (msg.method !== undefined && !isKvMethod(msg.method)) {
+      throw new HostError(
+        "invalid",
+        `open_session: method '${msg.method.slice(0, 64)}' is not one of ${KV_METHODS.join(", ")}`,
+      );
+    }
     const params: OpenParams = {
       ...rest,
-      method: msg.method ?? OPEN_DEFAULTS.method,
-      budget: msg.budget ?? OPEN_DEFAULTS.budget,
+      method: msg.method ?? ENGINE_DEFAULTS.method,
+      budget: msg.budget ?? ENGINE_DEFAULTS.budget,
     };
     const g = this.geometryFor(params);
     const s = new HostSession(msg.tenant, msg.session, params);
@@ -229,7 +241,7 @@ export class SessionHost {
       const fit: Fit | undefined =
         limits.policy === "auto"
           ? (free) => {
-              const shrunk = autoBudget(g, params.method, promptTokens, params.window ?? OPEN_DEFAULTS.window, free);
+              const shrunk = autoBudget(g, params.method, promptTokens, params.window ?? ENGINE_DEFAULTS.window, free);
               if (!shrunk) return null;
               params.budget = shrunk.budget;
               reservation = shrunk.reservation;
@@ -347,7 +359,7 @@ export class SessionHost {
   }
 
   private async generate(s: HostSession, op: Op, msg: HostMessage<"generate">, t0: number): Promise<void> {
-    const maxTokens = msg.max_tokens ?? ENGINE_DEFAULTS.maxTokens;
+    const maxTokens = msg.max_tokens ?? ENGINE_DEFAULTS.max_tokens;
     await this.residency.ensureResident(s, generatePeakBytes(this.geometry, maxTokens));
     try {
       const engine = await this.engines.ready;

@@ -1,7 +1,9 @@
 // Tenants and their KV quotas. A tenant's usage is the sum of what its resident sessions account
 // (account.ts decides what a session accounts, admission.ts whether it fits); this module owns the
-// limits and the arithmetic. Everything here that depends on the compression method (its name,
-// its defaults) is in this file and nowhere else in host/.
+// limits and the arithmetic. Everything in host/ that depends on the compression method (whether
+// it compresses, its smallest budget, the defaults) is in this file, read from the shared table.
+import { ENGINE_DEFAULTS, methodInfo, minBudget } from "@pyramidkv/shared";
+
 import type { TenantLimits, TenantPolicy } from "./config.js";
 
 export interface TenantView extends TenantLimits {
@@ -38,12 +40,12 @@ export class Tenants {
   }
 }
 
-/** The engine's defaults for open_session's absent fields (the engine's `open` applies the same). */
-export const OPEN_DEFAULTS = { method: "pyramidkv", budget: 128, window: 8 } as const;
+// The defaults of open_session's and generate's absent fields (method, budget, window, chunk size,
+// max_tokens) and what each method is (compresses, min_budget) come from the engine's table in
+// @pyramidkv/shared, which gpu-host/test/engine-methods.test.ts proves equal to the engine's own.
 
-/** The engine's other defaults the host sizes requests with: `--chunk-size`, `generate.max_tokens`,
- * and the KV slots per pool page. */
-export const ENGINE_DEFAULTS = { chunkSize: 8192, maxTokens: 256, slotsPerPage: 16 } as const;
+/** KV slots per pool page of an engine whose hello predates `page_slots` (protocol 2.0). */
+const PAGE_SLOTS_2_0 = 16;
 
 /** The KV geometry admission needs, from the engine's hello and stats. */
 export interface KvGeometry {
@@ -55,11 +57,14 @@ export interface KvGeometry {
 }
 
 /** The geometry before the first stats: one entry of one layer estimated as page_bytes / 16. */
-export function geometryFromHello(h: { n_layer: number; page_bytes: number }, chunkSize?: number): KvGeometry {
+export function geometryFromHello(
+  h: { n_layer: number; page_bytes: number; page_slots?: number },
+  chunkSize?: number,
+): KvGeometry {
   return {
     nLayer: h.n_layer,
-    bytesPerEntry: Math.floor(h.page_bytes / ENGINE_DEFAULTS.slotsPerPage),
-    chunkSize: chunkSize ?? ENGINE_DEFAULTS.chunkSize,
+    bytesPerEntry: Math.floor(h.page_bytes / (h.page_slots ?? PAGE_SLOTS_2_0)),
+    chunkSize: chunkSize ?? ENGINE_DEFAULTS.chunk_size,
   };
 }
 
@@ -90,16 +95,23 @@ export function generatePeakBytes(g: KvGeometry, maxTokens: number): number {
  * per layer (FullKV: the prompt itself). With no prompt hint that is the budget alone. */
 export function openReservationBytes(g: KvGeometry, method: string, budget: number, promptTokens: number): number {
   const inFlight = g.chunkSize > 0 ? Math.min(promptTokens, g.chunkSize) : promptTokens;
-  const entries = method === "full" ? promptTokens : budget + inFlight;
+  const entries = methodInfo(method).compresses ? budget + inFlight : promptTokens;
   return g.nLayer * entries * g.bytesPerEntry;
 }
 
-/** Largest budget whose reservation fits `freeBytes`, or 0 when not even window + 1 fits. */
-export function largestBudgetThatFits(g: KvGeometry, promptTokens: number, freeBytes: number, window: number): number {
+/** Largest budget whose reservation fits `freeBytes`, or 0 when not even the method's smallest
+ * budget (above the window, and its own minimum) fits. */
+export function largestBudgetThatFits(
+  g: KvGeometry,
+  method: string,
+  promptTokens: number,
+  freeBytes: number,
+  window: number,
+): number {
   const inFlight = Math.min(promptTokens, g.chunkSize > 0 ? g.chunkSize : promptTokens);
   const perLayer = Math.floor(freeBytes / (g.nLayer * g.bytesPerEntry));
   const budget = perLayer - inFlight;
-  return budget > window ? budget : 0;
+  return budget >= minBudget(method, window) ? budget : 0;
 }
 
 /** Policy auto at open_session: the largest budget whose reservation fits `freeBytes`, and that
@@ -112,8 +124,8 @@ export function autoBudget(
   window: number,
   freeBytes: number,
 ): { budget: number; reservation: number } | null {
-  if (method === "full") return null;
-  const budget = largestBudgetThatFits(g, promptTokens, freeBytes, window);
+  if (!methodInfo(method).compresses) return null;
+  const budget = largestBudgetThatFits(g, method, promptTokens, freeBytes, window);
   if (budget === 0) return null;
   return { budget, reservation: openReservationBytes(g, method, budget, promptTokens) };
 }
