@@ -407,7 +407,7 @@ export function validateFrame(
 // ---- frames ----------------------------------------------------------------------------------
 
 // useRecords: false — msgpackr's record extension is not msgpack the engine understands, and its
-// reader is compiled with `new Function`, which Cloudflare Workers refuse (DESIGN §5).
+// reader is compiled with `new Function`, which Cloudflare Workers refuse (docs/DESIGN.md §5, trap 5).
 // variableMapSize: fixmap/map16 by size, as the C++ encoder writes (msgpackr's default is map16).
 const packr = new Packr({ useRecords: false, variableMapSize: true });
 // mapsAsObjects: plain objects, as validateFrame expects. int64AsType "number": uint64 values
