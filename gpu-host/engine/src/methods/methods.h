@@ -11,4 +11,8 @@ extern const Method kH2O;           // h2o.cpp
 extern const Method kSnapKV;        // snapkv.cpp
 extern const Method kPyramidKV;     // pyramidkv.cpp
 
+// SnapKV's selection (snapkv.cpp), which PyramidKV shares: per KV head the top keep − α prefix
+// positions by window score plus the α window positions.
+HeadSelection snapkv_select(const LayerAttention & att, int keep, const CompressionParams & p);
+
 }  // namespace pkv

@@ -12,11 +12,6 @@ std::vector<int> budgets(int n_layers, int n, const CompressionParams & p) {
     return pyramid_budgets(n_layers, p.budget, n, p.window, p.beta);
 }
 
-HeadSelection select(const LayerAttention & att, int keep, const CompressionParams & p) {
-    if (keep >= att.n) return all_positions(att.n_head_kv, att.n);
-    return top_k_plus_window(window_scores(att, p), att.n_head_kv, att.n, att.n_window, keep);
-}
-
 }  // namespace
 
 const Method kPyramidKV{ "pyramidkv",
@@ -27,7 +22,7 @@ const Method kPyramidKV{ "pyramidkv",
                          /*keeps_window=*/true,
                          /*min_budget=*/2,
                          budgets,
-                         select,
+                         snapkv_select,
                          /*validate=*/nullptr };
 
 }  // namespace pkv

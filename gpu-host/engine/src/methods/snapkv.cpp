@@ -13,12 +13,12 @@ std::vector<int> budgets(int n_layers, int n, const CompressionParams & p) {
     return uniform_budgets(n_layers, p.budget, n);
 }
 
-HeadSelection select(const LayerAttention & att, int keep, const CompressionParams & p) {
+}  // namespace
+
+HeadSelection snapkv_select(const LayerAttention & att, int keep, const CompressionParams & p) {
     if (keep >= att.n) return all_positions(att.n_head_kv, att.n);
     return top_k_plus_window(window_scores(att, p), att.n_head_kv, att.n, att.n_window, keep);
 }
-
-}  // namespace
 
 const Method kSnapKV{ "snapkv",
                       "SnapKV: observation-window scores, uniform budget",
@@ -28,7 +28,7 @@ const Method kSnapKV{ "snapkv",
                       /*keeps_window=*/true,
                       /*min_budget=*/2,
                       budgets,
-                      select,
+                      snapkv_select,
                       /*validate=*/nullptr };
 
 }  // namespace pkv
