@@ -55,6 +55,10 @@ std::vector<int> uniform_budgets(int n_layers, int budget, int n) {
     return std::vector<int>(std::max(n_layers, 0), std::max(0, std::min(n, budget)));
 }
 
+std::vector<int> uniform_layer_budgets(int n_layers, int n, const CompressionParams & p) {
+    return uniform_budgets(n_layers, p.budget, n);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Scoring and selection
 // ---------------------------------------------------------------------------------------------

@@ -10,10 +10,6 @@ namespace pkv {
 
 namespace {
 
-std::vector<int> budgets(int n_layers, int n, const CompressionParams & p) {
-    return uniform_budgets(n_layers, p.budget, n);
-}
-
 HeadSelection select(const LayerAttention & att, int keep, const CompressionParams & p) {
     if (keep >= att.n) return all_positions(att.n_head_kv, att.n);
     const int          n_prefix = att.n - att.n_window;
@@ -35,7 +31,7 @@ const Method kH2O{ "h2o",
                    /*needs_accumulated=*/true,
                    /*keeps_window=*/true,
                    /*min_budget=*/2,
-                   budgets,
+                   uniform_layer_budgets,
                    select,
                    /*validate=*/nullptr };
 

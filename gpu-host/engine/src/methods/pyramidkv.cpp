@@ -1,7 +1,5 @@
 // PyramidKV: SnapKV's selection with the official pyramid of per-layer budgets (pyramid_budgets:
 // the lower layers keep more, the mean stays near B).
-#include <algorithm>
-
 #include "methods.h"
 
 namespace pkv {

@@ -1,19 +1,9 @@
 // SnapKV: the observation window's attention decides. Each KV head keeps its top B−α prefix
 // positions by window score (window_scores: summed over the α queries, pooled, aggregated over its
 // query heads) plus the α window positions. Uniform budget.
-#include <algorithm>
-
 #include "methods.h"
 
 namespace pkv {
-
-namespace {
-
-std::vector<int> budgets(int n_layers, int n, const CompressionParams & p) {
-    return uniform_budgets(n_layers, p.budget, n);
-}
-
-}  // namespace
 
 HeadSelection snapkv_select(const LayerAttention & att, int keep, const CompressionParams & p) {
     if (keep >= att.n) return all_positions(att.n_head_kv, att.n);
@@ -27,7 +17,7 @@ const Method kSnapKV{ "snapkv",
                       /*needs_accumulated=*/false,
                       /*keeps_window=*/true,
                       /*min_budget=*/2,
-                      budgets,
+                      uniform_layer_budgets,
                       snapkv_select,
                       /*validate=*/nullptr };
 

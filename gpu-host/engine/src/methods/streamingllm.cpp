@@ -11,10 +11,6 @@ namespace {
 
 constexpr int kAttentionSinks = 4;
 
-std::vector<int> budgets(int n_layers, int n, const CompressionParams & p) {
-    return uniform_budgets(n_layers, p.budget, n);
-}
-
 HeadSelection select(const LayerAttention & att, int keep, const CompressionParams &) {
     if (keep >= att.n) return all_positions(att.n_head_kv, att.n);
     keep             = std::max(keep, 0);
@@ -45,7 +41,7 @@ const Method kStreamingLLM{ "streamingllm",
                             /*needs_accumulated=*/false,
                             /*keeps_window=*/false,  // the B−4 most recent, which may be fewer than the window
                             /*min_budget=*/kAttentionSinks + 1,
-                            budgets,
+                            uniform_layer_budgets,
                             select,
                             validate };
 
