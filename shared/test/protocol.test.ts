@@ -91,9 +91,9 @@ function header(n: number): Uint8Array {
   return h;
 }
 
-test("engine.json loads: version 2, minor 1, 64 MiB frames", () => {
+test("engine.json loads: version 2, minor 2, 64 MiB frames", () => {
   assert.equal(PROTOCOL_VERSION, 2);
-  assert.equal(PROTOCOL_MINOR, 1);
+  assert.equal(PROTOCOL_MINOR, 2);
   assert.equal(MAX_FRAME_BYTES, 64 * 1024 * 1024);
   assert.equal(PROTOCOL_SPEC.messages.get("open")?.direction, "to_engine");
   assert.equal(PROTOCOL_SPEC.messages.get("hello")?.direction, "from_engine");

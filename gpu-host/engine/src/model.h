@@ -61,6 +61,7 @@ class Model {
 
     // Tokenizer side (libllama, vocab only).
     const llama_vocab *  vocab() const { return vocab_; }
+    const llama_model *  llama() const { return llama_; }  // vocab-only: metadata, chat template
     std::vector<int32_t> tokenize(const std::string & text, bool add_special) const;
     std::string          token_to_piece(int32_t token) const;
     std::string          detokenize(const std::vector<int32_t> & tokens) const;

@@ -58,7 +58,7 @@ FILE * file_with(const std::string & bytes) {
 TEST(Protocol, EmbeddedSpecLoads) {
     const pkv::ProtocolSpec & spec = pkv::protocol_spec();
     EXPECT_EQ(pkv::protocol_version(), 2);
-    EXPECT_EQ(pkv::protocol_minor(), 1);
+    EXPECT_EQ(pkv::protocol_minor(), 2);
     EXPECT_EQ(pkv::max_frame_bytes(), 64u << 20);
     EXPECT_GE(spec.messages.size(), 20u);
     ASSERT_NE(spec.message("open"), nullptr);
