@@ -98,9 +98,11 @@ struct Options {
     std::string out;
     std::string preset = "tiny";
     std::string vocab_from;
-    int64_t     n_vocab_synth = 0;  // --vocab N: synthetic tokenizer with N tokens
-    ggml_type   type          = GGML_TYPE_F32;
-    uint64_t    seed          = 42;
+    std::string chat_template_file;  // --chat-template FILE: tokenizer.chat_template from FILE
+    bool        no_chat_template = false;
+    int64_t     n_vocab_synth    = 0;  // --vocab N: synthetic tokenizer with N tokens
+    ggml_type   type             = GGML_TYPE_F32;
+    uint64_t    seed             = 42;
     Shape       shape;
     bool        help = false;
 };
@@ -114,6 +116,10 @@ const char * kUsage =
     "                     --heads gives head_dim = embd/heads\n"
     "  --vocab-from FILE  copy every tokenizer.* key of FILE; n_vocab = its token count\n"
     "  --vocab N          synthetic SentencePiece-style tokenizer of N tokens (N >= 260)\n"
+    "  --chat-template FILE\n"
+    "                     tokenizer.chat_template = the text of FILE (a Jinja chat template),\n"
+    "                     replacing the one --vocab-from copied\n"
+    "  --no-chat-template no tokenizer.chat_template (engines fall back to ChatML)\n"
     "  --type T           f32|f16|q8_0|q4_0|q4_1 for 2-D weights (default f32)\n"
     "  --rope-base F      rope.freq_base\n"
     "  --rope-freqs       add Llama-3.1-style rope_freqs.weight (llama only)\n"
@@ -180,10 +186,11 @@ const Preset & find_preset(const std::string & v) {
 // Collects "--flag value" pairs first, so that the preset can be applied before the
 // explicit flags regardless of their order on the command line.
 std::map<std::string, std::string> collect_flags(int argc, char ** argv) {
-    static const char * valued[]  = { "--out",        "--arch",     "--preset",   "--layers",    "--embd",
-                                      "--heads",      "--kv-heads", "--head-dim", "--ff",        "--ctx",
-                                      "--vocab-from", "--vocab",    "--type",     "--rope-base", "--seed" };
-    static const char * boolean[] = { "--rope-freqs", "--tied" };
+    static const char * valued[]  = { "--out",  "--arch",      "--preset",     "--layers",
+                                      "--embd", "--heads",     "--kv-heads",   "--head-dim",
+                                      "--ff",   "--ctx",       "--vocab-from", "--vocab",
+                                      "--type", "--rope-base", "--seed",       "--chat-template" };
+    static const char * boolean[] = { "--rope-freqs", "--tied", "--no-chat-template" };
 
     std::map<std::string, std::string> flags;
     for (int i = 1; i < argc; ++i) {
@@ -316,6 +323,14 @@ Options parse_args(int argc, char ** argv) {
             "--vocab-from: required (a GGUF to copy the tokenizer from), "
             "or --vocab N (>= 260) for a synthetic tokenizer");
     }
+    if (has("--chat-template") && has("--no-chat-template")) {
+        throw UsageError("--no-chat-template: conflicts with --chat-template");
+    }
+    if (has("--chat-template")) {
+        o.chat_template_file = flags["--chat-template"];
+        if (o.chat_template_file.empty()) throw UsageError("--chat-template: expected a file name, got ''");
+    }
+    o.no_chat_template = has("--no-chat-template");
     validate_shape(s, o.type);
     return o;
 }
@@ -389,6 +404,24 @@ int64_t copy_tokenizer(gguf_context * dst, const std::string & path) {
     }
     gguf_free(src);
     return n_vocab;
+}
+
+// The template text as it is, every byte (a GGUF string cannot hold a NUL).
+std::string read_chat_template(const std::string & path) {
+    FILE * f = std::fopen(path.c_str(), "rb");
+    if (!f) {
+        throw UsageError("--chat-template: cannot open '" + path + "': " + std::strerror(errno));
+    }
+    std::string text;
+    char        buf[4096];
+    size_t      n;
+    while ((n = std::fread(buf, 1, sizeof(buf), f)) > 0) text.append(buf, n);
+    std::fclose(f);
+    if (text.empty()) throw UsageError("--chat-template: '" + path + "' is empty");
+    if (text.find('\0') != std::string::npos) {
+        throw UsageError("--chat-template: '" + path + "' holds a NUL byte (not a text file)");
+    }
+    return text;
 }
 
 // Unique printable piece for normal token k: "▁" + base-26 letters.
@@ -675,6 +708,11 @@ GgufPtr build_metadata(const Options & o, int64_t * n_vocab) {
     GgufPtr tok(gguf_init_empty());
     *n_vocab =
         o.vocab_from.empty() ? synth_tokenizer(tok.get(), o.n_vocab_synth) : copy_tokenizer(tok.get(), o.vocab_from);
+    if (!o.chat_template_file.empty()) {
+        const std::string text = read_chat_template(o.chat_template_file);
+        gguf_set_val_str(tok.get(), "tokenizer.chat_template", text.c_str());
+    }
+    if (o.no_chat_template) gguf_remove_key(tok.get(), "tokenizer.chat_template");
     GgufPtr g(gguf_init_empty());
     set_metadata(g.get(), o, *n_vocab);
     for (int64_t i = 0; i < gguf_get_n_kv(tok.get()); ++i) {
