@@ -44,6 +44,7 @@ export const requireKey: MiddlewareHandler<AppEnv> = async (c, next) => {
   if (!rec) throw new ApiError(401, "authentication_error", "invalid API key", null, "invalid_api_key");
   const adm = await tenantStub(c.env, rec.tenant).admitRequest();
   if (!adm.ok) {
+    c.set("rate", { limit: adm.limit, remaining: 0, reset_s: adm.retry_after_s });
     throw new ApiError(
       429,
       "rate_limit_error",
@@ -54,5 +55,7 @@ export const requireKey: MiddlewareHandler<AppEnv> = async (c, next) => {
     );
   }
   c.set("tenant", rec.tenant);
+  c.set("tenantConfig", adm.config);
+  c.set("rate", { limit: adm.limit, remaining: Math.max(0, adm.limit - adm.used), reset_s: adm.reset_s });
   await next();
 };

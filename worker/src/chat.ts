@@ -1,27 +1,14 @@
-// Conversations rendered as ChatML, the template of the embedded SmolLM2 (and of Qwen models):
-//   <|im_start|>{role}\n{content}<|im_end|>\n … <|im_start|>assistant\n
-// The same text the engine's `chat: true` produces for one user turn (libllama's chatml), extended
-// to system/user/assistant turns; the worker renders it so that a whole conversation is one append
-// (one prefill, compressed once). A turn the model left open (max_tokens reached, no <|im_end|>)
-// is closed before the next one.
+// Conversations as the host receives them: a list of {role, content} messages (host protocol 2.1,
+// append.messages). The engine renders them with the model's own chat template from its GGUF
+// (ChatML only when the GGUF has none), tokenising content as plain text, so the edge neither
+// knows the template nor can a user's text forge a turn. A session's later turns are sent alone:
+// the engine renders them after the session's earlier messages.
 export type Role = "system" | "user" | "assistant";
 export interface Turn {
   role: Role;
   content: string;
 }
 
-export const END_OF_TURN = "<|im_end|>";
-
-export function renderTurns(turns: Turn[], opts: { continues?: boolean; openTurn?: boolean } = {}): string {
-  let out = opts.openTurn ? END_OF_TURN : "";
-  turns.forEach((t, i) => {
-    if (i > 0 || opts.continues) out += "\n";
-    out += `<|im_start|>${t.role}\n${t.content}${END_OF_TURN}`;
-  });
-  return out;
-}
-
-/** Turns followed by the assistant's opening: the prompt a generate continues. */
-export function renderPrompt(turns: Turn[], opts: { continues?: boolean; openTurn?: boolean } = {}): string {
-  return `${renderTurns(turns, opts)}\n<|im_start|>assistant\n`;
-}
+/** The host's append.messages for turns. */
+export const hostMessages = (turns: Turn[]): Record<string, unknown>[] =>
+  turns.map((t) => ({ role: t.role, content: t.content }));

@@ -3,6 +3,8 @@
 // runtime's own types for this compatibility date and flags): run `npm run types` in worker/
 // after changing wrangler.jsonc; test/worker-types.test.ts fails until then. Secrets are not in
 // wrangler.jsonc (`wrangler secret put`) and may be unset, so they are declared here, optional.
+import type { TenantConfig } from "./tenant.js";
+
 declare global {
   namespace Cloudflare {
     interface Env {
@@ -18,6 +20,14 @@ export type Env = Cloudflare.Env;
 
 export interface Vars {
   tenant: string;
+  /** the tenant's limits and defaults, read with the rate check (null: a tenant without a config) */
+  tenantConfig: TenantConfig | null;
+  /** x-request-id of this request (the client's, or a new one), passed to the host as request_id */
+  requestId: string;
+  /** the rate check's numbers, for the x-ratelimit-* headers */
+  rate?: { limit: number; remaining: number; reset_s: number };
+  /** the compression serving this request, for the x-pkv-kv-* headers */
+  kv?: { method: string; budget: number };
 }
 
 export type AppEnv = { Bindings: Env; Variables: Vars };

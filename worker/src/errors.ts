@@ -1,4 +1,6 @@
-// One error shape at the HTTP edge: OpenAI's {"error": {message, type, param, code}}.
+// One error shape at the HTTP edge: OpenAI's {"error": {message, type, param, code}}, with the
+// headers the official clients act on: Retry-After on every 429 and 503, and x-should-retry: false
+// on the 429s that waiting cannot clear (the SDKs would otherwise retry them).
 import type { Context } from "hono";
 
 export type ErrorType =
@@ -25,20 +27,30 @@ export class ApiError extends Error {
   }
 }
 
+/** Seconds a client should wait before retrying a 503 (a host marked down is probed again after 30 s). */
+export const RETRY_AFTER_UNAVAILABLE_S = 5;
+/** A 429 that only a change of the tenant's limits or its sessions can clear. */
+const NO_RETRY = { "x-should-retry": "false", "retry-after": "60" };
+
 export const invalid = (param: string, message: string, code = "invalid_value") =>
   new ApiError(400, "invalid_request_error", message, param, code);
 export const notFound = (message: string, code = "not_found") =>
   new ApiError(404, "not_found_error", message, null, code);
 export const noHost = (message: string) => new ApiError(503, "server_error", message, null, "host_unavailable");
+export const sessionLimit = (message: string) =>
+  new ApiError(429, "rate_limit_error", message, null, "session_limit", NO_RETRY);
+export const contextExceeded = (message: string, param: string | null) =>
+  new ApiError(400, "invalid_request_error", message, param, "context_length_exceeded");
 
-/** A host's error code → the HTTP status and type a client sees. */
-export function fromHostError(code: string, message: string): ApiError {
+/** A host's error code → the HTTP status and type a client sees (`param`: the field a context error is about). */
+export function fromHostError(code: string, message: string, param: string | null = null): ApiError {
   switch (code) {
     case "quota_exceeded":
     case "session_limit":
-      return new ApiError(429, "rate_limit_error", message, null, code);
-    case "too_large":
+      return new ApiError(429, "rate_limit_error", message, null, code, NO_RETRY);
     case "context_full":
+      return contextExceeded(message, param);
+    case "too_large":
       return new ApiError(413, "invalid_request_error", message, null, code);
     case "invalid":
       return new ApiError(400, "invalid_request_error", message, null, code);
@@ -60,5 +72,8 @@ export function errorResponse(c: Context, e: unknown): Response {
     e instanceof ApiError
       ? e
       : new ApiError(500, "server_error", e instanceof Error ? e.message : String(e), null, "internal");
-  return c.json(err.body(), err.status, err.headers);
+  const headers = { ...err.headers };
+  if ((err.status === 429 || err.status === 503) && headers["retry-after"] === undefined)
+    headers["retry-after"] = String(RETRY_AFTER_UNAVAILABLE_S);
+  return c.json(err.body(), err.status, headers);
 }

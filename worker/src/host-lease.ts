@@ -18,6 +18,8 @@ import { type SseSink, sseResponse } from "./sse.js";
 export interface HostPlan {
   /** the host holding the session; absent: the live host with the most free KV (a new session) */
   host?: string;
+  /** the model a new session needs (ANY_MODEL: any host) */
+  model?: string;
   /** the tenant whose work this is; default the request's (set by requireKey) */
   tenant?: string;
   /** pass the tenant's KV quota and policy to the host first (set_tenant); false for reads and closes */
@@ -31,8 +33,8 @@ export interface HostPlan {
 }
 
 /** The link to a host for a plan: the session's host, or the best one for a new session. */
-function dial(env: Env, tenant: string, host: string | undefined): Promise<HostLink> {
-  return host === undefined ? connectBest(env, tenant) : connectTo(env, host, tenant);
+function dial(env: Env, tenant: string, plan: HostPlan): Promise<HostLink> {
+  return plan.host === undefined ? connectBest(env, tenant, plan.model) : connectTo(env, plan.host, tenant);
 }
 
 /** The link held for one piece of work, and how that work ends. Ending is idempotent: the first end counts. */
@@ -118,14 +120,19 @@ export async function withHost<T>(
   const tenant = plan.tenant ?? c.get("tenant");
   let link: HostLink;
   try {
-    link = await dial(c.env, tenant, plan.host);
+    link = await dial(c.env, tenant, plan);
   } catch (e) {
     await plan.onFailure?.();
     throw e;
   }
+  link.requestId = c.get("requestId");
   const lease = new HostLease(link, c.env, plan, (p) => c.executionCtx.waitUntil(p), c.req.raw.signal);
   try {
-    if (plan.tenantSettings !== false) await applyTenant(link, await tenantStub(c.env, tenant).config());
+    if (plan.tenantSettings !== false)
+      await applyTenant(
+        link,
+        tenant === c.get("tenant") ? c.get("tenantConfig") : await tenantStub(c.env, tenant).config(),
+      );
     const result = await work(lease);
     if (!lease.isHeld) await lease.end();
     return result;

@@ -26,6 +26,8 @@ const FINAL = new Set([
   "tenant_set",
   "error",
 ]);
+/** host 2.1: the requests that carry the edge's request id */
+const WITH_REQUEST_ID = new Set(["open_session", "append", "generate"]);
 const TOKEN_TTL_S = 300;
 const HELLO_TIMEOUT_MS = 10_000;
 
@@ -59,7 +61,7 @@ type Waiter = {
   onFrame?: (f: FromHostMessage) => void;
 };
 type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;
-/** A request as a route writes it: the link adds id and tenant. */
+/** A request as a route writes it: the link adds id and tenant (and request_id). */
 export type HostRequest = DistributiveOmit<Exclude<AnyHostMessage, FromHostMessage>, "id" | "tenant">;
 
 export class HostLink {
@@ -68,6 +70,8 @@ export class HostLink {
   private gone?: HostGone;
   private queue: Promise<void> = Promise.resolve(); // frames handled in arrival order (Blob reads are async)
   hello!: HostMessage<"hello">;
+  /** the edge's x-request-id, sent as request_id on the frames that carry one (the host logs it) */
+  requestId?: string;
 
   private constructor(
     private readonly ws: WebSocket,
@@ -179,7 +183,8 @@ export class HostLink {
     return new Promise((resolve, reject) => {
       this.waiters.set(id, { resolve, reject, onFrame });
       try {
-        this.ws.send(encodeHostMessage({ ...msg, id, tenant: this.tenant } as AnyHostMessage));
+        const rid = this.requestId !== undefined && WITH_REQUEST_ID.has(msg.type) ? { request_id: this.requestId } : {};
+        this.ws.send(encodeHostMessage({ ...msg, ...rid, id, tenant: this.tenant } as AnyHostMessage));
       } catch (e) {
         this.waiters.delete(id);
         reject(e instanceof Error ? e : new Error(String(e)));

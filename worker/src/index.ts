@@ -8,6 +8,8 @@ import type { AppEnv } from "./env.js";
 import { ApiError, errorResponse } from "./errors.js";
 import { admin } from "./routes/admin.js";
 import { chat } from "./routes/chat.js";
+import { completions } from "./routes/completions.js";
+import { models } from "./routes/models.js";
 import { sessions } from "./routes/sessions.js";
 import { usage } from "./routes/usage.js";
 
@@ -15,6 +17,32 @@ export { HostRegistry } from "./registry.js";
 export { TenantState } from "./tenant.js";
 
 const app = new Hono<AppEnv>();
+
+/** A client's own x-request-id is kept when it is a plain token; otherwise the edge makes one. */
+const REQUEST_ID = /^[A-Za-z0-9_.:-]{1,128}$/;
+
+// Headers of every response, errors included (set after the route, so they reflect what it did):
+// x-request-id; the rate check's x-ratelimit-*; the compression that served it (x-pkv-kv-*).
+app.use("*", async (c, next) => {
+  const asked = c.req.header("x-request-id");
+  c.set(
+    "requestId",
+    asked !== undefined && REQUEST_ID.test(asked) ? asked : `req_${crypto.randomUUID().replaceAll("-", "")}`,
+  );
+  await next();
+  c.header("x-request-id", c.get("requestId"));
+  const rate = c.get("rate");
+  if (rate) {
+    c.header("x-ratelimit-limit-requests", String(rate.limit));
+    c.header("x-ratelimit-remaining-requests", String(rate.remaining));
+    c.header("x-ratelimit-reset-requests", `${rate.reset_s}s`);
+  }
+  const kv = c.get("kv");
+  if (kv) {
+    c.header("x-pkv-kv-method", kv.method);
+    c.header("x-pkv-kv-budget", kv.method === "full" ? "all" : String(kv.budget));
+  }
+});
 
 app.onError((e, c) => errorResponse(c, e));
 app.notFound((c) =>
@@ -31,10 +59,15 @@ app.notFound((c) =>
 );
 
 app.get("/", (c) =>
-  c.json({ service: "pyramidkv edge", api: ["/v1/chat/completions", "/v1/models", "/v1/sessions", "/v1/usage"] }),
+  c.json({
+    service: "pyramidkv edge",
+    api: ["/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/sessions", "/v1/usage"],
+  }),
 );
 app.use("/v1/*", requireKey);
 app.route("/v1", chat);
+app.route("/v1", completions);
+app.route("/v1/models", models);
 app.route("/v1/sessions", sessions);
 app.route("/v1/usage", usage);
 app.route("/admin", admin);

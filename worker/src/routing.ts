@@ -2,17 +2,28 @@
 // (pool_bytes − kv_used_bytes from each host's /health, probed in parallel); a session sticks to
 // the host that holds it. A host that fails a probe, a connect, or a request mid-way is marked
 // down in the registry and skipped until it answers again.
+import type { HostMessage } from "@pyramidkv/shared";
+
 import type { Env } from "./env.js";
-import { noHost } from "./errors.js";
+import { ApiError, noHost } from "./errors.js";
 import { HostGone, HostLink } from "./host-link.js";
 import type { HostEntry } from "./registry.js";
 
 const PROBE_TIMEOUT_MS = 2000;
+/** `model` meaning any host's */
+export const ANY_MODEL = "default";
+
+/** A model's id: its GGUF file name without the extension (what hosts report in /health and hello). */
+export const modelId = (file: string) => file.replace(/\.gguf$/i, "");
 
 export interface HostHealth {
   url: string;
   ok: boolean;
   model?: string;
+  /** the host's context, when its /health reports it */
+  n_ctx?: number;
+  /** gguf (the model's own template) or chatml, when its /health reports it */
+  chat_template?: string;
   pool_bytes?: number;
   kv_used_bytes?: number;
   free_bytes: number;
@@ -24,13 +35,22 @@ export const registry = (env: Env) => env.ROUTER.get(env.ROUTER.idFromName("host
 export async function probe(url: string): Promise<HostHealth> {
   try {
     const r = await fetch(`${url}/health`, { signal: AbortSignal.timeout(PROBE_TIMEOUT_MS) });
-    const h = (await r.json()) as { status?: string; model?: string; pool_bytes?: number; kv_used_bytes?: number };
+    const h = (await r.json()) as {
+      status?: string;
+      model?: string;
+      n_ctx?: number;
+      chat_template?: string;
+      pool_bytes?: number;
+      kv_used_bytes?: number;
+    };
     const ok = r.ok && h.status === "ok";
     const free = Math.max(0, (h.pool_bytes ?? 0) - (h.kv_used_bytes ?? 0));
     return {
       url,
       ok,
       model: h.model,
+      ...(typeof h.n_ctx === "number" ? { n_ctx: h.n_ctx } : {}),
+      ...(typeof h.chat_template === "string" ? { chat_template: h.chat_template } : {}),
       pool_bytes: h.pool_bytes,
       kv_used_bytes: h.kv_used_bytes,
       free_bytes: free,
@@ -65,12 +85,29 @@ function secret(env: Env): string {
   return env.EDGE_SECRET;
 }
 
-/** A connection to the best host for a new session, trying the next one if a connect fails. */
-export async function connectBest(env: Env, tenant: string): Promise<HostLink> {
+/** The healthy hosts serving `model` (any with ANY_MODEL); 404 model_not_found when none serves it. */
+export function servingModel(ranked: HostHealth[], model: string): HostHealth[] {
+  if (model === ANY_MODEL) return ranked;
+  const serving = ranked.filter((h) => h.model !== undefined && (modelId(h.model) === model || h.model === model));
+  if (serving.length === 0) {
+    const ids = [...new Set(ranked.map((h) => modelId(h.model ?? "unknown")))];
+    throw new ApiError(
+      404,
+      "not_found_error",
+      `the model '${model.slice(0, 100)}' does not exist: the GPU hosts serve ${ids.join(", ")} ('${ANY_MODEL}': any of them)`,
+      "model",
+      "model_not_found",
+    );
+  }
+  return serving;
+}
+
+/** A connection to the best host serving `model` for a new session, trying the next one if a connect fails. */
+export async function connectBest(env: Env, tenant: string, model = ANY_MODEL): Promise<HostLink> {
   const { ranked, registered } = await rankHosts(env);
   if (ranked.length === 0) throw noHost(`no GPU host is available (${registered.length} registered, none healthy)`);
   let last: unknown;
-  for (const h of ranked) {
+  for (const h of servingModel(ranked, model)) {
     try {
       return await HostLink.connect(h.url, secret(env), tenant);
     } catch (e) {
@@ -101,4 +138,11 @@ export async function reportFailure(env: Env, link: HostLink | undefined, e: unk
     await registry(env)
       .markDown(link.url, e.message)
       .catch(() => {});
+}
+
+/** A host's hello (its model, context, chat template), on a link of its own closed at once. */
+export async function helloOf(env: Env, url: string): Promise<HostMessage<"hello">> {
+  const link = await HostLink.connect(url, secret(env), "_models");
+  link.close();
+  return link.hello;
 }

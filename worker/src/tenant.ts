@@ -16,6 +16,10 @@ export interface TenantConfig {
   requests_per_minute: number;
   /** hosts' admission policy: refuse, or auto (shrink the budget to fit) */
   policy: "refuse" | "auto";
+  /** the compression of a request that names none (absent: the engine's default) */
+  kv_method?: string;
+  /** the KV budget of a request that names none (absent: the engine's default) */
+  kv_budget?: number;
 }
 
 export const DEFAULT_LIMITS: Omit<TenantConfig, "name"> = {
@@ -31,12 +35,12 @@ export interface SessionRecord {
   created: number; // Unix seconds
   kv_method: string;
   kv_budget: number;
-  /** the assistant's last turn ended without <|im_end|> (max_tokens): close it before the next */
-  open_turn: boolean;
+  /** the model the session's host serves */
+  model?: string;
 }
 
 export type Admission =
-  | { ok: true; used: number; limit: number }
+  | { ok: true; used: number; limit: number; reset_s: number; config: TenantConfig | null }
   | { ok: false; used: number; limit: number; retry_after_s: number };
 
 const WINDOW_MS = 60_000;
@@ -57,9 +61,10 @@ export class TenantState extends DurableObject<Env> {
     return (await this.ctx.storage.get<TenantConfig>("config")) ?? null;
   }
 
-  /** Counts one request against the rolling minute, or refuses it (nothing counted). */
+  /** Counts one request against the rolling minute, or refuses it (nothing counted); the tenant's config with it. */
   async admitRequest(nowMs = Date.now()): Promise<Admission> {
-    const limit = (await this.config())?.requests_per_minute ?? DEFAULT_LIMITS.requests_per_minute;
+    const config = await this.config();
+    const limit = config?.requests_per_minute ?? DEFAULT_LIMITS.requests_per_minute;
     const window = ((await this.ctx.storage.get<number[]>("window")) ?? []).filter((t) => t > nowMs - WINDOW_MS);
     if (window.length >= limit) {
       const retry = Math.max(1, Math.ceil((window[0]! + WINDOW_MS - nowMs) / 1000));
@@ -68,7 +73,9 @@ export class TenantState extends DurableObject<Env> {
     }
     window.push(nowMs);
     await this.ctx.storage.put("window", window);
-    return { ok: true, used: window.length, limit };
+    // when the oldest request of the window leaves it (one more request is then allowed)
+    const reset = Math.max(1, Math.ceil((window[0]! + WINDOW_MS - nowMs) / 1000));
+    return { ok: true, used: window.length, limit, reset_s: reset, config };
   }
 
   /** Claims a session slot; null when the tenant is at max_sessions. */
@@ -85,7 +92,6 @@ export class TenantState extends DurableObject<Env> {
       created: Math.floor(Date.now() / 1000),
       kv_method: kv.method,
       kv_budget: kv.budget,
-      open_turn: false,
     };
     await this.ctx.storage.put(`session:${id}`, rec);
     return { used: sessions.size + 1, limit };

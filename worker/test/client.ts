@@ -53,3 +53,15 @@ export async function eventually(check: () => boolean, what: string, ms = 2000):
     await new Promise((r) => setTimeout(r, 10));
   }
 }
+
+/** The `data:` payloads of an SSE response, in order (comments and event names dropped). */
+export async function* readSse(r: Response): AsyncGenerator<{ data: string }> {
+  const text = await r.text();
+  for (const block of text.split("\n\n")) {
+    const data = block
+      .split("\n")
+      .filter((l) => l.startsWith("data: "))
+      .map((l) => l.slice(6));
+    if (data.length > 0) yield { data: data.join("\n") };
+  }
+}

@@ -21,7 +21,11 @@ export class FakeHost {
   closedByEdge = 0;
   readonly on: Partial<Record<ToHostMessage["type"], Handler>> = {};
 
-  constructor(readonly url: string) {}
+  constructor(
+    readonly url: string,
+    readonly model = "fake.gguf",
+    readonly hello: { n_ctx?: number; chat_template?: string } = {},
+  ) {}
 
   get frames(): ToHostMessage[] {
     return this.connections.flat();
@@ -33,7 +37,8 @@ export class FakeHost {
 
   fetch(req: Request): Response {
     if (new URL(req.url).pathname === "/health")
-      return Response.json({ status: "ok", model: "fake.gguf", pool_bytes: 1 << 30, kv_used_bytes: 0 });
+      // like the real host's: model, pool and use (n_ctx and chat_template are in its hello)
+      return Response.json({ status: "ok", model: this.model, pool_bytes: 1 << 30, kv_used_bytes: 0 });
     const [client, server] = Object.values(new WebSocketPair()) as [WebSocket, WebSocket];
     server.accept();
     server.binaryType = "arraybuffer"; // Blobs otherwise, with this compatibility date
@@ -52,11 +57,13 @@ export class FakeHost {
     reply({
       type: "hello",
       protocol: HOST_PROTOCOL_VERSION,
-      model: "fake.gguf",
+      model: this.model,
       n_layer: 2,
-      n_ctx: 4096,
+      n_ctx: this.hello.n_ctx ?? 4096,
       pool_bytes: 1 << 30,
       bytes_per_entry: 64,
+      protocol_minor: 1,
+      chat_template: this.hello.chat_template ?? "gguf",
     });
     return new Response(null, { status: 101, webSocket: client });
   }
@@ -95,7 +102,7 @@ export const answer: Handler = (m, reply) => {
         id: m.id,
         tenant: m.tenant,
         ...(m.session
-          ? { session: m.session, tokens_seen: 10, kv_bytes: 640 }
+          ? { session: m.session, tokens_seen: 10, kv_bytes: 640, full_kv_bytes: 6400 }
           : { kv_used_bytes: 640, kv_quota_bytes: 1 << 20, sessions: 1, offloaded: 0 }),
       });
     case "close":

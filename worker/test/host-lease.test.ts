@@ -7,7 +7,7 @@ import { addHost, as, call, error, eventually, hostEntry, makeTenant, removeHost
 import { FakeHost, serveFakeHosts } from "./fake-host.js";
 
 const host = new FakeHost("http://lease-host");
-const chatBody = { model: "m", messages: [{ role: "user", content: "hi" }] };
+const chatBody = { model: "default", messages: [{ role: "user", content: "hi" }] };
 let key: string;
 let fetches: ReturnType<typeof serveFakeHosts>;
 
@@ -37,8 +37,9 @@ describe("host lifecycle", () => {
     expect(((await r.json()) as { choices: { message: { content: string } }[] }).choices[0]!.message.content).toBe(
       "Hello",
     );
-    expect(host.types()).toEqual(["set_tenant", "open_session", "append", "generate", "close"]);
-    const [, open, , , close] = host.frames;
+    // stats: the session's KV bytes vs FullKV for the usage, before the close
+    expect(host.types()).toEqual(["set_tenant", "open_session", "append", "generate", "stats", "close"]);
+    const [, open, , , , close] = host.frames;
     expect(close).toMatchObject({ type: "close", session: (open as { session: string }).session });
     await eventually(() => host.closedByEdge === 1, "the edge to close the link");
   });
@@ -47,8 +48,9 @@ describe("host lifecycle", () => {
     host.on.append = (m, reply) =>
       reply({ type: "error", id: (m as { id: number }).id, code: "context_full", message: "prompt over the context" });
     expect(await error(await call("/v1/chat/completions", as(key, chatBody)))).toMatchObject({
-      status: 413,
-      code: "context_full",
+      status: 400,
+      code: "context_length_exceeded",
+      param: "messages",
     });
     expect(host.types()).toEqual(["set_tenant", "open_session", "append", "close"]);
     await eventually(() => host.closedByEdge === 1, "the edge to close the link");
@@ -106,7 +108,7 @@ describe("host lifecycle", () => {
     host.closedByEdge = 0;
     const r = await call(`/v1/sessions/${id}/messages`, as(key, { content: "Why?", stream: false }));
     expect(r.status).toBe(200);
-    expect(host.types()).toEqual(["set_tenant", "stats", "append", "generate"]);
+    expect(host.types()).toEqual(["set_tenant", "stats", "append", "generate", "stats"]);
     await eventually(() => host.closedByEdge === 1, "the edge to close the link");
     expect((await call(`/v1/sessions/${id}`, { ...as(key), method: "DELETE" })).status).toBe(200);
     expect(host.types().slice(-1)).toEqual(["close"]);

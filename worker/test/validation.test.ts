@@ -65,7 +65,7 @@ describe("validators as route middleware", () => {
       "/v1/sessions/sess-validation/messages",
       {},
       "max_tokens",
-      /'max_tokens': 0 is not an integer in \[1, 4096\]/,
+      /'max_tokens': 0 is not an integer in \[1, 1048576\]/,
     ],
     [
       "admin tenants",

@@ -1,5 +1,6 @@
 // /admin/*: tenants, their API keys and quotas, and the GPU host registry. Guarded by the
 // ADMIN_TOKEN secret (Bearer); `npx pkv admin` is its client.
+import { isKvMethod, KV_METHODS } from "@pyramidkv/shared";
 import { Hono, type MiddlewareHandler } from "hono";
 import { validator } from "hono/validator";
 
@@ -9,7 +10,7 @@ import { ApiError, invalid, notFound } from "../errors.js";
 import { normaliseHostUrl } from "../registry.js";
 import { probe, registry } from "../routing.js";
 import type { TenantConfig } from "../tenant.js";
-import { jsonBody } from "../validate.js";
+import { BUDGET_RANGE, jsonBody } from "../validate.js";
 import { tenantUsage } from "./usage.js";
 
 /** admin bodies are a few fields */
@@ -53,7 +54,7 @@ function limit(o: Record<string, unknown>, name: string): number | undefined {
 export const admin = new Hono<AppEnv>();
 admin.use("*", requireAdmin);
 
-const TENANT_FIELDS = ["kv_quota_bytes", "max_sessions", "requests_per_minute", "policy"];
+const TENANT_FIELDS = ["kv_quota_bytes", "max_sessions", "requests_per_minute", "policy", "kv_method", "kv_budget"];
 
 function tenantPatch(body: Record<string, unknown>): Partial<Omit<TenantConfig, "name">> {
   for (const k of Object.keys(body)) {
@@ -63,7 +64,15 @@ function tenantPatch(body: Record<string, unknown>): Partial<Omit<TenantConfig, 
   const policy = body.policy;
   if (policy !== undefined && policy !== "refuse" && policy !== "auto")
     throw invalid("policy", `'policy': ${JSON.stringify(policy)} is not one of refuse, auto`);
+  const method = body.kv_method;
+  if (method !== undefined && method !== null && (typeof method !== "string" || !isKvMethod(method)))
+    throw invalid("kv_method", `'kv_method': ${JSON.stringify(method)} is not one of ${KV_METHODS.join(", ")}`);
+  const budget = limit(body, "kv_budget");
+  if (budget !== undefined && (budget < BUDGET_RANGE[0] || budget > BUDGET_RANGE[1]))
+    throw invalid("kv_budget", `'kv_budget': ${budget} is not an integer in [${BUDGET_RANGE[0]}, ${BUDGET_RANGE[1]}]`);
   return {
+    ...(typeof method === "string" ? { kv_method: method } : {}),
+    ...(budget !== undefined ? { kv_budget: budget } : {}),
     kv_quota_bytes: limit(body, "kv_quota_bytes"),
     max_sessions: limit(body, "max_sessions"),
     requests_per_minute: limit(body, "requests_per_minute"),

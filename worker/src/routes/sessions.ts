@@ -1,20 +1,22 @@
 // The sessions API for long contexts: a document prefilled once (compressed with kv_method /
-// kv_budget) on the host with the most free KV, then questions answered against it, streamed.
+// kv_budget, or the tenant's defaults) on the host with the most free KV among those serving the
+// model, then questions answered against it, streamed. The document is a system and a user message;
+// each question is one more user message, rendered by the engine after the session's earlier ones.
 // Session ids are bound to their tenant (the tenant's Durable Object maps id → host; another
 // tenant's id is 404) and the host namespaces sessions by tenant as well.
 import { Hono } from "hono";
 import { validator } from "hono/validator";
 
 import { tenantStub } from "../auth.js";
-import { renderPrompt, renderTurns } from "../chat.js";
+import type { Turn } from "../chat.js";
 import { streamCompletion, wholeCompletion } from "../completion.js";
 import type { AppEnv, Env } from "../env.js";
-import { ApiError, notFound } from "../errors.js";
+import { notFound, sessionLimit } from "../errors.js";
 import type { HostLink } from "../host-link.js";
 import { withHost } from "../host-lease.js";
-import { appendText, modelId, randomId } from "../serve.js";
+import { appendTurns, checkMaxTokens, modelId, randomId } from "../serve.js";
 import type { SessionRecord } from "../tenant.js";
-import { jsonBody, messageRequest, sessionRequest } from "../validate.js";
+import { jsonBody, messageRequest, resolveKv, sessionRequest } from "../validate.js";
 
 export const DEFAULT_SYSTEM =
   "You are a helpful assistant. Answer questions about the document the user gives you, briefly and accurately.";
@@ -45,41 +47,54 @@ async function lookup(env: Env, tenant: string, id: string): Promise<SessionReco
 }
 
 /** `:id` is valid when it names a session of the calling tenant (404 otherwise, before any body is read). */
-const sessionParam = validator("param", (p, c) => lookup(c.env, c.get("tenant"), p.id!));
+const sessionParam = validator("param", async (p, c) => {
+  const rec = await lookup(c.env, c.get("tenant"), p.id!);
+  c.set("kv", { method: rec.kv_method, budget: rec.kv_budget });
+  return rec;
+});
 
 sessions.post("/", jsonBody(sessionRequest), async (c) => {
   const req = c.req.valid("json");
   const tenant = c.get("tenant");
   const stub = tenantStub(c.env, tenant);
+  const kv = resolveKv(req.kv, c.get("tenantConfig"));
+  c.set("kv", kv);
   const id = randomId("sess-");
-  const slot = await stub.reserveSession(id, req.kv);
+  const slot = await stub.reserveSession(id, kv);
   if (!slot) {
     const cfg = await stub.config();
-    throw new ApiError(
-      429,
-      "rate_limit_error",
+    throw sessionLimit(
       `tenant '${tenant}' has reached its limit of ${cfg?.max_sessions} open sessions; delete one first`,
-      null,
-      "session_limit",
     );
   }
-  const text = renderTurns([
+  const turns: Turn[] = [
     { role: "system", content: req.system ?? DEFAULT_SYSTEM },
     { role: "user", content: req.document },
-  ]);
+  ];
   // A failed upload, or a client that leaves during it, closes the session on the host and gives the slot back.
-  return withHost(c, { opens: id, onFailure: () => stub.dropSession(id) }, async (lease) => {
+  return withHost(c, { opens: id, model: req.model, onFailure: () => stub.dropSession(id) }, async (lease) => {
     const opened = await lease.link.call(
-      { type: "open_session", session: id, method: req.kv.method, budget: req.kv.budget },
+      { type: "open_session", session: id, method: kv.method, budget: kv.budget },
       "opened",
     );
-    const rec = (await stub.updateSession(id, { host: lease.link.url, kv_budget: opened.budget }))!;
+    c.set("kv", { method: opened.method, budget: opened.budget });
+    const rec = (await stub.updateSession(id, {
+      host: lease.link.url,
+      kv_method: opened.method,
+      kv_budget: opened.budget,
+      model: modelId(lease.link.hello.model),
+    }))!;
+    // The document's turn stays closed: each question opens the assistant's turn after itself.
+    const append = { param: "document", maxTokens: 1 };
     if (!req.stream) {
-      await appendText(c.env, lease.link, id, text);
+      await appendTurns(c.env, lease.link, id, turns, false, append);
       return c.json(await sessionObject(lease.link, rec), 201);
     }
     return lease.sse(async (sse) => {
-      await appendText(c.env, lease.link, id, text, (p) => sse.event("progress", p));
+      await appendTurns(c.env, lease.link, id, turns, false, {
+        ...append,
+        onProgress: (p) => sse.event("progress", p),
+      });
       sse.event("session", await sessionObject(lease.link, rec));
       sse.done();
     });
@@ -106,11 +121,13 @@ sessions.delete("/:id", sessionParam, async (c) => {
 sessions.post("/:id/messages", sessionParam, jsonBody(messageRequest), async (c) => {
   const rec = c.req.valid("param");
   const req = c.req.valid("json");
-  const stub = tenantStub(c.env, c.get("tenant"));
   return withHost(c, { host: rec.host }, async (lease) => {
+    checkMaxTokens(lease.link, req.sampling);
     const before = await lease.link.call({ type: "stats", session: rec.id }, "stats_result");
-    const prompt = renderPrompt([{ role: "user", content: req.content }], { continues: true, openTurn: rec.open_turn });
-    const appended = await appendText(c.env, lease.link, rec.id, prompt);
+    const appended = await appendTurns(c.env, lease.link, rec.id, [{ role: "user", content: req.content }], true, {
+      maxTokens: req.sampling.max_tokens_asked ?? 1,
+      param: "content",
+    });
     const job = {
       lease,
       session: rec.id,
@@ -119,9 +136,6 @@ sessions.post("/:id/messages", sessionParam, jsonBody(messageRequest), async (c)
       sampling: req.sampling,
       includeUsage: req.includeUsage,
       extra: { session: rec.id },
-      // An answer cut short (max_tokens, a stop string, a disconnect) leaves the turn open.
-      after: (done: { reason: string } | undefined) =>
-        stub.updateSession(rec.id, { open_turn: done?.reason !== "end" }),
     };
     return req.stream ? streamCompletion(job) : c.json(await wholeCompletion(job));
   });
