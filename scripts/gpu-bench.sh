@@ -9,6 +9,8 @@
 #                                      llama.cpp's reference tools, random-weight GGUFs
 #   scripts/gpu-bench.sh run [FILE]    there: every benchmark row beside llama.cpp's own tools
 #   scripts/gpu-bench.sh test          there, if time is left: the engine's ctest on that build
+#   scripts/gpu-bench.sh all [FILE]    build, then run, in one call: DEADLINE_S counts from the
+#                                      script's start, so the rows the build left no time for say so
 #
 # GPU=0 rehearses all of it on the CPU at a tiny shape through the same code paths: every size
 # scaled so that bytes are 1/1024 of the GPU run's (a 1 KiB-per-token model instead of 128 KiB,
@@ -183,7 +185,7 @@ make_model() {
 # ---------------------------------------------------------------------------------------------
 # run: every row prints its command, then its output (JSON results as a table, followed by the
 # JSON line itself so the numbers stay exact); a row that cannot run says why.
-T0=$SECONDS
+T0=$SECONDS  # the script's start: `all` spends part of the deadline on the build
 DEADLINE_S="${DEADLINE_S:-540}"
 ROW_TIMEOUT="${ROW_TIMEOUT:-240}"
 TMP=""
@@ -235,7 +237,7 @@ show() {
   for a in "$@"; do
     if [[ "$a" == *[[:space:]]* ]]; then out+=" '$a'"; else out+=" $a"; fi
   done
-  echo "$out" | sed "s|$ROOT/||g"
+  echo "${out//"$ROOT"\//}"
 }
 
 # The device memory the FullKV rows may plan with, in MiB.
@@ -346,8 +348,12 @@ case "${1:-}" in
   build) cmd_build ;;
   run) cmd_run "${2:-}" ;;
   test) cmd_test ;;
+  all)
+    cmd_build
+    cmd_run "${2:-}"
+    ;;
   *)
-    echo "usage: [GPU=0|1] scripts/gpu-bench.sh pack|build|run [OUT_FILE]|test   (docs/GPU.md)" >&2
+    echo "usage: [GPU=0|1] scripts/gpu-bench.sh pack|build|run [OUT_FILE]|test|all [OUT_FILE]   (docs/GPU.md)" >&2
     exit 2
     ;;
 esac
