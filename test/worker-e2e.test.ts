@@ -459,3 +459,317 @@ test("npx pkv admin --remote: tenants, keys and hosts of a running worker", { ti
     /HTTP 401/,
   );
 });
+
+// ---- Issue 11: what a user of the official openai client expects (compare llama-server / vLLM) ----
+
+const user = (content: string) => [{ role: "user" as const, content }];
+const COUNT = "Count from 1 to 30, separated by commas.";
+
+async function streamedText(
+  params: Omit<OpenAI.ChatCompletionCreateParamsStreaming, "stream">,
+  tenant = "alpha",
+): Promise<{ text: string; finish: string | null; logprobs: OpenAI.ChatCompletionTokenLogprob[] }> {
+  const stream = await client(tenant).chat.completions.create({ ...params, stream: true });
+  let text = "";
+  let finish: string | null = null;
+  const logprobs: OpenAI.ChatCompletionTokenLogprob[] = [];
+  for await (const chunk of stream) {
+    const c = chunk.choices[0];
+    if (!c) continue;
+    text += c.delta.content ?? "";
+    logprobs.push(...(c.logprobs?.content ?? []));
+    finish = c.finish_reason ?? finish;
+  }
+  return { text, finish, logprobs };
+}
+
+test("chat goes through the model's own template: the same tokens and answer as the raw prompt it renders to", {
+  timeout: 300_000,
+}, async () => {
+  const models = await client("alpha").models.list();
+  const m = models.data[0] as OpenAI.Model & { chat_template?: string; context_length?: number };
+  assert.equal(m.chat_template, "gguf", "the embedded SmolLM2 GGUF carries its template");
+  assert.ok((m.context_length ?? 0) >= 2048, JSON.stringify(m));
+  const chat = await client("alpha").chat.completions.create({
+    model: MODEL,
+    max_tokens: 12,
+    messages: [
+      { role: "system", content: "You are a concise assistant." },
+      { role: "user", content: "Name a colour." },
+    ],
+  });
+  // SmolLM2's template is ChatML (libllama renders it so for a conversation that has a system turn).
+  const raw = await client("alpha").completions.create({
+    model: MODEL,
+    max_tokens: 12,
+    prompt:
+      "<|im_start|>system\nYou are a concise assistant.<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n",
+  });
+  assert.equal(chat.usage!.prompt_tokens, raw.usage!.prompt_tokens, "the same prompt tokens");
+  assert.equal(chat.choices[0]!.message.content, raw.choices[0]!.text, "the same greedy answer");
+  // Template markup inside content is text, not a turn: it tokenises to several ordinary tokens.
+  const marker = await client("alpha").chat.completions.create({
+    model: MODEL,
+    max_tokens: 1,
+    messages: user("<|im_start|>system"),
+  });
+  const empty = await client("alpha").chat.completions.create({ model: MODEL, max_tokens: 1, messages: user("") });
+  assert.ok(
+    marker.usage!.prompt_tokens - empty.usage!.prompt_tokens >= 4,
+    `'<|im_start|>system' as text is several tokens (${marker.usage!.prompt_tokens} vs ${empty.usage!.prompt_tokens})`,
+  );
+});
+
+test("sampling: seed repeats, no seed varies, top_k 1 and min_p 1 are greedy, penalties change the text", {
+  timeout: 400_000,
+}, async () => {
+  const ask = (extra: Partial<OpenAI.ChatCompletionCreateParamsNonStreaming> & Record<string, unknown>) =>
+    client("alpha")
+      .chat.completions.create({
+        model: MODEL,
+        max_tokens: 24,
+        messages: user("Write a short poem about the sea."),
+        ...extra,
+      } as OpenAI.ChatCompletionCreateParamsNonStreaming)
+      .then((r) => r.choices[0]!.message.content ?? "");
+  const seeded = await ask({ temperature: 1.2, seed: 42 });
+  assert.equal(await ask({ temperature: 1.2, seed: 42 }), seeded, "the same seed, the same text");
+  const free = await Promise.all([ask({ temperature: 1.2 }), ask({ temperature: 1.2 }), ask({ temperature: 1.2 })]);
+  assert.ok(new Set(free).size > 1, `without a seed the samples differ: ${JSON.stringify(free)}`);
+  const greedy = await ask({ temperature: 0 });
+  assert.equal(await ask({ temperature: 1.5, top_k: 1, seed: 1 }), greedy, "top_k 1 keeps only the best token");
+  assert.equal(await ask({ temperature: 1.5, min_p: 1, seed: 2 }), greedy, "min_p 1 keeps only the best token");
+  const counting = (extra: Record<string, unknown>) =>
+    client("alpha")
+      .chat.completions.create({
+        model: MODEL,
+        max_tokens: 40,
+        messages: user(COUNT),
+        ...extra,
+      } as OpenAI.ChatCompletionCreateParamsNonStreaming)
+      .then((r) => r.choices[0]!.message.content ?? "");
+  const plain = await counting({});
+  for (const penalty of [{ frequency_penalty: 2 }, { presence_penalty: 2 }, { repetition_penalty: 1.8 }])
+    assert.notEqual(await counting(penalty), plain, `${JSON.stringify(penalty)} changes a repetitive answer`);
+  await assert.rejects(
+    client("alpha").chat.completions.create({ model: MODEL, messages: user("x"), top_p: 0 }),
+    (e: unknown) => e instanceof OpenAI.BadRequestError && e.param === "top_p",
+  );
+});
+
+test("stops are exact: never emitted, streamed = whole, finish_reason stop; max_tokens → length", {
+  timeout: 300_000,
+}, async () => {
+  const base = { model: MODEL, max_tokens: 40, messages: user(COUNT) };
+  const free = (await client("alpha").chat.completions.create(base)).choices[0]!.message.content ?? "";
+  const at = free.indexOf("5");
+  assert.ok(at > 0, `the answer counts past 5: ${JSON.stringify(free)}`);
+  const stop = free.slice(at, at + 3); // a stop string that spans several tokens ("5, 6" → "5, ")
+  const whole = await client("alpha").chat.completions.create({ ...base, stop: [stop] });
+  assert.equal(whole.choices[0]!.message.content, free.slice(0, at), `cut just before ${JSON.stringify(stop)}`);
+  assert.equal(whole.choices[0]!.finish_reason, "stop");
+  const streamed = await streamedText({ ...base, stop: [stop] });
+  assert.equal(streamed.text, whole.choices[0]!.message.content, "streamed = whole");
+  assert.equal(streamed.finish, "stop");
+  const cut = await client("alpha").chat.completions.create({ ...base, max_tokens: 3 });
+  assert.equal(cut.choices[0]!.finish_reason, "length");
+  assert.equal(cut.usage!.completion_tokens, 3);
+});
+
+test("logprobs and top_logprobs in OpenAI's shape, streamed and whole", { timeout: 300_000 }, async () => {
+  const params = { model: MODEL, max_tokens: 8, messages: user("Say hello."), logprobs: true, top_logprobs: 3 };
+  const whole = await client("alpha").chat.completions.create(params);
+  const content = whole.choices[0]!.logprobs!.content!;
+  assert.equal(content.length, whole.usage!.completion_tokens, "one entry per generated token");
+  for (const t of content) {
+    assert.ok(t.logprob <= 0, JSON.stringify(t));
+    assert.equal(t.top_logprobs.length, 3);
+    assert.equal(t.top_logprobs[0]!.token, t.token, "greedy: the chosen token is the most likely");
+    if (!t.token.includes("\uFFFD"))
+      assert.deepEqual(t.bytes, [...Buffer.from(t.token)], "bytes are the token's UTF-8");
+    for (let i = 1; i < 3; i++) assert.ok(t.top_logprobs[i]!.logprob <= t.top_logprobs[i - 1]!.logprob, "best first");
+  }
+  assert.equal(
+    Buffer.concat(content.map((t) => Buffer.from(t.bytes!))).toString("utf8"),
+    whole.choices[0]!.message.content,
+    "the tokens' bytes spell the answer",
+  );
+  const streamed = await streamedText(params);
+  assert.equal(streamed.text, whole.choices[0]!.message.content);
+  assert.deepEqual(streamed.logprobs, content, "streamed logprobs = whole");
+  await assert.rejects(
+    client("alpha").chat.completions.create({ ...params, top_logprobs: 21 }),
+    (e: unknown) => e instanceof OpenAI.BadRequestError && e.param === "top_logprobs",
+  );
+});
+
+test("response_format json_object and json_schema: the output parses and validates", { timeout: 300_000 }, async () => {
+  const obj = await client("alpha").chat.completions.create({
+    model: MODEL,
+    max_tokens: 60,
+    messages: user("Describe a cat as JSON."),
+    response_format: { type: "json_object" },
+  });
+  const parsed = JSON.parse(obj.choices[0]!.message.content ?? "") as unknown;
+  assert.ok(typeof parsed === "object" && parsed !== null && !Array.isArray(parsed), "a JSON object");
+  const schema = {
+    type: "object",
+    properties: { city: { type: "string" }, population: { type: "integer" } },
+    required: ["city", "population"],
+    additionalProperties: false,
+  };
+  const typed = await client("alpha").chat.completions.create({
+    model: MODEL,
+    max_tokens: 60,
+    messages: user("What is the largest city of France and its population?"),
+    response_format: { type: "json_schema", json_schema: { name: "city", schema, strict: true } },
+  });
+  const v = JSON.parse(typed.choices[0]!.message.content ?? "") as Record<string, unknown>;
+  assert.deepEqual(Object.keys(v).sort(), ["city", "population"], JSON.stringify(v));
+  assert.equal(typeof v.city, "string");
+  assert.ok(Number.isInteger(v.population), JSON.stringify(v));
+});
+
+test("refused, not ignored: n > 1, tools, unknown fields → 400 naming the field", { timeout: 60_000 }, async () => {
+  for (const [extra, param, code] of [
+    [{ n: 2 }, "n", "unsupported_parameter"],
+    [{ tools: [{ type: "function", function: { name: "f", parameters: {} } }] }, "tools", "unsupported_parameter"],
+    [{ tool_choice: "required" }, "tool_choice", "unsupported_parameter"],
+    [{ logit_bias: { "1": 5 } }, "logit_bias", "unsupported_parameter"],
+    [{ temprature: 0.5 }, "temprature", "unknown_parameter"],
+  ] as const) {
+    await assert.rejects(
+      client("alpha").chat.completions.create({
+        model: MODEL,
+        messages: user("x"),
+        ...extra,
+      } as OpenAI.ChatCompletionCreateParamsNonStreaming),
+      (e: unknown) => e instanceof OpenAI.BadRequestError && e.param === param && e.code === code,
+      JSON.stringify(extra),
+    );
+  }
+  const ignored = await client("alpha").chat.completions.create({
+    model: MODEL,
+    max_tokens: 1,
+    messages: user("x"),
+    user: "u-1",
+  });
+  assert.equal(ignored.object, "chat.completion", "user is accepted (documented as ignored)");
+});
+
+test("context limits: 400 context_length_exceeded before any prefill", { timeout: 300_000 }, async () => {
+  const m = (await client("alpha").models.retrieve(MODEL)) as OpenAI.Model & { context_length: number };
+  await assert.rejects(
+    client("alpha").chat.completions.create({ model: MODEL, messages: user("x"), max_tokens: m.context_length }),
+    (e: unknown) =>
+      e instanceof OpenAI.BadRequestError && e.code === "context_length_exceeded" && e.param === "max_tokens",
+  );
+  // ~1.2 x the context in words: refused by the host before its prefill (so quickly)
+  const long = "word ".repeat(Math.ceil(m.context_length * 1.2));
+  const t0 = Date.now();
+  await assert.rejects(
+    client("alpha").chat.completions.create({ model: MODEL, messages: user(long), max_tokens: 16 }),
+    (e: unknown) =>
+      e instanceof OpenAI.BadRequestError && e.code === "context_length_exceeded" && e.param === "messages",
+  );
+  const prompt = "word ".repeat(Math.floor(m.context_length * 0.6));
+  await assert.rejects(
+    client("alpha").completions.create({ model: MODEL, prompt, max_tokens: Math.floor(m.context_length * 0.5) }),
+    (e: unknown) => e instanceof OpenAI.BadRequestError && e.code === "context_length_exceeded" && e.param === "prompt",
+  );
+  assert.ok(Date.now() - t0 < 60_000, "refused without prefilling thousands of tokens");
+});
+
+test("headers the clients use: x-request-id, x-ratelimit-*, Retry-After, x-should-retry on quota 429s", {
+  timeout: 300_000,
+}, async () => {
+  const { data, response, request_id } = await client("alpha")
+    .chat.completions.create({ model: MODEL, max_tokens: 2, messages: user("Hi") })
+    .withResponse();
+  assert.match(request_id ?? "", /^req_[0-9a-f]{32}$/);
+  assert.equal((data as { _request_id?: string })._request_id, request_id);
+  assert.equal(response.headers.get("x-ratelimit-limit-requests"), "1000");
+  assert.ok(Number(response.headers.get("x-ratelimit-remaining-requests")) < 1000);
+  const mine = await fetch(`${base}/v1/models`, {
+    headers: { authorization: `Bearer ${keys.alpha}`, "x-request-id": "trace-e2e-1" },
+  });
+  assert.equal(mine.headers.get("x-request-id"), "trace-e2e-1");
+  // A KV quota 429 cannot clear by waiting: the SDK (3 retries allowed) sends it once.
+  const usage = async () =>
+    ((await (await api("small", "GET", "/v1/usage")).json()) as { requests_last_minute: number }).requests_last_minute;
+  const before = await usage();
+  const retrying = new OpenAI({ baseURL: `${base}/v1`, apiKey: keys.small!, maxRetries: 3 });
+  await assert.rejects(
+    retrying.chat.completions.create({
+      model: MODEL,
+      messages: user("Hello there, how are you today?"),
+      max_tokens: 4,
+    }),
+    (e: unknown) =>
+      e instanceof OpenAI.RateLimitError &&
+      e.headers.get("x-should-retry") === "false" &&
+      Number(e.headers.get("retry-after")) >= 1 &&
+      e.code === "quota_exceeded",
+  );
+  assert.equal((await usage()) - before, 2, "one chat request (not retried) and the usage read");
+});
+
+test("/v1/completions: raw prompt, whole and streamed equal, legacy logprobs", { timeout: 300_000 }, async () => {
+  const params = { model: MODEL, prompt: "The capital of France is", max_tokens: 6, logprobs: 2 };
+  const whole = await client("alpha").completions.create(params);
+  assert.equal(whole.object, "text_completion");
+  const text = whole.choices[0]!.text;
+  assert.ok(text.length > 0);
+  const lp = whole.choices[0]!.logprobs!;
+  assert.equal(lp.tokens!.length, whole.usage!.completion_tokens);
+  assert.equal(lp.tokens!.join(""), text);
+  assert.ok(lp.top_logprobs!.every((t) => Object.keys(t).length >= 1 && Object.keys(t).length <= 2));
+  let streamed = "";
+  for await (const chunk of await client("alpha").completions.create({ ...params, stream: true }))
+    streamed += chunk.choices[0]?.text ?? "";
+  assert.equal(streamed, text, "greedy: streamed = whole");
+  const tokens = await client("alpha").completions.create({ model: MODEL, prompt: [504, 3575, 282], max_tokens: 2 });
+  assert.equal(tokens.usage!.prompt_tokens, 3, "a prompt of token ids");
+});
+
+test("model means something: /v1/models/{id}, default = any host, an unknown model → 404 model_not_found", {
+  timeout: 120_000,
+}, async () => {
+  const m = await client("alpha").models.retrieve(MODEL);
+  assert.equal(m.id, MODEL);
+  await assert.rejects(
+    client("alpha").models.retrieve("gpt-4o"),
+    (e: unknown) => e instanceof OpenAI.NotFoundError && e.code === "model_not_found",
+  );
+  await assert.rejects(
+    client("alpha").chat.completions.create({ model: "gpt-4o", messages: user("x") }),
+    (e: unknown) => e instanceof OpenAI.NotFoundError && e.code === "model_not_found" && e.param === "model",
+  );
+  const any = await client("alpha").chat.completions.create({ model: "default", max_tokens: 2, messages: user("Hi") });
+  assert.equal(any.model, MODEL, "the answer names the model that served it");
+});
+
+test("visible compression: tenant defaults set with pkv admin (full allowed), echoed in headers and usage", {
+  timeout: 300_000,
+}, async () => {
+  const admin = (...args: string[]) =>
+    runAdmin(["--remote", base, "--admin-token", stack.admin.token, ...args], () => {});
+  assert.equal(await admin("tenant", "set", "delta", "--kv-method", "full", "--rpm", "1000"), 0);
+  keys.delta = await stack.admin.createKey("delta");
+  const long = `${"The quick brown fox jumps over the lazy dog. ".repeat(60)}\nWhat jumps?`;
+  const full = await client("delta")
+    .chat.completions.create({ model: MODEL, max_tokens: 2, messages: user(long) })
+    .withResponse();
+  assert.equal(full.response.headers.get("x-pkv-kv-method"), "full");
+  const fu = full.data.usage as OpenAI.CompletionUsage & { kv_bytes: number; full_kv_bytes: number };
+  assert.ok(fu.kv_bytes > 0 && fu.kv_bytes === fu.full_kv_bytes, JSON.stringify(fu));
+  assert.equal(await admin("tenant", "set", "delta", "--kv-method", "pyramidkv", "--kv-budget", "64"), 0);
+  const pk = await client("delta")
+    .chat.completions.create({ model: MODEL, max_tokens: 2, messages: user(long) })
+    .withResponse();
+  assert.equal(pk.response.headers.get("x-pkv-kv-method"), "pyramidkv");
+  assert.equal(pk.response.headers.get("x-pkv-kv-budget"), "64");
+  const pu = pk.data.usage as OpenAI.CompletionUsage & { kv_bytes: number; full_kv_bytes: number };
+  assert.ok(pu.kv_bytes * 3 < pu.full_kv_bytes, `compressed: ${JSON.stringify(pu)}`);
+  await assert.rejects(admin("tenant", "set", "delta", "--kv-method", "zip"), /kv-method/);
+});

@@ -5,12 +5,16 @@
 import { existsSync, readFileSync } from "node:fs";
 import { resolve } from "node:path";
 
+import { KV_METHODS } from "@pyramidkv/shared";
+
 import { repoRoot } from "../engine/engine-path.js";
 import { bool, defineCommand, type FlagValues, int, oneOf, parseFlags, string } from "../flags.js";
 import { AdminClient, newSecret, startWorker } from "./stack.js";
 
 export const ADMIN_USAGE = `usage: pkv admin [--remote URL --admin-token T] <command>
-  tenant set NAME [--kv-quota-bytes N] [--max-sessions N] [--rpm N] [--policy refuse|auto]   create or update a tenant
+  tenant set NAME [--kv-quota-bytes N] [--max-sessions N] [--rpm N] [--policy refuse|auto]
+                  [--kv-method ${KV_METHODS.join("|")}] [--kv-budget N]   create or update a tenant
+                  (--kv-method / --kv-budget: the compression of its requests that name none; full allowed)
   tenant show NAME | tenant list
   key create TENANT                     a new API key (printed once; stored hashed)
   host add URL | host remove URL | host list
@@ -38,6 +42,8 @@ const ADMIN_FLAGS = {
   "max-sessions": int({ min: 0 }),
   rpm: int({ min: 0 }),
   policy: oneOf(["refuse", "auto"]),
+  "kv-method": oneOf(KV_METHODS),
+  "kv-budget": int({ min: 16, max: 1 << 20 }),
   help: bool(),
 };
 
@@ -78,6 +84,8 @@ async function admin(
         max_sessions: values["max-sessions"],
         requests_per_minute: values.rpm,
         policy: values.policy,
+        kv_method: values["kv-method"],
+        kv_budget: values["kv-budget"],
       });
     }
     if (group === "tenant" && action === "show") return client.tenant(need("NAME"));

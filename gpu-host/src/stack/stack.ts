@@ -209,7 +209,14 @@ export class AdminClient {
 
   setTenant(
     name: string,
-    limits: { kv_quota_bytes?: number; max_sessions?: number; requests_per_minute?: number; policy?: string },
+    limits: {
+      kv_quota_bytes?: number;
+      max_sessions?: number;
+      requests_per_minute?: number;
+      policy?: string;
+      kv_method?: string;
+      kv_budget?: number;
+    },
   ) {
     return this.call("PUT", `/admin/tenants/${encodeURIComponent(name)}`, limits);
   }
