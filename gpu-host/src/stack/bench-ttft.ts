@@ -20,7 +20,6 @@ export interface TtftOptions {
 }
 
 const QUESTION = "What is the capital of France? Answer in one word.";
-const CHATML = `<|im_start|>user\n${QUESTION}<|im_end|>\n<|im_start|>assistant\n`;
 
 function quantile(xs: number[], q: number): number {
   const s = [...xs].sort((a, b) => a - b);
@@ -75,7 +74,12 @@ async function direct(c: DirectClient, n: number, o: TtftOptions): Promise<numbe
     if (f.type !== type) throw new Error(`direct: expected ${type}, got ${JSON.stringify(f)}`);
   };
   ok(await c.call({ type: "open_session", tenant: "bench", session, budget: o.budget } as never), "opened");
-  ok(await c.call({ type: "append", tenant: "bench", session, text: CHATML } as never), "appended");
+  // the same messages the worker sends (the engine renders them with the model's template)
+  const messages = [{ role: "user", content: QUESTION }];
+  ok(
+    await c.call({ type: "append", tenant: "bench", session, messages, add_generation_prompt: true } as never),
+    "appended",
+  );
   let first = 0;
   ok(
     await c.call({ type: "generate", tenant: "bench", session, max_tokens: o.maxTokens } as never, (f) => {
@@ -93,7 +97,7 @@ async function viaWorker(url: string, key: string, o: TtftOptions): Promise<numb
     method: "POST",
     headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
     body: JSON.stringify({
-      model: "smollm2",
+      model: "default",
       stream: true,
       max_tokens: o.maxTokens,
       kv_budget: o.budget,

@@ -38,7 +38,7 @@ ${stack.hosts.map((h) => `  GPU host  ${h.url}   (CPU, embedded model)`).join("\
 
 try:
   curl -N ${url}/v1/chat/completions -H "Authorization: Bearer ${key}" -H "content-type: application/json" \\
-    -d '{"model": "smollm2", "stream": true, "max_tokens": 40, "messages": [{"role": "user", "content": "Hello!"}]}'
+    -d '{"model": "default", "stream": true, "max_tokens": 40, "messages": [{"role": "user", "content": "Hello!"}]}'
   npx pkv admin tenant show dev
 Ctrl-C stops everything.
 `);
