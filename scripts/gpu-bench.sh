@@ -267,7 +267,7 @@ cmd_run() {
 }
 
 run_all() {
-  local lb="$BIN/llama-bench -ngl 99" lbb="$BIN/llama-batched-bench -ngl 99"
+  local lb="$BIN/llama-bench -ngl 99"
   local common=(--model "$MODEL" --device "$DEVICE" --threads "$THREADS")
   local kvt=() mem weights_mib
   mem="$(device_mib)"
@@ -304,11 +304,17 @@ run_all() {
     if ((need + weights_mib < mem * 9 / 10)); then fit+=("$n"); else over+=("$n"); fi
   done
   if ((${#fit[@]})); then
-    local fit_list
+    local fit_list most=${fit[-1]}
     fit_list="$(IFS=,; echo "${fit[*]}")"
-    row "FullKV vs PyramidKV@128 vs llama-batched-bench at $fit_list sessions" \
+    row "FullKV vs PyramidKV@128 at $fit_list sessions" \
       "$PKV" bench "${common[@]}" --sessions "$fit_list" --prompt-len "$SESSION_PROMPT" --decode-tokens "$DECODE_TOKENS" \
-      --methods full,pyramidkv --budget 128 --llama-batched-bench "$lbb" --json
+      --methods full,pyramidkv --budget 128 --json
+    # In a process of its own, not through --llama-batched-bench: the engine would still hold
+    # its pool (N + 1 FullKV sessions) while llama.cpp allocates its own cache, and at 64 x 8k
+    # the two do not fit in one H200 together. Same command as the engine builds (bench.cpp).
+    row "llama-batched-bench (FullKV) at $fit_list sessions" \
+      "$BIN/llama-batched-bench" -ngl 99 -m "$MODEL" -t "$THREADS" -fa 1 -pps -npp "$SESSION_PROMPT" \
+      -ntg "$DECODE_TOKENS" -c $(((SESSION_PROMPT + DECODE_TOKENS) * (most + 1))) -npl "$fit_list" --output-format jsonl
   fi
   for n in "${over[@]}"; do
     need=$(((n + 1) * (SESSION_PROMPT + SESSION_PROMPT / 8 + DECODE_TOKENS + 128) * KV_PER_TOKEN >> 20))

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Prints `pkv-engine bench ... --json` output as a table for scripts/gpu-bench.sh.
 
-Each JSON line becomes: its top-level fields on one line, then one row per entry of "results"
-with every key any entry has (so fields added later, such as graph_nodes, show up without a
-change here) and ours / llama.cpp where both speeds are there; then the JSON line itself, so
-the exact numbers stay in the output. Lines that are not JSON pass through. Standard library
-only: the GPU box has no PyPI.
+A JSON line with "results" becomes: its top-level fields on one line, then one row per entry of
+"results" with every key any entry has (so fields added later, such as graph_nodes, show up
+without a change here) and ours / llama.cpp where both speeds are there. Consecutive flat JSON
+lines (llama-batched-bench --output-format jsonl) become one table, a row each. The JSON lines
+follow unchanged, so the exact numbers stay in the output. Lines that are not JSON pass through.
+Standard library only: the GPU box has no PyPI.
 """
 
 import json
@@ -32,7 +33,10 @@ def cell(v):
 def table(obj):
     head = [f"{k} {cell(v)}" for k, v in obj.items() if k != "results"]
     print(" | ".join(head))
-    rows = obj.get("results", [])
+    print_rows(obj.get("results", []))
+
+
+def print_rows(rows):
     cols = []
     for r in rows:
         for k, v in r.items():
@@ -66,18 +70,31 @@ def table(obj):
 
 
 def main():
+    flat = []  # consecutive flat objects and their lines, printed as one table
+
+    def flush():
+        if flat:
+            print_rows([o for o, _ in flat])
+            for _, line in flat:
+                print("json:", line)
+            flat.clear()
+
     for raw in sys.stdin:
         line = raw.strip()
-        if not line.startswith("{"):
-            print(raw, end="")
-            continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line) if line.startswith("{") else None
         except ValueError:
+            obj = None
+        if isinstance(obj, dict) and "results" not in obj:
+            flat.append((obj, line))
+            continue
+        flush()
+        if obj is None:
             print(raw, end="")
             continue
         table(obj)
         print("json:", line)
+    flush()
 
 
 if __name__ == "__main__":
