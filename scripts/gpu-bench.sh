@@ -9,8 +9,9 @@
 #                                      llama.cpp's reference tools, random-weight GGUFs
 #   scripts/gpu-bench.sh run [FILE]    there: every benchmark row beside llama.cpp's own tools
 #   scripts/gpu-bench.sh test          there, if time is left: the engine's ctest on that build
-#   scripts/gpu-bench.sh all [FILE]    build, then run, in one call: DEADLINE_S counts from the
-#                                      script's start, so the rows the build left no time for say so
+#   scripts/gpu-bench.sh all [FILE]    build, then run, in one call (FILE gets both): DEADLINE_S
+#                                      counts from the script's start, so rows the build left no
+#                                      time for say so
 #
 # GPU=0 rehearses all of it on the CPU at a tiny shape through the same code paths: every size
 # scaled so that bytes are 1/1024 of the GPU run's (a 1 KiB-per-token model instead of 128 KiB,
@@ -278,7 +279,13 @@ run_all() {
     echo "# gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'nvidia-smi failed')"
     echo "# nvcc: $(nvcc --version 2>/dev/null | tail -n 2 | head -n 1)"
   fi
-  echo "# source: $(git rev-parse --short HEAD 2>/dev/null || head -n 1 "$CARRY/SOURCE" 2>/dev/null || echo unknown)"
+  local src
+  if src="$(git rev-parse --short HEAD 2>/dev/null)"; then
+    src="commit $src, $(git status --porcelain 2>/dev/null | wc -l) files uncommitted"
+  else
+    src="$(head -n 2 "$CARRY/SOURCE" 2>/dev/null | paste -sd, - || echo unknown) (packed)"
+  fi
+  echo "# source: $src"
   echo "# model: ${MODEL#"$ROOT"/} ($weights_mib MiB), made by pkv-make-gguf ${MAKE_GGUF_ARGS[*]} --type q4_0, then llama-quantize Q4_K_M"
   echo "# KV per token (f16): $KV_PER_TOKEN bytes; memory for the FullKV rows: $mem MiB (DEVICE_MIB); llama tools: -ngl 99"
   echo "# threads $THREADS, repetitions $REPS, $DECODE_TOKENS tokens per decode sample, run budget ${DEADLINE_S}s, row limit ${ROW_TIMEOUT}s"
@@ -355,8 +362,13 @@ case "${1:-}" in
   run) cmd_run "${2:-}" ;;
   test) cmd_test ;;
   all)
-    cmd_build
-    cmd_run "${2:-}"
+    if [[ -n "${2:-}" ]]; then
+      mkdir -p "$(dirname "$2")"
+      { cmd_build; cmd_run; } 2>&1 | tee "$2"
+    else
+      cmd_build
+      cmd_run
+    fi
     ;;
   *)
     echo "usage: [GPU=0|1] scripts/gpu-bench.sh pack|build|run [OUT_FILE]|test|all [OUT_FILE]   (docs/GPU.md)" >&2
