@@ -606,21 +606,22 @@ test("logprobs and top_logprobs in OpenAI's shape, streamed and whole", { timeou
 test("response_format json_object and json_schema: the output parses and validates", { timeout: 300_000 }, async () => {
   const obj = await client("alpha").chat.completions.create({
     model: MODEL,
-    max_tokens: 60,
+    max_tokens: 200,
     messages: user("Describe a cat as JSON."),
     response_format: { type: "json_object" },
   });
+  assert.equal(obj.choices[0]!.finish_reason, "stop", `the object ends: ${obj.choices[0]!.message.content}`);
   const parsed = JSON.parse(obj.choices[0]!.message.content ?? "") as unknown;
   assert.ok(typeof parsed === "object" && parsed !== null && !Array.isArray(parsed), "a JSON object");
   const schema = {
     type: "object",
-    properties: { city: { type: "string" }, population: { type: "integer" } },
+    properties: { city: { type: "string", maxLength: 40 }, population: { type: "integer" } },
     required: ["city", "population"],
     additionalProperties: false,
   };
   const typed = await client("alpha").chat.completions.create({
     model: MODEL,
-    max_tokens: 60,
+    max_tokens: 200,
     messages: user("What is the largest city of France and its population?"),
     response_format: { type: "json_schema", json_schema: { name: "city", schema, strict: true } },
   });
