@@ -288,9 +288,15 @@ run_all() {
   echo "# source: $src"
   echo "# model: ${MODEL#"$ROOT"/} ($weights_mib MiB), made by pkv-make-gguf ${MAKE_GGUF_ARGS[*]} --type q4_0, then llama-quantize Q4_K_M"
   echo "# KV per token (f16): $KV_PER_TOKEN bytes; memory for the FullKV rows: $mem MiB (DEVICE_MIB); llama tools: -ngl 99"
-  echo "# threads $THREADS, repetitions $REPS, $DECODE_TOKENS tokens per decode sample, run budget ${DEADLINE_S}s, row limit ${ROW_TIMEOUT}s"
-  echo
+  # Flags of issue 15 that this build may not have yet: each row without one says so.
+  local layouts=() probe=""
   if bench_accepts --kv-type q8_0; then kvt=(--kv-type q8_0); fi
+  if bench_accepts --decode-attention both; then layouts=(--decode-attention both); fi
+  probe="--kv-type $([[ ${#kvt[@]} -gt 0 ]] && echo yes || echo no), --decode-attention $([[ ${#layouts[@]} -gt 0 ]] && echo yes || echo no)"
+
+  echo "# threads $THREADS, repetitions $REPS, $DECODE_TOKENS tokens per decode sample, run budget ${DEADLINE_S}s, row limit ${ROW_TIMEOUT}s"
+  echo "# this pkv-engine bench accepts: $probe"
+  echo
 
   echo "## Prefill and single-session decode vs llama-bench (median of $REPS; PyramidKV forked from the FullKV prefill)"
   echo
@@ -305,6 +311,12 @@ run_all() {
   echo
   # FullKV needs the whole prompt per session (the engine sizes its pool for N+1 such sessions,
   # llama-batched-bench its cache for N): counts beyond the device's memory run PyramidKV alone.
+  if ((${#layouts[@]})); then
+    echo "Each count twice, interleaved: decode attention batched (one kernel per layer) and per-session (one per session and layer)."
+  else
+    echo "(one attention layout only: this pkv-engine bench does not accept --decode-attention)"
+  fi
+  echo
   local fit=() over=() n need
   for n in "${SESSIONS[@]}"; do
     need=$(((n + 1) * (SESSION_PROMPT + SESSION_PROMPT / 8 + DECODE_TOKENS + 128) * KV_PER_TOKEN >> 20))
@@ -315,7 +327,7 @@ run_all() {
     fit_list="$(IFS=,; echo "${fit[*]}")"
     row "FullKV vs PyramidKV@128 at $fit_list sessions" \
       "$PKV" bench "${common[@]}" --sessions "$fit_list" --prompt-len "$SESSION_PROMPT" --decode-tokens "$DECODE_TOKENS" \
-      --methods full,pyramidkv --budget 128 --json
+      --methods full,pyramidkv --budget 128 "${layouts[@]}" --json
     # In a process of its own, not through --llama-batched-bench: the engine would still hold
     # its pool (N + 1 FullKV sessions) while llama.cpp allocates its own cache, and at 64 x 8k
     # the two do not fit in one H200 together. Same command as the engine builds (bench.cpp).
@@ -330,7 +342,7 @@ run_all() {
     local pool=$(((SESSION_PROMPT + SESSION_PROMPT / 8 + DECODE_TOKENS + 128 + n * (4 * 128 + 256 + DECODE_TOKENS)) * KV_PER_TOKEN))
     row "PyramidKV@128 alone at $n sessions" \
       "$PKV" bench "${common[@]}" --sessions "$n" --prompt-len "$SESSION_PROMPT" --decode-tokens "$DECODE_TOKENS" \
-      --methods pyramidkv --budget 128 --kv-pool-bytes "$pool" --json
+      --methods pyramidkv --budget 128 --kv-pool-bytes "$pool" "${layouts[@]}" --json
   done
 
   echo "## Sessions of $POOL_PROMPT tokens that fit in a $POOL_LABEL pool (forked from one prefill until the pool refuses)"
