@@ -5,6 +5,10 @@ import { readFileSync } from "node:fs";
 import { type FlagValues, int, oneOf, parseFlags, string } from "../flags.js";
 
 export type TenantPolicy = "refuse" | "auto";
+
+/** Storage types of pooled KV entries (engine protocol 2.2 `open.kv_type`, the engine's --kv-type). */
+export const KV_TYPES = ["f16", "q8_0", "q4_0"] as const;
+export type KvType = (typeof KV_TYPES)[number];
 export const TENANT_POLICIES: readonly TenantPolicy[] = ["refuse", "auto"];
 
 export interface TenantLimits {
@@ -21,6 +25,10 @@ export interface HostConfig {
   kvPoolBytes?: number;
   chunkSize?: number;
   threads?: number;
+  /** the engine's context (--ctx-size); unset = the model's */
+  ctxSize?: number;
+  /** KV storage type of sessions whose open_session names none; unset = the engine's (f16) */
+  kvType?: KvType;
   edgeSecret: string;
   /** offloaded states go to files here (and survive a restart); unset = host memory */
   offloadDir?: string;
@@ -49,6 +57,8 @@ export const HOST_USAGE = `usage: pkv host [options]            (each option als
   --kv-pool-bytes N          PKV_KV_POOL_BYTES      engine KV pool capacity
   --chunk-size N             PKV_CHUNK_SIZE         engine chunked-prefill size
   --threads N                PKV_THREADS            engine threads
+  --ctx-size N               PKV_CTX_SIZE           engine context in tokens (0 = the model's)
+  --kv-type T                PKV_KV_TYPE            KV storage of sessions that name none: f16, q8_0, q4_0 (f16)
   --offload-dir DIR          PKV_OFFLOAD_DIR        offloaded sessions on disk (survive restarts); default host memory
   --idle-seconds N           PKV_IDLE_SECONDS       offload sessions idle this long (300)
   --tenants FILE|JSON        PKV_TENANTS            {"name": {"kv_quota_bytes": N, "max_sessions": N, "policy": "refuse"|"auto"}, "*": {...}}
@@ -118,6 +128,8 @@ export const HOST_FLAGS = {
   "kv-pool-bytes": int({ min: 1, max: Number.MAX_SAFE_INTEGER, env: "PKV_KV_POOL_BYTES" }),
   "chunk-size": int({ min: 0, max: 1 << 24, env: "PKV_CHUNK_SIZE" }),
   threads: int({ min: 0, max: 1024, env: "PKV_THREADS" }),
+  "ctx-size": int({ min: 0, max: 1 << 24, env: "PKV_CTX_SIZE" }),
+  "kv-type": oneOf(KV_TYPES, { env: "PKV_KV_TYPE" }),
   "offload-dir": string({ env: "PKV_OFFLOAD_DIR" }),
   "idle-seconds": int({ min: 0, max: 86400 * 365, default: 300, env: "PKV_IDLE_SECONDS" }),
   tenants: string({ env: "PKV_TENANTS" }),
@@ -145,6 +157,8 @@ export function hostConfig(f: FlagValues<typeof HOST_FLAGS>): HostConfig {
     kvPoolBytes: f["kv-pool-bytes"],
     chunkSize: f["chunk-size"],
     threads: f.threads,
+    ctxSize: f["ctx-size"],
+    kvType: f["kv-type"],
     edgeSecret: f["edge-secret"],
     offloadDir: offloadDir === "" ? undefined : offloadDir,
     idleMs: f["idle-seconds"] * 1000,

@@ -19,6 +19,9 @@ export interface EngineOptions {
   kvPoolBytes?: number;
   chunkSize?: number;
   threads?: number;
+  ctxSize?: number;
+  /** the default KV storage type (--kv-type) */
+  kvType?: string;
   /** how long to wait for 'hello' */
   startTimeoutMs?: number;
 }
@@ -85,6 +88,8 @@ export class EngineProcess extends EventEmitter<{ exit: [code: number | null, si
     if (o.kvPoolBytes !== undefined) args.push("--kv-pool-bytes", String(o.kvPoolBytes));
     if (o.chunkSize !== undefined) args.push("--chunk-size", String(o.chunkSize));
     if (o.threads !== undefined) args.push("--threads", String(o.threads));
+    if (o.ctxSize !== undefined) args.push("--ctx-size", String(o.ctxSize));
+    if (o.kvType !== undefined) args.push("--kv-type", o.kvType);
     const child = spawn(o.bin ?? engineBinary(), args, { stdio: ["pipe", "pipe", "pipe"] });
     const decoder = new FrameDecoder("from_engine");
     return new Promise((resolve, reject) => {

@@ -3,9 +3,11 @@
 // is one host-protocol frame; frames of many sessions share a connection.
 //
 // Backpressure: tokens of a connection whose unsent bytes (ws.bufferedAmount) exceed highWater
-// are coalesced per request (text concatenated, ids collected) and flushed when the socket drains,
-// so memory per slow connection stays bounded by the text it has not read yet, never by a queue of
-// frames; past maxBuffered the connection is dropped and its generations cancelled.
+// are coalesced per request (text concatenated, ids collected, logprobs one per id in order) and
+// flushed when the socket drains, or once a coalesced frame reaches COALESCED_FLUSH_BYTES, so
+// memory per slow connection stays bounded by what it has not read yet, never by a queue of
+// frames, and no frame outgrows the protocol's limit; past maxBuffered the connection is dropped
+// and its generations cancelled.
 import { createServer, type IncomingMessage, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
 import type { Duplex } from "node:stream";
@@ -15,6 +17,7 @@ import {
   encodeHostMessage,
   type FromHostMessage,
   HOST_MAX_FRAME_BYTES,
+  HOST_PROTOCOL_SPEC,
   HOST_PROTOCOL_VERSION,
 } from "@pyramidkv/shared";
 import { WebSocket, WebSocketServer } from "ws";
@@ -22,15 +25,38 @@ import { WebSocket, WebSocketServer } from "ws";
 import { verifyEdgeAuthorization } from "./auth.js";
 import type { HostConfig } from "./config.js";
 import type { HostMetrics } from "./metrics.js";
-import type { Sink } from "./session.js";
+import type { Sink, TokenLogprobs } from "./session.js";
 import type { SessionHost } from "./sessions.js";
 
 // Messages up to this size are read and answered with a too_large error frame; larger ones make
 // ws close the connection (1009) without buffering them.
 const MAX_READ_BYTES = 2 * HOST_MAX_FRAME_BYTES;
 
+/** A coalesced token frame this large (estimated) is sent at once, drained or not: frames stay far
+ * below HOST_MAX_FRAME_BYTES (20 alternatives per token make ~1 KiB a token). */
+export const COALESCED_FLUSH_BYTES = 1 << 20;
+
+type Coalesced = {
+  session: string;
+  tokens: number[];
+  text: string;
+  /** one per token when the generation asked for logprobs */
+  logprobs?: TokenLogprobs[];
+  bytes: number;
+};
+
+// An upper estimate of the msgpack bytes one token adds to a coalesced frame.
+function tokenBytes(text: string, lp: TokenLogprobs | undefined): number {
+  let n = 9 + Buffer.byteLength(text, "utf8");
+  if (lp) {
+    n += 40 + ((lp.bytes as Uint8Array | undefined)?.length ?? 0);
+    for (const t of (lp.top_logprobs as { bytes?: Uint8Array }[] | undefined) ?? []) n += 40 + (t.bytes?.length ?? 0);
+  }
+  return n;
+}
+
 export class Connection implements Sink {
-  private readonly coalesced = new Map<number, { session: string; tokens: number[]; text: string }>();
+  private readonly coalesced = new Map<number, Coalesced>();
   private flushTimer?: NodeJS.Timeout;
 
   constructor(
@@ -49,20 +75,30 @@ export class Connection implements Sink {
     this.write(msg);
   }
 
-  sendToken(id: number, session: string, token: number, text: string): void {
+  sendToken(id: number, session: string, token: number, text: string, logprobs?: TokenLogprobs): void {
     if (!this.open) return;
     const pending = this.coalesced.get(id);
     if (pending || this.ws.bufferedAmount > this.config.highWaterBytes) {
       if (pending) {
         pending.tokens.push(token);
         pending.text += text;
+        // The engine sends logprobs on every token of a generation that asked, or on none.
+        if (logprobs) pending.logprobs?.push(logprobs);
+        pending.bytes += tokenBytes(text, logprobs);
+        if (pending.bytes >= COALESCED_FLUSH_BYTES) this.flush(id);
       } else {
-        this.coalesced.set(id, { session, tokens: [token], text });
+        this.coalesced.set(id, {
+          session,
+          tokens: [token],
+          text,
+          ...(logprobs ? { logprobs: [logprobs] } : {}),
+          bytes: tokenBytes(text, logprobs),
+        });
       }
       this.flushTimer ??= setInterval(() => this.flushIfDrained(), 5);
       return;
     }
-    this.write({ type: "token", id, session, tokens: [token], text });
+    this.write({ type: "token", id, session, tokens: [token], text, ...(logprobs ? { logprobs: [logprobs] } : {}) });
   }
 
   private write(msg: FromHostMessage): void {
@@ -78,7 +114,14 @@ export class Connection implements Sink {
     const p = this.coalesced.get(id);
     if (!p) return;
     this.coalesced.delete(id);
-    this.write({ type: "token", id, session: p.session, tokens: p.tokens, text: p.text });
+    this.write({
+      type: "token",
+      id,
+      session: p.session,
+      tokens: p.tokens,
+      text: p.text,
+      ...(p.logprobs ? { logprobs: p.logprobs } : {}),
+    });
   }
 
   private flushIfDrained(): void {
@@ -118,7 +161,10 @@ export class HostServer {
           JSON.stringify({
             status: ok ? "ok" : this.host.isClosing ? "shutting_down" : "engine_restarting",
             protocol: HOST_PROTOCOL_VERSION,
+            protocol_minor: HOST_PROTOCOL_SPEC.minor,
             model: h.model,
+            n_ctx: h.n_ctx,
+            chat_template: h.chat_template ?? null,
             engine_pid: this.host.enginePid,
             pool_bytes: h.pool_bytes,
             kv_used_bytes: this.host.kvUsedBytes,
@@ -160,6 +206,8 @@ export class HostServer {
       n_ctx: h.n_ctx,
       pool_bytes: h.pool_bytes,
       bytes_per_entry: this.host.geometry.bytesPerEntry,
+      protocol_minor: HOST_PROTOCOL_SPEC.minor,
+      ...(h.chat_template !== undefined ? { chat_template: h.chat_template } : {}),
     });
     ws.on("message", (data, isBinary) => {
       const bytes = Array.isArray(data) ? Buffer.concat(data) : Buffer.isBuffer(data) ? data : Buffer.from(data);

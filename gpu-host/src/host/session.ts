@@ -6,11 +6,15 @@ import { KvAccount } from "./account.js";
 import type { EngineProcess } from "./engine.js";
 import { PieceBuffer } from "./pieces.js";
 
+/** One token's logprobs as the edge gets them (host.json `token.logprobs`): {logprob, bytes,
+ * top_logprobs?: [{token, bytes, logprob}]}. */
+export type TokenLogprobs = Record<string, unknown>;
+
 /** A connection as the sessions see it. */
 export interface Sink {
   send(msg: FromHostMessage): void;
   /** a generated token; the connection may coalesce tokens when the client reads slowly */
-  sendToken(id: number, session: string, token: number, text: string): void;
+  sendToken(id: number, session: string, token: number, text: string, logprobs?: TokenLogprobs): void;
   readonly open: boolean;
 }
 
@@ -26,6 +30,8 @@ export interface Op {
   kind: "append" | "generate";
   id: number;
   sink: Sink;
+  /** the edge's x-request-id, for the host's log lines about this request */
+  requestId?: string;
   cancelled: boolean;
   engine?: EngineProcess;
   engineId?: number;

@@ -29,25 +29,29 @@ import {
 } from "@pyramidkv/shared";
 
 import { Admission, type Fit } from "./admission.js";
-import { type HostConfig, TENANT_NAME, type TenantPolicy } from "./config.js";
+import { type HostConfig, KV_TYPES, type KvType, TENANT_NAME, type TenantPolicy } from "./config.js";
 import { ENGINE_DIED, EngineProcess, EngineRequestError } from "./engine.js";
 import { errorCode, HostError } from "./errors.js";
+import { hostLog } from "./log.js";
 import type { HostGauges, HostMetrics } from "./metrics.js";
 import { Residency } from "./residency.js";
 import { FairScheduler } from "./scheduler.js";
-import { HostSession, keyOf, type OpenParams, type Op, type Sink } from "./session.js";
+import { HostSession, keyOf, type OpenParams, type Op, type Sink, type TokenLogprobs } from "./session.js";
 import { StateStore } from "./store.js";
 import { EngineSupervisor } from "./supervisor.js";
 import {
   appendTokenBound,
   autoBudget,
+  bytesPerEntryOf,
   generatePeakBytes,
   geometryFromHello,
   type KvGeometry,
+  measuredBytesPerEntry,
   openReservationBytes,
   prefillPeakBytes,
   Tenants,
 } from "./tenants.js";
+import { checkAppend, checkContext, checkGenerate, checkOpen, checkPieces } from "./validate.js";
 
 export class SessionHost {
   private readonly sessions = new Map<string, HostSession>();
@@ -56,8 +60,10 @@ export class SessionHost {
   private readonly admission: Admission<HostSession>;
   private readonly residency: Residency;
   private tenants!: Tenants;
+  /** the geometry of f16 entries (hello's bytes_per_entry); other types: entryBytes() */
   geometry!: KvGeometry;
-  private bytesPerEntryMeasured = false;
+  /** bytes of one entry of one layer per KV type, measured from a session of that type's stats */
+  private readonly measuredEntryBytes = new Map<KvType, number>();
   private poolUsedBytes = 0;
   private closing = false;
   private timer?: NodeJS.Timeout;
@@ -77,6 +83,8 @@ export class SessionHost {
           kvPoolBytes: config.kvPoolBytes,
           chunkSize: config.chunkSize,
           threads: config.threads,
+          ctxSize: config.ctxSize,
+          kvType: config.kvType,
         }),
       sessions: () => this.sessions.values(),
       died: () => metrics.engineRestarts.inc(),
@@ -131,6 +139,11 @@ export class SessionHost {
     const fail = (e: unknown) => {
       const { code, message } = errorCode(e);
       this.metrics.errors.inc({ code });
+      if (code !== "cancelled")
+        hostLog(
+          `${msg.type} ${msg.tenant}/${"session" in msg ? msg.session : ""}: ${code}: ${message}`,
+          "request_id" in msg ? msg.request_id : undefined,
+        );
       if (sink.open)
         sink.send({
           type: "error",
@@ -153,8 +166,10 @@ export class SessionHost {
         case "open_session":
           return void this.open(sink, msg).then(finish, fail);
         case "append":
+          checkAppend(msg);
           return void this.enqueue(this.lookup(msg.tenant, msg.session), sink, "append", msg, t0).then(finish, fail);
         case "generate":
+          checkGenerate(msg, this.hello.n_ctx);
           return void this.enqueue(this.lookup(msg.tenant, msg.session), sink, "generate", msg, t0).then(finish, fail);
         case "cancel":
           return void this.cancel(sink, msg).then(finish, fail);
@@ -219,7 +234,15 @@ export class SessionHost {
         `tenant '${msg.tenant}' has ${count} sessions, its limit is ${limits.maxSessions}`,
       );
     }
-    const { id: _id, type: _type, tenant: _tenant, session: _session, prompt_tokens: promptTokens = 0, ...rest } = msg;
+    const {
+      id: _id,
+      type: _type,
+      tenant: _tenant,
+      session: _session,
+      request_id: _requestId,
+      prompt_tokens: promptTokens = 0,
+      ...rest
+    } = msg;
     // Known before admission sizes it by the method's traits (the engine would refuse it anyway).
     if (msg.method !== undefined && !isKvMethod(msg.method)) {
       throw new HostError(
@@ -227,10 +250,13 @@ export class SessionHost {
         `open_session: method '${msg.method.slice(0, 64)}' is not one of ${KV_METHODS.join(", ")}`,
       );
     }
+    checkOpen(msg);
     const params: OpenParams = {
       ...rest,
       method: msg.method ?? ENGINE_DEFAULTS.method,
       budget: msg.budget ?? ENGINE_DEFAULTS.budget,
+      // Saved with the session's state: a host restarted with another --kv-type reopens it as it was.
+      kv_type: msg.kv_type ?? this.config.kvType,
     };
     const g = this.geometryFor(params);
     const s = new HostSession(msg.tenant, msg.session, params);
@@ -268,8 +294,19 @@ export class SessionHost {
     }
   }
 
+  /** The geometry a session of these parameters is sized with: its chunk, its KV type's entry. */
   private geometryFor(params: OpenParams): KvGeometry {
-    return { ...this.geometry, chunkSize: params.chunk_size ?? this.geometry.chunkSize };
+    return {
+      ...this.geometry,
+      bytesPerEntry: this.entryBytes(kvTypeOf(params, this.hello.defaults?.kv_type)),
+      chunkSize: params.chunk_size ?? this.geometry.chunkSize,
+    };
+  }
+
+  /** Bytes of one entry of one layer of `type`: measured, else from f16's by ggml's block sizes. */
+  entryBytes(type: KvType): number {
+    if (type === "f16") return this.geometry.bytesPerEntry;
+    return this.measuredEntryBytes.get(type) ?? bytesPerEntryOf(this.geometry.bytesPerEntry, type);
   }
 
   // append and generate run one at a time per session, in arrival order.
@@ -281,7 +318,7 @@ export class SessionHost {
     t0: number,
   ): Promise<void> {
     // issue 12: two clients' turns on one session interleave here; serialise whole turns or answer session_busy.
-    const op: Op = { kind, id: msg.id, sink, cancelled: false };
+    const op: Op = { kind, id: msg.id, sink, requestId: msg.request_id, cancelled: false };
     s.ops.push(op);
     s.pendingOps++;
     const run = async () => {
@@ -304,14 +341,14 @@ export class SessionHost {
   private async append(s: HostSession, op: Op, msg: HostMessage<"append">): Promise<void> {
     s.pieces.from(op.sink);
     if (msg.more) {
-      if (msg.tokens !== undefined)
-        throw new HostError("invalid", "append: a piece (more: true) carries text only, not tokens");
       const buffered = s.pieces.add(op.sink, msg.text ?? "");
       if (op.sink.open) op.sink.send({ type: "buffered", id: op.id, session: s.id, buffered_bytes: buffered });
       return;
     }
+    checkPieces(msg, s.pieces.bufferedBytes);
+    checkContext(msg, s.tokensSeen, this.hello.n_ctx);
     const text = s.pieces.take(msg.text);
-    const newTokens = appendTokenBound(text, msg.tokens, msg.chat);
+    const newTokens = appendTokenBound(text, msg.tokens, msg.chat, msg.messages);
     const extra = prefillPeakBytes(this.geometryFor(s.params), newTokens);
     await this.residency.ensureResident(s, extra);
     try {
@@ -324,7 +361,16 @@ export class SessionHost {
             if (op.cancelled) return reject(new HostError("cancelled", "append cancelled before it started"));
             op.engine = engine;
             op.engineId = engine.request(
-              { type: "append", session: s.engineName, text, tokens: msg.tokens, chat: msg.chat },
+              {
+                type: "append",
+                session: s.engineName,
+                text,
+                tokens: msg.tokens,
+                chat: msg.chat,
+                messages: msg.messages,
+                add_generation_prompt: msg.add_generation_prompt,
+                max_tokens: msg.max_tokens,
+              },
               (m) => {
                 if (m.type === "progress")
                   op.sink.open &&
@@ -344,7 +390,7 @@ export class SessionHost {
       s.kv.settle(done.kv_bytes);
       s.dirty = true;
       // Answered once checkpointed: when the edge sees 'appended', an engine crash loses nothing.
-      await this.afterOp(s);
+      await this.afterOp(s, op);
       if (op.sink.open)
         op.sink.send({
           type: "appended",
@@ -360,11 +406,11 @@ export class SessionHost {
 
   private async generate(s: HostSession, op: Op, msg: HostMessage<"generate">, t0: number): Promise<void> {
     const maxTokens = msg.max_tokens ?? ENGINE_DEFAULTS.max_tokens;
-    await this.residency.ensureResident(s, generatePeakBytes(this.geometry, maxTokens));
+    await this.residency.ensureResident(s, generatePeakBytes(this.geometryFor(s.params), maxTokens));
     try {
       const engine = await this.engines.ready;
-      // issue 12: sampling values the edge let through (top_p 0, NaN temperature) reach the engine unchecked.
-      const { type: _t, tenant: _tenant, session: _s, id: _id, ...sampling } = msg;
+      // Every sampling field was range-checked (checkGenerate) before the request was queued.
+      const { type: _t, tenant: _tenant, session: _s, id: _id, request_id: _rid, ...sampling } = msg;
       let first = true;
       const job = this.scheduler.run(
         s.tenant,
@@ -380,7 +426,7 @@ export class SessionHost {
                   if (first) this.metrics.firstToken.observe({}, (performance.now() - t0) / 1000);
                   first = false;
                   this.metrics.generatedTokens.inc({ tenant: s.tenant });
-                  if (op.sink.open) op.sink.sendToken(op.id, s.id, m.token, m.text);
+                  if (op.sink.open) op.sink.sendToken(op.id, s.id, m.token, m.text, tokenLogprobs(m));
                   return false;
                 }
                 if (m.type !== "done") return false;
@@ -395,7 +441,7 @@ export class SessionHost {
       const done = await job.promise;
       s.dirty = true;
       s.kv.end();
-      await this.afterOp(s);
+      await this.afterOp(s, op);
       if (op.sink.open)
         op.sink.send({
           type: "done",
@@ -404,6 +450,7 @@ export class SessionHost {
           reason: done.reason,
           new_tokens: done.new_tokens,
           text: done.text,
+          seed: done.seed,
         });
     } finally {
       s.kv.end();
@@ -412,28 +459,33 @@ export class SessionHost {
 
   // Exact size from the engine, then the checkpoint. Failures here do not fail the request that
   // already completed; a session that cannot be checkpointed is only lost if the engine dies.
-  private async afterOp(s: HostSession): Promise<void> {
+  private async afterOp(s: HostSession, op: Op): Promise<void> {
     try {
       const engine = await this.engines.ready;
       const st = await engine.call<"stats_result">({ type: "stats", session: s.engineName });
-      this.learnGeometry(st);
+      this.learnGeometry(s, st);
       s.kv.measure(st.kv_bytes ?? s.kv.steady);
       s.tokensSeen = st.tokens_seen ?? s.tokensSeen;
       if (this.config.checkpoint) await this.residency.save(s, engine);
     } catch (e) {
       // issue 12: a failed checkpoint is swallowed and appended/done still sent; fail the request instead.
       if (!(e instanceof EngineRequestError && e.code === ENGINE_DIED)) {
-        process.stderr.write(
-          `pkv host: checkpoint of ${s.engineName} failed: ${e instanceof Error ? e.message : String(e)}\n`,
+        hostLog(
+          `${op.kind} ${s.engineName}: checkpoint failed: ${e instanceof Error ? e.message : String(e)}`,
+          op.requestId,
         );
       }
     }
   }
 
-  private learnGeometry(st: Message<"stats_result">): void {
-    if (this.bytesPerEntryMeasured || !st.full_kv_bytes || !st.tokens_seen) return;
-    this.geometry.bytesPerEntry = Math.round(st.full_kv_bytes / (st.tokens_seen * this.geometry.nLayer));
-    this.bytesPerEntryMeasured = true;
+  // The entry size of the session's KV type, exact from its first stats that hold entries.
+  private learnGeometry(s: HostSession, st: Message<"stats_result">): void {
+    const type = kvTypeOf(s.params, this.hello.defaults?.kv_type);
+    if (this.measuredEntryBytes.has(type)) return;
+    const bytes = measuredBytesPerEntry(st, this.geometry.nLayer);
+    if (bytes === 0) return;
+    this.measuredEntryBytes.set(type, bytes);
+    if (type === "f16") this.geometry.bytesPerEntry = bytes;
   }
 
   // ---- cancel, close, stats -------------------------------------------------------------------------
@@ -501,7 +553,7 @@ export class SessionHost {
     }
     const engine = await this.engines.ready;
     const st = await engine.call<"stats_result">({ type: "stats", session: s.engineName });
-    this.learnGeometry(st);
+    this.learnGeometry(s, st);
     sink.send({
       ...base,
       tokens_seen: st.tokens_seen,
@@ -573,4 +625,21 @@ export class SessionHost {
     this.engines.stop();
     await this.engines.engine.shutdown();
   }
+}
+
+/** A session's KV storage type: as opened (or the host's --kv-type), else the engine's default
+ * (hello.defaults.kv_type; f16 for an engine before protocol 2.2). */
+function kvTypeOf(params: OpenParams, engineDefault: unknown): KvType {
+  const t = params.kv_type ?? engineDefault;
+  return (KV_TYPES as readonly unknown[]).includes(t) ? (t as KvType) : "f16";
+}
+
+/** The edge's logprobs of one engine token frame (host.json token.logprobs), or none. */
+function tokenLogprobs(m: Message<"token">): TokenLogprobs | undefined {
+  if (m.logprob === undefined) return undefined;
+  return {
+    logprob: m.logprob,
+    bytes: m.bytes ?? new TextEncoder().encode(m.text),
+    ...(m.top_logprobs !== undefined ? { top_logprobs: m.top_logprobs } : {}),
+  };
 }

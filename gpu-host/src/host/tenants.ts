@@ -4,7 +4,7 @@
 // it compresses, its smallest budget, the defaults) is in this file, read from the shared table.
 import { ENGINE_DEFAULTS, methodInfo, minBudget } from "@pyramidkv/shared";
 
-import type { TenantLimits, TenantPolicy } from "./config.js";
+import type { KvType, TenantLimits, TenantPolicy } from "./config.js";
 
 export interface TenantView extends TenantLimits {
   name: string;
@@ -56,6 +56,29 @@ export interface KvGeometry {
   chunkSize: number;
 }
 
+// Bytes of 32 values of one row in each KV storage type: ggml's blocks (f16: 2 bytes a value;
+// q8_0: a 2-byte scale + 32 one-byte values; q4_0: a 2-byte scale + 32 four-bit values).
+const BLOCK_BYTES: Record<KvType, number> = { f16: 64, q8_0: 34, q4_0: 18 };
+
+/** Bytes of one entry of one layer stored as `type`, from the f16 entry's bytes, before the
+ * engine's stats of a session of that type say the exact size (rounded up: never under). */
+export function bytesPerEntryOf(f16BytesPerEntry: number, type: KvType): number {
+  return Math.ceil((f16BytesPerEntry * BLOCK_BYTES[type]) / BLOCK_BYTES.f16);
+}
+
+/** Bytes of one entry of one layer measured from an engine stats_result: the session's kv_bytes
+ * over its entries (every layer's length), else FullKV's bytes over tokens_seen x layers; 0 when
+ * the stats hold no entry yet. */
+export function measuredBytesPerEntry(
+  st: { kv_bytes?: number; layer_kv_lengths?: number[]; full_kv_bytes?: number; tokens_seen?: number },
+  nLayer: number,
+): number {
+  const entries = st.layer_kv_lengths?.reduce((a, b) => a + b, 0) ?? 0;
+  if (entries > 0 && st.kv_bytes) return Math.round(st.kv_bytes / entries);
+  if (st.full_kv_bytes && st.tokens_seen) return Math.round(st.full_kv_bytes / (st.tokens_seen * nLayer));
+  return 0;
+}
+
 /** The geometry before the first stats: one entry of one layer estimated as page_bytes / 16. */
 export function geometryFromHello(
   h: { n_layer: number; page_bytes: number; page_slots?: number },
@@ -68,14 +91,34 @@ export function geometryFromHello(
   };
 }
 
+/** Template tokens around one chat message, and the opening/closing of a conversation (a default
+ * system turn, a generation prompt), bounded generously: the admission bound, not a count. */
+const TEMPLATE_TOKENS_PER_MESSAGE = 16;
+const TEMPLATE_TOKENS_PER_APPEND = 64;
+
 /** Upper bound on the tokens of an append before tokenising: a token is at least one byte of
  * text, plus the chat template's wrapping. */
 export function appendTokenBound(
   text: string | undefined,
   tokens: number[] | undefined,
   chat: boolean | undefined,
+  messages?: Record<string, unknown>[],
 ): number {
-  return (text === undefined ? 0 : Buffer.byteLength(text, "utf8") + (chat ? 16 : 1)) + (tokens?.length ?? 0) + 1;
+  const rendered =
+    messages === undefined
+      ? 0
+      : TEMPLATE_TOKENS_PER_APPEND +
+        messages.reduce(
+          (n, m) =>
+            n +
+            TEMPLATE_TOKENS_PER_MESSAGE +
+            Buffer.byteLength(String(m.role ?? ""), "utf8") +
+            Buffer.byteLength(String(m.content ?? ""), "utf8"),
+          0,
+        );
+  return (
+    (text === undefined ? 0 : Buffer.byteLength(text, "utf8") + (chat ? 16 : 1)) + (tokens?.length ?? 0) + rendered + 1
+  );
 }
 
 /** Extra KV bytes while `newTokens` are prefilled on top of the kept entries: at most one chunk
