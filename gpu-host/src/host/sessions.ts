@@ -15,9 +15,10 @@
 // reservation = at open, the first append's peak: (budget + min(prompt_tokens, chunk)) entries per
 // layer (FullKV: prompt_tokens), dropped after that append; in-flight = during an append, one
 // chunk of uncompressed entries per layer (min(new tokens, chunk), new tokens bounded by the
-// text's UTF-8 bytes before tokenising), during a generate max_tokens entries per layer. One entry
-// of one layer = 2 x n_head_kv x head_dim x 2 bytes (768 for SmolLM2-135M), from the engine's stats
-// (full_kv_bytes / tokens_seen / n_layer), page_bytes / page_slots until the first stats.
+// text's UTF-8 bytes before tokenising), during a generate max_tokens entries per layer. One f16
+// entry of one layer = 2 x n_head_kv x head_dim x 2 bytes (768 for SmolLM2-135M): page_bytes /
+// page_slots until the first stats of an f16 session; a q8_0 or q4_0 entry is f16's scaled by
+// ggml's block sizes until a session of that type's stats (kv_bytes / entries) give it exactly.
 // Offloaded sessions count nothing (their state is in host memory or on disk).
 import {
   ENGINE_DEFAULTS,
