@@ -173,20 +173,27 @@ test("append: malformed messages and mixed fields are refused by the host, namin
   assert.equal(received("append", "bad-append").length, 0);
 });
 
-test("append: messages while pieces are buffered are refused and the pieces kept", async () => {
+test("append: buffered pieces begin the last message's content; pieces carry text only", async () => {
   await open("pieces");
-  expectType(await c.call({ type: "append", tenant: "t", session: "pieces", text: "abc", more: true }), "buffered");
-  const e = expectType(
-    await c.call({ type: "append", tenant: "t", session: "pieces", messages: [{ role: "user", content: "q" }] }),
-    "error",
+  expectType(await c.call({ type: "append", tenant: "t", session: "pieces", text: "a long ", more: true }), "buffered");
+  expectType(
+    await c.call({ type: "append", tenant: "t", session: "pieces", text: "document ", more: true }),
+    "buffered",
   );
-  assert.equal(e.code, "invalid");
-  assert.match(e.message, /messages with 3 bytes of buffered pieces/);
-  expectType(await c.call({ type: "append", tenant: "t", session: "pieces", text: "def" }), "appended");
+  const messages = [
+    { role: "system", content: "Be brief." },
+    { role: "user", content: "ends here" },
+  ];
+  expectType(await c.call({ type: "append", tenant: "t", session: "pieces", messages }), "appended");
+  const sent = received("append", "pieces");
+  assert.equal(sent.length, 1, "pieces are the host's: one engine append");
   assert.deepEqual(
-    received("append", "pieces").map((m) => m.text),
-    ["abcdef"],
+    [sent[0]!.text, sent[0]!.messages],
+    [undefined, [messages[0], { role: "user", content: "a long document ends here" }]],
   );
+  // The buffer is empty afterwards: the next messages go as they are.
+  expectType(await c.call({ type: "append", tenant: "t", session: "pieces", messages: [messages[1]!] }), "appended");
+  assert.deepEqual(received("append", "pieces")[1]!.messages, [messages[1]]);
 });
 
 test("generate: the sampling fields reach the engine as sent; request_id does not", async () => {

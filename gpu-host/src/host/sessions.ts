@@ -52,7 +52,7 @@ import {
   prefillPeakBytes,
   Tenants,
 } from "./tenants.js";
-import { checkAppend, checkContext, checkGenerate, checkOpen, checkPieces } from "./validate.js";
+import { checkAppend, checkContext, checkGenerate, checkOpen } from "./validate.js";
 
 export class SessionHost {
   private readonly sessions = new Map<string, HostSession>();
@@ -346,10 +346,9 @@ export class SessionHost {
       if (op.sink.open) op.sink.send({ type: "buffered", id: op.id, session: s.id, buffered_bytes: buffered });
       return;
     }
-    checkPieces(msg, s.pieces.bufferedBytes);
     checkContext(msg, s.tokensSeen, this.hello.n_ctx);
-    const text = s.pieces.take(msg.text);
-    const newTokens = appendTokenBound(text, msg.tokens, msg.chat, msg.messages);
+    const { text, messages } = withPieces(s, msg);
+    const newTokens = appendTokenBound(text, msg.tokens, msg.chat, messages);
     const extra = prefillPeakBytes(this.geometryFor(s.params), newTokens);
     await this.residency.ensureResident(s, extra);
     try {
@@ -368,7 +367,7 @@ export class SessionHost {
                 text,
                 tokens: msg.tokens,
                 chat: msg.chat,
-                messages: msg.messages,
+                messages,
                 add_generation_prompt: msg.add_generation_prompt,
                 max_tokens: msg.max_tokens,
               },
@@ -642,5 +641,22 @@ function tokenLogprobs(m: Message<"token">): TokenLogprobs | undefined {
     logprob: m.logprob,
     bytes: m.bytes ?? new TextEncoder().encode(m.text),
     ...(m.top_logprobs !== undefined ? { top_logprobs: m.top_logprobs } : {}),
+  };
+}
+
+/** The final append's text, or its messages, with the session's buffered pieces in front: pieces
+ * begin the text, or the content of the last message (a message too long for one frame arrives
+ * as pieces and a final append holding its end). The buffer is emptied. */
+function withPieces(
+  s: HostSession,
+  msg: HostMessage<"append">,
+): { text: string | undefined; messages: Record<string, unknown>[] | undefined } {
+  if (msg.messages === undefined) return { text: s.pieces.take(msg.text), messages: undefined };
+  const buffered = s.pieces.take(undefined);
+  if (buffered === undefined) return { text: undefined, messages: msg.messages };
+  const last = msg.messages[msg.messages.length - 1]!;
+  return {
+    text: undefined,
+    messages: [...msg.messages.slice(0, -1), { ...last, content: buffered + String(last.content) }],
   };
 }

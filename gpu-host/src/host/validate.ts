@@ -117,16 +117,6 @@ export function checkAppend(msg: HostMessage<"append">): void {
   });
 }
 
-/** append with messages while pieces are buffered: refused, the pieces kept. Pieces are raw text
- * prefilled before the final append; messages rendered after text the template never saw would
- * silently change the conversation, so the two never mix. */
-export function checkPieces(msg: HostMessage<"append">, bufferedBytes: number): void {
-  if (msg.messages !== undefined && bufferedBytes > 0)
-    throw invalid(
-      `append: messages with ${bufferedBytes} bytes of buffered pieces (more: true) pending; end the pieces with a text append, or cancel them, first`,
-    );
-}
-
 /** append.max_tokens against the context, before the engine tokenises anything: what is already
  * known (the session's tokens, token ids sent) plus max_tokens must fit. The engine checks the
  * exact count (it alone knows the text's tokens); this refuses what cannot fit whatever they are. */
