@@ -285,7 +285,7 @@ std::vector<ChatTemplate::Fragment> ChatTemplate::fragments(const Rendered & r, 
 
 std::vector<int32_t> ChatTemplate::tokenize_from(const Rendered & r, size_t from) const {
     std::vector<int32_t> out;
-    if (from == 0 && llama_vocab_get_add_bos(vocab_)) out.push_back(llama_vocab_bos(vocab_));
+    if (from == 0 && !r.text.empty() && llama_vocab_get_add_bos(vocab_)) out.push_back(llama_vocab_bos(vocab_));
     for (const Fragment & f : fragments(r, from)) {
         if (f.special) {
             out.push_back(f.token);

@@ -275,6 +275,7 @@ TEST(ChatTemplate, WithoutATemplateTheGgufGetsChatml) {
     EXPECT_EQ(tmpl.render({ { "user", "hi" } }, true), "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
     const int32_t im_start = special_token(m, "<|im_start|>");
     EXPECT_EQ(count(tmpl.tokenize({ { "user", "hi" } }, true), im_start), 2);
+    EXPECT_TRUE(Conversation(tmpl).append({}, false).empty());  // nothing rendered: not even BOS
 }
 
 TEST(ChatTemplate, ATemplateLibllamaDoesNotKnowIsRefusedWhenUsed) {
