@@ -172,7 +172,7 @@ int cmd_bench(int argc, char ** argv) {
                                               "--device",         "--budget-depth", "--sessions",
                                               "--prompt-len",     "--methods",      "--budget",
                                               "--prefill-memory", "--chunk-size",   "--kv-pool-bytes",
-                                              "--pool-fit",       "--child" };
+                                              "--pool-fit",       "--child",        "--decode-attention" };
     for (int i = 2; i < argc; ++i) {
         const std::string k = argv[i];
         if (k == "--json") {
@@ -357,6 +357,17 @@ int bench_sessions(const Flags & a) {
     const int              n_gen  = int_list("--decode-tokens", flag(a, "--decode-tokens", "32"), 1)[0];
     const int              budget = int_list("--budget", flag(a, "--budget", "128"), 9)[0];
     const int threads = int_list("--threads", flag(a, "--threads", std::to_string(default_threads())), 1)[0];
+    const int reps    = int_list("--repetitions", flag(a, "--repetitions", "1"), 1)[0];
+    // --decode-attention both: the batched layout and the per-session one of 0.6, interleaved in
+    // one run (the before/after of docs/BENCHMARKS.md).
+    std::vector<DecodeAttention> layouts;
+    {
+        const std::string l = flag(a, "--decode-attention", "batched");
+        if (l == "batched" || l == "both") layouts.push_back(DecodeAttention::batched);
+        if (l == "per-session" || l == "both") layouts.push_back(DecodeAttention::per_session);
+        if (layouts.empty()) throw Error("--decode-attention", "'" + l + "' is not one of batched, per-session, both");
+    }
+    auto layout_name = [](DecodeAttention l) { return l == DecodeAttention::batched ? "batched" : "per-session"; };
     std::vector<std::string> methods;
     {
         std::stringstream ss(flag(a, "--methods", std::string(exact_method().name) + "," + CompressionParams{}.method));
@@ -383,9 +394,12 @@ int bench_sessions(const Flags & a) {
     source.prefill(random_tokens(n, engine.config().n_vocab, 7));
 
     struct Result {
-        std::string method;
-        int         sessions;
-        double      tokens_per_second, kv_mib_per_session;
+        std::string         method;
+        int                 sessions;
+        double              tokens_per_second, kv_mib_per_session;  // median of the repetitions
+        DecodeAttention     layout;
+        Engine::GraphStats  graph;  // of the last decode step
+        std::vector<double> samples;
     };
     std::vector<Result> results;
     for (const std::string & m : methods) {
@@ -393,20 +407,35 @@ int bench_sessions(const Flags & a) {
         p.method = m;
         p.budget = budget;
         for (int count : counts) {
-            std::vector<std::unique_ptr<Session>> sessions;
-            for (int i = 0; i < count; ++i) sessions.push_back(source.fork(p));
-            std::vector<Session *> ptrs;
-            std::vector<int32_t>   toks;
-            for (auto & s : sessions) ptrs.push_back(s.get()), toks.push_back(argmax(s->logits()));
-            const auto t0 = std::chrono::steady_clock::now();
-            for (int step = 0; step < n_gen; ++step) {
-                engine.decode_batch(ptrs, toks);
-                for (size_t i = 0; i < ptrs.size(); ++i) toks[i] = argmax(ptrs[i]->logits());
+            const size_t first = results.size();
+            for (DecodeAttention l : layouts) results.push_back({ m, count, 0.0, 0.0, l, {}, {} });
+            // Repetitions round-robin over the layouts, each on fresh forks (the same KV lengths).
+            for (int rep = 0; rep < reps; ++rep) {
+                for (size_t li = 0; li < layouts.size(); ++li) {
+                    Result & r = results[first + li];
+                    engine.set_decode_attention(r.layout);
+                    std::vector<std::unique_ptr<Session>> sessions;
+                    for (int i = 0; i < count; ++i) sessions.push_back(source.fork(p));
+                    std::vector<Session *> ptrs;
+                    std::vector<int32_t>   toks;
+                    for (auto & s : sessions) ptrs.push_back(s.get()), toks.push_back(argmax(s->logits()));
+                    r.kv_mib_per_session = sessions[0]->stats().kv_bytes / 1048576.0;
+                    const auto t0        = std::chrono::steady_clock::now();
+                    for (int step = 0; step < n_gen; ++step) {
+                        engine.decode_batch(ptrs, toks);
+                        for (size_t i = 0; i < ptrs.size(); ++i) toks[i] = argmax(ptrs[i]->logits());
+                    }
+                    r.samples.push_back(count * n_gen / seconds_since(t0));
+                    r.graph = engine.last_graph();
+                }
             }
-            const double secs = seconds_since(t0);
-            results.push_back({ m, count, count * n_gen / secs, sessions[0]->stats().kv_bytes / 1048576.0 });
-            std::fprintf(stderr, "[bench] %s x%d: %.1f tok/s aggregate\n", m.c_str(), count,
-                         results.back().tokens_per_second);
+            for (size_t li = 0; li < layouts.size(); ++li) {
+                Result & r          = results[first + li];
+                r.tokens_per_second = median(r.samples);
+                std::fprintf(stderr, "[bench] %s x%d (%s attention): %.1f tok/s aggregate, %d nodes, %d attention\n",
+                             m.c_str(), count, layout_name(r.layout), r.tokens_per_second, r.graph.nodes,
+                             r.graph.attention_nodes);
+            }
         }
     }
     std::map<int, double> llama;
@@ -435,7 +464,13 @@ int bench_sessions(const Flags & a) {
             o.str("method", r.method)
                 .integer("sessions", r.sessions)
                 .num("tokens_per_second", r.tokens_per_second)
-                .num("kv_mib_per_session", r.kv_mib_per_session);
+                .num("kv_mib_per_session", r.kv_mib_per_session)
+                .str("decode_attention", layout_name(r.layout))
+                .integer("graph_nodes", r.graph.nodes)
+                .integer("attention_nodes", r.graph.attention_nodes);
+            std::vector<std::string> samples;
+            for (double x : r.samples) samples.push_back(json::number(x));
+            o.raw("samples", json::array(samples));
             if (llama.count(r.sessions)) o.num("llama_cpp_tokens_per_second", llama[r.sessions]);
             items.push_back(o.dump());
         }
@@ -443,6 +478,7 @@ int bench_sessions(const Flags & a) {
                          .integer("prompt_tokens", n)
                          .integer("decode_tokens", n_gen)
                          .integer("threads", threads)
+                         .integer("repetitions", reps)
                          .str("device", engine.device_name())
                          .raw("results", json::array(items))
                          .dump()
@@ -451,12 +487,13 @@ int bench_sessions(const Flags & a) {
     }
     std::printf("aggregate decode: %d sessions sharing a %d-token prefill, %d tokens each | %s | %d threads\n", most, n,
                 n_gen, engine.device_name().c_str(), threads);
-    std::printf("%-14s %9s %14s %16s %18s\n", "method", "sessions", "tok/s (sum)", "KV MiB/session",
-                "llama-batched-bench");
+    std::printf("%-14s %9s %14s %16s %18s %12s %12s %16s\n", "method", "sessions", "tok/s (sum)", "KV MiB/session",
+                "llama-batched-bench", "attention", "nodes/step", "attention nodes");
     for (const auto & r : results) {
-        std::printf("%-14s %9d %14.1f %16.2f %18s\n", label(r.method, budget).c_str(), r.sessions, r.tokens_per_second,
-                    r.kv_mib_per_session,
-                    llama.count(r.sessions) && !compresses(r.method) ? json::number(llama[r.sessions]).c_str() : "-");
+        std::printf("%-14s %9d %14.1f %16.2f %18s %12s %12d %16d\n", label(r.method, budget).c_str(), r.sessions,
+                    r.tokens_per_second, r.kv_mib_per_session,
+                    llama.count(r.sessions) && !compresses(r.method) ? json::number(llama[r.sessions]).c_str() : "-",
+                    layout_name(r.layout), r.graph.nodes, r.graph.attention_nodes);
     }
     return 0;
 }

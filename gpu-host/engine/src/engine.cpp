@@ -14,7 +14,7 @@ namespace pkv {
 
 namespace {
 
-constexpr int kGraphSize = 32768;
+constexpr int kGraphSize = 32768;  // nodes of a graph at least (more for batches that need them)
 
 // Concatenate column blocks [rows, n_i] into [rows, Σ n_i] as a balanced tree of ggml_concat.
 ggml_tensor * concat_columns(ggml_context * ctx, std::vector<ggml_tensor *> parts) {
@@ -72,7 +72,6 @@ Engine::Engine(const EngineOptions & opt) : opt_(opt) {
         throw;
     }
     galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
-    graph_meta_.resize(ggml_tensor_overhead() * kGraphSize + ggml_graph_overhead_custom(kGraphSize, false));
 }
 
 Engine::~Engine() {
@@ -84,10 +83,13 @@ Engine::~Engine() {
 
 std::string Engine::device_name() const { return ggml_backend_name(backend_); }
 
-Engine::Graph Engine::begin_graph() {
+Engine::Graph Engine::begin_graph(int min_nodes) {
+    const int    n_nodes = std::max(kGraphSize, min_nodes);
+    const size_t meta    = ggml_tensor_overhead() * n_nodes + ggml_graph_overhead_custom(n_nodes, false);
+    if (graph_meta_.size() < meta) graph_meta_.resize(meta);
     ggml_init_params ip{ graph_meta_.size(), graph_meta_.data(), /*no_alloc=*/true };
     ggml_context *   ctx = ggml_init(ip);
-    return { ctx, ggml_new_graph_custom(ctx, kGraphSize, false) };
+    return { ctx, ggml_new_graph_custom(ctx, n_nodes, false) };
 }
 
 void Engine::allocate(Graph & g) {
@@ -137,6 +139,10 @@ void Engine::decode_batch(const std::vector<Session *> & sessions, const std::ve
 
 Engine::ForwardScores Engine::forward(const std::vector<ForwardItem> & items, const ForwardOptions & fo) {
     ForwardGraph fg = build_forward(items, fo);
+    last_graph_     = GraphStats{ ggml_graph_n_nodes(fg.g.gf), 0 };
+    for (int i = 0; i < last_graph_.nodes; ++i) {
+        if (ggml_graph_node(fg.g.gf, i)->op == GGML_OP_FLASH_ATTN_EXT) ++last_graph_.attention_nodes;
+    }
     allocate(fg.g);
     std::vector<float>  logits;
     const ForwardScores scores = run_forward(fg, items, logits);
@@ -158,7 +164,8 @@ Engine::ForwardGraph Engine::build_forward(const std::vector<ForwardItem> & item
     int                 n_total = 0;
     for (const ForwardItem & it : items) n_total += it.n_tokens;
     ForwardGraph fg;
-    fg.g               = begin_graph();
+    // Every item that attends on its own adds a handful of nodes per layer (views, kernel, join).
+    fg.g               = begin_graph(4096 + c.n_layer * (64 + 8 * n_items));
     ggml_context * ctx = fg.g.ctx;
 
     fg.tokens    = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_total);
@@ -175,6 +182,7 @@ Engine::ForwardGraph Engine::build_forward(const std::vector<ForwardItem> & item
         fg.out_ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_items);
         ggml_set_input(fg.out_ids);
     }
+    fg.batched.assign(c.n_layer, BatchedAttention{});
     fg.window_probs.assign(c.n_layer, nullptr);
     fg.attention_sums.assign(c.n_layer, nullptr);
 
@@ -238,18 +246,73 @@ Engine::ForwardGraph Engine::build_forward(const std::vector<ForwardItem> & item
     return fg;
 }
 
-// Attention of every item over its own session's entries (those stored, then its new tokens):
-// one flash attention per item over a strided view of its pages, the results side by side.
+// Attention of every item over its own session's entries (those stored, then its new tokens).
+// Single-token items (decode) whose layer holds fewer than kOwnKernelKv entries share one flash
+// attention: their entries are gathered into one padded tensor, each session's padding masked
+// (docs/ENGINE.md "Batched decode"). Other items — prompt chunks, and long sessions, which the
+// CPU kernel splits across threads and which padding would make everyone pay for — get one
+// flash attention over a strided view of their own pages, with no copy.
 // q [head_dim, n_total, n_head]; kc, vc: the pool after this layer's writes.
 ggml_tensor * Engine::build_attention(ForwardGraph & fg, const std::vector<ForwardItem> & items,
                                       const ForwardOptions & fo, int il, ggml_tensor * q, ggml_tensor * kc,
                                       ggml_tensor * vc) {
-    const ModelConfig &        c        = config();
-    ggml_context *             ctx      = fg.g.ctx;
-    const float                kq_scale = 1.0f / std::sqrt((float) c.head_dim);
-    const int                  n_items  = (int) items.size();
-    std::vector<ggml_tensor *> parts;
+    const ModelConfig & c        = config();
+    ggml_context *      ctx      = fg.g.ctx;
+    const float         kq_scale = 1.0f / std::sqrt((float) c.head_dim);
+    const int           n_items  = (int) items.size();
+    const int           n_total  = (int) q->ne[1];
+    std::vector<int>    offsets(n_items);  // each item's first token among all
+    for (int b = 1; b < n_items; ++b) offsets[b] = offsets[b - 1] + items[b - 1].n_tokens;
+
+    BatchedAttention ba;
+    if (n_items > 1 && opt_.decode_attention == DecodeAttention::batched) {
+        for (int b = 0; b < n_items; ++b) {
+            const int n_kv = items[b].session->size_[il] + items[b].n_tokens;
+            if (items[b].n_tokens == 1 && n_kv < kOwnKernelKv) {
+                ba.items.push_back(b);
+                ba.max_kv = std::max(ba.max_kv, n_kv);
+            }
+        }
+        if (ba.items.size() < 2) ba = BatchedAttention{};  // one session gains nothing from a gather
+    }
+
+    std::vector<ggml_tensor *> parts;  // [n_head * head_dim, n_tok] per kernel: the batch first, then the others
+    std::vector<int32_t>       order;  // item of each column of the joined parts
+    if (!ba.items.empty()) {
+        const int n_b = (int) ba.items.size(), n_kv = ba.max_kv;
+        // Row j of session i in the batch, per KV head: its pool slot (padding repeats a real one).
+        ba.rows = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, (int64_t) n_kv * n_b, c.n_head_kv);
+        ba.mask = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, n_kv, 1, 1, n_b);  // 0, or -inf for padding
+        ggml_set_input(ba.rows);
+        ggml_set_input(ba.mask);
+        // get_rows dequantises to f32; casting back to the pool's type restores the stored values
+        // exactly (f16 and the pool's block types round-trip), so the kernel sees the same operands
+        // as over the session's own view.
+        auto gather = [&](ggml_tensor * pool) {
+            ggml_tensor * g =
+                ggml_cast(ctx, ggml_get_rows(ctx, pool, ba.rows), pool->type);  // [hd, n_kv*n_b, n_head_kv]
+            g = ggml_reshape_4d(ctx, g, c.head_dim, n_kv, n_b, c.n_head_kv);
+            return ggml_permute(ctx, g, 0, 1, 3, 2);  // [head_dim, n_kv, n_head_kv, n_b]
+        };
+        // The batch's queries, [head_dim, 1, n_head, n_b]: one token each, in batch order. q is a
+        // permuted view whose memory is [head_dim, n_head, n_total], one token's heads contiguous.
+        ggml_tensor * qb = nullptr;
+        if (n_b < n_total) {
+            ba.query_rows = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_b);
+            ggml_set_input(ba.query_rows);
+            qb = ggml_get_rows(ctx, ggml_view_2d(ctx, q, c.head_dim * c.n_head, n_total, q->nb[1], 0), ba.query_rows);
+            qb = ggml_reshape_4d(ctx, qb, c.head_dim, 1, c.n_head, n_b);
+        } else {
+            qb = ggml_view_4d(ctx, q, c.head_dim, 1, c.n_head, n_total, q->nb[1], q->nb[2], q->nb[1], 0);
+        }
+        ggml_tensor * attn = ggml_flash_attn_ext(ctx, qb, gather(kc), gather(vc), ba.mask, kq_scale, 0.0f,
+                                                 0.0f);  // [head_dim, n_head, 1, n_b]
+        ggml_prec_set_acc(attn, GGML_PREC_F32);
+        parts.push_back(ggml_reshape_2d(ctx, attn, c.head_dim * c.n_head, n_b));
+        for (int b : ba.items) order.push_back(offsets[b]);
+    }
     for (int b = 0, offset = 0; b < n_items; offset += items[b].n_tokens, ++b) {
+        if (std::find(ba.items.begin(), ba.items.end(), b) != ba.items.end()) continue;
         const Session & s      = *items[b].session;
         const int       n_tok  = items[b].n_tokens;
         const int       stored = s.size_[il];
@@ -276,9 +339,20 @@ ggml_tensor * Engine::build_attention(ForwardGraph & fg, const std::vector<Forwa
             ggml_flash_attn_ext(ctx, qb, kview, vview, mask, kq_scale, 0.0f, 0.0f);  // [head_dim, n_head, n_tok]
         ggml_prec_set_acc(attn, GGML_PREC_F32);
         parts.push_back(ggml_reshape_2d(ctx, attn, c.head_dim * c.n_head, n_tok));  // [n_head * head_dim, n_tok]
+        for (int i = 0; i < n_tok; ++i) order.push_back(offset + i);
         if (n_items == 1) build_scores(fg, fo, il, qb, kview, mask);
     }
-    return concat_columns(ctx, parts);  // [n_head * head_dim, n_total]
+    ggml_tensor * out = concat_columns(ctx, parts);  // [n_head * head_dim, n_total], token `order[i]` in column i
+    if (!std::is_sorted(order.begin(), order.end())) {
+        // Back to token order: row r of the result is the column that holds token r.
+        ba.column_of_token.assign(n_total, 0);
+        for (int col = 0; col < n_total; ++col) ba.column_of_token[order[col]] = col;
+        ba.columns = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_total);
+        ggml_set_input(ba.columns);
+        out = ggml_get_rows(ctx, out, ba.columns);
+    }
+    fg.batched[il] = std::move(ba);
+    return out;
 }
 
 // The scores compression reads, beside the attention (never n×n at once). q [head_dim, n_tok,
@@ -344,6 +418,34 @@ Engine::ForwardScores Engine::run_forward(ForwardGraph & fg, const std::vector<F
             for (int j = stored + i + 1; j < n_kv; ++j) mask[(size_t) i * n_kv + j] = neg_inf;
         }
         ggml_backend_tensor_set(t, mask.data(), 0, ggml_nbytes(t));
+    }
+    // The batched attention of each layer: every session's slots (padding repeats its last, which
+    // the mask hides), its mask row, its query and where the joined output puts each token.
+    std::vector<int32_t> rows, query_rows;
+    for (int il = 0; il < c.n_layer; ++il) {
+        const BatchedAttention & ba = fg.batched[il];
+        if (ba.items.empty()) continue;
+        const int n_b = (int) ba.items.size(), n_kv = ba.max_kv;
+        rows.resize((size_t) n_kv * n_b * c.n_head_kv);
+        mask.assign((size_t) n_kv * n_b, neg_inf);
+        query_rows.clear();
+        for (int i = 0; i < n_b; ++i) {
+            const Session & s     = *items[ba.items[i]].session;
+            const int32_t   first = pool_->first_slot(s.pages_[il]);
+            const int       n_own = s.size_[il] + 1;
+            for (int j = 0; j < n_kv; ++j) rows[(size_t) i * n_kv + j] = first + std::min(j, n_own - 1);
+            std::fill(mask.begin() + (size_t) i * n_kv, mask.begin() + (size_t) i * n_kv + n_own, zero);
+            int offset = 0;
+            for (int b = 0; b < ba.items[i]; ++b) offset += items[b].n_tokens;
+            query_rows.push_back(offset);
+        }
+        for (int h = 1; h < c.n_head_kv; ++h) {
+            std::copy(rows.begin(), rows.begin() + (size_t) n_kv * n_b, rows.begin() + (size_t) h * n_kv * n_b);
+        }
+        ggml_backend_tensor_set(ba.rows, rows.data(), 0, ggml_nbytes(ba.rows));
+        ggml_backend_tensor_set(ba.mask, mask.data(), 0, ggml_nbytes(ba.mask));
+        if (ba.query_rows) ggml_backend_tensor_set(ba.query_rows, query_rows.data(), 0, ggml_nbytes(ba.query_rows));
+        if (ba.columns) ggml_backend_tensor_set(ba.columns, ba.column_of_token.data(), 0, ggml_nbytes(ba.columns));
     }
     compute(fg.g);
 

@@ -14,16 +14,29 @@
 
 namespace pkv {
 
-struct EngineOptions {
-    std::string model_path;
-    int         n_threads      = 0;       // 0: all cores
-    std::string device         = "auto";  // auto | cpu | gpu
-    int         n_ubatch       = 512;     // prompt tokens per graph evaluation
-    int         n_ctx          = 0;       // longest session in tokens; 0: the model's training context
-    size_t      kv_pool_bytes  = 0;       // pool capacity; 0: see kv_pool_tokens
-    size_t      kv_pool_tokens = 0;       // pool capacity as entries per layer (when bytes is 0);
-                                          // both 0: one FullKV session of n_ctx tokens + one ubatch
+// How a decode step over several sessions attends (docs/ENGINE.md "Batched decode").
+enum class DecodeAttention {
+    batched,      // one flash attention per layer for every short session (gathered, padded, masked)
+    per_session,  // one flash attention per session and layer (up to 0.6; kept for the benchmark)
 };
+
+struct EngineOptions {
+    std::string     model_path;
+    int             n_threads        = 0;       // 0: all cores
+    std::string     device           = "auto";  // auto | cpu | gpu
+    int             n_ubatch         = 512;     // prompt tokens per graph evaluation
+    int             n_ctx            = 0;       // longest session in tokens; 0: the model's training context
+    size_t          kv_pool_bytes    = 0;       // pool capacity; 0: see kv_pool_tokens
+    size_t          kv_pool_tokens   = 0;       // pool capacity as entries per layer (when bytes is 0);
+                                                // both 0: one FullKV session of n_ctx tokens + one ubatch
+    DecodeAttention decode_attention = DecodeAttention::batched;
+};
+
+// A decode step's session whose layer holds this many entries or more attends over its own pages
+// instead of joining the layer's gathered batch: ggml's CPU flash attention splits the keys of a
+// single query across threads from 512 keys on (with f16 partial sums, so a batched row would
+// round differently than the session alone), and a long session would pad every other one.
+constexpr int kOwnKernelKv = 512;
 
 class Session;
 
@@ -51,12 +64,22 @@ class Engine {
     // session appends its token and attends only to its own entries. Afterwards each session's
     // logits() hold its next-token logits.
     void decode_batch(const std::vector<Session *> & sessions, const std::vector<int32_t> & tokens);
+    // The benchmark compares the layouts in one process.
+    void set_decode_attention(DecodeAttention a) { opt_.decode_attention = a; }
+
+    // The shape of the last forward (after decode_batch: of the step, summed over its graphs, one
+    // per KV type present): its nodes and how many of them are flash attentions.
+    struct GraphStats {
+        int nodes           = 0;
+        int attention_nodes = 0;
+    };
+    const GraphStats & last_graph() const { return last_graph_; }
 
     struct Graph {
         ggml_context * ctx;
         ggml_cgraph *  gf;
     };
-    Graph begin_graph();
+    Graph begin_graph(int min_nodes = 0);
     void  allocate(Graph & g);  // after building, before setting inputs
     void  compute(Graph & g);
 
@@ -72,6 +95,16 @@ class Engine {
         int  window_probs     = 0;      // score the last N queries against every key (SnapKV family)
         bool accumulate_probs = false;  // H2O: attention summed over every query of the chunk
     };
+    // One layer's attention of the decode items that share a kernel (empty items: none do).
+    struct BatchedAttention {
+        std::vector<int>     items;                 // indices into the forward's items, batch order
+        int                  max_kv     = 0;        // entries of the longest, the others padded to it
+        ggml_tensor *        rows       = nullptr;  // [max_kv * n_batch, n_head_kv] i32: pool slot of each row
+        ggml_tensor *        mask       = nullptr;  // [max_kv, 1, 1, n_batch] f16: 0, or -inf for padding
+        ggml_tensor *        query_rows = nullptr;  // [n_batch] i32: each one's token (when not all are)
+        ggml_tensor *        columns    = nullptr;  // [n_total] i32: column of each token in the joined output
+        std::vector<int32_t> column_of_token;       // the values of `columns`
+    };
     // The tensors of one forward graph: build_forward() makes them, run_forward() fills the
     // inputs and reads the outputs.
     struct ForwardGraph {
@@ -82,10 +115,11 @@ class Engine {
         // Causal masks of items of several tokens, per (item, entries stored before them):
         // [n_stored + n_tokens, n_tokens] f16. A single token sees every key and needs none.
         std::map<std::pair<int, int>, ggml_tensor *> masks;
-        ggml_tensor *              out_ids = nullptr;  // [n_items] i32: the row of each item's last token
-        ggml_tensor *              logits  = nullptr;  // [n_vocab, n_items]
-        std::vector<ggml_tensor *> window_probs;       // per layer, [n_kv, n_window, n_head] (or none)
-        std::vector<ggml_tensor *> attention_sums;     // per layer, [1, n_kv, n_head] (or none)
+        std::vector<BatchedAttention>                batched;  // per layer
+        ggml_tensor *              out_ids = nullptr;          // [n_items] i32: the row of each item's last token
+        ggml_tensor *              logits  = nullptr;          // [n_vocab, n_items]
+        std::vector<ggml_tensor *> window_probs;               // per layer, [n_kv, n_window, n_head] (or none)
+        std::vector<ggml_tensor *> attention_sums;             // per layer, [1, n_kv, n_head] (or none)
     };
     // Attention statistics of a single-item forward, per layer (empty vectors when not asked for),
     // over the item's entries: those stored before it, then its own tokens.
@@ -111,6 +145,7 @@ class Engine {
     std::unique_ptr<KvPool> pool_;
     ggml_gallocr_t          galloc_ = nullptr;
     std::vector<uint8_t>    graph_meta_;
+    GraphStats              last_graph_;
 };
 
 // The SnapKV scoring product, one graph piece shared by the engine and its tests:
