@@ -2,39 +2,13 @@
 
 #include <chrono>
 
-#include "llama.h"
-
 namespace pkv {
-
-Sampler::Sampler(const SamplerOptions & o) : greedy_(o.temperature <= 0.0f) {
-    if (greedy_) return;
-    chain_ = llama_sampler_chain_init(llama_sampler_chain_default_params());
-    if (o.top_k > 0) llama_sampler_chain_add(chain_, llama_sampler_init_top_k(o.top_k));
-    if (o.top_p < 1.0f) llama_sampler_chain_add(chain_, llama_sampler_init_top_p(o.top_p, 1));
-    llama_sampler_chain_add(chain_, llama_sampler_init_temp(o.temperature));
-    llama_sampler_chain_add(chain_, llama_sampler_init_dist(o.seed));
-}
-
-Sampler::~Sampler() {
-    if (chain_) llama_sampler_free(chain_);
-}
-
-int32_t Sampler::sample(const std::vector<float> & logits) {
-    if (greedy_) return argmax(logits);
-    std::vector<llama_token_data> cand(logits.size());
-    for (size_t i = 0; i < logits.size(); ++i) cand[i] = { (llama_token) i, logits[i], 0.0f };
-    llama_token_data_array arr{ cand.data(), cand.size(), -1, false };
-    llama_sampler_apply(chain_, &arr);
-    const int32_t token = arr.data[arr.selected].id;
-    llama_sampler_accept(chain_, token);
-    return token;
-}
 
 GenerationResult generate(Session & session, const std::vector<int32_t> & prompt, int max_new,
                           const SamplerOptions & so, const std::function<void(const std::string &)> & on_piece) {
     using clock = std::chrono::steady_clock;
     GenerationResult r;
-    Sampler          sampler(so);
+    Sampler          sampler(so, session.engine().model().vocab());
     const Model &    model = session.engine().model();
     session.prefill(prompt);
     const SessionStats after_prefill = session.stats();

@@ -1,36 +1,14 @@
-// Token generation over a session: sampling (libllama samplers) and the prefill → decode loop.
+// Token generation over a session: the prefill → decode loop (sampling: sampling.h).
 #pragma once
 
 #include <functional>
 #include <string>
 #include <vector>
 
+#include "sampling.h"
 #include "session.h"
 
-struct llama_sampler;
-
 namespace pkv {
-
-struct SamplerOptions {
-    float    temperature = 0.0f;  // 0: greedy
-    int      top_k       = 0;     // 0: off
-    float    top_p       = 1.0f;  // 1: off
-    uint32_t seed        = 0;
-};
-
-// libllama's sampler chain over our logits. Greedy when temperature is 0.
-class Sampler {
-  public:
-    explicit Sampler(const SamplerOptions & o);
-    ~Sampler();
-    Sampler(const Sampler &)             = delete;
-    Sampler & operator=(const Sampler &) = delete;
-    int32_t   sample(const std::vector<float> & logits);
-
-  private:
-    bool            greedy_;
-    llama_sampler * chain_ = nullptr;
-};
 
 struct GenerationResult {
     std::string          text;

@@ -1,6 +1,7 @@
 #include "serve.h"
 
 #include <algorithm>
+#include <cmath>
 #include <condition_variable>
 #include <cstdio>
 #include <deque>
@@ -10,10 +11,13 @@
 #include <optional>
 #include <thread>
 
+#include "chat.h"
 #include "error.h"
 #include "generate.h"
+#include "llama.h"
 #include "paths.h"
 #include "protocol.h"
+#include "sampling.h"
 #include "session.h"
 
 namespace pkv {
@@ -21,6 +25,9 @@ namespace pkv {
 namespace {
 
 using mp::Value;
+
+// OpenAI's limit on top_logprobs, and llama-server's.
+constexpr uint64_t kMaxTopLogprobs = 20;
 
 // What the reader thread hands to the engine loop: a validated request, or the end of input.
 struct Inbound {
@@ -108,24 +115,21 @@ void read_loop(Inbox & inbox) {
     }
 }
 
-// Bytes of `s` that end on a complete UTF-8 character: a token can end in the middle of one, and
-// protocol strings must be valid UTF-8, so the tail waits for the next token.
-size_t complete_utf8(const std::string & s) {
-    size_t i = s.size(), back = 0;
-    while (i > 0 && back < 4 && ((unsigned char) s[i - 1] & 0xC0) == 0x80) --i, ++back;
-    if (i == 0) return s.size();
-    const unsigned char lead = (unsigned char) s[i - 1];
-    const size_t        need = lead >= 0xF0 ? 4 : lead >= 0xE0 ? 3 : lead >= 0xC0 ? 2 : 1;
-    return need == back + 1 || need == 1 ? s.size() : i - 1;
-}
+// A sampled token whose frame waits in the TokenStream (it could begin a stop string).
+struct HeldToken {
+    int32_t       token;
+    TokenLogprobs logprobs;
+};
 
 struct Generation {
-    uint64_t                 id         = 0;
-    int                      max_tokens = kDefaultMaxTokens;
-    int                      produced   = 0;
-    std::string              text;
-    size_t                   sent = 0;  // bytes of text already sent in token frames
-    std::vector<std::string> stop;
+    uint64_t                 id           = 0;
+    int                      max_tokens   = kDefaultMaxTokens;
+    int                      produced     = 0;
+    uint64_t                 seed         = 0;
+    bool                     logprobs     = false;
+    int                      top_logprobs = 0;
+    TokenStream              stream;
+    std::deque<HeldToken>    held;  // the stream's held tokens, oldest first
     std::unique_ptr<Sampler> sampler;
 };
 
@@ -137,16 +141,18 @@ struct Prefill {
 };
 
 struct ServedSession {
-    std::unique_ptr<Session>  session;
-    std::optional<int32_t>    pending;  // sampled and sent, not yet in the KV cache
-    std::optional<Generation> generation;
-    std::optional<Prefill>    prefill;
-    bool                      busy() const { return generation || prefill; }
+    std::unique_ptr<Session>    session;
+    std::optional<int32_t>      pending;  // sampled and sent, not yet in the KV cache
+    std::optional<Generation>   generation;
+    std::optional<Prefill>      prefill;
+    std::optional<Conversation> chat;  // the chat turns so far (messages / chat text appends)
+    bool                        busy() const { return generation || prefill; }
 };
 
 class Server {
   public:
-    Server(Engine & engine, int default_chunk) : engine_(engine), default_chunk_(default_chunk) {}
+    Server(Engine & engine, const ChatTemplate & chat_template, int default_chunk)
+        : engine_(engine), chat_template_(chat_template), default_chunk_(default_chunk) {}
 
     void run(Inbox & inbox) {
         for (;;) {
@@ -210,6 +216,31 @@ class Server {
         s.session->decode(t);
     }
 
+    // A served session's state: the session's own (Session::save), or, with a conversation,
+    // "PKVE" | u64 LE bytes of the session's state | that state | Conversation::save. restore
+    // takes both, so states saved before conversations existed still restore.
+    static std::string save_state(const ServedSession & s) {
+        const std::string session = s.session->save();
+        if (!s.chat) return session;
+        std::string out = "PKVE";
+        for (int i = 0; i < 8; ++i) out += (char) ((uint64_t) session.size() >> (8 * i));
+        return out + session + s.chat->save();
+    }
+
+    void restore_state(ServedSession & s, const std::string & state) {
+        if (state.compare(0, 4, "PKVE") != 0) {
+            s.session = Session::restore(engine_, state);
+            return;
+        }
+        uint64_t n = 0;
+        for (int i = 0; i < 8 && 4 + i < (int) state.size(); ++i)
+            n |= (uint64_t) (unsigned char) state[4 + i] << (8 * i);
+        if (state.size() < 12 || n > state.size() - 12) throw Error("state", "truncated (conversation envelope)");
+        auto session = Session::restore(engine_, state.substr(12, n));
+        s.chat       = Conversation::restore(chat_template_, state.substr(12 + n));
+        s.session    = std::move(session);
+    }
+
     Value stats_of(uint64_t id, const std::string & name, const Session & s) const {
         const SessionStats st = s.stats();
         return Value::map()
@@ -245,13 +276,28 @@ class Server {
                 if (!s) return true;
                 std::vector<int32_t> tokens;
                 if (s->pending) tokens.push_back(*s->pending);
-                if (m.has("text")) {
-                    const std::string & text = m.at("text").as_str();
-                    const bool          chat = m.get_bool("chat", false);
-                    const std::string   full =
-                        chat ? (s->session->tokens().empty() ? "" : "\n") + engine_.model().apply_chat_template(text)
-                             : text;
-                    const auto t = engine_.model().tokenize(full, s->session->tokens().empty());
+                // Chat turns go through the session's conversation: rendered with the model's
+                // template after the earlier turns, content as plain text. A copy, kept only if
+                // the append is accepted.
+                const bool                  as_chat = m.has("messages") || (m.has("text") && m.get_bool("chat", false));
+                std::optional<Conversation> chat    = s->chat;
+                if (as_chat) {
+                    if (m.has("messages") && !m.get_str("text", "").empty())
+                        throw Error("messages", "give messages or text, not both");
+                    if (m.has("tokens")) throw Error("messages", "give messages (or chat text) or tokens, not both");
+                    const std::vector<ChatMessage> msgs =
+                        m.has("messages") ? chat_messages_from(m.at("messages"))
+                                          : std::vector<ChatMessage>{ { "user", m.at("text").as_str() } };
+                    if (msgs.empty()) throw Error("messages", "empty: give at least one message");
+                    if (!chat) chat.emplace(chat_template_);
+                    const bool           first = chat->messages().empty() && !chat->awaiting_reply();
+                    std::vector<int32_t> t     = chat->append(msgs, m.get_bool("add_generation_prompt", true));
+                    // A conversation that follows raw text: its BOS belongs at the session's start only.
+                    const int32_t bos = llama_vocab_bos(engine_.model().vocab());
+                    if (first && !s->session->tokens().empty() && !t.empty() && t[0] == bos) t.erase(t.begin());
+                    tokens.insert(tokens.end(), t.begin(), t.end());
+                } else if (m.has("text")) {
+                    const auto t = engine_.model().tokenize(m.at("text").as_str(), s->session->tokens().empty());
                     tokens.insert(tokens.end(), t.begin(), t.end());
                 }
                 if (m.has("tokens")) {
@@ -263,12 +309,16 @@ class Server {
                         tokens.push_back((int32_t) x);
                     }
                 }
-                if (tokens.empty()) throw Error("append", "nothing to append: give text or tokens");
-                if ((int) (s->session->tokens().size() + tokens.size()) > engine_.n_ctx()) {
-                    throw Error("prompt", std::to_string(s->session->tokens().size() + tokens.size()) +
-                                              " tokens exceed the context of " + std::to_string(engine_.n_ctx()));
+                if (tokens.empty()) throw Error("append", "nothing to append: give text, messages or tokens");
+                // Refused before any prefill: the prompt, and room for the reply the caller will ask.
+                const uint64_t seen = s->session->tokens().size(), reply = m.get_uint("max_tokens", 0);
+                if (seen + tokens.size() + std::min<uint64_t>(reply, 1u << 30) > (uint64_t) engine_.n_ctx()) {
+                    throw Error("prompt", std::to_string(seen) + " tokens seen + " + std::to_string(tokens.size()) +
+                                              " new" + (reply ? " + " + std::to_string(reply) + " max_tokens" : "") +
+                                              " exceed the context of " + std::to_string(engine_.n_ctx()));
                 }
                 s->pending.reset();
+                s->chat = std::move(chat);
                 Prefill p{ id, std::move(tokens), {}, 0 };
                 p.steps    = s->session->plan_append((int) p.tokens.size());
                 s->prefill = std::move(p);
@@ -278,23 +328,13 @@ class Server {
                 flush_pending(*s);
                 if (s->session->logits().empty())
                     throw Error("generate", "the session holds no tokens yet: append first");
-                Generation g;
-                g.id         = id;
-                g.max_tokens = (int) std::min<uint64_t>(m.get_uint("max_tokens", kDefaultMaxTokens), 1u << 24);
-                SamplerOptions so;
-                so.temperature = (float) m.get_double("temperature", 0.0);
-                so.top_k       = (int) std::min<uint64_t>(m.get_uint("top_k", 0), 1u << 30);
-                so.top_p       = (float) m.get_double("top_p", 1.0);
-                so.seed        = (uint32_t) m.get_uint("seed", 0);
-                if (so.temperature < 0 || !(so.top_p > 0 && so.top_p <= 1))
-                    throw Error("generate", "temperature must be >= 0 and top_p in (0, 1]");
-                if (m.has("stop")) {
-                    for (const Value & x : m.at("stop").as_array()) g.stop.push_back(x.as_str("stop"));
-                }
-                g.sampler     = std::make_unique<Sampler>(so);
-                s->generation = std::move(g);
+                if (s->session->tokens().size() >= (size_t) engine_.n_ctx())
+                    throw Error("prompt", "the session holds " + std::to_string(s->session->tokens().size()) +
+                                              " tokens, the whole context of " + std::to_string(engine_.n_ctx()) +
+                                              ": no room for a generated token");
+                s->generation = start_generation(m, *s->session);
                 if (s->generation->max_tokens == 0) finish(name, *s, "length");
-                else emit(name, *s, s->generation->sampler->sample(s->session->logits()));
+                else sample(name, *s);
             } else if (type == "cancel") {
                 ServedSession * s = find(m, false);
                 if (!s) return true;
@@ -330,7 +370,7 @@ class Server {
                 flush_pending(*s);
                 // A state bigger than one frame goes out in pieces: the caller asks again from the
                 // next offset until it has `total` bytes.
-                const std::string state  = s->session->save();
+                const std::string state  = save_state(*s);
                 const uint64_t    cap    = max_frame_bytes() - (1u << 20);
                 const uint64_t    offset = m.get_uint("offset", 0);
                 const uint64_t    piece  = std::min(std::max<uint64_t>(m.get_uint("max_bytes", cap), 1), cap);
@@ -376,7 +416,7 @@ class Server {
                 partial_states_.erase(name);
                 if (sessions_.count(name))
                     return send_error(&m.at("id"), name, "session_exists", "session '" + name + "' exists"), true;
-                sessions_[name].session = Session::restore(engine_, state);
+                restore_state(sessions_[name], state);
                 send(Value::map()
                          .set("type", "restored")
                          .set("id", id)
@@ -391,6 +431,7 @@ class Server {
                 flush_pending(*s);
                 auto child                = s->session->fork(params_from(m, CompressionParams{}));
                 sessions_[target].session = std::move(child);
+                sessions_[target].chat    = s->chat;
                 send(Value::map().set("type", "forked").set("id", id).set("session", target));
             }
         } catch (const Error & e) {
@@ -456,6 +497,12 @@ class Server {
         std::vector<int32_t>                                 tokens;
         std::vector<std::pair<std::string, ServedSession *>> stepping;
         for (auto & [name, s] : active) {
+            // Engine::decode_batch refuses the whole step when one session is at the context:
+            // such a session ends here, alone (emit() normally ends it one token earlier).
+            if (s->session->tokens().size() + 1 > (size_t) engine_.n_ctx()) {
+                finish(name, *s, "length");
+                continue;
+            }
             try {
                 s->session->reserve(1);  // a full pool fails this session only
             } catch (const Error & e) {
@@ -481,51 +528,152 @@ class Server {
         }
         for (auto & [name, s] : stepping) {
             s->pending.reset();
-            emit(name, *s, s->generation->sampler->sample(s->session->logits()));
+            sample(name, *s);
         }
     }
 
-    // A sampled token: end of turn, or sent (and fed at the next step), then the stop checks.
+    // A generate request's settings, each checked against its range.
+    Generation start_generation(const Value & m, const Session & session) {
+        Generation g;
+        g.id         = m.at("id").as_uint();
+        g.max_tokens = (int) std::min<uint64_t>(m.get_uint("max_tokens", kDefaultMaxTokens), 1u << 24);
+        auto real    = [&](const char * field, double def, double lo, double hi, bool lo_open, const char * range) {
+            const double v = m.get_double(field, def);
+            if (!std::isfinite(v) || v < lo || v > hi || (lo_open && v == lo)) {
+                char buf[64];
+                std::snprintf(buf, sizeof(buf), "%g", v);
+                throw Error(field, std::string(buf) + " is not a number in " + range);
+            }
+            return (float) v;
+        };
+        SamplerOptions so;
+        so.temperature        = real("temperature", 0.0, 0.0, 1e9, false, "[0, inf) (0 = greedy)");
+        so.top_p              = real("top_p", 1.0, 0.0, 1.0, true, "(0, 1]");
+        so.min_p              = real("min_p", 0.0, 0.0, 1.0, false, "[0, 1] (0 = off)");
+        so.presence_penalty   = real("presence_penalty", 0.0, -2.0, 2.0, false, "[-2, 2] (0 = off)");
+        so.frequency_penalty  = real("frequency_penalty", 0.0, -2.0, 2.0, false, "[-2, 2] (0 = off)");
+        so.repetition_penalty = real("repetition_penalty", 1.0, 0.0, 10.0, true, "(0, 10] (1 = off)");
+        // top_k beyond the vocabulary keeps every token, as the vocabulary's size does.
+        so.top_k              = (int) std::min<uint64_t>(m.get_uint("top_k", 0), (uint64_t) engine_.config().n_vocab);
+        const uint64_t last_n = m.get_uint("penalty_last_n", so.penalty_last_n);
+        if (last_n > (uint64_t) engine_.n_ctx())
+            throw Error("penalty_last_n", std::to_string(last_n) + " is not in [0, " + std::to_string(engine_.n_ctx()) +
+                                              "] (the context)");
+        so.penalty_last_n     = (int) last_n;
+        const uint64_t top_lp = m.get_uint("top_logprobs", 0);
+        if (top_lp > kMaxTopLogprobs)
+            throw Error("top_logprobs",
+                        std::to_string(top_lp) + " is not in [0, " + std::to_string(kMaxTopLogprobs) + "]");
+        g.top_logprobs = (int) top_lp;
+        g.logprobs     = m.get_bool("logprobs", false) || m.has("top_logprobs");
+        g.seed         = m.has("seed") ? m.at("seed").as_uint() : random_seed();
+        so.seed        = fold_seed(g.seed);
+        if (m.has("grammar") && m.has("json_schema"))
+            throw Error("json_schema", "give grammar or json_schema, not both");
+        if (m.has("grammar")) {
+            so.grammar = m.at("grammar").as_str();
+            if (so.grammar.empty()) throw Error("grammar", "empty: give a GBNF grammar with a rule 'root', or omit it");
+        }
+        if (m.has("json_schema")) so.grammar = grammar_from_json_schema(m.at("json_schema").as_str());
+        std::vector<std::string> stops;
+        if (m.has("stop")) {
+            for (const Value & x : m.at("stop").as_array()) {
+                if (!x.as_str("stop").empty()) stops.push_back(x.as_str("stop"));
+            }
+        }
+        g.stream  = TokenStream(std::move(stops));
+        g.sampler = std::make_unique<Sampler>(so, engine_.model().vocab());
+        // The penalties look back over the prompt too, as llama-server's do.
+        const std::vector<int32_t> & seen = session.tokens();
+        if (so.penalties()) {
+            const size_t from = seen.size() > (size_t) so.penalty_last_n ? seen.size() - so.penalty_last_n : 0;
+            g.sampler->accept_history(std::vector<int32_t>(seen.begin() + from, seen.end()));
+        }
+        return g;
+    }
+
+    void send_frames(const std::string & name, Generation & g, const std::vector<TokenStream::Frame> & frames) {
+        for (const TokenStream::Frame & fr : frames) {
+            const HeldToken h = std::move(g.held.front());
+            g.held.pop_front();
+            Value f = Value::map()
+                          .set("type", "token")
+                          .set("id", g.id)
+                          .set("session", name)
+                          .set("token", (uint64_t) h.token)
+                          .set("text", fr.text);
+            if (g.logprobs) {
+                f.set("logprob", h.logprobs.logprob).set("bytes", Value::bin(fr.bytes));
+                if (g.top_logprobs > 0) {
+                    Value top = Value::array();
+                    for (const auto & [token, lp] : h.logprobs.top) {
+                        top.push(Value::map()
+                                     .set("token", (uint64_t) token)
+                                     .set("bytes", Value::bin(engine_.model().token_to_piece(token)))
+                                     .set("logprob", lp));
+                    }
+                    f.set("top_logprobs", top);
+                }
+            }
+            send(f);
+        }
+        if (g.stream.stopped()) g.held.clear();
+    }
+
+    // The next token of a generating session; a failure (a grammar no token can continue) ends
+    // this generation only.
+    void sample(const std::string & name, ServedSession & s) {
+        try {
+            emit(name, s, s.generation->sampler->pick(s.session->logits()));
+        } catch (const Error & e) {
+            const Value id = Value(s.generation->id);
+            send_error(&id, name, code_for(e), e.what());
+            if (s.generation) finish(name, s, "error");
+        }
+    }
+
+    // A sampled token: end of turn, or held (and fed at the next step); then the frames that can
+    // go, the stop strings, the length and the context.
     void emit(const std::string & name, ServedSession & s, int32_t token) {
         Generation & g = *s.generation;
         s.pending      = token;
         if (engine_.model().is_end_of_turn(token)) return finish(name, s, "end");
-        g.text += engine_.model().token_to_piece(token);
+        HeldToken h{ token, {} };
+        if (g.logprobs) h.logprobs = token_logprobs(s.session->logits(), token, g.top_logprobs);
+        g.sampler->accept(token);
+        g.held.push_back(std::move(h));
         ++g.produced;
-        const size_t ready = complete_utf8(g.text);
-        send(Value::map()
-                 .set("type", "token")
-                 .set("id", g.id)
-                 .set("session", name)
-                 .set("token", (uint64_t) token)
-                 .set("text", g.text.substr(g.sent, ready - g.sent)));
-        g.sent = ready;
-        for (const std::string & stop : g.stop) {
-            const size_t at = stop.empty() ? std::string::npos : g.text.find(stop);
-            if (at != std::string::npos) {
-                g.text.resize(at);
-                return finish(name, s, "stop");
-            }
-        }
-        if (g.produced >= g.max_tokens) finish(name, s, "length");
+        send_frames(name, g, g.stream.push(engine_.model().token_to_piece(token)));
+        if (g.stream.stopped()) return finish(name, s, "stop");
+        if (g.produced >= g.max_tokens) return finish(name, s, "length");
+        // The token just sampled enters the KV cache at the next step; one more needs room too.
+        if (s.session->tokens().size() + 2 > (size_t) engine_.n_ctx()) finish(name, s, "length");
     }
 
     void finish(const std::string & name, ServedSession & s, const char * reason) {
         Generation & g = *s.generation;
-        g.text.resize(complete_utf8(g.text));
+        // The conversation's reply is what the KV cache holds: every sampled token (a stop
+        // string's too), and the end-of-turn token, which enters with the next append.
+        if (s.chat && s.chat->awaiting_reply()) {
+            const bool ended = std::string(reason) == "end" && s.pending;
+            s.chat->add_reply(valid_utf8(g.stream.bytes()), ended ? *s.pending : -1);
+        }
         if (std::string(reason) != "error") {
+            send_frames(name, g, g.stream.finish());
             send(Value::map()
                      .set("type", "done")
                      .set("id", g.id)
                      .set("session", name)
                      .set("reason", reason)
                      .set("new_tokens", (uint64_t) g.produced)
-                     .set("text", g.text));
+                     .set("text", g.stream.text())
+                     .set("seed", g.seed));
         }
         s.generation.reset();
     }
 
     Engine &                             engine_;
+    const ChatTemplate &                 chat_template_;
     int                                  default_chunk_;
     std::map<std::string, ServedSession> sessions_;
     std::string                          last_prefilled_;
@@ -590,10 +738,11 @@ int cmd_serve(int argc, char ** argv) {
         else throw Error(a, "unknown option");
     }
     if (!stdio) throw Error("--stdio", "required (the only transport so far)");
-    Engine            engine(o);
-    const KvPool &    pool    = engine.pool();
-    const std::string name    = o.model_path.substr(o.model_path.find_last_of('/') + 1);
-    const Value       catalog = engine_catalog(chunk);
+    Engine             engine(o);
+    const KvPool &     pool    = engine.pool();
+    const std::string  name    = o.model_path.substr(o.model_path.find_last_of('/') + 1);
+    const Value        catalog = engine_catalog(chunk);
+    const ChatTemplate chat_template(engine.model());
     send(Value::map()
              .set("type", "hello")
              .set("protocol", protocol_version())
@@ -605,11 +754,12 @@ int cmd_serve(int argc, char ** argv) {
              .set("protocol_minor", protocol_minor())
              .set("page_slots", pool.page_slots())
              .set("methods", catalog.at("methods"))
-             .set("defaults", catalog.at("defaults")));
+             .set("defaults", catalog.at("defaults"))
+             .set("chat_template", chat_template.source()));
     Inbox       inbox;
     std::thread reader(read_loop, std::ref(inbox));
     reader.detach();  // blocked in fread until stdin closes; the process exits without joining it
-    Server(engine, chunk).run(inbox);
+    Server(engine, chat_template, chunk).run(inbox);
     std::fflush(stdout);
     std::_Exit(0);
 }

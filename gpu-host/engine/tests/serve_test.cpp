@@ -11,8 +11,12 @@
 #include <functional>
 #include <map>
 
+#include "chat.h"
+// llama.cpp common's JSON (json.h beside it, not the engine's writer) to check json_schema outputs.
+#include "json-schema.h"
 #include "msgpack.h"
 #include "protocol.h"
+#include "sampling.h"
 #include "serve.h"
 #include "test_util.h"
 
@@ -33,8 +37,16 @@ class EngineProcess {
             dup2(out[1], 1);
             close(in[1]);
             close(out[0]);
-            std::vector<std::string> args = { PKV_ENGINE_BIN,   "serve",        "--stdio", "--model",
-                                              embedded_model(), "--chunk-size", "256" };
+            // PKV_TEST_ENGINE_BIN: run these tests against another build (an older engine, to
+            // watch a fault's test fail).
+            const char *             bin  = std::getenv("PKV_TEST_ENGINE_BIN");
+            std::vector<std::string> args = { bin && *bin ? bin : PKV_ENGINE_BIN,
+                                              "serve",
+                                              "--stdio",
+                                              "--model",
+                                              embedded_model(),
+                                              "--chunk-size",
+                                              "256" };
             args.insert(args.end(), extra.begin(), extra.end());
             std::vector<char *> argv;
             for (auto & a : args) argv.push_back(a.data());
@@ -337,6 +349,359 @@ TEST(Serve, AStateLargerThanAFrameIsSavedAndRestoredInPieces) {
     // 3000 prompt tokens + 6 generated, the last of which enters the cache with the next request
     EXPECT_EQ(e.until_type("stats_result", 32).back().at("tokens_seen").as_uint(), 3005u)
         << "the engine and the session live on";
+}
+
+// A generation's frames: its token frames, and its done (nil when it failed with an error).
+struct Generated {
+    std::vector<Value> tokens;
+    Value              done, error;
+    std::string        joined;  // the token frames' texts
+};
+
+Generated collect(const std::vector<Value> & frames, uint64_t id) {
+    Generated g;
+    for (const Value & v : frames) {
+        if (v.get_uint("id", ~0ull) != id) continue;
+        const std::string t = v.get_str("type", "");
+        if (t == "token") g.tokens.push_back(v), g.joined += v.at("text").as_str();
+        if (t == "done") g.done = v;
+        if (t == "error") g.error = v;
+    }
+    return g;
+}
+
+Generated generate_frames(EngineProcess & e, const Value & request) {
+    const uint64_t id = request.at("id").as_uint();
+    e.send(request);
+    return collect(e.until([&](const Value & v) {
+        const std::string t = v.get_str("type", "");
+        return v.get_uint("id", ~0ull) == id && (t == "done" || t == "error");
+    }),
+                   id);
+}
+
+Value chat_messages(std::initializer_list<std::pair<const char *, const char *>> items) {
+    Value out = Value::array();
+    for (const auto & [role, content] : items) out.push(Value::map().set("role", role).set("content", content));
+    return out;
+}
+
+// A stop string spread over three tokens (from the middle of the first to the start of the
+// third) is never emitted: the frames before it are those of the run without the stop, the
+// text stops right before it, and the streamed text equals done.text.
+TEST(Serve, AStopStringOverThreeTokensIsNeverEmitted) {
+    EngineProcess e;
+    e.next();
+    const std::string prompt = "Describe the ocean in three long sentences.";
+    for (uint64_t i = 0; i < 2; ++i) {
+        e.send(open_msg(1 + 10 * i, i ? "s2" : "s1", "full", 64));
+        e.send(append_msg(2 + 10 * i, i ? "s2" : "s1", prompt));
+        e.until_type("appended", 2 + 10 * i);
+    }
+    // s1 and s2 hold the same prefill and decode alone: the same arithmetic, the same tokens.
+    const Generated free_run =
+        generate_frames(e, msg("generate", 3).set("session", "s1").set("max_tokens", 40).set("logprobs", true));
+    ASSERT_FALSE(free_run.done.is_nil());
+    EXPECT_EQ(free_run.joined, free_run.done.at("text").as_str());
+    auto bytes_of = [&](size_t i) { return free_run.tokens[i].at("bytes").as_bin(); };
+    auto plain    = [](const std::string & b) {
+        return !b.empty() && std::all_of(b.begin(), b.end(), [](char c) { return c >= ' ' && c < 127; });
+    };
+    std::string before, stop;
+    size_t      first = 0;
+    for (size_t i = 1; i + 2 < free_run.tokens.size() && stop.empty(); ++i) {
+        const std::string a = bytes_of(i), b = bytes_of(i + 1), c = bytes_of(i + 2);
+        std::string       prefix;
+        for (size_t j = 0; j < i; ++j) prefix += bytes_of(j);
+        const std::string candidate = a.substr(1) + b + c.substr(0, 1);
+        if (a.size() >= 2 && plain(a) && plain(b) && plain(c) &&
+            (prefix + a + b + c).find(candidate) == prefix.size() + 1) {
+            stop = candidate, first = i, before = prefix + a.substr(0, 1);
+        }
+    }
+    ASSERT_FALSE(stop.empty()) << "no three printable tokens in: " << free_run.joined;
+
+    const Generated stopped = generate_frames(e, msg("generate", 13)
+                                                     .set("session", "s2")
+                                                     .set("max_tokens", 40)
+                                                     .set("logprobs", true)
+                                                     .set("stop", Value::array().push("never seen").push(stop)));
+    ASSERT_FALSE(stopped.done.is_nil());
+    EXPECT_EQ(stopped.done.at("reason").as_str(), "stop");
+    EXPECT_EQ(stopped.done.at("text").as_str(), before) << "stop '" << stop << "'";
+    EXPECT_EQ(stopped.joined, before) << "the streamed text equals the whole text, without the stop";
+    ASSERT_EQ(stopped.tokens.size(), first + 1) << "the tokens wholly inside the stop send no frame";
+    for (size_t i = 0; i <= first; ++i) {
+        EXPECT_EQ(stopped.tokens[i].at("token"), free_run.tokens[i].at("token")) << i;
+        EXPECT_EQ(stopped.tokens[i].at("bytes"), free_run.tokens[i].at("bytes")) << i;
+        EXPECT_EQ(stopped.tokens[i].at("logprob").as_double(), free_run.tokens[i].at("logprob").as_double()) << i;
+    }
+    EXPECT_EQ(stopped.done.at("new_tokens").as_uint(), first + 3) << "new_tokens counts what was sampled";
+}
+
+// Sampling through libllama's samplers: every range checked, seeds that repeat, logprobs of the
+// model's distribution, and grammars (GBNF, JSON Schema) whose output parses and validates.
+TEST(Serve, SamplingRangesSeedsLogprobsAndGrammars) {
+    EngineProcess                                    e;
+    const Value                                      hello = e.next();
+    const double                                     nan   = std::nan("");
+    const std::vector<std::pair<Value, std::string>> bad   = {
+        { Value::map().set("top_p", 0.0), "top_p: 0 is not a number in (0, 1]" },
+        { Value::map().set("top_p", 1.5), "top_p" },
+        { Value::map().set("temperature", -0.5), "temperature" },
+        { Value::map().set("temperature", nan), "temperature: nan" },
+        { Value::map().set("temperature", std::numeric_limits<double>::infinity()), "temperature: inf" },
+        { Value::map().set("min_p", 1.5), "min_p" },
+        { Value::map().set("presence_penalty", 2.5), "presence_penalty: 2.5 is not a number in [-2, 2]" },
+        { Value::map().set("frequency_penalty", -3.0), "frequency_penalty" },
+        { Value::map().set("repetition_penalty", 0.0), "repetition_penalty: 0 is not a number in (0, 10]" },
+        { Value::map().set("penalty_last_n", 1u << 30), "penalty_last_n" },
+        { Value::map().set("top_logprobs", 21), "top_logprobs: 21 is not in [0, 20]" },
+        { Value::map().set("grammar", "root ::= (").set("json_schema", "{}"), "not both" },
+        { Value::map().set("grammar", "root ::= ("), "grammar" },
+        { Value::map().set("json_schema", "{not json"), "json_schema: not JSON" },
+    };
+    e.send(open_msg(1, "p", "full", 64));
+    e.send(append_msg(2, "p", "Give me a fact about cats."));
+    e.until_type("appended", 2);
+    uint64_t id = 100;
+    for (const auto & [fields, says] : bad) {
+        Value req = msg("generate", id).set("session", "p").set("max_tokens", 4);
+        for (const auto & [k, v] : fields.as_map()) req.set(k, v);
+        const Value err = e.until_type("error", id++ + 0 * (e.send(req), 0)).back();
+        EXPECT_EQ(err.at("code").as_str(), "invalid") << says;
+        EXPECT_NE(err.at("message").as_str().find(says), std::string::npos) << err.at("message").as_str();
+    }
+    // Copies of one state decode alone over the same bytes: the same logits for each.
+    e.send(msg("save", 3).set("session", "p"));
+    const std::string state  = e.until_type("saved", 3).back().at("state").as_bin();
+    int               copies = 0;
+    auto              copy   = [&] {
+        const std::string name = "c" + std::to_string(copies++);
+        e.send(msg("restore", 200 + copies).set("session", name).set("state", Value::bin(state)));
+        e.until_type("restored", 200 + copies);
+        return name;
+    };
+    auto run = [&](const std::string & session, Value fields) {
+        Value req = msg("generate", id++).set("session", session).set("max_tokens", 16);
+        for (const auto & [k, v] : fields.as_map()) req.set(k, v);
+        const Generated g = generate_frames(e, req);
+        EXPECT_FALSE(g.done.is_nil()) << (g.error.is_nil() ? "" : g.error.at("message").as_str());
+        if (!g.done.is_nil()) EXPECT_EQ(g.joined, g.done.at("text").as_str());
+        return g;
+    };
+    const Value sampled  = Value::map().set("temperature", 1.0).set("top_p", 0.95).set("min_p", 0.02).set("top_k", 40);
+    auto        with     = [](Value v, const char * k, Value x) { return v.set(k, std::move(x)); };
+    const Generated s42a = run(copy(), with(sampled, "seed", 42));
+    const Generated s42b = run(copy(), with(sampled, "seed", 42));
+    EXPECT_EQ(s42a.done.at("seed").as_uint(), 42u);
+    EXPECT_EQ(s42a.done.at("text"), s42b.done.at("text")) << "the same seed, the same text";
+    const Generated r1 = run(copy(), sampled), r2 = run(copy(), sampled);
+    EXPECT_NE(r1.done.at("seed").as_uint(), r2.done.at("seed").as_uint()) << "no seed: a random one each time";
+    const Generated again = run(copy(), with(sampled, "seed", r1.done.at("seed")));
+    EXPECT_EQ(again.done.at("text"), r1.done.at("text")) << "the reported seed repeats the draw";
+
+    // Logprobs: log softmax of the model's logits, the greedy token first among the alternatives.
+    const Generated lp = run(copy(), Value::map().set("top_logprobs", 3));
+    ASSERT_FALSE(lp.tokens.empty());
+    std::string bytes;
+    for (const Value & t : lp.tokens) {
+        const double  logprob = t.at("logprob").as_double();
+        const Value & top     = t.at("top_logprobs");
+        ASSERT_EQ(top.size(), 3u);
+        EXPECT_LE(logprob, 0.0);
+        EXPECT_EQ(top.as_array()[0].at("token"), t.at("token")) << "greedy takes the most likely token";
+        EXPECT_EQ(top.as_array()[0].at("logprob").as_double(), logprob);
+        EXPECT_EQ(top.as_array()[0].at("bytes"), t.at("bytes"));
+        double mass = 0;
+        for (size_t k = 0; k < 3; ++k) {
+            mass += std::exp(top.as_array()[k].at("logprob").as_double());
+            if (k)
+                EXPECT_LE(top.as_array()[k].at("logprob").as_double(), top.as_array()[k - 1].at("logprob").as_double());
+        }
+        EXPECT_LE(mass, 1.0 + 1e-4);
+        bytes += t.at("bytes").as_bin();
+    }
+    EXPECT_EQ(valid_utf8(bytes), lp.done.at("text").as_str()) << "the tokens' bytes make the text";
+    // Penalties change the draw, not the reported distribution (the model's).
+    const Generated pen = run(copy(), Value::map()
+                                          .set("top_logprobs", 3)
+                                          .set("presence_penalty", 2.0)
+                                          .set("frequency_penalty", 2.0)
+                                          .set("repetition_penalty", 1.5)
+                                          .set("penalty_last_n", 64));
+    ASSERT_FALSE(pen.tokens.empty());
+    EXPECT_EQ(pen.tokens[0].at("top_logprobs"), lp.tokens[0].at("top_logprobs"));
+
+    // Grammars: a GBNF choice, and a JSON Schema, greedy and sampled.
+    const Generated yes_no = run(copy(), Value::map().set("grammar", "root ::= \"yes\" | \"no\"").set("max_tokens", 8));
+    EXPECT_TRUE(yes_no.done.at("text").as_str() == "yes" || yes_no.done.at("text").as_str() == "no")
+        << yes_no.done.at("text").as_str();
+    EXPECT_EQ(yes_no.done.at("reason").as_str(), "end") << "a complete grammar leaves only the end of the turn";
+    const std::string schema = R"({"type":"object","properties":{"animal":{"type":"string","maxLength":12},)"
+                               R"("legs":{"type":"integer","minimum":0,"maximum":100},"wild":{"type":"boolean"}},)"
+                               R"("required":["animal","legs","wild"],"additionalProperties":false})";
+    for (const Value & how : { Value::map(), with(sampled, "seed", 7), with(sampled, "seed", 8) }) {
+        const Generated g = run(copy(), with(with(how, "json_schema", schema), "max_tokens", 120));
+        ASSERT_FALSE(g.done.is_nil());
+        EXPECT_EQ(g.done.at("reason").as_str(), "end") << g.done.at("text").as_str();
+        const common_json j = common_json::parse_no_throw(g.done.at("text").as_str());
+        ASSERT_FALSE(j.is_discarded()) << "not JSON: " << g.done.at("text").as_str();
+        ASSERT_TRUE(j.is_object());
+        EXPECT_EQ(j.size(), 3u) << g.done.at("text").as_str();
+        ASSERT_TRUE(j.contains("animal") && j.contains("legs") && j.contains("wild")) << g.done.at("text").as_str();
+        EXPECT_TRUE(j.at("animal").is_string());
+        EXPECT_LE(j.at("animal").get<std::string>().size(), 12u * 4);  // maxLength counts characters
+        ASSERT_TRUE(j.at("legs").is_number_integer());
+        EXPECT_GE(j.at("legs").get<int64_t>(), 0);
+        EXPECT_LE(j.at("legs").get<int64_t>(), 100);
+        EXPECT_TRUE(j.at("wild").is_boolean());
+    }
+    (void) hello;
+}
+
+// A generation that reaches the context ends with `length` for that session only: B, decoding
+// in the same steps, continues and gives the tokens it gives alone — compared as the batched
+// decode tests compare (docs/ENGINE.md, "Tests on any CPU": a batch of two sums the output
+// projection in another order than one session alone): log-probabilities within a bound far
+// above that rounding, and the same token wherever alone's top-2 margin exceeds it.
+TEST(Serve, AGenerationAtTheContextEndsAloneWhileOthersContinue) {
+    const int     n_ctx = 256, a_prompt = 230;
+    EngineProcess e({ "--ctx-size", std::to_string(n_ctx) });
+    EXPECT_EQ(e.next().at("n_ctx").as_uint(), (uint64_t) n_ctx);
+    const std::string b_prompt  = "Write a short poem about the sea.";
+    auto              b_request = [](uint64_t id, const char * s) {
+        return msg("generate", id).set("session", s).set("max_tokens", 40).set("top_logprobs", 2);
+    };
+    e.send(open_msg(1, "b_alone", "full", 64));
+    e.send(append_msg(2, "b_alone", b_prompt));
+    e.until_type("appended", 2);
+    const Generated alone = generate_frames(e, b_request(3, "b_alone"));
+    ASSERT_FALSE(alone.done.is_nil());
+
+    e.send(open_msg(4, "a", "full", 64));
+    Value tokens = Value::array();
+    for (int i = 0; i < a_prompt; ++i) tokens.push(100 + (i * 37) % 4000);
+    e.send(msg("append", 5).set("session", "a").set("tokens", tokens));
+    e.until_type("appended", 5);
+    e.send(open_msg(6, "b", "full", 64));
+    e.send(append_msg(7, "b", b_prompt));
+    e.until_type("appended", 7);
+    e.send(msg("generate", 8).set("session", "a").set("max_tokens", 100));
+    e.send(b_request(9, "b"));
+    int                      done = 0;
+    const std::vector<Value> seen = e.until([&](const Value & v) {
+        done += v.get_str("type", "") == "done" || v.get_str("type", "") == "error";
+        return done == 2;
+    });
+    const Generated          a = collect(seen, 8), b = collect(seen, 9);
+    ASSERT_TRUE(a.error.is_nil()) << a.error.at("message").as_str();
+    ASSERT_TRUE(b.error.is_nil()) << b.error.at("message").as_str();
+    ASSERT_FALSE(a.done.is_nil());
+    ASSERT_FALSE(b.done.is_nil());
+    if (a.done.at("reason").as_str() == "length") {
+        EXPECT_EQ(a.done.at("new_tokens").as_uint(), (uint64_t) (n_ctx - a_prompt))
+            << "every sampled token fits the context";
+    } else {
+        EXPECT_EQ(a.done.at("reason").as_str(), "end");
+        EXPECT_LT(a.done.at("new_tokens").as_uint(), (uint64_t) (n_ctx - a_prompt));
+    }
+    EXPECT_GT(b.tokens.size(), (size_t) (n_ctx - a_prompt)) << "B outlived A";
+    constexpr double kBound = 0.02;  // log-probability; batched-vs-alone rounding is ~1e-3 of it
+    size_t           same   = 0;
+    for (; same < std::min(alone.tokens.size(), b.tokens.size()); ++same) {
+        const Value & want   = alone.tokens[same];
+        const Value & got    = b.tokens[same];
+        const double  margin = want.at("top_logprobs").as_array()[0].at("logprob").as_double() -
+                               want.at("top_logprobs").as_array()[1].at("logprob").as_double();
+        if (got.at("token") != want.at("token")) {
+            EXPECT_LT(margin, 2 * kBound) << "step " << same << ": B batched took another token past a clear margin";
+            break;
+        }
+        EXPECT_NEAR(got.at("logprob").as_double(), want.at("logprob").as_double(), kBound) << "step " << same;
+    }
+    if (same == alone.tokens.size()) {
+        EXPECT_EQ(b.tokens.size(), alone.tokens.size());
+        EXPECT_EQ(b.done.at("text"), alone.done.at("text"));
+        EXPECT_EQ(b.done.at("reason"), alone.done.at("reason"));
+    }
+    std::printf("[context] A ended after %llu tokens (%s); B agreed with B alone on %zu of %zu tokens\n",
+                (unsigned long long) a.done.at("new_tokens").as_uint(), a.done.at("reason").as_str().c_str(), same,
+                alone.tokens.size());
+
+    // Refused before any prefill: an append whose reply cannot fit, and a generate with no room.
+    e.send(msg("stats", 10).set("session", "b"));
+    const uint64_t b_seen = e.until_type("stats_result", 10).back().at("tokens_seen").as_uint();
+    e.send(
+        msg("append", 11).set("session", "b").set("tokens", Value::array().push(100).push(101)).set("max_tokens", 250));
+    const Value full = e.until_type("error", 11).back();
+    EXPECT_EQ(full.at("code").as_str(), "context_full");
+    EXPECT_NE(full.at("message").as_str().find("250 max_tokens"), std::string::npos) << full.at("message").as_str();
+    EXPECT_NE(full.at("message").as_str().find(std::to_string(n_ctx)), std::string::npos);
+    e.send(msg("stats", 12).set("session", "b"));
+    EXPECT_EQ(e.until_type("stats_result", 12).back().at("tokens_seen").as_uint(), b_seen) << "nothing was prefilled";
+    if (a.done.at("reason").as_str() == "length") {
+        e.send(msg("generate", 13).set("session", "a").set("max_tokens", 4));
+        EXPECT_EQ(e.until_type("error", 13).back().at("code").as_str(), "context_full");
+    }
+}
+
+// messages: rendered with the model's template (hello says which), the session's conversation
+// continues across generates and travels with save/restore and fork; chat text is one user
+// message through the same path.
+TEST(Serve, MessagesFollowTheConversationThroughSaveRestoreAndFork) {
+    EngineProcess e;
+    const Value   hello = e.next();
+    EXPECT_EQ(hello.at("chat_template").as_str(), "gguf") << "SmolLM2's GGUF carries its template";
+    Engine &           engine = engine_for(embedded_model());
+    const ChatTemplate tmpl(engine.model());
+    const Value        first = chat_messages({ { "system", "You are terse." }, { "user", "Name a colour." } });
+    e.send(open_msg(1, "m", "full", 64).set("keep_scores", true).set("chunk_size", 0));
+    e.send(msg("append", 2).set("session", "m").set("messages", first));
+    EXPECT_EQ(e.until_type("appended", 2).back().at("tokens_seen").as_uint(),
+              tmpl.tokenize(chat_messages_from(first), true).size())
+        << "the messages' tokens are the template's";
+    e.send(open_msg(3, "t", "full", 64));
+    e.send(append_msg(4, "t", "Name a colour."));
+    EXPECT_EQ(e.until_type("appended", 4).back().at("tokens_seen").as_uint(),
+              tmpl.tokenize({ { "user", "Name a colour." } }, true).size())
+        << "chat text is one user message";
+
+    e.send(msg("fork", 5).set("session", "m").set("new_session", "f").set("method", "snapkv").set("budget", 64));
+    e.until_type("forked", 5);
+    const Generated reply = generate_frames(e, msg("generate", 6).set("session", "m").set("max_tokens", 12));
+    ASSERT_FALSE(reply.done.is_nil());
+    e.send(msg("save", 7).set("session", "m"));
+    const std::string state = e.until_type("saved", 7).back().at("state").as_bin();
+    e.send(msg("restore", 8).set("session", "m2").set("state", Value::bin(state)));
+    e.until_type("restored", 8);
+    const Value next = chat_messages({ { "user", "Another one." } });
+    for (const auto & [s, id] : std::vector<std::pair<const char *, uint64_t>>{ { "m", 9 }, { "m2", 10 } }) {
+        e.send(msg("append", id).set("session", s).set("messages", next));
+    }
+    const uint64_t seen_m = e.until_type("appended", 9).back().at("tokens_seen").as_uint();
+    EXPECT_EQ(e.until_type("appended", 10).back().at("tokens_seen").as_uint(), seen_m)
+        << "the restored session continues the same conversation";
+    // What the second turn added: the reply's end of turn (when it ended there) and the template's
+    // markup for the user turn — never a repeated system prompt.
+    EXPECT_LT(seen_m, tmpl.tokenize(chat_messages_from(first), true).size() + 12 + 1 + 20);
+    const std::string a = generate_frames(e, msg("generate", 11).set("session", "m").set("max_tokens", 8)).joined;
+    const std::string b = generate_frames(e, msg("generate", 12).set("session", "m2").set("max_tokens", 8)).joined;
+    EXPECT_EQ(a, b) << "same bytes, same kernels: the restored conversation answers alike";
+
+    // The fork took the conversation with it: its first reply opens from the same messages.
+    const Generated fork_reply = generate_frames(e, msg("generate", 13).set("session", "f").set("max_tokens", 4));
+    ASSERT_FALSE(fork_reply.done.is_nil());
+    e.send(msg("append", 14).set("session", "f").set("messages", next));
+    EXPECT_EQ(e.until_type("appended", 14).back().get_str("type", ""), "appended") << "the fork's conversation goes on";
+
+    // Errors name the element; a user turn while a reply is awaited is refused before prefill.
+    e.send(msg("append", 15).set("session", "t").set("messages", chat_messages({ { "wizard", "hi" } })));
+    const Value role = e.until_type("error", 15).back();
+    EXPECT_EQ(role.at("code").as_str(), "invalid");
+    EXPECT_NE(role.at("message").as_str().find("].role: 'wizard'"), std::string::npos) << role.at("message").as_str();
+    e.send(msg("append", 16).set("session", "t").set("messages", next).set("text", "both"));
+    EXPECT_EQ(e.until_type("error", 16).back().at("code").as_str(), "invalid");
 }
 
 }  // namespace
