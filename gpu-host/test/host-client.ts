@@ -31,8 +31,15 @@ const FINAL = new Set([
   "error",
 ]);
 
+/** PKV_TEST_ENGINE_BIN: the host tests run on another build of the engine (a helper's own build
+ * directory, before the shared build has its change); unset: the shared build. */
+const ENGINE_ARGS = process.env.PKV_TEST_ENGINE_BIN ? ["--engine", process.env.PKV_TEST_ENGINE_BIN] : [];
+
 export function testConfig(over: Partial<HostConfig> = {}, argv: string[] = []): HostConfig {
-  return { ...parseHostConfig(["--port", "0", "--edge-secret", SECRET, "--threads", "2", ...argv], {}), ...over };
+  return {
+    ...parseHostConfig(["--port", "0", "--edge-secret", SECRET, "--threads", "2", ...ENGINE_ARGS, ...argv], {}),
+    ...over,
+  };
 }
 
 export async function startTestHost(
@@ -136,7 +143,7 @@ export async function spawnHostProcess(
   const cli = resolve(repoRoot(), "gpu-host", "dist", "src", "cli.js");
   const child = spawn(
     process.execPath,
-    [cli, "host", "--port", "0", "--edge-secret", SECRET, "--threads", "2", ...args],
+    [cli, "host", "--port", "0", "--edge-secret", SECRET, "--threads", "2", ...ENGINE_ARGS, ...args],
     {
       stdio: ["ignore", "pipe", "pipe"],
     },

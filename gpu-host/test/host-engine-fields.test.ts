@@ -16,15 +16,7 @@ let c: HostClient;
 let engine22 = false;
 
 before(async () => {
-  // PKV_TEST_ENGINE_BIN: another build of the engine (a helper's own build dir before it lands).
-  const bin = process.env.PKV_TEST_ENGINE_BIN;
-  host = await startTestHost({}, [
-    "--kv-pool-bytes",
-    String(64 << 20),
-    "--ctx-size",
-    String(N_CTX),
-    ...(bin ? ["--engine", bin] : []),
-  ]);
+  host = await startTestHost({}, ["--kv-pool-bytes", String(64 << 20), "--ctx-size", String(N_CTX)]);
   c = await HostClient.connect(host.url);
   engine22 = (host.sessions.hello.protocol_minor ?? 0) >= 2;
 });
