@@ -656,7 +656,11 @@ class Server {
         // string's too), and the end-of-turn token, which enters with the next append.
         if (s.chat && s.chat->awaiting_reply()) {
             const bool ended = std::string(reason) == "end" && s.pending;
-            s.chat->add_reply(valid_utf8(g.stream.bytes()), ended ? *s.pending : -1);
+            try {
+                s.chat->add_reply(valid_utf8(g.stream.bytes()), ended ? *s.pending : -1);
+            } catch (const Error &) {
+                s.chat.reset();  // a reply the template cannot render: later turns start a new conversation
+            }
         }
         if (std::string(reason) != "error") {
             send_frames(name, g, g.stream.finish());
