@@ -301,7 +301,10 @@ test("request_id is in the host's log lines for that request", async () => {
   await c.call({ type: "generate", tenant: "t", session: "nope", request_id: "req-xyz" });
   await c.call({ type: "generate", tenant: "t", session: "nope", request_id: "evil\nforged line" });
   await c.call({ type: "generate", tenant: "t", session: "nope" });
-  assert.equal(logLines.length, 3, logLines.join(""));
+  await c.call({ type: "generate", tenant: "t", session: "bad\x1b[2Jid\n" });
+  assert.equal(logLines.length, 4, logLines.join(""));
+  assert.match(logLines[3]!, /^pkv host: generate t\/bad\?\[2Jid\?: unknown_session: no session 'bad\?\[2Jid\?'/);
+  assert.equal(logLines[3]!.split("\n").length, 2, "one line");
   assert.match(logLines[0]!, /^pkv host: \[req-xyz\] generate t\/nope: unknown_session: /);
   assert.match(logLines[1]!, /^pkv host: \[evil\?forged line\] generate/);
   assert.equal(logLines[1]!.split("\n").length, 2, "one line");

@@ -27,7 +27,9 @@ export function setLogWriter(w: LogWriter): LogWriter {
   return before;
 }
 
-/** One line `pkv host: [request_id] text`. */
+/** One line `pkv host: [request_id] text`; control characters in the text (a session id, an
+ * engine message) become '?' as well. */
 export function hostLog(text: string, requestId?: string): void {
-  writer(`pkv host: ${requestTag(requestId)}${text.replace(/[\r\n]+/g, " ")}\n`);
+  // biome-ignore lint/suspicious/noControlCharactersInRegex: matching them is the point
+  writer(`pkv host: ${requestTag(requestId)}${text.replace(/[\x00-\x1f\x7f]/g, "?")}\n`);
 }

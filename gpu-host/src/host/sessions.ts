@@ -142,7 +142,7 @@ export class SessionHost {
       this.metrics.errors.inc({ code });
       if (code !== "cancelled")
         hostLog(
-          `${msg.type} ${msg.tenant}/${"session" in msg ? msg.session : ""}: ${code}: ${message}`,
+          `${msg.type} ${msg.tenant.slice(0, 64)}/${"session" in msg ? (msg.session ?? "").slice(0, 64) : ""}: ${code}: ${message}`,
           "request_id" in msg ? msg.request_id : undefined,
         );
       if (sink.open)
