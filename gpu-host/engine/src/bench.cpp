@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <iostream>
 #include <map>
 #include <random>
@@ -26,6 +27,12 @@ namespace {
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+double process_cpu_seconds() {
+    timespec ts{};
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
 double median(std::vector<double> v) {
@@ -400,6 +407,10 @@ int bench_sessions(const Flags & a) {
         DecodeAttention     layout;
         Engine::GraphStats  graph;  // of the last decode step
         std::vector<double> samples;
+        // The same per second of the process's CPU time: on a machine other processes share, wall
+        // time measures them too (meaningful with --threads 1: ggml's threads spin at barriers).
+        double              cpu_tokens_per_second = 0.0;
+        std::vector<double> cpu_samples;
     };
     std::vector<Result> results;
     for (const std::string & m : methods) {
@@ -408,7 +419,7 @@ int bench_sessions(const Flags & a) {
         p.budget = budget;
         for (int count : counts) {
             const size_t first = results.size();
-            for (DecodeAttention l : layouts) results.push_back({ m, count, 0.0, 0.0, l, {}, {} });
+            for (DecodeAttention l : layouts) results.push_back({ m, count, 0.0, 0.0, l, {}, {}, 0.0, {} });
             // Repetitions round-robin over the layouts, each on fresh forks (the same KV lengths).
             for (int rep = 0; rep < reps; ++rep) {
                 for (size_t li = 0; li < layouts.size(); ++li) {
@@ -420,18 +431,21 @@ int bench_sessions(const Flags & a) {
                     std::vector<int32_t>   toks;
                     for (auto & s : sessions) ptrs.push_back(s.get()), toks.push_back(argmax(s->logits()));
                     r.kv_mib_per_session = sessions[0]->stats().kv_bytes / 1048576.0;
-                    const auto t0        = std::chrono::steady_clock::now();
+                    const auto   t0      = std::chrono::steady_clock::now();
+                    const double cpu0    = process_cpu_seconds();
                     for (int step = 0; step < n_gen; ++step) {
                         engine.decode_batch(ptrs, toks);
                         for (size_t i = 0; i < ptrs.size(); ++i) toks[i] = argmax(ptrs[i]->logits());
                     }
                     r.samples.push_back(count * n_gen / seconds_since(t0));
+                    r.cpu_samples.push_back(count * n_gen / (process_cpu_seconds() - cpu0));
                     r.graph = engine.last_graph();
                 }
             }
             for (size_t li = 0; li < layouts.size(); ++li) {
-                Result & r          = results[first + li];
-                r.tokens_per_second = median(r.samples);
+                Result & r              = results[first + li];
+                r.tokens_per_second     = median(r.samples);
+                r.cpu_tokens_per_second = median(r.cpu_samples);
                 std::fprintf(stderr, "[bench] %s x%d (%s attention): %.1f tok/s aggregate, %d nodes, %d attention\n",
                              m.c_str(), count, layout_name(r.layout), r.tokens_per_second, r.graph.nodes,
                              r.graph.attention_nodes);
@@ -470,7 +484,7 @@ int bench_sessions(const Flags & a) {
                 .integer("attention_nodes", r.graph.attention_nodes);
             std::vector<std::string> samples;
             for (double x : r.samples) samples.push_back(json::number(x));
-            o.raw("samples", json::array(samples));
+            o.raw("samples", json::array(samples)).num("cpu_tokens_per_second", r.cpu_tokens_per_second);
             if (llama.count(r.sessions)) o.num("llama_cpp_tokens_per_second", llama[r.sessions]);
             items.push_back(o.dump());
         }
