@@ -19,6 +19,7 @@
 #include "error.h"
 #include "json.h"
 #include "paths.h"
+#include "profile.h"
 #include "session.h"
 
 namespace pkv {
@@ -85,7 +86,43 @@ struct Row {
     std::vector<double> samples;
     double              kv_mib                  = 0.0;
     double              llama_tokens_per_second = 0.0;  // llama-bench, same run (0 = not measured)
+    // --profile: host phases summed over the measured samples, their wall time and step count
+    profile::Totals prof;
+    double          prof_wall  = 0.0;
+    int             prof_steps = 0;
 };
+
+// Times the measured part of a row (one prefill, or n_gen decode steps) into its profile.
+template <typename F> double profiled(Row & r, int steps, F && run) {
+    const profile::Totals before = profile::totals();
+    const auto            t0     = std::chrono::steady_clock::now();
+    run();
+    const double secs = seconds_since(t0);
+    if (profile::enabled()) {
+        const profile::Totals d = profile::totals() - before;
+        for (int i = 0; i < profile::kPhases; ++i) r.prof.seconds[i] += d.seconds[i];
+        r.prof.read_bytes += d.read_bytes;
+        r.prof_wall += secs;
+        r.prof_steps += steps;
+    }
+    return secs;
+}
+
+// Percent of the wall time per phase, "other" for the rest (bookkeeping outside the phases).
+json::Object profile_json(const Row & r) {
+    json::Object pct;
+    double       sum = 0;
+    for (int i = 0; i < profile::kPhases; ++i) {
+        pct.num(profile::name((profile::Phase) i), 100.0 * r.prof.seconds[i] / r.prof_wall);
+        sum += r.prof.seconds[i];
+    }
+    pct.num("other", 100.0 * (r.prof_wall - sum) / r.prof_wall);
+    return json::Object()
+        .integer("steps", r.prof_steps)
+        .num("ms_per_step", 1000.0 * r.prof_wall / r.prof_steps)
+        .num("read_bytes_per_step", (double) r.prof.read_bytes / r.prof_steps)
+        .raw("percent", pct.dump());
+}
 
 // llama-bench -o csv: avg_ts per test, keyed like our rows ("pp512", "tg32@d8192").
 std::map<std::string, double> run_llama_bench_once(const std::string & cmd) {
@@ -182,7 +219,7 @@ int cmd_bench(int argc, char ** argv) {
                                               "--pool-fit",       "--child",        "--decode-attention" };
     for (int i = 2; i < argc; ++i) {
         const std::string k = argv[i];
-        if (k == "--json") {
+        if (k == "--json" || k == "--no-repack" || k == "--profile") {
             a[k] = "1";
             continue;
         }
@@ -210,10 +247,11 @@ int bench_single(const Flags & a) {
     const int threads = int_list("--threads", get("--threads", std::to_string(default_threads())), 1)[0];
 
     EngineOptions eo;
-    eo.model_path = get("--model", default_model_path());
-    eo.n_threads  = threads;
-    eo.device     = get("--device", "auto");
-    int longest   = std::max(*std::max_element(prefill.begin(), prefill.end()), budget_depth);
+    eo.model_path     = get("--model", default_model_path());
+    eo.n_threads      = threads;
+    eo.device         = get("--device", "auto");
+    eo.repack_weights = !a.count("--no-repack");
+    int longest       = std::max(*std::max_element(prefill.begin(), prefill.end()), budget_depth);
     for (int d : depths) longest = std::max(longest, d);
     eo.n_ctx = longest + n_gen * reps + 1;  // like llama-bench: the context is what the test needs
     {
@@ -225,16 +263,15 @@ int bench_single(const Flags & a) {
     Engine           engine(eo);
     const int        n_vocab = engine.config().n_vocab;
     std::vector<Row> rows;
+    profile::enable(a.count("--profile") > 0);
 
     for (int n : prefill) {
         Row r;
         r.test = "pp" + std::to_string(n), r.method = exact_method().name;
         const std::vector<int32_t> toks = random_tokens(n, n_vocab, 1234 + n);
         for (int rep = 0; rep < reps; ++rep) {
-            Session    s(engine, exact_params());
-            const auto t0 = std::chrono::steady_clock::now();
-            s.prefill(toks);
-            r.samples.push_back(n / seconds_since(t0));
+            Session s(engine, exact_params());
+            r.samples.push_back(n / profiled(r, 1, [&] { s.prefill(toks); }));
         }
         rows.push_back(r);
         std::fprintf(stderr, "[bench] %s %.1f tok/s\n", r.test.c_str(), median(r.samples));
@@ -287,12 +324,12 @@ int bench_single(const Flags & a) {
     }
     for (int rep = 0; rep < reps; ++rep) {
         for (auto & d : decode) {
-            const auto t0 = std::chrono::steady_clock::now();
-            for (int i = 0; i < n_gen; ++i) {
-                d.s->decode(d.tok);
-                d.tok = argmax(d.s->logits());
-            }
-            d.row.samples.push_back(n_gen / seconds_since(t0));
+            d.row.samples.push_back(n_gen / profiled(d.row, n_gen, [&] {
+                                        for (int i = 0; i < n_gen; ++i) {
+                                            d.s->decode(d.tok);
+                                            d.tok = argmax(d.s->logits());
+                                        }
+                                    }));
         }
     }
     for (auto & d : decode) {
@@ -326,6 +363,7 @@ int bench_single(const Flags & a) {
             if (r.llama_tokens_per_second > 0) o.num("llama_cpp_tokens_per_second", r.llama_tokens_per_second);
             if (compresses(r.method) && full_at.count(r.test))
                 o.num("speedup_vs_full", r.tokens_per_second / full_at[r.test]);
+            if (r.prof_steps > 0) o.raw("profile", profile_json(r).dump());
             items.push_back(o.dump());
         }
         std::cout << json::Object()
@@ -352,6 +390,24 @@ int bench_single(const Flags & a) {
         }
         std::printf("%-14s %-16s %12.1f %10.2f %14s %10s\n", r.test.c_str(), m.c_str(), r.tokens_per_second, r.kv_mib,
                     ref, ratio);
+    }
+    if (profile::enabled()) {
+        std::printf("\nhost profile: %% of each step's wall time (a step: one prefill, or one decode token)\n");
+        std::printf("%-14s %-16s %9s", "test", "method", "ms/step");
+        for (int i = 0; i < profile::kPhases; ++i) std::printf(" %8s", profile::name((profile::Phase) i));
+        std::printf(" %8s %14s\n", "other", "read KiB/step");
+        for (const auto & r : rows) {
+            if (r.prof_steps == 0) continue;
+            double sum = 0;
+            std::printf("%-14s %-16s %9.3f", r.test.c_str(), label(r.method, r.budget).c_str(),
+                        1000.0 * r.prof_wall / r.prof_steps);
+            for (int i = 0; i < profile::kPhases; ++i) {
+                std::printf(" %7.2f%%", 100.0 * r.prof.seconds[i] / r.prof_wall);
+                sum += r.prof.seconds[i];
+            }
+            std::printf(" %7.2f%% %14.1f\n", 100.0 * (r.prof_wall - sum) / r.prof_wall,
+                        r.prof.read_bytes / 1024.0 / r.prof_steps);
+        }
     }
     return 0;
 }
@@ -386,11 +442,12 @@ int bench_sessions(const Flags & a) {
     }
     const int     most = *std::max_element(counts.begin(), counts.end());
     EngineOptions eo;
-    eo.model_path    = flag(a, "--model", default_model_path());
-    eo.n_threads     = threads;
-    eo.device        = flag(a, "--device", "auto");
-    eo.n_ctx         = n + n_gen + 1;
-    eo.kv_pool_bytes = a.count("--kv-pool-bytes") ? std::stoull(a.at("--kv-pool-bytes")) : 0;
+    eo.model_path     = flag(a, "--model", default_model_path());
+    eo.n_threads      = threads;
+    eo.device         = flag(a, "--device", "auto");
+    eo.repack_weights = !a.count("--no-repack");
+    eo.n_ctx          = n + n_gen + 1;
+    eo.kv_pool_bytes  = a.count("--kv-pool-bytes") ? std::stoull(a.at("--kv-pool-bytes")) : 0;
     // FullKV for every session plus the source prefill, with page and growth slack.
     eo.kv_pool_tokens = (size_t) (most + 1) * (n + n / 8 + n_gen + 128);
     Engine engine(eo);
@@ -531,7 +588,7 @@ int bench_prefill_memory(const Flags & a) {
             const std::string cmd = std::string(exe, len) + " bench --prefill-memory " + std::to_string(n) +
                                     " --chunk-size " + std::to_string(chunk) + " --budget " + std::to_string(budget) +
                                     " --model '" + model + "' --threads " + std::to_string(threads) +
-                                    " --child 1 2>/dev/null";
+                                    (a.count("--no-repack") ? " --no-repack" : "") + " --child 1 2>/dev/null";
             FILE *            f   = popen(cmd.c_str(), "r");
             char              line[512] = "";
             if (f) {
@@ -545,10 +602,11 @@ int bench_prefill_memory(const Flags & a) {
     }
     const int     n = lengths[0];
     EngineOptions eo;
-    eo.model_path = model;
-    eo.n_threads  = threads;
-    eo.device     = flag(a, "--device", "auto");
-    eo.n_ctx      = n + 1;
+    eo.model_path     = model;
+    eo.n_threads      = threads;
+    eo.device         = flag(a, "--device", "auto");
+    eo.repack_weights = !a.count("--no-repack");
+    eo.n_ctx          = n + 1;
     // budget + chunk per layer, plus page and growth slack: the bound chunked prefill promises
     // (the largest pyramid layer keeps up to 2 × budget)
     eo.kv_pool_tokens = (size_t) (chunk > 0 ? 2 * budget + chunk + eo.n_ubatch : n) + 256;
@@ -569,11 +627,12 @@ int bench_pool_fit(const Flags & a) {
     const int     budget = int_list("--budget", flag(a, "--budget", "128"), 9)[0];
     const size_t  pool   = a.count("--kv-pool-bytes") ? std::stoull(a.at("--kv-pool-bytes")) : (size_t) 1 << 30;
     EngineOptions eo;
-    eo.model_path    = flag(a, "--model", default_model_path());
-    eo.n_threads     = int_list("--threads", flag(a, "--threads", std::to_string(default_threads())), 1)[0];
-    eo.device        = flag(a, "--device", "auto");
-    eo.n_ctx         = n + 1;
-    eo.kv_pool_bytes = pool;
+    eo.model_path     = flag(a, "--model", default_model_path());
+    eo.n_threads      = int_list("--threads", flag(a, "--threads", std::to_string(default_threads())), 1)[0];
+    eo.device         = flag(a, "--device", "auto");
+    eo.repack_weights = !a.count("--no-repack");
+    eo.n_ctx          = n + 1;
+    eo.kv_pool_bytes  = pool;
     Engine  engine(eo);
     Session source(engine, exact_params());
     source.set_keep_scores(true);

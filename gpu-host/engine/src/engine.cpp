@@ -8,6 +8,7 @@
 #include "error.h"
 #include "ggml-alloc.h"
 #include "ggml-cpu.h"
+#include "profile.h"
 #include "session.h"
 
 namespace pkv {
@@ -53,7 +54,7 @@ Engine::Engine(const EngineOptions & opt) : opt_(opt) {
     if (opt_.n_ctx < 0) throw Error("--ctx-size", std::to_string(opt_.n_ctx) + " must be >= 0 (0 = the model's)");
     backend_ = init_backend(opt_.device, opt_.n_threads);
     try {
-        model_ = std::make_unique<Model>(opt_.model_path, backend_);
+        model_ = std::make_unique<Model>(opt_.model_path, backend_, opt_.repack_weights);
     } catch (...) {
         ggml_backend_free(backend_);
         throw;
@@ -93,6 +94,14 @@ Engine::Graph Engine::begin_graph(int min_nodes) {
 }
 
 void Engine::allocate(Graph & g) {
+    profile::Scope scope(profile::Phase::allocate);
+
+    try {
+        op_check_.check(backend_, g.gf);  // one line naming the op, not an abort inside the backend
+    } catch (...) {
+        ggml_free(g.ctx);
+        throw;
+    }
     if (!ggml_gallocr_alloc_graph(galloc_, g.gf)) {
         ggml_free(g.ctx);
         throw Error("engine", "cannot allocate the compute graph");
@@ -100,6 +109,8 @@ void Engine::allocate(Graph & g) {
 }
 
 void Engine::compute(Graph & g) {
+    profile::Scope scope(profile::Phase::compute);
+
     if (ggml_backend_graph_compute(backend_, g.gf) != GGML_STATUS_SUCCESS) {
         throw Error("engine", "graph computation failed");
     }
@@ -158,6 +169,8 @@ Engine::ForwardScores Engine::forward(const std::vector<ForwardItem> & items, co
 }
 
 Engine::ForwardGraph Engine::build_forward(const std::vector<ForwardItem> & items, const ForwardOptions & fo) {
+    profile::Scope scope(profile::Phase::build);
+
     const ModelConfig & c       = config();
     const Model &       m       = *model_;
     const int           n_items = (int) items.size();
@@ -384,6 +397,8 @@ void Engine::build_scores(ForwardGraph & fg, const ForwardOptions & fo, int il, 
 
 Engine::ForwardScores Engine::run_forward(ForwardGraph & fg, const std::vector<ForwardItem> & items,
                                           std::vector<float> & logits) {
+    profile::Scope scope(profile::Phase::inputs);  // until the reads below
+
     const ModelConfig &  c       = config();
     const int            n_items = (int) items.size();
     const int            n_total = (int) fg.tokens->ne[0];
@@ -449,11 +464,13 @@ Engine::ForwardScores Engine::run_forward(ForwardGraph & fg, const std::vector<F
     }
     compute(fg.g);
 
-    auto read = [](ggml_tensor * t) {
+    profile::Scope reading(profile::Phase::read);
+    auto           read = [](ggml_tensor * t) {
         std::vector<float> out;
         if (t) {
             out.resize(ggml_nelements(t));
             ggml_backend_tensor_get(t, out.data(), 0, ggml_nbytes(t));
+            profile::add_read_bytes(ggml_nbytes(t));
         }
         return out;
     };

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "backend_check.h"
 #include "compress.h"
 #include "ggml-alloc.h"
 #include "kv_pool.h"
@@ -29,6 +30,7 @@ struct EngineOptions {
     size_t          kv_pool_bytes    = 0;       // pool capacity; 0: see kv_pool_tokens
     size_t          kv_pool_tokens   = 0;       // pool capacity as entries per layer (when bytes is 0);
                                                 // both 0: one FullKV session of n_ctx tokens + one ubatch
+    bool            repack_weights   = true;    // false: weights in the plain buffer (--no-repack)
     DecodeAttention decode_attention = DecodeAttention::batched;
 };
 
@@ -59,6 +61,8 @@ class Engine {
     int                   n_ctx() const { return opt_.n_ctx > 0 ? opt_.n_ctx : model_->config().n_ctx_train; }
     KvPool &              pool() { return *pool_; }
     const KvPool &        pool() const { return *pool_; }
+    // Every graph's ops are checked against the backend before it is allocated (backend_check.h).
+    OpCheck & op_check() { return op_check_; }
 
     // One decode step for several sessions in one graph evaluation (continuous batching): each
     // session appends its token and attends only to its own entries. Afterwards each session's
@@ -146,6 +150,7 @@ class Engine {
     ggml_gallocr_t          galloc_ = nullptr;
     std::vector<uint8_t>    graph_meta_;
     GraphStats              last_graph_;
+    OpCheck                 op_check_;
 };
 
 // The SnapKV scoring product, one graph piece shared by the engine and its tests:

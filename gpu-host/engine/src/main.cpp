@@ -114,12 +114,13 @@ std::string read_prompt(const Args & a) {
 
 EngineOptions engine_options(const Args & a) {
     EngineOptions o;
-    o.model_path    = a.str("--model", default_model_path());
-    o.n_threads     = (int) a.integer("--threads", 0, 0, 1024);
-    o.device        = a.str("--device", "auto");
-    o.n_ubatch      = (int) a.integer("--ubatch", 512, 1, 65536);
-    o.n_ctx         = (int) a.integer("--ctx-size", 0, 0, 1 << 24);
-    o.kv_pool_bytes = (size_t) a.integer("--kv-pool-bytes", 0, 0, std::numeric_limits<long>::max());
+    o.model_path     = a.str("--model", default_model_path());
+    o.n_threads      = (int) a.integer("--threads", 0, 0, 1024);
+    o.device         = a.str("--device", "auto");
+    o.repack_weights = !a.has("--no-repack");
+    o.n_ubatch       = (int) a.integer("--ubatch", 512, 1, 65536);
+    o.n_ctx          = (int) a.integer("--ctx-size", 0, 0, 1 << 24);
+    o.kv_pool_bytes  = (size_t) a.integer("--kv-pool-bytes", 0, 0, std::numeric_limits<long>::max());
     return o;
 }
 
@@ -164,7 +165,7 @@ void write_kept(const std::string & path, const Session & s) {
 }
 
 int cmd_generate(int argc, char ** argv) {
-    Args                    a(argc, argv, 2, { "--json", "--no-chat-template" },
+    Args                    a(argc, argv, 2, { "--json", "--no-chat-template", "--no-repack" },
                               { "--model",       "--method",        "--budget",   "--window",
                                 "--beta",        "--kernel-size",   "--pooling",  "--head-aggregation",
                                 "--prompt-file", "--prompt",        "--question", "--max-new-tokens",
@@ -287,18 +288,20 @@ void usage() {
         "  generate [--model M] [--method %s] [--budget 128] [--window 8] [--beta 20]\n"
         "           [--kernel-size 7] [--pooling maxpool|avgpool|none] [--head-aggregation mean|max]\n"
         "           (--prompt-file F | --prompt T) [--question Q] [--max-new-tokens N] [--no-chat-template]\n"
-        "           [--temperature T --top-k K --top-p P --seed S] [--threads N] [--device auto|cpu|gpu]\n"
+        "           [--temperature T --top-k K --top-p P --seed S] [--threads N] [--device auto|cpu|gpu] "
+        "[--no-repack]\n"
         "           [--chunk-size %d (0 = one-shot)] [--kv-pool-bytes N] [--ctx-size N] [--dump-kept FILE] [--json]\n"
         "  tokenize (--prompt-file F | --prompt T) [--model M] --json   token ids and byte offsets\n"
         "  methods  [--json]   the compression methods, their traits and the defaults (no model needed)\n"
         "  bench    [--model M] [--threads N] [--repetitions R] [--prefill 512,4096] [--depths 0,2048,8192]\n"
-        "           [--budgets 64,128,512] [--decode-tokens N] [--llama-bench PATH] [--json]\n"
+        "           [--budgets 64,128,512] [--decode-tokens N] [--llama-bench PATH] [--no-repack] [--profile] "
+        "[--json]\n"
         "  bench    --sessions 1,4,16,64 [--prompt-len 4096] [--methods full,pyramidkv] [--budget 128] "
         "[--llama-batched-bench PATH]\n"
         "  bench    --prefill-memory 2048,8192,32768 [--chunk-size N] [--budget 128]\n"
         "  bench    --pool-fit 1 [--prompt-len 8192] [--kv-pool-bytes 1073741824] [--budget 128]\n"
         "  serve    --stdio [--model M] [--kv-pool-bytes N] [--chunk-size N] [--ctx-size N] [--threads N] [--device "
-        "D]\n",
+        "D] [--no-repack]\n",
         method_names_joined("|").c_str(), kDefaultChunkSize);
 }
 

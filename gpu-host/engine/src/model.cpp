@@ -1,11 +1,13 @@
 #include "model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <memory>
 
 #include "error.h"
+#include "ggml-alloc.h"
 #include "gguf.h"
 #include "llama.h"
 
@@ -94,7 +96,74 @@ ModelConfig read_config(const gguf_context * g, const std::string & path) {
 
 }  // namespace
 
-Model::Model(const std::string & path, ggml_backend_t backend) : path_(path) {
+std::vector<ggml_backend_buffer_type_t> weight_buffer_types(ggml_backend_t backend, bool repack) {
+    std::vector<ggml_backend_buffer_type_t> out;
+    ggml_backend_dev_t                      dev = ggml_backend_get_device(backend);
+    // libllama orders a CPU's extra buffer types before its plain one (they exist to be faster)
+    // and a GPU's after its default one, where they never win: only the CPU's are worth asking.
+    if (repack && dev && ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
+        ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
+        auto               get = reg ? (ggml_backend_dev_get_extra_bufts_t) ggml_backend_reg_get_proc_address(
+                                           reg, "ggml_backend_dev_get_extra_bufts")
+                                     : nullptr;
+        for (ggml_backend_buffer_type_t * b = get ? get(dev) : nullptr; b && *b; ++b) out.push_back(*b);
+    }
+    out.push_back(ggml_backend_get_default_buffer_type(backend));
+    return out;
+}
+
+ggml_backend_buffer_type_t choose_weight_buffer_type(ggml_backend_t                                  backend,
+                                                     const std::vector<ggml_backend_buffer_type_t> & candidates,
+                                                     ggml_tensor * w, WeightUse use, const ModelConfig & c) {
+    if (w->buffer || w->data) throw Error("--model", std::string(w->name) + ": already placed");
+    ggml_backend_dev_t dev = ggml_backend_get_device(backend);
+    // One node of the op the weight feeds, over the activations of a full ubatch (an extra
+    // buffer type may take a weight for prompts and not for one token, or the reverse).
+    const int                                           n = 512;
+    ggml_init_params                                    ip{ ggml_tensor_overhead() * 8, nullptr, /*no_alloc=*/true };
+    std::unique_ptr<ggml_context, decltype(&ggml_free)> ctx(ggml_init(ip), ggml_free);
+    ggml_tensor *                                       op = nullptr;
+    switch (use) {
+        case WeightUse::rows: op = ggml_get_rows(ctx.get(), w, ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I32, n)); break;
+        case WeightUse::matmul:
+            op = ggml_mul_mat(ctx.get(), w, ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, w->ne[0], n));
+            break;
+        case WeightUse::mul:
+            op = ggml_mul(ctx.get(), ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, w->ne[0], n), w);
+            break;
+        case WeightUse::add:
+            op = ggml_add(ctx.get(), ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, w->ne[0], n), w);
+            break;
+        case WeightUse::rope:
+            op = ggml_rope_ext(ctx.get(), ggml_new_tensor_3d(ctx.get(), GGML_TYPE_F32, c.head_dim, c.n_head, n),
+                               ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I32, n), w, c.n_rot, c.rope_type, c.n_ctx_train,
+                               c.rope_base, c.rope_scale, 0.0f, 1.0f, 32.0f, 1.0f);
+            break;
+    }
+    for (ggml_backend_buffer_type_t buft : candidates) {
+        // supports_op asks the buffer type of the weight's buffer: lend it an empty one.
+        ggml_backend_buffer_t probe = ggml_backend_buft_alloc_buffer(buft, 0);
+        if (!probe) continue;
+        w->buffer     = probe;
+        const bool ok = ggml_backend_dev_supports_op(dev, op);
+        w->buffer     = nullptr;
+        ggml_backend_buffer_free(probe);
+        if (ok) return buft;
+    }
+    return nullptr;
+}
+
+Model::Model(const std::string & path, ggml_backend_t backend, bool repack) : path_(path) {
+    try {
+        load(backend, repack);
+    } catch (...) {
+        release();
+        throw;
+    }
+}
+
+void Model::load(ggml_backend_t backend, bool repack) {
+    const std::string & path = path_;
     if (!std::ifstream(path).good()) {
         throw Error("--model", "cannot read '" + path + "'");
     }
@@ -105,38 +174,49 @@ Model::Model(const std::string & path, ggml_backend_t backend) : path_(path) {
     }
     cfg_ = read_config(g.get(), path);
 
-    auto tensor = [&](const std::string & name, bool required = true) -> ggml_tensor * {
+    // Each weight, the op it feeds, and where its bytes are in the file.
+    struct Placed {
+        ggml_tensor *              t;
+        WeightUse                  use;
+        size_t                     offset;
+        ggml_backend_buffer_type_t buft = nullptr;
+    };
+    std::vector<Placed> placed;
+    const size_t        data_offset = gguf_get_data_offset(g.get());
+    auto                tensor = [&](const std::string & name, WeightUse use, bool required = true) -> ggml_tensor * {
         ggml_tensor * t = ggml_get_tensor(ctx_, name.c_str());
         if (!t && required) throw Error("--model", path + ": missing tensor '" + name + "'");
+        if (t)
+            placed.push_back(
+                { t, use, data_offset + gguf_get_tensor_offset(g.get(), gguf_find_tensor(g.get(), t->name)) });
         return t;
     };
-    token_embd  = tensor("token_embd.weight");
-    output_norm = tensor("output_norm.weight");
-    output      = tensor("output.weight", false);
-    if (!output) output = token_embd;
-    rope_freqs   = tensor("rope_freqs.weight", false);
+    token_embd   = tensor("token_embd.weight", WeightUse::rows);
+    output_norm  = tensor("output_norm.weight", WeightUse::mul);
+    output       = tensor("output.weight", WeightUse::matmul, false);
+    rope_freqs   = tensor("rope_freqs.weight", WeightUse::rope, false);
     cfg_.n_vocab = (int) token_embd->ne[1];
     layers.resize(cfg_.n_layer);
     for (int il = 0; il < cfg_.n_layer; ++il) {
         const std::string p = "blk." + std::to_string(il) + ".";
         LayerWeights &    l = layers[il];
-        l.attn_norm         = tensor(p + "attn_norm.weight");
-        l.wq                = tensor(p + "attn_q.weight");
-        l.wk                = tensor(p + "attn_k.weight");
-        l.wv                = tensor(p + "attn_v.weight");
-        l.wo                = tensor(p + "attn_output.weight");
-        l.ffn_norm          = tensor(p + "ffn_norm.weight");
-        l.ffn_gate          = tensor(p + "ffn_gate.weight");
-        l.ffn_up            = tensor(p + "ffn_up.weight");
-        l.ffn_down          = tensor(p + "ffn_down.weight");
+        l.attn_norm         = tensor(p + "attn_norm.weight", WeightUse::mul);
+        l.wq                = tensor(p + "attn_q.weight", WeightUse::matmul);
+        l.wk                = tensor(p + "attn_k.weight", WeightUse::matmul);
+        l.wv                = tensor(p + "attn_v.weight", WeightUse::matmul);
+        l.wo                = tensor(p + "attn_output.weight", WeightUse::matmul);
+        l.ffn_norm          = tensor(p + "ffn_norm.weight", WeightUse::mul);
+        l.ffn_gate          = tensor(p + "ffn_gate.weight", WeightUse::matmul);
+        l.ffn_up            = tensor(p + "ffn_up.weight", WeightUse::matmul);
+        l.ffn_down          = tensor(p + "ffn_down.weight", WeightUse::matmul);
         if (cfg_.has_qkv_bias) {
-            l.bq = tensor(p + "attn_q.bias");
-            l.bk = tensor(p + "attn_k.bias");
-            l.bv = tensor(p + "attn_v.bias");
+            l.bq = tensor(p + "attn_q.bias", WeightUse::add);
+            l.bk = tensor(p + "attn_k.bias", WeightUse::add);
+            l.bv = tensor(p + "attn_v.bias", WeightUse::add);
         }
         if (cfg_.has_qk_norm) {
-            l.q_norm = tensor(p + "attn_q_norm.weight");
-            l.k_norm = tensor(p + "attn_k_norm.weight");
+            l.q_norm = tensor(p + "attn_q_norm.weight", WeightUse::mul);
+            l.k_norm = tensor(p + "attn_k_norm.weight", WeightUse::mul);
         }
         if (l.wq->ne[1] != (int64_t) cfg_.n_head * cfg_.head_dim ||
             l.wk->ne[1] != (int64_t) cfg_.n_head_kv * cfg_.head_dim) {
@@ -144,24 +224,72 @@ Model::Model(const std::string & path, ggml_backend_t backend) : path_(path) {
         }
     }
 
-    buffer_ = ggml_backend_alloc_ctx_tensors(ctx_, backend);
-    if (!buffer_)
-        throw Error("--model", "cannot allocate " + std::to_string(ggml_get_mem_size(ctx_)) + " bytes for the weights");
-    ggml_backend_buffer_set_usage(buffer_, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-
-    // Stream each tensor's bytes from the file into its backend buffer.
-    std::ifstream     in(path, std::ios::binary);
-    const size_t      data_offset = gguf_get_data_offset(g.get());
-    std::vector<char> staging;
-    for (int64_t i = 0; i < gguf_get_n_tensors(g.get()); ++i) {
-        ggml_tensor * t = ggml_get_tensor(ctx_, gguf_get_tensor_name(g.get(), i));
-        const size_t  n = ggml_nbytes(t);
-        staging.resize(n);
-        in.seekg((std::streamoff) (data_offset + gguf_get_tensor_offset(g.get(), i)));
-        if (!in.read(staging.data(), (std::streamsize) n)) {
-            throw Error("--model", path + ": truncated data for tensor '" + std::string(t->name) + "'");
+    // Each weight goes to the first buffer type that can run the op it feeds (repacked layouts
+    // only take matmul weights). A tied output feeds a matmul where token_embd feeds get_rows:
+    // when those want different layouts, the output is a second copy of the same bytes.
+    const std::vector<ggml_backend_buffer_type_t> candidates = weight_buffer_types(backend, repack);
+    for (Placed & p : placed) {
+        p.buft = choose_weight_buffer_type(backend, candidates, p.t, p.use, cfg_);
+        if (!p.buft) {
+            throw Error("--model", path + ": no buffer type of " + ggml_backend_name(backend) + " can run " +
+                                       ggml_type_name(p.t->type) + " tensor '" + p.t->name + "'");
         }
-        ggml_backend_tensor_set(t, staging.data(), 0, n);
+    }
+    if (!output) {
+        output = token_embd;
+        ggml_backend_buffer_type_t matmul_buft =
+            choose_weight_buffer_type(backend, candidates, token_embd, WeightUse::matmul, cfg_);
+        const Placed & embd = placed.front();
+        if (!matmul_buft) {
+            throw Error("--model", path + ": " + ggml_backend_name(backend) + " cannot multiply by the " +
+                                       ggml_type_name(token_embd->type) + " token embeddings (tied output)");
+        }
+        if (matmul_buft != embd.buft) {
+            ggml_init_params ip{ ggml_tensor_overhead(), nullptr, /*no_alloc=*/true };
+            tied_ctx_ = ggml_init(ip);
+            output    = ggml_dup_tensor(tied_ctx_, token_embd);
+            ggml_set_name(output, "output.weight");
+            placed.push_back({ output, WeightUse::matmul, embd.offset, matmul_buft });
+        }
+    }
+
+    // One buffer per buffer type, the tensors laid out in it in load order.
+    std::vector<ggml_backend_buffer_type_t> used;
+    for (const Placed & p : placed)
+        if (std::find(used.begin(), used.end(), p.buft) == used.end()) used.push_back(p.buft);
+    for (ggml_backend_buffer_type_t buft : used) {
+        const size_t align = ggml_backend_buft_get_alignment(buft);
+        size_t       bytes = align;
+        for (const Placed & p : placed)
+            if (p.buft == buft) bytes += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, p.t), align);
+        ggml_backend_buffer_t buffer = ggml_backend_buft_alloc_buffer(buft, bytes);
+        if (!buffer) {
+            throw Error("--model", "cannot allocate " + std::to_string(bytes) + " bytes of " +
+                                       ggml_backend_buft_name(buft) + " for the weights");
+        }
+        ggml_backend_buffer_set_usage(buffer, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        buffers_.push_back(buffer);
+        ggml_tallocr alloc = ggml_tallocr_new(buffer);
+        for (const Placed & p : placed) {
+            if (p.buft == buft && ggml_tallocr_alloc(&alloc, p.t) != GGML_STATUS_SUCCESS) {
+                throw Error("--model",
+                            std::string("cannot place tensor '") + p.t->name + "' in " + ggml_backend_buft_name(buft));
+            }
+        }
+    }
+
+    // Stream each tensor's bytes from the file into its buffer (a repacking buffer converts them
+    // as they are set, which needs the whole tensor at once).
+    std::ifstream     in(path, std::ios::binary);
+    std::vector<char> staging;
+    for (const Placed & p : placed) {
+        const size_t n = ggml_nbytes(p.t);
+        staging.resize(n);
+        in.seekg((std::streamoff) p.offset);
+        if (!in.read(staging.data(), (std::streamsize) n)) {
+            throw Error("--model", path + ": truncated data for tensor '" + std::string(p.t->name) + "'");
+        }
+        ggml_backend_tensor_set(p.t, staging.data(), 0, n);
     }
 
     llama_model_params mp = llama_model_default_params();
@@ -173,13 +301,30 @@ Model::Model(const std::string & path, ggml_backend_t backend) : path_(path) {
     if (im_end.size() == 1) im_end_ = im_end[0];
 }
 
-Model::~Model() {
+Model::~Model() { release(); }
+
+void Model::release() {
     if (llama_) llama_model_free(llama_);
-    if (buffer_) ggml_backend_buffer_free(buffer_);
+    for (ggml_backend_buffer_t b : buffers_) ggml_backend_buffer_free(b);
+    if (tied_ctx_) ggml_free(tied_ctx_);
     if (ctx_) ggml_free(ctx_);
+    llama_    = nullptr;
+    tied_ctx_ = ctx_ = nullptr;
+    buffers_.clear();
 }
 
-size_t Model::weight_bytes() const { return buffer_ ? ggml_backend_buffer_get_size(buffer_) : 0; }
+size_t Model::weight_bytes() const {
+    size_t n = 0;
+    for (ggml_backend_buffer_t b : buffers_) n += ggml_backend_buffer_get_size(b);
+    return n;
+}
+
+std::vector<std::pair<std::string, size_t>> Model::weight_buffers() const {
+    std::vector<std::pair<std::string, size_t>> out;
+    for (ggml_backend_buffer_t b : buffers_)
+        out.emplace_back(ggml_backend_buffer_name(b), ggml_backend_buffer_get_size(b));
+    return out;
+}
 
 std::vector<int32_t> Model::tokenize(const std::string & text, bool add_special) const {
     std::vector<int32_t> out(text.size() + 16);

@@ -1,8 +1,10 @@
-// A Llama-family model read from GGUF into ggml tensors on one backend (CPU or CUDA), plus the
-// tokenizer / chat template / samplers from libllama loaded vocab-only.
+// A Llama-family model read from GGUF into ggml tensors on one backend (CPU or CUDA), each
+// weight in the fastest layout that backend offers for the op it feeds (docs/ENGINE.md "Weights
+// layout"), plus the tokenizer / chat template / samplers from libllama loaded vocab-only.
 #pragma once
 
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ggml-backend.h"
@@ -41,10 +43,26 @@ struct LayerWeights {
     ggml_tensor * ffn_gate = nullptr, *ffn_up = nullptr, *ffn_down = nullptr;
 };
 
+// The op a weight feeds, which decides the buffer types it may live in.
+enum class WeightUse { rows, matmul, mul, add, rope };
+
+// The buffer types a weight may be placed in on `backend`, in order of preference. On the CPU with
+// `repack`: the CPU's extra buffer types (repacking for other kernels, AMX) first, then the plain
+// buffer; otherwise (no repacking, or another device) the backend's default buffer type alone.
+std::vector<ggml_backend_buffer_type_t> weight_buffer_types(ggml_backend_t backend, bool repack);
+
+// The first of `candidates` in which `backend`'s device can run the op `w` feeds (a probe node of
+// that op over a 512-token ubatch, with `w` in that buffer type). `w` must not be allocated yet.
+// Null when none can.
+ggml_backend_buffer_type_t choose_weight_buffer_type(ggml_backend_t                                  backend,
+                                                     const std::vector<ggml_backend_buffer_type_t> & candidates,
+                                                     ggml_tensor * w, WeightUse use, const ModelConfig & c);
+
 class Model {
   public:
     // Throws pkv::Error("--model", ...) for an unreadable file or an unsupported architecture.
-    Model(const std::string & path, ggml_backend_t backend);
+    // `repack` false keeps every weight in the backend's default buffer type (--no-repack).
+    Model(const std::string & path, ggml_backend_t backend, bool repack = true);
     ~Model();
     Model(const Model &)             = delete;
     Model & operator=(const Model &) = delete;
@@ -52,10 +70,12 @@ class Model {
     const ModelConfig & config() const { return cfg_; }
     const std::string & path() const { return path_; }
     size_t              weight_bytes() const;
+    // Bytes of weights per buffer type name ("CPU", "CPU_REPACK", "AMX", "CUDA0"), in load order.
+    std::vector<std::pair<std::string, size_t>> weight_buffers() const;
 
     ggml_tensor *             token_embd  = nullptr;
     ggml_tensor *             output_norm = nullptr;
-    ggml_tensor *             output      = nullptr;  // token_embd when tied
+    ggml_tensor *             output      = nullptr;  // token_embd when tied (or a copy, repacked)
     ggml_tensor *             rope_freqs  = nullptr;  // Llama 3.x frequency factors, or null
     std::vector<LayerWeights> layers;
 
@@ -72,13 +92,17 @@ class Model {
     bool is_end_of_turn(int32_t token) const;
 
   private:
-    std::string           path_;
-    ModelConfig           cfg_;
-    ggml_context *        ctx_    = nullptr;
-    ggml_backend_buffer_t buffer_ = nullptr;
-    llama_model *         llama_  = nullptr;
-    const llama_vocab *   vocab_  = nullptr;
-    int32_t               im_end_ = -1;
+    void load(ggml_backend_t backend, bool repack);
+    void release();
+
+    std::string                        path_;
+    ModelConfig                        cfg_;
+    ggml_context *                     ctx_      = nullptr;  // the GGUF's tensors
+    ggml_context *                     tied_ctx_ = nullptr;  // the tied output's copy, if any
+    std::vector<ggml_backend_buffer_t> buffers_;             // one per buffer type used
+    llama_model *                      llama_  = nullptr;
+    const llama_vocab *                vocab_  = nullptr;
+    int32_t                            im_end_ = -1;
 };
 
 }  // namespace pkv

@@ -735,6 +735,7 @@ int cmd_serve(int argc, char ** argv) {
         if (a == "--stdio") stdio = true;
         else if (a == "--model" && i + 1 < argc) o.model_path = argv[++i];
         else if (a == "--device" && i + 1 < argc) o.device = argv[++i];
+        else if (a == "--no-repack") o.repack_weights = false;
         else if (a == "--threads") o.n_threads = (int) number(i, a, 0, 1024);
         else if (a == "--ctx-size") o.n_ctx = (int) number(i, a, 0, 1 << 24);
         else if (a == "--kv-pool-bytes") o.kv_pool_bytes = (size_t) number(i, a, 1, std::numeric_limits<long>::max());

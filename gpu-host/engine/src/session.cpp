@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "error.h"
+#include "profile.h"
 
 namespace pkv {
 
@@ -244,6 +245,8 @@ std::vector<HeadSelection> Session::select(const Method & method, const Compress
 }
 
 void Session::compress() {
+    profile::Scope scope(profile::Phase::compress);  // the gather's compute is booked as compute
+
     const ModelConfig &              c       = engine_.config();
     const std::vector<HeadSelection> entries = select(*method_, params_);
     bool                             shrinks = false;

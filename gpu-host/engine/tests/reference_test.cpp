@@ -11,7 +11,10 @@
 //   keys into one chunk per thread and accumulates V in f16 per chunk; libllama pads its KV view
 //   to a multiple of 256 keys, so with several threads its chunks, and their rounding, would
 //   differ from ours (up to ~4 % of the logit range on SmolLM2 after 600 tokens);
-// - weights in ggml's plain CPU buffers on both sides (use_extra_bufts off, see Reference);
+// - the same weight layout on both sides: each weight in the first of the CPU's extra buffer types
+//   (repacked for other kernels, or AMX) that runs the op it feeds, else the plain buffer — the
+//   engine's default and libllama's use_extra_bufts; or both plain (--no-repack against
+//   use_extra_bufts off, RandomArch's Q4_0 case once more);
 // - the same ubatch split (512 from the front) and the same order of KV cells (StreamingLLM below).
 #include <cmath>
 #include <functional>
@@ -35,15 +38,15 @@ const bool kQuietLibllama = (llama_log_set([](ggml_log_level, const char *, void
 class Reference {
   public:
     // n_seq_max 2: room for a filler sequence (fill()) beside sequence 0.
-    Reference(const std::string & path, int n_ctx, int n_seq_max = 1) {
+    Reference(const std::string & path, int n_ctx, int n_seq_max = 1, bool repack = true) {
         llama_model_params mp = llama_model_default_params();
         mp.n_gpu_layers       = 0;
-        // The engine keeps weights in ggml's plain CPU buffer and never repacks them. With extra
-        // buffer types libllama would repack some types for other kernels (Q4_0, Q4_K, IQ4_NL on
-        // AVX2, Q2_K on AVX-512) or hand Q4_0/Q4_1/Q8_0/K-quants to AMX on Intel CPUs that have it,
-        // so its logits would depend on the CPU and differ from ours. When the engine learns to
-        // repack (issue 15), this must make the same choice as the engine.
-        mp.use_extra_bufts      = false;
+        // Which weights are repacked (Q4_0, Q4_K, IQ4_NL on AVX2, Q2_K on AVX-512) or handed to
+        // AMX (Intel CPUs that have it) depends on the CPU, and a repacked weight is multiplied by
+        // other kernels than a plain one: libllama must place every weight as the engine does.
+        // Both ask the CPU's extra buffer types, in the CPU's order, whether they run the op the
+        // weight feeds (docs/ENGINE.md "Weights layout"); `repack` false: neither asks.
+        mp.use_extra_bufts      = repack;
         model_                  = llama_model_load_from_file(path.c_str(), mp);
         llama_context_params cp = llama_context_default_params();
         cp.n_ctx                = n_ctx;
@@ -193,17 +196,44 @@ TEST_P(RandomArch, FullKvMatchesLibllama) {
     report(c.name, prompt, cmp);
 }
 
-// f32 weights for every architecture; Q4_0 once more, a type libllama would repack for other
-// kernels on AVX2 CPUs if its extra buffer types were on.
-INSTANTIATE_TEST_SUITE_P(Archs, RandomArch,
-                         testing::Values(ArchCase{ "llama", "--arch llama --preset tiny --seed 1" },
-                                         ArchCase{ "llama3_rope_freqs",
-                                                   "--arch llama --preset tiny --rope-freqs --seed 2" },
-                                         ArchCase{ "mistral3", "--arch mistral3 --preset tiny --seed 3" },
-                                         ArchCase{ "qwen2", "--arch qwen2 --preset tiny --seed 4" },
-                                         ArchCase{ "qwen3", "--arch qwen3 --preset tiny --seed 5" },
-                                         ArchCase{ "llama_q4_0", "--arch llama --preset tiny --type q4_0 --seed 6" }),
-                         [](const testing::TestParamInfo<ArchCase> & i) { return std::string(i.param.name); });
+// f32 weights for every architecture; Q4_0 once more, a type both sides repack for other kernels
+// on AVX2 CPUs (the engine's matmul weights then sit in an extra buffer type; weights_test checks
+// that they do), and Q4_0 with a tied output, which both copy into the matmul layout.
+INSTANTIATE_TEST_SUITE_P(
+    Archs, RandomArch,
+    testing::Values(ArchCase{ "llama", "--arch llama --preset tiny --seed 1" },
+                    ArchCase{ "llama3_rope_freqs", "--arch llama --preset tiny --rope-freqs --seed 2" },
+                    ArchCase{ "mistral3", "--arch mistral3 --preset tiny --seed 3" },
+                    ArchCase{ "qwen2", "--arch qwen2 --preset tiny --seed 4" },
+                    ArchCase{ "qwen3", "--arch qwen3 --preset tiny --seed 5" },
+                    ArchCase{ "llama_q4_0", "--arch llama --preset tiny --type q4_0 --seed 6" },
+                    ArchCase{ "llama_q4_0_tied", "--arch llama --preset tiny --type q4_0 --tied --seed 8" }),
+    [](const testing::TestParamInfo<ArchCase> & i) { return std::string(i.param.name); });
+
+// --no-repack against libllama without extra buffer types: both keep the Q4_0 weights plain and
+// multiply them with ggml's vec_dot kernels.
+TEST(Reference, PlainQ4_0WeightsMatchLibllamaWithoutExtraBufferTypes) {
+    const std::string path = testing::TempDir() + "pkv_random_llama_q4_0_plain.gguf";
+    const CliResult made = run_cli(PKV_MAKE_GGUF_BIN, "--arch llama --preset tiny --type q4_0 --seed 6 --out " + path +
+                                                          " --vocab-from " + embedded_model());
+    ASSERT_EQ(made.exit_code, 0) << made.err;
+    std::vector<int32_t> prompt;
+    for (int i = 0; i < 150; ++i) prompt.push_back((i * 7919 + 13) % 4000 + 100);
+    Reference ref(path, 256, 1, /*repack=*/false);
+    ASSERT_TRUE(ref.ok());
+    EngineOptions o;
+    o.model_path     = path;
+    o.device         = "cpu";
+    o.n_threads      = kThreads;
+    o.repack_weights = false;
+    Engine engine(o);
+    for (const auto & [buft, bytes] : engine.model().weight_buffers()) EXPECT_EQ(buft, "CPU");
+    Session ours(engine, CompressionParams{ "full" });
+    ours.prefill(prompt);
+    const Comparison cmp = compare_with_reference(ours, ref, prompt, 64);
+    EXPECT_EQ(cmp.steps, 64);
+    report("llama_q4_0 without repacking", prompt, cmp);
+}
 
 TEST(Reference, UnsupportedArchitectureIsRefused) {
     const std::string path = testing::TempDir() + "pkv_random_gpt2.gguf";

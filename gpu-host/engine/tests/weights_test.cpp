@@ -1,0 +1,179 @@
+// Where the weights live (model.cpp: each in the first buffer type that runs the op it feeds) and
+// the op check every graph passes before it runs (backend_check.cpp). Whether a repacked layout
+// computes what libllama's computes is reference_test's business; here: the placement itself, and
+// one line instead of an abort for an op the backend lacks.
+#include "backend_check.h"
+#include "error.h"
+#include "ggml-cpu.h"
+#include "test_util.h"
+
+namespace pkv::test {
+namespace {
+
+std::string random_q4_0(const std::string & name, const std::string & flags = "") {
+    const std::string path = testing::TempDir() + "pkv_weights_" + name + ".gguf";
+    const CliResult   made = run_cli(PKV_MAKE_GGUF_BIN, "--arch llama --preset tiny --type q4_0 --seed 7 " + flags +
+                                                            " --out " + path + " --vocab-from " + embedded_model());
+    EXPECT_EQ(made.exit_code, 0) << made.err;
+    return path;
+}
+
+std::unique_ptr<Engine> cpu_engine(const std::string & path, bool repack) {
+    EngineOptions o;
+    o.model_path     = path;
+    o.device         = "cpu";
+    o.n_threads      = 1;
+    o.repack_weights = repack;
+    return std::make_unique<Engine>(o);
+}
+
+ggml_backend_buffer_type_t buft_of(const ggml_tensor * t) { return ggml_backend_buffer_get_type(t->buffer); }
+
+// The buffer type the loader's rule picks for a fresh tensor of `t`'s type and shape.
+ggml_backend_buffer_type_t expected_buft(const Engine & e, const ggml_tensor * t, WeightUse use, bool repack) {
+    ggml_init_params           ip{ ggml_tensor_overhead(), nullptr, true };
+    ggml_context *             ctx   = ggml_init(ip);
+    ggml_tensor *              fresh = ggml_dup_tensor(ctx, t);
+    ggml_backend_buffer_type_t b =
+        choose_weight_buffer_type(e.backend(), weight_buffer_types(e.backend(), repack), fresh, use, e.config());
+    ggml_free(ctx);
+    return b;
+}
+
+TEST(Weights, Q4_0MatmulWeightsGoToTheCpusRepackingTypeAndGetRowsStaysPlain) {
+    const std::string          path  = random_q4_0("tied", "--tied");
+    auto                       e     = cpu_engine(path, true);
+    const Model &              m     = e->model();
+    ggml_backend_buffer_type_t plain = ggml_backend_cpu_buffer_type();
+    ASSERT_EQ(weight_buffer_types(e->backend(), true).back(), plain);
+    // get_rows reads rows in ggml's block layout: no extra buffer type takes it.
+    EXPECT_EQ(buft_of(m.token_embd), plain);
+    EXPECT_EQ(buft_of(m.output_norm), plain);
+    for (const LayerWeights & l : m.layers) {
+        EXPECT_EQ(buft_of(l.attn_norm), plain);
+        EXPECT_EQ(buft_of(l.ffn_norm), plain);
+        for (const ggml_tensor * w : { l.wq, l.wk, l.wv, l.wo, l.ffn_gate, l.ffn_up, l.ffn_down })
+            EXPECT_EQ(buft_of(w), expected_buft(*e, w, WeightUse::matmul, true)) << w->name;
+    }
+    EXPECT_EQ(buft_of(m.output), expected_buft(*e, m.token_embd, WeightUse::matmul, true));
+    if (ggml_cpu_has_avx2()) {
+        // Every x86-64 CPU the suite runs on has AVX2, where ggml repacks Q4_0 for its 8x8
+        // kernels (or AMX takes it first): the matmul weights and the tied output must move.
+        EXPECT_NE(buft_of(m.layers[0].wq), plain) << ggml_backend_buft_name(buft_of(m.layers[0].wq));
+        EXPECT_NE(m.output, m.token_embd) << "the tied output must be a copy in the matmul layout";
+        EXPECT_NE(buft_of(m.output), plain);
+        EXPECT_GE(m.weight_buffers().size(), 2u);
+    }
+    // Placed weights decode: the logits of a few tokens are finite.
+    Session s(*e, CompressionParams{ "full" });
+    s.prefill({ 100, 200, 300, 400 });
+    s.decode(argmax(s.logits()));
+    for (float x : s.logits()) ASSERT_TRUE(std::isfinite(x));
+}
+
+TEST(Weights, NoRepackKeepsEveryWeightInThePlainBuffer) {
+    const std::string path = random_q4_0("tied_plain", "--tied");
+    auto              e    = cpu_engine(path, false);
+    const Model &     m    = e->model();
+    ASSERT_EQ(weight_buffer_types(e->backend(), false).size(), 1u);
+    ASSERT_EQ(m.weight_buffers().size(), 1u);
+    EXPECT_EQ(m.weight_buffers()[0].first, "CPU");
+    EXPECT_EQ(m.output, m.token_embd) << "tied output shares token_embd when both are plain";
+    for (const LayerWeights & l : m.layers) EXPECT_EQ(buft_of(l.wq), ggml_backend_cpu_buffer_type());
+}
+
+// A graph of one node: `w` [64, 8] times `x` [64, 4].
+struct OneMatmul {
+    ggml_context * ctx = nullptr;
+    ggml_cgraph *  gf  = nullptr;
+    OneMatmul(ggml_type w_type, ggml_type x_type, int n = 4) {
+        ggml_init_params ip{ ggml_tensor_overhead() * 8 + ggml_graph_overhead(), nullptr, true };
+        ctx             = ggml_init(ip);
+        ggml_tensor * w = ggml_new_tensor_2d(ctx, w_type, 64, 8);
+        ggml_tensor * x = ggml_new_tensor_2d(ctx, x_type, 64, n);
+        gf              = ggml_new_graph(ctx);
+        ggml_build_forward_expand(gf, ggml_mul_mat(ctx, w, x));
+    }
+    ~OneMatmul() { ggml_free(ctx); }
+};
+
+TEST(OpCheck, AnOpTheCpuLacksIsOneLineNamingTheOpAndTheBackend) {
+    ggml_backend_t cpu = ggml_backend_init_by_type(GGML_BACKEND_DEVICE_TYPE_CPU, nullptr);
+    ASSERT_NE(cpu, nullptr);
+    // The CPU multiplies Q4_0 by f32 (or by its Q8_0 vec_dot type), never by f16.
+    OneMatmul bad(GGML_TYPE_Q4_0, GGML_TYPE_F16);
+    ASSERT_FALSE(ggml_backend_supports_op(cpu, ggml_graph_node(bad.gf, 0)));
+    OpCheck check;
+    try {
+        check.check(cpu, bad.gf);
+        ADD_FAILURE() << "no error";
+    } catch (const Error & e) {
+        const std::string msg = e.what();
+        EXPECT_EQ(e.param, "--device");
+        EXPECT_NE(msg.find("MUL_MAT"), std::string::npos) << msg;
+        EXPECT_NE(msg.find("CPU cannot run"), std::string::npos) << msg;
+        EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+    }
+    EXPECT_EQ(check.shapes_checked(), 0u) << "a refused shape is not remembered as checked";
+    OneMatmul good(GGML_TYPE_Q4_0, GGML_TYPE_F32);
+    EXPECT_NO_THROW(check.check(cpu, good.gf));
+    ggml_backend_free(cpu);
+}
+
+TEST(OpCheck, EachShapeIsAskedOnceWhateverItsLengths) {
+    ggml_backend_t cpu   = ggml_backend_init_by_type(GGML_BACKEND_DEVICE_TYPE_CPU, nullptr);
+    int            asked = 0;
+    OpCheck        check;
+    check.set_supports([&](ggml_backend_t b, const ggml_tensor * t) {
+        ++asked;
+        return ggml_backend_supports_op(b, t);
+    });
+    OneMatmul a(GGML_TYPE_Q4_0, GGML_TYPE_F32, 4), longer(GGML_TYPE_Q4_0, GGML_TYPE_F32, 77);
+    OneMatmul other(GGML_TYPE_Q8_0, GGML_TYPE_F32, 4);
+    check.check(cpu, a.gf);
+    EXPECT_EQ(asked, 1);
+    check.check(cpu, a.gf);
+    check.check(cpu, longer.gf);  // same ops and types, another length: the same shape
+    EXPECT_EQ(asked, 1);
+    EXPECT_EQ(OpCheck::shape_of(a.gf), OpCheck::shape_of(longer.gf));
+    EXPECT_NE(OpCheck::shape_of(a.gf), OpCheck::shape_of(other.gf));
+    check.check(cpu, other.gf);
+    EXPECT_EQ(asked, 2);
+    EXPECT_EQ(check.shapes_checked(), 2u);
+    ggml_backend_free(cpu);
+}
+
+// Through the engine: a backend that lacks flash attention (a narrowed check standing in for
+// one) refuses the prefill with one line instead of aborting, and decode steps of one shape are
+// checked once.
+TEST(OpCheck, TheEngineRefusesAGraphItsBackendCannotRun) {
+    auto e     = cpu_engine(random_q4_0("opcheck"), true);
+    int  asked = 0;
+    e->op_check().set_supports([&](ggml_backend_t b, const ggml_tensor * t) {
+        ++asked;
+        return ggml_backend_supports_op(b, t);
+    });
+    Session s(*e, CompressionParams{ "full" });
+    s.prefill({ 100, 200, 300 });
+    s.decode(argmax(s.logits()));
+    const int after_first_step = asked;
+    EXPECT_GT(after_first_step, 0);
+    for (int i = 0; i < 5; ++i) s.decode(argmax(s.logits()));
+    EXPECT_EQ(asked, after_first_step) << "decode steps of one shape are checked once";
+
+    e->op_check().set_supports([](ggml_backend_t b, const ggml_tensor * t) {
+        return t->op != GGML_OP_FLASH_ATTN_EXT && ggml_backend_supports_op(b, t);
+    });
+    Session other(*e, CompressionParams{ "full" });
+    try {
+        other.prefill({ 100, 200, 300 });
+        ADD_FAILURE() << "no error";
+    } catch (const Error & err) {
+        const std::string msg = err.what();
+        EXPECT_NE(msg.find("CPU cannot run FLASH_ATTN_EXT"), std::string::npos) << msg;
+        EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+    }
+}
+
+}  // namespace
+}  // namespace pkv::test
