@@ -281,7 +281,7 @@ run_all() {
   fi
   local src
   if src="$(git rev-parse --short HEAD 2>/dev/null)"; then
-    src="commit $src, $(git status --porcelain 2>/dev/null | wc -l) files uncommitted"
+    src="commit $src, $(git status --porcelain -- . 2>/dev/null | wc -l) files uncommitted here"
   else
     src="$(head -n 2 "$CARRY/SOURCE" 2>/dev/null | paste -sd, - || echo unknown) (packed)"
   fi
