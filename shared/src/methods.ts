@@ -40,6 +40,7 @@ export const ENGINE_DEFAULTS = {
   head_aggregation: "mean",
   chunk_size: 8192,
   max_tokens: 256,
+  kv_type: "f16",
 } as const satisfies EngineDefaults;
 
 /** One method as the engine lists it (`methods` of hello and of `pkv-engine methods --json`). */
@@ -61,6 +62,8 @@ export interface EngineDefaults {
   readonly head_aggregation: string;
   readonly chunk_size: number;
   readonly max_tokens: number;
+  /** storage type of the pooled KV entries (f16, q8_0, q4_0): the engine's --kv-type */
+  readonly kv_type: string;
 }
 
 /** The engine's methods and defaults: `pkv-engine methods --json`, or the same fields of hello. */
@@ -106,10 +109,12 @@ export function parseEngineCatalog(value: unknown): EngineCatalog {
       fail(`methods[${i}].min_budget`, "must be an integer >= 1");
   }
   if (!isObject(defaults)) return fail("'defaults'", "must be an object");
+  // An engine before protocol 2.2 lists no kv_type: it stores f16 only.
+  const withType = defaults.kv_type === undefined ? { ...defaults, kv_type: "f16" } : defaults;
   for (const [k, v] of Object.entries(ENGINE_DEFAULTS)) {
-    if (typeof defaults[k] !== typeof v) fail(`defaults.${k}`, `must be a ${typeof v}`);
+    if (typeof withType[k] !== typeof v) fail(`defaults.${k}`, `must be a ${typeof v}`);
   }
   if (!seen.has(defaults.method as string))
     fail("defaults.method", `'${String(defaults.method)}' is not a listed method`);
-  return { methods: methods as EngineCatalog["methods"], defaults: defaults as unknown as EngineDefaults };
+  return { methods: methods as EngineCatalog["methods"], defaults: withType as unknown as EngineDefaults };
 }

@@ -14,7 +14,7 @@ import { runRuler } from "./ruler-run.js";
 
 export const EVAL_USAGE = `usage: pkv eval <needle|ruler|longbench> [options]
 common: [--model M] [--methods full,pyramidkv,snapkv,h2o,streamingllm] [--budgets 64,128,256,512]
-        [--out DIR] [--resume] [--json] [--threads N]
+        [--out DIR] [--resume] [--json] [--threads N] [--kv-type f16|q8_0|q4_0]
   needle    [--lengths 1024,2048 | start:stop:step] [--depths 11 | 0,50,100] [--haystack-dir DIR | --haystack noise]
             [--needle S] [--question S] [--answer S] [--chat-template] [--report-only]
   ruler     [--tasks ${RULER_TASKS.join(",")}] [--lengths 4096] [--limit N] [--seed S] [--haystack-dir DIR]

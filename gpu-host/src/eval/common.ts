@@ -15,6 +15,8 @@ export interface CommonOptions {
   resume: boolean;
   json: boolean;
   threads?: number;
+  /** the engine's --kv-type (f16, q8_0, q4_0; default the engine's f16) */
+  kvType?: string;
 }
 
 /** Every method the engine has, in the reports' order. */
@@ -44,6 +46,7 @@ export const COMMON_FLAGS = {
   resume: bool(),
   json: bool(),
   threads: int({ min: 1, max: 1024 }),
+  "kv-type": string(),
 };
 
 export function commonOptions(values: FlagValues<typeof COMMON_FLAGS>, defaultOut: string): CommonOptions {
@@ -54,6 +57,7 @@ export function commonOptions(values: FlagValues<typeof COMMON_FLAGS>, defaultOu
     resume: values.resume,
     json: values.json,
     threads: values.threads,
+    kvType: values["kv-type"],
   };
 }
 

@@ -53,6 +53,8 @@ export interface EvalEngineOptions {
   model?: string;
   threads?: number;
   kvPoolBytes?: number;
+  /** storage type of the KV entries (the engine's --kv-type; forks inherit the source's) */
+  kvType?: string;
 }
 
 export class EvalEngine {
@@ -75,6 +77,7 @@ export class EvalEngine {
       threads: o.threads,
       kvPoolBytes: o.kvPoolBytes ?? 1 << 30,
       chunkSize: 0,
+      kvType: o.kvType,
     });
   }
 

@@ -48,7 +48,7 @@ export async function runLongBench(
   // read and check every dataset before starting the engine
   const data = o.datasets.map((d) => ({ dataset: d, rows: readDataset(o.dataDir, d).slice(0, o.limit ?? Infinity) }));
   const results = new ResultsFile<LongBenchResultRow>(o.out, "longbench.jsonl", o.resume, rowKey);
-  const engine = await EvalEngine.start({ model: o.model, threads: o.threads });
+  const engine = await EvalEngine.start({ model: o.model, threads: o.threads, kvType: o.kvType });
   try {
     const jobs: PromptJob[] = [];
     const meta = new Map<

@@ -108,7 +108,7 @@ export async function runNeedle(
 }
 
 async function runGrid(o: NeedleRunOptions & { lengths: number[] }, results: ResultsFile<NeedleRow>): Promise<void> {
-  const engine = await EvalEngine.start({ model: o.model, threads: o.threads });
+  const engine = await EvalEngine.start({ model: o.model, threads: o.threads, kvType: o.kvType });
   try {
     const maxLen = Math.max(...o.lengths);
     if (maxLen + NEEDLE_MAX_NEW_TOKENS > engine.nCtx + RESERVED_TOKENS) {

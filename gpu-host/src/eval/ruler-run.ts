@@ -44,7 +44,7 @@ export async function runRuler(o: RulerRunOptions, log: (s: string) => void = (s
     );
   }
   const results = new ResultsFile<RulerRow>(o.out, "ruler.jsonl", o.resume, rowKey);
-  const engine = await EvalEngine.start({ model: o.model, threads: o.threads });
+  const engine = await EvalEngine.start({ model: o.model, threads: o.threads, kvType: o.kvType });
   try {
     const maxLen = Math.max(...o.lengths);
     if (maxLen + 128 > engine.nCtx)
