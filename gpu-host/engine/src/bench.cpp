@@ -193,6 +193,14 @@ std::string flag(const Flags & a, const std::string & k, const std::string & d) 
     return it == a.end() ? d : it->second;
 }
 
+// --kv-type: the storage type of every session a benchmark opens (default f16).
+KvType bench_kv_type(const Flags & a) {
+    KvType            t       = KvType::F16;
+    const std::string problem = parse_kv_type(flag(a, "--kv-type", kv_type_name(t)), "--kv-type", t);
+    if (!problem.empty()) throw Error("", problem);
+    return t;
+}
+
 int default_threads() { return (int) std::max(1u, std::thread::hardware_concurrency()); }
 
 long peak_rss_kib() {
@@ -250,6 +258,7 @@ int bench_single(const Flags & a) {
     eo.model_path     = get("--model", default_model_path());
     eo.n_threads      = threads;
     eo.device         = get("--device", "auto");
+    eo.kv_type        = bench_kv_type(a);
     eo.repack_weights = !a.count("--no-repack");
     int longest       = std::max(*std::max_element(prefill.begin(), prefill.end()), budget_depth);
     for (int d : depths) longest = std::max(longest, d);
@@ -445,6 +454,7 @@ int bench_sessions(const Flags & a) {
     eo.model_path     = flag(a, "--model", default_model_path());
     eo.n_threads      = threads;
     eo.device         = flag(a, "--device", "auto");
+    eo.kv_type        = bench_kv_type(a);
     eo.repack_weights = !a.count("--no-repack");
     eo.n_ctx          = n + n_gen + 1;
     eo.kv_pool_bytes  = a.count("--kv-pool-bytes") ? std::stoull(a.at("--kv-pool-bytes")) : 0;
@@ -605,6 +615,7 @@ int bench_prefill_memory(const Flags & a) {
     eo.model_path     = model;
     eo.n_threads      = threads;
     eo.device         = flag(a, "--device", "auto");
+    eo.kv_type        = bench_kv_type(a);
     eo.repack_weights = !a.count("--no-repack");
     eo.n_ctx          = n + 1;
     // budget + chunk per layer, plus page and growth slack: the bound chunked prefill promises
@@ -630,6 +641,7 @@ int bench_pool_fit(const Flags & a) {
     eo.model_path     = flag(a, "--model", default_model_path());
     eo.n_threads      = int_list("--threads", flag(a, "--threads", std::to_string(default_threads())), 1)[0];
     eo.device         = flag(a, "--device", "auto");
+    eo.kv_type        = bench_kv_type(a);
     eo.repack_weights = !a.count("--no-repack");
     eo.n_ctx          = n + 1;
     eo.kv_pool_bytes  = pool;
@@ -638,8 +650,10 @@ int bench_pool_fit(const Flags & a) {
     source.set_keep_scores(true);
     source.prefill(random_tokens(n, engine.config().n_vocab, 5));
     const size_t source_bytes = source.stats().pool_bytes;
-    std::printf("sessions of %d tokens in a %.2f GiB KV pool (the source prefill's %.1f MiB counted as free) | %s\n", n,
-                pool / 1073741824.0, source_bytes / 1048576.0, eo.model_path.c_str());
+    std::printf(
+        "sessions of %d tokens in a %.2f GiB KV pool (the source prefill's %.1f MiB counted as free), KV type %s | "
+        "%s\n",
+        n, pool / 1073741824.0, source_bytes / 1048576.0, kv_type_name(eo.kv_type), eo.model_path.c_str());
     std::vector<std::pair<std::string, int>> fits;
     for (const std::string & m : { std::string(exact_method().name), CompressionParams{}.method }) {
         CompressionParams p;

@@ -59,14 +59,24 @@ Engine::Engine(const EngineOptions & opt) : opt_(opt) {
         ggml_backend_free(backend_);
         throw;
     }
-    const ModelConfig & c          = model_->config();
-    const size_t        per_slot   = 2 * (size_t) c.n_head_kv * c.head_dim * sizeof(ggml_fp16_t);
-    const size_t        pool_bytes = opt_.kv_pool_bytes > 0 ? opt_.kv_pool_bytes
-                                     : opt_.kv_pool_tokens > 0
-                                         ? per_slot * c.n_layer * opt_.kv_pool_tokens
-                                         : per_slot * c.n_layer * ((size_t) n_ctx() + opt_.n_ubatch + 64);
+    const ModelConfig & c        = model_->config();
+    const size_t        per_slot = kv_entry_bytes(opt_.kv_type, c.head_dim, c.n_head_kv);
+    // Entries of a quantised type do not tile a page exactly: a run can lose one to the alignment
+    // of its start, so a pool sized in entries gets a page per layer more (docs/ENGINE.md "KV pool").
+    const size_t slack      = opt_.kv_type == KvType::F16
+                                  ? 0
+                                  : (size_t) c.n_layer * 16 * kv_entry_bytes(KvType::F16, c.head_dim, c.n_head_kv);
+    const size_t pool_bytes = opt_.kv_pool_bytes > 0 ? opt_.kv_pool_bytes
+                              : opt_.kv_pool_tokens > 0
+                                  ? per_slot * c.n_layer * opt_.kv_pool_tokens + slack
+                                  : per_slot * c.n_layer * ((size_t) n_ctx() + opt_.n_ubatch + 64) + slack;
     try {
         pool_ = std::make_unique<KvPool>(backend_, c.head_dim, c.n_head_kv, pool_bytes);
+        if (!pool_->supports(opt_.kv_type)) {
+            throw Error("--kv-type", std::string(kv_type_name(opt_.kv_type)) +
+                                         " needs head_dim to be a multiple of 32 (the model's is " +
+                                         std::to_string(c.head_dim) + "); accepted for this model: f16");
+        }
     } catch (...) {
         model_.reset();
         ggml_backend_free(backend_);
@@ -140,7 +150,14 @@ void Engine::decode_batch(const std::vector<Session *> & sessions, const std::ve
         s->reserve(1);
         items.push_back({ s, &tokens[i], 1 });
     }
-    forward(items, ForwardOptions{});
+    // A graph writes and reads the pool tensors of one storage type: sessions of several types
+    // decode in one graph per type (at most kKvTypes).
+    for (KvType t : all_kv_types()) {
+        std::vector<ForwardItem> of_type;
+        for (const ForwardItem & it : items)
+            if (it.session->kv_type() == t) of_type.push_back(it);
+        if (!of_type.empty()) forward(of_type, ForwardOptions{});
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -199,6 +216,10 @@ Engine::ForwardGraph Engine::build_forward(const std::vector<ForwardItem> & item
     fg.window_probs.assign(c.n_layer, nullptr);
     fg.attention_sums.assign(c.n_layer, nullptr);
 
+    const KvType kv_type = items[0].session->kv_type();
+    for (const ForwardItem & it : items) {
+        if (it.session->kv_type() != kv_type) throw Error("engine", "one forward graph holds one KV storage type");
+    }
     ggml_tensor * x = ggml_get_rows(ctx, m.token_embd, fg.tokens);  // [n_embd, n_total]
     for (int il = 0; il < c.n_layer; ++il) {
         const LayerWeights & w      = m.layers[il];
@@ -227,8 +248,9 @@ Engine::ForwardGraph Engine::build_forward(const std::vector<ForwardItem> & item
 
         // Append every token's K, V at its session's next slot of this layer. Reading the store
         // through set_rows' result orders these writes before the attention.
-        ggml_tensor * kc = ggml_set_rows(ctx, pool_->k(), ggml_permute(ctx, k, 0, 2, 1, 3), fg.slots[il]);
-        ggml_tensor * vc = ggml_set_rows(ctx, pool_->v(), ggml_permute(ctx, v, 0, 2, 1, 3), fg.slots[il]);
+        // Quantised types are quantised here, row by row (ggml's blocks of 32 along head_dim).
+        ggml_tensor * kc = ggml_set_rows(ctx, pool_->k(kv_type), ggml_permute(ctx, k, 0, 2, 1, 3), fg.slots[il]);
+        ggml_tensor * vc = ggml_set_rows(ctx, pool_->v(kv_type), ggml_permute(ctx, v, 0, 2, 1, 3), fg.slots[il]);
         ggml_tensor * qp = ggml_permute(ctx, q, 0, 2, 1, 3);  // [head_dim, n_total, n_head]
 
         cur = build_attention(fg, items, fo, il, qp, kc, vc);  // [n_head * head_dim, n_total]
@@ -375,6 +397,10 @@ void Engine::build_scores(ForwardGraph & fg, const ForwardOptions & fo, int il, 
     ggml_context * ctx      = fg.g.ctx;
     const float    kq_scale = 1.0f / std::sqrt((float) config().head_dim);
     const int      n_tok = (int) q->ne[1], n_kv = (int) k->ne[1];
+    // Quantised keys are dequantised to f32 for the scores: the product with a quantised K would
+    // round the queries to q8_0 as well, so the only difference from f16's scores is the keys'
+    // own rounding (docs/ENGINE.md "KV types").
+    if (ggml_is_quantized(k->type)) k = ggml_cast(ctx, k, GGML_TYPE_F32);
     if (fo.window_probs > 0) {
         // SnapKV: the last window queries against every key, an α×n product per layer.
         const int     nw = fo.window_probs;

@@ -32,6 +32,7 @@ struct EngineOptions {
                                                 // both 0: one FullKV session of n_ctx tokens + one ubatch
     bool            repack_weights   = true;    // false: weights in the plain buffer (--no-repack)
     DecodeAttention decode_attention = DecodeAttention::batched;
+    KvType          kv_type          = KvType::F16;  // storage type of a session's entries unless it asks
 };
 
 // A decode step's session whose layer holds this many entries or more attends over its own pages

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <numeric>
 #include <string>
 
 #include "error.h"
@@ -14,16 +15,65 @@ const char * kParam = "--kv-pool-bytes";
 
 }  // namespace
 
+const std::vector<KvType> & all_kv_types() {
+    static const std::vector<KvType> types = { KvType::F16, KvType::Q8_0, KvType::Q4_0 };
+    return types;
+}
+
+const char * kv_type_name(KvType t) {
+    switch (t) {
+        case KvType::F16: return "f16";
+        case KvType::Q8_0: return "q8_0";
+        case KvType::Q4_0: return "q4_0";
+    }
+    return "f16";
+}
+
+ggml_type kv_ggml_type(KvType t) {
+    switch (t) {
+        case KvType::F16: return GGML_TYPE_F16;
+        case KvType::Q8_0: return GGML_TYPE_Q8_0;
+        case KvType::Q4_0: return GGML_TYPE_Q4_0;
+    }
+    return GGML_TYPE_F16;
+}
+
+std::string kv_type_names_joined(const char * sep) {
+    std::string out;
+    for (KvType t : all_kv_types()) out += (out.empty() ? "" : sep) + std::string(kv_type_name(t));
+    return out;
+}
+
+std::string parse_kv_type(const std::string & name, const char * param, KvType & out) {
+    for (KvType t : all_kv_types()) {
+        if (name == kv_type_name(t)) {
+            out = t;
+            return "";
+        }
+    }
+    return std::string(param) + ": '" + name + "' is not one of " + kv_type_names_joined();
+}
+
+size_t kv_entry_bytes(KvType t, int head_dim, int n_head_kv) {
+    return 2 * (size_t) n_head_kv * ggml_row_size(kv_ggml_type(t), head_dim);
+}
+
 KvPool::KvPool(ggml_backend_t backend, int head_dim, int n_head_kv, size_t capacity_bytes, int page_slots)
     : backend_(backend), head_dim_(head_dim), n_head_kv_(n_head_kv), page_slots_(page_slots) {
     if (!backend || head_dim <= 0 || n_head_kv <= 0 || page_slots <= 0) {
         throw Error("kv", "invalid KV pool shape (head_dim " + std::to_string(head_dim) + ", n_head_kv " +
                               std::to_string(n_head_kv) + ", page_slots " + std::to_string(page_slots) + ")");
     }
-    const size_t page  = bytes_per_page();
+    page_bytes_        = bytes_per_slot(KvType::F16) * page_slots_;
+    const size_t page  = page_bytes_;
     const size_t pages = capacity_bytes / page;
-    // Slots are addressed with int: n_slots = n_pages * page_slots must fit.
-    const size_t max_pages = (size_t) (INT_MAX / page_slots);
+    // Slots are addressed with int: the most slots of any type (the smallest entries) must fit.
+    size_t smallest = bytes_per_slot(KvType::F16);
+    for (KvType t : all_kv_types()) {
+        if (t == KvType::F16 || head_dim % (int) ggml_blck_size(kv_ggml_type(t)) == 0)
+            smallest = std::min(smallest, bytes_per_slot(t));
+    }
+    const size_t max_pages = (size_t) INT_MAX / ((page + smallest - 1) / smallest);
     if (pages < 1) {
         throw Error(kParam, std::to_string(capacity_bytes) + " bytes cannot hold one page of " + std::to_string(page) +
                                 " bytes (" + std::to_string(page_slots) + " slots of " +
@@ -35,25 +85,49 @@ KvPool::KvPool(ggml_backend_t backend, int head_dim, int n_head_kv, size_t capac
                                 " pages of " + std::to_string(page) + " bytes; accepted range: " +
                                 std::to_string(page) + " to " + std::to_string(max_pages * page) + " bytes");
     }
-    n_pages_              = (int) pages;
-    const int64_t n_slots = (int64_t) n_pages_ * page_slots_;
+    n_pages_           = (int) pages;
+    const size_t total = this->capacity_bytes();
 
-    ggml_init_params ip{ ggml_tensor_overhead() * 3, nullptr, /*no_alloc=*/true };
+    ggml_init_params ip{ ggml_tensor_overhead() * 3 * kKvTypes, nullptr, /*no_alloc=*/true };
     ctx_ = ggml_init(ip);
     if (!ctx_) throw Error(kParam, "cannot create the KV pool's ggml context");
-    k_ = ggml_new_tensor_3d(ctx_, GGML_TYPE_F16, head_dim, n_slots, n_head_kv);
-    v_ = ggml_new_tensor_3d(ctx_, GGML_TYPE_F16, head_dim, n_slots, n_head_kv);
-    ggml_set_name(k_, "kv_pool.k");
-    ggml_set_name(v_, "kv_pool.v");
-    buffer_ = ggml_backend_alloc_ctx_tensors(ctx_, backend);
+    buffer_ = ggml_backend_alloc_buffer(backend, total);
     if (!buffer_) {
         ggml_free(ctx_);
         ctx_ = nullptr;
-        throw Error(kParam, std::to_string(capacity_bytes) + " bytes (" + std::to_string(this->capacity_bytes()) +
+        throw Error(kParam, std::to_string(capacity_bytes) + " bytes (" + std::to_string(total) +
                                 " in whole pages) cannot be allocated on backend " + ggml_backend_name(backend) +
                                 "; accepted range: " + std::to_string(page) + " bytes up to what the device has free");
     }
-    // Zeroed once so slots that were never written hold finite values (masked attention reads them).
+    // Every type's tensors cover the whole buffer: a run's pages hold entries of its own type only,
+    // so the aliases never see each other's bytes where it matters.
+    void * base = ggml_backend_buffer_get_base(buffer_);
+    for (KvType t : all_kv_types()) {
+        const ggml_type gt = kv_ggml_type(t);
+        if (head_dim % (int) ggml_blck_size(gt) != 0) continue;  // quantised blocks must tile a row
+        const int     i        = (int) t;
+        const int64_t n_slot   = (int64_t) (total / bytes_per_slot(t));
+        base_[i]               = ggml_new_tensor_3d(ctx_, gt, head_dim, 2 * n_head_kv, n_slot);
+        const size_t row       = base_[i]->nb[1];
+        const size_t slot      = base_[i]->nb[2];
+        k_[i]                  = ggml_view_3d(ctx_, base_[i], head_dim, n_slot, n_head_kv, slot, row, 0);
+        v_[i]                  = ggml_view_3d(ctx_, base_[i], head_dim, n_slot, n_head_kv, slot, row, n_head_kv * row);
+        const std::string name = std::string("kv_pool.") + kv_type_name(t);
+        ggml_set_name(base_[i], name.c_str());
+        ggml_set_name(k_[i], (name + ".k").c_str());
+        ggml_set_name(v_[i], (name + ".v").c_str());
+        if (ggml_backend_tensor_alloc(buffer_, base_[i], base) != GGML_STATUS_SUCCESS ||
+            ggml_backend_view_init(k_[i]) != GGML_STATUS_SUCCESS ||
+            ggml_backend_view_init(v_[i]) != GGML_STATUS_SUCCESS) {
+            ggml_backend_buffer_free(buffer_);
+            ggml_free(ctx_);
+            buffer_ = nullptr;
+            ctx_    = nullptr;
+            throw Error(kParam, std::string("cannot place the KV pool's ") + kv_type_name(t) + " tensors");
+        }
+    }
+    // Zeroed once so slots that were never written hold finite values (masked attention reads
+    // them): zero bytes are 0.0 in f16 and a zero scale in q8_0 / q4_0 blocks.
     ggml_backend_buffer_clear(buffer_, 0);
     page_owner_.assign((size_t) n_pages_, kNone);
 }
@@ -63,7 +137,29 @@ KvPool::~KvPool() {
     if (ctx_) ggml_free(ctx_);
 }
 
-size_t KvPool::bytes_per_slot() const { return 2 * (size_t) n_head_kv_ * (size_t) head_dim_ * sizeof(ggml_fp16_t); }
+size_t KvPool::bytes_per_slot(KvType t) const { return kv_entry_bytes(t, head_dim_, n_head_kv_); }
+
+int KvPool::slots_in(int pages, KvType t) const {
+    if (pages <= 0) return 0;
+    // A run starting at a page boundary starts its first entry at the next multiple of the entry
+    // size; page starts are multiples of gcd(page, entry) apart, so at most entry - gcd is lost.
+    const size_t entry = bytes_per_slot(t);
+    const size_t waste = entry - std::gcd(page_bytes_, entry);
+    const size_t bytes = (size_t) pages * page_bytes_;
+    return bytes < waste ? 0 : (int) ((bytes - waste) / entry);
+}
+
+int KvPool::pages_for(int slots, KvType t) const {
+    if (slots <= 0) return 0;
+    const size_t entry = bytes_per_slot(t);
+    const size_t waste = entry - std::gcd(page_bytes_, entry);
+    return (int) (((size_t) slots * entry + waste + page_bytes_ - 1) / page_bytes_);
+}
+
+int KvPool::slot_at(int page, KvType t) const {
+    const size_t entry = bytes_per_slot(t);
+    return (int) (((size_t) page * page_bytes_ + entry - 1) / entry);
+}
 
 void KvPool::set_owner(int first_page, int n_pages, Handle h) {
     std::fill(page_owner_.begin() + first_page, page_owner_.begin() + first_page + n_pages, h);
@@ -81,9 +177,14 @@ int KvPool::find_free_run(int pages) const {
     return -1;
 }
 
-KvPool::Handle KvPool::allocate(int slots) {
+KvPool::Handle KvPool::allocate(int slots, KvType t) {
+    if (!supports(t)) {
+        throw Error("kv_type", std::string(kv_type_name(t)) + " needs head_dim to be a multiple of " +
+                                   std::to_string(ggml_blck_size(kv_ggml_type(t))) + " (the model's is " +
+                                   std::to_string(head_dim_) + "); accepted here: f16");
+    }
     if (slots < 0) return kNone;
-    const int pages = pages_for(slots);
+    const int pages = pages_for(slots, t);
     if (pages > free_pages()) return kNone;
     int first = 0;
     if (pages > 0) {
@@ -102,7 +203,7 @@ KvPool::Handle KvPool::allocate(int slots) {
         h = (Handle) runs_.size();
         runs_.emplace_back();
     }
-    runs_[h] = Run{ first, pages, true };
+    runs_[h] = Run{ first, pages, true, t };
     set_owner(first, pages, h);
     used_pages_ += pages;
     return h;
@@ -111,9 +212,9 @@ KvPool::Handle KvPool::allocate(int slots) {
 bool KvPool::resize(Handle h, int slots, int keep) {
     if (!is_live(h) || slots < 0) return false;
     Run &     r    = runs_[h];
-    const int need = pages_for(slots);
+    const int need = pages_for(slots, r.type);
     const int cur  = r.n_pages;
-    keep           = std::max(0, std::min({ keep, cur * page_slots_, need * page_slots_ }));
+    keep           = std::max(0, std::min({ keep, slots_in(cur, r.type), slots_in(need, r.type) }));
 
     if (need <= cur) {  // shrink (or no change) in place: the first pages keep their data
         set_owner(r.first_page + need, cur - need, kNone);
@@ -138,12 +239,11 @@ bool KvPool::resize(Handle h, int slots, int keep) {
         }
     }
     // 2. Elsewhere, first-fit, where the run's own pages count as free (a run that overlaps the old
-    // one is fine: move_data stages each head's range through host memory).
+    // one is fine: move_data stages the bytes through host memory).
     set_owner(r.first_page, cur, kNone);
     const int to = find_free_run(need);
     if (to >= 0) {
-        if (keep > 0 && to != r.first_page)
-            move_data(r.first_page * page_slots_, to * page_slots_, need * page_slots_, keep);
+        if (keep > 0 && to != r.first_page) move_data(r.type, r.first_page, to, keep);
         r.first_page = to;
         r.n_pages    = need;
         set_owner(to, need, h);
@@ -168,9 +268,29 @@ void KvPool::release(Handle h) {
     free_handles_.push_back(h);
 }
 
-int KvPool::first_slot(Handle h) const { return is_live(h) ? runs_[h].first_page * page_slots_ : -1; }
+int KvPool::first_slot(Handle h) const { return is_live(h) ? slot_at(runs_[h].first_page, runs_[h].type) : -1; }
 
-int KvPool::slot_count(Handle h) const { return is_live(h) ? runs_[h].n_pages * page_slots_ : 0; }
+int KvPool::slot_count(Handle h) const { return is_live(h) ? slots_in(runs_[h].n_pages, runs_[h].type) : 0; }
+
+int KvPool::pages(Handle h) const { return is_live(h) ? runs_[h].n_pages : 0; }
+
+KvType KvPool::type(Handle h) const { return is_live(h) ? runs_[h].type : KvType::F16; }
+
+void KvPool::read_entries(Handle h, int first, int n, uint8_t * dst) const {
+    if (!is_live(h) || n <= 0) return;
+    const Run &  r     = runs_[h];
+    const size_t entry = bytes_per_slot(r.type);
+    ggml_backend_tensor_get(base_[(int) r.type], dst, byte_at(r.first_page, r.type) + (size_t) first * entry,
+                            (size_t) n * entry);
+}
+
+void KvPool::write_entries(Handle h, int first, int n, const uint8_t * src) const {
+    if (!is_live(h) || n <= 0) return;
+    const Run &  r     = runs_[h];
+    const size_t entry = bytes_per_slot(r.type);
+    ggml_backend_tensor_set(base_[(int) r.type], src, byte_at(r.first_page, r.type) + (size_t) first * entry,
+                            (size_t) n * entry);
+}
 
 void KvPool::compact(Handle last, int last_keep) {
     // Work queued on the backend (a graph writing K/V) must land before its data moves.
@@ -179,10 +299,10 @@ void KvPool::compact(Handle last, int last_keep) {
     const bool           has_last = is_live(last);
     std::vector<uint8_t> saved;
     if (has_last) {
-        last_keep = std::max(0, std::min(last_keep, runs_[last].n_pages * page_slots_));
+        last_keep = std::max(0, std::min(last_keep, slot_count(last)));
         if (last_keep > 0) {
-            saved.resize((size_t) last_keep * bytes_per_slot());
-            read_slots(runs_[last].first_page * page_slots_, last_keep, saved.data());
+            saved.resize((size_t) last_keep * bytes_per_slot(runs_[last].type));
+            read_entries(last, 0, last_keep, saved.data());
         }
     }
     std::vector<Handle> order;
@@ -197,14 +317,14 @@ void KvPool::compact(Handle last, int last_keep) {
     for (Handle h : order) {
         Run & r = runs_[h];
         if (r.first_page != next) {
-            move_data(r.first_page * page_slots_, next * page_slots_, r.n_pages * page_slots_, r.n_pages * page_slots_);
+            move_data(r.type, r.first_page, next, slots_in(r.n_pages, r.type));
             r.first_page = next;
         }
         next += r.n_pages;
     }
     if (has_last) {
         runs_[last].first_page = next;
-        if (last_keep > 0) write_slots(next * page_slots_, last_keep, saved.data());
+        if (last_keep > 0) write_entries(last, 0, last_keep, saved.data());
         next += runs_[last].n_pages;
     }
     std::fill(page_owner_.begin(), page_owner_.end(), kNone);
@@ -214,41 +334,15 @@ void KvPool::compact(Handle last, int last_keep) {
     ++compactions_;
 }
 
-void KvPool::read_slots(int first_slot, int n, uint8_t * dst) const {
-    const size_t row = k_->nb[1];
-    for (ggml_tensor * t : { k_, v_ }) {
-        for (int head = 0; head < n_head_kv_; ++head) {
-            ggml_backend_tensor_get(t, dst, head * t->nb[2] + (size_t) first_slot * row, (size_t) n * row);
-            dst += (size_t) n * row;
-        }
-    }
-}
-
-void KvPool::write_slots(int first_slot, int n, const uint8_t * src) const {
-    const size_t row = k_->nb[1];
-    for (ggml_tensor * t : { k_, v_ }) {
-        for (int head = 0; head < n_head_kv_; ++head) {
-            ggml_backend_tensor_set(t, src, head * t->nb[2] + (size_t) first_slot * row, (size_t) n * row);
-            src += (size_t) n * row;
-        }
-    }
-}
-
-void KvPool::move_data(int from_slot, int to_slot, int slots, int keep_slots) {
-    const int n = std::min(slots, keep_slots);
-    if (n <= 0 || from_slot == to_slot) return;
+void KvPool::move_data(KvType t, int from, int to, int n) {
+    if (n <= 0 || from == to) return;
     ggml_backend_synchronize(backend_);
-    // One head's range at a time: read it whole, then write it, so overlapping ranges are safe
-    // (ranges of different heads never overlap).
-    const size_t bytes = (size_t) n * k_->nb[1];
+    // The run's entries are one contiguous byte range: read it whole, then write it, so
+    // overlapping ranges are safe.
+    const size_t bytes = (size_t) n * bytes_per_slot(t);
     if (scratch_.size() < bytes) scratch_.resize(bytes);
-    for (ggml_tensor * t : { k_, v_ }) {
-        for (int head = 0; head < n_head_kv_; ++head) {
-            const size_t base = head * t->nb[2];
-            ggml_backend_tensor_get(t, scratch_.data(), base + (size_t) from_slot * t->nb[1], bytes);
-            ggml_backend_tensor_set(t, scratch_.data(), base + (size_t) to_slot * t->nb[1], bytes);
-        }
-    }
+    ggml_backend_tensor_get(base_[(int) t], scratch_.data(), byte_at(from, t), bytes);
+    ggml_backend_tensor_set(base_[(int) t], scratch_.data(), byte_at(to, t), bytes);
 }
 
 bool KvPool::check_invariants() const {
@@ -265,6 +359,10 @@ bool KvPool::check_invariants() const {
         for (int p = r.first_page; p < r.first_page + r.n_pages; ++p) {
             if (page_owner_[p] != h || ++owned[p] > 1) return false;
         }
+        // The run's entries lie inside its pages.
+        const size_t end =
+            byte_at(r.first_page, r.type) + (size_t) slots_in(r.n_pages, r.type) * bytes_per_slot(r.type);
+        if (r.n_pages > 0 && end > (size_t) (r.first_page + r.n_pages) * page_bytes_) return false;
         sum += r.n_pages;
     }
     if (sum != used_pages_) return false;

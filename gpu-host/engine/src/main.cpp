@@ -121,6 +121,9 @@ EngineOptions engine_options(const Args & a) {
     o.n_ubatch       = (int) a.integer("--ubatch", 512, 1, 65536);
     o.n_ctx          = (int) a.integer("--ctx-size", 0, 0, 1 << 24);
     o.kv_pool_bytes  = (size_t) a.integer("--kv-pool-bytes", 0, 0, std::numeric_limits<long>::max());
+
+    const std::string problem = parse_kv_type(a.str("--kv-type", kv_type_name(o.kv_type)), "--kv-type", o.kv_type);
+    if (!problem.empty()) throw Error("", problem);
     return o;
 }
 
@@ -171,7 +174,7 @@ int cmd_generate(int argc, char ** argv) {
                                 "--prompt-file", "--prompt",        "--question", "--max-new-tokens",
                                 "--threads",     "--device",        "--ubatch",   "--dump-kept",
                                 "--temperature", "--top-k",         "--top-p",    "--seed",
-                                "--chunk-size",  "--kv-pool-bytes", "--ctx-size" });
+                                "--chunk-size",  "--kv-pool-bytes", "--ctx-size", "--kv-type" });
     const CompressionParams p        = compression_params(a);
     const int               max_new  = (int) a.integer("--max-new-tokens", 128, 0, 1 << 20);
     const std::string       document = read_prompt(a);
@@ -214,6 +217,7 @@ int cmd_generate(int argc, char ** argv) {
                          .str("model", model_name)
                          .str("method", p.method)
                          .integer("budget", p.budget)
+                         .str("kv_type", kv_type_name(session.kv_type()))
                          .integer("prompt_tokens", (long long) prompt.size())
                          .integer("new_tokens", r.new_tokens)
                          .raw("layer_kv_lengths", json::array(r.prompt_kv_lengths))
@@ -290,7 +294,8 @@ void usage() {
         "           (--prompt-file F | --prompt T) [--question Q] [--max-new-tokens N] [--no-chat-template]\n"
         "           [--temperature T --top-k K --top-p P --seed S] [--threads N] [--device auto|cpu|gpu] "
         "[--no-repack]\n"
-        "           [--chunk-size %d (0 = one-shot)] [--kv-pool-bytes N] [--ctx-size N] [--dump-kept FILE] [--json]\n"
+        "           [--chunk-size %d (0 = one-shot)] [--kv-pool-bytes N] [--kv-type f16|q8_0|q4_0] [--ctx-size N]\n"
+        "           [--dump-kept FILE] [--json]\n"
         "  tokenize (--prompt-file F | --prompt T) [--model M] --json   token ids and byte offsets\n"
         "  methods  [--json]   the compression methods, their traits and the defaults (no model needed)\n"
         "  bench    [--model M] [--threads N] [--repetitions R] [--prefill 512,4096] [--depths 0,2048,8192]\n"
@@ -300,8 +305,9 @@ void usage() {
         "[--llama-batched-bench PATH]\n"
         "  bench    --prefill-memory 2048,8192,32768 [--chunk-size N] [--budget 128]\n"
         "  bench    --pool-fit 1 [--prompt-len 8192] [--kv-pool-bytes 1073741824] [--budget 128]\n"
-        "  serve    --stdio [--model M] [--kv-pool-bytes N] [--chunk-size N] [--ctx-size N] [--threads N] [--device "
-        "D] [--no-repack]\n",
+        "           (every bench also takes [--kv-type f16|q8_0|q4_0])\n"
+        "  serve    --stdio [--model M] [--kv-pool-bytes N] [--kv-type f16|q8_0|q4_0] [--chunk-size N] [--ctx-size N]\n"
+        "           [--threads N] [--device D] [--no-repack]\n",
         method_names_joined("|").c_str(), kDefaultChunkSize);
 }
 

@@ -266,8 +266,12 @@ class Server {
             if (type == "open") {
                 if (sessions_.count(name))
                     return send_error(&m.at("id"), name, "session_exists", "session '" + name + "' exists"), true;
-                const int chunk = (int) std::min<uint64_t>(m.get_uint("chunk_size", default_chunk_), 1u << 24);
-                auto      s     = std::make_unique<Session>(engine_, params_from(m, CompressionParams{}), chunk);
+                const int         chunk = (int) std::min<uint64_t>(m.get_uint("chunk_size", default_chunk_), 1u << 24);
+                KvType            kv_type = engine_.options().kv_type;
+                const std::string bad_type =
+                    m.has("kv_type") ? parse_kv_type(m.at("kv_type").as_str(), "open.kv_type", kv_type) : "";
+                if (!bad_type.empty()) return send_error(&m.at("id"), name, "invalid", bad_type), true;
+                auto s = std::make_unique<Session>(engine_, params_from(m, CompressionParams{}), chunk, kv_type);
                 s->set_keep_scores(m.get_bool("keep_scores", false));
                 sessions_[name].session = std::move(s);
                 send(Value::map().set("type", "opened").set("id", id).set("session", name));
@@ -687,7 +691,7 @@ class Server {
 
 }  // namespace
 
-mp::Value engine_catalog(int chunk_size) {
+mp::Value engine_catalog(int chunk_size, KvType kv_type) {
     mp::Value methods = mp::Value::array();
     for (const Method * m : all_methods()) {
         mp::Value scores = mp::Value::array();
@@ -713,7 +717,8 @@ mp::Value engine_catalog(int chunk_size) {
                              .set("pooling", pooling_name(d.pooling))
                              .set("head_aggregation", aggregation_name(d.aggregation))
                              .set("chunk_size", chunk_size)
-                             .set("max_tokens", kDefaultMaxTokens));
+                             .set("max_tokens", kDefaultMaxTokens)
+                             .set("kv_type", kv_type_name(kv_type)));
 }
 
 int cmd_serve(int argc, char ** argv) {
@@ -740,13 +745,16 @@ int cmd_serve(int argc, char ** argv) {
         else if (a == "--ctx-size") o.n_ctx = (int) number(i, a, 0, 1 << 24);
         else if (a == "--kv-pool-bytes") o.kv_pool_bytes = (size_t) number(i, a, 1, std::numeric_limits<long>::max());
         else if (a == "--chunk-size") chunk = (int) number(i, a, 0, 1 << 24);
-        else throw Error(a, "unknown option");
+        else if (a == "--kv-type") {
+            const std::string problem = parse_kv_type(i + 1 < argc ? argv[++i] : "", "--kv-type", o.kv_type);
+            if (!problem.empty()) throw Error("", problem);
+        } else throw Error(a, "unknown option");
     }
     if (!stdio) throw Error("--stdio", "required (the only transport so far)");
     Engine             engine(o);
     const KvPool &     pool    = engine.pool();
     const std::string  name    = o.model_path.substr(o.model_path.find_last_of('/') + 1);
-    const Value        catalog = engine_catalog(chunk);
+    const Value        catalog = engine_catalog(chunk, o.kv_type);
     const ChatTemplate chat_template(engine.model());
     send(Value::map()
              .set("type", "hello")

@@ -1,5 +1,6 @@
 #pragma once
 
+#include "kv_pool.h"
 #include "msgpack.h"
 
 namespace pkv {
@@ -14,6 +15,6 @@ constexpr int kDefaultMaxTokens = 256;
 // What the engine offers, as its hello lists it and `pkv-engine methods --json` prints it:
 // {methods: [{name, description, compresses, min_budget, keeps_window, scores}] in registry order,
 //  defaults: {method, budget, window, beta, kernel_size, pooling, head_aggregation, chunk_size,
-//  max_tokens}} — the defaults being what an `open` or `generate` without those fields gets.
-mp::Value engine_catalog(int chunk_size);
+//  max_tokens, kv_type}} — the defaults being what an `open` or `generate` without those fields gets.
+mp::Value engine_catalog(int chunk_size, KvType kv_type = KvType::F16);
 }  // namespace pkv

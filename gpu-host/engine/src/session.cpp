@@ -51,10 +51,19 @@ const float * AttentionSums::covering(int il, int n_entries) const {
 }
 
 Session::Session(Engine & engine, const CompressionParams & params, int chunk_size)
+    : Session(engine, params, chunk_size, engine.options().kv_type) {}
+
+Session::Session(Engine & engine, const CompressionParams & params, int chunk_size, KvType kv_type)
     : engine_(engine),
       params_(params),
       chunk_size_(chunk_size),
+      kv_type_(kv_type),
       accumulated_(engine.config().n_layer, engine.config().n_head) {
+    if (!engine_.pool().supports(kv_type_)) {
+        throw Error("kv_type", std::string(kv_type_name(kv_type_)) +
+                                   " needs head_dim to be a multiple of 32 (the model's is " +
+                                   std::to_string(engine_.config().head_dim) + "); accepted for this model: f16");
+    }
     const std::string problem = validate_params(params_);
     if (!problem.empty()) throw Error("", problem);
     if (chunk_size_ < 0 || (chunk_size_ > 0 && chunk_size_ < params_.window)) {
@@ -80,10 +89,10 @@ SessionStats Session::stats() const {
     size_t entries     = 0;
     for (size_t il = 0; il < size_.size(); ++il) {
         entries += size_[il];
-        if (pages_[il] != KvPool::kNone) s.pool_bytes += (size_t) pool.slot_count(pages_[il]) * pool.bytes_per_slot();
+        s.pool_bytes += (size_t) pool.pages(pages_[il]) * pool.bytes_per_page();
     }
-    s.kv_bytes      = entries * pool.bytes_per_slot();
-    s.full_kv_bytes = (size_t) s.tokens_seen * size_.size() * pool.bytes_per_slot();
+    s.kv_bytes      = entries * pool.bytes_per_slot(kv_type_);
+    s.full_kv_bytes = (size_t) s.tokens_seen * size_.size() * pool.bytes_per_slot(kv_type_);
     return s;
 }
 
@@ -108,10 +117,10 @@ void Session::reserve(int n_more) {
     long     exact = 0, roomy = 0;
     for (size_t il = 0; il < pages_.size(); ++il) {
         const int need = size_[il] + n_more;
-        const int have = pages_[il] == KvPool::kNone ? 0 : pool.pages_for(pool.slot_count(pages_[il]));
+        const int have = pool.pages(pages_[il]);
         if (pages_[il] != KvPool::kNone && pool.slot_count(pages_[il]) >= need) continue;
-        exact += std::max(0, pool.pages_for(need) - have);
-        roomy += std::max(0, pool.pages_for(grown(need)) - have);
+        exact += std::max(0, pool.pages_for(need, kv_type_) - have);
+        roomy += std::max(0, pool.pages_for(grown(need), kv_type_) - have);
     }
     if (exact == 0) return;
     if (exact > pool.free_pages()) {
@@ -128,7 +137,7 @@ void Session::ensure_layer_capacity(int il, int need, bool room) {
     KvPool & pool = engine_.pool();
     if (pages_[il] != KvPool::kNone && pool.slot_count(pages_[il]) >= need) return;
     const int  want = room ? grown(need) : need;
-    const bool ok   = pages_[il] == KvPool::kNone ? (pages_[il] = pool.allocate(want)) != KvPool::kNone
+    const bool ok   = pages_[il] == KvPool::kNone ? (pages_[il] = pool.allocate(want, kv_type_)) != KvPool::kNone
                                                   : pool.resize(pages_[il], want, size_[il]);
     if (!ok) {
         throw Error("kv_pool", "the KV pool is full: layer " + std::to_string(il) + " needs " + std::to_string(need) +
@@ -245,8 +254,7 @@ std::vector<HeadSelection> Session::select(const Method & method, const Compress
 }
 
 void Session::compress() {
-    profile::Scope scope(profile::Phase::compress);  // the gather's compute is booked as compute
-
+    profile::Scope                   scope(profile::Phase::compress);  // the gather's compute is booked as compute
     const ModelConfig &              c       = engine_.config();
     const std::vector<HeadSelection> entries = select(*method_, params_);
     bool                             shrinks = false;
@@ -271,8 +279,8 @@ void Session::keep_entries(const std::vector<HeadSelection> & entries, const Ses
     for (int il = 0; il < c.n_layer; ++il) {
         keep[il] = (int) entries[il][0].size();
         if (!in_place) {
-            pages_[il] = pool.allocate(grown(keep[il]));  // room to decode without moving
-            if (pages_[il] == KvPool::kNone) pages_[il] = pool.allocate(std::max(keep[il], 1));
+            pages_[il] = pool.allocate(grown(keep[il]), kv_type_);  // room to decode without moving
+            if (pages_[il] == KvPool::kNone) pages_[il] = pool.allocate(std::max(keep[il], 1), kv_type_);
             if (pages_[il] == KvPool::kNone) {
                 ggml_free(g.ctx);
                 throw Error("kv_pool", "the KV pool is full: cannot hold " + std::to_string(keep[il]) +
@@ -290,12 +298,22 @@ void Session::keep_entries(const std::vector<HeadSelection> & entries, const Ses
         ggml_tensor * idx = ggml_new_tensor_2d(g.ctx, GGML_TYPE_I32, keep[il], c.n_head_kv);
         ggml_set_input(idx);
         index_inputs.emplace_back(idx, std::move(flat));
-        const size_t to = (size_t) pool.first_slot(pages_[il]);
-        for (ggml_tensor * store : { pool.k(), pool.v() }) {
-            ggml_tensor * rows = ggml_get_rows(g.ctx, store, idx);  // [head_dim, n_keep, n_head_kv] f32
-            ggml_tensor * dst  = ggml_view_3d(g.ctx, store, c.head_dim, keep[il], c.n_head_kv, store->nb[1],
-                                              store->nb[2], to * store->nb[1]);
-            ggml_build_forward_expand(g.gf, ggml_cpy(g.ctx, rows, dst));
+        // ...and writes them at this session's first slots, every head alike.
+        const int32_t        to = pool.first_slot(pages_[il]);
+        std::vector<int32_t> dst_slots(keep[il]);
+        for (int e = 0; e < keep[il]; ++e) dst_slots[e] = to + e;
+        ggml_tensor * dst_idx = ggml_new_tensor_1d(g.ctx, GGML_TYPE_I32, keep[il]);
+        ggml_set_input(dst_idx);
+        index_inputs.emplace_back(dst_idx, std::move(dst_slots));
+        // get_rows gives f32 (dequantised); set_rows stores it as this session's type. Between
+        // sessions of one type this is exact: f16 -> f32 -> f16 is the identity, and so is
+        // requantising a dequantised q8_0 / q4_0 block (its largest element sets the same scale
+        // again and every value lands on its own integer), which kv_types_test checks bytewise.
+        const std::pair<ggml_tensor *, ggml_tensor *> stores[2] = { { pool.k(src.kv_type_), pool.k(kv_type_) },
+                                                                    { pool.v(src.kv_type_), pool.v(kv_type_) } };
+        for (const auto & [from_store, to_store] : stores) {
+            ggml_tensor * rows = ggml_get_rows(g.ctx, from_store, idx);  // [head_dim, n_keep, n_head_kv] f32
+            ggml_build_forward_expand(g.gf, ggml_set_rows(g.ctx, to_store, rows, dst_idx));
         }
     }
     if (ggml_graph_n_nodes(g.gf) > 0) {
@@ -316,12 +334,12 @@ void Session::keep_entries(const std::vector<HeadSelection> & entries, const Ses
     }
 }
 
-std::unique_ptr<Session> Session::fork(const CompressionParams & params) const {
+std::unique_ptr<Session> Session::fork(const CompressionParams & params, KvType kv_type) const {
     if (!keep_scores_) throw Error("fork", "the source session was not opened with keep_scores");
     if (compressed_)
         throw Error("fork", "the source session's prefill was already compressed (open it with method full)");
     if (tokens_.empty()) throw Error("fork", "the source session holds no tokens");
-    auto child     = std::make_unique<Session>(engine_, params, chunk_size_);
+    auto child     = std::make_unique<Session>(engine_, params, chunk_size_, kv_type);
     child->tokens_ = tokens_;
     child->logits_ = logits_;
     child->keep_entries(select(*child->method_, params), *this);
@@ -332,13 +350,18 @@ std::unique_ptr<Session> Session::fork(const CompressionParams & params) const {
 
 // ---------------------------------------------------------------------------------------------
 // save / restore: a little-endian byte string
-//   "PKVS" u32 version | model: u32 n_layer, n_head_kv, head_dim, n_vocab | params | u32 chunk_size
-//   | u8 compressed | u32 n_tokens, i32 tokens[] | u32 n_logits, f32 logits[]
-//   | per layer: u32 size, per head i32 positions[size], per head K f16[size*head_dim], then V
+//   "PKVS" u32 version (2) | model: u32 n_layer, n_head_kv, head_dim, n_vocab | params | u32 chunk_size
+//   | u8 kv_type (KvType: 0 f16, 1 q8_0, 2 q4_0) | u8 compressed | u32 n_tokens, i32 tokens[]
+//   | u32 n_logits, f32 logits[]
+//   | per layer: u32 size, per head i32 positions[size], then the size entries as the pool stores
+//     them (per entry: the K row of every KV head, then the V rows; a row is head_dim f16 or
+//     head_dim / 32 blocks of q8_0 / q4_0), kv_entry_bytes(kv_type) each
+// Version 1 (0.6.0) has no kv_type (f16) and stores per layer every head's K rows, then V rows;
+// it is still read.
 
 namespace {
 
-constexpr uint32_t kStateVersion = 1;
+constexpr uint32_t kStateVersion = 2;
 
 struct Writer {
     std::string                out;
@@ -382,7 +405,8 @@ struct Reader {
 std::string Session::save() const {
     const ModelConfig & c    = engine_.config();
     const KvPool &      pool = engine_.pool();
-    Writer              w;
+    ggml_backend_synchronize(engine_.backend());
+    Writer w;
     w.bytes("PKVS", 4);
     w.put<uint32_t>(kStateVersion);
     for (int v : { c.n_layer, c.n_head_kv, c.head_dim, c.n_vocab }) w.put<uint32_t>((uint32_t) v);
@@ -390,25 +414,20 @@ std::string Session::save() const {
     for (int v : { params_.budget, params_.window, params_.beta, params_.kernel_size, (int) params_.pooling,
                    (int) params_.aggregation, chunk_size_ })
         w.put<int32_t>(v);
+    w.put<uint8_t>((uint8_t) kv_type_);
     w.put<uint8_t>(compressed_ ? 1 : 0);
     w.put<uint32_t>((uint32_t) tokens_.size());
     w.bytes(tokens_.data(), tokens_.size() * sizeof(int32_t));
     w.put<uint32_t>((uint32_t) logits_.size());
     w.bytes(logits_.data(), logits_.size() * sizeof(float));
-    std::vector<uint8_t> rows;
-    const size_t         row = (size_t) c.head_dim * sizeof(ggml_fp16_t);
+    std::vector<uint8_t> entries;
     for (int il = 0; il < c.n_layer; ++il) {
         w.put<uint32_t>((uint32_t) size_[il]);
         for (const auto & head : positions_[il]) w.bytes(head.data(), head.size() * sizeof(int32_t));
         if (size_[il] == 0) continue;
-        rows.resize(row * size_[il]);
-        const size_t first = (size_t) pool.first_slot(pages_[il]);
-        for (ggml_tensor * store : { pool.k(), pool.v() }) {
-            for (int h = 0; h < c.n_head_kv; ++h) {
-                ggml_backend_tensor_get(store, rows.data(), (h * (size_t) store->ne[1] + first) * row, rows.size());
-                w.bytes(rows.data(), rows.size());
-            }
-        }
+        entries.resize(pool.bytes_per_slot(kv_type_) * size_[il]);
+        pool.read_entries(pages_[il], 0, size_[il], entries.data());
+        w.bytes(entries.data(), entries.size());
     }
     return w.out;
 }
@@ -419,7 +438,8 @@ std::unique_ptr<Session> Session::restore(Engine & engine, const std::string & b
     char                magic[4];
     r.bytes(magic, 4);
     if (std::memcmp(magic, "PKVS", 4) != 0) throw Error("state", "not a pyramidkv session state");
-    if (r.get<uint32_t>() != kStateVersion) throw Error("state", "unsupported session state version");
+    const uint32_t version = r.get<uint32_t>();
+    if (version != 1 && version != kStateVersion) throw Error("state", "unsupported session state version");
     for (int v : { c.n_layer, c.n_head_kv, c.head_dim, c.n_vocab }) {
         if (r.get<uint32_t>() != (uint32_t) v) throw Error("state", "the state was saved with a different model shape");
     }
@@ -430,9 +450,15 @@ std::unique_ptr<Session> Session::restore(Engine & engine, const std::string & b
     const int32_t pooling = r.get<int32_t>(), aggregation = r.get<int32_t>(), chunk = r.get<int32_t>();
     if (pooling < 0 || pooling > 2 || aggregation < 0 || aggregation > 1)
         throw Error("state", "corrupt compression settings");
-    p.pooling               = (Pooling) pooling;
-    p.aggregation           = (HeadAggregation) aggregation;
-    auto s                  = std::make_unique<Session>(engine, p, chunk);  // validates the settings
+    p.pooling      = (Pooling) pooling;
+    p.aggregation  = (HeadAggregation) aggregation;
+    KvType kv_type = KvType::F16;
+    if (version >= 2) {
+        const uint8_t t = r.get<uint8_t>();
+        if (t >= kKvTypes) throw Error("state", "corrupt KV type");
+        kv_type = (KvType) t;
+    }
+    auto s                  = std::make_unique<Session>(engine, p, chunk, kv_type);  // validates the settings
     s->compressed_          = r.get<uint8_t>() != 0;
     const uint32_t n_tokens = r.get<uint32_t>();
     r.need((size_t) n_tokens * sizeof(int32_t));
@@ -446,9 +472,10 @@ std::unique_ptr<Session> Session::restore(Engine & engine, const std::string & b
     if (n_logits != 0 && n_logits != (uint32_t) c.n_vocab) throw Error("state", "corrupt logits");
     s->logits_.resize(n_logits);
     r.bytes(s->logits_.data(), (size_t) n_logits * sizeof(float));
-    KvPool &             pool = engine.pool();
-    const size_t         row  = (size_t) c.head_dim * sizeof(ggml_fp16_t);
-    std::vector<uint8_t> rows;
+    KvPool &             pool  = engine.pool();
+    const size_t         entry = pool.bytes_per_slot(kv_type);
+    const size_t         row   = entry / (2 * (size_t) c.n_head_kv);
+    std::vector<uint8_t> entries, rows;
     for (int il = 0; il < c.n_layer; ++il) {
         const uint32_t size = r.get<uint32_t>();
         if (size > n_tokens) throw Error("state", "corrupt layer size");
@@ -462,14 +489,21 @@ std::unique_ptr<Session> Session::restore(Engine & engine, const std::string & b
         s->ensure_layer_capacity(il, (int) size, false);
         s->size_[il] = (int) size;
         if (size == 0) continue;
-        rows.resize(row * size);
-        const size_t first = (size_t) pool.first_slot(s->pages_[il]);
-        for (ggml_tensor * store : { pool.k(), pool.v() }) {
-            for (int h = 0; h < c.n_head_kv; ++h) {
-                r.bytes(rows.data(), rows.size());
-                ggml_backend_tensor_set(store, rows.data(), (h * (size_t) store->ne[1] + first) * row, rows.size());
+        entries.resize(entry * size);
+        if (version >= 2) {
+            r.bytes(entries.data(), entries.size());
+        } else {  // per head K rows, then V rows: regroup them per entry
+            rows.resize(row * size);
+            for (int kv = 0; kv < 2; ++kv) {
+                for (int h = 0; h < c.n_head_kv; ++h) {
+                    r.bytes(rows.data(), rows.size());
+                    for (uint32_t e = 0; e < size; ++e)
+                        std::memcpy(entries.data() + e * entry + ((size_t) kv * c.n_head_kv + h) * row,
+                                    rows.data() + e * row, row);
+                }
             }
         }
+        pool.write_entries(s->pages_[il], 0, (int) size, entries.data());
     }
     if (r.at != bytes.size()) throw Error("state", "trailing bytes after the session state");
     s->kept_ = s->positions_;

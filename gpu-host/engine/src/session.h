@@ -18,9 +18,9 @@ namespace pkv {
 struct SessionStats {
     int              tokens_seen = 0;
     std::vector<int> layer_kv_lengths;
-    size_t           kv_bytes      = 0;  // entries held × bytes per entry
-    size_t           full_kv_bytes = 0;  // what FullKV would hold for tokens_seen
-    size_t           pool_bytes    = 0;  // pool pages the session holds (entries rounded up to pages)
+    size_t           kv_bytes      = 0;  // entries held × bytes per entry of the session's KV type
+    size_t           full_kv_bytes = 0;  // what FullKV of the same type would hold for tokens_seen
+    size_t           pool_bytes    = 0;  // pool pages the session holds × page bytes
 };
 
 // H2O's running sums, owned by the session: per layer, the attention that every prompt query so far
@@ -50,7 +50,9 @@ class Session {
   public:
     // chunk_size > 0: chunked prefill, compressing after every chunk of that many tokens (peak KV
     // per layer ≤ budget + chunk); 0: one-shot (the whole input, then compress once).
+    // kv_type: the storage type of its entries in the pool (default the engine's --kv-type).
     Session(Engine & engine, const CompressionParams & params, int chunk_size = 0);
+    Session(Engine & engine, const CompressionParams & params, int chunk_size, KvType kv_type);
     ~Session();
     Session(const Session &)             = delete;
     Session & operator=(const Session &) = delete;
@@ -78,7 +80,9 @@ class Session {
     // A new session holding this session's prefill compressed with other settings, without
     // recomputing it. Needs keep_scores (set before the prefill) and no compression applied yet
     // (a method that does not compress, e.g. exact_method()), i.e. an exact prefill.
-    std::unique_ptr<Session> fork(const CompressionParams & params) const;
+    // The child stores its entries as `kv_type` (default: the source's type).
+    std::unique_ptr<Session> fork(const CompressionParams & params) const { return fork(params, kv_type_); }
+    std::unique_ptr<Session> fork(const CompressionParams & params, KvType kv_type) const;
     // Serialise the compressed state (tokens, positions, kept K/V, settings) / rebuild it.
     std::string                     save() const;
     static std::unique_ptr<Session> restore(Engine & engine, const std::string & bytes);
@@ -91,6 +95,7 @@ class Session {
     const std::vector<HeadSelection> & positions() const { return positions_; }
     const std::vector<int32_t> &       tokens() const { return tokens_; }
     const CompressionParams &          params() const { return params_; }
+    KvType                             kv_type() const { return kv_type_; }
     Engine &                           engine() const { return engine_; }
     double                             prefill_seconds() const { return prefill_seconds_; }
     int                                chunk_size() const { return chunk_size_; }
@@ -118,6 +123,7 @@ class Session {
     CompressionParams           params_;
     const Method *              method_;
     int                         chunk_size_ = 0;
+    KvType                      kv_type_    = KvType::F16;
     std::vector<KvPool::Handle> pages_;      // per layer
     std::vector<int>            size_;       // entries held per layer
     std::vector<HeadSelection>  positions_;  // [layer][kv_head][entry] → token position

@@ -51,9 +51,10 @@ std::vector<uint16_t> read_run(const KvPool & pool, Handle h) {
     size_t                pos = 0;
     for (ggml_tensor * t : { pool.k(), pool.v() }) {
         for (int head = 0; head < nh; ++head) {
-            if (slots > 0)
-                ggml_backend_tensor_get(t, out.data() + pos, offset_of(t, head, pool.first_slot(h)),
-                                        (size_t) slots * hd * 2);
+            // One row at a time: a slot holds every head's K row, then the V rows (kv_pool.h).
+            for (int s = 0; s < slots; ++s)
+                ggml_backend_tensor_get(t, out.data() + pos + (size_t) s * hd,
+                                        offset_of(t, head, pool.first_slot(h) + s), (size_t) hd * 2);
             pos += (size_t) slots * hd;
         }
     }
@@ -73,7 +74,9 @@ void fill_run(const KvPool & pool, Handle h, int from, Expected & e, std::mt1993
             uint16_t *   dst = e.v.data() + ((size_t) ti * e.slots + from) * hd;
             const size_t n   = (size_t) (e.slots - from) * hd;
             for (size_t i = 0; i < n; ++i) dst[i] = (uint16_t) rng();
-            ggml_backend_tensor_set(t, dst, offset_of(t, head, pool.first_slot(h) + from), n * 2);
+            for (int s = from; s < e.slots; ++s)
+                ggml_backend_tensor_set(t, dst + (size_t) (s - from) * hd, offset_of(t, head, pool.first_slot(h) + s),
+                                        (size_t) hd * 2);
         }
     }
 }
@@ -127,7 +130,9 @@ TEST_F(KvPoolTest, AccountingInWholePages) {
     EXPECT_EQ(pool.k()->ne[1], 160);
     EXPECT_EQ(pool.k()->ne[2], 2);
     EXPECT_EQ(pool.v()->ne[1], 160);
-    EXPECT_GE(ggml_nbytes(pool.k()) + ggml_nbytes(pool.v()), pool.capacity_bytes());
+    // K and V share the buffer, one entry (every head's K row, then the V rows) per slot.
+    EXPECT_EQ((size_t) pool.k()->nb[1], pool.bytes_per_slot());
+    EXPECT_EQ((size_t) pool.k()->ne[1] * pool.bytes_per_slot(), pool.capacity_bytes());
 
     EXPECT_EQ(pool.pages_for(0), 0);
     EXPECT_EQ(pool.pages_for(1), 1);
