@@ -57,7 +57,7 @@ test("hello and /health name the engine's chat template and the context", async 
 });
 
 test("messages, then greedy logprobs: one map per token, the chosen token the most likely", {
-  timeout: 60_000,
+  timeout: 180_000,
 }, async (t) => {
   if (skip()) return t.skip(skip() as string);
   await chatSession("lp");
@@ -91,7 +91,7 @@ test("messages, then greedy logprobs: one map per token, the chosen token the mo
 });
 
 test("a seed is honoured (same seed, same text) and reported; without one the engine's is reported", {
-  timeout: 90_000,
+  timeout: 180_000,
 }, async (t) => {
   if (skip()) return t.skip(skip() as string);
   const texts: string[] = [];
@@ -114,7 +114,7 @@ test("a seed is honoured (same seed, same text) and reported; without one the en
 });
 
 test("the context: refused before any prefill by the host (known tokens) and by the engine (the text's)", {
-  timeout: 60_000,
+  timeout: 180_000,
 }, async (t) => {
   if (skip()) return t.skip(skip() as string);
   const before = await chatSession("ctx");
@@ -133,7 +133,7 @@ test("the context: refused before any prefill by the host (known tokens) and by 
   assert.equal(stats.tokens_seen, before.tokens_seen, "nothing was prefilled");
 });
 
-test("a q8_0 session is stored and accounted at q8_0's entry size", { timeout: 60_000 }, async (t) => {
+test("a q8_0 session is stored and accounted at q8_0's entry size", { timeout: 180_000 }, async (t) => {
   if (skip()) return t.skip(skip() as string);
   const f16Entry = expectType(c.hello!, "hello").bytes_per_entry;
   await chatSession("q8", { kv_type: "q8_0" });
@@ -149,7 +149,7 @@ test("a q8_0 session is stored and accounted at q8_0's entry size", { timeout: 6
 });
 
 test("sampling fields reach the engine: a grammar binds the output, penalties are accepted", {
-  timeout: 60_000,
+  timeout: 180_000,
 }, async (t) => {
   if (skip()) return t.skip(skip() as string);
   await chatSession("gbnf");
