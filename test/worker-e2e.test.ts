@@ -521,20 +521,20 @@ test("chat goes through the model's own template: the same tokens and answer as 
 });
 
 test("sampling: seed repeats, no seed varies, top_k 1 and min_p 1 are greedy, penalties change the text", {
-  timeout: 400_000,
+  timeout: 900_000,
 }, async () => {
   const ask = (extra: Partial<OpenAI.ChatCompletionCreateParamsNonStreaming> & Record<string, unknown>) =>
     client("alpha")
       .chat.completions.create({
         model: MODEL,
-        max_tokens: 24,
+        max_tokens: 12,
         messages: user("Write a short poem about the sea."),
         ...extra,
       } as OpenAI.ChatCompletionCreateParamsNonStreaming)
       .then((r) => r.choices[0]!.message.content ?? "");
   const seeded = await ask({ temperature: 1.2, seed: 42 });
   assert.equal(await ask({ temperature: 1.2, seed: 42 }), seeded, "the same seed, the same text");
-  const free = await Promise.all([ask({ temperature: 1.2 }), ask({ temperature: 1.2 }), ask({ temperature: 1.2 })]);
+  const free = [await ask({ temperature: 1.2 }), await ask({ temperature: 1.2 })];
   assert.ok(new Set(free).size > 1, `without a seed the samples differ: ${JSON.stringify(free)}`);
   const greedy = await ask({ temperature: 0 });
   assert.equal(await ask({ temperature: 1.5, top_k: 1, seed: 1 }), greedy, "top_k 1 keeps only the best token");
@@ -543,7 +543,7 @@ test("sampling: seed repeats, no seed varies, top_k 1 and min_p 1 are greedy, pe
     client("alpha")
       .chat.completions.create({
         model: MODEL,
-        max_tokens: 40,
+        max_tokens: 24,
         messages: user(COUNT),
         ...extra,
       } as OpenAI.ChatCompletionCreateParamsNonStreaming)
@@ -607,7 +607,7 @@ test("response_format json_object and json_schema: the output parses and validat
   const obj = await client("alpha").chat.completions.create({
     model: MODEL,
     max_tokens: 200,
-    messages: user("Describe a cat as JSON."),
+    messages: user('Reply with a JSON object {"capital": "..."} only: what is the capital of France?'),
     response_format: { type: "json_object" },
   });
   assert.equal(obj.choices[0]!.finish_reason, "stop", `the object ends: ${obj.choices[0]!.message.content}`);
