@@ -54,7 +54,7 @@ export interface Sampling {
   stop?: string[];
   logprobs?: boolean;
   top_logprobs?: number;
-  /** JSON text of a JSON Schema ("{}": any JSON object) */
+  /** JSON text of a JSON Schema (json_object: {"type": "object"}) */
   json_schema?: string;
 }
 
@@ -262,6 +262,9 @@ function stopStrings(o: Record<string, unknown>): string[] | undefined {
   return s.length === 0 ? undefined : (s as string[]);
 }
 
+/** Any JSON object, spelt out: an empty schema ("{}") means any JSON value to a JSON Schema converter. */
+const ANY_OBJECT_SCHEMA = '{"type":"object"}';
+
 /** response_format → the host's json_schema (JSON text), or undefined for plain text. */
 function responseFormat(o: Record<string, unknown>): string | undefined {
   const rf = o.response_format;
@@ -271,7 +274,7 @@ function responseFormat(o: Record<string, unknown>): string | undefined {
     throw invalid("response_format", `'response_format': ${show(rf)} is not an object: ${accepted}`);
   const { type, json_schema: js } = rf as { type?: unknown; json_schema?: unknown };
   if (type === "text") return undefined;
-  if (type === "json_object") return "{}";
+  if (type === "json_object") return ANY_OBJECT_SCHEMA;
   if (type !== "json_schema")
     throw invalid(
       "response_format.type",
@@ -288,7 +291,7 @@ function responseFormat(o: Record<string, unknown>): string | undefined {
       "response_format.json_schema.name",
       `'response_format.json_schema.name': ${show(name)} is not a name of 1-64 letters, digits, _ or -`,
     );
-  if (absent(schema)) return "{}";
+  if (absent(schema)) return ANY_OBJECT_SCHEMA;
   if (typeof schema !== "object" || Array.isArray(schema))
     throw invalid(
       "response_format.json_schema.schema",

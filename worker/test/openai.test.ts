@@ -117,7 +117,7 @@ describe("what a chat completion sends the host", () => {
       repetition_penalty: 1.2,
       seed: 7,
       stop: ["\n\n"],
-      json_schema: "{}",
+      json_schema: '{"type":"object"}',
     });
     expect(sent(llama, "open_session")[0]).toMatchObject({ request_id: rid });
     expect(plain.frames).toHaveLength(0);

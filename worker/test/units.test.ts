@@ -172,7 +172,9 @@ describe("validation", () => {
       top_logprobs: 3,
       json_schema: '{"type":"object"}',
     });
-    expect(chatRequest({ ...ok, response_format: { type: "json_object" } }).sampling.json_schema).toBe("{}");
+    expect(chatRequest({ ...ok, response_format: { type: "json_object" } }).sampling.json_schema).toBe(
+      '{"type":"object"}',
+    );
     expect(chatRequest({ ...ok, response_format: { type: "text" } }).sampling.json_schema).toBeUndefined();
     expect(chatRequest({ ...ok, top_k: -1 }).sampling.top_k).toBeUndefined();
   });
