@@ -487,7 +487,9 @@ TEST(Serve, SamplingRangesSeedsLogprobsAndGrammars) {
         for (const auto & [k, v] : fields.as_map()) req.set(k, v);
         const Generated g = generate_frames(e, req);
         EXPECT_FALSE(g.done.is_nil()) << (g.error.is_nil() ? "" : g.error.at("message").as_str());
-        if (!g.done.is_nil()) EXPECT_EQ(g.joined, g.done.at("text").as_str());
+        if (!g.done.is_nil()) {
+            EXPECT_EQ(g.joined, g.done.at("text").as_str());
+        }
         return g;
     };
     const Value sampled  = Value::map().set("temperature", 1.0).set("top_p", 0.95).set("min_p", 0.02).set("top_k", 40);
@@ -516,8 +518,9 @@ TEST(Serve, SamplingRangesSeedsLogprobsAndGrammars) {
         double mass = 0;
         for (size_t k = 0; k < 3; ++k) {
             mass += std::exp(top.as_array()[k].at("logprob").as_double());
-            if (k)
+            if (k) {
                 EXPECT_LE(top.as_array()[k].at("logprob").as_double(), top.as_array()[k - 1].at("logprob").as_double());
+            }
         }
         EXPECT_LE(mass, 1.0 + 1e-4);
         bytes += t.at("bytes").as_bin();
