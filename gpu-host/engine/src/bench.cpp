@@ -224,7 +224,8 @@ int cmd_bench(int argc, char ** argv) {
                                               "--device",         "--budget-depth", "--sessions",
                                               "--prompt-len",     "--methods",      "--budget",
                                               "--prefill-memory", "--chunk-size",   "--kv-pool-bytes",
-                                              "--pool-fit",       "--child",        "--decode-attention" };
+                                              "--pool-fit",       "--child",        "--decode-attention",
+                                              "--kv-type" };
     for (int i = 2; i < argc; ++i) {
         const std::string k = argv[i];
         if (k == "--json" || k == "--no-repack" || k == "--profile") {

@@ -105,7 +105,6 @@ Engine::Graph Engine::begin_graph(int min_nodes) {
 
 void Engine::allocate(Graph & g) {
     profile::Scope scope(profile::Phase::allocate);
-
     try {
         op_check_.check(backend_, g.gf);  // one line naming the op, not an abort inside the backend
     } catch (...) {
@@ -120,7 +119,6 @@ void Engine::allocate(Graph & g) {
 
 void Engine::compute(Graph & g) {
     profile::Scope scope(profile::Phase::compute);
-
     if (ggml_backend_graph_compute(backend_, g.gf) != GGML_STATUS_SUCCESS) {
         throw Error("engine", "graph computation failed");
     }
@@ -152,12 +150,17 @@ void Engine::decode_batch(const std::vector<Session *> & sessions, const std::ve
     }
     // A graph writes and reads the pool tensors of one storage type: sessions of several types
     // decode in one graph per type (at most kKvTypes).
+    GraphStats step;
     for (KvType t : all_kv_types()) {
         std::vector<ForwardItem> of_type;
         for (const ForwardItem & it : items)
             if (it.session->kv_type() == t) of_type.push_back(it);
-        if (!of_type.empty()) forward(of_type, ForwardOptions{});
+        if (of_type.empty()) continue;
+        forward(of_type, ForwardOptions{});
+        step.nodes += last_graph_.nodes;
+        step.attention_nodes += last_graph_.attention_nodes;
     }
+    last_graph_ = step;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -186,8 +189,7 @@ Engine::ForwardScores Engine::forward(const std::vector<ForwardItem> & items, co
 }
 
 Engine::ForwardGraph Engine::build_forward(const std::vector<ForwardItem> & items, const ForwardOptions & fo) {
-    profile::Scope scope(profile::Phase::build);
-
+    profile::Scope      scope(profile::Phase::build);
     const ModelConfig & c       = config();
     const Model &       m       = *model_;
     const int           n_items = (int) items.size();
@@ -423,8 +425,7 @@ void Engine::build_scores(ForwardGraph & fg, const ForwardOptions & fo, int il, 
 
 Engine::ForwardScores Engine::run_forward(ForwardGraph & fg, const std::vector<ForwardItem> & items,
                                           std::vector<float> & logits) {
-    profile::Scope scope(profile::Phase::inputs);  // until the reads below
-
+    profile::Scope       scope(profile::Phase::inputs);  // until the reads below
     const ModelConfig &  c       = config();
     const int            n_items = (int) items.size();
     const int            n_total = (int) fg.tokens->ne[0];

@@ -23,16 +23,16 @@ enum class DecodeAttention {
 
 struct EngineOptions {
     std::string     model_path;
-    int             n_threads        = 0;       // 0: all cores
-    std::string     device           = "auto";  // auto | cpu | gpu
-    int             n_ubatch         = 512;     // prompt tokens per graph evaluation
-    int             n_ctx            = 0;       // longest session in tokens; 0: the model's training context
-    size_t          kv_pool_bytes    = 0;       // pool capacity; 0: see kv_pool_tokens
-    size_t          kv_pool_tokens   = 0;       // pool capacity as entries per layer (when bytes is 0);
-                                                // both 0: one FullKV session of n_ctx tokens + one ubatch
-    bool            repack_weights   = true;    // false: weights in the plain buffer (--no-repack)
-    DecodeAttention decode_attention = DecodeAttention::batched;
+    int             n_threads        = 0;            // 0: all cores
+    std::string     device           = "auto";       // auto | cpu | gpu
+    int             n_ubatch         = 512;          // prompt tokens per graph evaluation
+    int             n_ctx            = 0;            // longest session in tokens; 0: the model's training context
+    size_t          kv_pool_bytes    = 0;            // pool capacity; 0: see kv_pool_tokens
+    size_t          kv_pool_tokens   = 0;            // pool capacity as entries per layer (when bytes is 0);
+                                                     // both 0: one FullKV session of n_ctx tokens + one ubatch
     KvType          kv_type          = KvType::F16;  // storage type of a session's entries unless it asks
+    DecodeAttention decode_attention = DecodeAttention::batched;
+    bool            repack_weights   = true;  // false: weights in the plain buffer (--no-repack)
 };
 
 // A decode step's session whose layer holds this many entries or more attends over its own pages
