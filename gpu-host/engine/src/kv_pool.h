@@ -3,15 +3,16 @@
 // Every layer of a model has the same entry shape (K and V rows of head_dim for n_head_kv heads),
 // so one buffer serves all layers of all sessions. Space is handed out in pages of a fixed number
 // of bytes (`page_slots` f16 entries); an allocation is a run of contiguous pages owned by one
-// (session, layer) and holding entries of one storage type (KvType: f16, q8_0 or q4_0, the last
-// two ggml's blocks of 32 along head_dim). Inside a run an entry is one slot: the K rows of all
-// KV heads, then the V rows, so the run's entries sit at one stride and attention reads them as
-// a plain strided view — no gather, no copy on the decode path. Because any page can serve any
-// layer and any type, sessions with different per-layer budgets (a pyramid, a uniform SnapKV
-// budget, FullKV) and different storage types share the pool without a partition running out
-// first. When no contiguous run is free but enough pages are, the pool compacts: it slides live
-// runs towards the start (copying their bytes) and retries, so an allocation succeeds whenever
-// the free pages suffice. Layout and byte accounting: docs/ENGINE.md "KV pool".
+// (session, layer) and holding entries of one storage type (KvType: f16, q8_0 or q4_0, the last two
+// ggml's blocks of 32 along head_dim). Inside a run an entry is one slot: the K rows of all KV
+// heads, then the V rows, so the run's entries sit at one stride and attention reads them as a
+// plain strided view (prefill and a long session's decode read it in place; a decode step gathers
+// short sessions' entries into one padded tensor: docs/ENGINE.md "Batched decode"). Because any
+// page can serve any layer and any type, sessions with different per-layer budgets (a pyramid, a
+// uniform SnapKV budget, FullKV) and different storage types share the pool without a partition
+// running out first. When no contiguous run is free but enough pages are, the pool compacts: it
+// slides live runs towards the start (copying their bytes) and retries, so an allocation succeeds
+// whenever the free pages suffice. Layout and byte accounting: docs/ENGINE.md "KV pool".
 #pragma once
 
 #include <cstddef>
