@@ -2,18 +2,26 @@
 // the host), send a long text or a conversation in acknowledged pieces with progress, stream a
 // generation.
 import type { FromHostMessage, HostMessage } from "@pyramidkv/shared";
+import type { Context } from "hono";
 
 import type { Turn } from "./chat.js";
 import { hostMessages } from "./chat.js";
 import { splitText, utf8Bytes } from "./chunking.js";
-import type { Env } from "./env.js";
+import type { AppEnv, Env } from "./env.js";
 import { intVar } from "./env.js";
 import { ApiError, contextExceeded } from "./errors.js";
 import type { HostLink } from "./host-link.js";
 import { DEFAULT_LIMITS, type TenantConfig } from "./tenant.js";
-import type { Sampling } from "./validate.js";
+import type { KvSettings, Sampling } from "./validate.js";
 
 export { modelId } from "./routing.js";
+
+/** Open a session on the host with these KV settings; the response headers echo what the host granted. */
+export async function openSession(c: Context<AppEnv>, link: HostLink, session: string, kv: KvSettings) {
+  const opened = await link.call({ type: "open_session", session, method: kv.method, budget: kv.budget }, "opened");
+  c.set("kv", { method: opened.method, budget: opened.budget });
+  return opened;
+}
 
 export const DEFAULT_PIECE_BYTES = 65536;
 /** host-side sessions per tenant: the edge counts sessions itself; this only bounds a runaway */

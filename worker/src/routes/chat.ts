@@ -7,7 +7,7 @@ import { Hono } from "hono";
 import { streamCompletion, wholeCompletion } from "../completion.js";
 import type { AppEnv } from "../env.js";
 import { withHost } from "../host-lease.js";
-import { appendTurns, checkMaxTokens, modelId, randomId } from "../serve.js";
+import { appendTurns, checkMaxTokens, modelId, openSession, randomId } from "../serve.js";
 import { chatRequest, jsonBody, resolveKv } from "../validate.js";
 
 export const chat = new Hono<AppEnv>();
@@ -20,11 +20,7 @@ chat.post("/chat/completions", jsonBody(chatRequest), async (c) => {
   // The session is closed on the host after the answer, and when anything fails or the client leaves.
   return withHost(c, { opens: session, ephemeral: true, model: req.model }, async (lease) => {
     checkMaxTokens(lease.link, req.sampling);
-    const opened = await lease.link.call(
-      { type: "open_session", session, method: kv.method, budget: kv.budget },
-      "opened",
-    );
-    c.set("kv", { method: opened.method, budget: opened.budget });
+    await openSession(c, lease.link, session, kv);
     const appended = await appendTurns(c.env, lease.link, session, req.turns, true, {
       maxTokens: req.sampling.max_tokens_asked ?? 1,
       param: "messages",

@@ -5,7 +5,7 @@ import { Hono } from "hono";
 import { streamCompletion, wholeCompletion } from "../completion.js";
 import type { AppEnv } from "../env.js";
 import { withHost } from "../host-lease.js";
-import { appendText, appendTokens, checkMaxTokens, modelId, randomId } from "../serve.js";
+import { appendText, appendTokens, checkMaxTokens, modelId, openSession, randomId } from "../serve.js";
 import { completionRequest, jsonBody, resolveKv } from "../validate.js";
 
 export const completions = new Hono<AppEnv>();
@@ -17,11 +17,7 @@ completions.post("/completions", jsonBody(completionRequest), async (c) => {
   const session = randomId("cmpl-");
   return withHost(c, { opens: session, ephemeral: true, model: req.model }, async (lease) => {
     checkMaxTokens(lease.link, req.sampling);
-    const opened = await lease.link.call(
-      { type: "open_session", session, method: kv.method, budget: kv.budget },
-      "opened",
-    );
-    c.set("kv", { method: opened.method, budget: opened.budget });
+    await openSession(c, lease.link, session, kv);
     const append = { maxTokens: req.sampling.max_tokens_asked ?? 1, param: "prompt" };
     const appended =
       "text" in req.prompt

@@ -14,7 +14,7 @@ import type { AppEnv, Env } from "../env.js";
 import { notFound, sessionLimit } from "../errors.js";
 import type { HostLink } from "../host-link.js";
 import { withHost } from "../host-lease.js";
-import { appendTurns, checkMaxTokens, modelId, randomId } from "../serve.js";
+import { appendTurns, checkMaxTokens, modelId, openSession, randomId } from "../serve.js";
 import type { SessionRecord } from "../tenant.js";
 import { jsonBody, messageRequest, resolveKv, sessionRequest } from "../validate.js";
 
@@ -73,11 +73,7 @@ sessions.post("/", jsonBody(sessionRequest), async (c) => {
   ];
   // A failed upload, or a client that leaves during it, closes the session on the host and gives the slot back.
   return withHost(c, { opens: id, model: req.model, onFailure: () => stub.dropSession(id) }, async (lease) => {
-    const opened = await lease.link.call(
-      { type: "open_session", session: id, method: kv.method, budget: kv.budget },
-      "opened",
-    );
-    c.set("kv", { method: opened.method, budget: opened.budget });
+    const opened = await openSession(c, lease.link, id, kv);
     const rec = (await stub.updateSession(id, {
       host: lease.link.url,
       kv_method: opened.method,
