@@ -61,12 +61,31 @@ test("admission arithmetic: peak = (budget + min(prompt, chunk)) entries per lay
 
 test("config: flags and env, tenants JSON with defaults, errors name the parameter", () => {
   const c = parseHostConfig(
-    ["--port", "0", "--tenants", '{"*": {"max_sessions": 5}, "a": {"kv_quota_bytes": 100, "policy": "auto"}}'],
+    [
+      "--port",
+      "0",
+      "--session-ttl-seconds",
+      "60",
+      "--tenants",
+      '{"*": {"max_sessions": 5}, "a": {"kv_quota_bytes": 100, "policy": "auto", "max_stored_bytes": 9}}',
+    ],
     { PKV_EDGE_SECRET: "0123456789abcdef!", PKV_IDLE_SECONDS: "7" },
   );
   assert.equal(c.listen, "127.0.0.1");
   assert.equal(c.idleMs, 7000);
-  assert.deepEqual(c.tenants.a, { kvQuotaBytes: 100, maxSessions: 5, policy: "auto" });
+  assert.deepEqual(c.tenants.a, {
+    kvQuotaBytes: 100,
+    maxSessions: 5,
+    policy: "auto",
+    sessionTtlS: 60,
+    maxStoredBytes: 9,
+  });
+  assert.equal(c.defaultTenant.maxStoredBytes, 1 << 30);
+  assert.throws(
+    () =>
+      parseHostConfig(["--decode-lanes", "4", "--tenant-decode-lanes", "8"], { PKV_EDGE_SECRET: "0123456789abcdef!" }),
+    /--tenant-decode-lanes: 8 .* 1\.\.4/,
+  );
   assert.equal(c.defaultTenant.maxSessions, 5);
   assert.throws(() => parseHostConfig([], {}), /--edge-secret/);
   assert.throws(

@@ -41,6 +41,8 @@ export const HOST_MESSAGES = {
       prompt_tokens: "uint?",
       kv_type: "str?",
       request_id: "str?",
+      ephemeral: "bool?",
+      prompt_bytes: "uint?",
     },
   },
   append: {
@@ -88,7 +90,15 @@ export const HOST_MESSAGES = {
   stats: { direction: "to_host", fields: { id: "uint", tenant: "str", session: "str?" } },
   set_tenant: {
     direction: "to_host",
-    fields: { id: "uint", tenant: "str", kv_quota_bytes: "uint?", max_sessions: "uint?", policy: "str?" },
+    fields: {
+      id: "uint",
+      tenant: "str",
+      kv_quota_bytes: "uint?",
+      max_sessions: "uint?",
+      policy: "str?",
+      session_ttl_s: "uint?",
+      max_stored_bytes: "uint?",
+    },
   },
   hello: {
     direction: "from_host",
@@ -137,11 +147,23 @@ export const HOST_MESSAGES = {
       sessions: "uint?",
       offloaded: "uint?",
       policy: "str?",
+      stored_bytes: "uint?",
+      max_stored_bytes: "uint?",
+      session_ttl_s: "uint?",
+      idle_s: "uint?",
     },
   },
   tenant_set: {
     direction: "from_host",
-    fields: { id: "uint", tenant: "str", kv_quota_bytes: "uint", max_sessions: "uint", policy: "str" },
+    fields: {
+      id: "uint",
+      tenant: "str",
+      kv_quota_bytes: "uint",
+      max_sessions: "uint",
+      policy: "str",
+      session_ttl_s: "uint?",
+      max_stored_bytes: "uint?",
+    },
   },
   error: { direction: "from_host", fields: { id: "uint?", session: "str?", code: "str", message: "str" } },
 } as const satisfies MessageTable;
@@ -175,6 +197,12 @@ export const HOST_ERROR_CODES = [
   "session_lost",
   "shutting_down",
   "internal",
+  "session_busy",
+  "timeout",
+  "checkpoint_failed",
+  "session_expired",
+  "stored_quota_exceeded",
+  "unauthorized",
 ] as const;
 export type HostErrorCode = (typeof HOST_ERROR_CODES)[number];
 

@@ -15,7 +15,15 @@ export interface TenantLimits {
   kvQuotaBytes: number;
   maxSessions: number;
   policy: TenantPolicy;
+  /** a session idle this long is closed and its stored state deleted */
+  sessionTtlS: number;
+  /** bytes of offloaded state (memory or disk) the tenant may keep */
+  maxStoredBytes: number;
 }
+
+/** Default idle TTL of a session (1 h) and bytes of offloaded state per tenant (1 GiB). */
+export const DEFAULT_SESSION_TTL_S = 3600;
+export const DEFAULT_MAX_STORED_BYTES = 1 << 30;
 
 export interface HostConfig {
   listen: string;
@@ -47,6 +55,13 @@ export interface HostConfig {
   maxBufferedBytes: number;
   /** SIGTERM: how long in-flight work may run before it is cancelled */
   drainMs: number;
+  /** GET /metrics needs `Authorization: Bearer <metricsToken>`; unset = /metrics is refused */
+  metricsToken?: string;
+  /** generations in the engine at once (every tenant), and at most per tenant */
+  decodeLanes: number;
+  tenantDecodeLanes: number;
+  /** an engine request that gets no frame for this long fails with 'timeout' */
+  engineTimeoutMs: number;
 }
 
 export const HOST_USAGE = `usage: pkv host [options]            (each option also reads an environment variable)
@@ -63,14 +78,21 @@ export const HOST_USAGE = `usage: pkv host [options]            (each option als
   --idle-seconds N           PKV_IDLE_SECONDS       offload sessions idle this long (300)
   --tenants FILE|JSON        PKV_TENANTS            {"name": {"kv_quota_bytes": N, "max_sessions": N, "policy": "refuse"|"auto"}, "*": {...}}
   --checkpoint on|off        PKV_CHECKPOINT         save sessions after every append/generate (on)
-  --max-prefills N           PKV_MAX_PREFILLS       appends in the engine at once (2)`;
+  --max-prefills N           PKV_MAX_PREFILLS       appends in the engine at once (2)
+  --session-ttl-seconds N    PKV_SESSION_TTL_SECONDS  close sessions idle this long, per tenant by default (3600)
+  --max-stored-bytes N       PKV_MAX_STORED_BYTES   offloaded state a tenant may keep, by default (1073741824)
+  --decode-lanes N           PKV_DECODE_LANES       generations in the engine at once (64)
+  --tenant-decode-lanes N    PKV_TENANT_DECODE_LANES  of which one tenant may hold (16)
+  --engine-timeout-seconds N PKV_ENGINE_TIMEOUT_SECONDS  an engine request silent this long fails (120)
+  --metrics-token T          PKV_METRICS_TOKEN      bearer token GET /metrics requires (unset: /metrics refused)`;
 
 /** One tenant's limits from JSON ({kv_quota_bytes, max_sessions, policy}); `base` fills gaps. */
 export function parseTenantLimits(where: string, v: unknown, base: TenantLimits): TenantLimits {
   if (typeof v !== "object" || v === null || Array.isArray(v)) throw new Error(`${where}: must be an object`);
   const o = v as Record<string, unknown>;
   for (const k of Object.keys(o)) {
-    if (!["kv_quota_bytes", "max_sessions", "policy"].includes(k)) throw new Error(`${where}: unknown key '${k}'`);
+    if (!["kv_quota_bytes", "max_sessions", "policy", "session_ttl_s", "max_stored_bytes"].includes(k))
+      throw new Error(`${where}: unknown key '${k}'`);
   }
   const num = (k: string, fallback: number) => {
     const x = o[k];
@@ -86,17 +108,25 @@ export function parseTenantLimits(where: string, v: unknown, base: TenantLimits)
     kvQuotaBytes: num("kv_quota_bytes", base.kvQuotaBytes),
     maxSessions: num("max_sessions", base.maxSessions),
     policy,
+    sessionTtlS: num("session_ttl_s", base.sessionTtlS),
+    maxStoredBytes: num("max_stored_bytes", base.maxStoredBytes),
   };
 }
 
 export const TENANT_NAME = /^[A-Za-z0-9_.-]{1,64}$/;
 
 /** --tenants: a file name or inline JSON. The key "*" sets the defaults of unlisted tenants. */
-export function parseTenants(text: string | undefined): {
+export function parseTenants(
+  text: string | undefined,
+  base: Pick<TenantLimits, "sessionTtlS" | "maxStoredBytes"> = {
+    sessionTtlS: DEFAULT_SESSION_TTL_S,
+    maxStoredBytes: DEFAULT_MAX_STORED_BYTES,
+  },
+): {
   tenants: Record<string, TenantLimits>;
   defaults: TenantLimits;
 } {
-  let defaults: TenantLimits = { kvQuotaBytes: 0, maxSessions: 1000, policy: "refuse" };
+  let defaults: TenantLimits = { kvQuotaBytes: 0, maxSessions: 1000, policy: "refuse", ...base };
   const tenants: Record<string, TenantLimits> = {};
   if (text === undefined || text.trim() === "") return { tenants, defaults };
   const source = text.trim().startsWith("{") ? text : readFileSync(text, "utf8");
@@ -135,6 +165,22 @@ export const HOST_FLAGS = {
   tenants: string({ env: "PKV_TENANTS" }),
   checkpoint: oneOf(["on", "off"], { env: "PKV_CHECKPOINT", default: "on" }),
   "max-prefills": int({ min: 1, max: 1024, default: 2, env: "PKV_MAX_PREFILLS" }),
+  "session-ttl-seconds": int({
+    min: 1,
+    max: 86400 * 365,
+    default: DEFAULT_SESSION_TTL_S,
+    env: "PKV_SESSION_TTL_SECONDS",
+  }),
+  "max-stored-bytes": int({
+    min: 0,
+    max: Number.MAX_SAFE_INTEGER,
+    default: DEFAULT_MAX_STORED_BYTES,
+    env: "PKV_MAX_STORED_BYTES",
+  }),
+  "decode-lanes": int({ min: 1, max: 65536, default: 64, env: "PKV_DECODE_LANES" }),
+  "tenant-decode-lanes": int({ min: 1, max: 65536, default: 16, env: "PKV_TENANT_DECODE_LANES" }),
+  "engine-timeout-seconds": int({ min: 1, max: 86400, default: 120, env: "PKV_ENGINE_TIMEOUT_SECONDS" }),
+  "metrics-token": string({ env: "PKV_METRICS_TOKEN" }),
   /** the engine binary (tests); not in the usage */
   engine: string({ env: "PKV_ENGINE_BIN" }),
 };
@@ -148,7 +194,15 @@ export function hostConfig(f: FlagValues<typeof HOST_FLAGS>): HostConfig {
   if (f["edge-secret"].length < 16)
     throw new Error("--edge-secret (or PKV_EDGE_SECRET): required, at least 16 characters");
   const offloadDir = f["offload-dir"]; // created on start
-  const { tenants, defaults } = parseTenants(f.tenants);
+  const { tenants, defaults } = parseTenants(f.tenants, {
+    sessionTtlS: f["session-ttl-seconds"],
+    maxStoredBytes: f["max-stored-bytes"],
+  });
+  if (f["tenant-decode-lanes"] > f["decode-lanes"])
+    throw new Error(
+      `--tenant-decode-lanes: ${f["tenant-decode-lanes"]} is more than --decode-lanes ${f["decode-lanes"]}; it must be 1..${f["decode-lanes"]}`,
+    );
+  const metricsToken = f["metrics-token"];
   return {
     listen: f.listen,
     port: f.port,
@@ -169,5 +223,9 @@ export function hostConfig(f: FlagValues<typeof HOST_FLAGS>): HostConfig {
     highWaterBytes: 1 << 20,
     maxBufferedBytes: 64 << 20,
     drainMs: 10_000,
+    metricsToken: metricsToken === undefined || metricsToken === "" ? undefined : metricsToken,
+    decodeLanes: f["decode-lanes"],
+    tenantDecodeLanes: f["tenant-decode-lanes"],
+    engineTimeoutMs: f["engine-timeout-seconds"] * 1000,
   };
 }

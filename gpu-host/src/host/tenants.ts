@@ -4,7 +4,7 @@
 // it compresses, its smallest budget, the defaults) is in this file, read from the shared table.
 import { ENGINE_DEFAULTS, methodInfo, minBudget } from "@pyramidkv/shared";
 
-import type { KvType, TenantLimits, TenantPolicy } from "./config.js";
+import type { KvType, TenantLimits } from "./config.js";
 
 export interface TenantView extends TenantLimits {
   name: string;
@@ -29,12 +29,14 @@ export class Tenants {
   }
 
   /** set_tenant from the edge: absent fields keep their value. */
-  set(name: string, patch: { kvQuotaBytes?: number; maxSessions?: number; policy?: TenantPolicy }): TenantView {
+  set(name: string, patch: Partial<TenantLimits>): TenantView {
     const cur = this.limits.get(name) ?? { ...this.defaults };
     this.limits.set(name, {
       kvQuotaBytes: patch.kvQuotaBytes ?? cur.kvQuotaBytes,
       maxSessions: patch.maxSessions ?? cur.maxSessions,
       policy: patch.policy ?? cur.policy,
+      sessionTtlS: patch.sessionTtlS ?? cur.sessionTtlS,
+      maxStoredBytes: patch.maxStoredBytes ?? cur.maxStoredBytes,
     });
     return this.get(name);
   }
