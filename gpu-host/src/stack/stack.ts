@@ -265,6 +265,8 @@ export interface StackOptions {
   workerPort?: number;
   vars?: Record<string, string>;
   hostArgs?: string[];
+  /** more arguments of host i (0-based) after hostArgs, e.g. its own --offload-dir */
+  hostArgsEach?: (i: number) => string[];
   threads?: number;
 }
 
@@ -281,8 +283,15 @@ export async function startStack(o: StackOptions): Promise<Stack> {
   try {
     const [worker, ...hosts] = await Promise.all([
       keep(startWorker({ secret, adminToken, persistDir: o.persistDir, port: o.workerPort, vars: o.vars })),
-      ...Array.from({ length: o.hosts ?? 1 }, () =>
-        keep(startHostProcess({ secret, kvPoolBytes: o.kvPoolBytes, args: o.hostArgs, threads: o.threads })),
+      ...Array.from({ length: o.hosts ?? 1 }, (_, i) =>
+        keep(
+          startHostProcess({
+            secret,
+            kvPoolBytes: o.kvPoolBytes,
+            args: [...(o.hostArgs ?? []), ...(o.hostArgsEach?.(i) ?? [])],
+            threads: o.threads,
+          }),
+        ),
       ),
     ]);
     const admin = new AdminClient(worker!.url, adminToken);
