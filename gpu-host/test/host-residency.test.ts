@@ -1,9 +1,10 @@
 // Residency against a scripted engine: states cross in pieces (save from the next offset, restore
 // in half-frame pieces), offload saves and closes an idle session, a restore is admitted and
-// accounted (steady + the request's peak), a missing state loses the session, and sessions saved
-// by an earlier run are adopted as offloaded.
+// accounted (steady + the request's peak), a missing, truncated or damaged state loses the session,
+// sessions saved by an earlier run are adopted as offloaded, a save the engine dies in keeps the
+// previous checkpoint, and stored bytes stay within the tenant's bound.
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readdirSync, rmSync, truncateSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
@@ -11,12 +12,12 @@ import { test } from "node:test";
 import { MAX_FRAME_BYTES } from "@pyramidkv/shared";
 
 import { Admission } from "../src/host/admission.js";
-import { EngineRequestError } from "../src/host/engine.js";
+import { ENGINE_DIED, EngineRequestError } from "../src/host/engine.js";
 import { HostError } from "../src/host/errors.js";
 import { HostMetrics } from "../src/host/metrics.js";
 import { Residency, restoreToEngine, type StateEngine, saveFromEngine } from "../src/host/residency.js";
 import { HostSession } from "../src/host/session.js";
-import { StateStore } from "../src/host/store.js";
+import { StateStore, stateFileName } from "../src/host/store.js";
 
 type Call = { type: string; session?: string; offset?: number; total?: number; state?: Uint8Array };
 
@@ -25,6 +26,10 @@ class ScriptedEngine {
   readonly calls: Call[] = [];
   readonly states = new Map<string, Uint8Array>();
   failing?: string;
+  /** the engine dies (its requests fail with ENGINE_DIED) when this says so */
+  diesAt?: (c: Call) => boolean;
+  /** the engine refuses a restore as a damaged state (its code 'invalid') when this says so */
+  refusesRestore?: (c: Call) => boolean;
   /** called while a request is being answered (to look at the accounting mid-transfer) */
   during?: (c: Call) => void;
 
@@ -34,6 +39,9 @@ class ScriptedEngine {
     this.calls.push(msg);
     this.during?.(msg);
     if (msg.type === this.failing) throw new EngineRequestError("internal", `${msg.type} failed`);
+    if (this.diesAt?.(msg)) throw new EngineRequestError(ENGINE_DIED, "the engine exited (SIGKILL)");
+    if (msg.type === "restore" && this.refusesRestore?.(msg))
+      throw new EngineRequestError("invalid", "truncated session state");
     const session = msg.session!;
     if (msg.type === "save") {
       const st = this.states.get(session) ?? new Uint8Array(0);
@@ -55,7 +63,7 @@ class ScriptedEngine {
 
 const bytes = (n: number) => Uint8Array.from({ length: n }, (_, i) => i % 251);
 
-function setup(engine: ScriptedEngine, store = new StateStore()) {
+function setup(engine: ScriptedEngine, store = new StateStore(), maxStoredBytes?: (tenant: string) => number) {
   const sessions: HostSession[] = [];
   const metrics = new HostMetrics();
   const admission: Admission<HostSession> = new Admission<HostSession>({
@@ -65,7 +73,13 @@ function setup(engine: ScriptedEngine, store = new StateStore()) {
     poolBytes: () => 1 << 30,
     refused: () => {},
   });
-  const residency: Residency = new Residency(store, { ready: Promise.resolve(engine) }, admission, metrics);
+  const residency: Residency = new Residency(
+    store,
+    { ready: Promise.resolve(engine) },
+    admission,
+    metrics,
+    maxStoredBytes ? { maxStoredBytes } : {},
+  );
   const open = (id: string, steady: number) => {
     const s = new HostSession("t", id, { method: "pyramidkv", budget: 64 });
     s.kv.grant(steady);
@@ -188,5 +202,135 @@ test("sessions an earlier host saved to the offload directory are adopted as off
     assert.deepEqual(adopted!.params, { method: "pyramidkv", budget: 64 });
   } finally {
     rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+const quiet = (dir?: string) => new StateStore(dir, { log: () => {} });
+
+test("a truncated state file at restore loses the session (session_lost, quarantined), not 'invalid' for ever", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "pkv-residency-"));
+  try {
+    const engine = new ScriptedEngine();
+    const { residency, open } = setup(engine, quiet(dir));
+    const s = open("cut", 700);
+    engine.states.set("t/cut", bytes(5000));
+    assert.equal(await residency.offload(s), true);
+    truncateSync(join(dir, stateFileName("t", "cut")), 3000);
+    s.pendingOps++;
+    await assert.rejects(
+      residency.ensureResident(s, 10),
+      (e: unknown) => e instanceof HostError && e.code === "session_lost" && /truncated/.test(e.message),
+    );
+    assert.match(s.lost ?? "", /damaged/);
+    assert.deepEqual([s.resident, s.kv.reserved, s.kv.accounted(true)], [false, 0, 0]);
+    assert.equal(
+      engine.calls.filter((c) => c.type === "restore").length,
+      0,
+      "the host told the truncation itself, without the engine",
+    );
+    assert.ok(readdirSync(dir).some((f) => f.startsWith(`${stateFileName("t", "cut")}.corrupt-`)));
+    assert.equal(residency.storedBytes("t"), 0);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("a state the engine refuses as damaged (an old-format file, no header) loses the session too", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "pkv-residency-"));
+  try {
+    const params = { method: "pyramidkv", budget: 64 };
+    writeFileSync(join(dir, stateFileName("t", "old")), bytes(20));
+    writeFileSync(
+      join(dir, "index.json"),
+      JSON.stringify([{ tenant: "t", session: "old", params, tokens_seen: 5, kv_bytes: 900 }]),
+    );
+    const engine = new ScriptedEngine();
+    engine.refusesRestore = () => true;
+    const { residency, sessions } = setup(engine, quiet(dir));
+    const [s] = await residency.adopt();
+    sessions.push(s!);
+    s!.pendingOps++;
+    await assert.rejects(
+      residency.ensureResident(s!, 10),
+      (e: unknown) => e instanceof HostError && e.code === "session_lost",
+    );
+    assert.match(s!.lost ?? "", /truncated session state/);
+    assert.equal(s!.kv.accounted(true), 0);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("the engine dies in the middle of a save: the previous checkpoint stays intact and restores", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "pkv-residency-"));
+  try {
+    const engine = new ScriptedEngine(4); // a state crosses in 4-byte pieces
+    const { residency, open } = setup(engine, quiet(dir));
+    const s = open("k", 700);
+    engine.states.set("t/k", bytes(10));
+    await residency.save(s, engine);
+    s.tokensSeen = 20;
+    s.dirty = true;
+    engine.states.set(
+      "t/k",
+      Uint8Array.from({ length: 12 }, (_, i) => 200 - i),
+    );
+    engine.diesAt = (c) => c.type === "save" && (c.offset ?? 0) > 0; // after the first piece
+    await assert.rejects(
+      residency.save(s, engine),
+      (e: unknown) => e instanceof EngineRequestError && e.code === ENGINE_DIED,
+    );
+    assert.equal(s.dirty, true, "the session is not marked saved");
+    engine.diesAt = undefined;
+
+    // A new host on the directory (after the crash) sees the previous checkpoint, whole.
+    const again = setup(engine, quiet(dir));
+    const [adopted] = await again.residency.adopt();
+    assert.equal(adopted?.tokensSeen, 10);
+    again.sessions.push(adopted!);
+    adopted!.pendingOps++;
+    await again.residency.ensureResident(adopted!, 10);
+    assert.deepEqual(engine.calls.at(-1)?.state, bytes(10));
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("stored bytes per tenant are bounded: an offload past the bound fails (stored_quota_exceeded), the session stays resident", async () => {
+  for (const dir of [undefined, mkdtempSync(join(tmpdir(), "pkv-residency-"))]) {
+    try {
+      const engine = new ScriptedEngine();
+      const { residency, open } = setup(engine, quiet(dir), (t) => (t === "t" ? 1000 : 0));
+      const a = open("a", 700);
+      const b = open("b", 700);
+      engine.states.set("t/a", bytes(600));
+      engine.states.set("t/b", bytes(600));
+      assert.equal(await residency.offload(a), true);
+      assert.equal(residency.storedBytes("t"), 600);
+      assert.equal(await residency.offload(b), false);
+      assert.deepEqual([b.resident, b.saved, b.dirty], [true, false, true]);
+      await assert.rejects(
+        residency.save(b, engine),
+        (e: unknown) =>
+          e instanceof HostError &&
+          e.code === "stored_quota_exceeded" &&
+          /'t'/.test(e.message) &&
+          /1000/.test(e.message),
+      );
+      assert.equal(residency.storedBytes("t"), 600);
+      // a's newer, larger state replaces its own: within the bound
+      engine.states.set("t/a", bytes(1000));
+      a.pendingOps++;
+      await residency.ensureResident(a, 0);
+      a.pendingOps--;
+      a.dirty = true;
+      assert.equal(await residency.offload(a), true);
+      assert.equal(residency.storedBytes("t"), 1000);
+      await residency.forget(a);
+      assert.equal(residency.storedBytes("t"), 0);
+      assert.equal(await residency.offload(b), true);
+    } finally {
+      if (dir) rmSync(dir, { recursive: true, force: true });
+    }
   }
 });

@@ -7,11 +7,11 @@ import { MAX_FRAME_BYTES } from "@pyramidkv/shared";
 
 import type { Admission } from "./admission.js";
 import { TENANT_NAME } from "./config.js";
-import type { EngineProcess } from "./engine.js";
+import { type EngineProcess, EngineRequestError } from "./engine.js";
 import { HostError } from "./errors.js";
 import type { HostMetrics } from "./metrics.js";
 import { HostSession, type OpenParams } from "./session.js";
-import type { StateStore, StoredSessionMeta } from "./store.js";
+import { DamagedStateError, type StateStore, type StoredSessionMeta } from "./store.js";
 
 /** The engine calls residency makes (save, restore, open, close). */
 export type StateEngine = Pick<EngineProcess, "call">;
@@ -50,6 +50,11 @@ export async function restoreToEngine(engine: StateEngine, engineName: string, s
   }
 }
 
+export interface ResidencyOptions {
+  /** the tenant's bound on stored state bytes (absent: unbounded) */
+  maxStoredBytes?: (tenant: string) => number;
+}
+
 export class Residency {
   constructor(
     private readonly store: StateStore,
@@ -57,7 +62,13 @@ export class Residency {
     private readonly engines: { readonly ready: Promise<StateEngine> },
     private readonly admission: Admission<HostSession>,
     private readonly metrics: HostMetrics,
+    private readonly options: ResidencyOptions = {},
   ) {}
+
+  /** Bytes of the tenant's stored states (offloaded or checkpointed), memory or disk. */
+  storedBytes(tenant: string): number {
+    return this.store.storedBytes(tenant);
+  }
 
   /** States survive the host (an offload directory), not only the engine. */
   get persistent(): boolean {
@@ -79,7 +90,9 @@ export class Residency {
     return adopted;
   }
 
-  /** Checkpoints the session: its state from the engine into the store. */
+  /** Checkpoints the session: its state from the engine into the store, within the tenant's
+   * stored-bytes bound (stored_quota_exceeded past it). A save that fails, the engine's part or
+   * the store's, leaves the previous checkpoint as it was. */
   async save(s: HostSession, engine: StateEngine): Promise<void> {
     const state = await saveFromEngine(engine, s.engineName);
     const meta: StoredSessionMeta = {
@@ -89,7 +102,7 @@ export class Residency {
       tokens_seen: s.tokensSeen,
       kv_bytes: s.kv.steady,
     };
-    await this.store.put(meta, state);
+    await this.store.put(meta, state, this.options.maxStoredBytes?.(s.tenant));
     s.saved = true;
     s.dirty = false;
   }
@@ -115,18 +128,28 @@ export class Residency {
       s.kv.restored(extra);
       return;
     }
-    const state = await this.store.get(s.tenant, s.id);
-    if (!state) {
-      s.lost = "its saved state is missing";
-      throw new HostError("session_lost", `session '${s.id}' has no saved state to restore`);
-    }
     try {
+      const state = await this.store.get(s.tenant, s.id);
+      if (!state) {
+        s.lost = "its saved state is missing";
+        throw new HostError("session_lost", `session '${s.id}' has no saved state to restore`);
+      }
       const engine = await this.engines.ready;
       await restoreToEngine(engine, s.engineName, state);
     } catch (e) {
       s.kv.unreserve(); // held only while restoring; resident sessions account steady + in-flight
-      // issue 12: a truncated state fails here as the engine's 'invalid' for ever; report session_lost.
-      throw e;
+      // The store found the state damaged, or the engine refused what the store gave back: it will
+      // not get better, so the session is lost (not an 'invalid' on each request for ever).
+      const damaged =
+        e instanceof DamagedStateError
+          ? e.message
+          : e instanceof EngineRequestError && e.code === "invalid"
+            ? e.message
+            : undefined;
+      if (damaged === undefined) throw e;
+      await this.store.quarantine(s.tenant, s.id, damaged);
+      s.lost = `its saved state is damaged (${damaged})`;
+      throw new HostError("session_lost", `session '${s.id.slice(0, 64)}' was lost: ${s.lost}`);
     }
     s.kv.restored(extra);
     s.dirty = false;
