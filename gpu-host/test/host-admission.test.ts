@@ -9,7 +9,13 @@ import { test } from "node:test";
 import { KvAccount } from "../src/host/account.js";
 import { type Admissible, Admission } from "../src/host/admission.js";
 import { HostError } from "../src/host/errors.js";
-import { autoBudget, openReservationBytes } from "../src/host/tenants.js";
+import {
+  appendTokenBound,
+  autoBudget,
+  openReservationBytes,
+  prefillPeakBytes,
+  promptTokenBound,
+} from "../src/host/tenants.js";
 
 class FakeSession implements Admissible {
   readonly kv: KvAccount;
@@ -200,4 +206,152 @@ test("the per-tenant lock: two admissions cannot both take the tenant's last byt
   assert.equal(s1.kv.reserved, 60);
   assert.equal(s2.kv.reserved, 0);
   assert.ok(h.admission.usage("t") <= 100, `t accounts ${h.admission.usage("t")}`);
+});
+
+/** An offload that fails for the named sessions (a state that cannot be saved: context exactly
+ * full, a disk error, or the store refusing it with stored_quota_exceeded) and records each try. */
+function failingFor(h: ReturnType<typeof harness>, failing: Set<string>): string[] {
+  const tried: string[] = [];
+  h.setOffload(async (v) => {
+    tried.push(v.id);
+    if (failing.has(v.id)) return false;
+    h.offloaded.push(v.id);
+    v.kv.offloaded();
+    return true;
+  });
+  return tried;
+}
+
+test("a failed offload is not room: the next victim is tried, and when none is left the request is refused, never admitted past the quota", async () => {
+  const a = resident("t", "a", 40, 1); // least recently used: its offload fails
+  const b = resident("t", "b", 40, 2);
+  const s = opening("t", "s");
+  const h = harness([a, b, s], { t: 100 });
+  const tried = failingFor(h, new Set(["a"]));
+  await h.admission.admit(s, 50);
+  assert.deepEqual(tried, ["a", "b"], "a failed, so b was tried");
+  assert.deepEqual(h.offloaded, ["b"]);
+  assert.ok(h.admission.usage("t") <= 100, `t accounts ${h.admission.usage("t")}`);
+
+  // Now only a (unsaveable) is idle: a second request is refused with the reason, a tried once.
+  const s2 = opening("t", "s2");
+  tried.length = 0;
+  const e = await refusal(h.admission.admit(s2, 20));
+  assert.equal(e.code, "quota_exceeded");
+  assert.match(e.message, /its quota is 100, 90 in use/);
+  assert.match(e.message, /1 idle session could not be offloaded/);
+  assert.deepEqual(tried, ["a"], "each victim is tried once per admission");
+  assert.equal(s2.kv.reserved, 0, "nothing granted");
+  assert.ok(h.admission.usage("t") <= 100, `t accounts ${h.admission.usage("t")}`);
+  assert.deepEqual(h.refused, ["t"]);
+});
+
+test("the pool: a failed offload of another tenant's session tries the next one, then refuses with pool_full", async () => {
+  const x = resident("u", "x", 60, 1); // its state cannot be stored (the store refused it)
+  const y = resident("u", "y", 30, 2);
+  const s = opening("t", "s");
+  const small = opening("t", "small");
+  const h = harness([x, y, s, small], {}, 100);
+  const tried = failingFor(h, new Set(["x"]));
+  const e = await refusal(h.admission.admit(s, 50));
+  assert.equal(e.code, "pool_full");
+  assert.match(e.message, /needs 50 KV bytes .* the pool holds 100, 60 in use/);
+  assert.deepEqual(tried, ["x", "y"]);
+  assert.equal(s.kv.reserved, 0, "nothing granted");
+  assert.ok(h.admission.usage() <= 100, `the pool accounts ${h.admission.usage()}`);
+
+  await h.admission.admit(small, 40); // what fits beside x is admitted
+  assert.equal(h.admission.usage(), 100);
+});
+
+test("an offload refused for stored_quota_exceeded counts as failed: the tenant's other sessions make room, or the request is refused", async () => {
+  // residency.ts's offload answers false when the store refuses the state (the tenant's
+  // max_stored_bytes is spent); admission must not take that for room made.
+  const big = resident("t", "big", 70, 1);
+  const small = resident("t", "small", 20, 2);
+  const s = opening("t", "s");
+  const h = harness([big, small, s], { t: 100 });
+  const tried = failingFor(h, new Set(["big", "small"]));
+  const e = await refusal(h.admission.admit(s, 30));
+  assert.equal(e.code, "quota_exceeded");
+  assert.match(e.message, /2 idle sessions could not be offloaded/);
+  assert.deepEqual(tried, ["big", "small"]);
+  assert.equal(h.admission.usage("t"), 90);
+});
+
+test("quota 0 (no quota of its own): another tenant's idle sessions are offloaded for the pool only while that tenant holds more than its fair share", async () => {
+  // u uses 40 of a 100-byte pool shared by two tenants: within its fair share (50).
+  const u1 = resident("u", "u1", 30, 0);
+  const u2 = resident("u", "u2", 10, 1);
+  const z1 = resident("z", "z1", 40, 5);
+  const s = opening("z", "s");
+  const h = harness([u1, u2, z1, s], { u: 100, z: 100 /* quota 0, resolved to the pool */ }, 100);
+  await h.admission.admit(s, 50); // 130 > 100: z's own idle session goes, not u's
+  assert.deepEqual(h.offloaded, ["z1"]);
+
+  const s2 = opening("z", "s2");
+  const e = await refusal(h.admission.admit(s2, 45)); // within z's quota, not within the pool
+  assert.equal(e.code, "pool_full");
+  assert.deepEqual(h.offloaded, ["z1"], "u's sessions stayed: u holds only its fair share");
+  assert.equal(u1.kv.resident && u2.kv.resident, true);
+  assert.equal(s2.kv.reserved, 0);
+
+  // A tenant above its fair share does give up its idle sessions (least recently used first).
+  const v1 = resident("v", "v1", 40, 0);
+  const v2 = resident("v", "v2", 30, 1);
+  const w = opening("w", "w");
+  const h2 = harness([v1, v2, w], { v: 100, w: 100 }, 100);
+  await h2.admission.admit(w, 50); // v holds 70 > 50: v1 goes, then 30 + 50 fits
+  assert.deepEqual(h2.offloaded, ["v1"]);
+  assert.equal(h2.admission.usage(), 80);
+});
+
+test("quota overshoot (issue's numbers): a FullKV session with a 20 MB quota and chunk 512 is refused before prefilling a long prompt, or admitted within the quota", async () => {
+  const g = { nLayer: 30, bytesPerEntry: 768, chunkSize: 512 };
+  const quota = 20_000_000;
+  const nCtx = 8192;
+  const prompt = "The ocean covers most of the planet. ".repeat(330); // 12,210 bytes, ~3,000 tokens
+  const promptTokens = 3000; // what the engine keeps of it (FullKV keeps every token)
+  const bytes = Buffer.byteLength(prompt, "utf8");
+
+  // An edge that sends prompt_bytes: refused at open.
+  const s = opening("t", "s");
+  const h = harness([s], { t: quota });
+  const atOpen = openReservationBytes(g, "full", 128, promptTokenBound(undefined, bytes, nCtx));
+  const e = await refusal(h.admission.admit(s, atOpen));
+  assert.equal(e.code, "quota_exceeded");
+
+  // An edge without prompt_bytes (reservation of nothing): the append's own peak refuses it.
+  const s2 = opening("t", "s2");
+  const h2 = harness([s2], { t: quota });
+  await h2.admission.admit(s2, openReservationBytes(g, "full", 128, promptTokenBound(undefined, undefined, nCtx)));
+  s2.kv.opened();
+  let peak = h2.admission.usage("t");
+  let refusedAt: string | undefined;
+  try {
+    const extra = prefillPeakBytes(g, appendTokenBound(prompt, undefined, true), "full", nCtx - 0);
+    await h2.admission.admit(s2, s2.kv.held + extra);
+    s2.kv.settle(g.nLayer * promptTokens * g.bytesPerEntry); // the engine prefilled it: FullKV's exact size
+    peak = Math.max(peak, h2.admission.usage("t"));
+  } catch (err) {
+    assert.ok(err instanceof HostError);
+    refusedAt = err.code;
+  }
+  assert.ok(peak <= quota, `peak sampled ${peak} > quota ${quota}`);
+  assert.equal(refusedAt, "quota_exceeded");
+
+  // A short prompt fits: admitted, and its exact size is within the quota.
+  const s3 = opening("t", "s3");
+  const h3 = harness([s3], { t: quota });
+  const short = "Hello there.";
+  await h3.admission.admit(
+    s3,
+    openReservationBytes(g, "full", 128, promptTokenBound(undefined, Buffer.byteLength(short), nCtx)),
+  );
+  s3.kv.opened();
+  await h3.admission.admit(
+    s3,
+    s3.kv.held + prefillPeakBytes(g, appendTokenBound(short, undefined, true), "full", nCtx),
+  );
+  assert.ok(h3.admission.usage("t") <= quota);
 });

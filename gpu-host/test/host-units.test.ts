@@ -9,6 +9,7 @@ import {
   largestBudgetThatFits,
   openReservationBytes,
   prefillPeakBytes,
+  promptTokenBound,
 } from "../src/host/tenants.js";
 
 test("the scheduler serves tenants round-robin: many queued jobs of one cannot starve another", async () => {
@@ -30,7 +31,8 @@ test("the scheduler serves tenants round-robin: many queued jobs of one cannot s
   assert.equal(s.queued("prefill"), 6);
   release();
   await Promise.all(jobs);
-  assert.deepEqual(order, ["g0", "g1", "p0", "g2", "p1", "g3", "g4"]); // not g0..g4 then p0, p1
+  // not g0..g4 then p0, p1; and polite, never served yet, goes before greedy, served just now
+  assert.deepEqual(order, ["g0", "p0", "g1", "p1", "g2", "g3", "g4"]);
 });
 
 test("a queued job can be aborted; a running one cannot", async () => {
@@ -51,12 +53,36 @@ test("admission arithmetic: peak = (budget + min(prompt, chunk)) entries per lay
   assert.equal(openReservationBytes(g, "pyramidkv", 128, 100), 30 * 228 * 768);
   assert.equal(openReservationBytes(g, "full", 128, 4000), 30 * 4000 * 768);
   assert.equal(prefillPeakBytes(g, 10_000), 30 * 512 * 768);
+  assert.equal(prefillPeakBytes(g, 10_000, "pyramidkv", 8192), 30 * 512 * 768);
   assert.equal(largestBudgetThatFits(g, "pyramidkv", 32, 30 * 768 * 100, 8), 68);
   assert.equal(largestBudgetThatFits(g, "pyramidkv", 32, 30 * 768 * 40, 8), 0);
   // The method's own minimum from the engine's table: StreamingLLM needs room beyond its 4 sinks.
   assert.equal(largestBudgetThatFits(g, "pyramidkv", 32, 30 * 768 * 36, 2), 4);
   assert.equal(largestBudgetThatFits(g, "streamingllm", 32, 30 * 768 * 36, 2), 0);
   assert.ok(appendTokenBound("héllo", [1, 2], true) >= 6 + 2);
+});
+
+test("FullKV arithmetic: its prefill peak is every new token (up to the context left), its open reservation the prompt's bound", () => {
+  const g = { nLayer: 30, bytesPerEntry: 768, chunkSize: 512 };
+  // FullKV keeps every prefilled token: the chunk bounds nothing it holds.
+  assert.equal(prefillPeakBytes(g, 3000, "full", 8192), 30 * 3000 * 768);
+  assert.equal(prefillPeakBytes(g, 10_000, "full", 8192 - 1000), 30 * 7192 * 768, "no more than the context left");
+  assert.equal(prefillPeakBytes(g, 10_000, "full", 0), 0);
+  // open_session.prompt_bytes bounds the first append's tokens (plus its template), up to n_ctx.
+  assert.equal(promptTokenBound(undefined, undefined, 8192), 0);
+  assert.equal(promptTokenBound(32, undefined, 8192), 32);
+  assert.ok(promptTokenBound(undefined, 1000, 8192) >= 1000);
+  assert.ok(promptTokenBound(5000, 1000, 8192) >= 5000, "the larger of the two hints");
+  assert.equal(promptTokenBound(undefined, 50_000, 8192), 8192);
+  assert.equal(
+    openReservationBytes(g, "full", 128, promptTokenBound(undefined, 12_210, 8192)),
+    30 * 8192 * 768,
+    "a 12 kB prompt may be up to the whole context",
+  );
+  assert.equal(
+    openReservationBytes(g, "pyramidkv", 128, promptTokenBound(undefined, 12_210, 8192)),
+    30 * (128 + 512) * 768,
+  );
 });
 
 test("config: flags and env, tenants JSON with defaults, errors name the parameter", () => {

@@ -46,7 +46,9 @@ export class KvAccount {
   /** Bytes counted against the tenant's quota and the pool; `busy`: requests are queued or running
    * on the session (a session being opened or restored is busy and not resident yet). */
   accounted(busy: boolean): number {
-    // issue 12: offloaded sessions count nothing here; their stored state is to be bounded per tenant.
+    // Offloaded: no engine KV, so nothing against the quota or the pool. Its stored bytes are bounded
+    // apart (the tenant's max_stored_bytes, store.ts); an offload the store refuses is a failed one,
+    // and admission then tries another victim or refuses (admission.ts).
     return this.isResident || (busy && this.reservedBytes > 0) ? this.held + this.inFlightBytes : 0;
   }
 

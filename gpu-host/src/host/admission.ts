@@ -1,6 +1,9 @@
 // Admission: whether a request's KV bytes fit its tenant's quota and the engine's pool, making
 // room by offloading idle sessions (least recently used first). A tenant's quota may offload only
-// that tenant's sessions; the pool may offload anyone's. Admissions of one tenant run one at a
+// that tenant's sessions; the pool may offload the tenant's own and those of a tenant holding more
+// than its fair share (the pool over the tenants holding KV), never one within it. A failed
+// offload makes no room: the next victim is tried, and with none left the request is refused
+// (quota_exceeded, pool_full), never admitted past a limit. Admissions of one tenant run one at a
 // time (a lock per tenant), so two requests cannot both take the tenant's last bytes. What a
 // session accounts is account.ts's rule; the sizes of requests are tenants.ts's arithmetic.
 // Nothing here talks to the engine: the session table, the offload and the limits are injected.
@@ -47,6 +50,17 @@ export function usage(sessions: Iterable<Admissible>, tenant?: string): number {
   return n;
 }
 
+/** KV bytes accounted per tenant, of the tenants that account any. A tenant's fair share of the
+ * pool is the pool over these tenants and the one asking. */
+export function usageByTenant(sessions: Iterable<Admissible>): Map<string, number> {
+  const m = new Map<string, number>();
+  for (const s of sessions) {
+    const n = accounted(s);
+    if (n > 0) m.set(s.tenant, (m.get(s.tenant) ?? 0) + n);
+  }
+  return m;
+}
+
 /** The least recently used resident, idle, not lost session that `eligible` accepts. */
 export function leastRecentlyUsedIdle<S extends Admissible>(
   sessions: Iterable<S>,
@@ -73,7 +87,8 @@ export class Admission<S extends Admissible> {
    * Makes room for `s` to account `need` bytes in total, then grants them (account.ts: in-flight
    * for a resident session, a reservation otherwise). Offloads the tenant's idle sessions until
    * its quota holds the need, else shrinks it with `fit`, else refuses with quota_exceeded; then
-   * offloads idle sessions of any tenant while the pool cannot hold it.
+   * offloads idle sessions (its own, or of tenants above their fair share) while the pool cannot
+   * hold it, else refuses with pool_full. A session whose offload fails is skipped.
    */
   admit(s: S, need: number, fit?: Fit): Promise<void> {
     const prev = this.locks.get(s.tenant) ?? Promise.resolve();
@@ -87,16 +102,25 @@ export class Admission<S extends Admissible> {
 
   private async admitLocked(s: S, need: number, fit: Fit | undefined): Promise<void> {
     const { deps } = this;
+    // Sessions whose offload failed in this admission (unsaveable state, disk error, the store
+    // refusing it for stored_quota_exceeded): not tried again, and no room was made by them.
+    const failed = new Set<S>();
+    /** Offloads the victim, if any; false when there was none to try. */
+    const tried = async (victim: S | undefined): Promise<boolean> => {
+      if (!victim) return false;
+      if (!(await deps.offload(victim))) failed.add(victim);
+      return true;
+    };
+    const unsaved = () =>
+      failed.size === 0
+        ? ""
+        : `; ${failed.size} idle session${failed.size === 1 ? "" : "s"} could not be offloaded (state not saved)`;
     const quota = deps.quota(s.tenant);
     for (;;) {
       const others = this.usage(s.tenant) - accounted(s);
       if (others + need <= quota) break;
-      const victim = leastRecentlyUsedIdle(deps.sessions(), (x) => x.tenant === s.tenant && x !== s);
-      if (victim) {
-        // issue 12: a failed offload ends the loop and admits past the quota; try the next victim, never admit.
-        if (!(await deps.offload(victim))) break;
-        continue;
-      }
+      const mine = (x: S) => x.tenant === s.tenant && x !== s && !failed.has(x);
+      if (await tried(leastRecentlyUsedIdle(deps.sessions(), mine))) continue;
       const smaller = fit?.(quota - others);
       if (smaller !== null && smaller !== undefined && others + smaller <= quota) {
         need = smaller;
@@ -105,14 +129,24 @@ export class Admission<S extends Admissible> {
       deps.refused(s.tenant);
       throw new HostError(
         "quota_exceeded",
-        `tenant '${s.tenant}' needs ${need} KV bytes for session '${s.id.slice(0, 64)}'; its quota is ${quota}, ${others} in use by busy sessions`,
+        `tenant '${s.tenant}' needs ${need} KV bytes for session '${s.id.slice(0, 64)}'; its quota is ${quota}, ${others} in use by busy sessions${unsaved()}`,
       );
     }
+    // The pool: the tenant's own idle sessions, and another tenant's only while that tenant holds
+    // more than its fair share (a tenant without a quota cannot push out one that uses its share).
     const pool = deps.poolBytes();
     for (;;) {
-      if (this.usage() - accounted(s) + need <= pool) break;
-      const victim = leastRecentlyUsedIdle(deps.sessions(), (x) => x !== s);
-      if (!victim || !(await deps.offload(victim))) break; // the engine's pool_full decides
+      const others = this.usage() - accounted(s);
+      if (others + need <= pool) break;
+      const byTenant = usageByTenant(deps.sessions());
+      const share = Math.floor(pool / new Set([...byTenant.keys(), s.tenant]).size);
+      const movable = (x: S) =>
+        x !== s && !failed.has(x) && (x.tenant === s.tenant || (byTenant.get(x.tenant) ?? 0) > share);
+      if (await tried(leastRecentlyUsedIdle(deps.sessions(), movable))) continue;
+      throw new HostError(
+        "pool_full",
+        `tenant '${s.tenant}' needs ${need} KV bytes for session '${s.id.slice(0, 64)}'; the pool holds ${pool}, ${others} in use (busy sessions, and tenants within their fair share of ${share})${unsaved()}`,
+      );
     }
     s.kv.grant(need);
   }

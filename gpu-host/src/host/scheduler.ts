@@ -1,7 +1,13 @@
-// Fair scheduling between tenants: requests wait in one queue per tenant and are started
-// round-robin over tenants, at most `limit` at a time per kind. The engine batches decode steps
-// and round-robins prefills over sessions, so without this one tenant with many sessions would
-// get as many prefill turns as it has sessions; with it, each tenant with work gets a turn.
+// Fair scheduling between tenants: requests wait in one queue per tenant and are started at most
+// `limit` at a time per kind, and at most `tenantLimit` of one tenant at a time; a free lane goes
+// to the tenant with work (and a lane of its own left) that was served least recently, so a
+// tenant that has just arrived goes before one that has just been served. The engine batches
+// decode steps and round-robins prefills over sessions, so without this one tenant with many
+// sessions would get as many prefill turns as it has sessions, and its 500 generations would make
+// every decode step (everyone's inter-token gap) 500 sequences long; with it, each tenant with
+// work gets a turn and a bounded share of a step (docs/HOST.md, "Fairness").
+import type { HostConfig } from "./config.js";
+
 export type JobKind = "prefill" | "decode";
 
 interface Job {
@@ -10,10 +16,17 @@ interface Job {
 }
 
 class Lane {
-  private readonly queues = new Map<string, Job[]>(); // insertion order = round-robin order
+  private readonly queues = new Map<string, Job[]>();
+  private readonly runningOf = new Map<string, number>();
+  /** the tick of a tenant's last start, for tenants with jobs queued or running */
+  private readonly servedAt = new Map<string, number>();
+  private ticks = 0;
   private running = 0;
 
-  constructor(private readonly limit: number) {}
+  constructor(
+    private readonly limit: number,
+    private readonly tenantLimit: number,
+  ) {}
 
   get queued(): number {
     let n = 0;
@@ -34,31 +47,80 @@ class Lane {
     if (!q || i < 0) return false;
     q.splice(i, 1);
     if (q.length === 0) this.queues.delete(job.tenant);
+    this.forgetIfIdle(job.tenant);
     return true;
   }
 
-  done(): void {
+  done(tenant: string): void {
     this.running--;
+    const n = (this.runningOf.get(tenant) ?? 1) - 1;
+    if (n > 0) this.runningOf.set(tenant, n);
+    else this.runningOf.delete(tenant);
+    this.forgetIfIdle(tenant);
     this.pump();
   }
 
+  private forgetIfIdle(tenant: string): void {
+    if (!this.queues.has(tenant) && !this.runningOf.has(tenant)) this.servedAt.delete(tenant);
+  }
+
+  /** The tenant with queued work and a lane of its own left, served least recently (one never
+   * served first, in arrival order). */
+  private next(): string | undefined {
+    let best: string | undefined;
+    let bestAt = Number.POSITIVE_INFINITY;
+    for (const tenant of this.queues.keys()) {
+      if ((this.runningOf.get(tenant) ?? 0) >= this.tenantLimit) continue;
+      const at = this.servedAt.get(tenant) ?? -1;
+      if (at < bestAt) {
+        best = tenant;
+        bestAt = at;
+      }
+    }
+    return best;
+  }
+
   private pump(): void {
-    while (this.running < this.limit && this.queues.size > 0) {
-      const [tenant, q] = this.queues.entries().next().value as [string, Job[]];
+    while (this.running < this.limit) {
+      const tenant = this.next();
+      if (tenant === undefined) return;
+      const q = this.queues.get(tenant)!;
       const job = q.shift()!;
-      this.queues.delete(tenant); // the tenant goes to the back of the ring
-      if (q.length > 0) this.queues.set(tenant, q);
+      if (q.length === 0) this.queues.delete(tenant);
       this.running++;
+      this.runningOf.set(tenant, (this.runningOf.get(tenant) ?? 0) + 1);
+      this.servedAt.set(tenant, ++this.ticks);
       job.start();
     }
   }
 }
 
+export interface SchedulerLimits {
+  /** appends (prefills) in the engine at once */
+  prefill: number;
+  /** generations in the engine at once, every tenant's */
+  decode: number;
+  /** generations of one tenant in the engine at once (default: `decode`) */
+  tenantDecode?: number;
+}
+
 export class FairScheduler {
   private readonly lanes: Record<JobKind, Lane>;
 
-  constructor(limits: Record<JobKind, number>) {
-    this.lanes = { prefill: new Lane(limits.prefill), decode: new Lane(limits.decode) };
+  /** The host's limits: --max-prefills, --decode-lanes, --tenant-decode-lanes. */
+  static forHost(c: Pick<HostConfig, "maxConcurrentPrefills" | "decodeLanes" | "tenantDecodeLanes">): FairScheduler {
+    return new FairScheduler({
+      prefill: c.maxConcurrentPrefills,
+      decode: c.decodeLanes,
+      tenantDecode: c.tenantDecodeLanes,
+    });
+  }
+
+  constructor(limits: SchedulerLimits) {
+    this.lanes = {
+      prefill: new Lane(limits.prefill, limits.prefill),
+      decode: new Lane(limits.decode, Math.min(limits.decode, limits.tenantDecode ?? limits.decode)),
+    };
   }
 
   /** Requests waiting for a turn, by kind. */
@@ -83,7 +145,7 @@ export class FairScheduler {
         start: () => {
           fn()
             .then(resolve, reject)
-            .finally(() => lane.done());
+            .finally(() => lane.done(tenant));
         },
       };
     });

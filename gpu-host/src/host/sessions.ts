@@ -74,8 +74,7 @@ export class SessionHost {
     private readonly config: HostConfig,
     readonly metrics: HostMetrics,
   ) {
-    // issue 12: decode lanes are effectively unlimited; bound a tenant's share of a decode step.
-    this.scheduler = new FairScheduler({ prefill: config.maxConcurrentPrefills, decode: 1 << 20 });
+    this.scheduler = FairScheduler.forHost(config); // --max-prefills, --decode-lanes, --tenant-decode-lanes
     this.engines = new EngineSupervisor({
       spawn: () =>
         EngineProcess.start({

@@ -21,9 +21,10 @@ export class Tenants {
     for (const [name, l] of Object.entries(configured)) this.limits.set(name, { ...l });
   }
 
-  /** A tenant's limits (the defaults for an unconfigured one); quota 0 means the whole pool. */
+  /** A tenant's limits (the defaults for an unconfigured one). Quota 0 is no quota of its own: the
+   * pool bounds it, and its admission may offload another tenant's idle sessions only while that
+   * tenant holds more than its fair share of the pool (admission.ts), else pool_full. */
   get(name: string): TenantView {
-    // issue 12: quota 0 = the whole pool lets that tenant's admission offload everyone else's sessions.
     const l = this.limits.get(name) ?? this.defaults;
     return { name, ...l, kvQuotaBytes: l.kvQuotaBytes === 0 ? this.poolBytes : l.kvQuotaBytes };
   }
@@ -123,17 +124,36 @@ export function appendTokenBound(
   );
 }
 
-/** Extra KV bytes while `newTokens` are prefilled on top of the kept entries: at most one chunk
- * of uncompressed entries in every layer before the engine compresses it. */
-export function prefillPeakBytes(g: KvGeometry, newTokens: number): number {
-  // issue 12: FullKV keeps every prefilled token, so its peak is all of them, not one chunk (quota overshoot).
-  const inFlight = g.chunkSize > 0 ? Math.min(newTokens, g.chunkSize) : newTokens;
-  return g.nLayer * inFlight * g.bytesPerEntry;
+/** Extra KV bytes while `newTokens` are prefilled on top of the kept entries: a compressing
+ * method holds at most one chunk of uncompressed entries in every layer before it compresses it;
+ * FullKV keeps every prefilled token, so all of them, up to `room` (n_ctx - tokens seen: the
+ * engine never holds more). `method` absent: a compressing one. */
+export function prefillPeakBytes(
+  g: KvGeometry,
+  newTokens: number,
+  method?: string,
+  room: number = Number.POSITIVE_INFINITY,
+): number {
+  const keepsEvery = method !== undefined && !methodInfo(method).compresses;
+  const inFlight = keepsEvery || g.chunkSize <= 0 ? newTokens : Math.min(newTokens, g.chunkSize);
+  return g.nLayer * Math.max(0, Math.min(inFlight, room)) * g.bytesPerEntry;
 }
 
 /** Extra KV bytes while a generate runs: up to `maxTokens` new entries in every layer. */
 export function generatePeakBytes(g: KvGeometry, maxTokens: number): number {
   return g.nLayer * maxTokens * g.bytesPerEntry;
+}
+
+/** Upper bound on the tokens of a session's first append, from open_session's hints: the larger of
+ * `prompt_tokens` and `prompt_bytes` (UTF-8 bytes of its content: a token is at least one byte)
+ * with the chat template's wrapping, capped at the context `nCtx`; 0 without hints. */
+export function promptTokenBound(
+  promptTokens: number | undefined,
+  promptBytes: number | undefined,
+  nCtx: number,
+): number {
+  const fromBytes = promptBytes === undefined || promptBytes === 0 ? 0 : promptBytes + TEMPLATE_TOKENS_PER_APPEND;
+  return Math.min(Math.max(promptTokens ?? 0, fromBytes), nCtx);
 }
 
 /** Bytes a session reserves at open: its first append's peak, budget + min(prompt, chunk) entries
