@@ -12,7 +12,7 @@ import { test } from "node:test";
 import { MAX_FRAME_BYTES } from "@pyramidkv/shared";
 
 import { Admission } from "../src/host/admission.js";
-import { ENGINE_DIED, EngineRequestError } from "../src/host/engine.js";
+import { ENGINE_DIED, EngineProcess, EngineRequestError } from "../src/host/engine.js";
 import { HostError } from "../src/host/errors.js";
 import { HostMetrics } from "../src/host/metrics.js";
 import { Residency, restoreToEngine, type StateEngine, saveFromEngine } from "../src/host/residency.js";
@@ -332,5 +332,74 @@ test("stored bytes per tenant are bounded: an offload past the bound fails (stor
     } finally {
       if (dir) rmSync(dir, { recursive: true, force: true });
     }
+  }
+});
+
+test("a real engine killed with SIGKILL in the middle of saving a large session: the previous checkpoint stays intact and restores", {
+  timeout: 300_000,
+}, async () => {
+  const dir = mkdtempSync(join(tmpdir(), "pkv-residency-"));
+  const options = {
+    ...(process.env.PKV_TEST_ENGINE_BIN ? { bin: process.env.PKV_TEST_ENGINE_BIN } : {}),
+    kvPoolBytes: 256 << 20,
+    threads: 2,
+  };
+  let engine = await EngineProcess.start(options);
+  try {
+    const { residency, sessions } = setup(new ScriptedEngine(), quiet(dir));
+    const s = new HostSession("t", "huge", { method: "full", budget: 0 });
+    sessions.push(s);
+    await engine.call({ type: "open", session: s.engineName, method: "full" });
+    const words = "The quick brown fox jumps over the lazy dog near the river bank today. ";
+    const first = await engine.call<"appended">({ type: "append", session: s.engineName, text: words.repeat(200) });
+    s.tokensSeen = first.tokens_seen;
+    s.kv.grant(first.kv_bytes);
+    s.kv.opened();
+    s.kv.settle(first.kv_bytes);
+    await residency.save(s, engine);
+    const checkpoint = await quiet(dir).get("t", "huge");
+    assert.ok(checkpoint && checkpoint.length > MAX_FRAME_BYTES, `a state over one frame: ${checkpoint?.length}`);
+
+    const more = await engine.call<"appended">({ type: "append", session: s.engineName, text: "Go on." });
+    s.tokensSeen = more.tokens_seen;
+    s.dirty = true;
+    const killing = engine;
+    let pieces = 0;
+    const killedAfterFirstPiece: StateEngine = {
+      call: (async (m: Parameters<StateEngine["call"]>[0]) => {
+        const r = await killing.call(m);
+        if (m.type === "save" && ++pieces === 1) {
+          const exited = new Promise((res) => killing.once("exit", res));
+          killing.kill("SIGKILL");
+          await exited;
+        }
+        return r;
+      }) as StateEngine["call"],
+    };
+    await assert.rejects(
+      residency.save(s, killedAfterFirstPiece),
+      (e: unknown) => e instanceof EngineRequestError && e.code === ENGINE_DIED,
+    );
+    assert.equal(pieces, 1);
+    assert.deepEqual(
+      readdirSync(dir)
+        .filter((f) => !f.endsWith(".kvstate") && f !== "index.json")
+        .sort(),
+      [],
+    );
+
+    // The next host and engine find the previous checkpoint, whole, and the engine takes it back.
+    engine = await EngineProcess.start(options);
+    const again = setup(new ScriptedEngine(), quiet(dir));
+    const [adopted] = await again.residency.adopt();
+    assert.equal(adopted?.tokensSeen, first.tokens_seen);
+    const restored = await quiet(dir).get("t", "huge");
+    assert.equal(Buffer.compare(Buffer.from(restored!), Buffer.from(checkpoint)), 0);
+    await restoreToEngine(engine, "t/huge-again", restored!);
+    const st = await engine.call<"stats_result">({ type: "stats", session: "t/huge-again" });
+    assert.equal(st.tokens_seen, first.tokens_seen);
+  } finally {
+    await engine.shutdown().catch(() => {});
+    rmSync(dir, { recursive: true, force: true });
   }
 });
