@@ -10,6 +10,7 @@ import type { Context } from "hono";
 
 import { tenantStub } from "./auth.js";
 import type { AppEnv, Env } from "./env.js";
+import { forTenant } from "./host-id.js";
 import type { HostLink } from "./host-link.js";
 import { connectBest, connectTo, reportFailure } from "./routing.js";
 import { applyTenant } from "./serve.js";
@@ -30,6 +31,8 @@ export interface HostPlan {
   ephemeral?: boolean;
   /** rolls back the edge's own records when the work fails or the client leaves, even before a host was reached */
   onFailure?: () => Promise<unknown>;
+  /** runs when the work has ended, however it ended (after the link closed): e.g. a session's last use */
+  onEnd?: () => Promise<unknown>;
 }
 
 /** The link to a host for a plan: the session's host, or the best one for a new session. */
@@ -85,7 +88,7 @@ export class HostLease {
           await run(sink);
         } catch (e) {
           await this.fail(e);
-          throw e;
+          throw await forTenant(this.env, e); // an error frame names no host URL
         }
         await this.end();
       },
@@ -104,6 +107,7 @@ export class HostLease {
       link.close();
     }
     if (failed) await plan.onFailure?.();
+    await plan.onEnd?.();
   }
 }
 
@@ -126,7 +130,15 @@ export async function withHost<T>(
     throw e;
   }
   link.requestId = c.get("requestId");
-  const lease = new HostLease(link, c.env, plan, (p) => c.executionCtx.waitUntil(p), c.req.raw.signal);
+  const signal = c.req.raw.signal;
+  const lease = new HostLease(link, c.env, plan, (p) => c.executionCtx.waitUntil(p), signal);
+  // A client that leaves before the answer ends the lease (closing the link cancels the work on the
+  // host and rejects what waits on it); a stream learns of it through the same signal (sse.ts).
+  const onAbort = () => {
+    if (!lease.isHeld) lease.cancel();
+  };
+  if (signal.aborted) onAbort();
+  else signal.addEventListener("abort", onAbort, { once: true });
   try {
     if (plan.tenantSettings !== false)
       await applyTenant(
@@ -139,5 +151,7 @@ export async function withHost<T>(
   } catch (e) {
     await lease.fail(e);
     throw e;
+  } finally {
+    signal.removeEventListener("abort", onAbort);
   }
 }

@@ -6,6 +6,7 @@ import { Hono } from "hono";
 import { requireKey } from "./auth.js";
 import type { AppEnv } from "./env.js";
 import { ApiError, errorResponse } from "./errors.js";
+import { forTenant } from "./host-id.js";
 import { admin } from "./routes/admin.js";
 import { chat } from "./routes/chat.js";
 import { completions } from "./routes/completions.js";
@@ -44,7 +45,10 @@ app.use("*", async (c, next) => {
   }
 });
 
-app.onError((e, c) => errorResponse(c, e));
+// A tenant's errors name no GPU host URL (host-id.ts); the admin's keep them.
+app.onError(async (e, c) =>
+  errorResponse(c, new URL(c.req.url).pathname.startsWith("/v1/") ? await forTenant(c.env, e) : e),
+);
 app.notFound((c) =>
   errorResponse(
     c,

@@ -16,9 +16,26 @@ import type { KvSettings, Sampling } from "./validate.js";
 
 export { modelId } from "./routing.js";
 
+export interface OpenOptions {
+  /** UTF-8 bytes of the first append's content: an upper bound of its tokens, for the host's admission */
+  promptBytes: number;
+  /** the host closes the session when this link closes (a chat completion's: nothing outlives a dead edge) */
+  ephemeral?: boolean;
+}
+
 /** Open a session on the host with these KV settings; the response headers echo what the host granted. */
-export async function openSession(c: Context<AppEnv>, link: HostLink, session: string, kv: KvSettings) {
-  const opened = await link.call({ type: "open_session", session, method: kv.method, budget: kv.budget }, "opened");
+export async function openSession(c: Context<AppEnv>, link: HostLink, session: string, kv: KvSettings, o: OpenOptions) {
+  const opened = await link.call(
+    {
+      type: "open_session",
+      session,
+      method: kv.method,
+      budget: kv.budget,
+      prompt_bytes: o.promptBytes,
+      ...(o.ephemeral ? { ephemeral: true } : {}),
+    },
+    "opened",
+  );
   c.set("kv", { method: opened.method, budget: opened.budget });
   return opened;
 }
@@ -31,7 +48,7 @@ export type Progress =
   | { phase: "upload"; done: number; total: number; unit: "bytes" }
   | { phase: "prefill"; done: number; total: number; unit: "tokens" };
 
-/** Passes the tenant's KV quota and policy to the host the link reaches. */
+/** Passes the tenant's KV quota, policy, session TTL and stored-state bound to the host the link reaches. */
 export async function applyTenant(link: HostLink, cfg: TenantConfig | null): Promise<void> {
   await link.call(
     {
@@ -39,13 +56,16 @@ export async function applyTenant(link: HostLink, cfg: TenantConfig | null): Pro
       kv_quota_bytes: cfg?.kv_quota_bytes ?? DEFAULT_LIMITS.kv_quota_bytes,
       max_sessions: HOST_MAX_SESSIONS,
       policy: cfg?.policy ?? DEFAULT_LIMITS.policy,
+      // the host's idle sweep uses the same TTL as the edge's alarm (tenant.ts)
+      session_ttl_s: cfg?.session_ttl_s ?? DEFAULT_LIMITS.session_ttl_s,
+      ...(cfg?.max_stored_bytes !== undefined ? { max_stored_bytes: cfg.max_stored_bytes } : {}),
     },
     "tenant_set",
   );
 }
 
-// open_session carries no prompt_tokens hint: the host accounts the first append's peak when the
-// append arrives (bounded by its UTF-8 bytes); a hint would be reserved on top of that.
+/** open_session.prompt_bytes of a conversation: the UTF-8 bytes of its messages' content. */
+export const turnsBytes = (turns: Turn[]): number => turns.reduce((n, t) => n + utf8Bytes(t.content), 0);
 
 /**
  * max_tokens alone beyond the host's context: refused at once, before anything is sent (the prompt

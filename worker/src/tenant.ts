@@ -2,9 +2,17 @@
 // sessions (id → host). Exact because one object serialises every update of a tenant (Workers KV
 // is eventually consistent; the rate-limit binding is approximate). State lives in storage, so
 // eviction loses nothing.
+//
+// Sessions expire (docs/WORKER.md, "Session lifetime"): each record holds its last use, and the
+// object's alarm runs at the earliest deadline — a session idle past the tenant's session_ttl_s,
+// an open stuck before its host answered, a tombstone's next close attempt. An expired or deleted
+// session stops counting against max_sessions at once; its record stays as a tombstone until its
+// host confirms the close (retried with back-off by later alarms) or the TTL has passed, after
+// which the host's own idle sweep has closed it.
 import { DurableObject } from "cloudflare:workers";
 
 import type { Env } from "./env.js";
+import { connectTo } from "./routing.js";
 
 export interface TenantConfig {
   name: string;
@@ -20,6 +28,10 @@ export interface TenantConfig {
   kv_method?: string;
   /** the KV budget of a request that names none (absent: the engine's default) */
   kv_budget?: number;
+  /** a session idle this long is closed, at the edge and on its host (default 3600) */
+  session_ttl_s?: number;
+  /** offloaded session state the tenant may keep on each host (absent: the host's --max-stored-bytes) */
+  max_stored_bytes?: number;
 }
 
 export const DEFAULT_LIMITS: Omit<TenantConfig, "name"> = {
@@ -27,17 +39,49 @@ export const DEFAULT_LIMITS: Omit<TenantConfig, "name"> = {
   max_sessions: 16,
   requests_per_minute: 600,
   policy: "refuse",
+  session_ttl_s: 3600,
 };
+
+export const MAX_SESSION_TTL_S = 30 * 86_400;
+/** an open whose host has not answered open_session by then is given up (its request died with its isolate) */
+export const OPENING_DEADLINE_MS = 5 * 60_000;
+/** how long a request for an expired session still says session_expired (then: session_not_found) */
+const EXPIRED_KEPT_MS = 86_400_000;
+const RETRY_FIRST_MS = 30_000;
+const RETRY_MAX_MS = 15 * 60_000;
 
 export interface SessionRecord {
   id: string;
-  host: string; // "" while being opened
+  /** the host holding it, recorded when the link is dialled ("" before) */
+  host: string;
   created: number; // Unix seconds
   kv_method: string;
   kv_budget: number;
   /** the model the session's host serves */
   model?: string;
+  /**
+   * opening: its host has not answered open_session yet; open; closing: a tombstone — deleted or
+   * expired at the edge, not counted, its host's close not yet confirmed. Absent (records before
+   * 0.8): opening when no host was recorded, else open.
+   */
+  state?: "opening" | "open" | "closing";
+  /** the last request that touched it (Unix ms; absent: its creation) */
+  used_ms?: number;
+  /** a tombstone of a session that expired (requests for it get session_expired), not deleted */
+  expired?: boolean;
+  closing_since_ms?: number;
+  /** a tombstone's next close attempt (Unix ms) and how many failed */
+  next_try_ms?: number;
+  attempts?: number;
 }
+
+/** What a request for a session finds: the record (now touched), or why there is none. */
+export type SessionUse =
+  | { ok: true; rec: SessionRecord }
+  | { ok: false; code: "session_expired" | "session_not_found" };
+
+const stateOf = (r: SessionRecord) => r.state ?? (r.host === "" ? "opening" : "open");
+const usedMs = (r: SessionRecord) => r.used_ms ?? r.created * 1000;
 
 export type Admission =
   | { ok: true; used: number; limit: number; reset_s: number; config: TenantConfig | null }
@@ -78,46 +122,199 @@ export class TenantState extends DurableObject<Env> {
     return { ok: true, used: window.length, limit, reset_s: reset, config };
   }
 
-  /** Claims a session slot; null when the tenant is at max_sessions. */
+  private async ttlMs(): Promise<number> {
+    return ((await this.config())?.session_ttl_s ?? DEFAULT_LIMITS.session_ttl_s!) * 1000;
+  }
+
+  private async records(): Promise<SessionRecord[]> {
+    return [...(await this.ctx.storage.list<SessionRecord>({ prefix: "session:" })).values()];
+  }
+
+  /** Makes sure the alarm runs by `atMs` (an earlier alarm finds nothing due and sets the next). */
+  private async wakeBy(atMs: number): Promise<void> {
+    const current = await this.ctx.storage.getAlarm();
+    if (current === null || current > atMs) await this.ctx.storage.setAlarm(atMs);
+  }
+
+  /** Claims a session slot (a record being opened); null when the tenant is at max_sessions. */
   async reserveSession(
     id: string,
     kv: { method: string; budget: number },
+    nowMs = Date.now(),
   ): Promise<{ used: number; limit: number } | null> {
     const limit = (await this.config())?.max_sessions ?? DEFAULT_LIMITS.max_sessions;
-    const sessions = await this.ctx.storage.list<SessionRecord>({ prefix: "session:" });
-    if (sessions.size >= limit) return null;
+    const counted = (await this.records()).filter((r) => stateOf(r) !== "closing").length;
+    if (counted >= limit) return null;
     const rec: SessionRecord = {
       id,
       host: "",
-      created: Math.floor(Date.now() / 1000),
+      created: Math.floor(nowMs / 1000),
       kv_method: kv.method,
       kv_budget: kv.budget,
+      state: "opening",
+      used_ms: nowMs,
     };
     await this.ctx.storage.put(`session:${id}`, rec);
-    return { used: sessions.size + 1, limit };
+    await this.wakeBy(nowMs + OPENING_DEADLINE_MS);
+    return { used: counted + 1, limit };
   }
 
+  /** Updates a live record; null when it is gone or a tombstone (deleted or expired meanwhile). */
   async updateSession(id: string, patch: Partial<Omit<SessionRecord, "id">>): Promise<SessionRecord | null> {
     const rec = await this.session(id);
-    if (!rec) return null;
+    if (!rec || stateOf(rec) === "closing") return null;
     const next = { ...rec, ...patch };
     await this.ctx.storage.put(`session:${id}`, next);
+    if (stateOf(next) === "open") await this.wakeBy(usedMs(next) + (await this.ttlMs()));
     return next;
+  }
+
+  /** A request for an open session: touches it (its TTL counts from now), or says why it cannot be used. */
+  async useSession(id: string, nowMs = Date.now()): Promise<SessionUse> {
+    const rec = await this.session(id);
+    if (!rec) {
+      const expired = await this.ctx.storage.get<number>(`expired:${id}`);
+      return { ok: false, code: expired !== undefined ? "session_expired" : "session_not_found" };
+    }
+    const state = stateOf(rec);
+    if (state === "closing") return { ok: false, code: rec.expired ? "session_expired" : "session_not_found" };
+    if (state === "opening") return { ok: false, code: "session_not_found" };
+    const ttl = await this.ttlMs();
+    if (usedMs(rec) + ttl <= nowMs) {
+      await this.tombstone(rec, true, nowMs);
+      return { ok: false, code: "session_expired" };
+    }
+    const next = { ...rec, used_ms: nowMs };
+    await this.ctx.storage.put(`session:${id}`, next);
+    await this.wakeBy(nowMs + ttl);
+    return { ok: true, rec: next };
+  }
+
+  /** A request on the session ended: its TTL counts from now. */
+  async touchSession(id: string, nowMs = Date.now()): Promise<void> {
+    const rec = await this.session(id);
+    if (rec && stateOf(rec) === "open") await this.ctx.storage.put(`session:${id}`, { ...rec, used_ms: nowMs });
   }
 
   async session(id: string): Promise<SessionRecord | null> {
     return (await this.ctx.storage.get<SessionRecord>(`session:${id}`)) ?? null;
   }
 
+  /** Forgets a session whose host has closed it (or never had it). */
   async dropSession(id: string): Promise<boolean> {
     return this.ctx.storage.delete(`session:${id}`);
+  }
+
+  /** The host closed the session after its idle TTL: forget it; requests for it say session_expired. */
+  async expireSession(id: string, nowMs = Date.now()): Promise<void> {
+    await this.ctx.storage.delete(`session:${id}`);
+    await this.ctx.storage.put(`expired:${id}`, nowMs);
+    await this.wakeBy(nowMs + EXPIRED_KEPT_MS);
+  }
+
+  /** Deleted by its tenant, its host close not confirmed: a tombstone the alarm retries. */
+  async closeLater(id: string, nowMs = Date.now()): Promise<void> {
+    const rec = await this.session(id);
+    if (rec && stateOf(rec) !== "closing") await this.tombstone(rec, false, nowMs, nowMs + RETRY_FIRST_MS);
+  }
+
+  private async tombstone(rec: SessionRecord, expired: boolean, nowMs: number, tryAt = nowMs): Promise<void> {
+    const t: SessionRecord = {
+      ...rec,
+      state: "closing",
+      expired,
+      closing_since_ms: nowMs,
+      next_try_ms: tryAt,
+      attempts: 0,
+    };
+    await this.ctx.storage.put(`session:${rec.id}`, t);
+    await this.wakeBy(tryAt);
+  }
+
+  /** A tombstone is done with: its host confirmed the close or the TTL has passed. */
+  private async bury(rec: SessionRecord, nowMs: number): Promise<void> {
+    await this.ctx.storage.delete(`session:${rec.id}`);
+    if (rec.expired) await this.ctx.storage.put(`expired:${rec.id}`, nowMs);
+  }
+
+  /**
+   * Expires what is due, then closes tombstones on their hosts (one link per host; best effort),
+   * then sets the next alarm. State changes come first, before any host is called: a request that
+   * arrives meanwhile finds a tombstone, never a session being closed under it.
+   */
+  override async alarm(): Promise<void> {
+    const now = Date.now();
+    const ttl = await this.ttlMs();
+    for (const rec of await this.records()) {
+      const state = stateOf(rec);
+      if (state === "opening" && rec.created * 1000 + OPENING_DEADLINE_MS <= now) {
+        if (rec.host === "") await this.dropSession(rec.id);
+        else await this.tombstone(rec, false, now);
+      } else if (state === "open" && usedMs(rec) + ttl <= now) await this.tombstone(rec, true, now);
+    }
+    const due = new Map<string, SessionRecord[]>();
+    for (const rec of await this.records()) {
+      if (stateOf(rec) !== "closing") continue;
+      if ((rec.closing_since_ms ?? now) + ttl <= now) await this.bury(rec, now);
+      else if ((rec.next_try_ms ?? now) <= now) due.set(rec.host, [...(due.get(rec.host) ?? []), rec]);
+    }
+    const tenant = (await this.config())?.name ?? "";
+    await Promise.all([...due].map(([host, recs]) => this.closeOn(host, tenant, recs, now)));
+    for (const [key, at] of await this.ctx.storage.list<number>({ prefix: "expired:" }))
+      if (at + EXPIRED_KEPT_MS <= now) await this.ctx.storage.delete(key);
+    await this.scheduleNext(ttl);
+  }
+
+  private async closeOn(host: string, tenant: string, recs: SessionRecord[], now: number): Promise<void> {
+    const closed = new Set<string>();
+    try {
+      const link = await connectTo(this.env, host, tenant);
+      try {
+        for (const rec of recs) {
+          const f = await link.send({ type: "close", session: rec.id });
+          const gone = f.type === "error" && ["unknown_session", "session_expired", "session_lost"].includes(f.code);
+          if (f.type === "closed" || gone) closed.add(rec.id);
+        }
+      } finally {
+        link.close();
+      }
+    } catch {
+      // unreachable: retried by a later alarm
+    }
+    for (const rec of recs) {
+      if (closed.has(rec.id)) await this.bury(rec, now);
+      else {
+        const attempts = (rec.attempts ?? 0) + 1;
+        const wait = Math.min(RETRY_MAX_MS, RETRY_FIRST_MS * 2 ** attempts);
+        await this.ctx.storage.put(`session:${rec.id}`, { ...rec, attempts, next_try_ms: now + wait });
+      }
+    }
+  }
+
+  private async scheduleNext(ttl: number): Promise<void> {
+    let next = Number.POSITIVE_INFINITY;
+    for (const rec of await this.records()) {
+      const state = stateOf(rec);
+      const at =
+        state === "opening"
+          ? rec.created * 1000 + OPENING_DEADLINE_MS
+          : state === "open"
+            ? usedMs(rec) + ttl
+            : Math.min(rec.next_try_ms ?? 0, (rec.closing_since_ms ?? 0) + ttl);
+      next = Math.min(next, at);
+    }
+    for (const at of (await this.ctx.storage.list<number>({ prefix: "expired:" })).values())
+      next = Math.min(next, at + EXPIRED_KEPT_MS);
+    if (Number.isFinite(next)) await this.ctx.storage.setAlarm(Math.max(next, Date.now() + 1000));
+    else await this.ctx.storage.deleteAlarm();
   }
 
   async usage(
     nowMs = Date.now(),
   ): Promise<{ config: TenantConfig | null; sessions: SessionRecord[]; requests_last_minute: number }> {
     const window = ((await this.ctx.storage.get<number[]>("window")) ?? []).filter((t) => t > nowMs - WINDOW_MS);
-    const sessions = [...(await this.ctx.storage.list<SessionRecord>({ prefix: "session:" })).values()];
+    // tombstones are not the tenant's sessions any more
+    const sessions = (await this.records()).filter((r) => stateOf(r) !== "closing");
     return { config: await this.config(), sessions, requests_last_minute: window.length };
   }
 }

@@ -19,6 +19,8 @@ export class FakeHost {
   readonly connections: ToHostMessage[][] = [];
   /** connections the edge closed */
   closedByEdge = 0;
+  /** refuse connections (a host that cannot be reached): fetch rejects, naming the URL as a runtime would */
+  refuse = false;
   readonly on: Partial<Record<ToHostMessage["type"], Handler>> = {};
 
   constructor(
@@ -118,6 +120,7 @@ export function serveFakeHosts(...hosts: FakeHost[]) {
   return vi.spyOn(globalThis, "fetch").mockImplementation(async (input, init) => {
     const req = new Request(input, init);
     const host = hosts.find((h) => h.url === new URL(req.url).origin);
+    if (host?.refuse) throw new TypeError(`connect ECONNREFUSED ${host.url}`);
     return host ? host.fetch(req) : real(input, init);
   });
 }

@@ -42,7 +42,7 @@ beforeAll(async () => {
   const stub = env.TENANTS.get(env.TENANTS.idFromName("validation"));
   sessionId = "sess-validation";
   await stub.reserveSession(sessionId, { method: "pyramidkv", budget: 128 });
-  await stub.updateSession(sessionId, { host: host.url });
+  await stub.updateSession(sessionId, { host: host.url, state: "open" });
 });
 afterAll(async () => {
   fetches.mockRestore();

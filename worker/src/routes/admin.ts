@@ -7,9 +7,10 @@ import { validator } from "hono/validator";
 import { newApiKey, sha256Hex, storeKey, tenantStub } from "../auth.js";
 import type { AppEnv } from "../env.js";
 import { ApiError, invalid, notFound } from "../errors.js";
+import { hostId } from "../host-id.js";
 import { normaliseHostUrl } from "../registry.js";
 import { probe, registry } from "../routing.js";
-import type { TenantConfig } from "../tenant.js";
+import { MAX_SESSION_TTL_S, type TenantConfig } from "../tenant.js";
 import { BUDGET_RANGE, jsonBody } from "../validate.js";
 import { tenantUsage } from "./usage.js";
 
@@ -54,7 +55,16 @@ function limit(o: Record<string, unknown>, name: string): number | undefined {
 export const admin = new Hono<AppEnv>();
 admin.use("*", requireAdmin);
 
-const TENANT_FIELDS = ["kv_quota_bytes", "max_sessions", "requests_per_minute", "policy", "kv_method", "kv_budget"];
+const TENANT_FIELDS = [
+  "kv_quota_bytes",
+  "max_sessions",
+  "requests_per_minute",
+  "policy",
+  "kv_method",
+  "kv_budget",
+  "session_ttl_s",
+  "max_stored_bytes",
+];
 
 function tenantPatch(body: Record<string, unknown>): Partial<Omit<TenantConfig, "name">> {
   for (const k of Object.keys(body)) {
@@ -70,6 +80,9 @@ function tenantPatch(body: Record<string, unknown>): Partial<Omit<TenantConfig, 
   const budget = limit(body, "kv_budget");
   if (budget !== undefined && (budget < BUDGET_RANGE[0] || budget > BUDGET_RANGE[1]))
     throw invalid("kv_budget", `'kv_budget': ${budget} is not an integer in [${BUDGET_RANGE[0]}, ${BUDGET_RANGE[1]}]`);
+  const ttl = limit(body, "session_ttl_s");
+  if (ttl !== undefined && (ttl < 1 || ttl > MAX_SESSION_TTL_S))
+    throw invalid("session_ttl_s", `'session_ttl_s': ${ttl} is not an integer in [1, ${MAX_SESSION_TTL_S}]`);
   return {
     ...(typeof method === "string" ? { kv_method: method } : {}),
     ...(budget !== undefined ? { kv_budget: budget } : {}),
@@ -77,6 +90,8 @@ function tenantPatch(body: Record<string, unknown>): Partial<Omit<TenantConfig, 
     max_sessions: limit(body, "max_sessions"),
     requests_per_minute: limit(body, "requests_per_minute"),
     policy: policy as TenantConfig["policy"] | undefined,
+    session_ttl_s: ttl,
+    max_stored_bytes: limit(body, "max_stored_bytes"),
   };
 }
 
@@ -108,7 +123,7 @@ admin.get("/tenants", async (c) => {
 
 admin.get("/tenants/:name", tenantParam, async (c) => {
   const name = c.req.valid("param");
-  const usage = await tenantUsage(c, name);
+  const usage = await tenantUsage(c, name, true);
   if (!usage.limits) throw notFound(`no tenant '${name}'`, "tenant_not_found");
   return c.json(usage);
 });
@@ -125,7 +140,9 @@ admin.post("/tenants/:name/keys", tenantParam, async (c) => {
 admin.get("/hosts", async (c) => {
   const hosts = await registry(c.env).list();
   const health = await Promise.all(hosts.map((h) => probe(h.url)));
-  return c.json({ data: hosts.map((h, i) => ({ ...h, health: health[i] })) });
+  const ids = await Promise.all(hosts.map((h) => hostId(c.env, h.url)));
+  // id: the name tenants see for the host (session objects, usage, errors)
+  return c.json({ data: hosts.map((h, i) => ({ ...h, id: ids[i], health: health[i] })) });
 });
 
 admin.post(

@@ -2,12 +2,13 @@
 // opened on the host with the most free KV among those serving the model, the conversation
 // appended as one list of messages (rendered by the engine with the model's own chat template; one
 // prefill, compressed once with kv_method/kv_budget or the tenant's defaults), generated, closed.
+// Opened ephemeral: should the edge die before closing it, the host closes it with the link.
 import { Hono } from "hono";
 
 import { streamCompletion, wholeCompletion } from "../completion.js";
 import type { AppEnv } from "../env.js";
 import { withHost } from "../host-lease.js";
-import { appendTurns, checkMaxTokens, modelId, openSession, randomId } from "../serve.js";
+import { appendTurns, checkMaxTokens, modelId, openSession, randomId, turnsBytes } from "../serve.js";
 import { chatRequest, jsonBody, resolveKv } from "../validate.js";
 
 export const chat = new Hono<AppEnv>();
@@ -17,10 +18,10 @@ chat.post("/chat/completions", jsonBody(chatRequest), async (c) => {
   const kv = resolveKv(req.kv, c.get("tenantConfig"));
   c.set("kv", kv);
   const session = randomId("chat-");
-  // The session is closed on the host after the answer, and when anything fails or the client leaves.
+  // The session is closed on the host after the answer, and when anything fails or the client leaves (also before the answer: host-lease.ts).
   return withHost(c, { opens: session, ephemeral: true, model: req.model }, async (lease) => {
     checkMaxTokens(lease.link, req.sampling);
-    await openSession(c, lease.link, session, kv);
+    await openSession(c, lease.link, session, kv, { promptBytes: turnsBytes(req.turns), ephemeral: true });
     const appended = await appendTurns(c.env, lease.link, session, req.turns, true, {
       maxTokens: req.sampling.max_tokens_asked ?? 1,
       param: "messages",

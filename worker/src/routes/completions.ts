@@ -1,11 +1,13 @@
 // POST /v1/completions (OpenAI's legacy completions): a raw prompt — text or token ids, no chat
-// template — on an ephemeral host session, with the same sampling as chat completions.
+// template — on an ephemeral host session (closed by the host should the edge die first), with the
+// same sampling as chat completions.
 import { Hono } from "hono";
 
 import { streamCompletion, wholeCompletion } from "../completion.js";
 import type { AppEnv } from "../env.js";
 import { withHost } from "../host-lease.js";
 import { appendText, appendTokens, checkMaxTokens, modelId, openSession, randomId } from "../serve.js";
+import { utf8Bytes } from "../chunking.js";
 import { completionRequest, jsonBody, resolveKv } from "../validate.js";
 
 export const completions = new Hono<AppEnv>();
@@ -17,7 +19,9 @@ completions.post("/completions", jsonBody(completionRequest), async (c) => {
   const session = randomId("cmpl-");
   return withHost(c, { opens: session, ephemeral: true, model: req.model }, async (lease) => {
     checkMaxTokens(lease.link, req.sampling);
-    await openSession(c, lease.link, session, kv);
+    // a token prompt's length bounds its tokens as the bytes of a text do
+    const promptBytes = "text" in req.prompt ? utf8Bytes(req.prompt.text) : req.prompt.tokens.length;
+    await openSession(c, lease.link, session, kv, { promptBytes, ephemeral: true });
     const append = { maxTokens: req.sampling.max_tokens_asked ?? 1, param: "prompt" };
     const appended =
       "text" in req.prompt

@@ -3,18 +3,21 @@
 // model, then questions answered against it, streamed. The document is a system and a user message;
 // each question is one more user message, rendered by the engine after the session's earlier ones.
 // Session ids are bound to their tenant (the tenant's Durable Object maps id → host; another
-// tenant's id is 404) and the host namespaces sessions by tenant as well.
-import { Hono } from "hono";
+// tenant's id is 404) and the host namespaces sessions by tenant as well. A session idle longer
+// than its tenant's session_ttl_s expires (tenant.ts: the object's alarm closes it on its host);
+// the session object names its host by an opaque id (host-id.ts), never by URL.
+import { type Context, Hono } from "hono";
 import { validator } from "hono/validator";
 
 import { tenantStub } from "../auth.js";
 import type { Turn } from "../chat.js";
 import { streamCompletion, wholeCompletion } from "../completion.js";
 import type { AppEnv, Env } from "../env.js";
-import { notFound, sessionLimit } from "../errors.js";
+import { ApiError, notFound, sessionExpired, sessionLimit } from "../errors.js";
+import { hostId } from "../host-id.js";
 import type { HostLink } from "../host-link.js";
 import { withHost } from "../host-lease.js";
-import { appendTurns, checkMaxTokens, modelId, openSession, randomId } from "../serve.js";
+import { appendTurns, checkMaxTokens, modelId, openSession, randomId, turnsBytes } from "../serve.js";
 import type { SessionRecord } from "../tenant.js";
 import { jsonBody, messageRequest, resolveKv, sessionRequest } from "../validate.js";
 
@@ -23,14 +26,14 @@ export const DEFAULT_SYSTEM =
 
 export const sessions = new Hono<AppEnv>();
 
-async function sessionObject(link: HostLink, rec: SessionRecord) {
+async function sessionObject(env: Env, link: HostLink, rec: SessionRecord) {
   const st = await link.call({ type: "stats", session: rec.id }, "stats_result");
   return {
     id: rec.id,
     object: "session",
     created: rec.created,
     model: modelId(link.hello.model),
-    host: rec.host,
+    host: await hostId(env, rec.host),
     kv_method: rec.kv_method,
     kv_budget: rec.kv_budget,
     tokens: st.tokens_seen ?? 0,
@@ -40,18 +43,37 @@ async function sessionObject(link: HostLink, rec: SessionRecord) {
   };
 }
 
-async function lookup(env: Env, tenant: string, id: string): Promise<SessionRecord> {
-  const rec = await tenantStub(env, tenant).session(id);
-  if (!rec || rec.host === "") throw notFound(`no session '${id.slice(0, 80)}'`, "session_not_found");
-  return rec;
-}
+const unknownSession = (id: string) => notFound(`no session '${id.slice(0, 80)}'`, "session_not_found");
 
-/** `:id` is valid when it names a session of the calling tenant (404 otherwise, before any body is read). */
+/**
+ * `:id` is valid when it names an open session of the calling tenant (404 session_not_found, or
+ * session_expired, before any body is read); the request counts as a use of it.
+ */
 const sessionParam = validator("param", async (p, c) => {
-  const rec = await lookup(c.env, c.get("tenant"), p.id!);
-  c.set("kv", { method: rec.kv_method, budget: rec.kv_budget });
-  return rec;
+  const use = await tenantStub(c.env, c.get("tenant")).useSession(p.id!);
+  if (!use.ok) throw use.code === "session_expired" ? sessionExpired(p.id!) : unknownSession(p.id!);
+  c.set("kv", { method: use.rec.kv_method, budget: use.rec.kv_budget });
+  return use.rec;
 });
+
+/** The plan of a request on an existing session: its host; its last use is when the request ends. */
+const onSession = (c: Context<AppEnv>, rec: SessionRecord) => ({
+  host: rec.host,
+  onEnd: () => tenantStub(c.env, c.get("tenant")).touchSession(rec.id),
+});
+
+/** The host closed the session after its own idle TTL: the edge forgets it too. */
+async function expiredOnHost<T>(c: Context<AppEnv>, id: string, p: Promise<T>): Promise<T> {
+  try {
+    return await p;
+  } catch (e) {
+    if (e instanceof ApiError && e.code === "session_expired") {
+      await tenantStub(c.env, c.get("tenant")).expireSession(id);
+      throw sessionExpired(id);
+    }
+    throw e;
+  }
+}
 
 sessions.post("/", jsonBody(sessionRequest), async (c) => {
   const req = c.req.valid("json");
@@ -73,25 +95,31 @@ sessions.post("/", jsonBody(sessionRequest), async (c) => {
   ];
   // A failed upload, or a client that leaves during it, closes the session on the host and gives the slot back.
   return withHost(c, { opens: id, model: req.model, onFailure: () => stub.dropSession(id) }, async (lease) => {
-    const opened = await openSession(c, lease.link, id, kv);
-    const rec = (await stub.updateSession(id, {
-      host: lease.link.url,
+    // The host is recorded before the open, so that a DELETE or the alarm can close a session
+    // whose request died while opening it. A record gone meanwhile was deleted: this open fails
+    // (and its failure closes what it opened).
+    if (!(await stub.updateSession(id, { host: lease.link.url }))) throw unknownSession(id);
+    const opened = await openSession(c, lease.link, id, kv, { promptBytes: turnsBytes(turns) });
+    const rec = await stub.updateSession(id, {
+      state: "open",
+      used_ms: Date.now(),
       kv_method: opened.method,
       kv_budget: opened.budget,
       model: modelId(lease.link.hello.model),
-    }))!;
+    });
+    if (!rec) throw unknownSession(id);
     // The document's turn stays closed: each question opens the assistant's turn after itself.
     const append = { param: "document", maxTokens: 1 };
     if (!req.stream) {
       await appendTurns(c.env, lease.link, id, turns, false, append);
-      return c.json(await sessionObject(lease.link, rec), 201);
+      return c.json(await sessionObject(c.env, lease.link, rec), 201);
     }
     return lease.sse(async (sse) => {
       await appendTurns(c.env, lease.link, id, turns, false, {
         ...append,
         onProgress: (p) => sse.event("progress", p),
       });
-      sse.event("session", await sessionObject(lease.link, rec));
+      sse.event("session", await sessionObject(c.env, lease.link, rec));
       sse.done();
     });
   });
@@ -100,39 +128,62 @@ sessions.post("/", jsonBody(sessionRequest), async (c) => {
 sessions.get("/:id", sessionParam, async (c) => {
   const rec = c.req.valid("param");
   return c.json(
-    await withHost(c, { host: rec.host, tenantSettings: false }, (lease) => sessionObject(lease.link, rec)),
+    await expiredOnHost(
+      c,
+      rec.id,
+      withHost(c, { ...onSession(c, rec), tenantSettings: false }, (lease) => sessionObject(c.env, lease.link, rec)),
+    ),
   );
 });
 
-sessions.delete("/:id", sessionParam, async (c) => {
-  const rec = c.req.valid("param");
-  const hostClosed = await withHost(c, { host: rec.host, tenantSettings: false }, async ({ link }) => {
-    const f = await link.send({ type: "close", session: rec.id });
-    return f.type === "closed" || (f.type === "error" && f.code === "unknown_session");
-  }).catch(() => false); // the host is gone: its sessions went with it; forget the record anyway
-  await tenantStub(c.env, c.get("tenant")).dropSession(rec.id);
+// DELETE frees the tenant's slot at once. A session still being opened can be deleted too (its
+// opening request then fails and closes it). When the host's close is not confirmed (the host is
+// unreachable), the record stays as a tombstone that the tenant's alarm retries (host_closed: false).
+sessions.delete("/:id", async (c) => {
+  const id = c.req.param("id");
+  const stub = tenantStub(c.env, c.get("tenant"));
+  const rec = await stub.session(id);
+  if (!rec || rec.state === "closing") {
+    const use = rec ? null : await stub.useSession(id);
+    throw use?.ok === false && use.code === "session_expired" ? sessionExpired(id) : unknownSession(id);
+  }
+  const hostClosed =
+    rec.host === "" ||
+    (await withHost(c, { host: rec.host, tenantSettings: false }, async ({ link }) => {
+      const f = await link.send({ type: "close", session: rec.id });
+      return (
+        f.type === "closed" ||
+        (f.type === "error" && ["unknown_session", "session_expired", "session_lost"].includes(f.code))
+      );
+    }).catch(() => false));
+  if (hostClosed) await stub.dropSession(rec.id);
+  else await stub.closeLater(rec.id);
   return c.json({ id: rec.id, object: "session.deleted", deleted: true, host_closed: hostClosed });
 });
 
 sessions.post("/:id/messages", sessionParam, jsonBody(messageRequest), async (c) => {
   const rec = c.req.valid("param");
   const req = c.req.valid("json");
-  return withHost(c, { host: rec.host }, async (lease) => {
-    checkMaxTokens(lease.link, req.sampling);
-    const before = await lease.link.call({ type: "stats", session: rec.id }, "stats_result");
-    const appended = await appendTurns(c.env, lease.link, rec.id, [{ role: "user", content: req.content }], true, {
-      maxTokens: req.sampling.max_tokens_asked ?? 1,
-      param: "content",
-    });
-    const job = {
-      lease,
-      session: rec.id,
-      model: modelId(lease.link.hello.model),
-      promptTokens: appended.tokens_seen - (before.tokens_seen ?? 0),
-      sampling: req.sampling,
-      includeUsage: req.includeUsage,
-      extra: { session: rec.id },
-    };
-    return req.stream ? streamCompletion(job) : c.json(await wholeCompletion(job));
-  });
+  return expiredOnHost(
+    c,
+    rec.id,
+    withHost(c, onSession(c, rec), async (lease) => {
+      checkMaxTokens(lease.link, req.sampling);
+      const before = await lease.link.call({ type: "stats", session: rec.id }, "stats_result");
+      const appended = await appendTurns(c.env, lease.link, rec.id, [{ role: "user", content: req.content }], true, {
+        maxTokens: req.sampling.max_tokens_asked ?? 1,
+        param: "content",
+      });
+      const job = {
+        lease,
+        session: rec.id,
+        model: modelId(lease.link.hello.model),
+        promptTokens: appended.tokens_seen - (before.tokens_seen ?? 0),
+        sampling: req.sampling,
+        includeUsage: req.includeUsage,
+        extra: { session: rec.id },
+      };
+      return req.stream ? streamCompletion(job) : c.json(await wholeCompletion(job));
+    }),
+  );
 });

@@ -4,11 +4,17 @@ import { type Context, Hono } from "hono";
 
 import { tenantStub } from "../auth.js";
 import type { AppEnv } from "../env.js";
+import { hostId, withoutHostUrls } from "../host-id.js";
 import { withHost } from "../host-lease.js";
 import { registry } from "../routing.js";
 
-/** A tenant's usage at the edge and on every host not marked down (KV bytes used vs quota, from each host's stats). */
-export async function tenantUsage(c: Context<AppEnv>, tenant: string) {
+/**
+ * A tenant's usage at the edge and on every host not marked down (KV bytes used vs quota, from each
+ * host's stats). Hosts are named by their opaque ids (host-id.ts), by URL only for the admin.
+ */
+export async function tenantUsage(c: Context<AppEnv>, tenant: string, forAdmin = false) {
+  const name = (url: string) => (forAdmin ? Promise.resolve(url) : hostId(c.env, url));
+  const say = async (text: string) => (forAdmin ? text : withoutHostUrls(c.env, text));
   const { config, sessions, requests_last_minute } = await tenantStub(c.env, tenant).usage();
   const hosts = await registry(c.env).list();
   const perHost = await Promise.all(
@@ -18,13 +24,16 @@ export async function tenantUsage(c: Context<AppEnv>, tenant: string) {
         withHost(c, { host: h.url, tenant, tenantSettings: false }, async ({ link }) => {
           const st = await link.call({ type: "stats" }, "stats_result");
           return {
-            host: h.url,
+            host: await name(h.url),
             kv_used_bytes: st.kv_used_bytes ?? 0,
             kv_quota_bytes: st.kv_quota_bytes ?? 0,
             sessions: st.sessions ?? 0,
             offloaded: st.offloaded ?? 0,
           };
-        }).catch((e: unknown) => ({ host: h.url, error: e instanceof Error ? e.message : String(e) })),
+        }).catch(async (e: unknown) => ({
+          host: await name(h.url),
+          error: await say(e instanceof Error ? e.message : String(e)),
+        })),
       ),
   );
   return {
@@ -32,13 +41,16 @@ export async function tenantUsage(c: Context<AppEnv>, tenant: string) {
     limits: config,
     requests_last_minute,
     sessions: sessions.length,
-    session_list: sessions.map((s) => ({
-      id: s.id,
-      host: s.host,
-      kv_method: s.kv_method,
-      kv_budget: s.kv_budget,
-      created: s.created,
-    })),
+    session_list: await Promise.all(
+      sessions.map(async (s) => ({
+        id: s.id,
+        host: await name(s.host),
+        kv_method: s.kv_method,
+        kv_budget: s.kv_budget,
+        created: s.created,
+        ...(s.used_ms !== undefined ? { last_used: Math.floor(s.used_ms / 1000) } : {}),
+      })),
+    ),
     hosts: perHost,
   };
 }
