@@ -86,6 +86,10 @@ test("a bad integer names the flag, the value and the range, before the command 
     [["bench", "chunking", "--chunk-sizes", "0,1.5"], "--chunk-sizes: '1.5' is not an integer in [0, 16777216]"],
     [["host", "--max-prefills", "0"], "--max-prefills: '0' is not an integer in [1, 1024]"],
     [["admin", "tenant", "set", "acme", "--rpm=-1"], "--rpm: '-1' is not an integer >= 0"],
+    [
+      ["admin", "tenant", "set", "acme", "--session-ttl-seconds", "0"],
+      "--session-ttl-seconds: '0' is not an integer in [1, 2592000]",
+    ],
     [["eval", "needle", "--budgets", "64,4"], "--budgets: '4' is not an integer in [9, 1000000]"],
     [["eval", "ruler", "--limit", "0"], "--limit: '0' is not an integer in [1, 100000]"],
     [["eval", "longbench", "--max-length", "100"], "--max-length: '100' is not an integer in [256, 1048576]"],

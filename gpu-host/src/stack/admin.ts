@@ -13,8 +13,11 @@ import { AdminClient, newSecret, startWorker } from "./stack.js";
 
 export const ADMIN_USAGE = `usage: pkv admin [--remote URL --admin-token T] <command>
   tenant set NAME [--kv-quota-bytes N] [--max-sessions N] [--rpm N] [--policy refuse|auto]
-                  [--kv-method ${KV_METHODS.join("|")}] [--kv-budget N]   create or update a tenant
-                  (--kv-method / --kv-budget: the compression of its requests that name none; full allowed)
+                  [--kv-method ${KV_METHODS.join("|")}] [--kv-budget N]
+                  [--session-ttl-seconds N] [--max-stored-bytes N]   create or update a tenant
+                  (--kv-method / --kv-budget: the compression of its requests that name none; full allowed;
+                   --session-ttl-seconds: idle sessions are closed after it, default 3600;
+                   --max-stored-bytes: offloaded session state per host, default the host's)
   tenant show NAME | tenant list
   key create TENANT                     a new API key (printed once; stored hashed)
   host add URL | host remove URL | host list
@@ -44,6 +47,8 @@ const ADMIN_FLAGS = {
   policy: oneOf(["refuse", "auto"]),
   "kv-method": oneOf(KV_METHODS),
   "kv-budget": int({ min: 16, max: 1 << 20 }),
+  "session-ttl-seconds": int({ min: 1, max: 30 * 86_400 }),
+  "max-stored-bytes": int({ min: 0 }),
   help: bool(),
 };
 
@@ -86,6 +91,8 @@ async function admin(
         policy: values.policy,
         kv_method: values["kv-method"],
         kv_budget: values["kv-budget"],
+        session_ttl_s: values["session-ttl-seconds"],
+        max_stored_bytes: values["max-stored-bytes"],
       });
     }
     if (group === "tenant" && action === "show") return client.tenant(need("NAME"));

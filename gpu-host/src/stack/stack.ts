@@ -86,6 +86,8 @@ function waitFor(
 
 export interface HostOptions {
   secret: string;
+  /** the host's --metrics-token (GET /metrics needs it) */
+  metricsToken?: string;
   kvPoolBytes?: number;
   threads?: number;
   args?: string[];
@@ -105,7 +107,11 @@ export async function startHostProcess(o: HostOptions): Promise<Proc> {
   ];
   const child = spawn(process.execPath, args, {
     stdio: ["ignore", "pipe", "pipe"],
-    env: { ...process.env, PKV_EDGE_SECRET: o.secret },
+    env: {
+      ...process.env,
+      PKV_EDGE_SECRET: o.secret,
+      ...(o.metricsToken !== undefined ? { PKV_METRICS_TOKEN: o.metricsToken } : {}),
+    },
   });
   const logs: string[] = [];
   const m = await waitFor(child, logs, /listening on [^ ]+:(\d+)/, "pkv host", 120_000);
@@ -216,6 +222,8 @@ export class AdminClient {
       policy?: string;
       kv_method?: string;
       kv_budget?: number;
+      session_ttl_s?: number;
+      max_stored_bytes?: number;
     },
   ) {
     return this.call("PUT", `/admin/tenants/${encodeURIComponent(name)}`, limits);
@@ -255,7 +263,18 @@ export interface Stack {
   hosts: Proc[];
   admin: AdminClient;
   secret: string;
+  /** the hosts' --metrics-token: GET /metrics with Authorization: Bearer <it> */
+  metricsToken: string;
+  /** GET /metrics of one of the hosts */
+  metrics(host: Proc): Promise<string>;
   stop(): Promise<void>;
+}
+
+/** GET /metrics of the host at `url` with its scrape token; throws on a refusal. */
+export async function scrapeMetrics(url: string, token: string): Promise<string> {
+  const r = await fetch(`${url}/metrics`, { headers: { authorization: `Bearer ${token}` } });
+  if (!r.ok) throw new Error(`GET ${url}/metrics: HTTP ${r.status}: ${await r.text()}`);
+  return r.text();
 }
 
 export interface StackOptions {
@@ -274,6 +293,7 @@ export interface StackOptions {
 export async function startStack(o: StackOptions): Promise<Stack> {
   const secret = newSecret();
   const adminToken = newSecret();
+  const metricsToken = newSecret();
   const started: Proc[] = [];
   const keep = <T extends Proc>(p: Promise<T>) =>
     p.then((x) => {
@@ -301,6 +321,8 @@ export async function startStack(o: StackOptions): Promise<Stack> {
       hosts,
       admin,
       secret,
+      metricsToken,
+      metrics: (h) => scrapeMetrics(h.url, metricsToken),
       stop: async () => void (await Promise.all(started.map((p) => p.stop()))),
     };
   } catch (e) {
