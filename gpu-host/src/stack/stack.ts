@@ -244,7 +244,8 @@ export class AdminClient {
     return this.call("DELETE", `/admin/hosts?url=${encodeURIComponent(url)}`);
   }
   hosts() {
-    return this.call<{ data: { url: string; down_until: number; health: Record<string, unknown> }[] }>(
+    // id: the opaque name tenants see for the host (session objects, usage)
+    return this.call<{ data: { url: string; id: string; down_until: number; health: Record<string, unknown> }[] }>(
       "GET",
       "/admin/hosts",
     );
