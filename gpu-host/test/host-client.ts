@@ -13,11 +13,13 @@ import {
 import { WebSocket } from "ws";
 
 import { repoRoot } from "../src/engine/engine-path.js";
-import { makeEdgeToken } from "../src/host/auth.js";
-import { type HostConfig, parseHostConfig } from "../src/host/config.js";
+import { makeEdgeToken, type TokenFor } from "../src/host/auth.js";
+import { type HostConfig, parseHostConfig, TENANT_NAME } from "../src/host/config.js";
 import { type RunningHost, startHost } from "../src/host/main.js";
 
 export const SECRET = "test-secret-0123456789abcdef";
+/** the test hosts' --metrics-token */
+export const METRICS_TOKEN = "test-metrics-token-0123456789";
 
 const FINAL = new Set([
   "opened",
@@ -37,7 +39,21 @@ const ENGINE_ARGS = process.env.PKV_TEST_ENGINE_BIN ? ["--engine", process.env.P
 
 export function testConfig(over: Partial<HostConfig> = {}, argv: string[] = []): HostConfig {
   return {
-    ...parseHostConfig(["--port", "0", "--edge-secret", SECRET, "--threads", "2", ...ENGINE_ARGS, ...argv], {}),
+    ...parseHostConfig(
+      [
+        "--port",
+        "0",
+        "--edge-secret",
+        SECRET,
+        "--metrics-token",
+        METRICS_TOKEN,
+        "--threads",
+        "2",
+        ...ENGINE_ARGS,
+        ...argv,
+      ],
+      {},
+    ),
     ...over,
   };
 }
@@ -50,6 +66,15 @@ export async function startTestHost(
   return { ...host, url: `ws://127.0.0.1:${host.address.port}` };
 }
 
+/** A token for `tenant`'s link to the host at `url` (its host[:port], as the edge dials it). */
+export const tokenFor = (url: string, tenant = "t", over: Partial<TokenFor> = {}) =>
+  makeEdgeToken(SECRET, { tenant, host: new URL(url).host, ...over });
+
+/**
+ * A client of the host protocol. The host serves a connection only frames of its token's tenant,
+ * so this keeps one WebSocket per tenant it sends for (opened on first use, each with its own
+ * token); `ws` and `hello` are the first one's, `raw` sends on it.
+ */
 export class HostClient {
   private nextId = 1;
   private readonly waiters = new Map<
@@ -58,17 +83,23 @@ export class HostClient {
   >();
   readonly unsolicited: FromHostMessage[] = [];
   hello?: FromHostMessage;
-  private helloWait: Promise<void>;
+  private readonly others = new Map<string, Promise<WebSocket>>();
 
-  private constructor(readonly ws: WebSocket) {
+  private constructor(
+    private readonly url: string,
+    readonly ws: WebSocket,
+    readonly tenant: string,
+  ) {}
+
+  private listen(ws: WebSocket): Promise<void> {
     let gotHello!: () => void;
-    this.helloWait = new Promise((r) => (gotHello = r));
+    const helloWait = new Promise<void>((r) => (gotHello = r));
     ws.on("message", (data: Buffer) => {
       const d = decodeHostMessage(new Uint8Array(data), "from_host");
       if (!d.ok) throw new Error(`bad frame from host: ${d.error}`);
       const m = d.message;
       if (m.type === "hello") {
-        this.hello = m;
+        if (ws === this.ws) this.hello = m;
         return gotHello();
       }
       const id = "id" in m ? m.id : undefined;
@@ -81,17 +112,30 @@ export class HostClient {
         w.resolve(w.frames);
       }
     });
-  }
-
-  static async connect(url: string, token = makeEdgeToken(SECRET)): Promise<HostClient> {
-    const ws = new WebSocket(url, { headers: { authorization: `Bearer ${token}` } });
-    const c = new HostClient(ws); // listening before 'open': hello may come in the upgrade's packet
-    await new Promise<void>((res, rej) => {
+    return new Promise<void>((res, rej) => {
       ws.once("open", () => res());
       ws.once("error", rej);
-    });
-    await c.helloWait;
+    }).then(() => helloWait);
+  }
+
+  /** `tenant`'s client (default "t"); `token` replaces the token minted for it. */
+  static async connect(url: string, o: { tenant?: string; token?: string } = {}): Promise<HostClient> {
+    const tenant = o.tenant ?? "t";
+    const ws = new WebSocket(url, { headers: { authorization: `Bearer ${o.token ?? tokenFor(url, tenant)}` } });
+    const c = new HostClient(url, ws, tenant);
+    await c.listen(ws); // listening before 'open': hello may come in the upgrade's packet
     return c;
+  }
+
+  private socketOf(tenant: unknown): WebSocket | Promise<WebSocket> {
+    if (typeof tenant !== "string" || tenant === this.tenant || !TENANT_NAME.test(tenant)) return this.ws;
+    let ws = this.others.get(tenant);
+    if (!ws) {
+      const sock = new WebSocket(this.url, { headers: { authorization: `Bearer ${tokenFor(this.url, tenant)}` } });
+      ws = this.listen(sock).then(() => sock);
+      this.others.set(tenant, ws);
+    }
+    return ws;
   }
 
   /** Sends a request (id assigned) and resolves with every frame answering it, the final last. */
@@ -100,10 +144,23 @@ export class HostClient {
     onFrame?: (f: FromHostMessage) => void,
   ): Promise<FromHostMessage[]> {
     const id = this.nextId++;
-    return new Promise((resolve) => {
+    let failed!: (e: unknown) => void;
+    const frames = new Promise<FromHostMessage[]>((resolve, reject) => {
       this.waiters.set(id, { frames: [], resolve, onFrame });
-      this.ws.send(encodeHostMessage({ ...msg, id } as AnyHostMessage));
+      failed = reject;
     });
+    const bytes = encodeHostMessage({ ...msg, id } as AnyHostMessage);
+    const ws = this.socketOf(msg.tenant);
+    if (ws instanceof WebSocket) ws.send(bytes);
+    else
+      void ws.then(
+        (s) => s.send(bytes),
+        (e) => {
+          this.waiters.delete(id);
+          failed(e);
+        },
+      );
+    return frames;
   }
 
   /** The final frame of a request. */
@@ -125,7 +182,19 @@ export class HostClient {
 
   close(): void {
     this.ws.close();
+    for (const ws of this.others.values())
+      void ws.then(
+        (s) => s.close(),
+        () => {},
+      );
   }
+}
+
+/** GET /metrics of the host on `port`, with the test hosts' scrape token. */
+export async function scrape(port: number): Promise<string> {
+  const r = await fetch(`http://127.0.0.1:${port}/metrics`, { headers: { authorization: `Bearer ${METRICS_TOKEN}` } });
+  if (!r.ok) throw new Error(`GET /metrics: HTTP ${r.status}: ${await r.text()}`);
+  return r.text();
 }
 
 export function expectType<T extends FromHostMessage["type"]>(
@@ -143,7 +212,20 @@ export async function spawnHostProcess(
   const cli = resolve(repoRoot(), "gpu-host", "dist", "src", "cli.js");
   const child = spawn(
     process.execPath,
-    [cli, "host", "--port", "0", "--edge-secret", SECRET, "--threads", "2", ...ENGINE_ARGS, ...args],
+    [
+      cli,
+      "host",
+      "--port",
+      "0",
+      "--edge-secret",
+      SECRET,
+      "--metrics-token",
+      METRICS_TOKEN,
+      "--threads",
+      "2",
+      ...ENGINE_ARGS,
+      ...args,
+    ],
     {
       stdio: ["ignore", "pipe", "pipe"],
     },

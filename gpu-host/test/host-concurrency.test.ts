@@ -3,7 +3,7 @@
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 
-import { expectType, HostClient, startTestHost } from "./host-client.js";
+import { expectType, HostClient, scrape, startTestHost } from "./host-client.js";
 
 let host: Awaited<ReturnType<typeof startTestHost>>;
 let clients: HostClient[] = [];
@@ -55,6 +55,6 @@ test("32 concurrent sessions over 4 connections all complete; TTFT at 1, 8, 32",
       `ttft (append + first token) at ${n} concurrent: p50 ${pct(ttft, 50).toFixed(0)} ms, p95 ${pct(ttft, 95).toFixed(0)} ms`,
     );
   }
-  const metrics = await (await fetch(`http://127.0.0.1:${host.address.port}/metrics`)).text();
+  const metrics = await scrape(host.address.port);
   assert.match(metrics, /pkv_host_generated_tokens_total\{tenant="ta"\} \d+/);
 });

@@ -8,7 +8,7 @@ import { join } from "node:path";
 import { test } from "node:test";
 
 import { expectType, type HostClient as Client, HostClient, startTestHost } from "./host-client.js";
-import { spawnHostProcess } from "./host-client.js";
+import { scrape, spawnHostProcess } from "./host-client.js";
 
 const PROMPT = "Write a long story about a lighthouse keeper and the sea.";
 
@@ -60,7 +60,7 @@ test("kill -9 of the engine mid-generation: error to that request, host healthy,
       again.text.startsWith(firstText),
       `${JSON.stringify(again.text)} should start with ${JSON.stringify(firstText)}`,
     );
-    const metrics = await (await fetch(`http://127.0.0.1:${host.address.port}/metrics`)).text();
+    const metrics = await scrape(host.address.port);
     assert.match(metrics, /pkv_host_engine_restarts_total 1/);
   } finally {
     c.close();

@@ -1,6 +1,8 @@
-// The host's network face: one HTTP server on one port for GET /health, GET /metrics and the
-// edge's WebSocket (upgrade authenticated before it is accepted). Each binary WebSocket message
-// is one host-protocol frame; frames of many sessions share a connection.
+// The host's network face: one HTTP server on one port for GET /health (what routing and load
+// balancers need, nothing per tenant), GET /metrics (only with the scrape token) and the edge's
+// WebSocket (upgrade authenticated before it is accepted, auth.ts). Each binary WebSocket message
+// is one host-protocol frame; frames of many sessions share a connection, all of the tenant its
+// token names: a frame naming another tenant gets 'unauthorized' and the connection stays up.
 //
 // Backpressure: tokens of a connection whose unsent bytes (ws.bufferedAmount) exceed highWater
 // are coalesced per request (text concatenated, ids collected, logprobs one per id in order) and
@@ -22,8 +24,8 @@ import {
 } from "@pyramidkv/shared";
 import { WebSocket, WebSocketServer } from "ws";
 
-import { verifyEdgeAuthorization } from "./auth.js";
-import type { HostConfig } from "./config.js";
+import { bearerMatches, EdgeAuth } from "./auth.js";
+import { type HostConfig, TENANT_NAME } from "./config.js";
 import type { HostMetrics } from "./metrics.js";
 import type { Sink, TokenLogprobs } from "./session.js";
 import type { SessionHost } from "./sessions.js";
@@ -63,6 +65,8 @@ export class Connection implements Sink {
     private readonly ws: WebSocket,
     private readonly config: HostConfig,
     private readonly onDrop: () => void,
+    /** the tenant the connection's token names: the only one its frames may name (HostServer checks) */
+    readonly tenant = "",
   ) {}
 
   get open(): boolean {
@@ -144,12 +148,14 @@ export class HostServer {
   private readonly http: Server;
   private readonly wss: WebSocketServer;
   private readonly sockets = new Set<WebSocket>();
+  private readonly auth: EdgeAuth;
 
   constructor(
     private readonly host: SessionHost,
     private readonly config: HostConfig,
     private readonly metrics: HostMetrics,
   ) {
+    this.auth = new EdgeAuth(config.edgeSecret);
     this.wss = new WebSocketServer({ noServer: true, maxPayload: MAX_READ_BYTES, perMessageDeflate: false });
     this.http = createServer((req, res) => {
       const path = (req.url ?? "/").split("?")[0];
@@ -168,12 +174,25 @@ export class HostServer {
             engine_pid: this.host.enginePid,
             pool_bytes: h.pool_bytes,
             kv_used_bytes: this.host.kvUsedBytes,
-            connections: this.sockets.size,
           }),
         );
         return;
       }
       if (req.method === "GET" && path === "/metrics") {
+        const token = this.config.metricsToken;
+        if (token === undefined) {
+          res.writeHead(403, { "content-type": "text/plain" });
+          res.end(
+            "GET /metrics is off: start the host with --metrics-token T (or PKV_METRICS_TOKEN=T) and scrape it " +
+              "with the header Authorization: Bearer T\n",
+          );
+          return;
+        }
+        if (!bearerMatches(req.headers.authorization, token)) {
+          res.writeHead(401, { "content-type": "text/plain", "www-authenticate": 'Bearer realm="pkv-host-metrics"' });
+          res.end("GET /metrics needs the header Authorization: Bearer <the host's --metrics-token>\n");
+          return;
+        }
         res.writeHead(200, { "content-type": "text/plain; version=0.0.4" });
         res.end(this.metrics.render({ ...this.host.gauges(), connections: this.sockets.size }));
         return;
@@ -185,18 +204,24 @@ export class HostServer {
   }
 
   private upgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void {
-    const refuse = (status: string) => {
-      socket.end(`HTTP/1.1 ${status}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`);
+    const refuse = (status: string, message: string) => {
+      const body = `${message}\n`;
+      socket.end(
+        `HTTP/1.1 ${status}\r\nConnection: close\r\nContent-Type: text/plain\r\n` +
+          `Content-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`,
+      );
       socket.destroy();
     };
-    if (!verifyEdgeAuthorization(req.headers.authorization, this.config.edgeSecret)) refuse("401 Unauthorized");
-    else if (this.host.isClosing) refuse("503 Service Unavailable");
-    else this.wss.handleUpgrade(req, socket, head, (ws) => this.accept(ws));
+    const v = this.host.isClosing
+      ? ({ ok: false, status: 503, message: "the host is shutting down" } as const)
+      : this.auth.verify(req.headers.authorization, req.headers.host);
+    if (!v.ok) refuse(v.status === 401 ? "401 Unauthorized" : "503 Service Unavailable", v.message);
+    else this.wss.handleUpgrade(req, socket, head, (ws) => this.accept(ws, v.tenant));
   }
 
-  private accept(ws: WebSocket): void {
+  private accept(ws: WebSocket, tenant: string): void {
     this.sockets.add(ws);
-    const conn = new Connection(ws, this.config, () => this.host.connectionClosed(conn));
+    const conn = new Connection(ws, this.config, () => this.host.connectionClosed(conn), tenant);
     const h = this.host.hello;
     conn.send({
       type: "hello",
@@ -228,7 +253,19 @@ export class HostServer {
           message: decoded.error,
         });
       }
-      this.host.handle(conn, decoded.message);
+      const msg = decoded.message;
+      // A name that is no tenant's at all is the session host's 'invalid'; another tenant's is refused.
+      if (msg.tenant !== tenant && TENANT_NAME.test(msg.tenant)) {
+        this.metrics.errors.inc({ code: "unauthorized" });
+        return conn.send({
+          type: "error",
+          id: msg.id,
+          ...("session" in msg && msg.session !== undefined ? { session: msg.session } : {}),
+          code: "unauthorized",
+          message: `${msg.type}: this connection's edge token is for tenant '${tenant}', not '${msg.tenant.slice(0, 64)}'`,
+        });
+      }
+      this.host.handle(conn, msg);
     });
     ws.on("close", () => {
       this.sockets.delete(ws);

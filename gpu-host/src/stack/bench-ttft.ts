@@ -39,7 +39,7 @@ class DirectClient {
   }
   static async connect(url: string, secret: string): Promise<DirectClient> {
     const ws = new WebSocket(url.replace(/^http/, "ws"), {
-      headers: { authorization: `Bearer ${makeEdgeToken(secret)}` },
+      headers: { authorization: `Bearer ${makeEdgeToken(secret, { tenant: "bench", host: new URL(url).host })}` },
     });
     const c = new DirectClient(ws);
     await new Promise<void>((res, rej) => {

@@ -33,6 +33,7 @@ export async function runDev(o: DevOptions): Promise<number> {
 pyramidkv dev stack
   worker    ${url}   (Miniflare; storage in .pkv-dev/state)
 ${stack.hosts.map((h) => `  GPU host  ${h.url}   (CPU, embedded model)`).join("\n")}
+  metrics   curl -H "Authorization: Bearer ${stack.metricsToken}" ${stack.hosts[0]!.url}/metrics   (the hosts' --metrics-token)
   tenant    dev
   API key   ${key}
 
