@@ -355,9 +355,7 @@ test("a client disconnect cancels the generation on the host", { timeout: 400_00
   const generated = async () => {
     let n = 0;
     for (const h of stack.hosts) {
-      const m = /pkv_host_generated_tokens_total\{tenant="beta"\} (\d+)/.exec(
-        await (await fetch(`${h.url}/metrics`)).text(),
-      );
+      const m = /pkv_host_generated_tokens_total\{tenant="beta"\} (\d+)/.exec(await stack.metrics(h));
       n += Number(m?.[1] ?? 0);
     }
     return n;
@@ -390,9 +388,7 @@ test("a client disconnect cancels the generation on the host", { timeout: 400_00
     const sessions = await Promise.all(
       stack.hosts.map(
         async (h) =>
-          (await (await fetch(`${h.url}/metrics`)).text()).match(
-            /pkv_host_sessions\{tenant="beta",state="active"\} (\d+)/,
-          )?.[1] ?? "0",
+          (await stack.metrics(h)).match(/pkv_host_sessions\{tenant="beta",state="active"\} (\d+)/)?.[1] ?? "0",
       ),
     );
     if (sessions.every((s) => s === "0")) break;

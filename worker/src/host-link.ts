@@ -1,9 +1,15 @@
 // One WebSocket from this request to a GPU host (protocol: shared/protocol/host.json).
 //
-// Dialled per request with fetch(Upgrade: websocket) and the HMAC bearer token; frames are msgpack
-// maps validated by the shared codec (untrusted input: an invalid frame fails the request, never
-// the worker). Closing the socket is how a request is cancelled on the host: it cancels whatever
-// this connection had running (client disconnect → cancel, for free).
+// Dialled per request with fetch(Upgrade: websocket) and a bearer token bound to the link's tenant
+// and to the host (edgeToken); frames are msgpack maps validated by the shared codec (untrusted
+// input: an invalid frame fails the request, never the worker). Closing the socket is how a
+// request is cancelled on the host: it cancels whatever this connection had running (client
+// disconnect → cancel, for free).
+//
+// Deadlines: the connect (upgrade and hello) has connectMs; a call has idleMs between frames of
+// its own (progress and token frames keep a long prefill or generation alive). A host that misses
+// one is gone (HostGone: 503 with Retry-After, and routing marks it down); the link is closed,
+// which cancels its work on the host.
 import {
   type AnyHostMessage,
   decodeHostMessage,
@@ -28,8 +34,21 @@ const FINAL = new Set([
 ]);
 /** host 2.1: the requests that carry the edge's request id */
 const WITH_REQUEST_ID = new Set(["open_session", "append", "generate"]);
-const TOKEN_TTL_S = 300;
-const HELLO_TIMEOUT_MS = 10_000;
+/** The host accepts tokens at most 300 s ahead; 120 s leaves room for clocks that disagree. */
+const TOKEN_TTL_S = 120;
+
+export interface Deadlines {
+  /** fetch upgrade + hello */
+  connectMs: number;
+  /** a call with no frame of its own from the host for this long fails */
+  idleMs: number;
+}
+export const DEFAULT_DEADLINES: Deadlines = { connectMs: 10_000, idleMs: 60_000 };
+
+type Timer = ReturnType<typeof setTimeout>;
+const stop = (t: Timer | undefined) => {
+  if (t !== undefined) clearTimeout(t);
+};
 
 export class HostGone extends ApiError {
   constructor(
@@ -41,8 +60,30 @@ export class HostGone extends ApiError {
   }
 }
 
-/** `<expiry>.<hex HMAC-SHA256(secret, "pkv-edge." + expiry)>`, as gpu-host/src/host/auth.ts checks it. */
-export async function edgeToken(secret: string, nowMs = Date.now()): Promise<string> {
+/** A Host header as gpu-host/src/host/auth.ts compares it: lower case, no trailing dot, no default port. */
+export function normaliseHost(host: string): string {
+  let h = host
+    .trim()
+    .toLowerCase()
+    .replace(/:(80|443)$/, "");
+  if (h.endsWith(".")) h = h.slice(0, -1);
+  return h.replace(/\.:(\d+)$/, ":$1");
+}
+
+const hex = (b: Uint8Array) => [...b].map((x) => x.toString(16).padStart(2, "0")).join("");
+
+/**
+ * `pkv2.<expiry>.<nonce>.<hmac>.<tenant>` for `tenant`'s link to `host` (host[:port] as dialled),
+ * hmac = hex HMAC-SHA256(secret, "pkv-edge-v2\n<expiry>\n<tenant>\n<host>\n<nonce>"), as
+ * gpu-host/src/host/auth.ts checks it: good for one upgrade, on that host, for that tenant.
+ */
+export async function edgeToken(
+  secret: string,
+  tenant: string,
+  host: string,
+  nowMs = Date.now(),
+  nonce = hex(crypto.getRandomValues(new Uint8Array(16))),
+): Promise<string> {
   const expiry = Math.floor(nowMs / 1000) + TOKEN_TTL_S;
   const key = await crypto.subtle.importKey(
     "raw",
@@ -51,14 +92,17 @@ export async function edgeToken(secret: string, nowMs = Date.now()): Promise<str
     false,
     ["sign"],
   );
-  const mac = new Uint8Array(await crypto.subtle.sign("HMAC", key, new TextEncoder().encode(`pkv-edge.${expiry}`)));
-  return `${expiry}.${[...mac].map((b) => b.toString(16).padStart(2, "0")).join("")}`;
+  const signed = ["pkv-edge-v2", String(expiry), tenant, normaliseHost(host), nonce].join("\n");
+  const mac = new Uint8Array(await crypto.subtle.sign("HMAC", key, new TextEncoder().encode(signed)));
+  return `pkv2.${expiry}.${nonce}.${hex(mac)}.${tenant}`;
 }
 
 type Waiter = {
   resolve: (f: FromHostMessage) => void;
   reject: (e: Error) => void;
   onFrame?: (f: FromHostMessage) => void;
+  /** the call's idle deadline, reset by each of its frames */
+  timer?: Timer;
 };
 type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;
 /** A request as a route writes it: the link adds id and tenant (and request_id). */
@@ -77,26 +121,80 @@ export class HostLink {
     private readonly ws: WebSocket,
     readonly url: string,
     readonly tenant: string,
+    private readonly idleMs: number,
   ) {}
 
-  static async connect(url: string, secret: string, tenant: string): Promise<HostLink> {
+  static async connect(
+    url: string,
+    secret: string,
+    tenant: string,
+    deadlines: Deadlines = DEFAULT_DEADLINES,
+  ): Promise<HostLink> {
+    const { connectMs } = deadlines;
+    const abort = new AbortController();
+    let timer: Timer | undefined;
+    const late = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        const e = new HostGone(url, `no connection and hello within ${connectMs} ms`);
+        abort.abort(e);
+        reject(e);
+      }, connectMs);
+    });
+    let link: HostLink | undefined;
+    try {
+      return await Promise.race([HostLink.dial(url, secret, tenant, deadlines, abort.signal, (l) => (link = l)), late]);
+    } catch (e) {
+      link?.close();
+      throw e;
+    } finally {
+      stop(timer);
+    }
+  }
+
+  private static async dial(
+    url: string,
+    secret: string,
+    tenant: string,
+    deadlines: Deadlines,
+    signal: AbortSignal,
+    made: (l: HostLink) => void,
+  ): Promise<HostLink> {
     let resp: Response;
     try {
       resp = await fetch(url, {
-        headers: { Upgrade: "websocket", Authorization: `Bearer ${await edgeToken(secret)}` },
+        headers: {
+          Upgrade: "websocket",
+          Authorization: `Bearer ${await edgeToken(secret, tenant, new URL(url).host)}`,
+        },
+        signal,
       });
     } catch (e) {
+      if (signal.aborted) throw signal.reason;
       throw new HostGone(url, `connect failed: ${e instanceof Error ? e.message : String(e)}`);
     }
     const ws = resp.webSocket;
+    if (signal.aborted) {
+      // the deadline passed while the upgrade was answered: nobody waits for this socket
+      try {
+        ws?.accept();
+        ws?.close(1000, "deadline");
+      } catch {
+        // already closed
+      }
+      throw signal.reason;
+    }
     if (!ws) {
+      const body = (await resp.text().catch(() => "")).trim().slice(0, 300);
       const why =
-        resp.status === 401 ? "the host refused the edge secret (401)" : `upgrade answered HTTP ${resp.status}`;
+        resp.status === 401
+          ? `the host refused the edge token (401${body ? `: ${body}` : ""})`
+          : `upgrade answered HTTP ${resp.status}${body ? `: ${body}` : ""}`;
       throw new HostGone(url, why);
     }
     ws.accept();
     ws.binaryType = "arraybuffer";
-    const link = new HostLink(ws, url, tenant);
+    const link = new HostLink(ws, url, tenant, deadlines.idleMs);
+    made(link);
     const hello = new Promise<HostMessage<"hello">>((resolve, reject) => {
       link.waiters.set(0, {
         resolve: (f) =>
@@ -111,17 +209,13 @@ export class HostLink {
     });
     ws.addEventListener("close", (ev) => link.fail(new HostGone(url, `connection closed, code ${ev.code}`)));
     ws.addEventListener("error", () => link.fail(new HostGone(url, "connection error")));
-    const timeout = setTimeout(
-      () => link.fail(new HostGone(url, `no hello within ${HELLO_TIMEOUT_MS} ms`)),
-      HELLO_TIMEOUT_MS,
-    );
+    const onAbort = () =>
+      link.fail(signal.reason instanceof HostGone ? signal.reason : new HostGone(url, "connect aborted"));
+    signal.addEventListener("abort", onAbort);
     try {
       link.hello = await hello;
-    } catch (e) {
-      link.close();
-      throw e;
     } finally {
-      clearTimeout(timeout);
+      signal.removeEventListener("abort", onAbort);
     }
     if (link.hello.protocol !== HOST_PROTOCOL_VERSION) {
       link.close();
@@ -158,17 +252,36 @@ export class HostLink {
     }
     const w = this.waiters.get(id);
     if (!w) return;
+    stop(w.timer);
     if (m.type === "hello" || FINAL.has(m.type)) {
       this.waiters.delete(id);
       w.resolve(m);
     } else {
+      this.arm(id, w);
       w.onFrame?.(m);
     }
   }
 
+  /** (Re)starts call `id`'s idle deadline: missing it, the host is gone and the link closed. */
+  private arm(id: number, w: Waiter): void {
+    w.timer = setTimeout(() => {
+      if (this.waiters.get(id) !== w) return;
+      const e = new HostGone(this.url, `no answer from the host for ${this.idleMs} ms`);
+      this.fail(e);
+      try {
+        this.ws.close(1000, "deadline");
+      } catch {
+        // already closed
+      }
+    }, this.idleMs);
+  }
+
   private fail(e: HostGone): void {
     this.gone ??= e;
-    for (const w of this.waiters.values()) w.reject(e);
+    for (const w of this.waiters.values()) {
+      stop(w.timer);
+      w.reject(e);
+    }
     this.waiters.clear();
   }
 
@@ -181,11 +294,14 @@ export class HostLink {
     if (this.gone) return Promise.reject(this.gone);
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
-      this.waiters.set(id, { resolve, reject, onFrame });
+      const w: Waiter = { resolve, reject, onFrame };
+      this.waiters.set(id, w);
+      this.arm(id, w);
       try {
         const rid = this.requestId !== undefined && WITH_REQUEST_ID.has(msg.type) ? { request_id: this.requestId } : {};
         this.ws.send(encodeHostMessage({ ...msg, ...rid, id, tenant: this.tenant } as AnyHostMessage));
       } catch (e) {
+        stop(w.timer);
         this.waiters.delete(id);
         reject(e instanceof Error ? e : new Error(String(e)));
       }

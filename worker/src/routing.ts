@@ -1,12 +1,12 @@
 // Which GPU host serves a request. A new session goes to the live host with the most free KV
 // (pool_bytes − kv_used_bytes from each host's /health, probed in parallel); a session sticks to
-// the host that holds it. A host that fails a probe, a connect, or a request mid-way is marked
-// down in the registry and skipped until it answers again.
+// the host that holds it. A host that fails a probe, a connect, or a request mid-way, or misses a
+// deadline (host-link.ts), is marked down in the registry and skipped until it answers again.
 import type { HostMessage } from "@pyramidkv/shared";
 
-import type { Env } from "./env.js";
+import { type Env, intVar } from "./env.js";
 import { ApiError, noHost } from "./errors.js";
-import { HostGone, HostLink } from "./host-link.js";
+import { DEFAULT_DEADLINES, type Deadlines, HostGone, HostLink } from "./host-link.js";
 import type { HostEntry } from "./registry.js";
 
 const PROBE_TIMEOUT_MS = 2000;
@@ -79,6 +79,14 @@ export async function rankHosts(
   return { ranked: probes.filter((p) => p.ok).sort((a, b) => b.free_bytes - a.free_bytes), registered };
 }
 
+/** The edge → host deadlines: PKV_HOST_CONNECT_TIMEOUT_MS, PKV_HOST_IDLE_TIMEOUT_MS (wrangler.jsonc). */
+export function deadlines(env: Env): Deadlines {
+  return {
+    connectMs: intVar(env.PKV_HOST_CONNECT_TIMEOUT_MS, DEFAULT_DEADLINES.connectMs),
+    idleMs: intVar(env.PKV_HOST_IDLE_TIMEOUT_MS, DEFAULT_DEADLINES.idleMs),
+  };
+}
+
 function secret(env: Env): string {
   if (!env.EDGE_SECRET || env.EDGE_SECRET.length < 16)
     throw noHost("the worker has no EDGE_SECRET (at least 16 characters) to reach GPU hosts");
@@ -109,7 +117,7 @@ export async function connectBest(env: Env, tenant: string, model = ANY_MODEL): 
   let last: unknown;
   for (const h of servingModel(ranked, model)) {
     try {
-      return await HostLink.connect(h.url, secret(env), tenant);
+      return await HostLink.connect(h.url, secret(env), tenant, deadlines(env));
     } catch (e) {
       last = e;
       if (e instanceof HostGone) await registry(env).markDown(h.url, e.message);
@@ -122,7 +130,7 @@ export async function connectBest(env: Env, tenant: string, model = ANY_MODEL): 
 /** A connection to the host holding a session. */
 export async function connectTo(env: Env, url: string, tenant: string): Promise<HostLink> {
   try {
-    return await HostLink.connect(url, secret(env), tenant);
+    return await HostLink.connect(url, secret(env), tenant, deadlines(env));
   } catch (e) {
     if (e instanceof HostGone) {
       await registry(env).markDown(url, e.message);
@@ -142,7 +150,7 @@ export async function reportFailure(env: Env, link: HostLink | undefined, e: unk
 
 /** A host's hello (its model, context, chat template), on a link of its own closed at once. */
 export async function helloOf(env: Env, url: string): Promise<HostMessage<"hello">> {
-  const link = await HostLink.connect(url, secret(env), "_models");
+  const link = await HostLink.connect(url, secret(env), "_models", deadlines(env));
   link.close();
   return link.hello;
 }
