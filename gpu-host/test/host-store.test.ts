@@ -433,3 +433,23 @@ test("concurrent puts of one tenant cannot pass the bound together", async () =>
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test("a crash between the state's rename and the index's: the state file's header (the newer) wins at start", async () => {
+  const dir = tempDir();
+  try {
+    const { store } = quietStore(dir);
+    await store.load();
+    await store.put(meta("a", 10), bytes(100));
+    const olderIndex = readFileSync(join(dir, "index.json"));
+    await store.put(meta("a", 20), bytes(120));
+    writeFileSync(join(dir, "index.json"), olderIndex);
+    const again = quietStore(dir).store;
+    assert.deepEqual(
+      (await again.load()).map((m) => [m.session, m.tokens_seen]),
+      [["a", 20]],
+    );
+    assert.equal(again.storedBytes("t"), 120);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
