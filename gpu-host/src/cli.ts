@@ -51,6 +51,12 @@ export const COMMANDS: CommandEntry[] = [
     load: async () => (await import("./stack/bench-ttft.js")).command,
   },
   {
+    name: "bench fairness",
+    usage: "[--flood 32] [--flood-tokens 256] [--tokens 32] [--runs 3] [--decode-lanes 64] [--tenant-decode-lanes 4]",
+    summary: "tenant B's inter-token gap while tenant A floods: decode lanes unbounded vs bounded",
+    load: async () => (await import("./stack/bench-fairness.js")).command,
+  },
+  {
     name: "bench chunking",
     usage:
       "[--chars 12000,24000] [--depths 25,50,75] [--chunk-sizes 0,1024,2048,4096] [--method pyramidkv] [--budget 128] [--haystack-dir DIR] [--model M]",

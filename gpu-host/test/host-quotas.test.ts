@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 
-import { expectType, HostClient, startTestHost } from "./host-client.js";
+import { expectType, HostClient, scrape, startTestHost } from "./host-client.js";
 
 const PROMPT =
   "The ocean covers most of the planet. It holds many fish, whales and coral reefs. Describe it in one sentence.";
@@ -51,7 +51,7 @@ test("admission within the quota, refusal over it, auto budget, session limit", 
   assert.equal(auto.budget, Math.floor(3_500_000 / (30 * 768)) - 32);
   assert.ok(auto.reserved_bytes <= 3_500_000);
   expectType(await c.call({ type: "close", tenant: "stretchy", session: "a1" }), "closed");
-  const metrics = await (await fetch(`http://127.0.0.1:${host.address.port}/metrics`)).text();
+  const metrics = await scrape(host.address.port);
   assert.match(metrics, /pkv_host_quota_refusals_total\{tenant="small",reason="kv_quota"\} 1/);
 });
 
