@@ -9,6 +9,7 @@ import type { Admission } from "./admission.js";
 import { TENANT_NAME } from "./config.js";
 import { type EngineProcess, EngineRequestError } from "./engine.js";
 import { HostError } from "./errors.js";
+import { hostLog } from "./log.js";
 import type { HostMetrics } from "./metrics.js";
 import { HostSession, type OpenParams } from "./session.js";
 import { DamagedStateError, type StateStore, type StoredSessionMeta } from "./store.js";
@@ -170,9 +171,7 @@ export class Residency {
         this.metrics.offloads.inc({ tenant: s.tenant });
         return true;
       } catch (e) {
-        process.stderr.write(
-          `pkv host: offload of ${s.engineName} failed: ${e instanceof Error ? e.message : String(e)}\n`,
-        );
+        hostLog(`offload of ${s.engineName.slice(0, 129)} failed: ${e instanceof Error ? e.message : String(e)}`);
         return false;
       } finally {
         s.pendingOps--;

@@ -16,6 +16,7 @@ import { join } from "node:path";
 import { crc32 } from "node:zlib";
 
 import { HostError } from "./errors.js";
+import { hostLog } from "./log.js";
 
 export interface StoredSessionMeta {
   tenant: string;
@@ -35,7 +36,7 @@ export type StoreFs = Pick<typeof fsp, "open" | "readFile" | "readdir" | "rename
 
 export interface StateStoreOptions {
   fs?: StoreFs;
-  /** one line per quarantined or cleaned-up file (default: stderr) */
+  /** one line per quarantined or cleaned-up file (default: the host's log) */
   log?: (line: string) => void;
 }
 
@@ -132,7 +133,7 @@ export class StateStore {
     options: StateStoreOptions = {},
   ) {
     this.fs = options.fs ?? fsp;
-    this.log = options.log ?? ((line) => process.stderr.write(`pkv host: ${line}\n`));
+    this.log = options.log ?? ((line) => hostLog(line));
     if (dir) mkdirSync(dir, { recursive: true, mode: 0o700 });
   }
 
@@ -200,7 +201,7 @@ export class StateStore {
       if (entry) this.index.set(f, { ...metaOf(entry), state_bytes: entry.state_bytes });
       else if (listedEntry) {
         // Listed but damaged: kept, so that its next request hears session_lost (the restore quarantines it).
-        this.index.set(f, { ...listedEntry, state_bytes: 0 });
+        this.index.set(f, { ...metaOf(listedEntry), state_bytes: 0 });
       } else {
         const aside = await this.quarantineFile(f);
         this.log(`offload dir ${dir}: state file ${f} (${why}) quarantined as ${aside}`);
@@ -208,8 +209,10 @@ export class StateStore {
     }
     for (const [name, e] of byName) {
       if (!this.index.has(name)) {
-        this.index.set(name, { ...e, state_bytes: 0 });
-        this.log(`offload dir ${dir}: the state file of session '${e.session}' (tenant '${e.tenant}') is missing`);
+        this.index.set(name, { ...metaOf(e), state_bytes: 0 });
+        this.log(
+          `offload dir ${dir}: the state file of session '${e.session.slice(0, 64)}' (tenant '${e.tenant.slice(0, 64)}') is missing`,
+        );
       }
     }
     if (listed === undefined && this.index.size > 0) {
@@ -301,7 +304,7 @@ export class StateStore {
     try {
       const aside = await this.quarantineFile(name);
       this.log(
-        `offload dir ${dir}: state of session '${session.slice(0, 64)}' (tenant '${tenant}', ${why}) quarantined as ${aside}`,
+        `offload dir ${dir}: state of session '${session.slice(0, 64)}' (tenant '${tenant.slice(0, 64)}', ${why}) quarantined as ${aside}`,
       );
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== "ENOENT")
