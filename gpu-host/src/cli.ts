@@ -57,6 +57,13 @@ export const COMMANDS: CommandEntry[] = [
     load: async () => (await import("./stack/bench-fairness.js")).command,
   },
   {
+    name: "soak",
+    usage: "[--minutes 20] [--seed 1] [--out FILE] [--data DIR] [--clients 4] [--ttl-seconds 45] [--verify 8]",
+    summary:
+      "(not in CI) 2 hosts + the worker, 3 tenants, random documents, questions, aborts, engine and host kills; JSON counts and checks",
+    load: async () => (await import("./stack/soak.js")).command,
+  },
+  {
     name: "bench chunking",
     usage:
       "[--chars 12000,24000] [--depths 25,50,75] [--chunk-sizes 0,1024,2048,4096] [--method pyramidkv] [--budget 128] [--haystack-dir DIR] [--model M]",
