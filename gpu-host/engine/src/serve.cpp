@@ -1,6 +1,7 @@
 #include "serve.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <condition_variable>
 #include <cstdio>
@@ -14,6 +15,7 @@
 #include "chat.h"
 #include "error.h"
 #include "generate.h"
+#include "ggml-cpu.h"
 #include "llama.h"
 #include "paths.h"
 #include "protocol.h"
@@ -29,9 +31,22 @@ using mp::Value;
 // OpenAI's limit on top_logprobs, and llama-server's.
 constexpr uint64_t kMaxTopLogprobs = 20;
 
-// What the reader thread hands to the engine loop: a validated request, or the end of input.
+// An append's tokens, made by a tokenizer thread from its frame (text, messages, tokens).
+struct Tokenized {
+    uint64_t                    ticket = 0;  // which job: results of dropped jobs are ignored
+    uint64_t                    id     = 0;
+    std::string                 session;
+    std::vector<int32_t>        tokens;
+    std::optional<Conversation> chat;           // the conversation with the new turns, kept if the append is accepted
+    uint64_t                    reply = 0;      // the append's max_tokens
+    std::string                 code, message;  // the append failed (code empty: it did not)
+};
+
+// What the reader thread and the tokenizer threads hand to the engine loop: a validated request,
+// an append's tokens, or (neither) the end of input.
 struct Inbound {
-    std::optional<Value> request;  // empty: stdin closed or unreadable
+    std::optional<Value>       request;
+    std::shared_ptr<Tokenized> tokenized;
 };
 
 class Inbox {
@@ -57,6 +72,113 @@ class Inbox {
     std::condition_variable cv_;
     std::deque<Inbound>     q_;
 };
+
+// msgpack read without building values (peek_request); every method returns false at a fault.
+class Scanner {
+  public:
+    explicit Scanner(std::string_view bytes) : p_((const uint8_t *) bytes.data()), end_(p_ + bytes.size()) {}
+
+    bool map_header(uint64_t & n) {
+        if (p_ == end_) return false;
+        const uint8_t op = *p_++;
+        if ((op & 0xf0) == 0x80) return n = op & 0x0f, true;
+        if (op == 0xde || op == 0xdf) return be(op == 0xde ? 2 : 4, n);
+        return false;
+    }
+    bool next_is_str() const { return p_ < end_ && ((*p_ & 0xe0) == 0xa0 || (*p_ >= 0xd9 && *p_ <= 0xdb)); }
+    bool next_is_uint() const { return p_ < end_ && (*p_ <= 0x7f || (*p_ >= 0xcc && *p_ <= 0xcf)); }
+    bool str(std::string & out) {
+        uint64_t n = 0;
+        if (!next_is_str()) return false;
+        const uint8_t op = *p_++;
+        if ((op & 0xe0) == 0xa0) n = op & 0x1f;
+        else if (!be(1 << (op - 0xd9), n)) return false;
+        if (n > left()) return false;
+        out.assign((const char *) p_, (size_t) n);
+        p_ += n;
+        return true;
+    }
+    bool uint(uint64_t & v) {
+        if (!next_is_uint()) return false;
+        const uint8_t op = *p_++;
+        if (op <= 0x7f) return v = op, true;
+        return be(1 << (op - 0xcc), v);
+    }
+    // Past one value, containers and all.
+    bool skip() {
+        for (uint64_t todo = 1; todo > 0; --todo) {
+            if (p_ == end_) return false;
+            const uint8_t op       = *p_++;
+            uint64_t      n        = 0;  // bytes to pass, or elements to skip
+            bool          elements = false;
+            if (op <= 0x7f || op >= 0xe0 || op == 0xc0 || op == 0xc2 || op == 0xc3) continue;
+            if ((op & 0xf0) == 0x80) n = 2 * (op & 0x0f), elements = true;
+            else if ((op & 0xf0) == 0x90) n = op & 0x0f, elements = true;
+            else if ((op & 0xe0) == 0xa0) n = op & 0x1f;
+            else if (op >= 0xc4 && op <= 0xc6) {
+                if (!be(1 << (op - 0xc4), n)) return false;
+            } else if (op >= 0xd9 && op <= 0xdb) {
+                if (!be(1 << (op - 0xd9), n)) return false;
+            } else if (op == 0xca || op == 0xcb) n = op == 0xca ? 4 : 8;
+            else if (op >= 0xcc && op <= 0xd3) n = (uint64_t) 1 << ((op - 0xcc) % 4);
+            else if (op >= 0xdc && op <= 0xdf) {
+                if (!be(op == 0xdc || op == 0xde ? 2 : 4, n)) return false;
+                if (op >= 0xde) n *= 2;
+                elements = true;
+            } else return false;           // ext types, 0xc1
+            if (n > left()) return false;  // an element takes a byte at least
+            if (elements) todo += n;
+            else p_ += n;
+        }
+        return true;
+    }
+
+  private:
+    uint64_t left() const { return (uint64_t) (end_ - p_); }
+    bool     be(int bytes, uint64_t & v) {
+        if (left() < (uint64_t) bytes) return false;
+        v = 0;
+        for (int i = 0; i < bytes; ++i) v = (v << 8) | *p_++;
+        return true;
+    }
+
+    const uint8_t * p_;
+    const uint8_t * end_;
+};
+
+// The request id and session of a frame whose msgpack does not decode, read from the fields of
+// its top-level map before the fault, so that the error names the request it fails. No id when
+// the id comes after the fault, is no uint, or appears twice (which one was meant is unknowable).
+struct Peeked {
+    std::optional<uint64_t> id;
+    std::string             session;
+};
+
+Peeked peek_request(std::string_view payload) {
+    Peeked   out;
+    Scanner  in(payload);
+    uint64_t entries = 0;
+    if (!in.map_header(entries)) return out;
+    int ids = 0, sessions = 0;
+    for (uint64_t i = 0; i < entries; ++i) {
+        std::string key;
+        if (!in.str(key)) break;
+        uint64_t id = 0;
+        if (key == "id" && in.next_is_uint()) {
+            if (!in.uint(id)) break;
+            out.id = id, ++ids;
+        } else if (key == "session" && in.next_is_str()) {
+            if (!in.str(out.session)) break;
+            ++sessions;
+        } else {
+            ids += key == "id", sessions += key == "session";
+            if (!in.skip()) break;
+        }
+    }
+    if (ids != 1) out.id.reset();
+    if (sessions != 1) out.session.clear();
+    return out;
+}
 
 // A frame over the size limit throws (nothing was written: the request fails with too_large);
 // a failed write means the supervisor has gone, and nobody is left to answer.
@@ -99,7 +221,9 @@ void read_loop(Inbox & inbox) {
         try {
             v = mp::decode(payload);
         } catch (const Error & e) {
-            send_error(nullptr, "", "bad_frame", e.what());
+            const Peeked request = peek_request(payload);
+            const Value  id      = request.id ? Value(*request.id) : Value();
+            send_error(request.id ? &id : nullptr, request.session, "bad_frame", e.what());
             continue;
         }
         const std::string problem = validate_frame(v, "to_engine");
@@ -111,9 +235,119 @@ void read_loop(Inbox & inbox) {
             send_error(id, s && s->is_str() ? s->as_str() : "", unknown ? "unknown_type" : "invalid", problem);
             continue;
         }
-        inbox.push({ std::move(v) });
+        inbox.push({ std::move(v), nullptr });
     }
 }
+
+// An append as the engine loop hands it to a tokenizer thread: its frame, and what of the
+// session the tokens depend on.
+struct AppendJob {
+    uint64_t                           ticket = 0;
+    Value                              request;
+    std::optional<Conversation>        chat;              // the session's conversation, a copy
+    bool                               at_start = false;  // the session holds no token yet
+    std::shared_ptr<std::atomic<bool>> dropped;           // cancelled or closed meanwhile
+};
+
+// The text (or rendered messages) of an append, tokenized. Pure: reads the model's vocabulary
+// and the chat template, both const (libllama's tokenizer keeps its state per call, so threads
+// can share a vocabulary). Errors name the field, as the engine loop's did.
+Tokenized tokenize_append(AppendJob & job, const Model & model, const ChatTemplate & chat_template, int n_vocab) {
+    const Value & m = job.request;
+    Tokenized     r;
+    r.ticket  = job.ticket;
+    r.id      = m.at("id").as_uint();
+    r.session = m.at("session").as_str();
+    r.reply   = m.get_uint("max_tokens", 0);
+    try {
+        // Chat turns go through the session's conversation: rendered with the model's template
+        // after the earlier turns, content as plain text.
+        const bool as_chat = m.has("messages") || (m.has("text") && m.get_bool("chat", false));
+        r.chat             = std::move(job.chat);
+        if (as_chat) {
+            if (m.has("messages") && !m.get_str("text", "").empty())
+                throw Error("messages", "give messages or text, not both");
+            if (m.has("tokens")) throw Error("messages", "give messages (or chat text) or tokens, not both");
+            const std::vector<ChatMessage> msgs = m.has("messages")
+                                                      ? chat_messages_from(m.at("messages"))
+                                                      : std::vector<ChatMessage>{ { "user", m.at("text").as_str() } };
+            if (msgs.empty()) throw Error("messages", "empty: give at least one message");
+            if (!r.chat) r.chat.emplace(chat_template);
+            const bool           first = r.chat->messages().empty() && !r.chat->awaiting_reply();
+            std::vector<int32_t> t     = r.chat->append(msgs, m.get_bool("add_generation_prompt", true));
+            // A conversation that follows raw text: its BOS belongs at the session's start only.
+            if (first && !job.at_start && !t.empty() && t[0] == llama_vocab_bos(model.vocab())) t.erase(t.begin());
+            r.tokens = std::move(t);
+        } else if (m.has("text")) {
+            r.tokens = model.tokenize(m.at("text").as_str(), job.at_start);
+        }
+        if (m.has("tokens")) {
+            for (const Value & t : m.at("tokens").as_array()) {
+                const uint64_t x = t.as_uint("tokens");
+                if (x >= (uint64_t) n_vocab)
+                    throw Error("tokens",
+                                "token id " + std::to_string(x) + " outside [0, " + std::to_string(n_vocab) + ")");
+                r.tokens.push_back((int32_t) x);
+            }
+        }
+    } catch (const Error & e) {
+        r.code = code_for(e), r.message = e.what();
+    } catch (const std::exception & e) {
+        r.code = "internal", r.message = e.what();
+    }
+    return r;
+}
+
+// Threads that tokenize appends beside the engine loop, so that the tokenizer's time (seconds
+// for a text of megabytes) stalls no decode step. Results go to the inbox; a job dropped before
+// it starts is skipped. The threads run until the process exits (cmd_serve ends with _Exit).
+class Tokenizer {
+  public:
+    static constexpr int kThreads = 2;  // one huge append leaves a thread for everyone else's
+
+    Tokenizer(const Model & model, const ChatTemplate & chat_template, int n_vocab, Inbox & inbox)
+        : model_(model), chat_template_(chat_template), n_vocab_(n_vocab), inbox_(inbox) {
+        for (int i = 0; i < kThreads; ++i) std::thread([this] { work(); }).detach();
+    }
+
+    // Threads tokenizing now.
+    int running() const { return running_.load(); }
+
+    void submit(AppendJob job) {
+        {
+            std::lock_guard<std::mutex> lock(mu_);
+            jobs_.push_back(std::move(job));
+        }
+        cv_.notify_one();
+    }
+
+  private:
+    void work() {
+        for (;;) {
+            AppendJob job;
+            {
+                std::unique_lock<std::mutex> lock(mu_);
+                cv_.wait(lock, [&] { return !jobs_.empty(); });
+                job = std::move(jobs_.front());
+                jobs_.pop_front();
+            }
+            if (job.dropped->load()) continue;
+            ++running_;
+            auto r = std::make_shared<Tokenized>(tokenize_append(job, model_, chat_template_, n_vocab_));
+            --running_;
+            inbox_.push({ std::nullopt, std::move(r) });
+        }
+    }
+
+    const Model &           model_;
+    const ChatTemplate &    chat_template_;
+    const int               n_vocab_;
+    Inbox &                 inbox_;
+    std::mutex              mu_;
+    std::condition_variable cv_;
+    std::deque<AppendJob>   jobs_;
+    std::atomic<int>        running_{ 0 };
+};
 
 // A sampled token whose frame waits in the TokenStream (it could begin a stop string).
 struct HeldToken {
@@ -141,23 +375,40 @@ struct Prefill {
 };
 
 struct ServedSession {
-    std::unique_ptr<Session>    session;
-    std::optional<int32_t>      pending;  // sampled and sent, not yet in the KV cache
-    std::optional<Generation>   generation;
-    std::optional<Prefill>      prefill;
-    std::optional<Conversation> chat;  // the chat turns so far (messages / chat text appends)
-    bool                        busy() const { return generation || prefill; }
+    std::unique_ptr<Session>           session;
+    std::optional<int32_t>             pending;  // sampled and sent, not yet in the KV cache
+    std::optional<Generation>          generation;
+    std::optional<Prefill>             prefill;
+    std::optional<Conversation>        chat;            // the chat turns so far (messages / chat text appends)
+    uint64_t                           tokenizing = 0;  // the ticket of its append's tokens (0: none)
+    std::shared_ptr<std::atomic<bool>> dropped;         // set to drop that job
+    bool                               busy() const { return generation || prefill || tokenizing; }
+    // An append whose tokens are still being made: its result will be ignored.
+    void drop_tokenizing() {
+        if (dropped) dropped->store(true);
+        dropped.reset();
+        tokenizing = 0;
+    }
 };
 
 class Server {
   public:
-    Server(Engine & engine, const ChatTemplate & chat_template, int default_chunk)
-        : engine_(engine), chat_template_(chat_template), default_chunk_(default_chunk) {}
+    Server(Engine & engine, const ChatTemplate & chat_template, int default_chunk, Tokenizer & tokenizer)
+        : engine_(engine), chat_template_(chat_template), default_chunk_(default_chunk), tokenizer_(tokenizer) {
+        const int n = engine.options().n_threads;
+        threads_    = n > 0 ? n : (int) std::max(1u, std::thread::hardware_concurrency());
+        computing_  = threads_;
+    }
 
     void run(Inbox & inbox) {
         for (;;) {
-            const bool idle = !has_work();
+            // Appends being tokenized are work, but none for this loop: it waits for their tokens.
+            const bool idle = !has_steps();
             for (Inbound & m : inbox.take(idle)) {
+                if (m.tokenized) {
+                    accept_tokens(*m.tokenized);
+                    continue;
+                }
                 if (!m.request) {
                     if (!has_work()) return;  // stdin closed and nothing left to finish
                     closing_ = true;
@@ -166,6 +417,7 @@ class Server {
                 if (!handle(*m.request)) return;  // shutdown
             }
             if (closing_ && !has_work()) return;
+            fit_threads();
             step_prefill();
             step_decode();
         }
@@ -175,6 +427,23 @@ class Server {
     bool has_work() const {
         for (const auto & [name, s] : sessions_) {
             if (s.busy()) return true;
+        }
+        return false;
+    }
+    // While tokenizer threads run, the CPU backend computes with as many threads fewer: with
+    // more threads than cores, ggml's workers would wait at each of a step's barriers for one the
+    // tokenizer preempted, and decode would crawl (docs/BENCHMARKS.md, "A huge append").
+    void fit_threads() {
+        if (!ggml_backend_is_cpu(engine_.backend())) return;
+        const int want = std::max(1, threads_ - tokenizer_.running());
+        if (want == computing_) return;
+        ggml_backend_cpu_set_n_threads(engine_.backend(), want);
+        computing_ = want;
+    }
+
+    bool has_steps() const {
+        for (const auto & [name, s] : sessions_) {
+            if (s.generation || s.prefill) return true;
         }
         return false;
     }
@@ -254,10 +523,11 @@ class Server {
     }
 
     // Returns false on shutdown.
-    bool handle(const Value & m) {
-        const std::string & type = m.at("type").as_str();
-        const uint64_t      id   = m.at("id").as_uint();
-        const std::string   name = m.get_str("session", "");
+    bool handle(Value & m) {
+        const std::string type = m.at("type").as_str();  // copies: an append moves m away
+        const uint64_t    id   = m.at("id").as_uint();
+        const std::string name = m.get_str("session", "");
+        const Value       id_v = m.at("id");
         try {
             if (type == "shutdown") {
                 send(Value::map().set("type", "bye").set("id", id));
@@ -278,54 +548,17 @@ class Server {
             } else if (type == "append") {
                 ServedSession * s = find(m, true);
                 if (!s) return true;
-                std::vector<int32_t> tokens;
-                if (s->pending) tokens.push_back(*s->pending);
-                // Chat turns go through the session's conversation: rendered with the model's
-                // template after the earlier turns, content as plain text. A copy, kept only if
-                // the append is accepted.
-                const bool                  as_chat = m.has("messages") || (m.has("text") && m.get_bool("chat", false));
-                std::optional<Conversation> chat    = s->chat;
-                if (as_chat) {
-                    if (m.has("messages") && !m.get_str("text", "").empty())
-                        throw Error("messages", "give messages or text, not both");
-                    if (m.has("tokens")) throw Error("messages", "give messages (or chat text) or tokens, not both");
-                    const std::vector<ChatMessage> msgs =
-                        m.has("messages") ? chat_messages_from(m.at("messages"))
-                                          : std::vector<ChatMessage>{ { "user", m.at("text").as_str() } };
-                    if (msgs.empty()) throw Error("messages", "empty: give at least one message");
-                    if (!chat) chat.emplace(chat_template_);
-                    const bool           first = chat->messages().empty() && !chat->awaiting_reply();
-                    std::vector<int32_t> t     = chat->append(msgs, m.get_bool("add_generation_prompt", true));
-                    // A conversation that follows raw text: its BOS belongs at the session's start only.
-                    const int32_t bos = llama_vocab_bos(engine_.model().vocab());
-                    if (first && !s->session->tokens().empty() && !t.empty() && t[0] == bos) t.erase(t.begin());
-                    tokens.insert(tokens.end(), t.begin(), t.end());
-                } else if (m.has("text")) {
-                    const auto t = engine_.model().tokenize(m.at("text").as_str(), s->session->tokens().empty());
-                    tokens.insert(tokens.end(), t.begin(), t.end());
-                }
-                if (m.has("tokens")) {
-                    for (const Value & t : m.at("tokens").as_array()) {
-                        const uint64_t x = t.as_uint("tokens");
-                        if (x >= (uint64_t) engine_.config().n_vocab)
-                            throw Error("tokens", "token id " + std::to_string(x) + " outside [0, " +
-                                                      std::to_string(engine_.config().n_vocab) + ")");
-                        tokens.push_back((int32_t) x);
-                    }
-                }
-                if (tokens.empty()) throw Error("append", "nothing to append: give text, messages or tokens");
-                // Refused before any prefill: the prompt, and room for the reply the caller will ask.
-                const uint64_t seen = s->session->tokens().size(), reply = m.get_uint("max_tokens", 0);
-                if (seen + tokens.size() + std::min<uint64_t>(reply, 1u << 30) > (uint64_t) engine_.n_ctx()) {
-                    throw Error("prompt", std::to_string(seen) + " tokens seen + " + std::to_string(tokens.size()) +
-                                              " new" + (reply ? " + " + std::to_string(reply) + " max_tokens" : "") +
-                                              " exceed the context of " + std::to_string(engine_.n_ctx()));
-                }
-                s->pending.reset();
-                s->chat = std::move(chat);
-                Prefill p{ id, std::move(tokens), {}, 0 };
-                p.steps    = s->session->plan_append((int) p.tokens.size());
-                s->prefill = std::move(p);
+                // Tokenized on a tokenizer thread (accept_tokens takes the result); the session is
+                // busy meanwhile, so nothing it depends on changes.
+                AppendJob job;
+                job.ticket    = ++tickets_;
+                job.chat      = s->chat;
+                job.at_start  = s->session->tokens().empty();
+                job.dropped   = std::make_shared<std::atomic<bool>>(false);
+                job.request   = std::move(m);
+                s->tokenizing = job.ticket;
+                s->dropped    = job.dropped;
+                tokenizer_.submit(std::move(job));
             } else if (type == "generate") {
                 ServedSession * s = find(m, true);
                 if (!s) return true;
@@ -349,11 +582,16 @@ class Server {
                                "prefill cancelled after " + std::to_string(done) + " tokens");
                     s->prefill.reset();
                 }
+                if (s->tokenizing) {
+                    send_error(&m.at("id"), name, "cancelled", "append cancelled while its text was tokenized");
+                    s->drop_tokenizing();
+                }
                 send(Value::map().set("type", "cancelled").set("id", id).set("session", name));
             } else if (type == "close") {
                 ServedSession * s = find(m, false);
                 if (!s) return true;
                 if (s->generation) finish(name, *s, "cancelled");
+                s->drop_tokenizing();
                 sessions_.erase(name);
                 send(Value::map().set("type", "closed").set("id", id).set("session", name));
             } else if (type == "stats") {
@@ -443,11 +681,44 @@ class Server {
                 auto it = sessions_.find(type == "fork" ? m.get_str("new_session", "") : name);
                 if (it != sessions_.end() && !it->second.session) sessions_.erase(it);
             }
-            send_error(&m.at("id"), name, code_for(e), e.what());
+            send_error(&id_v, name, code_for(e), e.what());
         } catch (const std::exception & e) {
-            send_error(&m.at("id"), name, "internal", e.what());
+            send_error(&id_v, name, "internal", e.what());
         }
         return true;
+    }
+
+    // An append's tokens from the tokenizer: refused when they cannot fit (before any prefill),
+    // else its prefill starts. Tokens of a job dropped meanwhile (cancel, close) are ignored.
+    void accept_tokens(Tokenized & r) {
+        auto it = sessions_.find(r.session);
+        if (it == sessions_.end() || it->second.tokenizing != r.ticket) return;
+        ServedSession & s = it->second;
+        s.drop_tokenizing();
+        const Value id = Value(r.id);
+        if (!r.code.empty()) return send_error(&id, r.session, r.code, r.message);
+        try {
+            std::vector<int32_t> tokens;
+            if (s.pending) tokens.push_back(*s.pending);
+            tokens.insert(tokens.end(), r.tokens.begin(), r.tokens.end());
+            if (tokens.empty()) throw Error("append", "nothing to append: give text, messages or tokens");
+            // Refused before any prefill: the prompt, and room for the reply the caller will ask.
+            const uint64_t seen = s.session->tokens().size();
+            if (seen + tokens.size() + std::min<uint64_t>(r.reply, 1u << 30) > (uint64_t) engine_.n_ctx()) {
+                throw Error("prompt", std::to_string(seen) + " tokens seen + " + std::to_string(tokens.size()) +
+                                          " new" + (r.reply ? " + " + std::to_string(r.reply) + " max_tokens" : "") +
+                                          " exceed the context of " + std::to_string(engine_.n_ctx()));
+            }
+            Prefill p{ r.id, std::move(tokens), {}, 0 };
+            p.steps = s.session->plan_append((int) p.tokens.size());
+            s.pending.reset();
+            s.chat    = std::move(r.chat);
+            s.prefill = std::move(p);
+        } catch (const Error & e) {
+            send_error(&id, r.session, code_for(e), e.what());
+        } catch (const std::exception & e) {
+            send_error(&id, r.session, "internal", e.what());
+        }
     }
 
     // One evaluation (≤ one ubatch) of a pending prefill, round-robin over the sessions that have
@@ -686,6 +957,9 @@ class Server {
     std::map<std::string, ServedSession> sessions_;
     std::string                          last_prefilled_;
     std::map<std::string, std::string>   partial_states_;  // restore pieces received so far
+    Tokenizer &                          tokenizer_;
+    uint64_t                             tickets_ = 0;                  // appends handed to the tokenizer
+    int                                  threads_ = 1, computing_ = 1;  // the backend's threads: configured, now
     bool                                 closing_ = false;
 };
 
@@ -770,9 +1044,10 @@ int cmd_serve(int argc, char ** argv) {
              .set("defaults", catalog.at("defaults"))
              .set("chat_template", chat_template.source()));
     Inbox       inbox;
+    Tokenizer   tokenizer(engine.model(), chat_template, engine.config().n_vocab, inbox);
     std::thread reader(read_loop, std::ref(inbox));
     reader.detach();  // blocked in fread until stdin closes; the process exits without joining it
-    Server(engine, chat_template, chunk).run(inbox);
+    Server(engine, chat_template, chunk, tokenizer).run(inbox);
     std::fflush(stdout);
     std::_Exit(0);
 }

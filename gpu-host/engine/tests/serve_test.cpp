@@ -25,6 +25,24 @@ namespace {
 
 using mp::Value;
 
+// The path of the first str in `v` that is not valid UTF-8 ("" when every one is).
+std::string invalid_utf8_in(const Value & v, const std::string & path = "") {
+    if (v.is_str()) return valid_utf8(v.as_str()) == v.as_str() ? "" : (path.empty() ? "(frame)" : path);
+    if (v.is_map()) {
+        for (const auto & [k, x] : v.as_map()) {
+            std::string bad = invalid_utf8_in(x, path + "." + k);
+            if (!bad.empty()) return bad;
+        }
+    }
+    if (v.is_array()) {
+        for (size_t i = 0; i < v.size(); ++i) {
+            std::string bad = invalid_utf8_in(v.as_array()[i], path + "[" + std::to_string(i) + "]");
+            if (!bad.empty()) return bad;
+        }
+    }
+    return "";
+}
+
 class EngineProcess {
   public:
     explicit EngineProcess(const std::vector<std::string> & extra = {}) {
@@ -86,6 +104,8 @@ class EngineProcess {
                     Value v = mp::decode(std::string_view(buf_).substr(4, n));
                     buf_.erase(0, 4 + n);
                     EXPECT_EQ(validate_frame(v, "from_engine"), "") << "the engine sent a frame outside the protocol";
+                    EXPECT_EQ(invalid_utf8_in(v), "")
+                        << "a msgpack str of the engine's is not UTF-8 (strict decoders refuse it)";
                     return v;
                 }
             }
@@ -705,6 +725,210 @@ TEST(Serve, MessagesFollowTheConversationThroughSaveRestoreAndFork) {
     EXPECT_NE(role.at("message").as_str().find("].role: 'wizard'"), std::string::npos) << role.at("message").as_str();
     e.send(msg("append", 16).set("session", "t").set("messages", next).set("text", "both"));
     EXPECT_EQ(e.until_type("error", 16).back().at("code").as_str(), "invalid");
+}
+
+// A text of at least `bytes` bytes (the essays, repeated), for appends that take the tokenizer
+// seconds.
+std::string huge_text(size_t bytes) {
+    const std::string essays = essay_text(1 << 20);
+    std::string       text;
+    text.reserve(bytes + essays.size());
+    while (text.size() < bytes) text += essays;
+    return text;
+}
+
+// A generation that never ends by itself: its grammar has no end, so no end-of-turn token can be
+// sampled, and it runs until cancelled (or the context).
+Value endless_generate(uint64_t id, const char * session) {
+    return msg("generate", id)
+        .set("session", session)
+        .set("max_tokens", 100000)
+        .set("grammar", "root ::= [a-z] [a-z] \" \" root");
+}
+
+// An append's text is tokenized beside the engine loop: session A keeps decoding while B's
+// multi-MiB text tokenizes. A `stats` sent right after B's append is answered before B's
+// append ends (the loop took B's append and went on), and A's tokens arrive between the two.
+// B's tokens cannot fit the context: context_full, and nothing was prefilled.
+TEST(Serve, AHugeAppendTokenizesWhileOtherSessionsKeepDecoding) {
+    EngineProcess e;
+    const Value   hello = e.next();
+    e.send(open_msg(1, "a", "full", 64));
+    e.send(append_msg(2, "a", "Write a long story."));
+    e.until_type("appended", 2);
+    e.send(endless_generate(3, "a"));
+    e.until([](const Value & v) { return v.get_str("type", "") == "token"; });
+    e.send(open_msg(4, "b", "full", 64));
+    e.until_type("opened", 4);
+
+    // PKV_TEST_APPEND_MIB: another size, for docs/BENCHMARKS.md's measurement (8).
+    const char *      mib    = std::getenv("PKV_TEST_APPEND_MIB");
+    const std::string text   = huge_text((mib && *mib ? std::strtoul(mib, nullptr, 10) : 4) << 20);
+    using Clock              = std::chrono::steady_clock;
+    Clock::time_point   last = Clock::now();
+    std::vector<double> gaps;  // A's waits for a token, from B's append to the token after its end, in s
+    auto                a_token = [&](const Value & v) {
+        if (v.get_str("type", "") != "token" || v.get_uint("id", 0) != 3) return false;
+        const Clock::time_point now = Clock::now();
+        gaps.push_back(std::chrono::duration<double>(now - last).count());
+        last = now;
+        return true;
+    };
+    e.send(msg("append", 5).set("session", "b").set("text", text));
+    e.send(msg("stats", 6).set("session", "b"));
+    bool     stats_seen = false;
+    uint64_t a_tokens   = 0;  // A's tokens after the stats answer, before B's append ended
+    Value    b_end;
+    e.until([&](const Value & v) {
+        const std::string type = v.get_str("type", "");
+        if (type == "stats_result" && v.get_uint("id", 0) == 6) {
+            stats_seen = true;
+            EXPECT_EQ(v.at("tokens_seen").as_uint(), 0u);
+        }
+        if (a_token(v) && stats_seen) ++a_tokens;
+        if (v.get_uint("id", 0) == 5 && (type == "error" || type == "appended")) b_end = v;
+        return !b_end.is_nil();
+    });
+    e.until(a_token);
+    EXPECT_TRUE(stats_seen) << "the stats sent after B's append waited for B's whole text to tokenize";
+    EXPECT_GT(a_tokens, 0u) << "A decoded no token while B's append tokenized";
+    ASSERT_EQ(b_end.get_str("type", ""), "error");
+    EXPECT_EQ(b_end.at("code").as_str(), "context_full") << b_end.at("message").as_str();
+    EXPECT_NE(b_end.at("message").as_str().find(std::to_string(hello.at("n_ctx").as_uint())), std::string::npos)
+        << b_end.at("message").as_str();
+    e.send(msg("stats", 7).set("session", "b"));
+    EXPECT_EQ(e.until_type("stats_result", 7).back().at("tokens_seen").as_uint(), 0u) << "nothing was prefilled";
+    std::sort(gaps.begin(), gaps.end());
+    std::printf(
+        "[tokenize] A decoded %llu tokens while B's %zu-byte append tokenized; A's gaps: median %.3f s, "
+        "longest %.3f s\n",
+        (unsigned long long) a_tokens, text.size(), gaps[gaps.size() / 2], gaps.back());
+
+    e.send(msg("cancel", 8).set("session", "a"));
+    e.until_type("cancelled", 8);
+}
+
+// Cancel and close reach a session whose append is still tokenizing: cancel answers at once and
+// the append's tokens are dropped (the cancelled append gets no frame of its own, as a cancelled
+// prefill); close too, and a new session of the same name does not receive them.
+TEST(Serve, CancelAndCloseReachAnAppendThatIsStillTokenizing) {
+    EngineProcess e;
+    e.next();
+    const std::string text = huge_text(2u << 20);
+    e.send(open_msg(1, "b", "full", 64));
+    e.send(msg("append", 2).set("session", "b").set("text", text));
+    e.send(msg("cancel", 3).set("session", "b"));
+    e.send(append_msg(4, "b", "Hello."));
+    e.send(open_msg(5, "c", "full", 64));
+    e.send(msg("append", 6).set("session", "c").set("text", text));
+    e.send(msg("close", 7).set("session", "c"));
+    e.send(open_msg(8, "c", "full", 64));
+    e.send(append_msg(9, "c", "Hello."));
+    std::vector<uint64_t> order;  // ids of the final answers, as they came
+    std::vector<Value>    appended;
+    e.until([&](const Value & v) {
+        const std::string type = v.get_str("type", "");
+        if (type == "error" && v.get_str("code", "") == "cancelled") return false;  // the cancel's own note
+        if (type != "progress") order.push_back(v.get_uint("id", 0));
+        if (type == "appended") appended.push_back(v);
+        return appended.size() == 2;
+    });
+    EXPECT_TRUE(std::find(order.begin(), order.end(), 2u) == order.end()) << "the cancelled append was answered";
+    EXPECT_TRUE(std::find(order.begin(), order.end(), 6u) == order.end()) << "the closed session's append was answered";
+    const auto at = [&](uint64_t id) { return std::find(order.begin(), order.end(), id) - order.begin(); };
+    EXPECT_LT(at(3), at(4)) << "cancel was answered before the next append";
+    EXPECT_LT(at(7), at(9)) << "close was answered before the next append";
+    // Both short appends hold only their own tokens: nothing of the huge text reached a session.
+    ASSERT_EQ(appended.size(), 2u);
+    EXPECT_EQ(appended[0].at("tokens_seen"), appended[1].at("tokens_seen"));
+    EXPECT_LT(appended[0].at("tokens_seen").as_uint(), 50u);
+}
+
+// A frame whose msgpack cannot be decoded is answered with its request's id and session when
+// they can be read before the fault (the host then fails that request, not none): a bad byte
+// inside the tokens, bytes after the map, more values than the decoder takes. Without a readable
+// id (the id after the fault, two different ids, an id that is no uint) the error has none,
+// and the engine goes on reading (docs/PROTOCOL.md, "Errors without an id").
+TEST(Serve, AnUndecodableFrameIsAnsweredWithItsIdWhenItHasOne) {
+    EngineProcess e;
+    e.next();
+    e.send(open_msg(1, "s1", "full", 64));
+    e.until_type("opened", 1);
+    // The map header and the fields before the tokens, as the host encodes an append.
+    auto head = [](uint8_t fields, uint64_t id) {
+        return std::string(1, (char) (0x80 | fields)) + mp::encode(Value("type")) + mp::encode(Value("append")) +
+               mp::encode(Value("id")) + mp::encode(Value(id)) + mp::encode(Value("session")) +
+               mp::encode(Value("s1")) + mp::encode(Value("tokens"));
+    };
+    std::string    many   = "\xdd";  // array 32 of 2^22 + 1 fixints: one value over the decoder's limit
+    const uint32_t n_many = (uint32_t) mp::kMaxValues + 1;
+    for (int i = 3; i >= 0; --i) many += (char) (n_many >> (8 * i));
+    many += std::string(n_many, '\x07');
+    struct Case {
+        std::string payload;
+        bool        has_id;
+        std::string says;
+    };
+    const std::vector<Case> cases = {
+        { head(4, 30) + "\x92\x01\xc1", true, "0xc1" },
+        { mp::encode(msg("stats", 31).set("session", "s1")) + std::string(1, '\0'), true, "trailing" },
+        { head(4, 32) + many, true, "values" },
+        // no id before the fault
+        { std::string("\x83") + mp::encode(Value("type")) + mp::encode(Value("stats")) + mp::encode(Value("session")) +
+              "\xc1",
+          false, "0xc1" },
+        // two ids: which one the request meant is unknowable
+        { std::string("\x83") + mp::encode(Value("id")) + mp::encode(Value(33)) + mp::encode(Value("id")) +
+              mp::encode(Value(34)) + "\xc1",
+          false, "0xc1" },
+    };
+    for (const Case & c : cases) e.send_raw(frame_of_payload(c.payload));
+    e.send(msg("stats", 40).set("session", "s1"));  // after them all: the engine still reads
+    std::vector<Value> errors;
+    e.until([&](const Value & v) {
+        if (v.get_str("type", "") == "error") errors.push_back(v);
+        return v.get_str("type", "") == "stats_result";
+    });
+    ASSERT_EQ(errors.size(), cases.size());
+    for (size_t i = 0; i < cases.size(); ++i) {
+        const Value & err = errors[i];  // the reader answers them in order
+        EXPECT_EQ(err.at("code").as_str(), "bad_frame") << i;
+        EXPECT_NE(err.at("message").as_str().find(cases[i].says), std::string::npos)
+            << i << ": " << err.at("message").as_str();
+        if (cases[i].has_id) {
+            EXPECT_EQ(err.get_uint("id", ~0ull), 30u + i) << i << ": " << err.at("message").as_str();
+            EXPECT_EQ(err.get_str("session", ""), "s1") << i;
+        } else {
+            EXPECT_FALSE(err.has("id")) << i;
+            EXPECT_FALSE(err.has("session")) << i;
+        }
+    }
+}
+
+// A character the vocabulary holds only as byte-level tokens (U+A66E, EA 99 AE: SmolLM2 has no
+// merge of its bytes), forced by a grammar: the tokens' frames carry lone continuation bytes
+// (0x99, 0xAE) in `bytes`, never in `text` — every str the engine sends is UTF-8 (the harness
+// checks each frame), the character goes out whole with the token that completes it.
+TEST(Serve, ByteLevelTokensOfACharacterGoOutAsValidUtf8) {
+    EngineProcess e;
+    e.next();
+    const std::string ch = "\xEA\x99\xAE";
+    e.send(open_msg(1, "u", "full", 64));
+    e.send(append_msg(2, "u", "Write the letter."));
+    e.until_type("appended", 2);
+    const Generated g = generate_frames(e, msg("generate", 3)
+                                               .set("session", "u")
+                                               .set("max_tokens", 12)
+                                               .set("logprobs", true)
+                                               .set("grammar", "root ::= \"" + ch + ch + ch + "\""));
+    ASSERT_FALSE(g.done.is_nil()) << (g.error.is_nil() ? "" : g.error.at("message").as_str());
+    EXPECT_EQ(g.done.at("text").as_str(), ch + ch + ch);
+    EXPECT_EQ(g.joined, ch + ch + ch);
+    ASSERT_EQ(g.tokens.size(), 9u) << "three byte-level tokens per character";
+    for (size_t i = 0; i < g.tokens.size(); ++i) {
+        EXPECT_EQ(g.tokens[i].at("bytes").as_bin(), ch.substr(i % 3, 1)) << i;
+        EXPECT_EQ(g.tokens[i].at("text").as_str(), i % 3 == 2 ? ch : "") << i;
+    }
 }
 
 }  // namespace
