@@ -156,7 +156,7 @@ const QUESTIONS = [
 type Outcome =
   | { kind: "ok"; text: string }
   | { kind: "aborted" }
-  | { kind: "typed"; code: string }
+  | { kind: "typed"; code: string; message?: string }
   | { kind: "untyped"; why: string };
 
 interface Turn {
@@ -184,6 +184,8 @@ class Counts {
   ok = 0;
   aborted = 0;
   typed: Record<string, number> = {};
+  /** the first few messages of each code */
+  typedSamples: Record<string, string[]> = {};
   untyped: string[] = [];
   byKind: Record<string, Record<string, number>> = {};
   add(kind: string, o: Outcome): void {
@@ -191,8 +193,12 @@ class Counts {
     const key = o.kind === "typed" ? o.code : o.kind;
     if (o.kind === "ok") this.ok++;
     else if (o.kind === "aborted") this.aborted++;
-    else if (o.kind === "typed") this.typed[o.code] = (this.typed[o.code] ?? 0) + 1;
-    else this.untyped.push(`${kind}: ${o.why}`.slice(0, 300));
+    else if (o.kind === "typed") {
+      this.typed[o.code] = (this.typed[o.code] ?? 0) + 1;
+      const samples = this.typedSamples[o.code] ?? [];
+      if (samples.length < 3) samples.push(`${kind}: ${o.message ?? ""}`.slice(0, 300));
+      this.typedSamples[o.code] = samples;
+    } else this.untyped.push(`${kind}: ${o.why}`.slice(0, 300));
     const k = this.byKind[kind] ?? {};
     k[key] = (k[key] ?? 0) + 1;
     this.byKind[kind] = k;
@@ -219,8 +225,9 @@ async function outcomeOf(res: Response): Promise<Outcome> {
   const text = await res.text();
   if (res.ok) return { kind: "ok", text };
   try {
-    const code = (JSON.parse(text) as { error?: { code?: unknown } }).error?.code;
-    if (typeof code === "string" && code !== "") return { kind: "typed", code };
+    const error = (JSON.parse(text) as { error?: { code?: unknown; message?: unknown } }).error;
+    if (typeof error?.code === "string" && error.code !== "")
+      return { kind: "typed", code: error.code, message: String(error.message ?? "") };
   } catch {
     // not JSON
   }
@@ -246,13 +253,13 @@ async function streamOutcome(res: Response, onToken?: (n: number) => void): Prom
       continue;
     }
     const j = JSON.parse(ev.data) as {
-      error?: { code?: string };
+      error?: { code?: string; message?: string };
       choices?: { delta?: { content?: string }; finish_reason?: string | null }[];
       object?: string;
     };
     if (j.error) {
       return typeof j.error.code === "string" && j.error.code !== ""
-        ? { kind: "typed", code: j.error.code }
+        ? { kind: "typed", code: j.error.code, message: j.error.message }
         : { kind: "untyped", why: `an error event without a code: ${ev.data.slice(0, 200)}` };
     }
     const c = j.choices?.[0];
@@ -360,7 +367,7 @@ export async function runSoak(o: SoakOptions): Promise<{ report: Record<string, 
       return out;
     };
     const documentOf = () => {
-      const len = between(1_500, 12_000);
+      const len = between(1_500, 8_000);
       const from = between(0, Math.max(0, text.length - len - 1));
       const start = text.indexOf(". ", from);
       const body = text.slice(start < 0 ? from : start + 2, (start < 0 ? from : start + 2) + len);
@@ -519,7 +526,7 @@ export async function runSoak(o: SoakOptions): Promise<{ report: Record<string, 
       const ev: (typeof kills)[number] = { at_s: at(), kind, host: i };
       kills.push(ev);
       killTimes[i]!.push(Date.now());
-      log(`${ev.at_s} s: kill -9 of host ${i}'s ${kind}`);
+      log(`${ev.at_s} s: kill -9 of ${kind === "engine" ? `host ${i}'s engine` : `host ${i} (and its engine)`}`);
       if (kind === "engine") {
         const pid = enginePidOf(h);
         if (pid === undefined || !signal(pid, "SIGKILL")) ev.error = "no engine process found";
@@ -661,6 +668,7 @@ export async function runSoak(o: SoakOptions): Promise<{ report: Record<string, 
         ok: counts.ok,
         aborted_by_client: counts.aborted,
         typed_errors: counts.typed,
+        typed_samples: counts.typedSamples,
         untyped: counts.untyped.length,
         untyped_samples: counts.untyped.slice(0, 10),
         by_kind: counts.byKind,
