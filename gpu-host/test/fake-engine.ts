@@ -7,7 +7,10 @@
 // Its KV: 2 layers, an f16 entry is 128 bytes, q8_0 68 (the ggml block ratio), q4_0 40 (not the
 // ratio's 36, so a test can tell a measured size from an estimated one). A session keeps
 // min(tokens, budget) entries per layer (FullKV: all).
-import { appendFileSync, chmodSync, writeFileSync } from "node:fs";
+//
+// Faults (host-faults.test.ts): PKV_FAKE_CONTROL names a JSON file of FakeFaults, read again
+// before each frame, so a test switches faults on and off while the engine runs.
+import { appendFileSync, chmodSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -29,6 +32,26 @@ export function fakeEngineBin(log: string, env: Record<string, string> = { PKV_F
   writeFileSync(bin, `#!/bin/sh\n${vars}exec '${process.execPath}' '${fileURLToPath(import.meta.url)}' "$@"\n`);
   chmodSync(bin, 0o755);
   return bin;
+}
+
+/** Faults a fake engine injects (PKV_FAKE_CONTROL's file; absent fields: none). */
+export interface FakeFaults {
+  /** engine session names whose save is answered error{internal} (a disk error, say) */
+  fail_save?: string[];
+  /** request types answered by an error frame without an id (with the request's session) */
+  no_id_error?: string[];
+  /** request types never answered */
+  silent?: string[];
+  /** answer nothing at all any more (a hung engine) */
+  hang?: boolean;
+  /** request types after which the engine sends bad_frame "(no further input is read)", without
+   * an id, and reads nothing more (a frame it could not skip) */
+  dead_after?: string[];
+}
+
+/** Writes the faults a fake engine started with PKV_FAKE_CONTROL=`file` injects from now on. */
+export function setFaults(file: string, faults: FakeFaults): void {
+  writeFileSync(file, JSON.stringify(faults));
 }
 
 /** The frames a fake engine received (and its argv first, as {type: "argv", argv}). */
@@ -78,7 +101,32 @@ function main(): void {
       full_kv_bytes: FAKE_N_LAYER * s.tokens * bytes,
     };
   };
+  const faults = (): FakeFaults => {
+    const file = process.env.PKV_FAKE_CONTROL;
+    if (!file) return {};
+    try {
+      return JSON.parse(readFileSync(file, "utf8")) as FakeFaults;
+    } catch {
+      return {};
+    }
+  };
+  let deaf = false;
   const handle = (m: ToEngineMessage) => {
+    const f = faults();
+    const session = "session" in m && m.session !== undefined ? m.session : undefined;
+    if (f.hang || f.silent?.includes(m.type)) return;
+    if (f.no_id_error?.includes(m.type))
+      return send({ type: "error", ...(session !== undefined ? { session } : {}), code: "internal", message: "fault" });
+    if (f.dead_after?.includes(m.type)) {
+      deaf = true;
+      return send({
+        type: "error",
+        code: "bad_frame",
+        message: "input ended inside a frame (no further input is read)",
+      });
+    }
+    if (m.type === "save" && session !== undefined && f.fail_save?.includes(session))
+      return send({ type: "error", id: m.id, session, code: "internal", message: "save: disk error (fault)" });
     const fail = (code: string, message: string) =>
       send({ type: "error", id: m.id, ...("session" in m ? { session: m.session } : {}), code, message });
     const s = "session" in m && m.session !== undefined ? sessions.get(m.session) : undefined;
@@ -172,7 +220,9 @@ function main(): void {
   };
   const decoder = new FrameDecoder("to_engine");
   process.stdin.on("data", (chunk: Buffer) => {
+    if (deaf) return;
     for (const f of decoder.push(chunk)) {
+      if (deaf) break;
       if (!f.ok) {
         record({ type: "refused", code: f.code, error: f.error });
         send({ type: "error", ...(f.id !== undefined ? { id: f.id } : {}), code: f.code, message: f.error });

@@ -76,14 +76,18 @@ test("pieces (more: true) are acknowledged with 'buffered' and prefill exactly l
 test("closing the connection cancels its generation", { timeout: 60_000 }, async () => {
   const prompt = "Write the numbers from 1 to 300, separated by commas.";
   const c = await HostClient.connect(host.url);
-  for (const s of ["free", "cut"]) {
-    expectType(await c.call({ type: "open_session", tenant: "t", session: s, budget: 64 }), "opened");
-    expectType(await c.call({ type: "append", tenant: "t", session: s, text: prompt, chat: true }), "appended");
+  const d = await HostClient.connect(host.url);
+  // Each session's turn (append, generate) is one connection's: "cut" is d's.
+  for (const [s, conn] of [
+    ["free", c],
+    ["cut", d],
+  ] as const) {
+    expectType(await conn.call({ type: "open_session", tenant: "t", session: s, budget: 64 }), "opened");
+    expectType(await conn.call({ type: "append", tenant: "t", session: s, text: prompt, chat: true }), "appended");
   }
   const base = expectType(await c.call({ type: "stats", tenant: "t", session: "cut" }), "stats_result").tokens_seen!;
   const free = expectType(await c.call({ type: "generate", tenant: "t", session: "free", max_tokens: 150 }), "done");
   assert.ok(free.new_tokens >= 60, `the uncancelled generation runs long (${free.new_tokens} tokens)`);
-  const d = await HostClient.connect(host.url);
   await new Promise<void>((resolve) => {
     void d.request({ type: "generate", tenant: "t", session: "cut", max_tokens: 150 }, (f) => {
       if (f.type === "token") {
@@ -92,8 +96,13 @@ test("closing the connection cancels its generation", { timeout: 60_000 }, async
       }
     });
   });
-  // Runs after the cancelled generation on the session's queue.
-  expectType(await c.call({ type: "generate", tenant: "t", session: "cut", max_tokens: 1 }), "done");
+  // The closed connection's turn ends once the host sees the close: until then session_busy.
+  let next = await c.call({ type: "generate", tenant: "t", session: "cut", max_tokens: 1 });
+  for (let i = 0; i < 600 && next.type === "error" && next.code === "session_busy"; i++) {
+    await new Promise((r) => setTimeout(r, 50));
+    next = await c.call({ type: "generate", tenant: "t", session: "cut", max_tokens: 1 });
+  }
+  expectType(next, "done");
   const seen = expectType(await c.call({ type: "stats", tenant: "t", session: "cut" }), "stats_result").tokens_seen!;
   assert.ok(seen - base < free.new_tokens, `cancelled after ${seen - base} tokens, uncancelled ${free.new_tokens}`);
   c.close();

@@ -19,14 +19,21 @@ class FakeEngine extends EventEmitter<{ exit: [code: number | null, signal: Node
   }
 }
 
-function session(id: string, o: { resident: boolean; saved: boolean; dirty?: boolean; tokensSeen?: number }) {
+// `tokensSeen`: what the session held when it was saved (or, unsaved, what the edge was told);
+// `unsavedTokens`: tokens of a result after that checkpoint, not acknowledged yet.
+function session(
+  id: string,
+  o: { resident: boolean; saved: boolean; dirty?: boolean; tokensSeen?: number; unsavedTokens?: number },
+) {
   const s = new HostSession("t", id, { method: "pyramidkv", budget: 64 });
   s.kv.grant(1000);
   if (o.resident) s.kv.opened();
   s.kv.grant(s.kv.held + 200);
+  s.tokensSeen = o.tokensSeen ?? 0;
+  s.ackedTokens = s.tokensSeen;
   s.saved = o.saved;
   s.dirty = o.dirty ?? false;
-  s.tokensSeen = o.tokensSeen ?? 0;
+  s.tokensSeen += o.unsavedTokens ?? 0;
   return s;
 }
 
@@ -50,7 +57,13 @@ function supervised(sessions: HostSession[], failures = 0) {
 }
 
 test("an engine death puts sessions back to their checkpoint and restarts the engine", async () => {
-  const checkpointed = session("checkpointed", { resident: true, saved: true, dirty: true, tokensSeen: 50 });
+  const checkpointed = session("checkpointed", {
+    resident: true,
+    saved: true,
+    dirty: true,
+    tokensSeen: 50,
+    unsavedTokens: 7,
+  });
   const empty = session("empty", { resident: true, saved: false });
   const unsaved = session("unsaved", { resident: true, saved: false, tokensSeen: 9 });
   const offloaded = session("offloaded", { resident: false, saved: true, tokensSeen: 5 });
@@ -63,6 +76,7 @@ test("an engine death puts sessions back to their checkpoint and restarts the en
     [checkpointed.resident, checkpointed.dirty, checkpointed.lost, checkpointed.kv.inFlight],
     [false, false, undefined, 0],
   );
+  assert.equal(checkpointed.tokensSeen, 50, "tokens_seen is the checkpoint's, not the lost result's");
   assert.deepEqual([empty.resident, empty.reopen, empty.lost], [false, true, undefined]);
   assert.deepEqual([unsaved.resident, unsaved.lost], [false, "the engine died before it was ever saved"]);
   assert.deepEqual([offloaded.reopen, offloaded.lost, offloaded.kv.reserved], [undefined, undefined, 1200]);

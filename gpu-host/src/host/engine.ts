@@ -1,5 +1,11 @@
 // One engine child process (pkv-engine serve --stdio): framing, request ids, and routing of the
 // engine's frames to the request they answer. Knows nothing of tenants or sessions' meaning.
+//
+// Deadlines: a request that gets no frame for `requestTimeoutMs` (progress and token frames count)
+// fails with `timeout`; if the engine sent nothing at all for that long while it was pending, the
+// engine is hung and is killed (supervisor.ts restarts it). An error frame without an id fails the
+// requests of the session it names; one saying the engine reads no further input (a frame it could
+// not skip) means the engine cannot serve anything any more: it is killed too.
 import { type ChildProcessWithoutNullStreams, spawn } from "node:child_process";
 import { EventEmitter } from "node:events";
 
@@ -24,6 +30,8 @@ export interface EngineOptions {
   kvType?: string;
   /** how long to wait for 'hello' */
   startTimeoutMs?: number;
+  /** a request that gets no frame for this long fails with `timeout` (unset: no deadline) */
+  requestTimeoutMs?: number;
 }
 
 export type EngineHello = Message<"hello">;
@@ -39,10 +47,18 @@ export class EngineRequestError extends Error {
 }
 
 export const ENGINE_DIED = "engine_died";
+export const ENGINE_TIMEOUT = "timeout";
+
+/** The engine's words for an input error after which it reads nothing more (PROTOCOL.md). */
+const NO_FURTHER_INPUT = "no further input is read";
 
 type Pending = {
   onFrame: (m: FromEngineMessage) => boolean; // true: the request is answered completely
   onFail: (e: EngineRequestError) => void;
+  /** the session the request names, to route an error frame without an id */
+  session?: string;
+  type: string;
+  timer?: NodeJS.Timeout;
 };
 
 type Request = ToEngineMessage extends infer M ? (M extends { id: number } ? Omit<M, "id"> : never) : never;
@@ -65,11 +81,15 @@ export class EngineProcess extends EventEmitter<{ exit: [code: number | null, si
   private nextId = 1;
   private readonly pending = new Map<number, Pending>();
   private exited = false;
+  /** killed for being hung or deaf: nothing more is sent to it, its exit is on the way */
+  private condemned = false;
+  private lastFrameAt = Date.now();
   private stderrTail = "";
 
   private constructor(
     private readonly child: ChildProcessWithoutNullStreams,
     readonly hello: EngineHello,
+    private readonly timeoutMs?: number,
   ) {
     super();
   }
@@ -79,7 +99,7 @@ export class EngineProcess extends EventEmitter<{ exit: [code: number | null, si
   }
 
   get alive(): boolean {
-    return !this.exited;
+    return !this.exited && !this.condemned;
   }
 
   static start(o: EngineOptions = {}): Promise<EngineProcess> {
@@ -125,7 +145,7 @@ export class EngineProcess extends EventEmitter<{ exit: [code: number | null, si
           if (!engine) {
             if (f.message.type !== "hello") continue;
             clearTimeout(timer);
-            engine = new EngineProcess(child, f.message);
+            engine = new EngineProcess(child, f.message, o.requestTimeoutMs);
             resolve(engine);
             continue;
           }
@@ -138,18 +158,20 @@ export class EngineProcess extends EventEmitter<{ exit: [code: number | null, si
   /** Sends a request; onFrame sees every frame answering it until it returns true or an error. */
   request(msg: Request, onFrame: (m: FromEngineMessage) => boolean, onFail: (e: EngineRequestError) => void): number {
     const id = this.nextId++;
-    if (this.exited) {
+    if (!this.alive) {
       queueMicrotask(() => onFail(new EngineRequestError(ENGINE_DIED, "the engine is not running")));
       return id;
     }
-    this.pending.set(id, { onFrame, onFail });
+    const session = "session" in msg && typeof msg.session === "string" ? msg.session : undefined;
+    const p: Pending = { onFrame, onFail, session, type: msg.type };
+    if (this.timeoutMs !== undefined) p.timer = setTimeout(() => this.expire(id), this.timeoutMs).unref();
+    this.pending.set(id, p);
     this.child.stdin.write(encodeFrame({ ...msg, id } as ToEngineMessage));
     return id;
   }
 
   /** A request answered by one final frame (its type per FINAL); engine errors reject. */
   call<T extends FromEngineMessage["type"]>(msg: Request): Promise<Extract<FromEngineMessage, { type: T }>> {
-    // issue 12: no deadline; an engine that never answers holds the request for ever.
     const final = FINAL[msg.type]!;
     return new Promise((resolve, reject) => {
       this.request(
@@ -183,6 +205,7 @@ export class EngineProcess extends EventEmitter<{ exit: [code: number | null, si
     const p = this.pending.get(id);
     if (!p) return;
     this.pending.delete(id);
+    clearTimeout(p.timer);
     p.onFail(e);
   }
 
@@ -190,20 +213,38 @@ export class EngineProcess extends EventEmitter<{ exit: [code: number | null, si
     this.child.kill(signal);
   }
 
+  /** The engine cannot serve any more (hung, or reads no input): kill it; its exit fails the rest. */
+  private condemn(why: string): void {
+    if (this.condemned || this.exited) return;
+    this.condemned = true;
+    process.stderr.write(`pkv host: killing the engine (pid ${this.child.pid}): ${why}\n`);
+    this.child.kill("SIGKILL");
+  }
+
+  // A request's deadline passed with no frame for it.
+  private expire(id: number): void {
+    const p = this.pending.get(id);
+    if (!p) return;
+    const ms = this.timeoutMs!;
+    const silentFor = Date.now() - this.lastFrameAt;
+    if (silentFor >= ms) this.condemn(`no frame at all for ${silentFor} ms while requests were pending`);
+    this.fail(id, new EngineRequestError(ENGINE_TIMEOUT, `the engine sent nothing for ${p.type} within ${ms} ms`));
+  }
+
   get lastStderr(): string {
     return this.stderrTail;
   }
 
   private route(m: FromEngineMessage): void {
+    this.lastFrameAt = Date.now();
     const id = "id" in m ? m.id : undefined;
     if (id === undefined) {
-      // issue 12: an error without an id leaves the request it meant hanging (and its prefill slot held).
-      if (m.type === "error")
-        process.stderr.write(`pkv host: engine error without a request: ${m.code}: ${m.message}\n`);
+      if (m.type === "error") this.routeWithoutId(m);
       return;
     }
     const p = this.pending.get(id);
     if (!p) return;
+    p.timer?.refresh();
     if (m.type === "error" && m.code !== "cancelled") {
       this.pending.delete(id);
       p.onFail(new EngineRequestError(m.code, m.message));
@@ -213,13 +254,31 @@ export class EngineProcess extends EventEmitter<{ exit: [code: number | null, si
       // 'cancelled' errors arrive with the id of the cancel request, which still gets 'cancelled'
       return;
     }
-    if (p.onFrame(m)) this.pending.delete(id);
+    if (p.onFrame(m)) {
+      this.pending.delete(id);
+      clearTimeout(p.timer);
+    }
+  }
+
+  // An error the engine could not tie to a request id: it fails every request of the session it
+  // names (their prefill slots with them); one after which the engine reads no more condemns it.
+  private routeWithoutId(m: Extract<FromEngineMessage, { type: "error" }>): void {
+    process.stderr.write(`pkv host: engine error without a request: ${m.code}: ${m.message}\n`);
+    if (m.message.includes(NO_FURTHER_INPUT)) {
+      this.condemn(`it reads no further input (${m.code})`);
+      return;
+    }
+    if (m.session === undefined || m.session === "") return;
+    for (const [id, p] of [...this.pending]) {
+      if (p.session === m.session) this.fail(id, new EngineRequestError(m.code, m.message));
+    }
   }
 
   private onExit(code: number | null, signal: NodeJS.Signals | null): void {
     this.exited = true;
     const failed = [...this.pending.values()];
     this.pending.clear();
+    for (const p of failed) clearTimeout(p.timer);
     const why = new EngineRequestError(ENGINE_DIED, `the engine exited (${signal ?? `code ${code}`})`);
     for (const p of failed) p.onFail(why);
     this.emit("exit", code, signal);

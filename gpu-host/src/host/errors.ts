@@ -23,6 +23,7 @@ const PASSED_ON: readonly string[] = [
   "busy",
   "cancelled",
   "too_large",
+  "timeout", // the host's own deadline of an engine request (engine.ts)
 ];
 
 /** The error frame's code and message for anything a request threw. */

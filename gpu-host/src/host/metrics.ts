@@ -92,6 +92,10 @@ export class HostMetrics {
     "Sessions saved out of the engine (idle, quota or pool pressure, shutdown).",
   );
   readonly restores = new Counter("pkv_host_restores_total", "Offloaded sessions restored into the engine.");
+  readonly sessionsExpired = new Counter(
+    "pkv_host_sessions_expired_total",
+    "Sessions closed after their tenant's idle TTL (session_ttl_s), by tenant.",
+  );
   readonly errors = new Counter("pkv_host_errors_total", "Error frames sent, by code.");
   readonly latency = new Histogram(
     "pkv_host_request_seconds",
@@ -137,6 +141,7 @@ export class HostMetrics {
       this.engineRestarts.render(),
       this.offloads.render(),
       this.restores.render(),
+      this.sessionsExpired.render(),
       this.errors.render(),
       this.latency.render(),
       this.firstToken.render(),

@@ -1,7 +1,8 @@
 // The text of an append sent in pieces (`append.more: true`, host protocol v2), buffered per
-// session until the final append prefills it as one engine append. Pieces are bound to the
-// connection that sent them: a piece or final append from another connection, a cancel, or the
-// connection closing drops them (docs/HOST.md, "Pieces").
+// session until the final append prefills it as one engine append. Pieces belong to the request
+// whose turn the session is in (session.ts's Turn: its request_id, else its connection): a piece
+// of anyone else is refused with session_busy and never drops them; a cancel, the turn ending or
+// its connection closing drops them (docs/HOST.md, "Pieces").
 import { HostError } from "./errors.js";
 
 /** Text buffered from `append` pieces per session before its final piece; beyond this the pieces
@@ -11,24 +12,20 @@ export const MAX_PIECE_BUFFER_BYTES = 16 << 20;
 export class PieceBuffer {
   private pieces: string[] = [];
   private bytes = 0;
-  /** the connection the buffered pieces came from (compared by identity only) */
-  private owner?: object;
+  /** whose the buffered pieces are (compared by identity only) */
+  private owner?: unknown;
 
   /** UTF-8 bytes buffered so far. */
   get bufferedBytes(): number {
     return this.bytes;
   }
 
-  /** A piece or final append arrives from `connection`: pieces of another connection are dropped,
-   * the new one starts afresh. */
-  from(connection: object): void {
-    // issue 12: this drops another connection's pieces silently; serialise them or answer session_busy.
-    if (this.owner !== undefined && this.owner !== connection) this.drop();
-  }
-
-  /** Buffers a piece of `connection`; returns the bytes buffered. Past the bound every piece is
+  /** Buffers a piece of `owner`; returns the bytes buffered. A piece of another owner while pieces
+   * are buffered is refused (session_busy) and drops nothing; past the bound every piece is
    * dropped and too_large thrown. */
-  add(connection: object, text: string): number {
+  add(owner: unknown, text: string): number {
+    if (this.pieces.length > 0 && this.owner !== owner)
+      throw new HostError("session_busy", "append: another request's pieces are buffered on this session");
     const bytes = Buffer.byteLength(text, "utf8");
     if (this.bytes + bytes > MAX_PIECE_BUFFER_BYTES) {
       const had = this.bytes;
@@ -40,7 +37,7 @@ export class PieceBuffer {
     }
     this.pieces.push(text);
     this.bytes += bytes;
-    this.owner = connection;
+    this.owner = owner;
     return this.bytes;
   }
 
@@ -58,8 +55,8 @@ export class PieceBuffer {
     this.owner = undefined;
   }
 
-  /** `connection` closed: its pieces go. */
-  dropFrom(connection: object): void {
-    if (this.owner === connection) this.drop();
+  /** `owner`'s turn ended (or its connection closed): its pieces go. */
+  dropFrom(owner: unknown): void {
+    if (this.owner === owner) this.drop();
   }
 }

@@ -1,7 +1,10 @@
 // Sessions of all tenants: frames in, frames out (the WebSocket side is server.ts). This file
 // dispatches the requests, keeps each session's queue (appends and generates one at a time, in
-// arrival order), runs the operations (open, append, generate, cancel, close, stats) and the
-// housekeeping (idle offload, pool stats, the graceful stop). The rest has a module each:
+// arrival order) and turn (one request's pieces, appends and generate; anyone else session_busy),
+// runs the operations (open, append, generate, cancel, close, stats), fails a request whose
+// result cannot be checkpointed (rolling the session back), and the housekeeping (idle offload,
+// the idle TTL, ephemeral sessions of closed connections, pool stats, the graceful stop). The rest
+// has a module each:
 //   account.ts     what a session accounts (the rule below), one object per session
 //   admission.ts   quotas and the pool: LRU offload of idle sessions, policy auto, per-tenant lock
 //   residency.ts   save/restore in pieces, offload, restore on demand, adopt from the store
@@ -31,7 +34,7 @@ import {
 
 import { Admission, type Fit } from "./admission.js";
 import { type HostConfig, KV_TYPES, type KvType, TENANT_NAME, type TenantPolicy } from "./config.js";
-import { ENGINE_DIED, EngineProcess, EngineRequestError } from "./engine.js";
+import { ENGINE_DIED, ENGINE_TIMEOUT, EngineProcess, EngineRequestError } from "./engine.js";
 import { errorCode, HostError } from "./errors.js";
 import { hostLog } from "./log.js";
 import type { HostGauges, HostMetrics } from "./metrics.js";
@@ -50,12 +53,24 @@ import {
   measuredBytesPerEntry,
   openReservationBytes,
   prefillPeakBytes,
+  promptTokenBound,
   Tenants,
 } from "./tenants.js";
 import { checkAppend, checkContext, checkGenerate, checkOpen } from "./validate.js";
 
+/** Ids of sessions closed by their idle TTL that the host remembers (oldest forgotten first), so a
+ * request for one is answered session_expired rather than unknown_session. */
+export const EXPIRED_MEMORY = 10_000;
+
+/** The longest session_ttl_s set_tenant accepts (a year; as --session-ttl-seconds). */
+const MAX_SESSION_TTL_S = 86400 * 365;
+
 export class SessionHost {
   private readonly sessions = new Map<string, HostSession>();
+  /** keyOf(tenant, id) of sessions the TTL closed -> the TTL in seconds, oldest first */
+  private readonly expired = new Map<string, number>();
+  /** sessions being closed (close, TTL, their ephemeral connection), and that close */
+  private readonly closings = new WeakMap<HostSession, Promise<void>>();
   private readonly scheduler: FairScheduler;
   private readonly engines: EngineSupervisor;
   private readonly admission: Admission<HostSession>;
@@ -85,6 +100,7 @@ export class SessionHost {
           threads: config.threads,
           ctxSize: config.ctxSize,
           kvType: config.kvType,
+          requestTimeoutMs: config.engineTimeoutMs,
         }),
       sessions: () => this.sessions.values(),
       died: () => metrics.engineRestarts.inc(),
@@ -96,7 +112,9 @@ export class SessionHost {
       poolBytes: () => this.engines.engine.hello.pool_bytes,
       refused: (tenant) => metrics.quotaRefusals.inc({ tenant, reason: "kv_quota" }),
     });
-    this.residency = new Residency(new StateStore(config.offloadDir), this.engines, this.admission, metrics);
+    this.residency = new Residency(new StateStore(config.offloadDir), this.engines, this.admission, metrics, {
+      maxStoredBytes: (t) => this.tenants.get(t).maxStoredBytes,
+    });
   }
 
   static async start(config: HostConfig, metrics: HostMetrics): Promise<SessionHost> {
@@ -181,10 +199,18 @@ export class SessionHost {
           const policy = msg.policy as TenantPolicy | undefined;
           if (policy !== undefined && policy !== "refuse" && policy !== "auto")
             throw new HostError("invalid", `set_tenant: policy '${policy}' is not one of refuse, auto`);
+          const ttl = msg.session_ttl_s;
+          if (ttl !== undefined && (ttl < 1 || ttl > MAX_SESSION_TTL_S))
+            throw new HostError(
+              "invalid",
+              `set_tenant: session_ttl_s ${ttl} is out of range (accepted: 1..${MAX_SESSION_TTL_S} seconds)`,
+            );
           const t = this.tenants.set(msg.tenant, {
             kvQuotaBytes: msg.kv_quota_bytes,
             maxSessions: msg.max_sessions,
             policy,
+            sessionTtlS: ttl,
+            maxStoredBytes: msg.max_stored_bytes,
           });
           sink.send({
             type: "tenant_set",
@@ -193,6 +219,8 @@ export class SessionHost {
             kv_quota_bytes: t.kvQuotaBytes,
             max_sessions: t.maxSessions,
             policy: t.policy,
+            session_ttl_s: t.sessionTtlS,
+            max_stored_bytes: t.maxStoredBytes,
           });
           finish();
           return;
@@ -203,18 +231,30 @@ export class SessionHost {
     }
   }
 
-  /** A connection went away: nobody reads its generations any more. */
+  /** A connection went away: nobody reads its generations any more; the turns it held end, and the
+   * ephemeral sessions it opened are closed (what a dead edge left behind never outlives it; the
+   * rest the idle TTL closes). */
   connectionClosed(sink: Sink): void {
-    // issue 12: only its work is cancelled; its sessions stay open until closed (no idle TTL yet).
-    for (const s of this.sessions.values()) {
-      s.pieces.dropFrom(sink);
+    for (const s of [...this.sessions.values()]) {
+      const key = s.turn.releaseSink(sink);
+      if (key !== undefined) s.pieces.dropFrom(key);
       for (const op of s.ops) if (op.sink === sink) void this.cancelOp(s, op);
+      if (s.openedBy === sink) void this.closeSession(s, "closed with the connection that opened it (ephemeral)");
     }
   }
 
   private lookup(tenant: string, session: string): HostSession {
-    const s = this.sessions.get(keyOf(tenant, session));
-    if (!s) throw new HostError("unknown_session", `no session '${session.slice(0, 64)}' for tenant '${tenant}'`);
+    const key = keyOf(tenant, session);
+    const s = this.sessions.get(key);
+    if (!s) {
+      const ttl = this.expired.get(key);
+      if (ttl !== undefined)
+        throw new HostError(
+          "session_expired",
+          `session '${session.slice(0, 64)}' of tenant '${tenant}' was closed after ${ttl} s idle (the tenant's session_ttl_s)`,
+        );
+      throw new HostError("unknown_session", `no session '${session.slice(0, 64)}' for tenant '${tenant}'`);
+    }
     if (s.lost) {
       this.sessions.delete(keyOf(tenant, session));
       throw new HostError("session_lost", `session '${session.slice(0, 64)}' was lost: ${s.lost}`);
@@ -240,9 +280,12 @@ export class SessionHost {
       tenant: _tenant,
       session: _session,
       request_id: _requestId,
-      prompt_tokens: promptTokens = 0,
+      prompt_tokens: _promptTokens,
+      prompt_bytes: _promptBytes,
+      ephemeral: _ephemeral,
       ...rest
     } = msg;
+    const promptTokens = promptTokenBound(msg.prompt_tokens, msg.prompt_bytes, this.hello.n_ctx);
     // Known before admission sizes it by the method's traits (the engine would refuse it anyway).
     if (msg.method !== undefined && !isKvMethod(msg.method)) {
       throw new HostError(
@@ -260,7 +303,9 @@ export class SessionHost {
     };
     const g = this.geometryFor(params);
     const s = new HostSession(msg.tenant, msg.session, params);
+    if (msg.ephemeral === true) s.openedBy = sink;
     this.sessions.set(key, s);
+    this.expired.delete(key);
     s.pendingOps++;
     try {
       let reservation = openReservationBytes(g, params.method, params.budget, promptTokens);
@@ -317,20 +362,36 @@ export class SessionHost {
     msg: HostMessage<"append"> | HostMessage<"generate">,
     t0: number,
   ): Promise<void> {
-    // issue 12: two clients' turns on one session interleave here; serialise whole turns or answer session_busy.
-    const op: Op = { kind, id: msg.id, sink, requestId: msg.request_id, cancelled: false };
+    // Refused at once (session_busy) when another request holds the turn, before anything is queued.
+    const before = s.turn.current;
+    const turn = s.turn.claim(msg.request_id, sink, s.ops.length === 0, s.id);
+    if (turn !== before) s.pieces.drop(); // a holder silent past the grace left them
+    const op: Op = { kind, id: msg.id, sink, requestId: msg.request_id, turn, cancelled: false };
     s.ops.push(op);
     s.pendingOps++;
     const run = async () => {
+      let ok = false;
       try {
         if (op.cancelled) throw new HostError("cancelled", `${kind} cancelled before it started`);
         if (s.lost) throw new HostError("session_lost", `session '${s.id}' was lost: ${s.lost}`);
-        if (kind === "append") await this.append(s, op, msg as HostMessage<"append">);
-        else await this.generate(s, op, msg as HostMessage<"generate">, t0);
+        try {
+          if (kind === "append") await this.append(s, op, msg as HostMessage<"append">);
+          else await this.generate(s, op, msg as HostMessage<"generate">, t0);
+        } catch (e) {
+          // Timed out: the engine may still be at it; its copy is discarded (back to the checkpoint).
+          if (e instanceof EngineRequestError && e.code === ENGINE_TIMEOUT) await this.rollback(s, op, e.message);
+          throw e;
+        }
+        ok = true;
       } finally {
         s.ops.splice(s.ops.indexOf(op), 1);
         s.pendingOps--;
         s.lastUsed = Date.now();
+        // A turn ends with its generate, or with a failed append (the edge ends the request there).
+        if (kind === "generate" || !ok) {
+          s.turn.release(turn);
+          s.pieces.dropFrom(turn);
+        } else s.turn.touch(turn);
       }
     };
     const result = s.chain.then(run);
@@ -339,9 +400,8 @@ export class SessionHost {
   }
 
   private async append(s: HostSession, op: Op, msg: HostMessage<"append">): Promise<void> {
-    s.pieces.from(op.sink);
     if (msg.more) {
-      const buffered = s.pieces.add(op.sink, msg.text ?? "");
+      const buffered = s.pieces.add(op.turn, msg.text ?? "");
       if (op.sink.open) op.sink.send({ type: "buffered", id: op.id, session: s.id, buffered_bytes: buffered });
       return;
     }
@@ -390,6 +450,7 @@ export class SessionHost {
       s.dirty = true;
       // Answered once checkpointed: when the edge sees 'appended', an engine crash loses nothing.
       await this.afterOp(s, op);
+      s.ackedTokens = s.tokensSeen;
       if (op.sink.open)
         op.sink.send({
           type: "appended",
@@ -441,6 +502,7 @@ export class SessionHost {
       s.dirty = true;
       s.kv.end();
       await this.afterOp(s, op);
+      s.ackedTokens = s.tokensSeen;
       if (op.sink.open)
         op.sink.send({
           type: "done",
@@ -456,8 +518,12 @@ export class SessionHost {
     }
   }
 
-  // Exact size from the engine, then the checkpoint. Failures here do not fail the request that
-  // already completed; a session that cannot be checkpointed is only lost if the engine dies.
+  // Exact size from the engine, then the checkpoint, before the result is answered. A checkpoint
+  // that fails (a save error, the tenant's stored bytes, a deadline) fails the request, and the
+  // session goes back to its last checkpoint, so host, engine and edge agree and a retry is clean;
+  // an engine death meanwhile is engine_restarted (the supervisor put the session back), or
+  // session_lost for one with nothing to go back to. Without checkpoints only the engine's death
+  // fails the request (the result stands in the engine, but is not the edge's to lose silently).
   private async afterOp(s: HostSession, op: Op): Promise<void> {
     try {
       const engine = await this.engines.ready;
@@ -467,13 +533,47 @@ export class SessionHost {
       s.tokensSeen = st.tokens_seen ?? s.tokensSeen;
       if (this.config.checkpoint) await this.residency.save(s, engine);
     } catch (e) {
-      // issue 12: a failed checkpoint is swallowed and appended/done still sent; fail the request instead.
-      if (!(e instanceof EngineRequestError && e.code === ENGINE_DIED)) {
-        hostLog(
-          `${op.kind} ${s.engineName}: checkpoint failed: ${e instanceof Error ? e.message : String(e)}`,
-          op.requestId,
-        );
+      const why = e instanceof Error ? e.message : String(e);
+      const died = e instanceof EngineRequestError && e.code === ENGINE_DIED;
+      if (!died && !this.config.checkpoint) {
+        hostLog(`${op.kind} ${s.engineName}: stats after it failed: ${why}`, op.requestId);
+        return;
       }
+      if (!died) {
+        hostLog(`${op.kind} ${s.engineName}: checkpoint failed: ${why}`, op.requestId);
+        await this.rollback(s, op, why);
+      }
+      if (s.lost) throw new HostError("session_lost", `session '${s.id.slice(0, 64)}' was lost: ${s.lost}`);
+      if (died || !this.engines.engine.alive)
+        throw new EngineRequestError(ENGINE_DIED, died ? why : `the engine was restarted (${why})`);
+      throw new HostError(
+        "checkpoint_failed",
+        `${op.kind}: its result could not be checkpointed (${why}); the session is back at its last checkpoint (${s.tokensSeen} tokens seen), the request can be retried`,
+      );
+    }
+  }
+
+  /** The engine's copy of the session is not what the store holds (a checkpoint failed, a request
+   * timed out): discard it, back to the checkpoint, restored at once when the engine can. */
+  private async rollback(s: HostSession, op: Op, why: string): Promise<void> {
+    const engine = this.engines.engine;
+    if (s.resident) {
+      if (engine.alive) {
+        await engine.call({ type: "cancel", session: s.engineName }).catch(() => {});
+        await engine.call({ type: "close", session: s.engineName }).catch(() => {});
+      }
+      s.kv.end();
+      s.backToCheckpoint(`${op.kind} could not be checkpointed and nothing was saved before (${why})`);
+    }
+    if (s.lost || !this.engines.engine.alive) return;
+    try {
+      await this.residency.ensureResident(s, 0); // else restored by its next request
+      s.kv.end();
+    } catch (e) {
+      hostLog(
+        `${s.engineName}: restore after a rollback failed: ${e instanceof Error ? e.message : String(e)}`,
+        op.requestId,
+      );
     }
   }
 
@@ -499,26 +599,53 @@ export class SessionHost {
     }
   }
 
+  // Anyone may cancel: the turn ends with it.
   private async cancel(sink: Sink, msg: HostMessage<"cancel">): Promise<void> {
     const s = this.lookup(msg.tenant, msg.session);
     s.pieces.drop();
+    s.turn.release();
     await Promise.all(s.ops.map((op) => this.cancelOp(s, op)));
     sink.send({ type: "cancelled", id: msg.id, session: msg.session });
   }
 
   private async close(sink: Sink, msg: HostMessage<"close">): Promise<void> {
-    const s = this.lookup(msg.tenant, msg.session);
-    await Promise.all(s.ops.map((op) => this.cancelOp(s, op)));
-    await s.chain;
-    this.sessions.delete(keyOf(s.tenant, s.id));
-    s.lost = "closed";
-    if (s.resident) {
-      const engine = await this.engines.ready;
-      await engine.call({ type: "close", session: s.engineName }).catch(() => {});
-      s.kv.offloaded();
-    }
-    await this.residency.forget(s);
+    await this.closeSession(this.lookup(msg.tenant, msg.session), "closed");
     sink.send({ type: "closed", id: msg.id, session: msg.session });
+  }
+
+  /** Closes the session for good (close, the TTL, its ephemeral connection): unknown at once, its
+   * work cancelled, closed in the engine, its stored state deleted. Once, however many ask. */
+  private closeSession(s: HostSession, why: string): Promise<void> {
+    const running = this.closings.get(s);
+    if (running) return running;
+    const key = keyOf(s.tenant, s.id);
+    if (this.sessions.get(key) === s) this.sessions.delete(key);
+    const work = (async () => {
+      await Promise.all(s.ops.map((op) => this.cancelOp(s, op)));
+      await s.chain;
+      s.lost = why;
+      s.pieces.drop();
+      s.turn.release();
+      if (s.resident) {
+        const engine = this.engines.engine;
+        if (engine.alive) await engine.call({ type: "close", session: s.engineName }).catch(() => {});
+        s.kv.offloaded();
+      }
+      await this.residency.forget(s);
+    })();
+    this.closings.set(s, work);
+    work.catch((e) => hostLog(`close of ${s.engineName}: ${e instanceof Error ? e.message : String(e)}`));
+    return work;
+  }
+
+  /** The session was idle past its tenant's TTL: closed, remembered as expired, counted. */
+  private expire(s: HostSession, ttlS: number): void {
+    const key = keyOf(s.tenant, s.id);
+    this.expired.delete(key);
+    this.expired.set(key, ttlS);
+    if (this.expired.size > EXPIRED_MEMORY) this.expired.delete(this.expired.keys().next().value!);
+    this.metrics.sessionsExpired.inc({ tenant: s.tenant });
+    void this.closeSession(s, `expired after ${ttlS} s idle`).catch(() => {});
   }
 
   private async stats(sink: Sink, msg: HostMessage<"stats">): Promise<void> {
@@ -535,6 +662,9 @@ export class SessionHost {
         sessions: mine.length,
         offloaded: mine.filter((s) => !s.resident).length,
         policy: t.policy,
+        stored_bytes: this.residency.storedBytes(msg.tenant),
+        max_stored_bytes: t.maxStoredBytes,
+        session_ttl_s: t.sessionTtlS,
       });
       return;
     }
@@ -545,6 +675,7 @@ export class SessionHost {
       tenant: msg.tenant,
       session: msg.session,
       resident: s.resident,
+      idle_s: s.busy ? 0 : Math.floor(Math.max(0, Date.now() - s.lastUsed) / 1000),
     };
     if (!s.resident) {
       sink.send({ ...base, tokens_seen: s.tokensSeen, kv_bytes: s.kv.steady });
@@ -565,13 +696,16 @@ export class SessionHost {
   // ---- housekeeping, shutdown ---------------------------------------------------------------------
 
   private housekeeping(): void {
+    if (this.closing) return;
     const engine = this.engines.engine;
-    if (this.closing || !engine.alive) return;
     const now = Date.now();
-    // issue 12: nothing expires; the sweep of sessions idle past their tenant's TTL goes here.
-    for (const s of this.sessions.values()) {
-      if (s.resident && !s.busy && now - s.lastUsed >= this.config.idleMs) void this.residency.offload(s);
+    for (const s of [...this.sessions.values()]) {
+      if (s.busy) continue;
+      const ttlS = this.tenants.get(s.tenant).sessionTtlS;
+      if (now - s.lastUsed >= ttlS * 1000) this.expire(s, ttlS);
+      else if (engine.alive && s.resident && now - s.lastUsed >= this.config.idleMs) void this.residency.offload(s);
     }
+    if (!engine.alive) return;
     void engine.call<"stats_result">({ type: "stats" }).then(
       (st) => (this.poolUsedBytes = st.pool_used_bytes ?? 0),
       () => {},

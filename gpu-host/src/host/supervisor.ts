@@ -16,15 +16,11 @@ export function restartDelayMs(attempt: number): number {
   return Math.min(5000, 200 * 2 ** attempt);
 }
 
-/** The engine died: the session is back to its last checkpoint. One never saved is reopened empty
- * if it held nothing yet, else lost (reported once with session_lost). */
+/** The engine died: a resident session is back to its last checkpoint (tokens_seen too). One
+ * never saved is reopened empty if the edge was told of nothing in it, else lost (reported once
+ * with session_lost). */
 export function backToCheckpoint(s: HostSession): void {
-  if (!s.resident) return;
-  s.kv.evicted();
-  if (!s.saved && s.tokensSeen === 0)
-    s.reopen = true; // nothing to lose: open it again
-  else if (!s.saved) s.lost = "the engine died before it was ever saved";
-  else if (s.dirty) s.dirty = false; // back to the checkpoint
+  if (s.resident) s.backToCheckpoint("the engine died before it was ever saved");
 }
 
 export interface SupervisorOptions<E> {
