@@ -1,12 +1,13 @@
 // Fair decode lanes without an engine: generations in the engine at once are bounded in all
 // (decodeLanes) and per tenant (tenantDecodeLanes); when a lane frees up the tenant served least
 // recently goes next, so a flooding tenant's extra generations queue while another tenant's new
-// one starts at once. Ordering and counts only, no timing.
+// one starts at once. Ordering and counts only, no timing; the last test through a real host.
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import { parseHostConfig } from "../src/host/config.js";
 import { FairScheduler } from "../src/host/scheduler.js";
+import { expectType, HostClient, startTestHost } from "./host-client.js";
 
 /** Decode jobs that run until the test finishes them, by name. */
 function lanes(s: FairScheduler) {
@@ -90,4 +91,58 @@ test("the host's scheduler takes --decode-lanes and --tenant-decode-lanes", () =
   for (let i = 0; i < 3; i++) l.push(`t${i}`, `t${i}`);
   assert.deepEqual(l.started, ["a0", "t0", "t1"], "1 lane per tenant, 3 in all");
   assert.equal(s.queued("decode"), 3);
+});
+
+test("through the host (--tenant-decode-lanes 1): a flooding tenant's generations run one at a time, another tenant's beside them", {
+  timeout: 300_000,
+}, async () => {
+  const host = await startTestHost({}, [
+    "--decode-lanes",
+    "4",
+    "--tenant-decode-lanes",
+    "1",
+    "--idle-seconds",
+    "3600",
+    "--checkpoint",
+    "off",
+  ]);
+  const c = await HostClient.connect(host.url, { tenant: "a" });
+  try {
+    const flood = ["a0", "a1", "a2"];
+    const all: [string, string][] = [...flood.map((s): [string, string] => ["a", s]), ["b", "b0"]];
+    for (const [tenant, session] of all) {
+      expectType(await c.call({ type: "open_session", tenant, session, budget: 64 }), "opened");
+      expectType(
+        await c.call({
+          type: "append",
+          tenant,
+          session,
+          text: "Count from 1 to 100, separated by commas.",
+          chat: true,
+        }),
+        "appended",
+      );
+    }
+    const tokensOfA: string[] = []; // A's token frames in arrival order (one connection: the host's order)
+    const ends: string[] = [];
+    const gen = (tenant: string, session: string) =>
+      c
+        .request({ type: "generate", tenant, session, max_tokens: 8, temperature: 0 }, (f) => {
+          if (f.type === "token" && tenant === "a") tokensOfA.push(session);
+        })
+        .then((frames) => {
+          expectType(frames[frames.length - 1]!, "done");
+          ends.push(session);
+        });
+    const runs = [...flood.map((s) => gen("a", s)), gen("b", "b0")];
+    await Promise.all(runs);
+    // Each of A's generations ran alone: its tokens are one contiguous run among A's.
+    const runsOf = tokensOfA.filter((s, i) => i === 0 || tokensOfA[i - 1] !== s);
+    assert.deepEqual(runsOf, flood, `A's tokens interleaved: ${tokensOfA.join(" ")}`);
+    // B did not wait for A's queue: it ended before A's last generation (16 decode steps later).
+    assert.ok(ends.indexOf("b0") < ends.indexOf("a2"), `ends: ${ends.join(" ")}`);
+  } finally {
+    c.close();
+    await host.stop();
+  }
 });
