@@ -463,3 +463,47 @@ test("a connection opens sessions and vanishes: after the TTL the host has 0 ses
     await host.stop();
   }
 });
+
+// The issue names "context exactly full" as a state that cannot be saved: not so on the engine.
+test("the real engine: a session whose context is exactly full is checkpointed, offloaded and restored", {
+  timeout: 180_000,
+}, async () => {
+  const host = await startTestHost({}, [
+    "--kv-pool-bytes",
+    String(32 << 20),
+    "--ctx-size",
+    "32",
+    "--idle-seconds",
+    "1",
+  ]);
+  const c = await HostClient.connect(host.url);
+  try {
+    expectType(await c.call({ type: "open_session", tenant: "t", session: "full", budget: 16 }), "opened");
+    let seen = 0;
+    for (let i = 0; i < 64; i++) {
+      const m = await c.call({ type: "append", tenant: "t", session: "full", text: " one" });
+      if (m.type === "error") {
+        assert.equal(m.code, "context_full");
+        break;
+      }
+      seen = expectType(m, "appended").tokens_seen; // answered once checkpointed
+    }
+    assert.equal(seen, 32, "the context is exactly full");
+    await until(
+      async () =>
+        expectType(await c.call({ type: "stats", tenant: "t", session: "full" }), "stats_result").resident === false,
+      "the idle session to be offloaded",
+      120_000,
+    );
+    assert.equal(
+      errorOf(await c.call({ type: "generate", tenant: "t", session: "full", max_tokens: 1 })),
+      "context_full",
+      "restored, and full",
+    );
+    const st = expectType(await c.call({ type: "stats", tenant: "t", session: "full" }), "stats_result");
+    assert.deepEqual([st.resident, st.tokens_seen], [true, 32]);
+  } finally {
+    c.close();
+    await host.stop();
+  }
+});
