@@ -435,7 +435,21 @@ test("npx pkv admin --remote: tenants, keys and hosts of a running worker", { ti
   const admin = (...args: string[]) =>
     runAdmin(["--remote", base, "--admin-token", stack.admin.token, ...args], (s) => lines.push(s));
   assert.equal(
-    await admin("tenant", "set", "gamma", "--kv-quota-bytes", "1048576", "--max-sessions", "2", "--rpm", "30"),
+    await admin(
+      "tenant",
+      "set",
+      "gamma",
+      "--kv-quota-bytes",
+      "1048576",
+      "--max-sessions",
+      "2",
+      "--rpm",
+      "30",
+      "--session-ttl-seconds",
+      "600",
+      "--max-stored-bytes",
+      "67108864",
+    ),
     0,
   );
   assert.deepEqual(JSON.parse(lines.pop()!), {
@@ -444,6 +458,8 @@ test("npx pkv admin --remote: tenants, keys and hosts of a running worker", { ti
     max_sessions: 2,
     requests_per_minute: 30,
     policy: "refuse",
+    session_ttl_s: 600,
+    max_stored_bytes: 67108864,
   });
   assert.equal(await admin("key", "create", "gamma"), 0);
   const { key } = JSON.parse(lines.pop()!) as { key: string };
