@@ -308,6 +308,7 @@ export async function startStack(o: StackOptions): Promise<Stack> {
         keep(
           startHostProcess({
             secret,
+            metricsToken,
             kvPoolBytes: o.kvPoolBytes,
             args: [...(o.hostArgs ?? []), ...(o.hostArgsEach?.(i) ?? [])],
             threads: o.threads,
