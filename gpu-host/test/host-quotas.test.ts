@@ -12,6 +12,7 @@ const TENANTS = JSON.stringify({
   small: { kv_quota_bytes: 3_500_000, max_sessions: 2, policy: "refuse" },
   stretchy: { kv_quota_bytes: 3_500_000, max_sessions: 4, policy: "auto" },
   big: { kv_quota_bytes: 40_000_000, max_sessions: 10 },
+  fullkv: { kv_quota_bytes: 20_000_000, max_sessions: 4 },
 });
 
 let host: Awaited<ReturnType<typeof startTestHost>>;
@@ -117,4 +118,39 @@ test("tenants are isolated: another tenant's session id is unknown, and can be r
     expectType(await c.call({ type: "stats", tenant: "small", session: "s1" }), "stats_result").tokens_seen! > 0,
     true,
   );
+});
+
+test("quota overshoot: a FullKV open whose prompt_bytes cannot fit the quota is refused before prefilling, nothing accounted", {
+  timeout: 30_000,
+}, async () => {
+  const hello = c.hello as { n_layer: number; bytes_per_entry: number; n_ctx: number };
+  const prompt = "The ocean covers most of the planet. ".repeat(330); // 12,210 bytes, ~3k tokens: 69 MB of FullKV
+  const refused = expectType(
+    await c.call({
+      type: "open_session",
+      tenant: "fullkv",
+      session: "long",
+      method: "full",
+      prompt_bytes: Buffer.byteLength(prompt, "utf8"),
+    }),
+    "error",
+  );
+  assert.equal(refused.code, "quota_exceeded");
+  const needed = hello.n_layer * Math.min(Buffer.byteLength(prompt, "utf8") + 64, hello.n_ctx) * hello.bytes_per_entry;
+  assert.match(refused.message, new RegExp(`needs ${needed} KV bytes .* its quota is 20000000`));
+  const st = expectType(await c.call({ type: "stats", tenant: "fullkv" }), "stats_result");
+  assert.deepEqual([st.sessions, st.kv_used_bytes], [0, 0]);
+  // A short prompt is admitted within the quota, and stays within it once prefilled.
+  const opened = expectType(
+    await c.call({ type: "open_session", tenant: "fullkv", session: "short", method: "full", prompt_bytes: 40 }),
+    "opened",
+  );
+  assert.ok(opened.reserved_bytes <= 20_000_000);
+  expectType(
+    await c.call({ type: "append", tenant: "fullkv", session: "short", text: "Hello, ocean.", chat: true }),
+    "appended",
+  );
+  const after = expectType(await c.call({ type: "stats", tenant: "fullkv" }), "stats_result");
+  assert.ok((after.kv_used_bytes ?? 0) > 0 && (after.kv_used_bytes ?? 0) <= 20_000_000, `used ${after.kv_used_bytes}`);
+  expectType(await c.call({ type: "close", tenant: "fullkv", session: "short" }), "closed");
 });
