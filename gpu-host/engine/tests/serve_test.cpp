@@ -810,7 +810,8 @@ TEST(Serve, AHugeAppendTokenizesWhileOtherSessionsKeepDecoding) {
 
 // Cancel and close reach a session whose append is still tokenizing: cancel answers at once and
 // the append's tokens are dropped (the cancelled append gets no frame of its own, as a cancelled
-// prefill); close too, and a new session of the same name does not receive them.
+// prefill); close too, and a new session of the same name does not receive them. The end of input
+// waits for an append that tokenizes.
 TEST(Serve, CancelAndCloseReachAnAppendThatIsStillTokenizing) {
     EngineProcess e;
     e.next();
@@ -842,6 +843,13 @@ TEST(Serve, CancelAndCloseReachAnAppendThatIsStillTokenizing) {
     ASSERT_EQ(appended.size(), 2u);
     EXPECT_EQ(appended[0].at("tokens_seen"), appended[1].at("tokens_seen"));
     EXPECT_LT(appended[0].at("tokens_seen").as_uint(), 50u);
+
+    // The end of input while an append tokenizes: the engine answers it, then exits.
+    e.send(msg("append", 10).set("session", "b").set("text", text));
+    e.close_input();
+    const Value last = e.until([](const Value & v) { return v.get_uint("id", 0) == 10; }).back();
+    EXPECT_EQ(last.get_str("code", ""), "context_full") << last.get_str("message", "");
+    EXPECT_EQ(e.wait_exit(), 0);
 }
 
 // A frame whose msgpack cannot be decoded is answered with its request's id and session when
