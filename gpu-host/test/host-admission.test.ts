@@ -9,6 +9,10 @@ import { test } from "node:test";
 import { KvAccount } from "../src/host/account.js";
 import { type Admissible, Admission } from "../src/host/admission.js";
 import { HostError } from "../src/host/errors.js";
+import { HostMetrics } from "../src/host/metrics.js";
+import { Residency, type StateEngine } from "../src/host/residency.js";
+import { HostSession, type OpenParams } from "../src/host/session.js";
+import { StateStore } from "../src/host/store.js";
 import {
   appendTokenBound,
   autoBudget,
@@ -354,4 +358,56 @@ test("quota overshoot (issue's numbers): a FullKV session with a 20 MB quota and
     s3.kv.held + prefillPeakBytes(g, appendTokenBound(short, undefined, true), "full", nCtx),
   );
   assert.ok(h3.admission.usage("t") <= quota);
+});
+
+test("with the real residency and store: a session the store refuses (stored_quota_exceeded) stays resident, the next victim goes, and then the request is refused", async () => {
+  // Engine states of 200 bytes (a) and 100 bytes (b); the tenant may store 150 bytes.
+  const sizes: Record<string, number> = { "t/a": 200, "t/b": 100 };
+  const engine = {
+    call: async (m: { type: string; session: string; offset?: number }) =>
+      m.type === "save"
+        ? { type: "saved", offset: 0, state: new Uint8Array(sizes[m.session] ?? 0), total: sizes[m.session] ?? 0 }
+        : { type: `${m.type}d` },
+  } as unknown as StateEngine;
+  const params = { method: "pyramidkv", budget: 64 } as OpenParams;
+  const table: HostSession[] = [];
+  const store = new StateStore(undefined);
+  let residency!: Residency;
+  const admission = new Admission<HostSession>({
+    sessions: () => table,
+    offload: (s) => residency.offload(s),
+    quota: () => 300,
+    poolBytes: () => 1 << 30,
+    refused: () => {},
+  });
+  residency = new Residency(store, { ready: Promise.resolve(engine) }, admission, new HostMetrics(), {
+    maxStoredBytes: () => 150,
+  });
+  const session = (id: string, steady: number, lastUsed: number) => {
+    const s = new HostSession("t", id, params);
+    s.kv.opened();
+    s.kv.settle(steady);
+    s.dirty = true;
+    s.lastUsed = lastUsed;
+    table.push(s);
+    return s;
+  };
+  const a = session("a", 150, 1);
+  const b = session("b", 150, 2);
+  const s = new HostSession("t", "s", params);
+  s.pendingOps++; // being opened: busy
+  table.push(s);
+  await admission.admit(s, 100);
+  assert.equal(a.resident, true, "a's state was refused by the store: a is still in the engine");
+  assert.equal(b.resident, false, "b was offloaded instead");
+  assert.equal(store.storedBytes("t"), 100);
+  assert.equal(admission.usage("t"), 250);
+
+  const s2 = new HostSession("t", "s2", params);
+  s2.pendingOps++;
+  table.push(s2);
+  const e = await refusal(admission.admit(s2, 100));
+  assert.equal(e.code, "quota_exceeded");
+  assert.match(e.message, /1 idle session could not be offloaded/);
+  assert.ok(admission.usage("t") <= 300);
 });
