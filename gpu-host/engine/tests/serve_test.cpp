@@ -821,7 +821,7 @@ TEST(Serve, CancelAndCloseReachAnAppendThatIsStillTokenizing) {
     e.send(msg("cancel", 3).set("session", "b"));
     e.send(append_msg(4, "b", "Hello."));
     e.send(open_msg(5, "c", "full", 64));
-    e.send(msg("append", 6).set("session", "c").set("text", text));
+    e.send(append_msg(6, "c", text));  // as a chat turn: the rendered conversation tokenizes aside too
     e.send(msg("close", 7).set("session", "c"));
     e.send(open_msg(8, "c", "full", 64));
     e.send(append_msg(9, "c", "Hello."));
