@@ -333,6 +333,9 @@ export class SessionHost {
       });
     } catch (e) {
       this.sessions.delete(key);
+      // Timed out: the engine may open it yet; closed there so that the id can be opened again.
+      if (e instanceof EngineRequestError && e.code === ENGINE_TIMEOUT && this.engines.engine.alive)
+        void this.engines.engine.call({ type: "close", session: s.engineName }).catch(() => {});
       throw e;
     } finally {
       s.pendingOps--;
