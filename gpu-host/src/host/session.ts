@@ -54,8 +54,8 @@ export const TURN_GRACE_MS = 30_000;
 /** Whose turn a session is in: one request from its first piece or append until its generate
  * ends, its connection closes, a cancel, or it has been idle past the grace. A request is its
  * request_id (issue 13 multiplexes requests on one connection), else its connection: frames of the
- * holder's connection of which one lacks a request_id are the holder's, and so is its request_id
- * from another connection (a retry). A piece, append or generate of anyone else meanwhile is refused
+ * holder's connection of which one lacks a request_id are the holder's; its request_id from another
+ * connection is not (a closed connection ends its turn: a retry on a new one finds it free). A piece, append or generate of anyone else meanwhile is refused
  * with session_busy, at once: never queued behind the turn, never mixed into it (docs/HOST.md,
  * "Turns"). */
 export class Turn {
@@ -78,7 +78,6 @@ export class Turn {
     const now = this.now();
     if (h && this.holds(h, requestId, sink)) {
       h.requestId ??= requestId;
-      h.sink = sink;
       h.at = now;
       return h.id;
     }
@@ -92,8 +91,7 @@ export class Turn {
   }
 
   private holds(h: { requestId?: string; sink: Sink }, requestId: string | undefined, sink: Sink): boolean {
-    if (requestId !== undefined && h.requestId === requestId) return true;
-    return h.sink === sink && (requestId === undefined || h.requestId === undefined);
+    return h.sink === sink && (requestId === undefined || h.requestId === undefined || h.requestId === requestId);
   }
 
   /** The holder was active now (a request of its ended): its grace starts again. */
