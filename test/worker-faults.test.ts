@@ -411,6 +411,12 @@ test("an offload directory that cannot be written: the turn fails checkpoint_fai
   assert.equal(twin.status, 200);
   const { proc: host, index } = await hostOf(s);
   const od = offloadDirs[index]!;
+  const indexed = () =>
+    (JSON.parse(readFileSync(join(od, "index.json"), "utf8")) as { session: string; tokens_seen: number }[]).find(
+      (e) => e.session === s.id,
+    )?.tokens_seen;
+  const before = indexed();
+  assert.ok(before !== undefined && before > 0, "the document's checkpoint is indexed");
   // Root ignores permissions: a plain file in the directory's place makes every write ENOTDIR.
   renameSync(od, `${od}.away`);
   writeFileSync(od, "not a directory");
@@ -434,16 +440,9 @@ test("an offload directory that cannot be written: the turn fails checkpoint_fai
   assert.equal(retry.status, 200, JSON.stringify(retry.body));
   assert.equal(retry.text, twin.text, "the retry answers as its twin");
   assert.equal(retry.promptTokens, twin.promptTokens);
-  const entries = JSON.parse(readFileSync(join(od, "index.json"), "utf8")) as {
-    session: string;
-    tokens_seen: number;
-  }[];
-  const st = (await (await api("disk", "GET", `/v1/sessions/${s.id}`)).json()) as { tokens: number };
-  assert.equal(
-    entries.find((e) => e.session === s.id)?.tokens_seen,
-    st.tokens,
-    "the checkpoint after the retry is indexed",
-  );
+  // One failed write does not stop later ones: the retry's checkpoint is indexed.
+  const after = indexed();
+  assert.ok(after !== undefined && after > before, `the retry's checkpoint is indexed (${before} → ${after} tokens)`);
   for (const id of [s.id, t.id]) await api("disk", "DELETE", `/v1/sessions/${id}`);
 });
 
