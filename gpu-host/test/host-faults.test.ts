@@ -163,6 +163,44 @@ test("a first append whose checkpoint fails leaves the session empty (nothing to
   }
 });
 
+test("a turn (messages that open the assistant's turn, then generate) is checkpointed, or rolled back, whole", {
+  timeout: 60_000,
+}, async () => {
+  const host = await fakeHost();
+  const c = await HostClient.connect(host.url);
+  const question = { type: "append" as const, tenant: "t", session: "m", messages: [{ role: "user", content: "hi" }] };
+  try {
+    await open(c, "m");
+    expectType(await c.call({ type: "append", tenant: "t", session: "m", text: "doc" }), "appended");
+    assert.equal(expectType(await c.call(question), "appended").tokens_seen, 12);
+    host.faults({ fail_save: ["t/m"] });
+    assert.equal(
+      errorOf(await c.call({ type: "generate", tenant: "t", session: "m", max_tokens: 2 })),
+      "checkpoint_failed",
+    );
+    host.faults({});
+    assert.equal(await tokensSeen(c, "m"), 3, "back to before the turn, not to its open assistant turn");
+    expectType(await c.call(question), "appended");
+    expectType(await c.call({ type: "generate", tenant: "t", session: "m", max_tokens: 2 }), "done");
+    const after = await tokensSeen(c, "m");
+    // The engine dies between a turn's append and its generate: the generate fails, the turn is sent again.
+    expectType(await c.call(question), "appended");
+    const pid = host.sessions.enginePid!;
+    process.kill(pid, "SIGKILL");
+    await until(() => host.sessions.healthy && host.sessions.enginePid !== pid, "the engine's restart");
+    assert.equal(
+      errorOf(await c.call({ type: "generate", tenant: "t", session: "m", max_tokens: 2 })),
+      "engine_restarted",
+    );
+    assert.equal(await tokensSeen(c, "m"), after);
+    expectType(await c.call(question), "appended");
+    expectType(await c.call({ type: "generate", tenant: "t", session: "m", max_tokens: 2 }), "done");
+  } finally {
+    c.close();
+    await host.stop();
+  }
+});
+
 // ---- item 5: engine deadlines, errors without an id, an engine that reads no more --------------------
 
 test("an engine error without an id fails its request and frees the prefill slot (another tenant's prefill runs)", {

@@ -130,6 +130,11 @@ export class HostSession {
   tokensSeen: number;
   /** tokens_seen the edge was last told (appended, done; a stored session's) */
   ackedTokens: number;
+  /** an append opened the assistant's turn (messages with add_generation_prompt): only its
+   * generate may follow, and the turn is checkpointed, or rolled back, whole with it */
+  openTurn = false;
+  /** the open turn was rolled back before its generate came: that generate fails with this */
+  turnLost?: { code: "engine_restarted" | "checkpoint_failed"; message: string };
   lastUsed = Date.now();
   /** the per-session queue: appends and generates run one at a time, in arrival order */
   chain: Promise<void> = Promise.resolve();
@@ -170,8 +175,15 @@ export class HostSession {
   /** Back to its checkpoint, outside the engine (the engine's copy is gone or discarded): restored
    * on its next request. One never saved is reopened empty if the edge was never told of any
    * content (nothing acknowledged is lost), else lost (reported once with session_lost). */
-  backToCheckpoint(why: string): void {
+  backToCheckpoint(why: string, code: "engine_restarted" | "checkpoint_failed" = "engine_restarted"): void {
     this.kv.evicted();
+    if (this.openTurn) {
+      this.openTurn = false;
+      this.turnLost = {
+        code,
+        message: `the turn's append was rolled back before its generate (${why}); send the turn again`,
+      };
+    }
     if (this.saved) {
       this.tokensSeen = this.checkpoint.tokensSeen;
       this.kv.measure(this.checkpoint.kvBytes);

@@ -377,6 +377,8 @@ export class SessionHost {
       try {
         if (op.cancelled) throw new HostError("cancelled", `${kind} cancelled before it started`);
         if (s.lost) throw new HostError("session_lost", `session '${s.id}' was lost: ${s.lost}`);
+        if (kind === "generate" && s.turnLost) throw new HostError(s.turnLost.code, s.turnLost.message);
+        if (kind === "append") s.turnLost = undefined; // the edge sends the turn again
         try {
           if (kind === "append") await this.append(s, op, msg as HostMessage<"append">);
           else await this.generate(s, op, msg as HostMessage<"generate">, t0);
@@ -390,6 +392,7 @@ export class SessionHost {
         s.ops.splice(s.ops.indexOf(op), 1);
         s.pendingOps--;
         s.lastUsed = Date.now();
+        if (kind === "generate") s.turnLost = undefined; // reported by this generate, or moot
         // A turn ends with its generate, or with a failed append (the edge ends the request there).
         if (kind === "generate" || !ok) {
           s.turn.release(turn);
@@ -452,8 +455,12 @@ export class SessionHost {
       s.kv.settle(done.kv_bytes);
       s.dirty = true;
       // Answered once checkpointed: when the edge sees 'appended', an engine crash loses nothing.
-      await this.afterOp(s, op);
-      s.ackedTokens = s.tokensSeen;
+      // An append that opens the assistant's turn is checkpointed with its generate (only that
+      // may follow it): the turn is saved, or rolled back, whole, so the edge can send it again.
+      const opensTurn = messages !== undefined && msg.add_generation_prompt !== false;
+      await this.afterOp(s, op, !opensTurn);
+      s.openTurn = opensTurn;
+      if (!opensTurn) s.ackedTokens = s.tokensSeen;
       if (op.sink.open)
         op.sink.send({
           type: "appended",
@@ -505,6 +512,7 @@ export class SessionHost {
       s.dirty = true;
       s.kv.end();
       await this.afterOp(s, op);
+      s.openTurn = false;
       s.ackedTokens = s.tokensSeen;
       if (op.sink.open)
         op.sink.send({
@@ -527,18 +535,23 @@ export class SessionHost {
   // an engine death meanwhile is engine_restarted (the supervisor put the session back), or
   // session_lost for one with nothing to go back to. Without checkpoints only the engine's death
   // fails the request (the result stands in the engine, but is not the edge's to lose silently).
-  private async afterOp(s: HostSession, op: Op): Promise<void> {
+  private async afterOp(s: HostSession, op: Op, save = true): Promise<void> {
+    const checkpoint = this.config.checkpoint && save;
     try {
       const engine = await this.engines.ready;
+      // The engine decodes a generation's last token when the session is next used or saved: a
+      // one-byte save decodes it now, so that the stats and the checkpoint's meta count it.
+      if (checkpoint && op.kind === "generate")
+        await engine.call({ type: "save", session: s.engineName, offset: 0, max_bytes: 1 });
       const st = await engine.call<"stats_result">({ type: "stats", session: s.engineName });
       this.learnGeometry(s, st);
       s.kv.measure(st.kv_bytes ?? s.kv.steady);
       s.tokensSeen = st.tokens_seen ?? s.tokensSeen;
-      if (this.config.checkpoint) await this.residency.save(s, engine);
+      if (checkpoint) await this.residency.save(s, engine);
     } catch (e) {
       const why = e instanceof Error ? e.message : String(e);
       const died = e instanceof EngineRequestError && e.code === ENGINE_DIED;
-      if (!died && !this.config.checkpoint) {
+      if (!died && !checkpoint) {
         hostLog(`${op.kind} ${s.engineName}: stats after it failed: ${why}`, op.requestId);
         return;
       }
@@ -566,7 +579,10 @@ export class SessionHost {
         await engine.call({ type: "close", session: s.engineName }).catch(() => {});
       }
       s.kv.end();
-      s.backToCheckpoint(`${op.kind} could not be checkpointed and nothing was saved before (${why})`);
+      s.backToCheckpoint(
+        `${op.kind} could not be checkpointed and nothing was saved before (${why})`,
+        "checkpoint_failed",
+      );
     }
     if (s.lost || !this.engines.engine.alive) return;
     try {
