@@ -144,6 +144,8 @@ const TENANTS = {
 type TenantName = keyof typeof TENANTS;
 const TENANT_NAMES = Object.keys(TENANTS) as TenantName[];
 const MODEL = "default";
+/** errors a client retries: the host or its engine is restarting, or busy */
+const RETRYABLE = ["host_unavailable", "engine_restarted", "checkpoint_failed", "timeout", "busy", "pool_full"];
 const QUESTIONS = [
   "What is the secret code mentioned in the document?",
   "Summarise the document in one sentence.",
@@ -520,8 +522,8 @@ export async function runSoak(o: SoakOptions): Promise<{ report: Record<string, 
     })();
 
     // Faults: kill -9 of an engine or a whole host at random times, at least one of each in a run.
-    const kill = async (kind: "engine" | "host") => {
-      const i = between(0, 1);
+    const kill = async (kind: "engine" | "host", victim?: number) => {
+      const i = victim ?? between(0, 1);
       const h = hosts[i]!;
       const ev: (typeof kills)[number] = { at_s: at(), kind, host: i };
       kills.push(ev);
@@ -551,6 +553,57 @@ export async function runSoak(o: SoakOptions): Promise<{ report: Record<string, 
       }
       hostDown[i] = false;
     };
+    /** A message on a session, retried while the answer is a retryable error (a host restarting). */
+    const askUntil = async (t: Tracked, question: string, maxTokens: number, afterKill: boolean) => {
+      const until = Date.now() + 120_000;
+      for (;;) {
+        const r = await request("witness_message", t.tenant, "POST", `/v1/sessions/${t.id}/messages`, {
+          content: question,
+          max_tokens: maxTokens,
+          temperature: 0,
+          stream: false,
+        });
+        if (r.kind === "ok") {
+          const answer =
+            (JSON.parse(r.text) as { choices?: { message?: { content?: string } }[] }).choices?.[0]?.message?.content ??
+            "";
+          t.turns.push({ question, maxTokens, answer, afterKill });
+          return true;
+        }
+        const retry = r.kind === "typed" && RETRYABLE.includes(r.code);
+        if (!retry || Date.now() > until) return r.kind === "typed" ? r.code : r.kind;
+        await sleep(3000);
+      }
+    };
+    // Each kill has a witness: a session opened and asked once on the victim just before, asked
+    // again after the kill (its state restored from the checkpoint or the offload directory).
+    const witnesses: { kill: number; session: string; after: string | true }[] = [];
+    const witnessed = async (kind: "engine" | "host") => {
+      const tenant: TenantName = "alpha";
+      const document = documentOf().slice(0, 3000);
+      const kv = { kv_method: "pyramidkv", kv_budget: 128 };
+      const opened = await request("witness_open", tenant, "POST", "/v1/sessions", { document, ...kv });
+      const session = opened.kind === "ok" ? (JSON.parse(opened.text) as { id: string; host: string }) : undefined;
+      if (session && !hostIds.has(session.host)) await refreshIds().catch(() => {});
+      const victim = session ? hostIds.get(session.host) : undefined;
+      if (!session || victim === undefined || victim < 0 || hostDown[victim]) return kill(kind);
+      const t: Tracked = {
+        tenant,
+        id: session.id,
+        hostIndex: victim,
+        document,
+        kv,
+        turns: [],
+        clean: true,
+        openedAt: Date.now(),
+      };
+      tracked.push(t);
+      if ((await askUntil(t, pick(QUESTIONS), 16, false)) !== true) t.clean = false;
+      await kill(kind, victim);
+      const after = await askUntil(t, pick(QUESTIONS), 16, true);
+      if (after !== true) t.clean = false;
+      witnesses.push({ kill: kills.length - 1, session: t.id, after });
+    };
     const endAt = t0 + o.minutes * 60_000;
     const faults = (async () => {
       const span = endAt - t0;
@@ -565,7 +618,7 @@ export async function runSoak(o: SoakOptions): Promise<{ report: Record<string, 
       for (const p of plan) {
         while (running && Date.now() < p.at) await sleep(250);
         if (!running || Date.now() > endAt) break;
-        await kill(p.kind);
+        await witnessed(p.kind);
       }
     })();
 
@@ -651,6 +704,7 @@ export async function runSoak(o: SoakOptions): Promise<{ report: Record<string, 
       no_session_leaked: empty(afterTtl),
       no_tenant_over_quota: Object.values(quota).every((q) => q.over === 0),
       restored_equal_twins: twins.differ === 0 && twins.failed === 0,
+      witnesses_answered_after_their_kill: witnesses.every((w) => w.after === true),
       faults_injected:
         kills.some((k) => k.kind === "engine" && !k.error) && kills.some((k) => k.kind === "host" && !k.error),
     };
@@ -674,6 +728,7 @@ export async function runSoak(o: SoakOptions): Promise<{ report: Record<string, 
         by_kind: counts.byKind,
       },
       kills,
+      witnesses,
       sessions: {
         opened: tracked.length,
         restored_after_kill: restoredCandidates.length,
@@ -705,7 +760,7 @@ export const command = defineCommand({
     data: string(),
     out: string(),
     clients: int({ min: 1, max: 64, default: 4 }),
-    "ttl-seconds": int({ min: 5, max: 3600, default: 45 }),
+    "ttl-seconds": int({ min: 5, max: 3600, default: 90 }),
     verify: int({ min: 0, max: 1000, default: 8 }),
   },
   async run(f) {
