@@ -229,6 +229,34 @@ test("an engine error without an id fails its request and frees the prefill slot
   }
 });
 
+test("a generate waiting for its tenant's decode lane is told 'queued' (the edge's idle deadline must not fire), then runs", {
+  timeout: 60_000,
+}, async () => {
+  // The first generate is never answered: it holds the tenant's one lane until the engine deadline fails it.
+  const host = await fakeHost({ decodeLanes: 4, tenantDecodeLanes: 1, engineTimeoutMs: 3000 }, ["--checkpoint", "off"]);
+  const c = await HostClient.connect(host.url);
+  try {
+    await open(c, "a");
+    await open(c, "b");
+    host.faults({ silent: ["generate"] });
+    const first = c.request({ type: "generate", tenant: "t", session: "a", max_tokens: 2 });
+    await until(() => host.received("generate", "a").length === 1, "the first generate in the engine");
+    host.faults({});
+    const seen: FromHostMessage[] = [];
+    const second = c.request({ type: "generate", tenant: "t", session: "b", max_tokens: 2 }, (f) => seen.push(f));
+    await until(() => seen.some((f) => f.type === "queued"), "a queued frame for the waiting generate");
+    const q = seen.find((f) => f.type === "queued")!;
+    assert.deepEqual({ ...q, id: 0 }, { type: "queued", id: 0, session: "b", lane: "decode" });
+    assert.equal(host.received("generate", "b").length, 0, "the waiting generate has not reached the engine");
+    assert.equal(errorOf(await answer(first, "the unanswered first generate")), "timeout");
+    const done = await answer(second, "the second generate once the lane is free");
+    assert.equal(expectType(done, "done").session, "b");
+  } finally {
+    c.close();
+    await host.stop();
+  }
+});
+
 test("an engine that answers nothing within the deadline: the request fails with timeout, the engine is restarted", {
   timeout: 60_000,
 }, async () => {

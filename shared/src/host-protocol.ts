@@ -127,6 +127,7 @@ export const HOST_MESSAGES = {
     direction: "from_host",
     fields: { id: "uint", session: "str", reason: "str", new_tokens: "uint", text: "str", seed: "uint?" },
   },
+  queued: { direction: "from_host", fields: { id: "uint", session: "str", lane: "str" } },
   buffered: { direction: "from_host", fields: { id: "uint", session: "str", buffered_bytes: "uint" } },
   cancelled: { direction: "from_host", fields: { id: "uint", session: "str" } },
   closed: { direction: "from_host", fields: { id: "uint", session: "str" } },

@@ -45,7 +45,7 @@ export interface HostConfig {
   /** save every session after each completed append/generate, so an engine crash loses nothing */
   checkpoint: boolean;
   tenants: Record<string, TenantLimits>;
-  /** limits of a tenant absent from `tenants` (kvQuotaBytes 0 = the whole pool) */
+  /** limits of a tenant absent from `tenants` (kvQuotaBytes 0 = no quota of its own: admission.ts, fair share) */
   defaultTenant: TenantLimits;
   /** appends (prefills) in the engine at once; the rest wait in per-tenant queues */
   maxConcurrentPrefills: number;
@@ -203,6 +203,8 @@ export function hostConfig(f: FlagValues<typeof HOST_FLAGS>): HostConfig {
       `--tenant-decode-lanes: ${f["tenant-decode-lanes"]} is more than --decode-lanes ${f["decode-lanes"]}; it must be 1..${f["decode-lanes"]}`,
     );
   const metricsToken = f["metrics-token"];
+  if (metricsToken !== undefined && metricsToken !== "" && metricsToken.length < 16)
+    throw new Error("--metrics-token (or PKV_METRICS_TOKEN): at least 16 characters when set");
   return {
     listen: f.listen,
     port: f.port,

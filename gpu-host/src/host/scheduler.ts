@@ -134,15 +134,17 @@ export class FairScheduler {
     tenant: string,
     kind: JobKind,
     fn: () => Promise<T>,
-  ): { promise: Promise<T>; abort: (reason: Error) => boolean } {
+  ): { promise: Promise<T>; abort: (reason: Error) => boolean; started: () => boolean } {
     const lane = this.lanes[kind];
     let job!: Job;
     let rejectQueued!: (e: Error) => void;
+    let started = false;
     const promise = new Promise<T>((resolve, reject) => {
       rejectQueued = reject;
       job = {
         tenant,
         start: () => {
+          started = true;
           fn()
             .then(resolve, reject)
             .finally(() => lane.done(tenant));
@@ -157,6 +159,7 @@ export class FairScheduler {
         rejectQueued(reason);
         return true;
       },
+      started: () => started,
     };
   }
 }

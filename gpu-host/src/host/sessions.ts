@@ -173,7 +173,7 @@ export class SessionHost {
     };
     const finish = () => this.metrics.latency.observe({ type: msg.type }, (performance.now() - t0) / 1000);
     try {
-      // issue 12: the frame's tenant is trusted as sent; bind it to the connection's credential.
+      // server.ts has already answered frames of any tenant but its credential's with 'unauthorized'.
       if (!TENANT_NAME.test(msg.tenant))
         throw new HostError(
           "invalid",
@@ -414,7 +414,13 @@ export class SessionHost {
     checkContext(msg, s.tokensSeen, this.hello.n_ctx);
     const { text, messages } = withPieces(s, msg);
     const newTokens = appendTokenBound(text, msg.tokens, msg.chat, messages);
-    const extra = prefillPeakBytes(this.geometryFor(s.params), newTokens);
+    // FullKV keeps every token it prefills: its peak is all of them, up to the context's room.
+    const extra = prefillPeakBytes(
+      this.geometryFor(s.params),
+      newTokens,
+      s.params.method,
+      this.hello.n_ctx - s.tokensSeen,
+    );
     await this.residency.ensureResident(s, extra);
     try {
       const engine = await this.engines.ready;
@@ -449,7 +455,7 @@ export class SessionHost {
           }),
       );
       op.abortQueued = job.abort;
-      const done = await job.promise;
+      const done = await whileQueued(op, s.id, "prefill", job);
       this.metrics.promptTokens.inc({ tenant: s.tenant }, done.tokens_seen - s.tokensSeen);
       s.tokensSeen = done.tokens_seen;
       s.kv.settle(done.kv_bytes);
@@ -508,7 +514,7 @@ export class SessionHost {
           }),
       );
       op.abortQueued = job.abort;
-      const done = await job.promise;
+      const done = await whileQueued(op, s.id, "decode", job);
       s.dirty = true;
       s.kv.end();
       await this.afterOp(s, op);
@@ -776,6 +782,33 @@ export class SessionHost {
     }
     this.engines.stop();
     await this.engines.engine.shutdown();
+  }
+}
+
+/** How often a request waiting for its lane says so (host.json `queued`): well inside the edge's
+ * idle deadline (PKV_HOST_IDLE_TIMEOUT_MS, 60 s by default). */
+export const QUEUED_EVERY_MS = 10_000;
+
+/** The job's result; while it waits for a lane, `queued` frames (at once, then every
+ * QUEUED_EVERY_MS) tell the edge that the host is alive and the request is in a queue: a tenant's
+ * own backlog of generations must not look like a dead host. */
+async function whileQueued<T>(
+  op: Op,
+  session: string,
+  lane: "prefill" | "decode",
+  job: { promise: Promise<T>; started: () => boolean },
+): Promise<T> {
+  if (job.started()) return job.promise;
+  const tell = () => {
+    if (!job.started() && op.sink.open) op.sink.send({ type: "queued", id: op.id, session, lane });
+  };
+  tell();
+  const timer = setInterval(tell, QUEUED_EVERY_MS);
+  timer.unref();
+  try {
+    return await job.promise;
+  } finally {
+    clearInterval(timer);
   }
 }
 
