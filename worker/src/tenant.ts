@@ -67,6 +67,8 @@ export interface SessionRecord {
   state?: "opening" | "open" | "closing";
   /** the last request that touched it (Unix ms; absent: its creation) */
   used_ms?: number;
+  /** a request on it is in flight: it does not expire before this (Unix ms; cleared when the request ends) */
+  busy_until_ms?: number;
   /** a tombstone of a session that expired (requests for it get session_expired), not deleted */
   expired?: boolean;
   closing_since_ms?: number;
@@ -82,6 +84,11 @@ export type SessionUse =
 
 const stateOf = (r: SessionRecord) => r.state ?? (r.host === "" ? "opening" : "open");
 const usedMs = (r: SessionRecord) => r.used_ms ?? r.created * 1000;
+/** A request in flight holds its session at most this long (one whose end the edge never saw: an
+ * evicted isolate); a long prefill or generation is never expired under itself by the alarm. */
+export const REQUEST_MAX_MS = 30 * 60_000;
+/** When an open session expires: its TTL after its last use, not while a request runs on it. */
+const expiresAt = (r: SessionRecord, ttl: number) => Math.max(usedMs(r) + ttl, r.busy_until_ms ?? 0);
 
 export type Admission =
   | { ok: true; used: number; limit: number; reset_s: number; config: TenantConfig | null }
@@ -165,7 +172,7 @@ export class TenantState extends DurableObject<Env> {
     if (!rec || stateOf(rec) === "closing") return null;
     const next = { ...rec, ...patch };
     await this.ctx.storage.put(`session:${id}`, next);
-    if (stateOf(next) === "open") await this.wakeBy(usedMs(next) + (await this.ttlMs()));
+    if (stateOf(next) === "open") await this.wakeBy(expiresAt(next, await this.ttlMs()));
     return next;
   }
 
@@ -180,11 +187,11 @@ export class TenantState extends DurableObject<Env> {
     if (state === "closing") return { ok: false, code: rec.expired ? "session_expired" : "session_not_found" };
     if (state === "opening") return { ok: false, code: "session_not_found" };
     const ttl = await this.ttlMs();
-    if (usedMs(rec) + ttl <= nowMs) {
+    if (expiresAt(rec, ttl) <= nowMs) {
       await this.tombstone(rec, true, nowMs);
       return { ok: false, code: "session_expired" };
     }
-    const next = { ...rec, used_ms: nowMs };
+    const next = { ...rec, used_ms: nowMs, busy_until_ms: nowMs + REQUEST_MAX_MS };
     await this.ctx.storage.put(`session:${id}`, next);
     await this.wakeBy(nowMs + ttl);
     return { ok: true, rec: next };
@@ -193,7 +200,10 @@ export class TenantState extends DurableObject<Env> {
   /** A request on the session ended: its TTL counts from now. */
   async touchSession(id: string, nowMs = Date.now()): Promise<void> {
     const rec = await this.session(id);
-    if (rec && stateOf(rec) === "open") await this.ctx.storage.put(`session:${id}`, { ...rec, used_ms: nowMs });
+    if (rec && stateOf(rec) === "open") {
+      const { busy_until_ms: _, ...idle } = rec;
+      await this.ctx.storage.put(`session:${id}`, { ...idle, used_ms: nowMs });
+    }
   }
 
   async session(id: string): Promise<SessionRecord | null> {
@@ -250,7 +260,7 @@ export class TenantState extends DurableObject<Env> {
       if (state === "opening" && rec.created * 1000 + OPENING_DEADLINE_MS <= now) {
         if (rec.host === "") await this.dropSession(rec.id);
         else await this.tombstone(rec, false, now);
-      } else if (state === "open" && usedMs(rec) + ttl <= now) await this.tombstone(rec, true, now);
+      } else if (state === "open" && expiresAt(rec, ttl) <= now) await this.tombstone(rec, true, now);
     }
     const due = new Map<string, SessionRecord[]>();
     for (const rec of await this.records()) {
@@ -299,7 +309,7 @@ export class TenantState extends DurableObject<Env> {
         state === "opening"
           ? rec.created * 1000 + OPENING_DEADLINE_MS
           : state === "open"
-            ? usedMs(rec) + ttl
+            ? expiresAt(rec, ttl)
             : Math.min(rec.next_try_ms ?? 0, (rec.closing_since_ms ?? 0) + ttl);
       next = Math.min(next, at);
     }

@@ -118,6 +118,22 @@ describe("sessions expire at the edge", () => {
     expect((await call(`/v1/sessions/${id}`, as(k))).status).toBe(200);
   });
 
+  it("a request still in flight past the TTL keeps its session: the alarm expires it only after the request ended", async () => {
+    const k = await makeTenant("ttl-busy", { requests_per_minute: 1000, session_ttl_s: 60 });
+    const id = await newSession(k);
+    // a long prefill or generation: its request began (useSession) and has not ended yet
+    expect((await stubOf("ttl-busy").useSession(id)).ok).toBe(true);
+    await age("ttl-busy", id, 61_000);
+    await runDurableObjectAlarm(stubOf("ttl-busy"));
+    expect(closes(id)).toBe(0);
+    expect(await records("ttl-busy")).toMatchObject([{ id, state: "open" }]);
+    await stubOf("ttl-busy").touchSession(id); // the request ended: the TTL counts from now
+    await age("ttl-busy", id, 61_000);
+    await runDurableObjectAlarm(stubOf("ttl-busy"));
+    expect(closes(id)).toBe(1);
+    expect(await records("ttl-busy")).toEqual([]);
+  });
+
   it("a host unreachable at expiry: the slot is freed at once, the close retried by a later alarm", async () => {
     const k = await makeTenant("ttl-retry", { max_sessions: 1, requests_per_minute: 1000, session_ttl_s: 60 });
     const id = await newSession(k);

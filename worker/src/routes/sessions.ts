@@ -18,7 +18,7 @@ import { hostId } from "../host-id.js";
 import type { HostLink } from "../host-link.js";
 import { withHost } from "../host-lease.js";
 import { appendTurns, checkMaxTokens, modelId, openSession, randomId, turnsBytes } from "../serve.js";
-import type { SessionRecord } from "../tenant.js";
+import { REQUEST_MAX_MS, type SessionRecord } from "../tenant.js";
 import { jsonBody, messageRequest, resolveKv, sessionRequest } from "../validate.js";
 
 export const DEFAULT_SYSTEM =
@@ -94,7 +94,13 @@ sessions.post("/", jsonBody(sessionRequest), async (c) => {
     { role: "user", content: req.document },
   ];
   // A failed upload, or a client that leaves during it, closes the session on the host and gives the slot back.
-  return withHost(c, { opens: id, model: req.model, onFailure: () => stub.dropSession(id) }, async (lease) => {
+  const plan = {
+    opens: id,
+    model: req.model,
+    onFailure: () => stub.dropSession(id),
+    onEnd: () => stub.touchSession(id),
+  };
+  return withHost(c, plan, async (lease) => {
     // The host is recorded before the open, so that a DELETE or the alarm can close a session
     // whose request died while opening it. A record gone meanwhile was deleted: this open fails
     // (and its failure closes what it opened).
@@ -103,6 +109,8 @@ sessions.post("/", jsonBody(sessionRequest), async (c) => {
     const rec = await stub.updateSession(id, {
       state: "open",
       used_ms: Date.now(),
+      // the document's prefill still runs: the alarm must not expire the session under it
+      busy_until_ms: Date.now() + REQUEST_MAX_MS,
       kv_method: opened.method,
       kv_budget: opened.budget,
       model: modelId(lease.link.hello.model),
