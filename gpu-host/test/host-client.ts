@@ -36,24 +36,22 @@ const FINAL = new Set([
 /** PKV_TEST_ENGINE_BIN: the host tests run on another build of the engine (a helper's own build
  * directory, before the shared build has its change); unset: the shared build. */
 const ENGINE_ARGS = process.env.PKV_TEST_ENGINE_BIN ? ["--engine", process.env.PKV_TEST_ENGINE_BIN] : [];
+/** What every test host starts with, in process (testConfig) or as a child (pkv host). */
+const TEST_HOST_ARGS = [
+  "--port",
+  "0",
+  "--edge-secret",
+  SECRET,
+  "--metrics-token",
+  METRICS_TOKEN,
+  "--threads",
+  "2",
+  ...ENGINE_ARGS,
+];
 
 export function testConfig(over: Partial<HostConfig> = {}, argv: string[] = []): HostConfig {
   return {
-    ...parseHostConfig(
-      [
-        "--port",
-        "0",
-        "--edge-secret",
-        SECRET,
-        "--metrics-token",
-        METRICS_TOKEN,
-        "--threads",
-        "2",
-        ...ENGINE_ARGS,
-        ...argv,
-      ],
-      {},
-    ),
+    ...parseHostConfig([...TEST_HOST_ARGS, ...argv], {}),
     ...over,
   };
 }
@@ -210,26 +208,9 @@ export async function spawnHostProcess(
   args: string[],
 ): Promise<{ child: ChildProcess; port: number; exit: Promise<number | null> }> {
   const cli = resolve(repoRoot(), "gpu-host", "dist", "src", "cli.js");
-  const child = spawn(
-    process.execPath,
-    [
-      cli,
-      "host",
-      "--port",
-      "0",
-      "--edge-secret",
-      SECRET,
-      "--metrics-token",
-      METRICS_TOKEN,
-      "--threads",
-      "2",
-      ...ENGINE_ARGS,
-      ...args,
-    ],
-    {
-      stdio: ["ignore", "pipe", "pipe"],
-    },
-  );
+  const child = spawn(process.execPath, [cli, "host", ...TEST_HOST_ARGS, ...args], {
+    stdio: ["ignore", "pipe", "pipe"],
+  });
   const exit = new Promise<number | null>((r) => child.on("exit", (code) => r(code)));
   let err = "";
   child.stderr!.setEncoding("utf8").on("data", (d: string) => (err += d));

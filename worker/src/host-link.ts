@@ -11,6 +11,8 @@
 // one is gone (HostGone: 503 with Retry-After, and routing marks it down); the link is closed,
 // which cancels its work on the host.
 import {
+  edgeTokenMessage,
+  normaliseHost,
   type AnyHostMessage,
   decodeHostMessage,
   encodeHostMessage,
@@ -20,6 +22,8 @@ import {
 } from "@pyramidkv/shared";
 
 import { ApiError, fromHostError, noHost } from "./errors.js";
+
+export { normaliseHost };
 
 const FINAL = new Set([
   "opened",
@@ -60,16 +64,6 @@ export class HostGone extends ApiError {
   }
 }
 
-/** A Host header as gpu-host/src/host/auth.ts compares it: lower case, no trailing dot, no default port. */
-export function normaliseHost(host: string): string {
-  let h = host
-    .trim()
-    .toLowerCase()
-    .replace(/:(80|443)$/, "");
-  if (h.endsWith(".")) h = h.slice(0, -1);
-  return h.replace(/\.:(\d+)$/, ":$1");
-}
-
 const hex = (b: Uint8Array) => [...b].map((x) => x.toString(16).padStart(2, "0")).join("");
 
 /**
@@ -92,7 +86,7 @@ export async function edgeToken(
     false,
     ["sign"],
   );
-  const signed = ["pkv-edge-v2", String(expiry), tenant, normaliseHost(host), nonce].join("\n");
+  const signed = edgeTokenMessage(expiry, tenant, host, nonce);
   const mac = new Uint8Array(await crypto.subtle.sign("HMAC", key, new TextEncoder().encode(signed)));
   return `pkv2.${expiry}.${nonce}.${hex(mac)}.${tenant}`;
 }

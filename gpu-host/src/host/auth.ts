@@ -13,7 +13,11 @@
 // (worker/src/host-link.ts).
 import { createHash, createHmac, randomBytes, timingSafeEqual } from "node:crypto";
 
+import { edgeTokenMessage, normaliseHost } from "@pyramidkv/shared";
+
 import { TENANT_NAME } from "./config.js";
+
+export { normaliseHost };
 
 export const MAX_TOKEN_TTL_S = 300;
 /** Nonces remembered until their token expires; past this many live ones, upgrades get 503. */
@@ -22,19 +26,9 @@ const TOKEN = /^Bearer pkv2\.(\d{1,12})\.([0-9a-f]{32})\.([0-9a-f]{64})\.([A-Za-
 const OLD_TOKEN = /^Bearer \d{1,12}\.[0-9a-f]{64}$/;
 const HOST = /^[a-z0-9._-]+(:\d{1,5})?$|^\[[0-9a-f:.]+\](:\d{1,5})?$/;
 
-/** A Host header as both sides compare it: lower case, no trailing dot, no default port. */
-export function normaliseHost(host: string): string {
-  let h = host
-    .trim()
-    .toLowerCase()
-    .replace(/:(80|443)$/, "");
-  if (h.endsWith(".")) h = h.slice(0, -1);
-  return h.replace(/\.:(\d+)$/, ":$1");
-}
-
 function mac(secret: string, expiry: number, tenant: string, host: string, nonce: string): string {
   return createHmac("sha256", secret)
-    .update(["pkv-edge-v2", String(expiry), tenant, host, nonce].join("\n"))
+    .update(edgeTokenMessage(expiry, tenant, host, nonce))
     .digest("hex");
 }
 
