@@ -46,8 +46,16 @@ export type {
 export { decodeMessage, encodeMessage, ENGINE_SPEC_FORMAT } from "./protocol.js";
 export type { AnyDirection, DecodedMessage, HostDirection, MessageOf, MessageTable, SpecFormat } from "./protocol.js";
 export {
+  CONTROL_CHANNEL,
+  CONTROL_TYPES,
+  decodeControlMessage,
   decodeHostMessage,
+  encodeChannelFrame,
   encodeHostMessage,
+  HOST_STATE_PART_BYTES,
+  MAX_CHANNEL,
+  prefixChannel,
+  splitChannelFrame,
   HOST_ERROR_CODES,
   HOST_MAX_FRAME_BYTES,
   HOST_MESSAGES,
@@ -55,7 +63,10 @@ export {
   HOST_PROTOCOL_VERSION,
 } from "./host-protocol.js";
 export type {
+  AnyHostFrame,
   AnyHostMessage,
+  ControlFromHost,
+  ControlToHost,
   FromHostMessage,
   HostErrorCode,
   HostMessage,
