@@ -13,7 +13,7 @@ export type ErrorType =
 
 export class ApiError extends Error {
   constructor(
-    readonly status: 400 | 401 | 404 | 405 | 409 | 413 | 429 | 500 | 502 | 503 | 504,
+    readonly status: 400 | 401 | 404 | 405 | 409 | 413 | 426 | 429 | 500 | 502 | 503 | 504,
     readonly type: ErrorType,
     message: string,
     readonly param: string | null = null,

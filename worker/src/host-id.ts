@@ -1,12 +1,14 @@
-// Tenants never see GPU host URLs (they would learn the hosts' addresses, and with them a way
-// around the edge): a host is named to a tenant by an opaque id, the first 64 bits of
-// HMAC-SHA256(EDGE_SECRET, "pkv-host-id." + url) — stable, and not guessable from a list of
-// candidate URLs without the secret. The admin's host list shows each host's id beside its URL.
+// Tenants never see GPU host names (they are the operator's, and would tell a tenant how the
+// fleet is made): a host is named to a tenant by an opaque id, the first 64 bits of
+// HMAC-SHA256(EDGE_SECRET, "pkv-host-id." + name) — stable, and not guessable from a list of
+// candidate names while EDGE_SECRET is set (a fixed key when it is not). The admin's host list
+// shows each host's id beside its name.
 import type { Env } from "./env.js";
 import { ApiError, toApiError } from "./errors.js";
 import { registry } from "./routing.js";
 
 const keys = new Map<string, Promise<CryptoKey>>();
+const NO_SECRET = "pkv-no-edge-secret";
 
 function keyOf(secret: string): Promise<CryptoKey> {
   let k = keys.get(secret);
@@ -19,32 +21,33 @@ function keyOf(secret: string): Promise<CryptoKey> {
   return k;
 }
 
-/** The id tenants see for the host at `url` ("" for none: a session not yet on a host). */
-export async function hostId(env: Env, url: string): Promise<string> {
-  if (url === "") return "";
-  const key = await keyOf(env.EDGE_SECRET || "pkv-no-edge-secret");
-  const mac = new Uint8Array(await crypto.subtle.sign("HMAC", key, new TextEncoder().encode(`pkv-host-id.${url}`)));
+/** The id tenants see for the host `name` ("" for none: a session not yet on a host). */
+export async function hostId(env: Env, name: string): Promise<string> {
+  if (name === "") return "";
+  const key = await keyOf(env.EDGE_SECRET || NO_SECRET);
+  const mac = new Uint8Array(await crypto.subtle.sign("HMAC", key, new TextEncoder().encode(`pkv-host-id.${name}`)));
   return `host-${[...mac.slice(0, 8)].map((b) => b.toString(16).padStart(2, "0")).join("")}`;
 }
 
-/** `text` with every registered host's URL (and its host:port, as connect errors name it) replaced by the host's id. */
-export async function withoutHostUrls(env: Env, text: string): Promise<string> {
-  const hosts = await registry(env)
-    .list()
-    .catch(() => []);
+/** `text` with every connected host's name (a whole word; names are [a-z0-9-], host-token.ts) replaced by the host's id. */
+export async function withoutHostNames(env: Env, text: string, names?: string[]): Promise<string> {
+  const known =
+    names ??
+    (await registry(env)
+      .list()
+      .then((hosts) => hosts.map((h) => h.name))
+      .catch(() => [] as string[]));
   let out = text;
-  for (const h of hosts) {
-    const id = await hostId(env, h.url);
-    out = out.replaceAll(h.url, id);
-    const bare = URL.canParse(h.url) ? new URL(h.url).host : "";
-    if (bare !== "") out = out.replaceAll(bare, id);
+  for (const name of known) {
+    const word = new RegExp(`(?<![A-Za-z0-9-])${name}(?![A-Za-z0-9-])`, "g");
+    if (word.test(out)) out = out.replace(word, await hostId(env, name));
   }
   return out;
 }
 
-/** An error as a tenant may see it: its message names no host URL. */
+/** An error as a tenant may see it: its message names no host. */
 export async function forTenant(env: Env, e: unknown): Promise<ApiError> {
   const err = toApiError(e);
-  const message = await withoutHostUrls(env, err.message);
+  const message = await withoutHostNames(env, err.message);
   return message === err.message ? err : new ApiError(err.status, err.type, message, err.param, err.code, err.headers);
 }

@@ -1,24 +1,29 @@
-// A request's use of one GPU host, start to end, in one place: connect (the session's own host, or
-// the live host with the most free KV for a new session), pass the tenant's settings, do the work,
-// and when the work ends — done, failed, or the client went away — report a host that went away
-// (out of routing for 30 s, registry.ts), close on the host a session the work opened, close the
-// link, and roll back what the edge recorded. Routes say only what the work is (withHost).
+// A request's use of one GPU host, start to end, in one place: connect (the session's own host —
+// or, when that host is not live any more, another live host of the session's model, recorded as
+// the session's new host, which restores it from R2 — or the live host with the most free KV for
+// a new session), pass the tenant's settings, do the work, and when the work ends — done, failed,
+// or the client went away — close on the host a session the work opened, close the link, and roll
+// back what the edge recorded. Routes say only what the work is (withHost).
 //
-// dial() is the one place that obtains a link to a host: today the edge dials the host (routing.ts,
-// host-link.ts); hosts dialling in would change dial() and nothing else.
+// dial() is the one place that obtains a link to a host (routing.ts, host-link.ts).
 import type { Context } from "hono";
 
 import { tenantStub } from "./auth.js";
 import type { AppEnv, Env } from "./env.js";
 import { forTenant } from "./host-id.js";
 import type { HostLink } from "./host-link.js";
-import { connectBest, connectTo, reportFailure } from "./routing.js";
+import { ANY_MODEL, connectBest, connectTo, pickHost, registry } from "./routing.js";
 import { applyTenant } from "./serve.js";
 import { type SseSink, sseResponse } from "./sse.js";
 
 export interface HostPlan {
   /** the host holding the session; absent: the live host with the most free KV (a new session) */
   host?: string;
+  /**
+   * the session may move: when `host` is not live, the live host with the most free KV serving
+   * `model` takes it (recorded by `to` before the link is dialled; it restores the session from R2)
+   */
+  move?: { model?: string; to: (host: string) => Promise<unknown> };
   /** the model a new session needs (ANY_MODEL: any host) */
   model?: string;
   /** the tenant whose work this is; default the request's (set by requireKey) */
@@ -35,9 +40,15 @@ export interface HostPlan {
   onEnd?: () => Promise<unknown>;
 }
 
-/** The link to a host for a plan: the session's host, or the best one for a new session. */
-function dial(env: Env, tenant: string, plan: HostPlan): Promise<HostLink> {
-  return plan.host === undefined ? connectBest(env, tenant, plan.model) : connectTo(env, plan.host, tenant);
+/** The link to a host for a plan: the session's host (or its next one), or the best one for a new session. */
+async function dial(env: Env, tenant: string, plan: HostPlan): Promise<HostLink> {
+  if (plan.host === undefined) return connectBest(env, tenant, plan.model);
+  if (plan.move && !(await registry(env).live(plan.host))) {
+    const next = await pickHost(env, plan.move.model ?? ANY_MODEL);
+    await plan.move.to(next);
+    return connectTo(env, next, tenant);
+  }
+  return connectTo(env, plan.host, tenant);
 }
 
 /** The link held for one piece of work, and how that work ends. Ending is idempotent: the first end counts. */
@@ -55,13 +66,13 @@ export class HostLease {
 
   /** The work succeeded. */
   end(): Promise<void> {
-    this.ending ??= this.finish(false, undefined);
+    this.ending ??= this.finish(false);
     return this.ending;
   }
 
-  /** The work failed with `error`. */
-  fail(error: unknown): Promise<void> {
-    this.ending ??= this.finish(true, error);
+  /** The work failed (with `_error`). */
+  fail(_error: unknown): Promise<void> {
+    this.ending ??= this.finish(true);
     return this.ending;
   }
 
@@ -97,10 +108,9 @@ export class HostLease {
     );
   }
 
-  private async finish(failed: boolean, error: unknown): Promise<void> {
+  private async finish(failed: boolean): Promise<void> {
     const { link, plan } = this;
     try {
-      if (failed) await reportFailure(this.env, link, error);
       if (plan.opens !== undefined && (failed || plan.ephemeral) && link.alive)
         await link.send({ type: "close", session: plan.opens }).catch(() => {});
     } finally {

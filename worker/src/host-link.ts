@@ -1,18 +1,18 @@
-// One WebSocket from this request to a GPU host (protocol: shared/protocol/host.json).
+// One request's channel to a GPU host (protocol: shared/protocol/host.json).
 //
-// Dialled per request with fetch(Upgrade: websocket) and a bearer token bound to the link's tenant
-// and to the host (edgeToken); frames are msgpack maps validated by the shared codec (untrusted
-// input: an invalid frame fails the request, never the worker). Closing the socket is how a
-// request is cancelled on the host: it cancels whatever this connection had running (client
+// Hosts dial in and keep one socket, held by their Durable Object (host-conn.ts); a request opens
+// a WebSocket of its own to that object (`stub.fetch` with Upgrade: no URL, no token: the object
+// is reached through its binding), which relays it as one channel of the host's socket. Frames
+// are msgpack maps validated by the shared codec (untrusted input: an invalid frame fails the
+// request, never the worker). Closing the socket is how a request is cancelled on the host: the
+// object tells the host channel_close, which cancels whatever the channel had running (client
 // disconnect → cancel, for free).
 //
 // Deadlines: the connect (upgrade and hello) has connectMs; a call has idleMs between frames of
 // its own (progress and token frames keep a long prefill or generation alive). A host that misses
-// one is gone (HostGone: 503 with Retry-After, and routing marks it down); the link is closed,
-// which cancels its work on the host.
+// one, or whose socket closes (its object closes every channel 1011 "host gone"), is gone
+// (HostGone: 503 with Retry-After); the link is closed, which cancels its work on the host.
 import {
-  edgeTokenMessage,
-  normaliseHost,
   type AnyHostMessage,
   decodeHostMessage,
   encodeHostMessage,
@@ -21,9 +21,8 @@ import {
   type HostMessage,
 } from "@pyramidkv/shared";
 
+import type { Env } from "./env.js";
 import { ApiError, fromHostError, noHost } from "./errors.js";
-
-export { normaliseHost };
 
 const FINAL = new Set([
   "opened",
@@ -38,11 +37,9 @@ const FINAL = new Set([
 ]);
 /** host 2.1: the requests that carry the edge's request id */
 const WITH_REQUEST_ID = new Set(["open_session", "append", "generate"]);
-/** The host accepts tokens at most 300 s ahead; 120 s leaves room for clocks that disagree. */
-const TOKEN_TTL_S = 120;
 
 export interface Deadlines {
-  /** fetch upgrade + hello */
+  /** upgrade + hello */
   connectMs: number;
   /** a call with no frame of its own from the host for this long fails */
   idleMs: number;
@@ -56,39 +53,13 @@ const stop = (t: Timer | undefined) => {
 
 export class HostGone extends ApiError {
   constructor(
-    readonly hostUrl: string,
+    /** the host's name */
+    readonly host: string,
     why: string,
     readonly byEdge = false,
   ) {
     super(503, "server_error", `the GPU host serving this request went away (${why})`, null, "host_unavailable");
   }
-}
-
-const hex = (b: Uint8Array) => [...b].map((x) => x.toString(16).padStart(2, "0")).join("");
-
-/**
- * `pkv2.<expiry>.<nonce>.<hmac>.<tenant>` for `tenant`'s link to `host` (host[:port] as dialled),
- * hmac = hex HMAC-SHA256(secret, "pkv-edge-v2\n<expiry>\n<tenant>\n<host>\n<nonce>"), as
- * gpu-host/src/host/auth.ts checks it: good for one upgrade, on that host, for that tenant.
- */
-export async function edgeToken(
-  secret: string,
-  tenant: string,
-  host: string,
-  nowMs = Date.now(),
-  nonce = hex(crypto.getRandomValues(new Uint8Array(16))),
-): Promise<string> {
-  const expiry = Math.floor(nowMs / 1000) + TOKEN_TTL_S;
-  const key = await crypto.subtle.importKey(
-    "raw",
-    new TextEncoder().encode(secret),
-    { name: "HMAC", hash: "SHA-256" },
-    false,
-    ["sign"],
-  );
-  const signed = edgeTokenMessage(expiry, tenant, host, nonce);
-  const mac = new Uint8Array(await crypto.subtle.sign("HMAC", key, new TextEncoder().encode(signed)));
-  return `pkv2.${expiry}.${nonce}.${hex(mac)}.${tenant}`;
 }
 
 type Waiter = {
@@ -113,30 +84,37 @@ export class HostLink {
 
   private constructor(
     private readonly ws: WebSocket,
-    readonly url: string,
+    /** the host's name (host-conn.ts) */
+    readonly host: string,
     readonly tenant: string,
     private readonly idleMs: number,
   ) {}
 
+  /** Opens a channel to the host `name` for `tenant` through its Durable Object. */
   static async connect(
-    url: string,
-    secret: string,
+    env: Env,
+    name: string,
     tenant: string,
     deadlines: Deadlines = DEFAULT_DEADLINES,
   ): Promise<HostLink> {
     const { connectMs } = deadlines;
-    const abort = new AbortController();
     let timer: Timer | undefined;
-    const late = new Promise<never>((_, reject) => {
+    let late = false;
+    const deadline = new Promise<never>((_, reject) => {
       timer = setTimeout(() => {
-        const e = new HostGone(url, `no connection and hello within ${connectMs} ms`);
-        abort.abort(e);
-        reject(e);
+        late = true;
+        reject(new HostGone(name, `no channel and hello within ${connectMs} ms`));
       }, connectMs);
     });
     let link: HostLink | undefined;
     try {
-      return await Promise.race([HostLink.dial(url, secret, tenant, deadlines, abort.signal, (l) => (link = l)), late]);
+      return await Promise.race([
+        HostLink.dial(env, name, tenant, deadlines, (l) => {
+          link = l;
+          if (late) l.close(); // nobody waits for it any more
+        }),
+        deadline,
+      ]);
     } catch (e) {
       link?.close();
       throw e;
@@ -146,53 +124,39 @@ export class HostLink {
   }
 
   private static async dial(
-    url: string,
-    secret: string,
+    env: Env,
+    name: string,
     tenant: string,
     deadlines: Deadlines,
-    signal: AbortSignal,
     made: (l: HostLink) => void,
   ): Promise<HostLink> {
     let resp: Response;
     try {
-      resp = await fetch(url, {
-        headers: {
-          Upgrade: "websocket",
-          Authorization: `Bearer ${await edgeToken(secret, tenant, new URL(url).host)}`,
-        },
-        signal,
+      const stub = env.HOSTS.get(env.HOSTS.idFromName(name));
+      resp = await stub.fetch(`https://host/channel?tenant=${encodeURIComponent(tenant)}`, {
+        headers: { Upgrade: "websocket" },
       });
     } catch (e) {
-      if (signal.aborted) throw signal.reason;
-      throw new HostGone(url, `connect failed: ${e instanceof Error ? e.message : String(e)}`);
+      throw new HostGone(name, `its object failed: ${e instanceof Error ? e.message : String(e)}`);
     }
     const ws = resp.webSocket;
-    if (signal.aborted) {
-      // the deadline passed while the upgrade was answered: nobody waits for this socket
-      try {
-        ws?.accept();
-        ws?.close(1000, "deadline");
-      } catch {
-        // already closed
-      }
-      throw signal.reason;
-    }
     if (!ws) {
-      const body = (await resp.text().catch(() => "")).trim().slice(0, 300);
-      const why =
-        resp.status === 401
-          ? `the host refused the edge token (401${body ? `: ${body}` : ""})`
-          : `upgrade answered HTTP ${resp.status}${body ? `: ${body}` : ""}`;
-      throw new HostGone(url, why);
+      const body = (await resp.text().catch(() => "")).trim();
+      let why = `channel answered HTTP ${resp.status}`;
+      try {
+        why = (JSON.parse(body) as { error: { message: string } }).error.message;
+      } catch {
+        if (body !== "") why += `: ${body.slice(0, 300)}`;
+      }
+      throw new HostGone(name, why);
     }
     ws.accept();
     ws.binaryType = "arraybuffer";
-    const link = new HostLink(ws, url, tenant, deadlines.idleMs);
-    made(link);
+    const link = new HostLink(ws, name, tenant, deadlines.idleMs);
     const hello = new Promise<HostMessage<"hello">>((resolve, reject) => {
       link.waiters.set(0, {
         resolve: (f) =>
-          f.type === "hello" ? resolve(f) : reject(new HostGone(url, `first frame was ${f.type}, not hello`)),
+          f.type === "hello" ? resolve(f) : reject(new HostGone(name, `first frame was ${f.type}, not hello`)),
         reject,
       });
     });
@@ -201,26 +165,22 @@ export class HostLink {
         link.onMessage(ev.data instanceof Blob ? await ev.data.arrayBuffer() : ev.data),
       );
     });
-    ws.addEventListener("close", (ev) => link.fail(new HostGone(url, `connection closed, code ${ev.code}`)));
-    ws.addEventListener("error", () => link.fail(new HostGone(url, "connection error")));
-    const onAbort = () =>
-      link.fail(signal.reason instanceof HostGone ? signal.reason : new HostGone(url, "connect aborted"));
-    signal.addEventListener("abort", onAbort);
-    try {
-      link.hello = await hello;
-    } finally {
-      signal.removeEventListener("abort", onAbort);
-    }
+    ws.addEventListener("close", (ev) =>
+      link.fail(new HostGone(name, `connection closed, code ${ev.code}${ev.reason ? ` ${ev.reason}` : ""}`)),
+    );
+    ws.addEventListener("error", () => link.fail(new HostGone(name, "connection error")));
+    made(link);
+    link.hello = await hello;
     if (link.hello.protocol !== HOST_PROTOCOL_VERSION) {
       link.close();
-      throw noHost(`host ${url} speaks protocol ${link.hello.protocol}, this worker ${HOST_PROTOCOL_VERSION}`);
+      throw noHost(`a GPU host speaks protocol ${link.hello.protocol}, this worker ${HOST_PROTOCOL_VERSION}`);
     }
     return link;
   }
 
   private onMessage(data: unknown): void {
     if (typeof data === "string") {
-      this.fail(new HostGone(this.url, "the host sent a text message"));
+      this.fail(new HostGone(this.host, "the host sent a text message"));
       return;
     }
     const bytes =
@@ -230,18 +190,18 @@ export class HostLink {
           ? new Uint8Array(data.buffer, data.byteOffset, data.byteLength)
           : null;
     if (!bytes) {
-      this.fail(new HostGone(this.url, "unreadable message"));
+      this.fail(new HostGone(this.host, "unreadable message"));
       return;
     }
     const d = decodeHostMessage(bytes, "from_host");
     if (!d.ok) {
-      this.fail(new HostGone(this.url, `invalid frame: ${d.error}`));
+      this.fail(new HostGone(this.host, `invalid frame: ${d.error}`));
       return;
     }
     const m = d.message;
     const id = m.type === "hello" ? 0 : "id" in m ? m.id : undefined;
     if (id === undefined) {
-      if (m.type === "error") this.fail(new HostGone(this.url, `${m.code}: ${m.message}`));
+      if (m.type === "error") this.fail(new HostGone(this.host, `${m.code}: ${m.message}`));
       return;
     }
     const w = this.waiters.get(id);
@@ -260,7 +220,7 @@ export class HostLink {
   private arm(id: number, w: Waiter): void {
     w.timer = setTimeout(() => {
       if (this.waiters.get(id) !== w) return;
-      const e = new HostGone(this.url, `no answer from the host for ${this.idleMs} ms`);
+      const e = new HostGone(this.host, `no answer from the host for ${this.idleMs} ms`);
       this.fail(e);
       try {
         this.ws.close(1000, "deadline");
@@ -322,7 +282,7 @@ export class HostLink {
   }
 
   close(): void {
-    this.fail(new HostGone(this.url, "closed by the edge", true));
+    this.fail(new HostGone(this.host, "closed by the edge", true));
     try {
       this.ws.close(1000, "done");
     } catch {

@@ -1,12 +1,14 @@
 // The edge worker: a streaming chat API for long contexts on Cloudflare Workers (Miniflare
 // locally). Auth and quotas as middleware, one file per route group with its body validators
-// (validate.ts), GPU hosts used through one lifecycle (host-lease.ts). docs/WORKER.md is the contract.
+// (validate.ts), GPU hosts used through one lifecycle (host-lease.ts). GPU hosts dial in at
+// /hosts/connect (host-token.ts, host-conn.ts). docs/WORKER.md is the contract.
 import { Hono } from "hono";
 
 import { requireKey } from "./auth.js";
 import type { AppEnv } from "./env.js";
 import { ApiError, errorResponse } from "./errors.js";
 import { forTenant } from "./host-id.js";
+import { hostOfToken, hostStub } from "./host-token.js";
 import { admin } from "./routes/admin.js";
 import { chat } from "./routes/chat.js";
 import { completions } from "./routes/completions.js";
@@ -14,6 +16,7 @@ import { models } from "./routes/models.js";
 import { sessions } from "./routes/sessions.js";
 import { usage } from "./routes/usage.js";
 
+export { HostConn } from "./host-conn.js";
 export { HostRegistry } from "./registry.js";
 export { TenantState } from "./tenant.js";
 
@@ -31,6 +34,7 @@ app.use("*", async (c, next) => {
     asked !== undefined && REQUEST_ID.test(asked) ? asked : `req_${crypto.randomUUID().replaceAll("-", "")}`,
   );
   await next();
+  if (c.res.status === 101) return; // a host's socket: its headers are the upgrade's
   c.header("x-request-id", c.get("requestId"));
   const rate = c.get("rate");
   if (rate) {
@@ -68,6 +72,22 @@ app.get("/", (c) =>
     api: ["/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/sessions", "/v1/usage"],
   }),
 );
+// A GPU host's one WebSocket (pkv host --connect): its token is checked here, before the upgrade
+// reaches the host's Durable Object, which holds the socket.
+app.get("/hosts/connect", async (c) => {
+  const name = await hostOfToken(c.env, c.req.header("authorization"));
+  if (c.req.header("upgrade")?.toLowerCase() !== "websocket")
+    throw new ApiError(
+      426,
+      "invalid_request_error",
+      "GET /hosts/connect is a WebSocket upgrade (Upgrade: websocket)",
+      null,
+      "upgrade_required",
+    );
+  return hostStub(c.env, name).fetch("https://host/connect", {
+    headers: { Upgrade: "websocket", "x-pkv-host-name": name },
+  });
+});
 app.use("/v1/*", requireKey);
 app.route("/v1", chat);
 app.route("/v1", completions);

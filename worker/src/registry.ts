@@ -1,82 +1,176 @@
-// The registered GPU hosts (one Durable Object instance, "hosts"): the edge dials them. Hosts
-// come from the PKV_HOSTS variable and the admin API; a host that fails (connect, health, or mid
-// request) is marked down for DOWN_MS and skipped by routing, then probed again.
+// The routing table (one Durable Object instance, "hosts"): every connected GPU host with its model,
+// context, pool and load, as its host_hello and heartbeats report them through its HostConn
+// (host-conn.ts). The table lives in memory: one storage read when the object wakes (counted as
+// storage_reads), a write only when a host joins or leaves (never per heartbeat), and route() reads
+// no storage at all, whatever the number of hosts (docs/WORKER.md, "Routing").
+//
+// Live = connected, not draining, and its last heartbeat at most 2 × its heartbeat_ms ago: a host
+// that misses two heartbeats is out of routing at once (its HostConn's alarm then closes its socket).
 import { DurableObject } from "cloudflare:workers";
+import type { HostMessage } from "@pyramidkv/shared";
 
 import type { Env } from "./env.js";
 
-export interface HostEntry {
-  url: string;
-  added: number;
-  down_until: number; // ms; 0 = routable
-  last_error?: string;
+/** `model` meaning any host's */
+export const ANY_MODEL = "default";
+
+/** A model's id: its GGUF file name without the extension (what hosts report in host_hello). */
+export const modelId = (file: string) => file.replace(/\.gguf$/i, "");
+
+/** What a host's HostConn reports: its host_hello, and its last heartbeat (none yet right after the hello). */
+export interface HostReport {
+  hello: Omit<HostMessage<"host_hello">, "type">;
+  heartbeat?: Omit<HostMessage<"heartbeat">, "type">;
+  /** the host said `draining` (or a heartbeat said so) */
+  draining: boolean;
+  /** when this connection was accepted (Unix ms): tells a connection from the one that replaced it */
+  connected_at: number;
 }
 
-export const DOWN_MS = 30_000;
-
-export function normaliseHostUrl(raw: string): string {
-  let u: URL;
-  try {
-    u = new URL(raw.trim());
-  } catch {
-    throw new Error(`host url '${raw}' is not a URL (http(s)://host:port or ws(s)://host:port)`);
-  }
-  if (u.protocol === "ws:") u.protocol = "http:";
-  if (u.protocol === "wss:") u.protocol = "https:";
-  if (u.protocol !== "http:" && u.protocol !== "https:")
-    throw new Error(`host url '${raw}': the scheme must be http, https, ws or wss`);
-  return `${u.protocol}//${u.host}`;
+/** One row of the table: the host, its last report, and the picks routed to it since. */
+export interface HostRow {
+  name: string;
+  model: string;
+  n_layer: number;
+  n_ctx: number;
+  bytes_per_entry: number;
+  chat_template?: string;
+  heartbeat_ms: number;
+  host_version?: string;
+  connected_at: number;
+  pool_bytes: number;
+  kv_used_bytes: number;
+  free_bytes: number;
+  sessions: number;
+  resident: number;
+  active: number;
+  queued: number;
+  draining: boolean;
+  /** the last hello or heartbeat, by this object's clock (Unix ms) */
+  last_heartbeat_ms: number;
+  /** sessions routed here since that heartbeat (each lowers the host's free KV by an estimate) */
+  picks: number;
 }
+
+export interface HostView extends Omit<HostRow, "picks"> {
+  connected: true;
+  live: boolean;
+}
+
+export type Route = { name: string } | { name: null; live: number; models: string[] };
+
+/** The KV a new session is expected to take on `row` until the next heartbeat says what it took. */
+function pickEstimate(row: HostRow): number {
+  return row.sessions > 0 ? row.kv_used_bytes / row.sessions : row.pool_bytes / 64;
+}
+
+export function isLive(row: HostRow, nowMs: number): boolean {
+  return !row.draining && nowMs - row.last_heartbeat_ms <= 2 * row.heartbeat_ms;
+}
+
+export const serves = (row: { model: string }, model: string) =>
+  model === ANY_MODEL || modelId(row.model) === model || row.model === model;
 
 export class HostRegistry extends DurableObject<Env> {
-  private async hosts(): Promise<Record<string, HostEntry>> {
-    let hosts = await this.ctx.storage.get<Record<string, HostEntry>>("hosts");
-    if (!hosts) {
-      hosts = {};
-      for (const raw of (this.env.PKV_HOSTS ?? "").split(",").filter((s) => s.trim() !== "")) {
-        const url = normaliseHostUrl(raw);
-        hosts[url] = { url, added: Date.now(), down_until: 0 };
+  private table = new Map<string, HostRow>();
+  private routes = 0;
+  private storageReads = 0;
+
+  constructor(ctx: DurableObjectState, env: Env) {
+    super(ctx, env);
+    ctx.blockConcurrencyWhile(async () => {
+      this.storageReads++;
+      const stored = (await ctx.storage.get<Record<string, HostRow>>("hosts")) ?? {};
+      // rows from before this object slept: live again at their next heartbeat
+      for (const row of Object.values(stored)) this.table.set(row.name, { ...row, picks: 0 });
+    });
+  }
+
+  private persist(): Promise<void> {
+    return this.ctx.storage.put("hosts", Object.fromEntries(this.table));
+  }
+
+  /** A host's hello or heartbeat. A new host (or a new connection of one) is written to storage; a heartbeat is not. */
+  async report(name: string, r: HostReport): Promise<void> {
+    const prev = this.table.get(name);
+    const joined = prev === undefined || prev.connected_at !== r.connected_at;
+    if (prev !== undefined && r.connected_at < prev.connected_at) return; // a late report of a replaced connection
+    const hb = r.heartbeat;
+    const h = r.hello;
+    this.table.set(name, {
+      name,
+      model: h.model,
+      n_layer: h.n_layer,
+      n_ctx: h.n_ctx,
+      bytes_per_entry: h.bytes_per_entry,
+      ...(h.chat_template !== undefined ? { chat_template: h.chat_template } : {}),
+      ...(h.host_version !== undefined ? { host_version: h.host_version } : {}),
+      heartbeat_ms: h.heartbeat_ms,
+      connected_at: r.connected_at,
+      pool_bytes: hb?.pool_bytes ?? h.pool_bytes,
+      kv_used_bytes: hb?.kv_used_bytes ?? 0,
+      free_bytes: hb?.free_bytes ?? h.pool_bytes,
+      sessions: hb?.sessions ?? 0,
+      resident: hb?.resident ?? 0,
+      active: hb?.active ?? 0,
+      queued: hb?.queued ?? 0,
+      draining: r.draining || hb?.draining === true,
+      last_heartbeat_ms: Date.now(),
+      picks: 0,
+    });
+    if (joined || prev.draining !== this.table.get(name)!.draining) await this.persist();
+  }
+
+  /** The host's socket closed (or it was revoked): out of the table. `connectedAt` spares a newer connection. */
+  async gone(name: string, connectedAt?: number): Promise<void> {
+    const row = this.table.get(name);
+    if (!row || (connectedAt !== undefined && row.connected_at > connectedAt)) return;
+    this.table.delete(name);
+    await this.persist();
+  }
+
+  /**
+   * The live host serving `model` with the most free KV, each pick since its last heartbeat counted
+   * against it (so a burst of new sessions spreads); no storage read.
+   */
+  route(model: string, exclude: string[] = []): Route {
+    this.routes++;
+    const now = Date.now();
+    let best: HostRow | undefined;
+    let bestFree = 0;
+    let live = 0;
+    const models = new Set<string>();
+    for (const row of this.table.values()) {
+      if (!isLive(row, now)) continue;
+      live++;
+      models.add(modelId(row.model));
+      if (!serves(row, model) || exclude.includes(row.name)) continue;
+      const free = row.free_bytes - row.picks * pickEstimate(row);
+      if (best === undefined || free > bestFree) {
+        best = row;
+        bestFree = free;
       }
-      await this.ctx.storage.put("hosts", hosts);
     }
-    return hosts;
+    if (!best) return { name: null, live, models: [...models].sort() };
+    best.picks++;
+    return { name: best.name };
   }
 
-  async list(): Promise<HostEntry[]> {
-    return Object.values(await this.hosts());
+  live(name: string): boolean {
+    const row = this.table.get(name);
+    return row !== undefined && isLive(row, Date.now());
   }
 
-  async add(raw: string): Promise<HostEntry> {
-    const hosts = await this.hosts();
-    const url = normaliseHostUrl(raw);
-    hosts[url] = { url, added: Date.now(), down_until: 0 };
-    await this.ctx.storage.put("hosts", hosts);
-    return hosts[url]!;
+  list(): HostView[] {
+    const now = Date.now();
+    return [...this.table.values()].map(({ picks: _, ...row }) => ({
+      ...row,
+      connected: true as const,
+      live: isLive(row as HostRow, now),
+    }));
   }
 
-  async remove(raw: string): Promise<boolean> {
-    const hosts = await this.hosts();
-    const url = normaliseHostUrl(raw);
-    if (!hosts[url]) return false;
-    delete hosts[url];
-    await this.ctx.storage.put("hosts", hosts);
-    return true;
-  }
-
-  async markDown(url: string, why: string, nowMs = Date.now()): Promise<void> {
-    const hosts = await this.hosts();
-    const h = hosts[url];
-    if (!h) return;
-    h.down_until = nowMs + DOWN_MS;
-    h.last_error = why;
-    await this.ctx.storage.put("hosts", hosts);
-  }
-
-  async markUp(url: string): Promise<void> {
-    const hosts = await this.hosts();
-    const h = hosts[url];
-    if (!h || h.down_until === 0) return;
-    h.down_until = 0;
-    await this.ctx.storage.put("hosts", hosts);
+  counters(): { routes: number; storage_reads: number } {
+    return { routes: this.routes, storage_reads: this.storageReads };
   }
 }

@@ -9,9 +9,14 @@
 // session stops counting against max_sessions at once; its record stays as a tombstone until its
 // host confirms the close (retried with back-off by later alarms) or the TTL has passed, after
 // which the host's own idle sweep has closed it.
+//
+// A session's checkpoint lives in R2 (sessions/<tenant>/<session>, written by its host through its
+// HostConn): the object counts against the tenant's max_stored_bytes fleet-wide (storedPut, one
+// record per session) and is deleted, with its record, when the session is deleted or expires.
 import { DurableObject } from "cloudflare:workers";
 
 import type { Env } from "./env.js";
+import { stateKey } from "./host-conn.js";
 import { connectTo } from "./routing.js";
 
 export interface TenantConfig {
@@ -30,7 +35,7 @@ export interface TenantConfig {
   kv_budget?: number;
   /** a session idle this long is closed, at the edge and on its host (default 3600) */
   session_ttl_s?: number;
-  /** offloaded session state the tenant may keep on each host (absent: the host's --max-stored-bytes) */
+  /** checkpointed session state the tenant may keep: in R2, fleet-wide, and on each host (absent: unbounded at the edge, the host's --max-stored-bytes there) */
   max_stored_bytes?: number;
 }
 
@@ -210,13 +215,15 @@ export class TenantState extends DurableObject<Env> {
     return (await this.ctx.storage.get<SessionRecord>(`session:${id}`)) ?? null;
   }
 
-  /** Forgets a session whose host has closed it (or never had it). */
+  /** Forgets a session whose host has closed it (or never had it), and its checkpoint. */
   async dropSession(id: string): Promise<boolean> {
+    await this.forgetState(id);
     return this.ctx.storage.delete(`session:${id}`);
   }
 
   /** The host closed the session after its idle TTL: forget it; requests for it say session_expired. */
   async expireSession(id: string, nowMs = Date.now()): Promise<void> {
+    await this.forgetState(id);
     await this.ctx.storage.delete(`session:${id}`);
     await this.ctx.storage.put(`expired:${id}`, nowMs);
     await this.wakeBy(nowMs + EXPIRED_KEPT_MS);
@@ -226,6 +233,56 @@ export class TenantState extends DurableObject<Env> {
   async closeLater(id: string, nowMs = Date.now()): Promise<void> {
     const rec = await this.session(id);
     if (rec && stateOf(rec) !== "closing") await this.tombstone(rec, false, nowMs, nowMs + RETRY_FIRST_MS);
+  }
+
+  /**
+   * A checkpoint of `session` of `bytes` is being written (its host's HostConn, on part 0 of a
+   * state_put): recorded, unless it would take the tenant's stored bytes, every session's last
+   * checkpoint summed, over max_stored_bytes. A session the edge does not hold open (deleted,
+   * expired, never made) stores nothing.
+   */
+  async storedPut(
+    session: string,
+    bytes: number,
+  ): Promise<{ ok: true; used: number } | { ok: false; code: "stored_quota_exceeded" | "not_found"; message: string }> {
+    const rec = await this.session(session);
+    if (!rec || stateOf(rec) === "closing")
+      return {
+        ok: false,
+        code: "not_found",
+        message: `session '${session}' is not open at the edge (deleted or expired): its checkpoint is not kept`,
+      };
+    const limit = (await this.config())?.max_stored_bytes;
+    let others = 0;
+    for (const [key, n] of await this.ctx.storage.list<number>({ prefix: "stored:" }))
+      if (key !== `stored:${session}`) others += n;
+    if (limit !== undefined && others + bytes > limit)
+      return {
+        ok: false,
+        code: "stored_quota_exceeded",
+        message: `a checkpoint of ${bytes} bytes would take the tenant's stored sessions to ${others + bytes} bytes, over its max_stored_bytes ${limit}`,
+      };
+    await this.ctx.storage.put(`stored:${session}`, bytes);
+    return { ok: true, used: others + bytes };
+  }
+
+  /** The session's checkpoint was deleted from R2 (by its host). */
+  async storedDrop(session: string): Promise<void> {
+    await this.ctx.storage.delete(`stored:${session}`);
+  }
+
+  /** The tenant's checkpointed bytes, every session's last checkpoint summed. */
+  async storedBytes(): Promise<number> {
+    let total = 0;
+    for (const n of (await this.ctx.storage.list<number>({ prefix: "stored:" })).values()) total += n;
+    return total;
+  }
+
+  /** A session is gone for its tenant: its R2 checkpoint and its stored-bytes record too. */
+  private async forgetState(id: string): Promise<void> {
+    const tenant = (await this.config())?.name;
+    if (tenant !== undefined) await this.env.SESSIONS.delete(stateKey(tenant, id));
+    await this.ctx.storage.delete(`stored:${id}`);
   }
 
   private async tombstone(rec: SessionRecord, expired: boolean, nowMs: number, tryAt = nowMs): Promise<void> {
@@ -238,11 +295,13 @@ export class TenantState extends DurableObject<Env> {
       attempts: 0,
     };
     await this.ctx.storage.put(`session:${rec.id}`, t);
+    await this.forgetState(rec.id);
     await this.wakeBy(tryAt);
   }
 
-  /** A tombstone is done with: its host confirmed the close or the TTL has passed. */
+  /** A tombstone is done with: its host confirmed the close or the TTL has passed (a checkpoint written since goes too). */
   private async bury(rec: SessionRecord, nowMs: number): Promise<void> {
+    await this.forgetState(rec.id);
     await this.ctx.storage.delete(`session:${rec.id}`);
     if (rec.expired) await this.ctx.storage.put(`expired:${rec.id}`, nowMs);
   }

@@ -28,21 +28,12 @@ export async function error(r: Response) {
   return { status: r.status, ...j.error };
 }
 
-export async function addHost(url: string): Promise<void> {
-  expect((await call("/admin/hosts", { method: "POST", headers: ADMIN, body: JSON.stringify({ url }) })).status).toBe(
-    201,
-  );
-}
-
-export async function removeHost(url: string): Promise<void> {
-  expect((await call(`/admin/hosts?url=${url}`, { method: "DELETE", headers: ADMIN })).status).toBe(200);
-}
-
-export async function hostEntry(url: string): Promise<{ url: string; down_until: number; last_error?: string }> {
-  const hosts = (await (await call("/admin/hosts", { headers: ADMIN })).json()) as {
-    data: { url: string; down_until: number; last_error?: string }[];
+/** A host's row of GET /admin/hosts (undefined: no such host). */
+export async function hostRow(name: string): Promise<Record<string, unknown> & { live: boolean; connected: boolean }> {
+  const r = (await (await call("/admin/hosts", { headers: ADMIN })).json()) as {
+    hosts: (Record<string, unknown> & { name: string; live: boolean; connected: boolean })[];
   };
-  return hosts.data.find((h) => h.url === url)!;
+  return r.hosts.find((h) => h.name === name)!;
 }
 
 /** Waits until `check` holds (for effects that finish after the response, e.g. closes sent in the background). */

@@ -1,32 +1,95 @@
-// A scripted GPU host for tests in the Workers runtime: global fetch is replaced so that the
-// worker's /health probes and WebSocket upgrades to a fake host's URL reach this object, which
-// speaks the real host protocol (shared codec) over a WebSocketPair and records every frame.
-// By default it answers every request like a healthy host; `on` overrides the answer to a type.
+// A scripted GPU host for tests in the Workers runtime: it dials in like a real host (GET
+// /hosts/connect with Upgrade and its token, made through the admin API), says host_hello, and
+// speaks host protocol 3 on its one socket (shared codec): channel 0 control, every other channel
+// one request of the edge, recorded frame by frame (`connections`, one list per channel). By
+// default it answers every session message like a healthy host; `on` overrides the answer to a
+// type, `onControl` adds answers to control messages (R2 replies, welcome...).
 import {
+  CONTROL_CHANNEL,
+  type ControlFromHost,
+  type ControlToHost,
+  decodeControlMessage,
   decodeHostMessage,
-  encodeHostMessage,
+  encodeChannelFrame,
   type FromHostMessage,
   HOST_PROTOCOL_VERSION,
+  type HostMessage,
+  splitChannelFrame,
   type ToHostMessage,
 } from "@pyramidkv/shared";
-import { vi } from "vitest";
+import { env, exports } from "cloudflare:workers";
+
+import { ADMIN, eventually } from "./client.js";
 
 type Reply = (f: FromHostMessage) => void;
-export type Handler = (m: ToHostMessage, reply: Reply, ws: WebSocket) => void;
+/** `ws.close` closes the host's one socket: the host goes away. */
+export type Handler = (m: ToHostMessage, reply: Reply, ws: { close(code?: number, reason?: string): void }) => void;
+
+const tokens = new Map<string, string>();
+
+/** A host token for `name` (made once per test file; an older one of the same name revoked first). */
+export async function hostToken(name: string): Promise<string> {
+  const known = tokens.get(name);
+  if (known) return known;
+  let r = await exports.default.fetch(
+    new Request("http://edge/admin/hosts", { method: "POST", headers: ADMIN, body: JSON.stringify({ name }) }),
+  );
+  if (r.status === 409) {
+    await exports.default.fetch(new Request(`http://edge/admin/hosts/${name}`, { method: "DELETE", headers: ADMIN }));
+    r = await exports.default.fetch(
+      new Request("http://edge/admin/hosts", { method: "POST", headers: ADMIN, body: JSON.stringify({ name }) }),
+    );
+  }
+  if (r.status !== 201) throw new Error(`POST /admin/hosts ${name}: ${r.status} ${await r.text()}`);
+  const token = ((await r.json()) as { token: string }).token;
+  tokens.set(name, token);
+  return token;
+}
+
+export const routingTable = () => env.ROUTER.get(env.ROUTER.idFromName("hosts"));
+
+/** Opens a host socket with `authorization`; the response (101 with its socket, or the refusal). */
+export function dialIn(authorization?: string): Promise<Response> {
+  return exports.default.fetch(
+    new Request("http://edge/hosts/connect", {
+      headers: { Upgrade: "websocket", ...(authorization !== undefined ? { Authorization: authorization } : {}) },
+    }),
+  );
+}
+
+export type Load = Omit<HostMessage<"heartbeat">, "type">;
 
 export class FakeHost {
-  /** frames received, per connection */
+  /** session frames received, one list per channel */
   readonly connections: ToHostMessage[][] = [];
-  /** connections the edge closed */
+  /** control frames received */
+  readonly control: ControlToHost[] = [];
+  /** channels the edge closed (channel_close) */
   closedByEdge = 0;
-  /** refuse connections (a host that cannot be reached): fetch rejects, naming the URL as a runtime would */
-  refuse = false;
   readonly on: Partial<Record<ToHostMessage["type"], Handler>> = {};
+  /** control answers: state_data parts are acked by default (data_ack) */
+  onControl?: (m: ControlToHost) => void;
+  /** what the next heartbeat reports */
+  load: Load = {
+    pool_bytes: 1 << 30,
+    kv_used_bytes: 0,
+    free_bytes: 1 << 30,
+    sessions: 0,
+    resident: 0,
+    active: 0,
+    queued: 0,
+    draining: false,
+  };
+  /** the host socket's close code, once closed */
+  closeCode?: number;
+  ws?: WebSocket;
+  private readonly channels = new Map<number, ToHostMessage[]>();
+  private uncounted = new Set<number>();
 
   constructor(
-    readonly url: string,
+    readonly name: string,
     readonly model = "fake.gguf",
-    readonly hello: { n_ctx?: number; chat_template?: string } = {},
+    readonly hello: { n_ctx?: number; chat_template?: string; heartbeat_ms?: number; pool_bytes?: number } = {},
   ) {}
 
   get frames(): ToHostMessage[] {
@@ -37,37 +100,125 @@ export class FakeHost {
     return this.frames.map((f) => f.type);
   }
 
-  fetch(req: Request): Response {
-    if (new URL(req.url).pathname === "/health")
-      // like the real host's: model, pool and use (n_ctx and chat_template are in its hello)
-      return Response.json({ status: "ok", model: this.model, pool_bytes: 1 << 30, kv_used_bytes: 0 });
-    const [client, server] = Object.values(new WebSocketPair()) as [WebSocket, WebSocket];
-    server.accept();
-    server.binaryType = "arraybuffer"; // Blobs otherwise, with this compatibility date
-    const frames: ToHostMessage[] = [];
-    this.connections.push(frames);
-    const reply: Reply = (f) => server.send(encodeHostMessage(f));
-    server.addEventListener("message", (ev) => {
-      const d = decodeHostMessage(new Uint8Array(ev.data as ArrayBuffer), "to_host");
-      if (!d.ok) throw new Error(`the worker sent an invalid frame: ${d.error}`);
+  /** Waits until every channel the edge opened is closed (closes travel after responses). */
+  async settle(): Promise<void> {
+    await eventually(() => this.channels.size === 0, `${this.name}: the edge to close its channels`, 10_000);
+  }
+
+  /** Forgets what was received (the socket stays); channels still open are not counted when they close. */
+  reset(): void {
+    this.uncounted = new Set(this.channels.keys());
+    this.connections.length = 0;
+    this.control.length = 0;
+    this.closedByEdge = 0;
+    for (const k of Object.keys(this.on)) delete this.on[k as keyof typeof this.on];
+    this.onControl = undefined;
+  }
+
+  get connected(): boolean {
+    return this.ws !== undefined && this.closeCode === undefined;
+  }
+
+  /** Dials in, says host_hello, waits for welcome and for the routing table to hold it live. */
+  async connect(): Promise<void> {
+    const r = await dialIn(`Bearer ${await hostToken(this.name)}`);
+    const ws = r.webSocket;
+    if (!ws) throw new Error(`${this.name}: /hosts/connect answered ${r.status} ${await r.text()}`);
+    ws.accept();
+    ws.binaryType = "arraybuffer";
+    this.ws = ws;
+    this.closeCode = undefined;
+    let welcomed = false;
+    ws.addEventListener("message", (ev) => {
+      const frame = splitChannelFrame(new Uint8Array(ev.data as ArrayBuffer));
+      if (!frame) throw new Error("the edge sent a message without a channel");
+      if (frame.ch === CONTROL_CHANNEL) {
+        const d = decodeControlMessage(frame.payload, "to_host");
+        if (!d.ok) throw new Error(`the edge sent an invalid control frame: ${d.error}`);
+        const m = d.message;
+        this.control.push(m);
+        if (m.type === "welcome") welcomed = true;
+        if (m.type === "channel_open") {
+          const frames: ToHostMessage[] = [];
+          this.channels.set(m.ch, frames);
+          this.connections.push(frames);
+        }
+        if (m.type === "channel_close") {
+          this.channels.delete(m.ch);
+          if (!this.uncounted.delete(m.ch)) this.closedByEdge++;
+        }
+        if (m.type === "state_data" && m.part + 1 < m.parts && !this.onControl)
+          this.send({ type: "data_ack", id: m.id, part: m.part });
+        this.onControl?.(m);
+        return;
+      }
+      const d = decodeHostMessage(frame.payload, "to_host");
+      if (!d.ok) throw new Error(`the edge sent an invalid frame: ${d.error}`);
+      const frames = this.channels.get(frame.ch);
+      if (!frames) throw new Error(`a frame on channel ${frame.ch}, never opened or closed`);
       frames.push(d.message);
-      (this.on[d.message.type] ?? answer)(d.message, reply, server);
+      const reply: Reply = (f) => {
+        try {
+          ws.send(encodeChannelFrame(frame.ch, f));
+        } catch {
+          // the socket closed under the reply
+        }
+      };
+      (this.on[d.message.type] ?? answer)(d.message, reply, { close: (code, reason) => this.close(code, reason) });
     });
-    server.addEventListener("close", () => {
-      this.closedByEdge++;
+    ws.addEventListener("close", (ev) => {
+      this.closeCode = ev.code;
+      this.channels.clear();
     });
-    reply({
-      type: "hello",
+    this.send({
+      type: "host_hello",
       protocol: HOST_PROTOCOL_VERSION,
+      protocol_minor: 0,
       model: this.model,
       n_layer: 2,
       n_ctx: this.hello.n_ctx ?? 4096,
-      pool_bytes: 1 << 30,
+      pool_bytes: this.hello.pool_bytes ?? 1 << 30,
       bytes_per_entry: 64,
-      protocol_minor: 1,
       chat_template: this.hello.chat_template ?? "gguf",
+      heartbeat_ms: this.hello.heartbeat_ms ?? 60_000,
     });
-    return new Response(null, { status: 101, webSocket: client });
+    await eventually(() => welcomed, `${this.name}: welcome`, 10_000);
+    this.heartbeat();
+    await eventuallyAsync(() => routingTable().live(this.name), `${this.name} live in the routing table`);
+  }
+
+  /** Sends a control frame. */
+  send(m: ControlFromHost): void {
+    this.ws!.send(encodeChannelFrame(CONTROL_CHANNEL, m));
+  }
+
+  heartbeat(load: Partial<Load> = {}): void {
+    this.load = { ...this.load, ...load };
+    this.send({ type: "heartbeat", ...this.load });
+  }
+
+  /** Closes the host's socket (the host goes away). */
+  close(code = 1000, reason = "bye"): void {
+    try {
+      this.ws?.close(code, reason);
+    } catch {
+      // closed already
+    }
+  }
+
+  /** Goes away and waits until the routing table knows. */
+  async disconnect(): Promise<void> {
+    this.close();
+    await eventuallyAsync(async () => !(await routingTable().live(this.name)), `${this.name} out of routing`);
+  }
+}
+
+/** Waits until the async `check` holds. */
+export async function eventuallyAsync(check: () => Promise<boolean>, what: string, ms = 10_000): Promise<void> {
+  const until = Date.now() + ms;
+  while (!(await check())) {
+    if (Date.now() > until) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 10));
   }
 }
 
@@ -113,14 +264,3 @@ export const answer: Handler = (m, reply) => {
       return reply({ type: "cancelled", id: m.id, session: m.session });
   }
 };
-
-/** Routes the worker's fetches to `hosts` by origin (everything else as usual) until restored. */
-export function serveFakeHosts(...hosts: FakeHost[]) {
-  const real = globalThis.fetch;
-  return vi.spyOn(globalThis, "fetch").mockImplementation(async (input, init) => {
-    const req = new Request(input, init);
-    const host = hosts.find((h) => h.url === new URL(req.url).origin);
-    if (host?.refuse) throw new TypeError(`connect ECONNREFUSED ${host.url}`);
-    return host ? host.fetch(req) : real(input, init);
-  });
-}

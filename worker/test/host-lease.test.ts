@@ -3,27 +3,21 @@
 // the work succeeds, fails in the middle, loses its host, or loses its client.
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
 
-import { addHost, as, call, error, eventually, hostEntry, makeTenant, removeHost } from "./client.js";
-import { FakeHost, serveFakeHosts } from "./fake-host.js";
+import { as, call, error, eventually, hostRow, makeTenant } from "./client.js";
+import { FakeHost } from "./fake-host.js";
 
-const host = new FakeHost("http://lease-host");
+const host = new FakeHost("lease-host");
 const chatBody = { model: "default", messages: [{ role: "user", content: "hi" }] };
 let key: string;
-let fetches: ReturnType<typeof serveFakeHosts>;
 
 beforeAll(async () => {
   key = await makeTenant("lease", { max_sessions: 4, requests_per_minute: 10_000 });
-  fetches = serveFakeHosts(host);
 });
-afterAll(async () => {
-  fetches.mockRestore();
-  await removeHost(host.url);
-});
+afterAll(() => host.close());
 beforeEach(async () => {
-  host.connections.length = 0;
-  host.closedByEdge = 0;
-  for (const k of Object.keys(host.on)) delete host.on[k as keyof typeof host.on];
-  await addHost(host.url); // routable again (adding resets a down mark)
+  if (host.connected) await host.settle();
+  host.reset();
+  if (!host.connected) await host.connect(); // a test may have made it go away
 });
 
 async function sessionsOfTenant(): Promise<number> {
@@ -54,18 +48,16 @@ describe("host lifecycle", () => {
     });
     expect(host.types()).toEqual(["set_tenant", "open_session", "append", "close"]);
     await eventually(() => host.closedByEdge === 1, "the edge to close the link");
-    expect((await hostEntry(host.url)).down_until).toBe(0);
+    expect((await hostRow(host.name)).live).toBe(true);
   });
 
-  it("a host that goes away mid-upload is reported, the request ends with host_unavailable, the slot is given back", async () => {
+  it("a host that goes away mid-upload: the request ends with host_unavailable, the host out of routing, the slot given back", async () => {
     host.on.append = (_m, _reply, ws) => ws.close(1011, "engine crashed");
     const e = await error(await call("/v1/sessions", as(key, { document: "A short document." })));
     expect(e).toMatchObject({ status: 503, code: "host_unavailable" });
     expect(e.message).toMatch(/went away/);
     expect(host.types()).toEqual(["set_tenant", "open_session", "append"]);
-    const entry = await hostEntry(host.url);
-    expect(entry.down_until).toBeGreaterThan(Date.now());
-    expect(entry.last_error).toMatch(/went away/);
+    expect((await hostRow(host.name)).connected).toBe(false);
     expect(await sessionsOfTenant()).toBe(0);
   });
 
@@ -96,7 +88,7 @@ describe("host lifecycle", () => {
     await eventually(() => host.types().includes("close"), "the edge to close the session on the host");
     await eventually(() => host.closedByEdge === 1, "the edge to close the link");
     expect(host.types()).toEqual(["set_tenant", "open_session", "append", "generate", "close"]);
-    expect((await hostEntry(host.url)).down_until).toBe(0);
+    expect((await hostRow(host.name)).live).toBe(true);
   });
 
   it("a session's own host: the question goes there, the link is closed after the answer", async () => {
@@ -104,8 +96,8 @@ describe("host lifecycle", () => {
     expect(made.status).toBe(201);
     const { id, host: at } = (await made.json()) as { id: string; host: string };
     expect(at).toMatch(/^host-[0-9a-f]{16}$/); // an opaque id: tenants never see host URLs
-    host.connections.length = 0;
-    host.closedByEdge = 0;
+    await host.settle();
+    host.reset();
     const r = await call(`/v1/sessions/${id}/messages`, as(key, { content: "Why?", stream: false }));
     expect(r.status).toBe(200);
     expect(host.types()).toEqual(["set_tenant", "stats", "append", "generate", "stats"]);

@@ -1,5 +1,5 @@
-// /admin/*: tenants, their API keys and quotas, and the GPU host registry. Guarded by the
-// ADMIN_TOKEN secret (Bearer); `npx pkv admin` is its client.
+// /admin/*: tenants, their API keys and quotas, and the GPU hosts' tokens and routing table.
+// Guarded by the ADMIN_TOKEN secret (Bearer); `npx pkv admin` is its client.
 import { isKvMethod, KV_METHODS } from "@pyramidkv/shared";
 import { Hono, type MiddlewareHandler } from "hono";
 import { validator } from "hono/validator";
@@ -7,9 +7,9 @@ import { validator } from "hono/validator";
 import { newApiKey, sha256Hex, storeKey, tenantStub } from "../auth.js";
 import type { AppEnv } from "../env.js";
 import { ApiError, invalid, notFound } from "../errors.js";
+import { HOST_NAME, hostStub, newHostToken, type HostTokenRecord } from "../host-token.js";
 import { hostId } from "../host-id.js";
-import { normaliseHostUrl } from "../registry.js";
-import { probe, registry } from "../routing.js";
+import { registry } from "../routing.js";
 import { MAX_SESSION_TTL_S, type TenantConfig } from "../tenant.js";
 import { BUDGET_RANGE, jsonBody } from "../validate.js";
 import { tenantUsage } from "./usage.js";
@@ -95,14 +95,23 @@ function tenantPatch(body: Record<string, unknown>): Partial<Omit<TenantConfig, 
   };
 }
 
-function hostUrl(body: Record<string, unknown>): string {
-  if (typeof body.url !== "string") throw invalid("url", "'url' is required: the GPU host's http(s)://host:port");
-  try {
-    return normaliseHostUrl(body.url);
-  } catch (e) {
-    throw invalid("url", e instanceof Error ? e.message : String(e));
-  }
+function hostName(body: Record<string, unknown>): string {
+  for (const k of Object.keys(body))
+    if (k !== "name") throw invalid(k, `unknown field '${k}': accepted is name`, "unknown_parameter");
+  const name = body.name;
+  if (typeof name !== "string" || !HOST_NAME.test(name))
+    throw invalid(
+      "name",
+      `'name': ${JSON.stringify(name ?? null)?.slice(0, 80)} is not a host name: it must match ${HOST_NAME.source}`,
+    );
+  return name;
 }
+
+const hostParam = validator("param", (p) => {
+  const name = p.name!;
+  if (!HOST_NAME.test(name)) throw invalid("name", `host name '${name.slice(0, 80)}' must match ${HOST_NAME.source}`);
+  return name;
+});
 
 admin.put(
   "/tenants/:name",
@@ -137,22 +146,75 @@ admin.post("/tenants/:name/keys", tenantParam, async (c) => {
   return c.json({ key, ...rec }, 201);
 });
 
+// GPU hosts: each has a token (pkv host --host-token), stored hashed; the table is the routing
+// table's (registry.ts): every created host, connected or not.
 admin.get("/hosts", async (c) => {
-  const hosts = await registry(c.env).list();
-  const health = await Promise.all(hosts.map((h) => probe(h.url)));
-  const ids = await Promise.all(hosts.map((h) => hostId(c.env, h.url)));
-  // id: the name tenants see for the host (session objects, usage, errors)
-  return c.json({ data: hosts.map((h, i) => ({ ...h, id: ids[i], health: health[i] })) });
+  const reg = registry(c.env);
+  const [rows, routing] = await Promise.all([reg.list(), reg.counters()]);
+  const names = new Set<string>(rows.map((r) => r.name));
+  let cursor: string | undefined;
+  do {
+    const page = await c.env.KEYS.list({ prefix: "host:", ...(cursor ? { cursor } : {}) });
+    for (const k of page.keys) names.add(k.name.slice("host:".length));
+    cursor = page.list_complete ? undefined : page.cursor;
+  } while (cursor);
+  const byName = new Map(rows.map((r) => [r.name, r]));
+  const hosts = await Promise.all(
+    [...names].sort().map(async (name) => {
+      const r = byName.get(name);
+      const id = await hostId(c.env, name);
+      if (!r) return { name, id, connected: false, live: false, draining: false };
+      return {
+        name,
+        id,
+        connected: true,
+        live: r.live,
+        draining: r.draining,
+        model: r.model,
+        n_ctx: r.n_ctx,
+        pool_bytes: r.pool_bytes,
+        free_bytes: r.free_bytes,
+        kv_used_bytes: r.kv_used_bytes,
+        sessions: r.sessions,
+        active: r.active,
+        queued: r.queued,
+        last_heartbeat_ms: r.last_heartbeat_ms,
+        connected_at: r.connected_at,
+        heartbeat_ms: r.heartbeat_ms,
+        ...(r.host_version !== undefined ? { host_version: r.host_version } : {}),
+      };
+    }),
+  );
+  return c.json({ hosts, routing });
 });
 
+/** A new host: its token, shown once (only its SHA-256 is kept). */
 admin.post(
   "/hosts",
-  jsonBody(hostUrl, () => ADMIN_MAX_BODY_BYTES),
-  async (c) => c.json(await registry(c.env).add(c.req.valid("json")), 201),
+  jsonBody(hostName, () => ADMIN_MAX_BODY_BYTES),
+  async (c) => {
+    const name = c.req.valid("json");
+    if ((await c.env.KEYS.get(`host:${name}`)) !== null)
+      throw new ApiError(
+        409,
+        "invalid_request_error",
+        `host '${name}' exists: revoke it first (DELETE /admin/hosts/${name}) to make a new token`,
+        "name",
+        "host_exists",
+      );
+    const token = newHostToken(name);
+    const rec: HostTokenRecord = { name, token_sha256: await sha256Hex(token), created: Math.floor(Date.now() / 1000) };
+    await c.env.KEYS.put(`host:${name}`, JSON.stringify(rec));
+    return c.json({ name, token }, 201);
+  },
 );
 
-admin.delete("/hosts", async (c) => {
-  const url = c.req.query("url");
-  if (!url) throw invalid("url", "query parameter 'url' is required");
-  return c.json({ url, removed: await registry(c.env).remove(url) });
+/** Revokes a host's token and closes its live socket (4003): it cannot connect again. */
+admin.delete("/hosts/:name", hostParam, async (c) => {
+  const name = c.req.valid("param");
+  const existed = (await c.env.KEYS.get(`host:${name}`)) !== null;
+  await c.env.KEYS.delete(`host:${name}`);
+  const closed = await hostStub(c.env, name).revoke();
+  if (!existed && !closed) throw notFound(`no host '${name}'`, "host_not_found");
+  return c.json({ name, revoked: true, disconnected: closed });
 });

@@ -1,41 +1,33 @@
-// GET /v1/models and GET /v1/models/{id}: the models the healthy GPU hosts serve (a model's id is
+// GET /v1/models and GET /v1/models/{id}: the models the live GPU hosts serve (a model's id is
 // its GGUF file name without .gguf), with whether each renders chats with its own template
-// (chat_template: gguf) or ChatML (the GGUF has none), its context and how many hosts serve it.
+// (chat_template: gguf) or ChatML (the GGUF has none), its context and how many hosts serve it —
+// all from the routing table (registry.ts), no host is asked.
 import { Hono } from "hono";
 
 import type { AppEnv, Env } from "../env.js";
 import { ApiError, noHost } from "../errors.js";
-import { type HostHealth, helloOf, modelId, rankHosts } from "../routing.js";
+import type { HostView } from "../registry.js";
+import { modelId, registry } from "../routing.js";
 
 export const models = new Hono<AppEnv>();
 
 async function listModels(env: Env) {
-  const { ranked } = await rankHosts(env);
-  if (ranked.length === 0) throw noHost("no GPU host is available to list its models");
-  const byModel = new Map<string, HostHealth[]>();
-  for (const h of ranked) {
-    const id = modelId(h.model ?? "unknown");
+  const live = (await registry(env).list()).filter((h) => h.live);
+  if (live.length === 0) throw noHost("no GPU host is available to list its models");
+  const byModel = new Map<string, HostView[]>();
+  for (const h of live) {
+    const id = modelId(h.model);
     byModel.set(id, [...(byModel.get(id) ?? []), h]);
   }
-  return Promise.all(
-    [...byModel].map(async ([id, hosts]) => {
-      const h = hosts[0]!;
-      // A host whose /health does not report them: its hello does.
-      const hello =
-        h.chat_template === undefined || h.n_ctx === undefined
-          ? await helloOf(env, h.url).catch(() => undefined)
-          : undefined;
-      return {
-        id,
-        object: "model",
-        created: 0,
-        owned_by: "pyramidkv",
-        chat_template: h.chat_template ?? hello?.chat_template ?? null,
-        context_length: h.n_ctx ?? hello?.n_ctx ?? null,
-        hosts: hosts.length,
-      };
-    }),
-  );
+  return [...byModel].map(([id, hosts]) => ({
+    id,
+    object: "model",
+    created: 0,
+    owned_by: "pyramidkv",
+    chat_template: hosts[0]!.chat_template ?? null,
+    context_length: hosts[0]!.n_ctx,
+    hosts: hosts.length,
+  }));
 }
 
 models.get("/", async (c) => c.json({ object: "list", data: await listModels(c.env) }));

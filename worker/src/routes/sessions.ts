@@ -5,7 +5,9 @@
 // Session ids are bound to their tenant (the tenant's Durable Object maps id → host; another
 // tenant's id is 404) and the host namespaces sessions by tenant as well. A session idle longer
 // than its tenant's session_ttl_s expires (tenant.ts: the object's alarm closes it on its host);
-// the session object names its host by an opaque id (host-id.ts), never by URL.
+// the session object names its host by an opaque id (host-id.ts), never by name. A session whose
+// host is not live any more moves to another live host of its model at its next request (the new
+// host restores it from its checkpoint in R2).
 import { type Context, Hono } from "hono";
 import { validator } from "hono/validator";
 
@@ -56,9 +58,19 @@ const sessionParam = validator("param", async (p, c) => {
   return use.rec;
 });
 
-/** The plan of a request on an existing session: its host; its last use is when the request ends. */
+/**
+ * The plan of a request on an existing session: its host, or the next live host of its model when
+ * that one is not live (recorded first); its last use is when the request ends.
+ */
 const onSession = (c: Context<AppEnv>, rec: SessionRecord) => ({
   host: rec.host,
+  move: {
+    model: rec.model,
+    to: async (host: string) => {
+      if (!(await tenantStub(c.env, c.get("tenant")).updateSession(rec.id, { host }))) throw unknownSession(rec.id);
+      rec.host = host;
+    },
+  },
   onEnd: () => tenantStub(c.env, c.get("tenant")).touchSession(rec.id),
 });
 
@@ -104,7 +116,7 @@ sessions.post("/", jsonBody(sessionRequest), async (c) => {
     // The host is recorded before the open, so that a DELETE or the alarm can close a session
     // whose request died while opening it. A record gone meanwhile was deleted: this open fails
     // (and its failure closes what it opened).
-    if (!(await stub.updateSession(id, { host: lease.link.url }))) throw unknownSession(id);
+    if (!(await stub.updateSession(id, { host: lease.link.host }))) throw unknownSession(id);
     const opened = await openSession(c, lease.link, id, kv, { promptBytes: turnsBytes(turns) });
     const rec = await stub.updateSession(id, {
       state: "open",

@@ -1,37 +1,41 @@
-// GET /v1/usage: the calling tenant's limits, requests in the last minute, sessions, and per host
-// the KV bytes it uses vs its quota. The same report is the admin's GET /admin/tenants/{name}.
+// GET /v1/usage: the calling tenant's limits, requests in the last minute, sessions, the bytes of
+// its sessions' checkpoints (R2, fleet-wide), and per live host the KV bytes it uses vs its quota.
+// The same report is the admin's GET /admin/tenants/{name}.
 import { type Context, Hono } from "hono";
 
 import { tenantStub } from "../auth.js";
 import type { AppEnv } from "../env.js";
-import { hostId, withoutHostUrls } from "../host-id.js";
+import { hostId, withoutHostNames } from "../host-id.js";
 import { withHost } from "../host-lease.js";
 import { registry } from "../routing.js";
 
 /**
- * A tenant's usage at the edge and on every host not marked down (KV bytes used vs quota, from each
- * host's stats). Hosts are named by their opaque ids (host-id.ts), by URL only for the admin.
+ * A tenant's usage at the edge and on every live host (KV bytes used vs quota, from each host's
+ * stats). Hosts are named by their opaque ids (host-id.ts), by name only for the admin.
  */
 export async function tenantUsage(c: Context<AppEnv>, tenant: string, forAdmin = false) {
-  const name = (url: string) => (forAdmin ? Promise.resolve(url) : hostId(c.env, url));
-  const say = async (text: string) => (forAdmin ? text : withoutHostUrls(c.env, text));
-  const { config, sessions, requests_last_minute } = await tenantStub(c.env, tenant).usage();
   const hosts = await registry(c.env).list();
+  const names = hosts.map((h) => h.name);
+  const name = (host: string) => (forAdmin ? Promise.resolve(host) : hostId(c.env, host));
+  const say = async (text: string) => (forAdmin ? text : withoutHostNames(c.env, text, names));
+  const stub = tenantStub(c.env, tenant);
+  const { config, sessions, requests_last_minute } = await stub.usage();
+  const storedBytes = await stub.storedBytes();
   const perHost = await Promise.all(
     hosts
-      .filter((h) => h.down_until <= Date.now())
+      .filter((h) => h.live)
       .map((h) =>
-        withHost(c, { host: h.url, tenant, tenantSettings: false }, async ({ link }) => {
+        withHost(c, { host: h.name, tenant, tenantSettings: false }, async ({ link }) => {
           const st = await link.call({ type: "stats" }, "stats_result");
           return {
-            host: await name(h.url),
+            host: await name(h.name),
             kv_used_bytes: st.kv_used_bytes ?? 0,
             kv_quota_bytes: st.kv_quota_bytes ?? 0,
             sessions: st.sessions ?? 0,
             offloaded: st.offloaded ?? 0,
           };
         }).catch(async (e: unknown) => ({
-          host: await name(h.url),
+          host: await name(h.name),
           error: await say(e instanceof Error ? e.message : String(e)),
         })),
       ),
@@ -41,6 +45,7 @@ export async function tenantUsage(c: Context<AppEnv>, tenant: string, forAdmin =
     limits: config,
     requests_last_minute,
     sessions: sessions.length,
+    stored_bytes: storedBytes,
     session_list: await Promise.all(
       sessions.map(async (s) => ({
         id: s.id,

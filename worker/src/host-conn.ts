@@ -1,0 +1,565 @@
+// One Durable Object per GPU host name (binding HOSTS): the host's one WebSocket, which the host
+// dials (GET /hosts/connect, its token checked by index.ts before the upgrade reaches this object),
+// accepted with the WebSocket Hibernation API so that an idle object may leave memory while the
+// socket stays up. Each message on that socket is a 4-byte channel and one msgpack map (host
+// protocol 3, docs/HOST.md): channel 0 carries control messages, every other channel one request.
+//
+// A request (HostLink, host-link.ts) opens a WebSocket of its own to this object (`/channel`): the
+// object answers it with a `hello` made from the host's host_hello (no round trip to the host),
+// tells the host `channel_open`, and relays bytes both ways, adding or stripping the channel
+// number — session messages are never decoded here. The request's socket closing is
+// `channel_close` to the host (which cancels its work, as a closed connection did in 2.x); the
+// host's `channel_drop`, or its socket going away, closes the request's socket.
+//
+// State that must survive hibernation lives in the sockets' attachments (the host's name, hello,
+// last heartbeat; each channel's number and tenant) and, for multipart uploads, in storage.
+//
+// Sessions' checkpoints go to R2 (binding SESSIONS) through the host's control messages:
+// state_put (parts acknowledged one by one, R2 multipart above one part, `if_etag` as R2's
+// precondition), state_get (parts sent one at a time, each after the host's data_ack), state_head,
+// state_delete. Key sessions/<tenant>/<session>.
+import {
+  CONTROL_CHANNEL,
+  type ControlToHost,
+  decodeControlMessage,
+  encodeChannelFrame,
+  encodeHostMessage,
+  HOST_PROTOCOL_VERSION,
+  HOST_STATE_PART_BYTES,
+  type HostMessage,
+  prefixChannel,
+  splitChannelFrame,
+} from "@pyramidkv/shared";
+import { DurableObject } from "cloudflare:workers";
+
+import { tenantStub } from "./auth.js";
+import { type Env, intVar } from "./env.js";
+import { registry } from "./routing.js";
+
+/** The R2 key of a session's checkpoint. */
+export const stateKey = (tenant: string, session: string) => `sessions/${tenant}/${session}`;
+
+/** A tenant or session name as part of an R2 key: no separator, no dot segments. */
+const KEY_PART = /^[A-Za-z0-9_.:-]{1,128}$/;
+
+export const DEFAULT_HEARTBEAT_MS = 5000;
+/** a host's heartbeat_ms is taken within these bounds */
+const HEARTBEAT_RANGE = [100, 600_000] as const;
+/** a state_get waits this long for the host's data_ack of a part */
+const DATA_ACK_MS = 60_000;
+
+type HostHello = Omit<HostMessage<"host_hello">, "type">;
+type Heartbeat = Omit<HostMessage<"heartbeat">, "type">;
+
+interface HostAttachment {
+  kind: "host";
+  name: string;
+  connected_at: number;
+  hello?: HostHello;
+  heartbeat?: Heartbeat;
+  last_heartbeat_ms: number;
+  draining: boolean;
+  /** this connection is over (replaced, revoked, heartbeats missed): its close reports nothing more */
+  ended?: boolean;
+}
+
+interface ChannelAttachment {
+  kind: "channel";
+  ch: number;
+  tenant: string;
+}
+
+type Attachment = HostAttachment | ChannelAttachment;
+
+/** A multipart upload between its parts (in storage: the object may sleep between two parts). */
+interface PendingPut {
+  key: string;
+  upload_id: string;
+  parts: R2UploadedPart[];
+  received: number;
+  total: number;
+  count: number;
+  if_etag?: string;
+  connected_at: number;
+}
+
+const json503 = (message: string) =>
+  Response.json({ error: { message, type: "server_error", param: null, code: "host_unavailable" } }, { status: 503 });
+
+const hostTag = "host";
+const channelTag = (ch: number) => `ch:${ch}`;
+
+export class HostConn extends DurableObject<Env> {
+  /** state_get parts waiting for the host's data_ack, by `<id>:<part>` */
+  private readonly acks = new Map<string, () => void>();
+
+  private attachment<T extends Attachment>(ws: WebSocket): T {
+    return ws.deserializeAttachment() as T;
+  }
+
+  /** The host's current socket (not one that was replaced or ended), with its attachment. */
+  private host(): { ws: WebSocket; att: HostAttachment } | null {
+    for (const ws of this.ctx.getWebSockets(hostTag)) {
+      const att = this.attachment<HostAttachment>(ws);
+      if (!att.ended && ws.readyState === WebSocket.OPEN) return { ws, att };
+    }
+    return null;
+  }
+
+  override async fetch(req: Request): Promise<Response> {
+    if (req.headers.get("upgrade")?.toLowerCase() !== "websocket")
+      return new Response("a WebSocket upgrade is expected", { status: 426 });
+    const url = new URL(req.url);
+    if (url.pathname === "/connect") return this.acceptHost(req.headers.get("x-pkv-host-name") ?? "");
+    if (url.pathname === "/channel") return this.openChannel(url.searchParams.get("tenant") ?? "");
+    return new Response("not found", { status: 404 });
+  }
+
+  // ---- the host's socket ----
+
+  private acceptHost(name: string): Response {
+    if (name === "") return new Response("no host name", { status: 400 });
+    const prev = this.host();
+    if (prev) this.endHost(prev.ws, prev.att, 4001, "replaced", false);
+    const [client, server] = Object.values(new WebSocketPair()) as [WebSocket, WebSocket];
+    this.ctx.acceptWebSocket(server, [hostTag]);
+    const att: HostAttachment = {
+      kind: "host",
+      name,
+      connected_at: Date.now(),
+      last_heartbeat_ms: Date.now(),
+      draining: false,
+    };
+    server.serializeAttachment(att);
+    return new Response(null, { status: 101, webSocket: client });
+  }
+
+  /**
+   * Ends a host connection: every request on it closed (1011 "host gone"), the socket closed with
+   * `code`, and (unless a newer connection replaced it) the host out of the routing table.
+   */
+  private endHost(ws: WebSocket, att: HostAttachment, code: number, reason: string, report = true): Promise<void> {
+    ws.serializeAttachment({ ...att, ended: true });
+    for (const ch of this.ctx.getWebSockets()) {
+      if (this.attachment<Attachment>(ch).kind === "channel") closeQuietly(ch, 1011, "host gone");
+    }
+    closeQuietly(ws, code, reason);
+    if (!report) return Promise.resolve();
+    return registry(this.env)
+      .gone(att.name, att.connected_at)
+      .catch(() => {});
+  }
+
+  private sendControl(ws: WebSocket, msg: ControlToHost): void {
+    try {
+      ws.send(encodeChannelFrame(CONTROL_CHANNEL, msg));
+    } catch {
+      // the socket is closing: its close handler cleans up
+    }
+  }
+
+  private controlError(ws: WebSocket, id: number | undefined, code: string, message: string): void {
+    this.sendControl(ws, { type: "control_error", ...(id !== undefined ? { id } : {}), code, message });
+  }
+
+  private report(att: HostAttachment): Promise<void> {
+    if (!att.hello) return Promise.resolve();
+    return registry(this.env)
+      .report(att.name, {
+        hello: att.hello,
+        ...(att.heartbeat ? { heartbeat: att.heartbeat } : {}),
+        draining: att.draining,
+        connected_at: att.connected_at,
+      })
+      .catch(() => {});
+  }
+
+  override async webSocketMessage(ws: WebSocket, message: string | ArrayBuffer): Promise<void> {
+    const att = this.attachment<Attachment>(ws);
+    if (att.kind === "channel") return this.fromChannel(ws, att, message);
+    if (att.ended) return;
+    if (typeof message === "string") {
+      this.controlError(ws, undefined, "bad_frame", "text messages are not part of the host protocol: binary only");
+      return;
+    }
+    const frame = splitChannelFrame(new Uint8Array(message));
+    if (!frame) {
+      this.controlError(ws, undefined, "bad_frame", `a message of ${message.byteLength} bytes has no 4-byte channel`);
+      return;
+    }
+    if (frame.ch === CONTROL_CHANNEL) return this.onControl(ws, att, frame.payload);
+    if (!att.hello) {
+      this.controlError(ws, undefined, "bad_frame", "the first message must be host_hello (channel 0)");
+      return;
+    }
+    const [inner] = this.ctx.getWebSockets(channelTag(frame.ch));
+    if (!inner) return; // a channel the edge closed already (its channel_close is on its way to the host)
+    try {
+      inner.send(frame.payload);
+    } catch {
+      // the request's socket is closing: its close handler tells the host
+    }
+  }
+
+  private fromChannel(ws: WebSocket, att: ChannelAttachment, message: string | ArrayBuffer): void {
+    const host = this.host();
+    if (!host) {
+      closeQuietly(ws, 1011, "host gone");
+      return;
+    }
+    if (typeof message === "string") {
+      closeQuietly(ws, 1003, "binary messages only");
+      return;
+    }
+    try {
+      host.ws.send(prefixChannel(att.ch, new Uint8Array(message)));
+    } catch {
+      closeQuietly(ws, 1011, "host gone");
+    }
+  }
+
+  private async onControl(ws: WebSocket, att: HostAttachment, payload: Uint8Array): Promise<void> {
+    const d = decodeControlMessage(payload, "from_host");
+    if (!d.ok) {
+      this.controlError(ws, undefined, "bad_frame", d.error);
+      return;
+    }
+    const m = d.message;
+    if (!att.hello && m.type !== "host_hello") {
+      this.controlError(ws, undefined, "bad_frame", `the first message must be host_hello, not ${m.type}`);
+      return;
+    }
+    switch (m.type) {
+      case "host_hello":
+        return this.onHello(ws, att, m);
+      case "heartbeat": {
+        const { type: _, ...hb } = m;
+        const next = { ...att, heartbeat: hb, last_heartbeat_ms: Date.now(), draining: att.draining || m.draining };
+        ws.serializeAttachment(next);
+        return this.report(next);
+      }
+      case "draining":
+      case "drained": {
+        const next = { ...att, draining: true };
+        ws.serializeAttachment(next);
+        return this.report(next);
+      }
+      case "channel_drop": {
+        const [inner] = this.ctx.getWebSockets(channelTag(m.ch));
+        if (inner) closeQuietly(inner, 1011, `dropped by the host${m.reason ? `: ${m.reason}` : ""}`.slice(0, 120));
+        return;
+      }
+      case "data_ack":
+        this.acks.get(`${m.id}:${m.part}`)?.();
+        return;
+      case "state_put":
+      case "state_get":
+      case "state_head":
+      case "state_delete":
+        return this.onState(ws, att, m);
+    }
+  }
+
+  private async onHello(ws: WebSocket, att: HostAttachment, m: HostMessage<"host_hello">): Promise<void> {
+    if (m.protocol !== HOST_PROTOCOL_VERSION) {
+      this.controlError(
+        ws,
+        undefined,
+        "bad_frame",
+        `this host speaks host protocol ${m.protocol}; this edge speaks ${HOST_PROTOCOL_VERSION}: upgrade the host`,
+      );
+      await this.endHost(ws, att, 1002, "protocol version");
+      return;
+    }
+    const { type: _, ...hello } = m;
+    hello.heartbeat_ms = Math.min(HEARTBEAT_RANGE[1], Math.max(HEARTBEAT_RANGE[0], hello.heartbeat_ms));
+    const next: HostAttachment = { ...att, hello, last_heartbeat_ms: Date.now() };
+    ws.serializeAttachment(next);
+    this.sendControl(ws, {
+      type: "welcome",
+      name: att.name,
+      heartbeat_ms: intVar(this.env.PKV_HEARTBEAT_MS, DEFAULT_HEARTBEAT_MS),
+    });
+    await this.ctx.storage.setAlarm(Date.now() + 2 * hello.heartbeat_ms + 50);
+    await this.report(next);
+  }
+
+  override async webSocketClose(ws: WebSocket, code: number, reason: string): Promise<void> {
+    closeQuietly(ws, code === 1005 || code === 1006 ? 1000 : code, reason);
+    await this.closed(ws);
+  }
+
+  override async webSocketError(ws: WebSocket): Promise<void> {
+    closeQuietly(ws, 1011, "error");
+    await this.closed(ws);
+  }
+
+  private async closed(ws: WebSocket): Promise<void> {
+    const att = this.attachment<Attachment>(ws);
+    if (att.kind === "channel") {
+      const host = this.host();
+      if (host) this.sendControl(host.ws, { type: "channel_close", ch: att.ch, reason: "closed by the edge" });
+      return;
+    }
+    if (!att.ended) await this.endHost(ws, att, 1000, "closed");
+  }
+
+  /** Two heartbeats missed: the host is gone (routing already skips it, registry.ts). */
+  override async alarm(): Promise<void> {
+    const host = this.host();
+    if (!host?.att.hello) return;
+    const due = host.att.last_heartbeat_ms + 2 * host.att.hello.heartbeat_ms;
+    if (Date.now() >= due) await this.endHost(host.ws, host.att, 4002, "heartbeat missed");
+    else await this.ctx.storage.setAlarm(due + 50);
+  }
+
+  /** The host's token was revoked: its socket closes with 4003 (it does not reconnect). */
+  async revoke(): Promise<boolean> {
+    const host = this.host();
+    if (!host) return false;
+    this.sendControl(host.ws, { type: "control_error", code: "revoked", message: "this host's token was revoked" });
+    await this.endHost(host.ws, host.att, 4003, "revoked");
+    return true;
+  }
+
+  // ---- requests' channels ----
+
+  private openChannel(tenant: string): Response {
+    const host = this.host();
+    if (!host?.att.hello) return json503("the GPU host is not connected");
+    if (tenant === "") return new Response("no tenant", { status: 400 });
+    let ch = 0;
+    while (ch === 0 || this.ctx.getWebSockets(channelTag(ch)).length > 0)
+      ch = crypto.getRandomValues(new Uint32Array(1))[0]!;
+    const [client, server] = Object.values(new WebSocketPair()) as [WebSocket, WebSocket];
+    this.ctx.acceptWebSocket(server, [channelTag(ch)]);
+    server.serializeAttachment({ kind: "channel", ch, tenant } satisfies ChannelAttachment);
+    const h = host.att.hello;
+    server.send(
+      encodeHostMessage({
+        type: "hello",
+        protocol: h.protocol,
+        protocol_minor: h.protocol_minor,
+        model: h.model,
+        n_layer: h.n_layer,
+        n_ctx: h.n_ctx,
+        pool_bytes: h.pool_bytes,
+        bytes_per_entry: h.bytes_per_entry,
+        ...(h.chat_template !== undefined ? { chat_template: h.chat_template } : {}),
+      }),
+    );
+    this.sendControl(host.ws, { type: "channel_open", ch, tenant });
+    return new Response(null, { status: 101, webSocket: client });
+  }
+
+  // ---- sessions' state in R2 ----
+
+  private async onState(
+    ws: WebSocket,
+    att: HostAttachment,
+    m: HostMessage<"state_put" | "state_get" | "state_head" | "state_delete">,
+  ): Promise<void> {
+    if (!KEY_PART.test(m.tenant) || !KEY_PART.test(m.session)) {
+      this.controlError(ws, m.id, "bad_frame", `tenant and session must match ${KEY_PART.source}`);
+      return;
+    }
+    const key = stateKey(m.tenant, m.session);
+    try {
+      switch (m.type) {
+        case "state_put":
+          return await this.statePut(ws, att, key, m as HostMessage<"state_put">);
+        case "state_get":
+          return await this.stateGet(ws, key, m.id);
+        case "state_head": {
+          const head = await this.env.SESSIONS.head(key);
+          this.sendControl(ws, head ? { type: "state_info", id: m.id, ...described(head) } : notThere(m.id));
+          return;
+        }
+        case "state_delete":
+          await this.env.SESSIONS.delete(key);
+          await tenantStub(this.env, m.tenant).storedDrop(m.session);
+          this.sendControl(ws, { type: "state_deleted", id: m.id });
+          return;
+      }
+    } catch (e) {
+      this.controlError(ws, m.id, "internal", `R2: ${e instanceof Error ? e.message : String(e)}`);
+    }
+  }
+
+  private async statePut(ws: WebSocket, att: HostAttachment, key: string, m: HostMessage<"state_put">): Promise<void> {
+    const pendingKey = `put:${m.id}`;
+    if (m.part === 0) {
+      if (m.parts < 1 || m.bytes < m.data.length || (m.parts === 1 && m.bytes !== m.data.length)) {
+        this.controlError(
+          ws,
+          m.id,
+          "bad_frame",
+          `state_put: part 0 of ${m.parts} with ${m.data.length} of ${m.bytes} bytes`,
+        );
+        return;
+      }
+      const quota = await tenantStub(this.env, m.tenant).storedPut(m.session, m.bytes);
+      if (!quota.ok) {
+        this.controlError(ws, m.id, quota.code, quota.message);
+        return;
+      }
+      const customMetadata = objectMetadata(att.hello!, m.meta);
+      if (m.parts === 1) {
+        const obj = await this.env.SESSIONS.put(key, m.data, {
+          customMetadata,
+          ...(m.if_etag !== undefined ? { onlyIf: { etagMatches: m.if_etag } } : {}),
+        });
+        if (obj === null) {
+          this.controlError(ws, m.id, "state_conflict", conflict(m.session, m.if_etag));
+          return;
+        }
+        this.sendControl(ws, { type: "state_ack", id: m.id, part: 0 });
+        this.sendControl(ws, { type: "state_stored", id: m.id, etag: obj.etag, bytes: obj.size });
+        return;
+      }
+      const upload = await this.env.SESSIONS.createMultipartUpload(key, { customMetadata });
+      const part = await upload.uploadPart(1, m.data);
+      const pending: PendingPut = {
+        key,
+        upload_id: upload.uploadId,
+        parts: [{ partNumber: part.partNumber, etag: part.etag }],
+        received: m.data.length,
+        total: m.bytes,
+        count: m.parts,
+        ...(m.if_etag !== undefined ? { if_etag: m.if_etag } : {}),
+        connected_at: att.connected_at,
+      };
+      await this.ctx.storage.put(pendingKey, pending);
+      this.sendControl(ws, { type: "state_ack", id: m.id, part: 0 });
+      return;
+    }
+    const pending = await this.ctx.storage.get<PendingPut>(pendingKey);
+    if (!pending || pending.key !== key || m.part !== pending.parts.length) {
+      this.controlError(
+        ws,
+        m.id,
+        "bad_frame",
+        `state_put: part ${m.part} of id ${m.id} without its earlier parts (expected ${pending?.parts.length ?? 0})`,
+      );
+      return;
+    }
+    const upload = this.env.SESSIONS.resumeMultipartUpload(key, pending.upload_id);
+    const fail = async (code: string, message: string) => {
+      await this.ctx.storage.delete(pendingKey);
+      await upload.abort().catch(() => {});
+      this.controlError(ws, m.id, code, message);
+    };
+    const part = await upload.uploadPart(m.part + 1, m.data);
+    pending.parts.push({ partNumber: part.partNumber, etag: part.etag });
+    pending.received += m.data.length;
+    if (m.part + 1 < pending.count) {
+      if (pending.received >= pending.total)
+        return fail("bad_frame", `state_put: more than ${pending.total} bytes before the last part`);
+      await this.ctx.storage.put(pendingKey, pending);
+      this.sendControl(ws, { type: "state_ack", id: m.id, part: m.part });
+      return;
+    }
+    if (pending.received !== pending.total)
+      return fail("bad_frame", `state_put: ${pending.received} bytes received, part 0 announced ${pending.total}`);
+    if (pending.if_etag !== undefined) {
+      const head = await this.env.SESSIONS.head(key);
+      if (head?.etag !== pending.if_etag) return fail("state_conflict", conflict(key, pending.if_etag));
+    }
+    const obj = await upload.complete(pending.parts);
+    await this.ctx.storage.delete(pendingKey);
+    this.sendControl(ws, { type: "state_ack", id: m.id, part: m.part });
+    this.sendControl(ws, { type: "state_stored", id: m.id, etag: obj.etag, bytes: obj.size });
+  }
+
+  /** Sends the object in parts of HOST_STATE_PART_BYTES (ranged reads of one version), each after the host's data_ack of the previous. */
+  private async stateGet(ws: WebSocket, key: string, id: number): Promise<void> {
+    const head = await this.env.SESSIONS.head(key);
+    if (!head) {
+      this.sendControl(ws, notThere(id));
+      return;
+    }
+    const parts = Math.max(1, Math.ceil(head.size / HOST_STATE_PART_BYTES));
+    for (let part = 0; part < parts; part++) {
+      const offset = part * HOST_STATE_PART_BYTES;
+      const length = Math.min(HOST_STATE_PART_BYTES, head.size - offset);
+      const obj = await this.env.SESSIONS.get(key, {
+        onlyIf: { etagMatches: head.etag },
+        ...(head.size > 0 ? { range: { offset, length } } : {}),
+      });
+      if (!obj || !("body" in obj)) {
+        this.controlError(
+          ws,
+          id,
+          "state_conflict",
+          `the checkpoint of ${key} changed while it was read: read it again`,
+        );
+        return;
+      }
+      const data = new Uint8Array(await obj.arrayBuffer());
+      const acked = part + 1 < parts ? this.waitAck(id, part) : null;
+      this.sendControl(ws, {
+        type: "state_data",
+        id,
+        part,
+        parts,
+        data,
+        bytes: head.size,
+        etag: head.etag,
+        ...(part === 0 ? { meta: head.customMetadata ?? {} } : {}),
+      });
+      if (acked && !(await acked)) {
+        this.controlError(
+          ws,
+          id,
+          "internal",
+          `no data_ack of part ${part} within ${DATA_ACK_MS} ms: state_get ${id} given up`,
+        );
+        return;
+      }
+    }
+  }
+
+  private waitAck(id: number, part: number): Promise<boolean> {
+    const key = `${id}:${part}`;
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => {
+        this.acks.delete(key);
+        resolve(false);
+      }, DATA_ACK_MS);
+      this.acks.set(key, () => {
+        clearTimeout(timer);
+        this.acks.delete(key);
+        resolve(true);
+      });
+    });
+  }
+}
+
+function closeQuietly(ws: WebSocket, code: number, reason: string): void {
+  try {
+    ws.close(code, reason);
+  } catch {
+    // closed already
+  }
+}
+
+const notThere = (id: number): ControlToHost => ({ type: "state_info", id, exists: false });
+
+const described = (o: R2Object) => ({ exists: true, etag: o.etag, bytes: o.size, meta: o.customMetadata ?? {} });
+
+const conflict = (what: string, etag: string | undefined) =>
+  `the checkpoint of ${what} is no longer the one with etag ${etag}: another host wrote or removed it since (the session moved)`;
+
+/** The object's customMetadata (strings, docs/HOST.md): the model and shape it belongs to, from the host's hello, and its size from the host's meta. */
+function objectMetadata(hello: HostHello, meta: Record<string, unknown> | undefined): Record<string, string> {
+  const num = (v: unknown) =>
+    typeof v === "number" || typeof v === "bigint" ? String(v) : typeof v === "string" ? v : "0";
+  return {
+    model: hello.model,
+    n_layer: String(hello.n_layer),
+    bytes_per_entry: String(hello.bytes_per_entry),
+    tokens_seen: num(meta?.tokens_seen),
+    kv_bytes: num(meta?.kv_bytes),
+    format: "pkvf1",
+  };
+}
