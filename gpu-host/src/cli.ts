@@ -35,20 +35,28 @@ export const COMMANDS: CommandEntry[] = [
   {
     name: "dev",
     usage: "[--port 8787] [--hosts 1] [--kv-pool-bytes N]",
-    summary: "(npm run dev) GPU host on CPU + worker in Miniflare, a test API key",
+    summary:
+      "(npm run dev) worker in Miniflare + N GPU hosts on CPU dialling in (--hosts 0: the worker alone), a test API key",
     load: async () => (await import("./stack/dev.js")).command,
   },
   {
     name: "admin",
     usage: "... (pkv admin --help)",
-    summary: "tenants, API keys, quotas, GPU hosts of a worker (local or --remote URL)",
+    summary: "tenants, API keys, quotas, GPU hosts' tokens of a worker (local or --remote URL)",
     load: async () => (await import("./stack/admin.js")).command,
   },
   {
     name: "bench ttft",
-    usage: "[--requests 20] [--max-tokens 4] [--budget 128]",
-    summary: "time to first token: through the worker vs straight to the host",
+    usage: "[--requests 50] [--max-tokens 4] [--budget 128]",
+    summary: "time to first token: through the worker vs straight to a host (an in-process direct edge); JSON",
     load: async () => (await import("./stack/bench-ttft.js")).command,
+  },
+  {
+    name: "bench move",
+    usage: "[--runs 3] [--chars 32000] [--budget 128] [--max-tokens 8] [--haystack-dir DIR]",
+    summary:
+      "an ~8k-token session moved to another host through R2 (drain, restore, first token) vs prefilled again; JSON",
+    load: async () => (await import("./stack/bench-move.js")).command,
   },
   {
     name: "bench fairness",
@@ -73,8 +81,8 @@ export const COMMANDS: CommandEntry[] = [
   {
     name: "host",
     usage:
-      "[--port N] [--edge-secret S] [--kv-pool-bytes N] [--offload-dir DIR] [--tenants FILE|JSON] ... (pkv host --help)",
-    summary: "the GPU host: engine supervisor, WebSocket server for the edge, /health, /metrics",
+      "--connect URL --host-token T [--port N] [--kv-pool-bytes N] [--offload-dir DIR] [--tenants FILE|JSON] ... (pkv host --help)",
+    summary: "the GPU host: engine supervisor dialling in to the edge (one WebSocket), /health, /metrics",
     load: async () => (await import("./host/main.js")).command,
   },
   {

@@ -26,6 +26,7 @@ test("the table holds every documented command, each loading a module with flags
     "dev",
     "admin",
     "bench ttft",
+    "bench move",
     "bench chunking",
     "host",
     "eval needle",
@@ -82,7 +83,9 @@ test("a bad integer names the flag, the value and the range, before the command 
     [["dev", "--kv-pool-bytes", "1"], "--kv-pool-bytes: '1' is not an integer in [1048576, 9007199254740991]"],
     [["demo", "--chars", "100"], "--chars: '100' is not an integer in [200, 30000]"],
     [["demo", "engine", "--depth", "101"], "--depth: '101' is not an integer in [0, 100]"],
+    [["dev", "--hosts", "9"], "--hosts: '9' is not an integer in [0, 8]"],
     [["bench", "ttft", "--requests", "0"], "--requests: '0' is not an integer in [1, 10000]"],
+    [["bench", "move", "--runs", "0"], "--runs: '0' is not an integer in [1, 100]"],
     [["bench", "chunking", "--chunk-sizes", "0,1.5"], "--chunk-sizes: '1.5' is not an integer in [0, 16777216]"],
     [["host", "--max-prefills", "0"], "--max-prefills: '0' is not an integer in [1, 1024]"],
     [["admin", "tenant", "set", "acme", "--rpm=-1"], "--rpm: '-1' is not an integer >= 0"],
@@ -102,6 +105,17 @@ test("a bad integer names the flag, the value and the range, before the command 
   // the package export for callers holding raw arguments rejects its promise (it never throws)
   const pending = runAdmin(["tenant", "set", "acme", "--rpm", "1.5"], () => {});
   await assert.rejects(pending, { message: "--rpm: '1.5' is not an integer >= 0" });
+  // hosts dial in (0.9.0): adding a host by URL is refused with what to do instead, before any
+  // worker is reached; a host name outside the token's alphabet is refused the same way
+  const add = await run("admin", "host", "add", "http://127.0.0.1:8790");
+  assert.equal(add.code, 2);
+  assert.match(add.err, /^error: pkv admin host add: hosts dial in now .*'pkv admin host create NAME'.*--connect/);
+  const remove = await run("admin", "host", "remove", "http://127.0.0.1:8790");
+  assert.equal(remove.code, 2);
+  assert.match(remove.err, /host revoke NAME/);
+  const badName = await run("admin", "host", "create", "GPU_1");
+  assert.equal(badName.code, 2);
+  assert.equal(badName.err, "error: pkv admin host create: NAME 'GPU_1' does not match ^[a-z0-9][a-z0-9-]{0,62}$\n");
   const unknown = await run("dev", "--nope");
   assert.equal(unknown.code, 2);
   assert.match(unknown.err, /^error: Unknown option '--nope'/);

@@ -1,4 +1,4 @@
-// `pkv admin`: tenants, API keys, quotas and GPU hosts of an edge worker, through its admin API.
+// `pkv admin`: tenants, API keys, quotas and GPU hosts' tokens of an edge worker, through its admin API.
 // Local (default): the dev worker of `npm run dev` (its URL and admin token in .pkv-dev/dev.json)
 // or, when none runs, a worker started on the same Miniflare storage (.pkv-dev/state) for the
 // duration of the command. Remote: --remote URL --admin-token T (or PKV_ADMIN_TOKEN).
@@ -9,7 +9,7 @@ import { KV_METHODS } from "@pyramidkv/shared";
 
 import { repoRoot } from "../engine/engine-path.js";
 import { bool, defineCommand, type FlagValues, int, oneOf, parseFlags, string } from "../flags.js";
-import { AdminClient, newSecret, startWorker } from "./stack.js";
+import { AdminClient, HOST_NAME, newSecret, startWorker } from "./stack.js";
 
 export const ADMIN_USAGE = `usage: pkv admin [--remote URL --admin-token T] <command>
   tenant set NAME [--kv-quota-bytes N] [--max-sessions N] [--rpm N] [--policy refuse|auto]
@@ -20,7 +20,10 @@ export const ADMIN_USAGE = `usage: pkv admin [--remote URL --admin-token T] <com
                    --max-stored-bytes: offloaded session state per host, default the host's)
   tenant show NAME | tenant list
   key create TENANT                     a new API key (printed once; stored hashed)
-  host add URL | host remove URL | host list
+  host create NAME                      a host token for a GPU host named NAME (printed once; stored hashed):
+                                        pkv host --connect <worker URL> --host-token <token>
+  host revoke NAME                      delete the host's token and close its connection
+  host list                             every host: connected, live, draining, free KV; the routing counters
   Without --remote: the local dev worker (npm run dev), or its Miniflare storage in .pkv-dev/`;
 
 export const devDir = () => resolve(repoRoot(), ".pkv-dev");
@@ -78,6 +81,16 @@ async function admin(
     print(ADMIN_USAGE);
     return values.help ? 0 : 2;
   }
+  // Refused before any worker is reached or started.
+  if (group === "host" && (action === "add" || action === "remove"))
+    throw new Error(
+      `pkv admin host ${action}: hosts dial in now (host protocol 3.0), the edge keeps no host URLs: ` +
+        (action === "add"
+          ? "make a token with 'pkv admin host create NAME' and start the host with 'pkv host --connect <worker URL> --host-token <token>'"
+          : "'pkv admin host revoke NAME' deletes a host's token and closes its connection"),
+    );
+  if (group === "host" && (action === "create" || action === "revoke") && arg !== undefined && !HOST_NAME.test(arg))
+    throw new Error(`pkv admin host ${action}: NAME '${arg.slice(0, 80)}' does not match ${HOST_NAME.source}`);
   const run = async (client: AdminClient): Promise<unknown> => {
     const need = (what: string) => {
       if (!arg) throw new Error(`pkv admin ${group} ${action}: ${what} is required`);
@@ -98,8 +111,8 @@ async function admin(
     if (group === "tenant" && action === "show") return client.tenant(need("NAME"));
     if (group === "tenant" && action === "list") return client.tenants();
     if (group === "key" && action === "create") return { tenant: need("TENANT"), key: await client.createKey(arg!) };
-    if (group === "host" && action === "add") return client.addHost(need("URL"));
-    if (group === "host" && action === "remove") return client.removeHost(need("URL"));
+    if (group === "host" && action === "create") return client.createHost(need("NAME"));
+    if (group === "host" && action === "revoke") return client.revokeHost(need("NAME"));
     if (group === "host" && action === "list") return client.hosts();
     throw new Error(`unknown command 'admin ${positionals.join(" ")}'\n${ADMIN_USAGE}`);
   };
@@ -119,7 +132,7 @@ async function admin(
   }
   // No dev worker running: the same storage, through a worker of our own for this command.
   const adminToken = newSecret();
-  const worker = await startWorker({ secret: newSecret(), adminToken, persistDir: resolve(devDir(), "state") });
+  const worker = await startWorker({ adminToken, persistDir: resolve(devDir(), "state") });
   try {
     print(JSON.stringify(await run(new AdminClient(worker.url, adminToken)), null, 2));
   } finally {

@@ -1,5 +1,6 @@
 // `pkv bench fairness`: tenant B's stream while tenant A floods the host with generations. Two real
-// hosts (engine on CPU) differ only in their decode lanes: "unbounded" (every generation in the
+// hosts (engine on CPU, in this process, dialled in to an in-process DirectEdge) differ only in
+// their decode lanes: "unbounded" (every generation in the
 // engine at once: each decode step carries all of A's) and "bounded" (--decode-lanes,
 // --tenant-decode-lanes: A's extra generations queue). Each run measures both, in alternating
 // order, so both see the same machine load; B's time to first token and inter-token gaps are
@@ -7,13 +8,13 @@
 import { execFileSync } from "node:child_process";
 import { cpus, loadavg } from "node:os";
 
-import { decodeHostMessage, encodeHostMessage, type FromHostMessage, type ToHostMessage } from "@pyramidkv/shared";
-import { WebSocket } from "ws";
+import type { FromHostMessage } from "@pyramidkv/shared";
 
 import { defineCommand, int } from "../flags.js";
-import { makeEdgeToken } from "../host/auth.js";
 import { parseHostConfig } from "../host/config.js";
+import { DirectEdge, hostToken } from "../host/direct-edge.js";
 import { type RunningHost, startHost } from "../host/main.js";
+import { DirectClient } from "./direct-client.js";
 
 export interface FairnessOptions {
   /** concurrent generations of tenant A */
@@ -29,7 +30,6 @@ export interface FairnessOptions {
   threads?: number;
 }
 
-const SECRET = "bench-fairness-secret-0123456789";
 const FLOOD_PROMPT = "Count from 1 to 1000, separated by commas.";
 const STREAM_PROMPT = "Write a short story about a lighthouse keeper and a storm.";
 /** lanes of the unbounded host: the flag's maximum, more than any flood here */
@@ -43,51 +43,6 @@ function quantile(xs: number[], q: number): number {
 
 const median = (xs: number[]) => quantile(xs, 0.5);
 const round = (x: number, digits = 1) => Math.round(x * 10 ** digits) / 10 ** digits;
-
-/** One tenant's WebSocket to the host: calls by id, every frame of a call to its callback. */
-class TenantLink {
-  private next = 1;
-  private readonly waiters = new Map<number, (f: FromHostMessage) => void>();
-  private constructor(
-    private readonly ws: WebSocket,
-    readonly tenant: string,
-  ) {
-    ws.on("message", (data: Buffer) => {
-      const d = decodeHostMessage(new Uint8Array(data), "from_host");
-      if (d.ok && "id" in d.message && d.message.id !== undefined) this.waiters.get(d.message.id)?.(d.message);
-    });
-  }
-
-  static async connect(url: string, tenant: string): Promise<TenantLink> {
-    const ws = new WebSocket(url, {
-      headers: { authorization: `Bearer ${makeEdgeToken(SECRET, { tenant, host: new URL(url).host })}` },
-    });
-    await new Promise<void>((res, rej) => {
-      ws.once("open", () => res());
-      ws.once("error", rej);
-    });
-    return new TenantLink(ws, tenant);
-  }
-
-  /** Resolves with the call's final frame; an error frame rejects. */
-  call(msg: Record<string, unknown>, onFrame?: (f: FromHostMessage) => void): Promise<FromHostMessage> {
-    const id = this.next++;
-    return new Promise((resolve, reject) => {
-      this.waiters.set(id, (f) => {
-        onFrame?.(f);
-        if (f.type === "token" || f.type === "progress") return;
-        this.waiters.delete(id);
-        if (f.type === "error") reject(new Error(`${String(msg.type)}: ${f.code}: ${f.message}`));
-        else resolve(f);
-      });
-      this.ws.send(encodeHostMessage({ ...msg, tenant: this.tenant, id } as unknown as ToHostMessage));
-    });
-  }
-
-  close(): void {
-    this.ws.close();
-  }
-}
 
 /** Tokens in a frame: a token frame, or several coalesced under backpressure. */
 function tokensIn(f: FromHostMessage): number {
@@ -107,9 +62,15 @@ export interface StreamSample {
   flood_tokens_per_s: number;
 }
 
-async function measure(url: string, o: FairnessOptions, lanes: number, run: number): Promise<StreamSample> {
-  const a = await TenantLink.connect(url, "flood");
-  const b = await TenantLink.connect(url, "stream");
+async function measure(
+  edge: DirectEdge,
+  host: string,
+  o: FairnessOptions,
+  lanes: number,
+  run: number,
+): Promise<StreamSample> {
+  const a = await DirectClient.open(edge, "flood", host);
+  const b = await DirectClient.open(edge, "stream", host);
   const floodIds = Array.from({ length: o.flood }, (_, i) => `a${run}-${i}`);
   try {
     await Promise.all(
@@ -181,13 +142,21 @@ async function measure(url: string, o: FairnessOptions, lanes: number, run: numb
   }
 }
 
-function hostConfigFor(o: FairnessOptions, decodeLanes: number, tenantDecodeLanes: number) {
+function hostConfigFor(
+  o: FairnessOptions,
+  edge: DirectEdge,
+  name: string,
+  decodeLanes: number,
+  tenantDecodeLanes: number,
+) {
   return parseHostConfig(
     [
       "--port",
       "0",
-      "--edge-secret",
-      SECRET,
+      "--connect",
+      edge.url,
+      "--host-token",
+      hostToken(name),
       "--kv-pool-bytes",
       String(512 << 20),
       "--idle-seconds",
@@ -220,30 +189,33 @@ export async function runFairnessBench(
 ): Promise<unknown> {
   const load = () => execFileSync("uptime", { encoding: "utf8" }).trim();
   const loadBefore = load();
+  const edge = await DirectEdge.start({ tokens: [hostToken("unbounded"), hostToken("bounded")] });
   const modes = {
-    unbounded: hostConfigFor(o, UNBOUNDED, UNBOUNDED),
-    bounded: hostConfigFor(o, o.decodeLanes, o.tenantDecodeLanes),
+    unbounded: hostConfigFor(o, edge, "unbounded", UNBOUNDED, UNBOUNDED),
+    bounded: hostConfigFor(o, edge, "bounded", o.decodeLanes, o.tenantDecodeLanes),
   } as const;
   const hosts: Partial<Record<keyof typeof modes, RunningHost>> = {};
   const samples: Record<keyof typeof modes, StreamSample[]> = { unbounded: [], bounded: [] };
   try {
-    for (const [mode, config] of Object.entries(modes) as [keyof typeof modes, (typeof modes)[keyof typeof modes]][])
+    for (const [mode, config] of Object.entries(modes) as [keyof typeof modes, (typeof modes)[keyof typeof modes]][]) {
       hosts[mode] = await startHost(config);
-    const url = (mode: keyof typeof modes) => `ws://127.0.0.1:${hosts[mode]!.address.port}`;
+      await edge.waitHost(mode);
+    }
     // warm-up of both (first prefill and decode of a fresh engine are slower)
     const warm = { ...o, flood: 1, floodTokens: 8, tokens: 4 };
-    await measure(url("unbounded"), warm, 1, -1);
-    await measure(url("bounded"), warm, 1, -1);
+    await measure(edge, "unbounded", warm, 1, -1);
+    await measure(edge, "bounded", warm, 1, -1);
     for (let r = 0; r < o.runs; r++) {
       const order: (keyof typeof modes)[] = r % 2 === 0 ? ["unbounded", "bounded"] : ["bounded", "unbounded"];
       for (const mode of order) {
-        const s = await measure(url(mode), o, modes[mode].tenantDecodeLanes, r);
+        const s = await measure(edge, mode, o, modes[mode].tenantDecodeLanes, r);
         samples[mode].push(s);
         process.stderr.write(`run ${r + 1}/${o.runs} ${mode}: ${JSON.stringify(s)}\n`);
       }
     }
   } finally {
     for (const h of Object.values(hosts)) await h?.stop();
+    await edge.close();
   }
   const unbounded = summary(samples.unbounded);
   const bounded = summary(samples.bounded);

@@ -1,17 +1,20 @@
-// `pkv bench ttft`: time to first token through the edge worker (Miniflare, openai-style stream)
-// vs straight to the GPU host (its WebSocket protocol), the same prompt and settings, requests
-// alternating between the two paths so both see the same machine load.
+// `pkv bench ttft`: time to first token through the edge worker (Miniflare: auth, rate check, the
+// registry's route from its heartbeat table, the host's Durable Object relaying one channel of
+// the host's socket, SSE) vs straight to a host (a second host process, same flags, dialled in
+// to an in-process DirectEdge: host/direct-edge.ts; a channel of its socket, open + append +
+// generate). The same prompt and settings; requests alternate between the two paths so both see
+// the same machine load. Prints one JSON object (p50/p95/min of each, the added p50, the median
+// of the paired differences).
+import { execFileSync } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
-import { loadavg, tmpdir } from "node:os";
+import { cpus, loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 
-import { decodeHostMessage, encodeHostMessage, type FromHostMessage, type ToHostMessage } from "@pyramidkv/shared";
-import { WebSocket } from "ws";
-
 import { defineCommand, int } from "../flags.js";
-import { makeEdgeToken } from "../host/auth.js";
+import { DirectEdge, hostToken } from "../host/direct-edge.js";
+import { DirectClient } from "./direct-client.js";
 import { readSse } from "./sse-client.js";
-import { startStack } from "./stack.js";
+import { type Proc, startHostProcess, startStack } from "./stack.js";
 
 export interface TtftOptions {
   requests: number;
@@ -20,75 +23,39 @@ export interface TtftOptions {
 }
 
 const QUESTION = "What is the capital of France? Answer in one word.";
+const KV_POOL = 256 << 20;
 
-function quantile(xs: number[], q: number): number {
+export function quantile(xs: number[], q: number): number {
+  if (xs.length === 0) return Number.NaN;
   const s = [...xs].sort((a, b) => a - b);
-  return s[Math.min(s.length - 1, Math.ceil(q * s.length) - 1)]!;
+  return s[Math.min(s.length - 1, Math.max(0, Math.ceil(q * s.length) - 1))]!;
 }
 
-class DirectClient {
-  private next = 1;
-  private readonly waiters = new Map<number, (f: FromHostMessage) => void>();
-  private constructor(private readonly ws: WebSocket) {
-    ws.on("message", (data: Buffer) => {
-      const d = decodeHostMessage(new Uint8Array(data), "from_host");
-      if (!d.ok) return;
-      const m = d.message;
-      if ("id" in m && m.id !== undefined) this.waiters.get(m.id)?.(m);
-    });
-  }
-  static async connect(url: string, secret: string): Promise<DirectClient> {
-    const ws = new WebSocket(url.replace(/^http/, "ws"), {
-      headers: { authorization: `Bearer ${makeEdgeToken(secret, { tenant: "bench", host: new URL(url).host })}` },
-    });
-    const c = new DirectClient(ws);
-    await new Promise<void>((res, rej) => {
-      ws.once("open", () => res());
-      ws.once("error", rej);
-    });
-    return c;
-  }
-  /** Sends; resolves with the final frame; onFrame sees every frame. */
-  call(msg: Omit<ToHostMessage, "id">, onFrame?: (f: FromHostMessage) => void): Promise<FromHostMessage> {
-    const id = this.next++;
-    return new Promise((resolve) => {
-      this.waiters.set(id, (f) => {
-        onFrame?.(f);
-        if (f.type !== "token" && f.type !== "progress") {
-          this.waiters.delete(id);
-          resolve(f);
-        }
-      });
-      this.ws.send(encodeHostMessage({ ...msg, id } as never));
-    });
-  }
-  close(): void {
-    this.ws.close();
-  }
-}
+const round = (x: number, digits = 1) => Math.round(x * 10 ** digits) / 10 ** digits;
 
-async function direct(c: DirectClient, n: number, o: TtftOptions): Promise<number> {
+async function direct(edge: DirectEdge, n: number, o: TtftOptions): Promise<number> {
   const session = `bench-${n}`;
   const t0 = performance.now();
-  const ok = (f: FromHostMessage, type: string) => {
-    if (f.type !== type) throw new Error(`direct: expected ${type}, got ${JSON.stringify(f)}`);
-  };
-  ok(await c.call({ type: "open_session", tenant: "bench", session, budget: o.budget } as never), "opened");
-  // the same messages the worker sends (the engine renders them with the model's template)
-  const messages = [{ role: "user", content: QUESTION }];
-  ok(
-    await c.call({ type: "append", tenant: "bench", session, messages, add_generation_prompt: true } as never),
-    "appended",
-  );
-  let first = 0;
-  ok(
-    await c.call({ type: "generate", tenant: "bench", session, max_tokens: o.maxTokens } as never, (f) => {
+  // a channel per request, as the worker opens one per request
+  const c = await DirectClient.open(edge, "bench", "direct");
+  try {
+    await c.call({ type: "open_session", session, budget: o.budget, ephemeral: true });
+    // the same messages the worker sends (the engine renders them with the model's template)
+    await c.call({
+      type: "append",
+      session,
+      messages: [{ role: "user", content: QUESTION }],
+      add_generation_prompt: true,
+    });
+    let first = 0;
+    await c.call({ type: "generate", session, max_tokens: o.maxTokens, temperature: 0 }, (f) => {
       if (f.type === "token" && first === 0) first = performance.now();
-    }),
-    "done",
-  );
-  await c.call({ type: "close", tenant: "bench", session } as never);
-  return first - t0;
+    });
+    await c.call({ type: "close", session });
+    return first - t0;
+  } finally {
+    c.close();
+  }
 }
 
 async function viaWorker(url: string, key: string, o: TtftOptions): Promise<number> {
@@ -100,6 +67,7 @@ async function viaWorker(url: string, key: string, o: TtftOptions): Promise<numb
       model: "default",
       stream: true,
       max_tokens: o.maxTokens,
+      temperature: 0,
       kv_budget: o.budget,
       messages: [{ role: "user", content: QUESTION }],
     }),
@@ -112,43 +80,72 @@ async function viaWorker(url: string, key: string, o: TtftOptions): Promise<numb
   return first - t0;
 }
 
+const stats = (xs: number[]) => ({
+  p50_ms: round(quantile(xs, 0.5)),
+  p95_ms: round(quantile(xs, 0.95)),
+  min_ms: round(Math.min(...xs)),
+});
+
 export async function runTtftBench(
   o: TtftOptions,
   out: (s: string) => void = (s) => process.stdout.write(`${s}\n`),
-): Promise<{ direct: number[]; worker: number[] }> {
+): Promise<Record<string, unknown>> {
+  const uptime = () => execFileSync("uptime", { encoding: "utf8" }).trim();
+  const uptimeBefore = uptime();
   const dir = mkdtempSync(join(tmpdir(), "pkv-ttft-"));
-  const stack = await startStack({ hosts: 1, kvPoolBytes: 256 << 20, persistDir: join(dir, "state") });
+  const stack = await startStack({ hosts: 1, kvPoolBytes: KV_POOL, persistDir: join(dir, "state") });
+  const token = hostToken("direct");
+  const edge = await DirectEdge.start({ tokens: [token] });
+  let host: Proc | undefined;
   try {
+    host = await startHostProcess({ connect: edge.url, token, kvPoolBytes: KV_POOL });
+    await edge.waitHost("direct");
     await stack.admin.setTenant("bench", { requests_per_minute: 100_000 });
     const key = await stack.admin.createKey("bench");
-    const c = await DirectClient.connect(stack.hosts[0]!.url, stack.secret);
-    await direct(c, 0, o); // warm-up of both paths
+    await direct(edge, 0, o); // warm-up of both paths
     await viaWorker(stack.worker.url, key, o);
     const d: number[] = [];
     const w: number[] = [];
     for (let i = 1; i <= o.requests; i++) {
       if (i % 2) {
-        d.push(await direct(c, i, o));
+        d.push(await direct(edge, i, o));
         w.push(await viaWorker(stack.worker.url, key, o));
       } else {
         w.push(await viaWorker(stack.worker.url, key, o));
-        d.push(await direct(c, i, o));
+        d.push(await direct(edge, i, o));
       }
     }
-    c.close();
-    const fmt = (xs: number[]) =>
-      `p50 ${quantile(xs, 0.5).toFixed(1)} ms  p95 ${quantile(xs, 0.95).toFixed(1)} ms  min ${Math.min(...xs).toFixed(1)} ms`;
-    out(
-      `time to first token, ${o.requests} requests each, a ${QUESTION.length}-character question, budget ${o.budget}, 1 host (CPU), load average ${loadavg()[0]!.toFixed(1)}:`,
-    );
-    out(`  straight to the host (WebSocket, open+append+generate): ${fmt(d)}`);
-    out(`  through the worker (wrangler dev; auth, rate check, routing probe, new host WebSocket, SSE): ${fmt(w)}`);
     const diffs = w.map((x, i) => x - d[i]!);
-    out(
-      `  worker overhead: p50 ${(quantile(w, 0.5) - quantile(d, 0.5)).toFixed(1)} ms; median of the paired differences ${quantile(diffs, 0.5).toFixed(1)} ms`,
-    );
-    return { direct: d, worker: w };
+    const result = {
+      command: `pkv bench ttft --requests ${o.requests} --max-tokens ${o.maxTokens} --budget ${o.budget}`,
+      cpu: cpus()[0]?.model ?? "unknown",
+      cores: cpus().length,
+      uptime_before: uptimeBefore,
+      uptime_after: uptime(),
+      loadavg_after: loadavg().map((x) => round(x, 2)),
+      setup:
+        `chat completion of a ${QUESTION.length}-character question, greedy, budget ${o.budget}, ${o.maxTokens} tokens; ` +
+        "two hosts of the same flags (CPU, embedded model): one dialled in to the worker (wrangler dev), one to an " +
+        "in-process DirectEdge; requests alternate between the paths",
+      requests: o.requests,
+      straight_to_host: {
+        path: "a channel of the host's socket to an in-process DirectEdge: channel_open, open_session, append, generate",
+        ...stats(d),
+      },
+      through_worker: {
+        path: "POST /v1/chat/completions (stream): auth, rate check, registry route, HostConn channel, SSE",
+        ...stats(w),
+      },
+      added_p50_ms: round(quantile(w, 0.5) - quantile(d, 0.5)),
+      added_p95_ms: round(quantile(w, 0.95) - quantile(d, 0.95)),
+      paired_difference_median_ms: round(quantile(diffs, 0.5)),
+      samples_ms: { straight_to_host: d.map((x) => round(x)), through_worker: w.map((x) => round(x)) },
+    };
+    out(JSON.stringify(result, null, 2));
+    return result;
   } finally {
+    await host?.stop();
+    await edge.close();
     await stack.stop();
     rmSync(dir, { recursive: true, force: true });
   }
@@ -156,7 +153,7 @@ export async function runTtftBench(
 
 export const command = defineCommand({
   flags: {
-    requests: int({ min: 1, max: 10_000, default: 20 }),
+    requests: int({ min: 1, max: 10_000, default: 50 }),
     "max-tokens": int({ min: 1, max: 4096, default: 4 }),
     budget: int({ min: 16, max: 1 << 20, default: 128 }),
   },

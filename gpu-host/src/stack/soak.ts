@@ -2,8 +2,9 @@
 // its own offload directory) and the edge worker in Miniflare; three tenants with KV quotas (one
 // small); for N minutes clients send random long documents (files under --data, else generated
 // filler) and questions through the sessions API and chat completions, some of them aborted by
-// the client, while at random times an engine (kill -9) or a whole host (kill -9, restarted on the
-// same port and offload directory) dies. Every host's tenant stats are sampled every few seconds.
+// the client, while at random times an engine (kill -9) or a whole host (kill -9, started again
+// with the same token and offload directory; its sessions meanwhile continue on the other host
+// from R2) dies. Every host's tenant stats are sampled every few seconds.
 // At the end it prints one JSON object of counts and checks (docs/BENCHMARKS.md, "Soak"); the exit
 // code is 1 when a check failed. The process helpers here (engine pids, killing a process tree,
 // reading a host's /metrics) are the fault tests' too (test/worker-faults.test.ts).
@@ -15,42 +16,15 @@ import { repoRoot } from "../engine/engine-path.js";
 import { generatedFiller, seededRandom } from "../eval/haystack.js";
 import { defineCommand, int, string } from "../flags.js";
 import { readSse } from "./sse-client.js";
-import { type Proc, type Stack, startHostProcess, startStack } from "./stack.js";
+import { descendantPids, killTree, type Proc, signal, type Stack, startStack, until } from "./stack.js";
 
 // ---- processes ------------------------------------------------------------------------------------
 
-/** pid → parent pid of every process (Linux /proc). */
-function parents(): Map<number, number> {
-  const out = new Map<number, number>();
-  for (const name of readdirSync("/proc")) {
-    if (!/^\d+$/.test(name)) continue;
-    try {
-      const stat = readFileSync(`/proc/${name}/stat`, "utf8");
-      // "pid (comm) state ppid ...": comm may hold spaces and parentheses
-      const rest = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-      out.set(Number(name), Number(rest[1]));
-    } catch {
-      // exited meanwhile
-    }
-  }
-  return out;
-}
-
-/** Every descendant of `pid` (children first, then theirs). */
-export function descendantPids(pid: number): number[] {
-  const ppid = parents();
-  const found: number[] = [];
-  const frontier = [pid];
-  while (frontier.length > 0) {
-    const p = frontier.shift()!;
-    for (const [c, pp] of ppid) {
-      if (pp === p && !found.includes(c)) {
-        found.push(c);
-        frontier.push(c);
-      }
-    }
-  }
-  return found;
+/** The pid of a host's engine process (a child of `pkv host` named pkv-engine), if it runs. */
+export function enginePidOf(host: Proc): number | undefined {
+  const pid = host.child.pid;
+  if (pid === undefined) return undefined;
+  return descendantPids(pid).find((p) => commOf(p).startsWith("pkv-engine"));
 }
 
 function commOf(pid: number): string {
@@ -61,40 +35,7 @@ function commOf(pid: number): string {
   }
 }
 
-/** The pid of a host's engine process (a child of `pkv host` named pkv-engine), if it runs. */
-export function enginePidOf(host: Proc): number | undefined {
-  const pid = host.child.pid;
-  if (pid === undefined) return undefined;
-  return descendantPids(pid).find((p) => commOf(p).startsWith("pkv-engine"));
-}
-
-/** Sends `signal` to a pid; false when it is gone. */
-export function signal(pid: number, sig: NodeJS.Signals): boolean {
-  try {
-    process.kill(pid, sig);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
-/** SIGKILL of a process and everything under it (wrangler dev and its workerd): the edge vanishes
- * without closing its sockets. Resolves when the process itself exited. */
-export async function killTree(p: Proc): Promise<void> {
-  const pid = p.child.pid;
-  if (pid !== undefined) for (const d of descendantPids(pid).reverse()) signal(d, "SIGKILL");
-  await p.kill();
-}
-
-/** Polls `cond` every `everyMs` until it holds (true) or `timeoutMs` passed (false). */
-export async function until(cond: () => Promise<boolean> | boolean, timeoutMs: number, everyMs = 200) {
-  const end = Date.now() + timeoutMs;
-  for (;;) {
-    if (await cond()) return true;
-    if (Date.now() > end) return false;
-    await new Promise((r) => setTimeout(r, everyMs));
-  }
-}
+export { descendantPids, killTree, signal, until };
 
 // ---- a host's /metrics -----------------------------------------------------------------------------
 
@@ -296,8 +237,7 @@ export async function runSoak(o: SoakOptions): Promise<{ report: Record<string, 
     hostArgs,
     hostArgsEach: (i) => ["--offload-dir", offload[i]!],
   });
-  const hosts: Proc[] = [...stack.hosts];
-  const restarted: Proc[] = [];
+  const hosts = stack.hosts;
   const hostDown = [false, false];
   const keys: Record<string, string> = {};
   const counts = new Counts();
@@ -316,13 +256,8 @@ export async function runSoak(o: SoakOptions): Promise<{ report: Record<string, 
       quota[name] = { quota: limits.kv_quota_bytes, peak_used: 0, samples: 0, over: 0 };
     }
     const refreshIds = async () => {
-      const list = (await stack.admin.hosts()).data;
-      hostIds = new Map(list.map((h) => [h.id ?? h.url, hosts.findIndex((p) => p.url === h.url)]));
-      for (const h of list)
-        hostIds.set(
-          h.url,
-          hosts.findIndex((p) => p.url === h.url),
-        );
+      const list = (await stack.admin.hosts()).hosts;
+      hostIds = new Map(list.map((h) => [h.id, hosts.findIndex((p) => p.name === h.name)]));
     };
     await refreshIds();
     const api = (tenant: string, method: string, path: string, body?: unknown, signal?: AbortSignal) =>
@@ -538,15 +473,7 @@ export async function runSoak(o: SoakOptions): Promise<{ report: Record<string, 
       await killTree(h);
       const t = Date.now();
       try {
-        const p = await startHostProcess({
-          secret: stack.secret,
-          metricsToken: stack.metricsToken,
-          kvPoolBytes,
-          threads: 2,
-          args: [...hostArgs, "--offload-dir", offload[i]!, "--port", String(h.port)],
-        });
-        hosts[i] = p;
-        restarted.push(p);
+        await stack.startHost(i);
         ev.restart_s = Math.round((Date.now() - t) / 100) / 10;
       } catch (e) {
         ev.error = `restart failed: ${e instanceof Error ? e.message : String(e)}`;
@@ -742,7 +669,7 @@ export async function runSoak(o: SoakOptions): Promise<{ report: Record<string, 
     return { report, ok: Object.values(checks).every(Boolean) };
   } finally {
     running = false;
-    await Promise.all([stack.stop(), ...restarted.map((p) => p.stop())]).catch(() => {});
+    await stack.stop().catch(() => {});
     rmSync(dir, { recursive: true, force: true });
   }
 }
