@@ -1,23 +1,16 @@
-// Test helpers for the GPU host: a client speaking the host protocol over ws, and a host started
-// in this process (or as a child process) on a random loopback port with the embedded model.
+// Test helpers for the GPU host: a host started in this process (or as a child process) with the
+// embedded model, dialling a DirectEdge (gpu-host/src/host/direct-edge.ts) on a random loopback
+// port, and a client of the host protocol speaking over that edge's channels.
 import { type ChildProcess, spawn } from "node:child_process";
 import { resolve } from "node:path";
 
-import {
-  type AnyHostMessage,
-  decodeHostMessage,
-  encodeHostMessage,
-  type FromHostMessage,
-  type ToHostMessage,
-} from "@pyramidkv/shared";
-import { WebSocket } from "ws";
+import type { FromHostMessage, ToHostMessage } from "@pyramidkv/shared";
 
 import { repoRoot } from "../src/engine/engine-path.js";
-import { makeEdgeToken, type TokenFor } from "../src/host/auth.js";
 import { type HostConfig, parseHostConfig, TENANT_NAME } from "../src/host/config.js";
+import { DirectEdge, directEdgeAt, type EdgeChannel, hostToken } from "../src/host/direct-edge.js";
 import { type RunningHost, startHost } from "../src/host/main.js";
 
-export const SECRET = "test-secret-0123456789abcdef";
 /** the test hosts' --metrics-token */
 export const METRICS_TOKEN = "test-metrics-token-0123456789";
 
@@ -37,41 +30,60 @@ const FINAL = new Set([
  * directory, before the shared build has its change); unset: the shared build. */
 const ENGINE_ARGS = process.env.PKV_TEST_ENGINE_BIN ? ["--engine", process.env.PKV_TEST_ENGINE_BIN] : [];
 /** What every test host starts with, in process (testConfig) or as a child (pkv host). */
-const TEST_HOST_ARGS = [
-  "--port",
-  "0",
-  "--edge-secret",
-  SECRET,
-  "--metrics-token",
-  METRICS_TOKEN,
-  "--threads",
-  "2",
-  ...ENGINE_ARGS,
-];
+const TEST_HOST_ARGS = ["--port", "0", "--metrics-token", METRICS_TOKEN, "--threads", "2", ...ENGINE_ARGS];
 
-export function testConfig(over: Partial<HostConfig> = {}, argv: string[] = []): HostConfig {
+let hostSeq = 0;
+/** A new host name (each test host its own token). */
+export const newHostName = () => `h${process.pid}-${++hostSeq}`;
+
+/** The flags that make a host dial `edge` as `name`. */
+export const connectArgs = (edge: DirectEdge, name: string) => ["--connect", edge.url, "--host-token", hostToken(name)];
+
+/** A host's config; without `edge`, one dialling an edge at a placeholder URL (config tests). */
+export function testConfig(
+  over: Partial<HostConfig> = {},
+  argv: string[] = [],
+  edge?: { url: string; name: string },
+): HostConfig {
+  const at = edge ?? { url: "http://127.0.0.1:9", name: "h0" };
   return {
-    ...parseHostConfig([...TEST_HOST_ARGS, ...argv], {}),
+    ...parseHostConfig([...TEST_HOST_ARGS, "--connect", at.url, "--host-token", hostToken(at.name), ...argv], {}),
     ...over,
   };
 }
 
+export type TestHost = RunningHost & {
+  /** what HostClient.connect takes: the edge's URL */
+  url: string;
+  edge: DirectEdge;
+  name: string;
+};
+
+/** A host in this process dialling its own DirectEdge (`o.edge` to share one), once welcomed.
+ * stop() closes the edge's channels, drains the host and closes its own edge. */
 export async function startTestHost(
   over: Partial<HostConfig> = {},
   argv: string[] = [],
-): Promise<RunningHost & { url: string }> {
-  const host = await startHost(testConfig(over, argv));
-  return { ...host, url: `ws://127.0.0.1:${host.address.port}` };
+  o: { edge?: DirectEdge; name?: string } = {},
+): Promise<TestHost> {
+  const name = o.name ?? newHostName();
+  const edge = o.edge ?? (await DirectEdge.start({ tokens: [] }));
+  edge.allow(hostToken(name));
+  const host = await startHost(testConfig(over, argv, { url: edge.url, name }));
+  await Promise.race([edge.waitHost(name), host.fatal]);
+  const stop = async () => {
+    for (const h of edge.hosts.values()) if (h.name === name) for (const c of [...h.channels.values()]) c.close();
+    await host.stop();
+    if (!o.edge) await edge.close();
+  };
+  return { ...host, stop, url: edge.url, edge, name };
 }
 
-/** A token for `tenant`'s link to the host at `url` (its host[:port], as the edge dials it). */
-export const tokenFor = (url: string, tenant = "t", over: Partial<TokenFor> = {}) =>
-  makeEdgeToken(SECRET, { tenant, host: new URL(url).host, ...over });
-
 /**
- * A client of the host protocol. The host serves a connection only frames of its token's tenant,
- * so this keeps one WebSocket per tenant it sends for (opened on first use, each with its own
- * token); `ws` and `hello` are the first one's, `raw` sends on it.
+ * A client of the host protocol through a DirectEdge: one channel per tenant it sends for (opened
+ * on first use; the host serves a channel only frames of its tenant); `ws` and `hello` are the
+ * first one's, `raw` sends on it. `host` names the edge's host to open channels on (the first
+ * welcomed one when absent).
  */
 export class HostClient {
   private nextId = 1;
@@ -81,24 +93,21 @@ export class HostClient {
   >();
   readonly unsolicited: FromHostMessage[] = [];
   hello?: FromHostMessage;
-  private readonly others = new Map<string, Promise<WebSocket>>();
+  private readonly others = new Map<string, Promise<EdgeChannel>>();
 
   private constructor(
-    private readonly url: string,
-    readonly ws: WebSocket,
+    private readonly edge: DirectEdge,
+    /** the first channel: `terminate()` is a client that vanishes, `close()` one that leaves */
+    readonly ws: EdgeChannel,
     readonly tenant: string,
+    private readonly host?: string,
   ) {}
 
-  private listen(ws: WebSocket): Promise<void> {
-    let gotHello!: () => void;
-    const helloWait = new Promise<void>((r) => (gotHello = r));
-    ws.on("message", (data: Buffer) => {
-      const d = decodeHostMessage(new Uint8Array(data), "from_host");
-      if (!d.ok) throw new Error(`bad frame from host: ${d.error}`);
-      const m = d.message;
+  private listen(ch: EdgeChannel): void {
+    ch.listen((m) => {
       if (m.type === "hello") {
-        if (ws === this.ws) this.hello = m;
-        return gotHello();
+        if (ch === this.ws) this.hello = m;
+        return;
       }
       const id = "id" in m ? m.id : undefined;
       const w = id === undefined ? undefined : this.waiters.get(id);
@@ -110,30 +119,30 @@ export class HostClient {
         w.resolve(w.frames);
       }
     });
-    return new Promise<void>((res, rej) => {
-      ws.once("open", () => res());
-      ws.once("error", rej);
-    }).then(() => helloWait);
   }
 
-  /** `tenant`'s client (default "t"); `token` replaces the token minted for it. */
-  static async connect(url: string, o: { tenant?: string; token?: string } = {}): Promise<HostClient> {
+  /** `tenant`'s client (default "t") of the hosts of the DirectEdge at `url`. */
+  static async connect(url: string, o: { tenant?: string; host?: string } = {}): Promise<HostClient> {
+    const edge = directEdgeAt(url);
+    if (!edge) throw new Error(`HostClient.connect: no DirectEdge at ${url} in this process`);
     const tenant = o.tenant ?? "t";
-    const ws = new WebSocket(url, { headers: { authorization: `Bearer ${o.token ?? tokenFor(url, tenant)}` } });
-    const c = new HostClient(url, ws, tenant);
-    await c.listen(ws); // listening before 'open': hello may come in the upgrade's packet
+    const ch = await edge.channel(tenant, o.host);
+    const c = new HostClient(edge, ch, tenant, o.host);
+    c.listen(ch);
     return c;
   }
 
-  private socketOf(tenant: unknown): WebSocket | Promise<WebSocket> {
+  private channelOf(tenant: unknown): EdgeChannel | Promise<EdgeChannel> {
     if (typeof tenant !== "string" || tenant === this.tenant || !TENANT_NAME.test(tenant)) return this.ws;
-    let ws = this.others.get(tenant);
-    if (!ws) {
-      const sock = new WebSocket(this.url, { headers: { authorization: `Bearer ${tokenFor(this.url, tenant)}` } });
-      ws = this.listen(sock).then(() => sock);
-      this.others.set(tenant, ws);
+    let ch = this.others.get(tenant);
+    if (!ch) {
+      ch = this.edge.channel(tenant, this.host).then((c) => {
+        this.listen(c);
+        return c;
+      });
+      this.others.set(tenant, ch);
     }
-    return ws;
+    return ch;
   }
 
   /** Sends a request (id assigned) and resolves with every frame answering it, the final last. */
@@ -142,22 +151,13 @@ export class HostClient {
     onFrame?: (f: FromHostMessage) => void,
   ): Promise<FromHostMessage[]> {
     const id = this.nextId++;
-    let failed!: (e: unknown) => void;
-    const frames = new Promise<FromHostMessage[]>((resolve, reject) => {
+    const frames = new Promise<FromHostMessage[]>((resolve) => {
       this.waiters.set(id, { frames: [], resolve, onFrame });
-      failed = reject;
     });
-    const bytes = encodeHostMessage({ ...msg, id } as AnyHostMessage);
-    const ws = this.socketOf(msg.tenant);
-    if (ws instanceof WebSocket) ws.send(bytes);
-    else
-      void ws.then(
-        (s) => s.send(bytes),
-        (e) => {
-          this.waiters.delete(id);
-          failed(e);
-        },
-      );
+    const full = { ...msg, id } as ToHostMessage;
+    const ch = this.channelOf(msg.tenant);
+    if (!(ch instanceof Promise)) ch.send(full);
+    else void ch.then((c) => c.send(full));
     return frames;
   }
 
@@ -167,10 +167,10 @@ export class HostClient {
     return frames[frames.length - 1]!;
   }
 
-  /** Raw bytes; resolves with the next unsolicited/any frame carrying no waiter. */
-  async raw(bytes: Uint8Array | string, binary = true): Promise<FromHostMessage> {
+  /** Raw payload bytes on the first channel; resolves with the next frame carrying no waiter. */
+  async raw(bytes: Uint8Array): Promise<FromHostMessage> {
     const before = this.unsolicited.length;
-    this.ws.send(bytes, { binary });
+    this.ws.sendRaw(bytes);
     for (let i = 0; i < 400; i++) {
       if (this.unsolicited.length > before) return this.unsolicited[before]!;
       await new Promise((r) => setTimeout(r, 10));
@@ -180,9 +180,9 @@ export class HostClient {
 
   close(): void {
     this.ws.close();
-    for (const ws of this.others.values())
-      void ws.then(
-        (s) => s.close(),
+    for (const ch of this.others.values())
+      void ch.then(
+        (c) => c.close(),
         () => {},
       );
   }
@@ -203,13 +203,27 @@ export function expectType<T extends FromHostMessage["type"]>(
   return m as Extract<FromHostMessage, { type: T }>;
 }
 
-/** `pkv host` as a child process; resolves once it printed its port. */
+/** `pkv host` as a child process dialling `edge` (a new DirectEdge when absent); resolves once
+ * it printed its HTTP port and the edge welcomed it. */
 export async function spawnHostProcess(
   args: string[],
-): Promise<{ child: ChildProcess; port: number; exit: Promise<number | null> }> {
+  o: { edge?: DirectEdge; name?: string; env?: Record<string, string> } = {},
+): Promise<{
+  child: ChildProcess;
+  port: number;
+  exit: Promise<number | null>;
+  url: string;
+  edge: DirectEdge;
+  name: string;
+  stderr: () => string;
+}> {
+  const name = o.name ?? newHostName();
+  const edge = o.edge ?? (await DirectEdge.start({ tokens: [] }));
+  edge.allow(hostToken(name));
   const cli = resolve(repoRoot(), "gpu-host", "dist", "src", "cli.js");
-  const child = spawn(process.execPath, [cli, "host", ...TEST_HOST_ARGS, ...args], {
+  const child = spawn(process.execPath, [cli, "host", ...TEST_HOST_ARGS, ...connectArgs(edge, name), ...args], {
     stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, ...o.env },
   });
   const exit = new Promise<number | null>((r) => child.on("exit", (code) => r(code)));
   let err = "";
@@ -223,5 +237,9 @@ export async function spawnHostProcess(
     });
     void exit.then((code) => rej(new Error(`pkv host exited ${code}: ${err}`)));
   });
-  return { child, port, exit };
+  await Promise.race([
+    edge.waitHost(name),
+    exit.then((code) => Promise.reject(new Error(`pkv host exited ${code}: ${err}`))),
+  ]);
+  return { child, port, exit, url: edge.url, edge, name, stderr: () => err };
 }

@@ -6,6 +6,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import { parseHostConfig } from "../src/host/config.js";
+import { hostToken } from "../src/host/direct-edge.js";
 import { FairScheduler } from "../src/host/scheduler.js";
 import { expectType, HostClient, startTestHost } from "./host-client.js";
 
@@ -83,7 +84,8 @@ test("decode lanes: a queued generation can be cancelled without taking a lane",
 
 test("the host's scheduler takes --decode-lanes and --tenant-decode-lanes", () => {
   const c = parseHostConfig(["--decode-lanes", "3", "--tenant-decode-lanes", "1", "--max-prefills", "1"], {
-    PKV_EDGE_SECRET: "0123456789abcdef!",
+    PKV_EDGE_URL: "http://127.0.0.1:9",
+    PKV_HOST_TOKEN: hostToken("h0"),
   });
   const s = FairScheduler.forHost(c);
   const l = lanes(s);

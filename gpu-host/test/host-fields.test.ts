@@ -1,35 +1,40 @@
 // Pure parts of host protocol 2.1, without an engine: logprobs through the coalescing of a slow
-// connection, the bound on a coalesced frame, --kv-type and --ctx-size, the entry size of each KV
+// channel, the bound on a coalesced frame, --kv-type and --ctx-size, the entry size of each KV
 // type, the admission bound of messages, request ids in log lines.
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { decodeHostMessage, type FromHostMessage, HOST_MAX_FRAME_BYTES } from "@pyramidkv/shared";
+import { decodeHostMessage, type FromHostMessage, HOST_MAX_FRAME_BYTES, splitChannelFrame } from "@pyramidkv/shared";
 
 import { parseHostConfig } from "../src/host/config.js";
 import { requestTag } from "../src/host/log.js";
-import { COALESCED_FLUSH_BYTES, Connection } from "../src/host/server.js";
+import { hostToken } from "../src/host/direct-edge.js";
+import { COALESCED_FLUSH_BYTES, Channel } from "../src/host/edge-link.js";
 import { appendTokenBound, bytesPerEntryOf, measuredBytesPerEntry } from "../src/host/tenants.js";
 
-const ENV = { PKV_EDGE_SECRET: "0123456789abcdef!" };
+const ENV = { PKV_EDGE_URL: "http://127.0.0.1:9", PKV_HOST_TOKEN: hostToken("h0") };
 
+/** A channel (edge-link.ts) on a fake socket whose unsent bytes the test sets. */
 function fakeSocket() {
   const sent: FromHostMessage[] = [];
   const sizes: number[] = [];
-  const ws = {
-    readyState: 1,
-    bufferedAmount: 0,
-    send(b: Uint8Array) {
-      const d = decodeHostMessage(b, "from_host");
+  const ws = { readyState: 1, bufferedAmount: 0 };
+  const config = parseHostConfig([], ENV);
+  const socket = {
+    ws,
+    options: config,
+    sendRaw(b: Uint8Array) {
+      const split = splitChannelFrame(b)!;
+      assert.equal(split.ch, 7);
+      const d = decodeHostMessage(split.payload, "from_host");
       if (!d.ok) throw new Error(d.error);
       sent.push(d.message);
-      sizes.push(b.length);
+      sizes.push(split.payload.length);
+      return true;
     },
-    terminate() {
-      this.readyState = 3;
-    },
+    drop() {},
   };
-  return { ws, sent, sizes };
+  return { ws, sent, sizes, conn: new Channel(socket, 7, "t") };
 }
 
 const lp = (i: number, top = 0) => ({
@@ -47,9 +52,8 @@ const lp = (i: number, top = 0) => ({
 });
 
 test("coalesced tokens keep one logprobs map per token, in order", () => {
-  const { ws, sent } = fakeSocket();
+  const { ws, sent, conn } = fakeSocket();
   const config = parseHostConfig([], ENV);
-  const conn = new Connection(ws as never, config, () => {});
   conn.sendToken(1, "s", 10, "a", lp(0));
   ws.bufferedAmount = config.highWaterBytes + 1;
   conn.sendToken(1, "s", 11, "b", lp(1));
@@ -75,9 +79,8 @@ test("coalesced tokens keep one logprobs map per token, in order", () => {
 });
 
 test("a coalesced frame is sent once it reaches COALESCED_FLUSH_BYTES, far below the frame limit", () => {
-  const { ws, sent, sizes } = fakeSocket();
+  const { ws, sent, sizes, conn } = fakeSocket();
   const config = parseHostConfig([], ENV);
-  const conn = new Connection(ws as never, config, () => {});
   ws.bufferedAmount = config.highWaterBytes + 1; // never drains
   const n = 5000;
   for (let i = 0; i < n; i++) conn.sendToken(1, "s", i, "word ", lp(i, 20));

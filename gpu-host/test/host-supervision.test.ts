@@ -75,7 +75,7 @@ test("SIGTERM saves sessions to the offload directory and exits 0; a new host re
   try {
     const args = ["--kv-pool-bytes", String(32 << 20), "--offload-dir", dir, "--checkpoint", "off"];
     const first = await spawnHostProcess(args);
-    let c = await HostClient.connect(`ws://127.0.0.1:${first.port}`);
+    let c = await HostClient.connect(first.url);
     for (const s of ["p", "ref"]) {
       expectType(await c.call({ type: "open_session", tenant: "t", session: s, budget: 64 }), "opened");
       await turn(c, "t", s, PROMPT, 4);
@@ -90,14 +90,15 @@ test("SIGTERM saves sessions to the offload directory and exits 0; a new host re
       readdirSync(dir).join(","),
     );
 
-    const second = await spawnHostProcess(args);
-    c = await HostClient.connect(`ws://127.0.0.1:${second.port}`);
+    const second = await spawnHostProcess(args, { edge: first.edge });
+    c = await HostClient.connect(second.url);
     const st = expectType(await c.call({ type: "stats", tenant: "t", session: "p" }), "stats_result");
     assert.equal(st.resident, false);
     assert.equal(await turn(c, "t", "p", "Go on.", 6), refNext);
     c.close();
     second.child.kill("SIGTERM");
     assert.equal(await second.exit, 0);
+    await first.edge.close();
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

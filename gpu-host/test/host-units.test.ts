@@ -3,6 +3,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import { parseHostConfig, parseTenants } from "../src/host/config.js";
+import { hostToken } from "../src/host/direct-edge.js";
 import { FairScheduler } from "../src/host/scheduler.js";
 import {
   appendTokenBound,
@@ -11,6 +12,8 @@ import {
   prefillPeakBytes,
   promptTokenBound,
 } from "../src/host/tenants.js";
+
+const EDGE_ENV = { PKV_EDGE_URL: "http://127.0.0.1:9", PKV_HOST_TOKEN: hostToken("h0") };
 
 test("the scheduler serves tenants round-robin: many queued jobs of one cannot starve another", async () => {
   const s = new FairScheduler({ prefill: 1, decode: 8 });
@@ -95,7 +98,7 @@ test("config: flags and env, tenants JSON with defaults, errors name the paramet
       "--tenants",
       '{"*": {"max_sessions": 5}, "a": {"kv_quota_bytes": 100, "policy": "auto", "max_stored_bytes": 9}}',
     ],
-    { PKV_EDGE_SECRET: "0123456789abcdef!", PKV_IDLE_SECONDS: "7" },
+    { ...EDGE_ENV, PKV_IDLE_SECONDS: "7" },
   );
   assert.equal(c.listen, "127.0.0.1");
   assert.equal(c.idleMs, 7000);
@@ -108,40 +111,56 @@ test("config: flags and env, tenants JSON with defaults, errors name the paramet
   });
   assert.equal(c.defaultTenant.maxStoredBytes, 1 << 30);
   assert.throws(
-    () =>
-      parseHostConfig(["--decode-lanes", "4", "--tenant-decode-lanes", "8"], { PKV_EDGE_SECRET: "0123456789abcdef!" }),
+    () => parseHostConfig(["--decode-lanes", "4", "--tenant-decode-lanes", "8"], EDGE_ENV),
     /--tenant-decode-lanes: 8 .* 1\.\.4/,
   );
   assert.equal(c.defaultTenant.maxSessions, 5);
-  assert.throws(() => parseHostConfig([], {}), /--edge-secret/);
+  assert.throws(() => parseHostConfig([], {}), /--connect \(or PKV_EDGE_URL\): required/);
   assert.throws(
-    () => parseHostConfig(["--port", "70000"], { PKV_EDGE_SECRET: "0123456789abcdef!" }),
-    /--port: '70000'/,
+    () => parseHostConfig([], { PKV_EDGE_URL: "http://e" }),
+    /--host-token \(or PKV_HOST_TOKEN\): required/,
   );
+  assert.throws(
+    () => parseHostConfig(["--host-token", "pkv2.abc"], { PKV_EDGE_URL: "http://e" }),
+    /--host-token .*expected pkvh\.<name>\.<64 hex digits>/,
+  );
+  assert.throws(
+    () => parseHostConfig(["--connect", "ftp://e"], EDGE_ENV),
+    /--connect: scheme 'ftp:' .* http, https, ws, wss/,
+  );
+  assert.throws(() => parseHostConfig(["--connect", "nope"], EDGE_ENV), /--connect: 'nope' is not a URL/);
+  assert.throws(() => parseHostConfig(["--heartbeat-seconds", "0"], EDGE_ENV), /--heartbeat-seconds: '0'/);
+  const edge = parseHostConfig(["--connect", "https://pkv.example.dev/", "--heartbeat-seconds", "2"], EDGE_ENV);
+  assert.deepEqual(
+    [edge.connect, edge.heartbeatMs, edge.hostToken],
+    ["https://pkv.example.dev", 2000, hostToken("h0")],
+  );
+  assert.throws(() => parseHostConfig(["--port", "70000"], EDGE_ENV), /--port: '70000'/);
   assert.throws(() => parseTenants('{"a/b": {}}'), /tenant name 'a\/b'/);
   assert.throws(() => parseTenants('{"a": {"policy": "maybe"}}'), /policy: 'maybe'/);
 });
 
-test("backpressure: a slow connection gets its tokens coalesced, in order, and is dropped past the bound", async () => {
-  const { Connection } = await import("../src/host/server.js");
-  const { decodeHostMessage } = await import("@pyramidkv/shared");
+test("backpressure: a slow channel gets its tokens coalesced, in order, and is dropped past the bound (the socket stays)", async () => {
+  const { Channel } = await import("../src/host/edge-link.js");
+  const { decodeHostMessage, splitChannelFrame } = await import("@pyramidkv/shared");
   const sent: unknown[] = [];
-  const fake = {
-    readyState: 1,
-    bufferedAmount: 0,
-    terminated: false,
-    send(b: Uint8Array) {
-      const d = decodeHostMessage(b);
+  const fake = { readyState: 1, bufferedAmount: 0, terminated: false };
+  const config = parseHostConfig([], EDGE_ENV);
+  let dropped = 0;
+  const socket = {
+    ws: fake,
+    options: config,
+    sendRaw(b: Uint8Array) {
+      const d = decodeHostMessage(splitChannelFrame(b)!.payload);
       sent.push(d.ok ? d.message : d);
+      return true;
     },
-    terminate() {
-      this.terminated = true;
-      this.readyState = 3;
+    drop(c: InstanceType<typeof Channel>) {
+      dropped++;
+      c.closed = true;
     },
   };
-  const config = parseHostConfig([], { PKV_EDGE_SECRET: "0123456789abcdef!" });
-  let dropped = 0;
-  const conn = new Connection(fake as never, config, () => dropped++);
+  const conn = new Channel(socket, 3, "t");
   conn.sendToken(1, "s", 10, "a");
   fake.bufferedAmount = config.highWaterBytes + 1; // the client stopped reading
   conn.sendToken(1, "s", 11, "b");
@@ -156,7 +175,11 @@ test("backpressure: a slow connection gets its tokens coalesced, in order, and i
   assert.equal((sent[1] as { text: string }).text, "bc");
   fake.bufferedAmount = config.maxBufferedBytes + 1;
   conn.send({ type: "cancelled", id: 2, session: "s" });
-  assert.equal(fake.terminated, true);
-  assert.equal(dropped, 1);
+  assert.equal(dropped, 1, "the channel is dropped (channel_drop)");
+  assert.equal(fake.terminated, false, "the socket and its other channels go on");
+  assert.equal(conn.open, false);
+  const before = sent.length;
+  conn.send({ type: "cancelled", id: 3, session: "s" });
+  assert.equal(sent.length, before, "nothing more on a dropped channel");
   conn.stopFlushing();
 });

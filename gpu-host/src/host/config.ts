@@ -2,7 +2,7 @@
 // values are checked here so that every other module can trust them.
 import { readFileSync } from "node:fs";
 
-import { type FlagValues, int, oneOf, parseFlags, string } from "../flags.js";
+import { bool, type FlagValues, int, oneOf, parseFlags, string } from "../flags.js";
 
 export type TenantPolicy = "refuse" | "auto";
 
@@ -37,7 +37,16 @@ export interface HostConfig {
   ctxSize?: number;
   /** KV storage type of sessions whose open_session names none; unset = the engine's (f16) */
   kvType?: KvType;
-  edgeSecret: string;
+  /** the edge this host dials (http(s) or ws(s) URL; `<edge>/hosts/connect`) */
+  connect: string;
+  /** the host token (`pkvh.<name>.<64 hex>`, from `pkv admin host create NAME`) */
+  hostToken: string;
+  /** heartbeats to the edge every this many ms */
+  heartbeatMs: number;
+  /** the host writes its pid here (for `pkv host --drain --pid-file P`) */
+  pidFile?: string;
+  /** a control request to the edge (a state part, a head) unanswered this long fails */
+  edgeTimeoutMs: number;
   /** offloaded states go to files here (and survive a restart); unset = host memory */
   offloadDir?: string;
   /** a session idle this long is offloaded */
@@ -66,8 +75,12 @@ export interface HostConfig {
 
 export const HOST_USAGE = `usage: pkv host [options]            (each option also reads an environment variable)
   --listen ADDR              PKV_HOST_LISTEN        listen address (127.0.0.1)
-  --port N                   PKV_HOST_PORT          port; 0 = any free port, printed (8790)
-  --edge-secret S            PKV_EDGE_SECRET        shared secret of the edge (required)
+  --port N                   PKV_HOST_PORT          port of GET /health and /metrics; 0 = any free port, printed (8790)
+  --connect URL              PKV_EDGE_URL           the edge to dial: <URL>/hosts/connect (required)
+  --host-token T             PKV_HOST_TOKEN         this host's token, pkvh.<name>.<64 hex> (pkv admin host create NAME)
+  --heartbeat-seconds N      PKV_HEARTBEAT_SECONDS  load reports to the edge every N seconds (5)
+  --pid-file P               PKV_PID_FILE           write the host's pid to P
+  --drain                                           with --pid-file P: drain the host whose pid P holds, wait for its exit
   --model M                  PKV_MODEL              GGUF model (the engine's default: the embedded model)
   --kv-pool-bytes N          PKV_KV_POOL_BYTES      engine KV pool capacity
   --chunk-size N             PKV_CHUNK_SIZE         engine chunked-prefill size
@@ -115,6 +128,26 @@ export function parseTenantLimits(where: string, v: unknown, base: TenantLimits)
 
 export const TENANT_NAME = /^[A-Za-z0-9_.-]{1,64}$/;
 
+/** A host token (FLEET: `pkvh.<name>.<64 hex>`, name as the edge's host names). */
+export const HOST_TOKEN = /^pkvh\.[a-z0-9][a-z0-9-]{0,62}\.[0-9a-f]{64}$/;
+
+/** --connect: the edge's URL, http(s) or ws(s), without a query; its /hosts/connect is dialled. */
+export function edgeUrl(raw: string | undefined): string {
+  if (raw === undefined || raw === "")
+    throw new Error("--connect (or PKV_EDGE_URL): required: the edge's URL, e.g. https://pkv.example.workers.dev");
+  let u: URL;
+  try {
+    u = new URL(raw);
+  } catch {
+    throw new Error(`--connect: '${raw.slice(0, 200)}' is not a URL (accepted: http://, https://, ws://, wss://)`);
+  }
+  if (!["http:", "https:", "ws:", "wss:"].includes(u.protocol))
+    throw new Error(`--connect: scheme '${u.protocol}' of '${raw.slice(0, 200)}' is not one of http, https, ws, wss`);
+  if (u.search !== "" || u.hash !== "")
+    throw new Error(`--connect: '${raw.slice(0, 200)}' has a query or fragment; give the edge's base URL`);
+  return u.toString().replace(/\/+$/, "");
+}
+
 /** --tenants: a file name or inline JSON. The key "*" sets the defaults of unlisted tenants. */
 export function parseTenants(
   text: string | undefined,
@@ -153,7 +186,11 @@ export function parseTenants(
 export const HOST_FLAGS = {
   listen: string({ env: "PKV_HOST_LISTEN", default: "127.0.0.1" }),
   port: int({ min: 0, max: 65535, default: 8790, env: "PKV_HOST_PORT" }),
-  "edge-secret": string({ env: "PKV_EDGE_SECRET", default: "" }),
+  connect: string({ env: "PKV_EDGE_URL" }),
+  "host-token": string({ env: "PKV_HOST_TOKEN" }),
+  "heartbeat-seconds": int({ min: 1, max: 3600, default: 5, env: "PKV_HEARTBEAT_SECONDS" }),
+  "pid-file": string({ env: "PKV_PID_FILE" }),
+  drain: bool(),
   model: string({ env: "PKV_MODEL" }),
   "kv-pool-bytes": int({ min: 1, max: Number.MAX_SAFE_INTEGER, env: "PKV_KV_POOL_BYTES" }),
   "chunk-size": int({ min: 0, max: 1 << 24, env: "PKV_CHUNK_SIZE" }),
@@ -191,8 +228,14 @@ export function parseHostConfig(argv: string[], env: NodeJS.ProcessEnv = process
 
 /** The checked flag values as a HostConfig: what one flag alone cannot check is checked here. */
 export function hostConfig(f: FlagValues<typeof HOST_FLAGS>): HostConfig {
-  if (f["edge-secret"].length < 16)
-    throw new Error("--edge-secret (or PKV_EDGE_SECRET): required, at least 16 characters");
+  const connect = edgeUrl(f.connect);
+  const hostToken = f["host-token"] ?? "";
+  if (!HOST_TOKEN.test(hostToken))
+    throw new Error(
+      hostToken === ""
+        ? "--host-token (or PKV_HOST_TOKEN): required: this host's token, from `pkv admin host create NAME`"
+        : `--host-token (or PKV_HOST_TOKEN): '${hostToken.slice(0, 12)}…' is not a host token: expected pkvh.<name>.<64 hex digits>`,
+    );
   const offloadDir = f["offload-dir"]; // created on start
   const { tenants, defaults } = parseTenants(f.tenants, {
     sessionTtlS: f["session-ttl-seconds"],
@@ -215,7 +258,11 @@ export function hostConfig(f: FlagValues<typeof HOST_FLAGS>): HostConfig {
     threads: f.threads,
     ctxSize: f["ctx-size"],
     kvType: f["kv-type"],
-    edgeSecret: f["edge-secret"],
+    connect,
+    hostToken,
+    heartbeatMs: f["heartbeat-seconds"] * 1000,
+    pidFile: f["pid-file"] === "" ? undefined : f["pid-file"],
+    edgeTimeoutMs: 60_000,
     offloadDir: offloadDir === "" ? undefined : offloadDir,
     idleMs: f["idle-seconds"] * 1000,
     checkpoint: f.checkpoint === "on",

@@ -127,6 +127,12 @@ export class HostSession {
   openedBy?: Sink;
   /** the engine holds changes the store lacks */
   dirty = false;
+  /** the etag of the edge's copy this host last stored or read (absent: none known) */
+  etag?: string;
+  /** the connection epoch in which the etag was last checked against the edge's (edge-link.ts) */
+  epoch = 0;
+  /** the edge's store holds the checkpoint (the last save reached it) */
+  remoteSynced = false;
   tokensSeen: number;
   /** tokens_seen the edge was last told (appended, done; a stored session's) */
   ackedTokens: number;

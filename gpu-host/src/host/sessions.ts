@@ -35,6 +35,7 @@ import {
 import { Admission, type Fit } from "./admission.js";
 import { type HostConfig, KV_TYPES, type KvType, TENANT_NAME, type TenantPolicy } from "./config.js";
 import { ENGINE_DIED, ENGINE_TIMEOUT, EngineProcess, EngineRequestError } from "./engine.js";
+import type { LinkedHost, RemoteStore } from "./edge-link.js";
 import { errorCode, HostError } from "./errors.js";
 import { hostLog } from "./log.js";
 import type { HostGauges, HostMetrics } from "./metrics.js";
@@ -65,7 +66,7 @@ export const EXPIRED_MEMORY = 10_000;
 /** The longest session_ttl_s set_tenant accepts (a year; as --session-ttl-seconds). */
 const MAX_SESSION_TTL_S = 86400 * 365;
 
-export class SessionHost {
+export class SessionHost implements LinkedHost {
   private readonly sessions = new Map<string, HostSession>();
   /** keyOf(tenant, id) of sessions the TTL closed -> the TTL in seconds, oldest first */
   private readonly expired = new Map<string, number>();
@@ -85,9 +86,14 @@ export class SessionHost {
   private timer?: NodeJS.Timeout;
   connections = 0;
 
+  /** bytes_per_entry as the engine's hello gave it (host_hello's, what a restored state must match) */
+  private helloBytesPerEntry = 0;
+
   private constructor(
     private readonly config: HostConfig,
     readonly metrics: HostMetrics,
+    /** the edge's store (absent: local tiers only) */
+    private readonly remote?: RemoteStore,
   ) {
     this.scheduler = FairScheduler.forHost(config); // --max-prefills, --decode-lanes, --tenant-decode-lanes
     this.engines = new EngineSupervisor({
@@ -117,10 +123,11 @@ export class SessionHost {
     });
   }
 
-  static async start(config: HostConfig, metrics: HostMetrics): Promise<SessionHost> {
-    const host = new SessionHost(config, metrics);
+  static async start(config: HostConfig, metrics: HostMetrics, remote?: RemoteStore): Promise<SessionHost> {
+    const host = new SessionHost(config, metrics, remote);
     const h = (await host.engines.start()).hello;
     host.geometry = geometryFromHello(h, config.chunkSize);
+    host.helloBytesPerEntry = host.geometry.bytesPerEntry;
     host.tenants = new Tenants(config.tenants, config.defaultTenant, h.pool_bytes);
     for (const s of await host.residency.adopt()) host.sessions.set(keyOf(s.tenant, s.id), s);
     const tick = Math.max(50, Math.min(1000, config.idleMs / 4));
@@ -143,6 +150,41 @@ export class SessionHost {
 
   get isClosing(): boolean {
     return this.closing;
+  }
+
+  /** host_hello's fields (edge-link.ts) but the protocol and heartbeat_ms. */
+  helloFields(): ReturnType<LinkedHost["helloFields"]> {
+    const h = this.hello;
+    return {
+      model: h.model,
+      n_layer: h.n_layer,
+      n_ctx: h.n_ctx,
+      pool_bytes: h.pool_bytes,
+      bytes_per_entry: this.helloBytesPerEntry,
+      ...(h.chat_template !== undefined ? { chat_template: h.chat_template } : {}),
+    };
+  }
+
+  /** A heartbeat's load (edge-link.ts): what routing reads. */
+  load(): ReturnType<LinkedHost["load"]> {
+    const pool = this.hello.pool_bytes;
+    const used = this.admission.usage();
+    let resident = 0;
+    let active = 0;
+    for (const s of this.sessions.values()) {
+      if (s.resident) resident++;
+      active += s.ops.length;
+    }
+    const queued = this.scheduler.queued("prefill") + this.scheduler.queued("decode");
+    return {
+      pool_bytes: pool,
+      kv_used_bytes: used,
+      free_bytes: Math.max(0, pool - used),
+      sessions: this.sessions.size,
+      resident,
+      active: Math.max(0, active - queued),
+      queued,
+    };
   }
 
   /** KV bytes accounted to every tenant's sessions (steady, reservations, in-flight peaks). */
@@ -762,6 +804,43 @@ export class SessionHost {
         { kind: "decode", count: this.scheduler.queued("decode") },
       ],
     };
+  }
+
+  /** The drain's middle (main.ts): in-flight work finishes (`quiet`: no channel is open any
+   * more), cancelled after drainMs; then every resident non-ephemeral session is checkpointed to
+   * the edge's store. The sessions stay (an edge request on a still-open channel is served). */
+  async drain(quiet: () => boolean): Promise<void> {
+    const idle = () => [...this.sessions.values()].every((s) => !s.busy);
+    const deadline = Date.now() + this.config.drainMs;
+    while (!(idle() && quiet()) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    if (!idle()) {
+      for (const s of this.sessions.values()) for (const op of s.ops) await this.cancelOp(s, op);
+      await Promise.all([...this.sessions.values()].map((s) => s.chain));
+    }
+    await this.checkpointAll();
+  }
+
+  /** Every session whose newest state the edge's store lacks goes there (the drain). */
+  private async checkpointAll(): Promise<void> {
+    if (!this.remote) return;
+    const engine = this.engines.engine;
+    let failed = 0;
+    for (const s of [...this.sessions.values()]) {
+      if (s.openedBy !== undefined || s.lost || !s.resident || !engine.alive) continue;
+      if (!s.dirty && s.saved && s.remoteSynced) continue;
+      s.pendingOps++;
+      try {
+        await this.residency.save(s, engine);
+      } catch (e) {
+        failed++;
+        hostLog(
+          `drain: session ${s.engineName}: checkpoint to the edge failed: ${e instanceof Error ? e.message : String(e)}`,
+        );
+      } finally {
+        s.pendingOps--;
+      }
+    }
+    if (failed > 0) hostLog(`drain: ${failed} session(s) could not be checkpointed to the edge`);
   }
 
   /** Graceful stop: refuse new work, let running work finish (cancel it after drainMs), save
