@@ -28,6 +28,8 @@ test("worker-configuration.d.ts is what wrangler types generates from wrangler.j
   // Variables typed as strings: tests and `wrangler dev --var` give them other values than wrangler.jsonc.
   assert.match(head, /PKV_MAX_BODY_BYTES: string;/);
   assert.match(head, /TENANTS: DurableObjectNamespace<import\("\.\/src\/index"\)\.TenantState>;/);
+  assert.match(head, /HOSTS: DurableObjectNamespace<import\("\.\/src\/index"\)\.HostConn>;/);
+  assert.match(head, /SESSIONS: R2Bucket;/);
 });
 
 test("the check fails when a binding is added without regenerating", { timeout: 120_000 }, () => {
