@@ -3,6 +3,13 @@
 // for an offloaded session is admitted like any other and restores it first; at start-up the
 // sessions an earlier run left in the offload directory are adopted as offloaded. States larger
 // than one engine frame travel in pieces (docs/HOST.md, "States over the engine's frame limit").
+//
+// Tiers (issue 13): with the edge's store (RemoteStore, edge-link.ts), every save of a session that
+// is not ephemeral goes to the local store (the cache) and then to the edge, awaited; when the
+// edge refuses it (quota, another host's newer copy, no connection) the local copy goes too, so the
+// local tier is never ahead of the edge's: the checkpoint to go back to is the edge's. A state the
+// local store lacks is read from the edge (and cached), checked against this host's model and
+// shape.
 import { MAX_FRAME_BYTES } from "@pyramidkv/shared";
 
 import type { Admission } from "./admission.js";
@@ -12,7 +19,15 @@ import { HostError } from "./errors.js";
 import { hostLog } from "./log.js";
 import type { HostMetrics } from "./metrics.js";
 import { HostSession, type OpenParams } from "./session.js";
-import { DamagedStateError, type StateStore, type StoredSessionMeta } from "./store.js";
+import { type RemoteStore, RemoteStateError } from "./edge-link.js";
+import {
+  DamagedStateError,
+  decodeStateFile,
+  encodeStateFile,
+  type StateIdentity,
+  type StateStore,
+  type StoredSessionMeta,
+} from "./store.js";
 
 /** The engine calls residency makes (save, restore, open, close). */
 export type StateEngine = Pick<EngineProcess, "call">;
@@ -54,6 +69,30 @@ export async function restoreToEngine(engine: StateEngine, engineName: string, s
 export interface ResidencyOptions {
   /** the tenant's bound on stored state bytes (absent: unbounded) */
   maxStoredBytes?: (tenant: string) => number;
+  /** the edge's store: the tier behind the local one (absent: local only) */
+  remote?: RemoteStore;
+  /** this host's model and shape, which a state from the edge must match */
+  identity?: () => StateIdentity;
+}
+
+/** The edge's copy of a session was written by another host since this host's (if_etag did not
+ * match): the session was continued elsewhere. */
+export class StateConflictError extends HostError {
+  constructor(message: string) {
+    super("checkpoint_failed", message);
+  }
+}
+
+/** The edge's custom metadata of a state (strings: R2's customMetadata). */
+function remoteMeta(meta: StoredSessionMeta, identity: StateIdentity | undefined): Record<string, string> {
+  return {
+    ...(identity
+      ? { model: identity.model, n_layer: String(identity.n_layer), bytes_per_entry: String(identity.bytes_per_entry) }
+      : {}),
+    tokens_seen: String(meta.tokens_seen),
+    kv_bytes: String(meta.kv_bytes),
+    format: "pkvf1",
+  };
 }
 
 export class Residency {
@@ -92,8 +131,9 @@ export class Residency {
   }
 
   /** Checkpoints the session: its state from the engine into the store, within the tenant's
-   * stored-bytes bound (stored_quota_exceeded past it). A save that fails, the engine's part or
-   * the store's, leaves the previous checkpoint as it was. */
+   * stored-bytes bound (stored_quota_exceeded past it), then, for a session that is not ephemeral,
+   * into the edge's store. A save that fails, the engine's part or the store's, leaves the previous
+   * checkpoint as it was (the edge's, when the edge refused: the local copy is dropped). */
   async save(s: HostSession, engine: StateEngine): Promise<void> {
     const state = await saveFromEngine(engine, s.engineName);
     const meta: StoredSessionMeta = {
@@ -104,8 +144,140 @@ export class Residency {
       kv_bytes: s.kv.steady,
     };
     await this.store.put(meta, state, this.options.maxStoredBytes?.(s.tenant));
+    if (this.toRemote(s)) await this.putRemote(s, meta, state);
     s.saved = true;
     s.dirty = false;
+  }
+
+  /** The session's states go to the edge's store too. */
+  private toRemote(s: HostSession): boolean {
+    return this.options.remote !== undefined && s.openedBy === undefined;
+  }
+
+  private async putRemote(s: HostSession, meta: StoredSessionMeta, state: Uint8Array): Promise<void> {
+    const remote = this.options.remote!;
+    const identity = this.options.identity?.();
+    try {
+      const file = encodeStateFile(meta, state, identity);
+      s.etag = await remote.put(s.tenant, s.id, file, remoteMeta(meta, identity), s.etag);
+      s.epoch = remote.epoch;
+      s.remoteSynced = true;
+    } catch (e) {
+      s.remoteSynced = false;
+      // The local tier must not be ahead of the edge's.
+      await this.store
+        .delete(s.tenant, s.id)
+        .catch((d) =>
+          hostLog(`${s.engineName}: dropping the local copy: ${d instanceof Error ? d.message : String(d)}`),
+        );
+      if (!(e instanceof RemoteStateError)) throw e;
+      if (e.code === "state_conflict")
+        throw new StateConflictError(
+          `session '${s.id.slice(0, 64)}' was continued on another host since this host's last checkpoint (${e.message})`,
+        );
+      if (e.code === "stored_quota_exceeded") throw new HostError("stored_quota_exceeded", e.message);
+      throw new HostError(
+        "checkpoint_failed",
+        `the checkpoint did not reach the edge's store (${e.code}: ${e.message})`,
+      );
+    }
+  }
+
+  /** An offloaded session's local state goes to the edge's store when the edge lacks it (the
+   * drain); false when there is none to send. */
+  async pushStored(s: HostSession): Promise<boolean> {
+    if (!this.toRemote(s) || s.resident || s.remoteSynced) return false;
+    const state = await this.store.get(s.tenant, s.id);
+    if (!state) return false;
+    const meta: StoredSessionMeta = {
+      tenant: s.tenant,
+      session: s.id,
+      params: s.params,
+      tokens_seen: s.tokensSeen,
+      kv_bytes: s.kv.steady,
+    };
+    await this.putRemote(s, meta, state);
+    return true;
+  }
+
+  /** The edge's state of a session this host does not know, as an offloaded session (its state
+   * cached in the local store); undefined when the edge has none. session_lost when it was written
+   * by a host of another model or shape, or is damaged. */
+  async adoptRemote(tenant: string, session: string): Promise<HostSession | undefined> {
+    const remote = this.options.remote;
+    if (!remote?.connected) return undefined;
+    const got = await this.getRemote(tenant, session);
+    if (!got) return undefined;
+    const s = new HostSession(tenant, session, got.meta.params as OpenParams, {
+      tokensSeen: got.meta.tokens_seen,
+      kvBytes: got.meta.kv_bytes,
+    });
+    s.etag = got.etag;
+    s.epoch = remote.epoch;
+    s.remoteSynced = true;
+    await this.cache(got.meta, got.state);
+    return s;
+  }
+
+  /** The edge's copy of `s`, checked, if it has one. */
+  private async getRemote(
+    tenant: string,
+    session: string,
+  ): Promise<{ meta: StoredSessionMeta; state: Uint8Array; etag: string } | undefined> {
+    const remote = this.options.remote!;
+    let got: Awaited<ReturnType<RemoteStore["get"]>>;
+    try {
+      got = await remote.get(tenant, session);
+    } catch (e) {
+      if (e instanceof RemoteStateError)
+        throw new HostError(e.code === "timeout" ? "timeout" : "internal", `the edge's store: ${e.message}`);
+      throw e;
+    }
+    if (!got) return undefined;
+    let decoded: ReturnType<typeof decodeStateFile>;
+    try {
+      decoded = decodeStateFile(got.file, tenant, session);
+    } catch (e) {
+      throw new HostError(
+        "session_lost",
+        `session '${session.slice(0, 64)}': the edge's stored state is unusable (${e instanceof Error ? e.message : String(e)})`,
+      );
+    }
+    const mine = this.options.identity?.();
+    if (mine) {
+      const theirs = {
+        model: decoded.identity?.model ?? stringOf(got.meta.model),
+        n_layer: decoded.identity?.n_layer ?? Number(got.meta.n_layer),
+        bytes_per_entry: decoded.identity?.bytes_per_entry ?? Number(got.meta.bytes_per_entry),
+      };
+      if (
+        theirs.model !== mine.model ||
+        theirs.n_layer !== mine.n_layer ||
+        theirs.bytes_per_entry !== mine.bytes_per_entry
+      )
+        throw new HostError(
+          "session_lost",
+          `session '${session.slice(0, 64)}' was stored by a host of model '${theirs.model}' (n_layer ${theirs.n_layer}, bytes_per_entry ${theirs.bytes_per_entry}); this host serves '${mine.model}' (n_layer ${mine.n_layer}, bytes_per_entry ${mine.bytes_per_entry}): it cannot be restored here`,
+        );
+    }
+    return { meta: decoded.meta, state: decoded.state, etag: got.etag };
+  }
+
+  // The edge's state in the local store (the cache); a cache that cannot take it is only logged.
+  private async cache(meta: StoredSessionMeta, state: Uint8Array): Promise<void> {
+    await this.store
+      .put(meta, state)
+      .catch((e) =>
+        hostLog(
+          `session '${meta.session.slice(0, 64)}': caching the edge's state locally failed: ${e instanceof Error ? e.message : String(e)}`,
+        ),
+      );
+  }
+
+  /** The local copy of the session goes (its state is not the edge's any more); the session itself
+   * is the caller's to forget. */
+  dropLocal(s: HostSession): Promise<void> {
+    return this.store.delete(s.tenant, s.id);
   }
 
   /** The session is closed for good: its saved state goes. */
@@ -130,7 +302,22 @@ export class Residency {
       return;
     }
     try {
-      const state = await this.store.get(s.tenant, s.id);
+      let state = await this.store.get(s.tenant, s.id);
+      if (!state && this.toRemote(s) && this.options.remote?.connected) {
+        // Not here (a failed put dropped it, a cache that could not keep it): the edge's checkpoint.
+        const got = await this.getRemote(s.tenant, s.id);
+        if (got) {
+          state = got.state;
+          s.etag = got.etag;
+          s.epoch = this.options.remote.epoch;
+          s.remoteSynced = true;
+          await this.cache(got.meta, got.state);
+        }
+      } else if (!state && this.toRemote(s))
+        throw new HostError(
+          "timeout",
+          `session '${s.id.slice(0, 64)}': its checkpoint is in the edge's store, and this host is not connected to the edge`,
+        );
       if (!state) {
         s.lost = "its saved state is missing";
         throw new HostError("session_lost", `session '${s.id}' has no saved state to restore`);
@@ -180,4 +367,8 @@ export class Residency {
     s.chain = s.chain.then(() => work.then(() => {}));
     return work;
   }
+}
+
+function stringOf(v: unknown): string {
+  return typeof v === "string" ? v : String(v);
 }

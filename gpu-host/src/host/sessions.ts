@@ -39,7 +39,7 @@ import type { LinkedHost, RemoteStore } from "./edge-link.js";
 import { errorCode, HostError } from "./errors.js";
 import { hostLog } from "./log.js";
 import type { HostGauges, HostMetrics } from "./metrics.js";
-import { Residency } from "./residency.js";
+import { Residency, StateConflictError } from "./residency.js";
 import { FairScheduler } from "./scheduler.js";
 import { HostSession, keyOf, type OpenParams, type Op, type Sink, type TokenLogprobs } from "./session.js";
 import { StateStore } from "./store.js";
@@ -72,6 +72,8 @@ export class SessionHost implements LinkedHost {
   private readonly expired = new Map<string, number>();
   /** sessions being closed (close, TTL, their ephemeral connection), and that close */
   private readonly closings = new WeakMap<HostSession, Promise<void>>();
+  /** sessions being checked against the edge's store or adopted from it, by keyOf */
+  private readonly finding = new Map<string, Promise<HostSession>>();
   private readonly scheduler: FairScheduler;
   private readonly engines: EngineSupervisor;
   private readonly admission: Admission<HostSession>;
@@ -120,6 +122,12 @@ export class SessionHost implements LinkedHost {
     });
     this.residency = new Residency(new StateStore(config.offloadDir), this.engines, this.admission, metrics, {
       maxStoredBytes: (t) => this.tenants.get(t).maxStoredBytes,
+      remote,
+      identity: () => ({
+        model: this.hello.model,
+        n_layer: this.hello.n_layer,
+        bytes_per_entry: this.helloBytesPerEntry,
+      }),
     });
   }
 
@@ -227,10 +235,16 @@ export class SessionHost implements LinkedHost {
           return void this.open(sink, msg).then(finish, fail);
         case "append":
           checkAppend(msg);
-          return void this.enqueue(this.lookup(msg.tenant, msg.session), sink, "append", msg, t0).then(finish, fail);
+          return void this.withSession(msg.tenant, msg.session, (s) => this.enqueue(s, sink, "append", msg, t0)).then(
+            finish,
+            fail,
+          );
         case "generate":
           checkGenerate(msg, this.hello.n_ctx);
-          return void this.enqueue(this.lookup(msg.tenant, msg.session), sink, "generate", msg, t0).then(finish, fail);
+          return void this.withSession(msg.tenant, msg.session, (s) => this.enqueue(s, sink, "generate", msg, t0)).then(
+            finish,
+            fail,
+          );
         case "cancel":
           return void this.cancel(sink, msg).then(finish, fail);
         case "close":
@@ -283,6 +297,77 @@ export class SessionHost implements LinkedHost {
       for (const op of s.ops) if (op.sink === sink) void this.cancelOp(s, op);
       if (s.openedBy === sink) void this.closeSession(s, "closed with the connection that opened it (ephemeral)");
     }
+  }
+
+  /** `run` on the session: at once when it is known here and checked in this connection epoch;
+   * else after its check against the edge's copy, or its adoption from the edge's store. Requests
+   * of one session run in arrival order either way (they wait on the same promise). */
+  private withSession(tenant: string, session: string, run: (s: HostSession) => Promise<void>): Promise<void> {
+    const found = this.find(tenant, session);
+    return found instanceof HostSession ? run(found) : found.then(run);
+  }
+
+  /** The session: known here (checked once per connection epoch against the edge's copy: another
+   * host's newer one replaces it), or adopted from the edge's store; unknown_session when neither
+   * has it. */
+  private find(tenant: string, session: string): HostSession | Promise<HostSession> {
+    const key = keyOf(tenant, session);
+    const pending = this.finding.get(key);
+    if (pending) return pending;
+    const remote = this.remote;
+    const s = this.sessions.get(key);
+    if (!remote?.connected || this.expired.has(key)) return this.lookup(tenant, session);
+    if (s && (s.openedBy !== undefined || s.epoch === remote.epoch || s.lost)) return this.lookup(tenant, session);
+    const work = (async () => {
+      if (s) {
+        const head = await remote.head(tenant, session).catch((e: Error) => {
+          throw new HostError(
+            "timeout",
+            `checking session '${session.slice(0, 64)}' against the edge's store: ${e.message}`,
+          );
+        });
+        // The edge has no copy (never stored there, or this host's copies are the only ones): ours stands.
+        if (!head || head.etag === s.etag) {
+          s.epoch = remote.epoch;
+          return this.lookup(tenant, session);
+        }
+        hostLog(
+          `session ${s.engineName.slice(0, 129)}: the edge's copy (etag ${head.etag}) is not this host's (${s.etag ?? "none"}): continued elsewhere, restored from the edge's store`,
+        );
+        await this.dropCopy(s, "continued on another host", true);
+      }
+      const adopted = await this.residency.adoptRemote(tenant, session);
+      if (!adopted) return this.lookup(tenant, session);
+      if (this.sessions.has(key)) return this.lookup(tenant, session); // opened meanwhile
+      this.sessions.set(key, adopted);
+      this.metrics.restores.inc({ tenant });
+      return adopted;
+    })().finally(() => this.finding.delete(key));
+    this.finding.set(key, work);
+    return work;
+  }
+
+  /** This host's copy of the session is not the one to continue (another host wrote the edge's
+   * since): forgotten here, engine and local store, without touching the edge's copy. `wait`: its
+   * queued work ends first (not from inside its own queue). */
+  private async dropCopy(s: HostSession, why: string, wait: boolean): Promise<void> {
+    const key = keyOf(s.tenant, s.id);
+    if (this.sessions.get(key) === s) this.sessions.delete(key);
+    if (wait) {
+      await Promise.all(s.ops.map((op) => this.cancelOp(s, op)));
+      await s.chain;
+    }
+    s.lost = why;
+    s.pieces.drop();
+    s.turn.release();
+    if (s.resident) {
+      const engine = this.engines.engine;
+      if (engine.alive) await engine.call({ type: "close", session: s.engineName }).catch(() => {});
+      s.kv.offloaded();
+    }
+    await this.residency
+      .dropLocal(s)
+      .catch((e) => hostLog(`${s.engineName}: dropping its local copy: ${e instanceof Error ? e.message : String(e)}`));
   }
 
   private lookup(tenant: string, session: string): HostSession {
@@ -345,6 +430,7 @@ export class SessionHost implements LinkedHost {
     };
     const g = this.geometryFor(params);
     const s = new HostSession(msg.tenant, msg.session, params);
+    s.epoch = this.remote?.epoch ?? 0; // new: nothing of it at the edge to check against
     if (msg.ephemeral === true) s.openedBy = sink;
     this.sessions.set(key, s);
     this.expired.delete(key);
@@ -603,6 +689,14 @@ export class SessionHost implements LinkedHost {
         hostLog(`${op.kind} ${s.engineName}: stats after it failed: ${why}`, op.requestId);
         return;
       }
+      if (e instanceof StateConflictError) {
+        hostLog(`${op.kind} ${s.engineName}: ${why}: this host's copy is dropped`, op.requestId);
+        await this.dropCopy(s, "continued on another host", false);
+        throw new HostError(
+          "checkpoint_failed",
+          `${op.kind}: ${why}; this host's copy is dropped and the request can be retried (it continues from the edge's copy)`,
+        );
+      }
       if (!died) {
         hostLog(`${op.kind} ${s.engineName}: checkpoint failed: ${why}`, op.requestId);
         await this.rollback(s, op, why);
@@ -611,7 +705,7 @@ export class SessionHost implements LinkedHost {
       if (died || !this.engines.engine.alive)
         throw new EngineRequestError(ENGINE_DIED, died ? why : `the engine was restarted (${why})`);
       throw new HostError(
-        "checkpoint_failed",
+        e instanceof HostError && e.code === "stored_quota_exceeded" ? "stored_quota_exceeded" : "checkpoint_failed",
         `${op.kind}: its result could not be checkpointed (${why}); the session is back at its last checkpoint (${s.tokensSeen} tokens seen), the request can be retried`,
       );
     }
@@ -735,7 +829,7 @@ export class SessionHost implements LinkedHost {
       });
       return;
     }
-    const s = this.lookup(msg.tenant, msg.session);
+    const s = await this.find(msg.tenant, msg.session);
     const base = {
       type: "stats_result" as const,
       id: msg.id,
@@ -826,11 +920,13 @@ export class SessionHost implements LinkedHost {
     const engine = this.engines.engine;
     let failed = 0;
     for (const s of [...this.sessions.values()]) {
-      if (s.openedBy !== undefined || s.lost || !s.resident || !engine.alive) continue;
+      if (s.openedBy !== undefined || s.lost) continue;
       if (!s.dirty && s.saved && s.remoteSynced) continue;
+      if (s.resident && !engine.alive) continue;
       s.pendingOps++;
       try {
-        await this.residency.save(s, engine);
+        if (s.resident) await this.residency.save(s, engine);
+        else await this.residency.pushStored(s);
       } catch (e) {
         failed++;
         hostLog(

@@ -117,6 +117,50 @@ function parseHeader(head: Uint8Array, size: number): Header | undefined {
   return { ...metaOf(h), state_bytes: h.state_bytes, state_crc32: h.state_crc32, metaBytes };
 }
 
+/** What a state file says about the engine that wrote it (in its meta JSON; a state restores only
+ * into an engine of the same model and shape). */
+export interface StateIdentity {
+  model: string;
+  n_layer: number;
+  bytes_per_entry: number;
+}
+
+/** A whole state file (the bytes the offload directory holds, and the edge's store): header, meta
+ * JSON (with `identity` when given), the engine's state. */
+export function encodeStateFile(meta: StoredSessionMeta, state: Uint8Array, identity?: StateIdentity): Buffer {
+  const json = Buffer.from(
+    JSON.stringify({ ...metaOf(meta), ...identity, state_bytes: state.length, state_crc32: crc32(state) }),
+  );
+  const fixed = Buffer.alloc(FIXED_HEADER);
+  MAGIC.copy(fixed, 0);
+  fixed.writeUInt32LE(FORMAT_VERSION, 4);
+  fixed.writeUInt32LE(json.length, 8);
+  return Buffer.concat([fixed, json, state]);
+}
+
+/** A state file's meta, identity (when it names one) and state, checked: its header, its length,
+ * its CRC, the session it names. Throws DamagedStateError. */
+export function decodeStateFile(
+  file: Uint8Array,
+  tenant: string,
+  session: string,
+): { meta: StoredSessionMeta; identity?: Partial<StateIdentity>; state: Uint8Array } {
+  const h = parseHeader(file, file.length);
+  if (!h) throw new DamagedStateError("not a PKVF state file");
+  if (h.tenant !== tenant || h.session !== session) throw new DamagedStateError("its header names another session");
+  const b = Buffer.from(file.buffer, file.byteOffset, file.byteLength);
+  const raw = JSON.parse(
+    b.subarray(FIXED_HEADER, FIXED_HEADER + h.metaBytes).toString("utf8"),
+  ) as Partial<StateIdentity>;
+  const state = b.subarray(FIXED_HEADER + h.metaBytes);
+  if (crc32(state) !== h.state_crc32) throw new DamagedStateError("damaged: CRC32 of the state does not match");
+  return {
+    meta: metaOf(h),
+    identity: { model: raw.model, n_layer: raw.n_layer, bytes_per_entry: raw.bytes_per_entry },
+    state: new Uint8Array(state.buffer, state.byteOffset, state.byteLength),
+  };
+}
+
 export class StateStore {
   private readonly memory = new Map<string, Uint8Array>();
   private readonly index = new Map<string, Entry>();

@@ -1,0 +1,260 @@
+// The store's remote tier (issue 13; residency.ts, edge-link.ts), against DirectEdges and the fake
+// engine: every checkpoint of a session that is not ephemeral reaches the edge's store before
+// its appended/done; the edge refusing it (stored quota, another host's newer copy, a socket gone
+// meanwhile) fails the request with its code and the session goes back to the edge's checkpoint;
+// a session this host does not know is adopted from the edge's store; a local copy the edge's
+// newer one replaced after a reconnect is not used; the drain sends every session to the edge.
+import assert from "node:assert/strict";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, test } from "node:test";
+
+import type { FromHostMessage } from "@pyramidkv/shared";
+
+import { DirectEdge } from "../src/host/direct-edge.js";
+import { decodeStateFile } from "../src/host/store.js";
+import { fakeEngineBin } from "./fake-engine.js";
+import { expectType, HostClient, startTestHost, type TestHost } from "./host-client.js";
+
+const dirs: string[] = [];
+after(() => {
+  for (const d of dirs) rmSync(d, { recursive: true, force: true });
+});
+
+function tmp(): string {
+  const d = mkdtempSync(join(tmpdir(), "pkv-remote-"));
+  dirs.push(d);
+  return d;
+}
+
+async function until(cond: () => boolean | Promise<boolean>, what: string, ms = 30_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!(await cond())) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
+const fakeHost = (argv: string[] = [], o: { edge?: DirectEdge; name?: string } = {}) =>
+  startTestHost({ engineBin: fakeEngineBin(join(tmp(), "engine.log")) }, argv, o);
+
+const open = async (c: HostClient, session: string, extra: Record<string, unknown> = {}) =>
+  expectType(await c.call({ type: "open_session", tenant: "t", session, budget: 16, ...extra }), "opened");
+const append = (c: HostClient, session: string, text: string) => c.call({ type: "append", tenant: "t", session, text });
+const tokensSeen = async (c: HostClient, session: string) =>
+  expectType(await c.call({ type: "stats", tenant: "t", session }), "stats_result").tokens_seen;
+const codeOf = (m: FromHostMessage) => expectType(m, "error").code;
+/** tokens_seen of the edge's copy of t/session (from its state file) */
+const edgeTokens = (edge: DirectEdge, session: string) => {
+  const st = edge.state("t", session);
+  return st && decodeStateFile(st.file, "t", session).meta.tokens_seen;
+};
+
+async function stopAll(...hosts: TestHost[]): Promise<void> {
+  for (const h of hosts) await h.stop();
+}
+
+test("a checkpoint reaches the edge's store before appended and done; ephemeral sessions stay local", {
+  timeout: 60_000,
+}, async () => {
+  const host = await fakeHost();
+  const c = await HostClient.connect(host.url);
+  try {
+    await open(c, "s");
+    let release!: () => void;
+    host.edge.holdPuts = new Promise((r) => (release = r));
+    const frames: FromHostMessage[] = [];
+    const answered = c.request({ type: "append", tenant: "t", session: "s", text: "hello" }, (f) => frames.push(f));
+    await until(() => host.edge.controls.some((m) => m.type === "state_put" && m.session === "s"), "the state_put");
+    await new Promise((r) => setTimeout(r, 200));
+    assert.equal(
+      frames.some((f) => f.type === "appended"),
+      false,
+      "no appended before the edge stored the checkpoint",
+    );
+    release();
+    host.edge.holdPuts = undefined;
+    expectType((await answered).at(-1)!, "appended");
+    assert.equal(edgeTokens(host.edge, "s"), 5);
+    const st = host.edge.state("t", "s")!;
+    assert.deepEqual(
+      [st.meta.model, st.meta.n_layer, st.meta.tokens_seen, st.meta.format],
+      ["fake-model", "2", "5", "pkvf1"],
+    );
+    expectType(await c.call({ type: "generate", tenant: "t", session: "s", max_tokens: 3 }), "done");
+    assert.equal(edgeTokens(host.edge, "s"), 8, "the generate's checkpoint too");
+    const puts = host.edge.controls.filter((m) => m.type === "state_put" && m.session === "s");
+    assert.equal(puts[0]!.if_etag, undefined, "a new session's first put has no if_etag");
+    assert.equal(puts[1]!.if_etag, host.edge.puts[0]!.etag, "the next one names the etag stored");
+    await open(c, "eph", { ephemeral: true });
+    expectType(await append(c, "eph", "local only"), "appended");
+    assert.equal(host.edge.state("t", "eph"), undefined, "an ephemeral session never goes to the edge");
+  } finally {
+    c.close();
+    await host.stop();
+  }
+});
+
+test("the edge's stored quota refuses a checkpoint: stored_quota_exceeded, the session back at the edge's checkpoint", {
+  timeout: 60_000,
+}, async () => {
+  const host = await fakeHost();
+  const c = await HostClient.connect(host.url);
+  try {
+    await open(c, "q");
+    expectType(await append(c, "q", "hello"), "appended");
+    const stored = host.edge.state("t", "q")!.file.length;
+    host.edge.maxStoredBytes.set("t", stored + 2); // the next, longer state does not fit
+    const refused = expectType(await append(c, "q", "world, and more"), "error");
+    assert.equal(refused.code, "stored_quota_exceeded", refused.message);
+    assert.match(refused.message, /back at its last checkpoint \(5 tokens seen\)/);
+    assert.equal(await tokensSeen(c, "q"), 5, "rolled back");
+    assert.equal(edgeTokens(host.edge, "q"), 5, "the edge's copy is the checkpoint");
+    host.edge.maxStoredBytes.delete("t");
+    assert.equal(expectType(await append(c, "q", "world"), "appended").tokens_seen, 10, "a retry is clean");
+    assert.equal(edgeTokens(host.edge, "q"), 10);
+  } finally {
+    c.close();
+    await host.stop();
+  }
+});
+
+test("another host continued the session (state_conflict): checkpoint_failed, the copy here dropped, a retry continues the edge's", {
+  timeout: 60_000,
+}, async () => {
+  const edge = await DirectEdge.start({ tokens: [] });
+  const a = await fakeHost([], { edge });
+  const b = await fakeHost([], { edge });
+  const ca = await HostClient.connect(edge.url, { host: a.name });
+  const cb = await HostClient.connect(edge.url, { host: b.name });
+  try {
+    await open(ca, "m");
+    expectType(await append(ca, "m", "hello"), "appended");
+    // b does not know m: it is adopted from the edge's store, and continued there.
+    assert.equal(expectType(await append(cb, "m", "world"), "appended").tokens_seen, 10);
+    assert.equal(edgeTokens(edge, "m"), 10);
+    // a still holds its copy (5 tokens) in the same connection epoch: its checkpoint is refused.
+    const stale = expectType(await append(ca, "m", "again"), "error");
+    assert.equal(stale.code, "checkpoint_failed");
+    assert.match(stale.message, /continued on another host/);
+    assert.equal(edgeTokens(edge, "m"), 10, "the edge's copy stands");
+    // Retried on a: unknown there now, adopted from the edge's store (b's 10 tokens), continued.
+    assert.equal(expectType(await append(ca, "m", "again"), "appended").tokens_seen, 15);
+    assert.equal(edgeTokens(edge, "m"), 15);
+    assert.equal(codeOf(await cb.call({ type: "stats", tenant: "t", session: "nope" })), "unknown_session");
+  } finally {
+    ca.close();
+    cb.close();
+    await stopAll(a, b);
+    await edge.close();
+  }
+});
+
+test("after a reconnect, a local copy whose etag the edge's does not match is not used", {
+  timeout: 60_000,
+}, async () => {
+  const edge = await DirectEdge.start({ tokens: [] });
+  const a = await fakeHost([], { edge });
+  const b = await fakeHost([], { edge });
+  try {
+    const ca = await HostClient.connect(edge.url, { host: a.name });
+    await open(ca, "r");
+    expectType(await append(ca, "r", "hello"), "appended");
+    ca.close();
+    const sock = await edge.waitHost(a.name);
+    edge.kill(a.name); // a's socket goes; meanwhile b continues the session
+    await sock.closed;
+    const cb = await HostClient.connect(edge.url, { host: b.name });
+    assert.equal(expectType(await append(cb, "r", "world"), "appended").tokens_seen, 10);
+    cb.close();
+    await until(() => a.link.connected && a.link.epoch === 2, "a's new connection");
+    const heads = () => edge.controls.filter((m) => m.type === "state_head" && m.host === a.name).length;
+    const before = heads();
+    const ca2 = await HostClient.connect(edge.url, { host: a.name });
+    // The first use in the new epoch checks the edge's etag: b's copy (10 tokens) is continued.
+    assert.equal(expectType(await append(ca2, "r", "again"), "appended").tokens_seen, 15);
+    assert.equal(heads(), before + 1, "one state_head");
+    expectType(await append(ca2, "r", "more"), "appended");
+    assert.equal(heads(), before + 1, "once per epoch");
+    assert.equal(edgeTokens(edge, "r"), 19);
+    ca2.close();
+  } finally {
+    await stopAll(a, b);
+    await edge.close();
+  }
+});
+
+test("the socket closes while a checkpoint waits for the edge: the request fails, the session goes back to the edge's copy", {
+  timeout: 60_000,
+}, async () => {
+  const host = await fakeHost();
+  try {
+    const c = await HostClient.connect(host.url);
+    await open(c, "d");
+    expectType(await append(c, "d", "hello"), "appended");
+    host.edge.holdPuts = new Promise(() => {}); // never acknowledged
+    const lost = c.request({ type: "append", tenant: "t", session: "d", text: "world" });
+    await until(() => host.edge.controls.filter((m) => m.type === "state_put").length === 2, "the second put");
+    const failedBefore = host.metrics.errors.get({ code: "checkpoint_failed" });
+    host.edge.kill(host.name);
+    await until(
+      () => host.metrics.errors.get({ code: "checkpoint_failed" }) === failedBefore + 1,
+      "the append's checkpoint_failed",
+    );
+    host.edge.holdPuts = undefined;
+    void lost;
+    await until(() => host.link.connected && host.link.epoch === 2, "the reconnect");
+    const d = await HostClient.connect(host.url);
+    assert.equal(await tokensSeen(d, "d"), 5, "back at the edge's checkpoint: never a local-only ack");
+    assert.equal(expectType(await append(d, "d", "world"), "appended").tokens_seen, 10);
+    d.close();
+  } finally {
+    await host.stop();
+  }
+});
+
+test("not connected: a checkpoint cannot reach the edge, so the request fails (retryable), never a silent local ack", {
+  timeout: 60_000,
+}, async () => {
+  const host = await fakeHost();
+  try {
+    const c = await HostClient.connect(host.url);
+    await open(c, "n");
+    expectType(await append(c, "n", "hello"), "appended");
+    // The remote tier while the link is down (what a request in flight meets).
+    const s = host.link;
+    await host.edge.close();
+    await until(() => !s.connected, "the link down");
+    await assert.rejects(
+      s.put("t", "n", new Uint8Array(10), {}),
+      (e: Error & { code?: string }) => e.code === "disconnected" && /not connected to the edge/.test(e.message),
+    );
+  } finally {
+    await host.stop();
+  }
+});
+
+test("the drain: every session the edge lacks goes there (not the ephemeral ones), then drained and close 1000", {
+  timeout: 60_000,
+}, async () => {
+  const host = await fakeHost(["--checkpoint", "off"]);
+  const c = await HostClient.connect(host.url);
+  await open(c, "busy");
+  expectType(await append(c, "busy", "resident"), "appended");
+  await open(c, "idle");
+  expectType(await append(c, "idle", "unsaved"), "appended");
+  await open(c, "eph", { ephemeral: true });
+  expectType(await append(c, "eph", "stays"), "appended");
+  assert.equal(host.edge.puts.length, 0, "--checkpoint off: nothing stored yet");
+  const sock = await host.edge.waitHost(host.name);
+  c.close();
+  await host.stop();
+  assert.equal(await sock.closed, 1000);
+  assert.equal(sock.draining && sock.drained, true);
+  assert.equal(edgeTokens(host.edge, "busy"), 8);
+  assert.equal(edgeTokens(host.edge, "idle"), 7);
+  assert.equal(host.edge.state("t", "eph"), undefined);
+  const order = host.edge.controls.map((m) => m.type);
+  assert.ok(order.lastIndexOf("state_put") < order.indexOf("drained"), order.join(","));
+});
