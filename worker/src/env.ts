@@ -8,7 +8,7 @@ import type { TenantConfig } from "./tenant.js";
 declare global {
   namespace Cloudflare {
     interface Env {
-      /** shared secret of the GPU hosts (pkv host --edge-secret) */
+      /** the key of the host ids tenants see (host-id.ts); optional: a fixed key when unset */
       EDGE_SECRET?: string;
       /** bearer token of /admin/* */
       ADMIN_TOKEN?: string;

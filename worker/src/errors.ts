@@ -28,7 +28,7 @@ export class ApiError extends Error {
   }
 }
 
-/** Seconds a client should wait before retrying a 503 or 504 (a host marked down is probed again after 30 s). */
+/** Seconds a client should wait before retrying a 503 or 504 (a session whose host went away moves to another host at its next request). */
 export const RETRY_AFTER_UNAVAILABLE_S = 5;
 /** A 429 that only a change of the tenant's limits or its sessions can clear. */
 const NO_RETRY = { "x-should-retry": "false", "retry-after": "60" };

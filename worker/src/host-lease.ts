@@ -44,7 +44,7 @@ export interface HostPlan {
 async function dial(env: Env, tenant: string, plan: HostPlan): Promise<HostLink> {
   if (plan.host === undefined) return connectBest(env, tenant, plan.model);
   if (plan.move && !(await registry(env).live(plan.host))) {
-    const next = await pickHost(env, plan.move.model ?? ANY_MODEL);
+    const next = await pickHost(env, plan.move.model ?? ANY_MODEL, [], true);
     await plan.move.to(next);
     return connectTo(env, next, tenant);
   }

@@ -23,11 +23,17 @@ export function deadlines(env: Env): Deadlines {
   };
 }
 
-/** The live host for a new session of `model` (404 model_not_found when no live host serves it, 503 when none is live). */
-export async function pickHost(env: Env, model = ANY_MODEL, exclude: string[] = []): Promise<string> {
+/**
+ * The live host for a new session of `model`: 503 when none is live, 404 model_not_found when
+ * none of the live ones serves it — unless `moving` (a session whose model is known: its hosts
+ * are away for now, 503).
+ */
+export async function pickHost(env: Env, model = ANY_MODEL, exclude: string[] = [], moving = false): Promise<string> {
   const r = await registry(env).route(model, exclude);
   if (r.name !== null) return r.name;
   if (r.live === 0 || exclude.length > 0) throw noHost("no GPU host is available (none connected and live)");
+  if (moving)
+    throw noHost(`no live GPU host serves this session's model '${model.slice(0, 100)}' now (its host went away)`);
   throw new ApiError(
     404,
     "not_found_error",

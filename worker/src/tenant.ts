@@ -325,7 +325,12 @@ export class TenantState extends DurableObject<Env> {
     for (const rec of await this.records()) {
       if (stateOf(rec) !== "closing") continue;
       if ((rec.closing_since_ms ?? now) + ttl <= now) await this.bury(rec, now);
-      else if ((rec.next_try_ms ?? now) <= now) due.set(rec.host, [...(due.get(rec.host) ?? []), rec]);
+      else if ((rec.next_try_ms ?? now) <= now) {
+        // claimed before any host is called: an alarm run meanwhile does not close it a second time
+        const claimed = { ...rec, next_try_ms: now + RETRY_FIRST_MS };
+        await this.ctx.storage.put(`session:${rec.id}`, claimed);
+        due.set(rec.host, [...(due.get(rec.host) ?? []), claimed]);
+      }
     }
     const tenant = (await this.config())?.name ?? "";
     await Promise.all([...due].map(([host, recs]) => this.closeOn(host, tenant, recs, now)));

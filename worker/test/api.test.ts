@@ -55,7 +55,7 @@ describe("edge API", () => {
     expect((await call("/v1/nothing", as(key))).status).toBe(404);
   });
 
-  it("503 when no GPU host is registered, and the session slot is given back", async () => {
+  it("503 when no GPU host is connected, and the session slot is given back", async () => {
     const r = await error(
       await call("/v1/chat/completions", as(key, { model: "m", messages: [{ role: "user", content: "hi" }] })),
     );
@@ -65,22 +65,21 @@ describe("edge API", () => {
     expect(usage.sessions).toBe(0);
   });
 
-  it("a host that does not answer is marked down", async () => {
-    expect(
-      (
-        await call("/admin/hosts", {
-          method: "POST",
-          headers: ADMIN,
-          body: JSON.stringify({ url: "http://127.0.0.1:9" }),
-        })
-      ).status,
-    ).toBe(201);
-    expect((await call("/v1/models", as(key))).status).toBe(503);
-    const hosts = (await (await call("/admin/hosts", { headers: ADMIN })).json()) as {
-      data: { url: string; down_until: number }[];
+  it("a host created but not connected is listed, not live, and serves nothing", async () => {
+    const made = await call("/admin/hosts", {
+      method: "POST",
+      headers: ADMIN,
+      body: JSON.stringify({ name: "idle-box" }),
+    });
+    expect(made.status).toBe(201);
+    const list = (await (await call("/admin/hosts", { headers: ADMIN })).json()) as {
+      hosts: { name: string; connected: boolean; live: boolean; id: string }[];
+      routing: { routes: number; storage_reads: number };
     };
-    expect(hosts.data.find((h) => h.url === "http://127.0.0.1:9")!.down_until).toBeGreaterThan(0);
-    expect((await call("/admin/hosts?url=http://127.0.0.1:9", { method: "DELETE", headers: ADMIN })).status).toBe(200);
+    expect(list.hosts.find((h) => h.name === "idle-box")).toMatchObject({ connected: false, live: false });
+    expect(list.routing).toMatchObject({ routes: expect.any(Number), storage_reads: expect.any(Number) });
+    expect((await call("/v1/models", as(key))).status).toBe(503);
+    expect((await call("/admin/hosts/idle-box", { method: "DELETE", headers: ADMIN })).status).toBe(200);
   });
 
   it("429 beyond the tenant's requests per minute, with Retry-After", async () => {

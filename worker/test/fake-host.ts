@@ -89,8 +89,23 @@ export class FakeHost {
   constructor(
     readonly name: string,
     readonly model = "fake.gguf",
-    readonly hello: { n_ctx?: number; chat_template?: string; heartbeat_ms?: number; pool_bytes?: number } = {},
+    readonly hello: {
+      n_ctx?: number;
+      chat_template?: string;
+      heartbeat_ms?: number;
+      pool_bytes?: number;
+      /** heartbeat every this many ms (default: only when told, `heartbeat()`) */
+      beat_every_ms?: number;
+    } = {},
   ) {}
+
+  private beating?: ReturnType<typeof setInterval>;
+
+  /** Stops the automatic heartbeats (a host that hangs). */
+  stopBeating(): void {
+    if (this.beating !== undefined) clearInterval(this.beating);
+    this.beating = undefined;
+  }
 
   get frames(): ToHostMessage[] {
     return this.connections.flat();
@@ -184,6 +199,12 @@ export class FakeHost {
     });
     await eventually(() => welcomed, `${this.name}: welcome`, 10_000);
     this.heartbeat();
+    if (this.hello.beat_every_ms !== undefined) {
+      this.stopBeating();
+      this.beating = setInterval(() => {
+        if (this.connected) this.heartbeat();
+      }, this.hello.beat_every_ms);
+    }
     await eventuallyAsync(() => routingTable().live(this.name), `${this.name} live in the routing table`);
   }
 
@@ -199,6 +220,7 @@ export class FakeHost {
 
   /** Closes the host's socket (the host goes away). */
   close(code = 1000, reason = "bye"): void {
+    this.stopBeating();
     try {
       this.ws?.close(code, reason);
     } catch {

@@ -5,28 +5,21 @@
 import type { ToHostMessage } from "@pyramidkv/shared";
 import { runDurableObjectAlarm, runInDurableObject } from "cloudflare:test";
 import { env } from "cloudflare:workers";
-import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
+import { afterAll, beforeEach, describe, expect, it } from "vitest";
 
-import { ADMIN, addHost, as, call, error, eventually, makeTenant, removeHost } from "./client.js";
-import { FakeHost, serveFakeHosts } from "./fake-host.js";
+import { ADMIN, as, call, error, eventually, makeTenant } from "./client.js";
+import { FakeHost } from "./fake-host.js";
 
-const host = new FakeHost("http://fault-host");
+const host = new FakeHost("fault-host");
 const chatBody = { model: "default", messages: [{ role: "user", content: "héllo" }] };
-let fetches: ReturnType<typeof serveFakeHosts>;
 
-beforeAll(() => {
-  fetches = serveFakeHosts(host);
-});
 afterAll(async () => {
-  fetches.mockRestore();
-  await removeHost(host.url);
+  if (host.connected) await host.disconnect();
 });
 beforeEach(async () => {
-  host.connections.length = 0;
-  host.closedByEdge = 0;
-  host.refuse = false;
-  for (const k of Object.keys(host.on)) delete host.on[k as keyof typeof host.on];
-  await addHost(host.url);
+  if (host.connected) await host.settle();
+  host.reset();
+  if (!host.connected) await host.connect(); // a test may have made it go away
 });
 
 const stubOf = (tenant: string) => env.TENANTS.get(env.TENANTS.idFromName(tenant));
@@ -138,7 +131,7 @@ describe("sessions expire at the edge", () => {
     const k = await makeTenant("ttl-retry", { max_sessions: 1, requests_per_minute: 1000, session_ttl_s: 60 });
     const id = await newSession(k);
     await age("ttl-retry", id, 61_000);
-    host.refuse = true;
+    await host.disconnect();
     await runDurableObjectAlarm(stubOf("ttl-retry"));
     expect(await records("ttl-retry")).toMatchObject([{ id, state: "closing", expired: true }]);
     expect(await usageSessions(k)).toBe(0);
@@ -146,8 +139,7 @@ describe("sessions expire at the edge", () => {
       status: 404,
       code: "session_expired",
     });
-    host.refuse = false;
-    await addHost(host.url);
+    await host.connect();
     await retryNow("ttl-retry", id);
     await runDurableObjectAlarm(stubOf("ttl-retry"));
     expect(closes(id)).toBe(1);
@@ -177,15 +169,14 @@ describe("DELETE and opens that never finished", () => {
   it("DELETE whose host close fails: host_closed false, the slot freed, a tombstone the alarm retries until the host confirms", async () => {
     const k = await makeTenant("del", { max_sessions: 1, requests_per_minute: 1000 });
     const id = await newSession(k);
-    host.refuse = true;
+    await host.disconnect();
     const r = await del(k, id);
     expect(r.status).toBe(200);
     expect(await r.json()).toMatchObject({ id, deleted: true, host_closed: false });
     expect(await usageSessions(k)).toBe(0);
     expect(await records("del")).toMatchObject([{ id, state: "closing" }]);
     expect(await error(await call(`/v1/sessions/${id}`, as(k)))).toMatchObject({ status: 404 });
-    host.refuse = false;
-    await addHost(host.url);
+    await host.connect();
     await newSession(k); // the slot was freed
     await retryNow("del", id);
     await runDurableObjectAlarm(stubOf("del"));
@@ -196,7 +187,7 @@ describe("DELETE and opens that never finished", () => {
   it("a tombstone whose host never answers is dropped once the TTL has passed (the host's own sweep closed it)", async () => {
     const k = await makeTenant("del-ttl", { requests_per_minute: 1000, session_ttl_s: 60 });
     const id = await newSession(k);
-    host.refuse = true;
+    await host.disconnect();
     expect(await (await del(k, id)).json()).toMatchObject({ host_closed: false });
     await age("del-ttl", id, 61_000);
     await runDurableObjectAlarm(stubOf("del-ttl"));
@@ -221,7 +212,7 @@ describe("DELETE and opens that never finished", () => {
     const made = call("/v1/sessions", as(k, { document: "A short document." }));
     await eventually(() => opening, "open_session to reach the host", 10_000);
     const [rec] = await records("opening");
-    expect(rec).toMatchObject({ host: host.url, state: "opening" });
+    expect(rec).toMatchObject({ host: host.name, state: "opening" });
     const id = rec!.id as string;
     const r = await del(k, id);
     expect(await r.json()).toMatchObject({ id, deleted: true, host_closed: true });
@@ -238,7 +229,7 @@ describe("DELETE and opens that never finished", () => {
     // as an evicted isolate leaves them: one before any host was dialled, one dialled
     expect(await stub.reserveSession("sess-stuck1", { method: "pyramidkv", budget: 128 })).not.toBeNull();
     expect(await stub.reserveSession("sess-stuck2", { method: "pyramidkv", budget: 128 })).not.toBeNull();
-    await stub.updateSession("sess-stuck2", { host: host.url });
+    await stub.updateSession("sess-stuck2", { host: host.name });
     expect(await (await del(k, "sess-stuck1")).json()).toMatchObject({ deleted: true, host_closed: true });
     expect(await usageSessions(k)).toBe(1);
     await age("stuck", "sess-stuck2", 10 * 60_000);
@@ -322,35 +313,40 @@ describe("host error codes at the edge", () => {
   });
 });
 
-describe("tenants never see host URLs", () => {
-  it("the session object names its host by an opaque id (the admin's host list maps it); usage and errors name no URL", async () => {
+describe("tenants never see host names", () => {
+  it("the session object names its host by an opaque id (the admin's host list maps it); usage and errors name no host", async () => {
     const k = await makeTenant("opaque", { requests_per_minute: 1000 });
     const made = await call("/v1/sessions", as(k, { document: "A short document." }));
     const s = (await made.json()) as { id: string; host: string };
     expect(s.host).toMatch(/^host-[0-9a-f]{16}$/);
     const hosts = (await (await call("/admin/hosts", { headers: ADMIN })).json()) as {
-      data: { url: string; id: string }[];
+      hosts: { name: string; id: string }[];
     };
-    expect(hosts.data.find((h) => h.url === host.url)!.id).toBe(s.host);
+    expect(hosts.hosts.find((h) => h.name === host.name)!.id).toBe(s.host);
     const got = (await (await call(`/v1/sessions/${s.id}`, as(k))).json()) as { host: string };
     expect(got.host).toBe(s.host);
     const usage = await (await call("/v1/usage", as(k))).text();
     expect(usage).not.toContain("fault-host");
     expect(usage).toContain(s.host);
-    host.refuse = true;
+    await host.disconnect();
     const e = await error(await call(`/v1/sessions/${s.id}`, as(k)));
     expect(e).toMatchObject({ status: 503, code: "host_unavailable" });
     expect(e.message).not.toContain("fault-host");
     const u2 = await (await call("/v1/usage", as(k))).text();
     expect(u2).not.toContain("fault-host");
     const admin = await (await call("/admin/tenants/opaque", { headers: ADMIN })).text();
-    expect(admin).toContain(host.url); // admins keep URLs
+    expect(admin).toContain(host.name); // admins keep names
   });
 
-  it("an error inside a stream names no host URL", async () => {
+  it("an error inside a stream names no host", async () => {
     const k = await makeTenant("opaque-sse", { requests_per_minute: 1000 });
     host.on.append = (m, reply) =>
-      reply({ type: "error", id: (m as { id: number }).id, code: "internal", message: `engine at ${host.url} failed` });
+      reply({
+        type: "error",
+        id: (m as { id: number }).id,
+        code: "internal",
+        message: `engine at ${host.name} failed`,
+      });
     const r = await call("/v1/sessions", as(k, { document: "A short document.", stream: true }));
     const text = await r.text();
     expect(text).toMatch(/"code":"internal"/);

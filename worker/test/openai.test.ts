@@ -5,15 +5,14 @@
 import type { ToHostMessage } from "@pyramidkv/shared";
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
 
-import { ADMIN, addHost, as, call, error, makeTenant, readSse, removeHost } from "./client.js";
-import { FakeHost, serveFakeHosts } from "./fake-host.js";
+import { ADMIN, as, call, error, makeTenant, readSse } from "./client.js";
+import { FakeHost } from "./fake-host.js";
 
-const llama = new FakeHost("http://llama-host", "Llama-3.2-1B-Instruct.Q4_K_M.gguf", { n_ctx: 2048 });
-const plain = new FakeHost("http://plain-host", "base-model.gguf", { n_ctx: 1024, chat_template: "chatml" });
+const llama = new FakeHost("llama-host", "Llama-3.2-1B-Instruct.Q4_K_M.gguf", { n_ctx: 2048 });
+const plain = new FakeHost("plain-host", "base-model.gguf", { n_ctx: 1024, chat_template: "chatml" });
 const hosts = [llama, plain];
 const LLAMA = "Llama-3.2-1B-Instruct.Q4_K_M";
 let key: string;
-let fetches: ReturnType<typeof serveFakeHosts>;
 
 const enc = new TextEncoder();
 /** A host that answers every generate with two tokens, their logprobs and top alternatives. */
@@ -40,17 +39,15 @@ function withLogprobs(host: FakeHost) {
 
 beforeAll(async () => {
   key = await makeTenant("openai", { max_sessions: 4, requests_per_minute: 10_000 });
-  fetches = serveFakeHosts(...hosts);
-  for (const h of hosts) await addHost(h.url);
+  for (const h of hosts) await h.connect();
 });
 afterAll(async () => {
-  fetches.mockRestore();
-  for (const h of hosts) await removeHost(h.url);
+  for (const h of hosts) await h.disconnect();
 });
-beforeEach(() => {
+beforeEach(async () => {
   for (const h of hosts) {
-    h.connections.length = 0;
-    for (const k of Object.keys(h.on)) delete h.on[k as keyof typeof h.on];
+    await h.settle();
+    h.reset();
   }
 });
 

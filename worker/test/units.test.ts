@@ -1,11 +1,11 @@
 // Pure pieces of the worker, in the Workers runtime: chunking, host messages, validation (every
-// OpenAI field honoured, refused or ignored), the edge token the hosts verify.
+// OpenAI field honoured, refused or ignored), host names and tokens.
 import { describe, expect, it } from "vitest";
 
 import { hostMessages } from "../src/chat.js";
 import { splitText, utf8Bytes } from "../src/chunking.js";
 import { ApiError } from "../src/errors.js";
-import { normaliseHostUrl } from "../src/registry.js";
+import { HOST_NAME, newHostToken } from "../src/host-token.js";
 import {
   chatRequest,
   completionRequest,
@@ -268,11 +268,12 @@ describe("validation", () => {
   });
 });
 
-describe("host urls", () => {
-  // the edge token's test: test/host-link.test.ts ("edge token")
-  it("normalises host urls", () => {
-    expect(normaliseHostUrl("ws://127.0.0.1:8790/")).toBe("http://127.0.0.1:8790");
-    expect(normaliseHostUrl("https://gpu1.example.com")).toBe("https://gpu1.example.com");
-    expect(() => normaliseHostUrl("ftp://x")).toThrow(/scheme/);
+describe("host names and tokens", () => {
+  it("a host name is a DNS label; its token is pkvh.<name>.<64 hex>, a new secret each time", () => {
+    for (const ok of ["gpu-1", "a", "0box", "x".repeat(63)]) expect(HOST_NAME.test(ok)).toBe(true);
+    for (const bad of ["", "-gpu", "GPU", "gpu_1", "gpu.1", "x".repeat(64)]) expect(HOST_NAME.test(bad)).toBe(false);
+    const t = newHostToken("gpu-1");
+    expect(t).toMatch(/^pkvh\.gpu-1\.[0-9a-f]{64}$/);
+    expect(newHostToken("gpu-1")).not.toBe(t);
   });
 });

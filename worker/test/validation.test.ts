@@ -6,13 +6,12 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 
 import { readBody } from "../src/body.js";
 import { ApiError } from "../src/errors.js";
-import { ADMIN, addHost, as, call, error, makeTenant, removeHost } from "./client.js";
-import { FakeHost, serveFakeHosts } from "./fake-host.js";
+import { ADMIN, as, call, error, makeTenant } from "./client.js";
+import { FakeHost } from "./fake-host.js";
 
 const LIMIT = 4096;
-const host = new FakeHost("http://validation-host");
+const host = new FakeHost("validation-host");
 let key: string;
-let fetches: ReturnType<typeof serveFakeHosts>;
 let sessionId: string;
 
 /** A body of `chunks` pieces of `chunk` bytes, pulled one at a time; `pulled` counts the bytes handed out. */
@@ -32,21 +31,20 @@ function countingStream(chunks: number, chunk: number) {
   return { stream, counter };
 }
 
-const hostContacts = () => fetches.mock.calls.filter(([input]) => String(input).startsWith(host.url)).length;
+/** Channels the edge opened to the host. */
+const hostContacts = () => host.control.filter((m) => m.type === "channel_open").length;
 
 beforeAll(async () => {
   key = await makeTenant("validation", { max_sessions: 4, requests_per_minute: 10_000 });
-  fetches = serveFakeHosts(host);
-  await addHost(host.url);
+  await host.connect();
   // A session on the fake host, recorded as the route would, so that its messages route has one to check against.
   const stub = env.TENANTS.get(env.TENANTS.idFromName("validation"));
   sessionId = "sess-validation";
   await stub.reserveSession(sessionId, { method: "pyramidkv", budget: 128 });
-  await stub.updateSession(sessionId, { host: host.url, state: "open" });
+  await stub.updateSession(sessionId, { host: host.name, state: "open" });
 });
 afterAll(async () => {
-  fetches.mockRestore();
-  await removeHost(host.url);
+  await host.disconnect();
 });
 
 describe("validators as route middleware", () => {
@@ -74,14 +72,14 @@ describe("validators as route middleware", () => {
       "max_sessions",
       /'max_sessions': -1 is not an integer >= 0/,
     ],
-    ["admin hosts", "/admin/hosts", {}, "url", /'url' is required/],
+    ["admin hosts", "/admin/hosts", {}, "name", /'name': "GPU 1!" is not a host name: it must match \^\[a-z0-9\]/],
   ];
   const bodies: Record<string, unknown> = {
     "chat completions": { ...chat, kv_budget: 8 },
     sessions: { document: "doc", kv_method: "zip" },
     messages: { content: "Why?", max_tokens: 0 },
     "admin tenants": { max_sessions: -1 },
-    "admin hosts": { url: 5 },
+    "admin hosts": { name: "GPU 1!" },
   };
   for (const [name, path, init, param, message] of cases) {
     it(`${name}: a bad field is a 400 naming it, the value and the range, before any host is contacted`, async () => {

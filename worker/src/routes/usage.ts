@@ -9,6 +9,16 @@ import { hostId, withoutHostNames } from "../host-id.js";
 import { withHost } from "../host-lease.js";
 import { registry } from "../routing.js";
 
+/** a Worker invocation keeps at most 6 connections open at once: the hosts are asked a few at a time */
+const HOSTS_AT_ONCE = 4;
+
+async function inBatches<T, R>(items: T[], f: (item: T) => Promise<R>): Promise<R[]> {
+  const out: R[] = [];
+  for (let i = 0; i < items.length; i += HOSTS_AT_ONCE)
+    out.push(...(await Promise.all(items.slice(i, i + HOSTS_AT_ONCE).map(f))));
+  return out;
+}
+
 /**
  * A tenant's usage at the edge and on every live host (KV bytes used vs quota, from each host's
  * stats). Hosts are named by their opaque ids (host-id.ts), by name only for the admin.
@@ -21,24 +31,22 @@ export async function tenantUsage(c: Context<AppEnv>, tenant: string, forAdmin =
   const stub = tenantStub(c.env, tenant);
   const { config, sessions, requests_last_minute } = await stub.usage();
   const storedBytes = await stub.storedBytes();
-  const perHost = await Promise.all(
-    hosts
-      .filter((h) => h.live)
-      .map((h) =>
-        withHost(c, { host: h.name, tenant, tenantSettings: false }, async ({ link }) => {
-          const st = await link.call({ type: "stats" }, "stats_result");
-          return {
-            host: await name(h.name),
-            kv_used_bytes: st.kv_used_bytes ?? 0,
-            kv_quota_bytes: st.kv_quota_bytes ?? 0,
-            sessions: st.sessions ?? 0,
-            offloaded: st.offloaded ?? 0,
-          };
-        }).catch(async (e: unknown) => ({
+  const perHost = await inBatches(
+    hosts.filter((h) => h.live),
+    (h) =>
+      withHost(c, { host: h.name, tenant, tenantSettings: false }, async ({ link }) => {
+        const st = await link.call({ type: "stats" }, "stats_result");
+        return {
           host: await name(h.name),
-          error: await say(e instanceof Error ? e.message : String(e)),
-        })),
-      ),
+          kv_used_bytes: st.kv_used_bytes ?? 0,
+          kv_quota_bytes: st.kv_quota_bytes ?? 0,
+          sessions: st.sessions ?? 0,
+          offloaded: st.offloaded ?? 0,
+        };
+      }).catch(async (e: unknown) => ({
+        host: await name(h.name),
+        error: await say(e instanceof Error ? e.message : String(e)),
+      })),
   );
   return {
     tenant,
