@@ -117,10 +117,10 @@ export class HostConn extends DurableObject<Env> {
 
   // ---- the host's socket ----
 
-  private acceptHost(name: string): Response {
+  private async acceptHost(name: string): Promise<Response> {
     if (name === "") return new Response("no host name", { status: 400 });
     const prev = this.host();
-    if (prev) this.endHost(prev.ws, prev.att, 4001, "replaced", false);
+    if (prev) await this.endHost(prev.ws, prev.att, 4001, "replaced", false);
     const [client, server] = Object.values(new WebSocketPair()) as [WebSocket, WebSocket];
     this.ctx.acceptWebSocket(server, [hostTag]);
     const att: HostAttachment = {
@@ -138,16 +138,30 @@ export class HostConn extends DurableObject<Env> {
    * Ends a host connection: every request on it closed (1011 "host gone"), the socket closed with
    * `code`, and (unless a newer connection replaced it) the host out of the routing table.
    */
-  private endHost(ws: WebSocket, att: HostAttachment, code: number, reason: string, report = true): Promise<void> {
+  private async endHost(
+    ws: WebSocket,
+    att: HostAttachment,
+    code: number,
+    reason: string,
+    report = true,
+  ): Promise<void> {
     ws.serializeAttachment({ ...att, ended: true });
     for (const ch of this.ctx.getWebSockets()) {
       if (this.attachment<Attachment>(ch).kind === "channel") closeQuietly(ch, 1011, "host gone");
     }
     closeQuietly(ws, code, reason);
-    if (!report) return Promise.resolve();
-    return registry(this.env)
-      .gone(att.name, att.connected_at)
-      .catch(() => {});
+    if (report)
+      await registry(this.env)
+        .gone(att.name, att.connected_at)
+        .catch(() => {});
+    // uploads the connection left unfinished: nothing will complete them
+    for (const [key, p] of await this.ctx.storage.list<PendingPut>({ prefix: "put:" })) {
+      if (p.connected_at > att.connected_at) continue;
+      await this.ctx.storage.delete(key);
+      await this.env.SESSIONS.resumeMultipartUpload(p.key, p.upload_id)
+        .abort()
+        .catch(() => {});
+    }
   }
 
   private sendControl(ws: WebSocket, msg: ControlToHost): void {

@@ -53,9 +53,13 @@ export interface HostRow {
 }
 
 export interface HostView extends Omit<HostRow, "picks"> {
-  connected: true;
+  /** its HostConn reported it since this object woke, or its last report is recent */
+  connected: boolean;
   live: boolean;
 }
+
+/** A row from before this object slept whose host has not reported for this long is dropped (its socket is long gone). */
+const staleMs = (row: HostRow) => Math.max(60_000, 10 * row.heartbeat_ms);
 
 export type Route = { name: string } | { name: null; live: number; models: string[] };
 
@@ -64,7 +68,7 @@ function pickEstimate(row: HostRow): number {
   return row.sessions > 0 ? row.kv_used_bytes / row.sessions : row.pool_bytes / 64;
 }
 
-export function isLive(row: HostRow, nowMs: number): boolean {
+export function isLive(row: Omit<HostRow, "picks">, nowMs: number): boolean {
   return !row.draining && nowMs - row.last_heartbeat_ms <= 2 * row.heartbeat_ms;
 }
 
@@ -73,6 +77,8 @@ export const serves = (row: { model: string }, model: string) =>
 
 export class HostRegistry extends DurableObject<Env> {
   private table = new Map<string, HostRow>();
+  /** hosts whose HostConn reported since this object woke */
+  private readonly reported = new Set<string>();
   private routes = 0;
   private storageReads = 0;
 
@@ -95,6 +101,7 @@ export class HostRegistry extends DurableObject<Env> {
     const prev = this.table.get(name);
     const joined = prev === undefined || prev.connected_at !== r.connected_at;
     if (prev !== undefined && r.connected_at < prev.connected_at) return; // a late report of a replaced connection
+    this.reported.add(name);
     const hb = r.heartbeat;
     const h = r.hello;
     this.table.set(name, {
@@ -126,6 +133,7 @@ export class HostRegistry extends DurableObject<Env> {
     const row = this.table.get(name);
     if (!row || (connectedAt !== undefined && row.connected_at > connectedAt)) return;
     this.table.delete(name);
+    this.reported.delete(name);
     await this.persist();
   }
 
@@ -161,12 +169,20 @@ export class HostRegistry extends DurableObject<Env> {
     return row !== undefined && isLive(row, Date.now());
   }
 
-  list(): HostView[] {
+  /** Every host in the table (rows of hosts gone while this object slept, never heard of since, are dropped). */
+  async list(): Promise<HostView[]> {
     const now = Date.now();
+    let pruned = false;
+    for (const row of this.table.values())
+      if (!this.reported.has(row.name) && now - row.last_heartbeat_ms > staleMs(row)) {
+        this.table.delete(row.name);
+        pruned = true;
+      }
+    if (pruned) await this.persist();
     return [...this.table.values()].map(({ picks: _, ...row }) => ({
       ...row,
-      connected: true as const,
-      live: isLive(row as HostRow, now),
+      connected: this.reported.has(row.name) || now - row.last_heartbeat_ms <= 2 * row.heartbeat_ms,
+      live: isLive(row, now),
     }));
   }
 
