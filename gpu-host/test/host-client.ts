@@ -57,6 +57,8 @@ export type TestHost = RunningHost & {
   url: string;
   edge: DirectEdge;
   name: string;
+  /** the host's own stop (the drain of SIGTERM), channels left open */
+  drain: () => Promise<void>;
 };
 
 /** A host in this process dialling its own DirectEdge (`o.edge` to share one), once welcomed.
@@ -76,7 +78,7 @@ export async function startTestHost(
     await host.stop();
     if (!o.edge) await edge.close();
   };
-  return { ...host, stop, url: edge.url, edge, name };
+  return { ...host, stop, drain: host.stop, url: edge.url, edge, name };
 }
 
 /**

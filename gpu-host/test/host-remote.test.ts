@@ -258,3 +258,31 @@ test("the drain: every session the edge lacks goes there (not the ephemeral ones
   const order = host.edge.controls.map((m) => m.type);
   assert.ok(order.lastIndexOf("state_put") < order.indexOf("drained"), order.join(","));
 });
+
+test("the drain: in-flight work finishes and is answered, new channels are dropped 'draining', heartbeats say draining", {
+  timeout: 60_000,
+}, async () => {
+  const host = await fakeHost(["--heartbeat-seconds", "1"]);
+  const c = await HostClient.connect(host.url);
+  await open(c, "f");
+  let release!: () => void;
+  host.edge.holdPuts = new Promise((r) => (release = r));
+  const inFlight = c.request({ type: "append", tenant: "t", session: "f", text: "hello" });
+  await until(() => host.edge.controls.some((m) => m.type === "state_put" && m.session === "f"), "the put");
+  const sock = await host.edge.waitHost(host.name);
+  const stopped = host.drain(); // as SIGTERM, the request's channel still open
+  await until(() => sock.draining, "draining");
+  const late = await host.edge.channel("t", host.name);
+  assert.equal(await late.closed, "draining", "a new channel is refused while draining");
+  await until(() => sock.heartbeats.at(-1)?.draining === true, "a heartbeat saying draining");
+  assert.equal(sock.drained, false, "not drained while a request is in flight");
+  release();
+  host.edge.holdPuts = undefined;
+  expectType((await inFlight).at(-1)!, "appended"); // the in-flight request finished, answered
+  c.close();
+  await stopped;
+  assert.equal(sock.drained, true);
+  assert.equal(await sock.closed, 1000);
+  assert.equal(edgeTokens(host.edge, "f"), 5);
+  await host.edge.close();
+});

@@ -373,7 +373,8 @@ class Connection implements ChannelSocket {
 export class EdgeLink implements RemoteStore {
   private conn?: Connection;
   private attempt = 0;
-  private nextId = 1;
+  // Control ids differ from an earlier run's (an edge may still hold that run's unfinished put).
+  private nextId = 1 + Math.floor(Math.random() * 2 ** 30);
   private stopped = false;
   private retryTimer?: NodeJS.Timeout;
   private stoppedWaiters: (() => void)[] = [];
