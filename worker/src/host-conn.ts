@@ -45,6 +45,8 @@ const KEY_PART = /^[A-Za-z0-9_.:-]{1,128}$/;
 export const DEFAULT_HEARTBEAT_MS = 5000;
 /** a host's heartbeat_ms is taken within these bounds */
 const HEARTBEAT_RANGE = [100, 600_000] as const;
+/** state_get parts read from R2 at once, per host (8 MiB each in memory until sent) */
+const READS_AT_ONCE = 4;
 /** a state_get waits this long for the host's data_ack of a part */
 const DATA_ACK_MS = 60_000;
 
@@ -74,6 +76,10 @@ type Attachment = HostAttachment | ChannelAttachment;
 /** A multipart upload between its parts (in storage: the object may sleep between two parts). */
 interface PendingPut {
   key: string;
+  tenant: string;
+  session: string;
+  /** the session's stored bytes before this checkpoint (TenantState.storedPut) */
+  prev?: number;
   upload_id: string;
   parts: R2UploadedPart[];
   received: number;
@@ -92,6 +98,21 @@ const channelTag = (ch: number) => `ch:${ch}`;
 export class HostConn extends DurableObject<Env> {
   /** state_get parts waiting for the host's data_ack, by `<id>:<part>` */
   private readonly acks = new Map<string, () => void>();
+  /** parts being read from R2 for state_gets (each held in memory until sent), and those waiting their turn */
+  private reading = 0;
+  private readonly toRead: (() => void)[] = [];
+
+  /** Runs `read` when fewer than READS_AT_ONCE parts are in memory (an object has 128 MB). */
+  private async oneRead<T>(read: () => Promise<T>): Promise<T> {
+    if (this.reading >= READS_AT_ONCE) await new Promise<void>((r) => this.toRead.push(r));
+    this.reading++;
+    try {
+      return await read();
+    } finally {
+      this.reading--;
+      this.toRead.shift()?.();
+    }
+  }
 
   private attachment<T extends Attachment>(ws: WebSocket): T {
     return ws.deserializeAttachment() as T;
@@ -402,6 +423,16 @@ export class HostConn extends DurableObject<Env> {
 
   private async statePut(ws: WebSocket, att: HostAttachment, key: string, m: HostMessage<"state_put">): Promise<void> {
     const pendingKey = `put:${m.id}`;
+    const notLast = m.part + 1 < m.parts;
+    if (notLast && m.data.length !== HOST_STATE_PART_BYTES) {
+      this.controlError(
+        ws,
+        m.id,
+        "bad_frame",
+        `state_put: part ${m.part} of ${m.parts} has ${m.data.length} bytes; every part but the last has ${HOST_STATE_PART_BYTES}`,
+      );
+      return;
+    }
     if (m.part === 0) {
       if (m.parts < 1 || m.bytes < m.data.length || (m.parts === 1 && m.bytes !== m.data.length)) {
         this.controlError(
@@ -412,43 +443,55 @@ export class HostConn extends DurableObject<Env> {
         );
         return;
       }
-      const quota = await tenantStub(this.env, m.tenant).storedPut(m.session, m.bytes);
+      const tenant = tenantStub(this.env, m.tenant);
+      const quota = await tenant.storedPut(m.session, m.bytes);
       if (!quota.ok) {
         this.controlError(ws, m.id, quota.code, quota.message);
         return;
       }
+      // what part 0 counted, given back when the checkpoint is not stored after all
+      const undo = () => tenant.storedUndo(m.session, m.bytes, quota.prev).catch(() => {});
       const customMetadata = objectMetadata(att.hello!, m.meta);
-      if (m.parts === 1) {
-        const obj = await this.env.SESSIONS.put(key, m.data, {
-          customMetadata,
-          ...(m.if_etag !== undefined ? { onlyIf: { etagMatches: m.if_etag } } : {}),
-        });
-        if (obj === null) {
-          this.controlError(ws, m.id, "state_conflict", conflict(m.session, m.if_etag));
+      try {
+        if (m.parts === 1) {
+          const obj = await this.env.SESSIONS.put(key, m.data, {
+            customMetadata,
+            ...(m.if_etag !== undefined ? { onlyIf: { etagMatches: m.if_etag } } : {}),
+          });
+          if (obj === null) {
+            await undo();
+            this.controlError(ws, m.id, "state_conflict", conflict(m.session, m.if_etag));
+            return;
+          }
+          this.sendControl(ws, { type: "state_ack", id: m.id, part: 0 });
+          this.sendControl(ws, { type: "state_stored", id: m.id, etag: obj.etag, bytes: obj.size });
           return;
         }
+        const upload = await this.env.SESSIONS.createMultipartUpload(key, { customMetadata });
+        const part = await upload.uploadPart(1, m.data);
+        const pending: PendingPut = {
+          key,
+          tenant: m.tenant,
+          session: m.session,
+          upload_id: upload.uploadId,
+          parts: [{ partNumber: part.partNumber, etag: part.etag }],
+          received: m.data.length,
+          total: m.bytes,
+          count: m.parts,
+          ...(m.if_etag !== undefined ? { if_etag: m.if_etag } : {}),
+          ...(quota.prev !== undefined ? { prev: quota.prev } : {}),
+          connected_at: att.connected_at,
+        };
+        await this.ctx.storage.put(pendingKey, pending);
         this.sendControl(ws, { type: "state_ack", id: m.id, part: 0 });
-        this.sendControl(ws, { type: "state_stored", id: m.id, etag: obj.etag, bytes: obj.size });
-        return;
+      } catch (e) {
+        await undo();
+        throw e;
       }
-      const upload = await this.env.SESSIONS.createMultipartUpload(key, { customMetadata });
-      const part = await upload.uploadPart(1, m.data);
-      const pending: PendingPut = {
-        key,
-        upload_id: upload.uploadId,
-        parts: [{ partNumber: part.partNumber, etag: part.etag }],
-        received: m.data.length,
-        total: m.bytes,
-        count: m.parts,
-        ...(m.if_etag !== undefined ? { if_etag: m.if_etag } : {}),
-        connected_at: att.connected_at,
-      };
-      await this.ctx.storage.put(pendingKey, pending);
-      this.sendControl(ws, { type: "state_ack", id: m.id, part: 0 });
       return;
     }
     const pending = await this.ctx.storage.get<PendingPut>(pendingKey);
-    if (!pending || pending.key !== key || m.part !== pending.parts.length) {
+    if (!pending || pending.key !== key || m.part !== pending.parts.length || m.parts !== pending.count) {
       this.controlError(
         ws,
         m.id,
@@ -461,28 +504,35 @@ export class HostConn extends DurableObject<Env> {
     const fail = async (code: string, message: string) => {
       await this.ctx.storage.delete(pendingKey);
       await upload.abort().catch(() => {});
+      await tenantStub(this.env, pending.tenant)
+        .storedUndo(pending.session, pending.total, pending.prev)
+        .catch(() => {});
       this.controlError(ws, m.id, code, message);
     };
-    const part = await upload.uploadPart(m.part + 1, m.data);
-    pending.parts.push({ partNumber: part.partNumber, etag: part.etag });
-    pending.received += m.data.length;
-    if (m.part + 1 < pending.count) {
-      if (pending.received >= pending.total)
-        return fail("bad_frame", `state_put: more than ${pending.total} bytes before the last part`);
-      await this.ctx.storage.put(pendingKey, pending);
+    try {
+      const part = await upload.uploadPart(m.part + 1, m.data);
+      pending.parts.push({ partNumber: part.partNumber, etag: part.etag });
+      pending.received += m.data.length;
+      if (notLast) {
+        if (pending.received >= pending.total)
+          return fail("bad_frame", `state_put: more than ${pending.total} bytes before the last part`);
+        await this.ctx.storage.put(pendingKey, pending);
+        this.sendControl(ws, { type: "state_ack", id: m.id, part: m.part });
+        return;
+      }
+      if (pending.received !== pending.total)
+        return fail("bad_frame", `state_put: ${pending.received} bytes received, part 0 announced ${pending.total}`);
+      if (pending.if_etag !== undefined) {
+        const head = await this.env.SESSIONS.head(key);
+        if (head?.etag !== pending.if_etag) return fail("state_conflict", conflict(pending.session, pending.if_etag));
+      }
+      const obj = await upload.complete(pending.parts);
+      await this.ctx.storage.delete(pendingKey);
       this.sendControl(ws, { type: "state_ack", id: m.id, part: m.part });
-      return;
+      this.sendControl(ws, { type: "state_stored", id: m.id, etag: obj.etag, bytes: obj.size });
+    } catch (e) {
+      return fail("internal", `R2: ${e instanceof Error ? e.message : String(e)}`);
     }
-    if (pending.received !== pending.total)
-      return fail("bad_frame", `state_put: ${pending.received} bytes received, part 0 announced ${pending.total}`);
-    if (pending.if_etag !== undefined) {
-      const head = await this.env.SESSIONS.head(key);
-      if (head?.etag !== pending.if_etag) return fail("state_conflict", conflict(key, pending.if_etag));
-    }
-    const obj = await upload.complete(pending.parts);
-    await this.ctx.storage.delete(pendingKey);
-    this.sendControl(ws, { type: "state_ack", id: m.id, part: m.part });
-    this.sendControl(ws, { type: "state_stored", id: m.id, etag: obj.etag, bytes: obj.size });
   }
 
   /** Sends the object in parts of HOST_STATE_PART_BYTES (ranged reads of one version), each after the host's data_ack of the previous. */
@@ -496,11 +546,27 @@ export class HostConn extends DurableObject<Env> {
     for (let part = 0; part < parts; part++) {
       const offset = part * HOST_STATE_PART_BYTES;
       const length = Math.min(HOST_STATE_PART_BYTES, head.size - offset);
-      const obj = await this.env.SESSIONS.get(key, {
-        onlyIf: { etagMatches: head.etag },
-        ...(head.size > 0 ? { range: { offset, length } } : {}),
+      const acked = part + 1 < parts ? this.waitAck(id, part) : null;
+      const sent = await this.oneRead(async () => {
+        const obj = await this.env.SESSIONS.get(key, {
+          onlyIf: { etagMatches: head.etag },
+          ...(head.size > 0 ? { range: { offset, length } } : {}),
+        });
+        if (!obj || !("body" in obj)) return false;
+        this.sendControl(ws, {
+          type: "state_data",
+          id,
+          part,
+          parts,
+          data: new Uint8Array(await obj.arrayBuffer()),
+          bytes: head.size,
+          etag: head.etag,
+          ...(part === 0 ? { meta: head.customMetadata ?? {} } : {}),
+        });
+        return true;
       });
-      if (!obj || !("body" in obj)) {
+      if (!sent) {
+        this.forgetAck(id, part);
         this.controlError(
           ws,
           id,
@@ -509,18 +575,6 @@ export class HostConn extends DurableObject<Env> {
         );
         return;
       }
-      const data = new Uint8Array(await obj.arrayBuffer());
-      const acked = part + 1 < parts ? this.waitAck(id, part) : null;
-      this.sendControl(ws, {
-        type: "state_data",
-        id,
-        part,
-        parts,
-        data,
-        bytes: head.size,
-        etag: head.etag,
-        ...(part === 0 ? { meta: head.customMetadata ?? {} } : {}),
-      });
       if (acked && !(await acked)) {
         this.controlError(
           ws,
@@ -531,6 +585,10 @@ export class HostConn extends DurableObject<Env> {
         return;
       }
     }
+  }
+
+  private forgetAck(id: number, part: number): void {
+    this.acks.get(`${id}:${part}`)?.();
   }
 
   private waitAck(id: number, part: number): Promise<boolean> {

@@ -244,7 +244,10 @@ export class TenantState extends DurableObject<Env> {
   async storedPut(
     session: string,
     bytes: number,
-  ): Promise<{ ok: true; used: number } | { ok: false; code: "stored_quota_exceeded" | "not_found"; message: string }> {
+  ): Promise<
+    | { ok: true; used: number; prev?: number }
+    | { ok: false; code: "stored_quota_exceeded" | "not_found"; message: string }
+  > {
     const rec = await this.session(session);
     if (!rec || stateOf(rec) === "closing")
       return {
@@ -254,8 +257,10 @@ export class TenantState extends DurableObject<Env> {
       };
     const limit = (await this.config())?.max_stored_bytes;
     let others = 0;
+    let prev: number | undefined;
     for (const [key, n] of await this.ctx.storage.list<number>({ prefix: "stored:" }))
       if (key !== `stored:${session}`) others += n;
+      else prev = n;
     if (limit !== undefined && others + bytes > limit)
       return {
         ok: false,
@@ -263,7 +268,14 @@ export class TenantState extends DurableObject<Env> {
         message: `a checkpoint of ${bytes} bytes would take the tenant's stored sessions to ${others + bytes} bytes, over its max_stored_bytes ${limit}`,
       };
     await this.ctx.storage.put(`stored:${session}`, bytes);
-    return { ok: true, used: others + bytes };
+    return { ok: true, used: others + bytes, ...(prev !== undefined ? { prev } : {}) };
+  }
+
+  /** A checkpoint counted by storedPut was not stored after all: the session's count is its earlier one again. */
+  async storedUndo(session: string, bytes: number, prev: number | undefined): Promise<void> {
+    if ((await this.ctx.storage.get<number>(`stored:${session}`)) !== bytes) return; // counted anew since
+    if (prev === undefined) await this.ctx.storage.delete(`stored:${session}`);
+    else await this.ctx.storage.put(`stored:${session}`, prev);
   }
 
   /** The session's checkpoint was deleted from R2 (by its host). */

@@ -166,7 +166,7 @@ describe("state in R2", () => {
     expect(await digest(got.data)).toBe(await digest(data));
   }, 60_000);
 
-  it("if_etag: a put over a version another host wrote since is state_conflict (one part and multipart); the current etag passes", async () => {
+  it("if_etag: a put over a version another host wrote since is state_conflict (one part and multipart), not counted; the current etag passes", async () => {
     await makeTenant("st-etag", {});
     await openAtEdge("st-etag", "sess-etag");
     const first = stored(await put("st-etag", "sess-etag", bytesOf(500, 3)))!.etag;
@@ -179,6 +179,7 @@ describe("state in R2", () => {
     expect(staleBig).toMatchObject({ code: "state_conflict" });
     const head = await env.SESSIONS.head(keyOf("st-etag", "sess-etag"));
     expect(head).toMatchObject({ etag: second, size: 600 }); // nothing overwritten
+    expect(await stubOf("st-etag").storedBytes()).toBe(600); // a refused checkpoint is not counted
   }, 60_000);
 
   it("the tenant's max_stored_bytes counts every session's checkpoint, fleet-wide: over it is stored_quota_exceeded", async () => {
