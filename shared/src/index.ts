@@ -2,7 +2,6 @@
 // (msgpack frames, versioned, defined in protocol/engine.json) and the compression settings
 // that every side validates the same way (methods.ts: the engine's methods and defaults).
 
-export { edgeTokenMessage, normaliseHost } from "./edge-token.js";
 export {
   ENGINE_DEFAULTS,
   ENGINE_METHODS,
