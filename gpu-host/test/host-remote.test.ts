@@ -13,7 +13,7 @@ import { after, test } from "node:test";
 import type { FromHostMessage } from "@pyramidkv/shared";
 
 import { DirectEdge } from "../src/host/direct-edge.js";
-import { decodeStateFile } from "../src/host/store.js";
+import { decodeStateFile, encodeStateFile, type StateIdentity } from "../src/host/store.js";
 import { fakeEngineBin } from "./fake-engine.js";
 import { expectType, HostClient, startTestHost, type TestHost } from "./host-client.js";
 
@@ -285,4 +285,70 @@ test("the drain: in-flight work finishes and is answered, new channels are dropp
   assert.equal(await sock.closed, 1000);
   assert.equal(edgeTokens(host.edge, "f"), 5);
   await host.edge.close();
+});
+
+test("SIGTERM while the edge is unreachable: the sessions stay in the offload directory, and a new host continues them", {
+  timeout: 60_000,
+}, async () => {
+  const dir = tmp();
+  const first = await fakeHost(["--offload-dir", dir, "--checkpoint", "off"]);
+  const c = await HostClient.connect(first.url);
+  await open(c, "kept");
+  expectType(await append(c, "kept", "hello"), "appended");
+  c.close();
+  await first.edge.close(); // the edge goes away; the host keeps dialling
+  await until(() => !first.link.connected, "the link down");
+  await first.drain();
+  const second = await fakeHost(["--offload-dir", dir]);
+  try {
+    const d = await HostClient.connect(second.url);
+    assert.equal(await tokensSeen(d, "kept"), 5, "saved locally, adopted by the next host");
+    assert.equal(expectType(await append(d, "kept", "world"), "appended").tokens_seen, 10);
+    assert.equal(edgeTokens(second.edge, "kept"), 10, "and from now on in the edge's store too");
+    d.close();
+  } finally {
+    await second.stop();
+  }
+});
+
+test("a session in the edge's store written by a host of another model or shape: session_lost, naming both", {
+  timeout: 60_000,
+}, async () => {
+  const host = await fakeHost();
+  const c = await HostClient.connect(host.url);
+  try {
+    await open(c, "o");
+    expectType(await append(c, "o", "hello"), "appended");
+    const mine = host.edge.state("t", "o")!;
+    const { meta, state, identity } = decodeStateFile(mine.file, "t", "o");
+    for (const [session, other] of [
+      ["other-model", { ...identity, model: "llama-70b.gguf" }],
+      ["other-shape", { ...identity, n_layer: 80 }],
+    ] as const) {
+      host.edge.states.set(`t\0${session}`, {
+        file: encodeStateFile({ ...meta, session }, state, other as StateIdentity),
+        etag: `x-${session}`,
+        meta: {},
+      });
+      const e = expectType(await append(c, session, "more"), "error");
+      assert.equal(e.code, "session_lost", e.message);
+      assert.match(
+        e.message,
+        /stored by a host of model '.*' \(n_layer \d+, bytes_per_entry \d+\); this host serves 'fake-model'/,
+      );
+    }
+    host.edge.states.set("t\0same", {
+      file: encodeStateFile({ ...meta, session: "same" }, state, identity as StateIdentity),
+      etag: "x-same",
+      meta: {},
+    });
+    assert.equal(
+      expectType(await append(c, "same", "more"), "appended").tokens_seen,
+      9,
+      "the same model and shape: adopted",
+    );
+  } finally {
+    c.close();
+    await host.stop();
+  }
 });

@@ -133,8 +133,10 @@ export class Residency {
   /** Checkpoints the session: its state from the engine into the store, within the tenant's
    * stored-bytes bound (stored_quota_exceeded past it), then, for a session that is not ephemeral,
    * into the edge's store. A save that fails, the engine's part or the store's, leaves the previous
-   * checkpoint as it was (the edge's, when the edge refused: the local copy is dropped). */
-  async save(s: HostSession, engine: StateEngine): Promise<void> {
+   * checkpoint as it was (the edge's, when the edge refused: the local copy is dropped). `strict`
+   * false (an offload, the drain: nothing is acknowledged on it): the edge refusing is only logged
+   * and the local copy stays, newer than the edge's (the drain sends it later). */
+  async save(s: HostSession, engine: StateEngine, strict = true): Promise<void> {
     const state = await saveFromEngine(engine, s.engineName);
     const meta: StoredSessionMeta = {
       tenant: s.tenant,
@@ -144,7 +146,15 @@ export class Residency {
       kv_bytes: s.kv.steady,
     };
     await this.store.put(meta, state, this.options.maxStoredBytes?.(s.tenant));
-    if (this.toRemote(s)) await this.putRemote(s, meta, state);
+    if (this.toRemote(s)) {
+      if (strict) await this.putRemote(s, meta, state);
+      else
+        await this.putRemote(s, meta, state, false).catch((e) =>
+          hostLog(
+            `${s.engineName.slice(0, 129)}: kept in the local store only: ${e instanceof Error ? e.message : String(e)}`,
+          ),
+        );
+    }
     s.saved = true;
     s.dirty = false;
   }
@@ -154,7 +164,7 @@ export class Residency {
     return this.options.remote !== undefined && s.openedBy === undefined;
   }
 
-  private async putRemote(s: HostSession, meta: StoredSessionMeta, state: Uint8Array): Promise<void> {
+  private async putRemote(s: HostSession, meta: StoredSessionMeta, state: Uint8Array, strict = true): Promise<void> {
     const remote = this.options.remote!;
     const identity = this.options.identity?.();
     try {
@@ -164,12 +174,13 @@ export class Residency {
       s.remoteSynced = true;
     } catch (e) {
       s.remoteSynced = false;
-      // The local tier must not be ahead of the edge's.
-      await this.store
-        .delete(s.tenant, s.id)
-        .catch((d) =>
-          hostLog(`${s.engineName}: dropping the local copy: ${d instanceof Error ? d.message : String(d)}`),
-        );
+      // The local tier must not be ahead of the edge's (of what a request was answered on).
+      if (strict)
+        await this.store
+          .delete(s.tenant, s.id)
+          .catch((d) =>
+            hostLog(`${s.engineName}: dropping the local copy: ${d instanceof Error ? d.message : String(d)}`),
+          );
       if (!(e instanceof RemoteStateError)) throw e;
       if (e.code === "state_conflict")
         throw new StateConflictError(
@@ -196,7 +207,7 @@ export class Residency {
       tokens_seen: s.tokensSeen,
       kv_bytes: s.kv.steady,
     };
-    await this.putRemote(s, meta, state);
+    await this.putRemote(s, meta, state, false);
     return true;
   }
 
@@ -352,7 +363,7 @@ export class Residency {
     const work = (async () => {
       try {
         const engine = await this.engines.ready;
-        if (s.dirty || !s.saved) await this.save(s, engine);
+        if (s.dirty || !s.saved) await this.save(s, engine, false);
         await engine.call({ type: "close", session: s.engineName });
         s.kv.offloaded();
         this.metrics.offloads.inc({ tenant: s.tenant });

@@ -914,23 +914,32 @@ export class SessionHost implements LinkedHost {
     await this.checkpointAll();
   }
 
-  /** Every session whose newest state the edge's store lacks goes there (the drain). */
+  /** Every session whose newest state the edge's store lacks goes there (the drain); one the edge
+   * does not take stays in the local store. */
   private async checkpointAll(): Promise<void> {
-    if (!this.remote) return;
+    const remote = this.remote;
+    if (!remote) return;
     const engine = this.engines.engine;
+    const todo = [...this.sessions.values()].filter(
+      (s) => s.openedBy === undefined && !s.lost && (s.dirty || !s.saved || !s.remoteSynced),
+    );
+    if (todo.length > 0 && !remote.connected) {
+      hostLog(`drain: not connected to the edge: ${todo.length} session(s) stay in the local store only`);
+      return;
+    }
     let failed = 0;
-    for (const s of [...this.sessions.values()]) {
-      if (s.openedBy !== undefined || s.lost) continue;
-      if (!s.dirty && s.saved && s.remoteSynced) continue;
+    for (const s of todo) {
       if (s.resident && !engine.alive) continue;
       s.pendingOps++;
       try {
-        if (s.resident) await this.residency.save(s, engine);
-        else await this.residency.pushStored(s);
+        if (s.resident) {
+          await this.residency.save(s, engine, false); // logs a refusal itself
+          if (!s.remoteSynced) failed++;
+        } else await this.residency.pushStored(s); // throws when the edge refuses it
       } catch (e) {
         failed++;
         hostLog(
-          `drain: session ${s.engineName}: checkpoint to the edge failed: ${e instanceof Error ? e.message : String(e)}`,
+          `drain: session ${s.engineName.slice(0, 129)}: checkpoint to the edge failed: ${e instanceof Error ? e.message : String(e)}`,
         );
       } finally {
         s.pendingOps--;
