@@ -15,7 +15,7 @@ import { encodeHostMessage } from "@pyramidkv/shared";
 import { repoRoot } from "../src/engine/engine-path.js";
 import { DirectEdge, hostToken } from "../src/host/direct-edge.js";
 import { fakeEngineBin } from "./fake-engine.js";
-import { expectType, HostClient, METRICS_TOKEN, newHostName, startTestHost } from "./host-client.js";
+import { expectType, HostClient, METRICS_TOKEN, newHostName, scrape, startTestHost } from "./host-client.js";
 
 const dirs: string[] = [];
 after(() => {
@@ -76,6 +76,15 @@ test("host_hello first, then heartbeats with the host's load every --heartbeat-s
     assert.equal(hb.pool_bytes, sock.hello!.pool_bytes);
     assert.equal(hb.free_bytes, hb.pool_bytes - hb.kv_used_bytes);
     await until(() => sock.heartbeats.length >= 3, "three heartbeats");
+    const health = (await (await fetch(`http://127.0.0.1:${host.address.port}/health`)).json()) as {
+      edge: { connected: boolean; name: string; epoch: number; draining: boolean; channels: number };
+    };
+    assert.deepEqual(health.edge, { connected: true, name: host.name, epoch: 1, draining: false, channels: 1 });
+    assert.deepEqual(host.edge.protocolErrors, []);
+    const metrics = await scrape(host.address.port);
+    assert.match(metrics, /pkv_host_edge_connected 1/);
+    assert.match(metrics, /pkv_host_edge_connections_total 1/);
+    assert.match(metrics, /pkv_host_connections 1/);
     c.close();
   } finally {
     await host.stop();

@@ -111,6 +111,7 @@ test("the edge's stored quota refuses a checkpoint: stored_quota_exceeded, the s
     assert.match(refused.message, /back at its last checkpoint \(5 tokens seen\)/);
     assert.equal(await tokensSeen(c, "q"), 5, "rolled back");
     assert.equal(edgeTokens(host.edge, "q"), 5, "the edge's copy is the checkpoint");
+    assert.equal(host.metrics.statePuts.get({ result: "stored_quota_exceeded" }), 1);
     host.edge.maxStoredBytes.delete("t");
     assert.equal(expectType(await append(c, "q", "world"), "appended").tokens_seen, 10, "a retry is clean");
     assert.equal(edgeTokens(host.edge, "q"), 10);

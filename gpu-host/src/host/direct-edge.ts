@@ -11,8 +11,8 @@
 //   ch.send({ type: "open_session", id: 1, tenant: "tenant-a", session: "s" });
 //   ch.close();                                     // channel_close: the host cancels its work
 //
-// Exports: DirectEdge (start, url, waitHost, channel, kill, revoke, states, puts, controls,
-// faults, maxStoredBytes, close), EdgeChannel (send, sendRaw, onMessage, closed, close,
+// Exports: DirectEdge (start, url, allow, waitHost, channel, kill, revoke, state, states, puts,
+// controls, protocolErrors, faults, maxStoredBytes, holdPuts, close), EdgeChannel (send, sendRaw, onMessage, closed, close,
 // terminate), HostSocket (name, hello, heartbeats, draining, drained, closed), hostToken(name),
 // and directEdgeAt(url) (the edge started at that URL in this process).
 //
@@ -296,16 +296,16 @@ export class DirectEdge {
 
   private receive(host: HostSocket, bytes: Uint8Array) {
     const split = splitChannelFrame(bytes);
-    if (!split) throw new Error(`direct edge: a message of ${bytes.length} bytes from host ${host.name}`);
+    if (!split) return this.protocolError(host, `a message of ${bytes.length} bytes`);
     if (split.ch !== CONTROL_CHANNEL) {
       const channel = host.channels.get(split.ch);
       if (!channel) return; // closed meanwhile
       const d = decodeHostMessage(split.payload, "from_host");
-      if (!d.ok) throw new Error(`direct edge: a bad frame from host ${host.name}: ${d.error}`);
+      if (!d.ok) return this.protocolError(host, `a bad frame on channel ${split.ch}: ${d.error}`);
       return channel.deliver(d.message);
     }
     const d = decodeControlMessage(split.payload, "from_host");
-    if (!d.ok) throw new Error(`direct edge: a bad control frame from host ${host.name}: ${d.error}`);
+    if (!d.ok) return this.protocolError(host, `a bad control frame: ${d.error}`);
     const m = d.message;
     this.controls.push({
       ...(m as Record<string, unknown>),
@@ -314,6 +314,15 @@ export class DirectEdge {
       host: host.name,
     });
     void this.onControl(host, m);
+  }
+
+  /** What a host sent that breaks the protocol: recorded (tests assert there is none), logged. */
+  readonly protocolErrors: string[] = [];
+
+  private protocolError(host: HostSocket, what: string): void {
+    const line = `direct edge: host ${host.name}: ${what}`;
+    this.protocolErrors.push(line);
+    process.stderr.write(`${line}\n`);
   }
 
   private async onControl(host: HostSocket, m: ControlFromHost): Promise<void> {

@@ -47,7 +47,10 @@ export async function startHost(
     timeoutMs: config.edgeTimeoutMs,
     hostVersion: VERSION,
     fatal: (line) => fatal(line),
-    welcomed: hooks.welcomed,
+    welcomed: (name, epoch) => {
+      metrics.edgeConnects.inc();
+      hooks.welcomed?.(name, epoch);
+    },
   });
   const sessions = await SessionHost.start(config, metrics, link);
   const server = new HostServer(sessions, config, metrics, link);

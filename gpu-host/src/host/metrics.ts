@@ -71,6 +71,8 @@ export interface HostGauges {
   poolUsedBytes: number;
   queued: { kind: string; count: number }[];
   connections: number;
+  /** 1 while the socket to the edge is welcomed and open */
+  edgeConnected?: number;
 }
 
 export class HostMetrics {
@@ -97,6 +99,14 @@ export class HostMetrics {
     "Sessions closed after their tenant's idle TTL (session_ttl_s), by tenant.",
   );
   readonly errors = new Counter("pkv_host_errors_total", "Error frames sent, by code.");
+  readonly edgeConnects = new Counter(
+    "pkv_host_edge_connections_total",
+    "Sockets to the edge that got welcome (the first, then every reconnect).",
+  );
+  readonly statePuts = new Counter(
+    "pkv_host_edge_state_puts_total",
+    "Checkpoints sent to the edge's store, by result (ok, or the edge's refusal code).",
+  );
   readonly latency = new Histogram(
     "pkv_host_request_seconds",
     "Request latency from receipt to the final frame, by type.",
@@ -134,7 +144,12 @@ export class HostMetrics {
         "Requests waiting for their tenant's turn.",
         g.queued.map((q) => [{ kind: q.kind }, q.count]),
       ),
-      gauge("pkv_host_connections", "Edge connections.", [[{}, g.connections]]),
+      gauge("pkv_host_connections", "Open channels on the socket to the edge (one per request).", [
+        [{}, g.connections],
+      ]),
+      gauge("pkv_host_edge_connected", "1 while the socket to the edge is up.", [[{}, g.edgeConnected ?? 0]]),
+      this.edgeConnects.render(),
+      this.statePuts.render(),
       this.quotaRefusals.render(),
       this.generatedTokens.render(),
       this.promptTokens.render(),

@@ -172,8 +172,10 @@ export class Residency {
       s.etag = await remote.put(s.tenant, s.id, file, remoteMeta(meta, identity), s.etag);
       s.epoch = remote.epoch;
       s.remoteSynced = true;
+      this.metrics.statePuts.inc({ result: "ok" });
     } catch (e) {
       s.remoteSynced = false;
+      this.metrics.statePuts.inc({ result: e instanceof RemoteStateError ? e.code : "internal" });
       // The local tier must not be ahead of the edge's (of what a request was answered on).
       if (strict)
         await this.store

@@ -74,7 +74,13 @@ export class HostServer {
           return;
         }
         res.writeHead(200, { "content-type": "text/plain; version=0.0.4" });
-        res.end(this.metrics.render({ ...this.host.gauges(), connections: this.link?.channelCount ?? 0 }));
+        res.end(
+          this.metrics.render({
+            ...this.host.gauges(),
+            connections: this.link?.channelCount ?? 0,
+            edgeConnected: this.link?.connected ? 1 : 0,
+          }),
+        );
         return;
       }
       res.writeHead(404, { "content-type": "application/json" });
