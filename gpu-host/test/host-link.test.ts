@@ -163,7 +163,17 @@ test("an edge that is down: the host keeps dialling (backoff); SIGTERM before an
   await probe.close();
   const h = spawnHost(["--connect", `http://127.0.0.1:${port}`, "--host-token", hostToken(name)]);
   try {
-    await until(() => /could not be opened.*dialling again/.test(h.err()), "a failed dial and its retry");
+    const ceilings = () => [
+      ...h.err().matchAll(/could not be opened.*dialling again in (\d+) ms \(backoff up to (\d+) ms\)/g),
+    ];
+    await until(() => ceilings().length >= 3, "three failed dials and their retries");
+    // delay = random(0, min(30 s, 0.5 s × 2^attempt)): the ceiling doubles, each delay under it
+    const got = ceilings().slice(0, 3);
+    assert.deepEqual(
+      got.map((m) => Number(m[2])),
+      [500, 1000, 2000],
+    );
+    for (const m of got) assert.ok(Number(m[1]) <= Number(m[2]), m[0]);
     assert.equal(h.child.exitCode, null, "still running");
   } finally {
     h.child.kill("SIGTERM");

@@ -488,7 +488,7 @@ export class EdgeLink implements RemoteStore {
       const delay = Math.random() * ceiling;
       const r = reason.toString().slice(0, 200);
       hostLog(
-        `the socket to the edge ${conn.welcomedAt === undefined ? "could not be opened" : "closed"} (${why || `code ${code}${r ? ` ${r}` : ""}`}); dialling again in ${Math.round(delay)} ms`,
+        `the socket to the edge ${conn.welcomedAt === undefined ? "could not be opened" : "closed"} (${why || `code ${code}${r ? ` ${r}` : ""}`}); dialling again in ${Math.round(delay)} ms (backoff up to ${ceiling} ms)`,
       );
       this.retryTimer = setTimeout(() => this.dial(), delay);
     });

@@ -1,4 +1,4 @@
-// Sessions of all tenants: frames in, frames out (the WebSocket side is server.ts). This file
+// Sessions of all tenants: frames in, frames out (the socket side is edge-link.ts). This file
 // dispatches the requests, keeps each session's queue (appends and generates one at a time, in
 // arrival order) and turn (one request's pieces, appends and generate; anyone else session_busy),
 // runs the operations (open, append, generate, cancel, close, stats), fails a request whose
@@ -223,7 +223,7 @@ export class SessionHost implements LinkedHost {
     };
     const finish = () => this.metrics.latency.observe({ type: msg.type }, (performance.now() - t0) / 1000);
     try {
-      // server.ts has already answered frames of any tenant but its credential's with 'unauthorized'.
+      // edge-link.ts has already answered frames of any tenant but its channel's with 'unauthorized'.
       if (!TENANT_NAME.test(msg.tenant))
         throw new HostError(
           "invalid",
