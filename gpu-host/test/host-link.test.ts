@@ -14,6 +14,7 @@ import { encodeHostMessage } from "@pyramidkv/shared";
 
 import { repoRoot } from "../src/engine/engine-path.js";
 import { DirectEdge, hostToken } from "../src/host/direct-edge.js";
+import { EdgeLink, STATE_BYTES_IN_FLIGHT } from "../src/host/edge-link.js";
 import { fakeEngineBin } from "./fake-engine.js";
 import { expectType, HostClient, METRICS_TOKEN, newHostName, scrape, startTestHost } from "./host-client.js";
 
@@ -259,3 +260,48 @@ function safeRead(f: string): string {
     return "";
   }
 }
+
+test("checkpoints of many sessions at once: at most STATE_BYTES_IN_FLIGHT of state parts unacknowledged", {
+  timeout: 60_000,
+}, async () => {
+  const name = newHostName();
+  const edge = await DirectEdge.start({ tokens: [hostToken(name)] });
+  const link = new EdgeLink({
+    url: edge.url,
+    token: hostToken(name),
+    heartbeatMs: 5000,
+    highWaterBytes: 1 << 20,
+    maxBufferedBytes: 64 << 20,
+    timeoutMs: 30_000,
+    fatal: (line) => assert.fail(line),
+  });
+  const load = { pool_bytes: 1, kv_used_bytes: 0, free_bytes: 1, sessions: 0, resident: 0, active: 0, queued: 0 };
+  link.start({
+    handle: () => {},
+    connectionClosed: () => {},
+    helloFields: () => ({ model: "m", n_layer: 1, n_ctx: 1, pool_bytes: 1, bytes_per_entry: 1 }),
+    load: () => load,
+  });
+  try {
+    await link.waitConnected();
+    let release!: () => void;
+    edge.holdPuts = new Promise((r) => (release = r));
+    const size = 5 << 20;
+    const puts = [0, 1, 2, 3, 4].map((i) => link.put("t", `s${i}`, new Uint8Array(size).fill(i), {}));
+    const sent = () => edge.controls.filter((m) => m.type === "state_put").length;
+    await until(() => sent() >= 1, "a first part");
+    await new Promise((r) => setTimeout(r, 300));
+    assert.equal(sent(), Math.floor(STATE_BYTES_IN_FLIGHT / size), "parts wait for acks beyond the bound");
+    release();
+    edge.holdPuts = undefined;
+    const etags = await Promise.all(puts);
+    assert.equal(new Set(etags).size, 5);
+    assert.deepEqual(
+      [0, 1, 2, 3, 4].map((i) => edge.state("t", `s${i}`)?.file[0]),
+      [0, 1, 2, 3, 4],
+    );
+  } finally {
+    await link.close();
+    await edge.close();
+  }
+});

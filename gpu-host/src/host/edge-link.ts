@@ -20,6 +20,8 @@
 // reaches COALESCED_FLUSH_BYTES, so memory stays bounded by what the edge has not read yet and no
 // frame outgrows the protocol's limit; a channel that writes past maxBuffered is dropped
 // (channel_drop to the edge, its work cancelled), the socket and the other channels go on.
+// State parts of every put together stay under STATE_BYTES_IN_FLIGHT unacknowledged, so that many
+// sessions checkpointing at once never push the socket past a channel's bound.
 //
 // Connection epochs: each welcome starts a new epoch (`epoch`, 1 for the first); the sessions
 // check their stored copy against the edge's once per epoch (sessions.ts).
@@ -54,6 +56,9 @@ export const BACKOFF_MAX_MS = 30_000;
 export const BACKOFF_RESET_MS = 30_000;
 /** An opened socket without welcome within this is given up (and dialled again). */
 const WELCOME_TIMEOUT_MS = 30_000;
+
+/** State bytes sent and not yet acknowledged, every put together (one part alone may be larger). */
+export const STATE_BYTES_IN_FLIGHT = 2 * HOST_STATE_PART_BYTES;
 
 // Messages up to this size are read (too large ones answered too_large on their channel); larger
 // ones make ws close the socket (1009) without buffering them.
@@ -316,6 +321,10 @@ class Connection implements ChannelSocket {
     readonly options: EdgeLinkOptions,
   ) {}
 
+  get open(): boolean {
+    return this.ws.readyState === WebSocket.OPEN;
+  }
+
   sendRaw(bytes: Uint8Array): boolean {
     if (this.ws.readyState !== WebSocket.OPEN) return false;
     this.ws.send(bytes, { binary: true });
@@ -379,6 +388,8 @@ export class EdgeLink implements RemoteStore {
   private retryTimer?: NodeJS.Timeout;
   private stoppedWaiters: (() => void)[] = [];
   private welcomeWaiters: (() => void)[] = [];
+  private stateBytesInFlight = 0;
+  private slotWaiters: (() => void)[] = [];
   epoch = 0;
   draining = false;
   /** the name the edge knows this host by (its welcome's) */
@@ -577,6 +588,22 @@ export class EdgeLink implements RemoteStore {
     }
   }
 
+  /** Waits until `bytes` more state bytes may be on their way to the edge (at most
+   * STATE_BYTES_IN_FLIGHT unacknowledged, or one part alone), so that checkpoints of many
+   * sessions at once never fill the socket past a channel's maxBufferedBytes. */
+  private async sendSlot(bytes: number): Promise<() => void> {
+    while (this.stateBytesInFlight > 0 && this.stateBytesInFlight + bytes > STATE_BYTES_IN_FLIGHT)
+      await new Promise<void>((r) => this.slotWaiters.push(r));
+    this.stateBytesInFlight += bytes;
+    let done = false;
+    return () => {
+      if (done) return;
+      done = true;
+      this.stateBytesInFlight -= bytes;
+      for (const w of this.slotWaiters.splice(0)) w();
+    };
+  }
+
   /** A control request: its id, and the exchange its answers arrive in. */
   private begin(what: string): { conn: Connection; id: number; x: Exchange; end: () => void } {
     const conn = this.conn;
@@ -610,34 +637,39 @@ export class EdgeLink implements RemoteStore {
       const parts = Math.max(1, Math.ceil(file.length / HOST_STATE_PART_BYTES));
       for (let part = 0; part < parts; part++) {
         const data = file.subarray(part * HOST_STATE_PART_BYTES, (part + 1) * HOST_STATE_PART_BYTES);
-        const sent = conn.control({
-          type: "state_put",
-          id,
-          tenant,
-          session,
-          part,
-          parts,
-          data,
-          bytes: file.length,
-          ...(part === 0 ? { meta } : {}),
-          ...(ifEtag !== undefined ? { if_etag: ifEtag } : {}),
-        });
-        if (!sent) throw new RemoteStateError("disconnected", `${what}: the socket to the edge closed`);
-        for (;;) {
-          const m = await this.answer(x, what);
-          if (m.type === "state_stored") {
-            if (part !== parts - 1)
-              throw new RemoteStateError(
-                "internal",
-                `${what}: the edge answered state_stored after part ${part} of ${parts}`,
-              );
-            return m.etag;
+        const release = await this.sendSlot(data.length);
+        try {
+          if (!conn.open) throw new RemoteStateError("disconnected", `${what}: the socket to the edge closed`);
+          conn.control({
+            type: "state_put",
+            id,
+            tenant,
+            session,
+            part,
+            parts,
+            data,
+            bytes: file.length,
+            ...(part === 0 ? { meta } : {}),
+            ...(ifEtag !== undefined ? { if_etag: ifEtag } : {}),
+          });
+          for (;;) {
+            const m = await this.answer(x, what);
+            if (m.type === "state_stored") {
+              if (part !== parts - 1)
+                throw new RemoteStateError(
+                  "internal",
+                  `${what}: the edge answered state_stored after part ${part} of ${parts}`,
+                );
+              return m.etag;
+            }
+            if (m.type === "state_ack" && m.part === part) {
+              if (part < parts - 1) break; // the next part
+              continue; // the last part: state_stored follows
+            }
+            throw new RemoteStateError("internal", `${what}: unexpected ${m.type} from the edge`);
           }
-          if (m.type === "state_ack" && m.part === part) {
-            if (part < parts - 1) break; // the next part
-            continue; // the last part: state_stored follows
-          }
-          throw new RemoteStateError("internal", `${what}: unexpected ${m.type} from the edge`);
+        } finally {
+          release();
         }
       }
       throw new RemoteStateError("internal", `${what}: no state_stored`);
