@@ -53,7 +53,7 @@ export const COMMANDS: CommandEntry[] = [
   },
   {
     name: "bench move",
-    usage: "[--runs 3] [--chars 32000] [--budget 128] [--max-tokens 8] [--haystack-dir DIR]",
+    usage: "[--runs 3] [--chars 31500] [--budget 128] [--max-tokens 8] [--haystack-dir DIR]",
     summary:
       "an ~8k-token session moved to another host through R2 (drain, restore, first token) vs prefilled again; JSON",
     load: async () => (await import("./stack/bench-move.js")).command,
