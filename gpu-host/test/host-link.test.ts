@@ -69,6 +69,7 @@ test("host_hello first, then heartbeats with the host's load every --heartbeat-s
       [3, "fake-model", 2, 1000],
     );
     assert.ok(sock.hello!.bytes_per_entry > 0 && sock.hello!.pool_bytes > 0);
+    assert.match(sock.hello!.host_version ?? "", /^\d+\.\d+\.\d+$/);
     const c = await HostClient.connect(host.url);
     expectType(await c.call({ type: "open_session", tenant: "t", session: "a", budget: 16 }), "opened");
     await until(() => sock.heartbeats.some((h) => h.sessions === 1), "a heartbeat counting the session");

@@ -28,7 +28,17 @@ export interface RunningHost {
   stop(): Promise<void>;
 }
 
-const VERSION = "0.9.0";
+/** gpu-host's package version (host_hello.host_version), from dist/src/host/ three folders up. */
+function hostVersion(): string | undefined {
+  try {
+    const pkg = JSON.parse(readFileSync(new URL("../../../package.json", import.meta.url), "utf8")) as {
+      version?: unknown;
+    };
+    return typeof pkg.version === "string" ? pkg.version : undefined;
+  } catch {
+    return undefined;
+  }
+}
 
 export async function startHost(
   config: HostConfig,
@@ -45,7 +55,7 @@ export async function startHost(
     highWaterBytes: config.highWaterBytes,
     maxBufferedBytes: config.maxBufferedBytes,
     timeoutMs: config.edgeTimeoutMs,
-    hostVersion: VERSION,
+    hostVersion: hostVersion(),
     fatal: (line) => fatal(line),
     welcomed: (name, epoch) => {
       metrics.edgeConnects.inc();
