@@ -353,3 +353,19 @@ test("a session in the edge's store written by a host of another model or shape:
     await host.stop();
   }
 });
+
+test("the drain meets a dropped socket: it waits for the redial and checkpoints to the edge", {
+  timeout: 60_000,
+}, async () => {
+  const host = await fakeHost(["--checkpoint", "off"]);
+  const c = await HostClient.connect(host.url);
+  await open(c, "w");
+  expectType(await append(c, "w", "hello"), "appended");
+  c.close();
+  const sock = await host.edge.waitHost(host.name);
+  host.edge.kill(host.name);
+  await sock.closed;
+  await host.drain();
+  assert.equal(edgeTokens(host.edge, "w"), 5, "checkpointed over the new socket");
+  await host.edge.close();
+});

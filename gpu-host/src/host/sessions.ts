@@ -923,6 +923,10 @@ export class SessionHost implements LinkedHost {
     const todo = [...this.sessions.values()].filter(
       (s) => s.openedBy === undefined && !s.lost && (s.dirty || !s.saved || !s.remoteSynced),
     );
+    // A socket that dropped meanwhile may come back (the backoff's first ceilings are short).
+    const wait = Date.now() + this.config.drainMs;
+    while (todo.length > 0 && !remote.connected && remote.epoch > 0 && Date.now() < wait)
+      await new Promise((r) => setTimeout(r, 100));
     if (todo.length > 0 && !remote.connected) {
       hostLog(`drain: not connected to the edge: ${todo.length} session(s) stay in the local store only`);
       return;
