@@ -130,6 +130,8 @@ test("config: flags and env, tenants JSON with defaults, errors name the paramet
   );
   assert.throws(() => parseHostConfig(["--connect", "nope"], EDGE_ENV), /--connect: 'nope' is not a URL/);
   assert.throws(() => parseHostConfig(["--heartbeat-seconds", "0"], EDGE_ENV), /--heartbeat-seconds: '0'/);
+  assert.equal(parseHostConfig([], EDGE_ENV).drainMs, 10_000);
+  assert.equal(parseHostConfig(["--drain-seconds", "90"], EDGE_ENV).drainMs, 90_000);
   const edge = parseHostConfig(["--connect", "https://pkv.example.dev/", "--heartbeat-seconds", "2"], EDGE_ENV);
   assert.deepEqual(
     [edge.connect, edge.heartbeatMs, edge.hostToken],

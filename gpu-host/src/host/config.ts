@@ -81,6 +81,7 @@ export const HOST_USAGE = `usage: pkv host [options]            (each option als
   --heartbeat-seconds N      PKV_HEARTBEAT_SECONDS  load reports to the edge every N seconds (5)
   --pid-file P               PKV_PID_FILE           write the host's pid to P
   --drain                                           with --pid-file P: drain the host whose pid P holds, wait for its exit
+  --drain-seconds N          PKV_DRAIN_SECONDS      SIGTERM: in-flight work may run this long before it is cancelled (10)
   --model M                  PKV_MODEL              GGUF model (the engine's default: the embedded model)
   --kv-pool-bytes N          PKV_KV_POOL_BYTES      engine KV pool capacity
   --chunk-size N             PKV_CHUNK_SIZE         engine chunked-prefill size
@@ -191,6 +192,7 @@ export const HOST_FLAGS = {
   "heartbeat-seconds": int({ min: 1, max: 3600, default: 5, env: "PKV_HEARTBEAT_SECONDS" }),
   "pid-file": string({ env: "PKV_PID_FILE" }),
   drain: bool(),
+  "drain-seconds": int({ min: 0, max: 86400, default: 10, env: "PKV_DRAIN_SECONDS" }),
   model: string({ env: "PKV_MODEL" }),
   "kv-pool-bytes": int({ min: 1, max: Number.MAX_SAFE_INTEGER, env: "PKV_KV_POOL_BYTES" }),
   "chunk-size": int({ min: 0, max: 1 << 24, env: "PKV_CHUNK_SIZE" }),
@@ -271,7 +273,7 @@ export function hostConfig(f: FlagValues<typeof HOST_FLAGS>): HostConfig {
     maxConcurrentPrefills: f["max-prefills"],
     highWaterBytes: 1 << 20,
     maxBufferedBytes: 64 << 20,
-    drainMs: 10_000,
+    drainMs: f["drain-seconds"] * 1000,
     metricsToken: metricsToken === undefined || metricsToken === "" ? undefined : metricsToken,
     decodeLanes: f["decode-lanes"],
     tenantDecodeLanes: f["tenant-decode-lanes"],
