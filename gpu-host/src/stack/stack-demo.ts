@@ -47,14 +47,15 @@ export async function runStackDemo(
   line("starting a GPU host (CPU, embedded model) and the edge worker (Miniflare)...");
   const stack = await startStack({
     hosts: 1,
-    kvPoolBytes: 512 << 20,
+    kvPoolBytes: 1024 << 20,
     persistDir: join(dir, "state"),
     vars: { PKV_PIECE_BYTES: "4096" },
   });
   try {
-    // The quota must hold the prefill's peak (the whole document uncompressed; docs/HOST.md,
+    // The quota must hold the prefill's peak (the whole document uncompressed) and a FullKV
+    // session's reservation of the whole context when the document's bytes exceed it (docs/HOST.md,
     // "Admission"), not just the compressed session.
-    const quota = { kv_quota_bytes: 256 << 20, max_sessions: 4, requests_per_minute: 60 };
+    const quota = { kv_quota_bytes: 768 << 20, max_sessions: 4, requests_per_minute: 60 };
     await stack.admin.setTenant("demo", quota);
     const key = await stack.admin.createKey("demo");
     const api = (method: string, path: string, body?: unknown) =>

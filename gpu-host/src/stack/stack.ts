@@ -231,7 +231,7 @@ export interface WorkerOptions {
  * in persistDir, so a restart on the same directory keeps them). */
 export async function startWorker(o: WorkerOptions): Promise<Proc> {
   const root = repoRoot();
-  const port = o.port ?? (await freePort());
+  const port = o.port || (await freePort()); // 0: any free port
   mkdirSync(o.persistDir, { recursive: true });
   const vars = { ADMIN_TOKEN: o.adminToken, ...(o.secret ? { EDGE_SECRET: o.secret } : {}), ...o.vars };
   const args = [
