@@ -411,6 +411,7 @@ test("a host killed mid-stream: a clean error; the session continues on the live
   });
   await killed;
   assert.equal(answer.error?.code, "host_unavailable", JSON.stringify(answer));
+  assert.match(answer.error?.message ?? "", /went away/);
   // Dial-in (0.9.0): the dead host's session is restored from R2 on the survivor (it was a 503).
   const moved = await api("alpha", "GET", `/v1/sessions/${s.id}`);
   assert.equal(moved.status, 200, await moved.clone().text());
