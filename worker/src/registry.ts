@@ -53,7 +53,7 @@ export interface HostRow {
 }
 
 export interface HostView extends Omit<HostRow, "picks"> {
-  /** its HostConn reported it since this object woke, or its last report is recent */
+  /** its HostConn reported it since this object woke (a row restored from storage is not, until it reports) */
   connected: boolean;
   live: boolean;
 }
@@ -181,8 +181,9 @@ export class HostRegistry extends DurableObject<Env> {
     if (pruned) await this.persist();
     return [...this.table.values()].map(({ picks: _, ...row }) => ({
       ...row,
-      connected: this.reported.has(row.name) || now - row.last_heartbeat_ms <= 2 * row.heartbeat_ms,
-      live: isLive(row, now),
+      // a row restored from storage says nothing about the socket (a deploy closed them all) until its host reports
+      connected: this.reported.has(row.name),
+      live: this.reported.has(row.name) && isLive(row, now),
     }));
   }
 
