@@ -306,3 +306,20 @@ test("checkpoints of many sessions at once: at most STATE_BYTES_IN_FLIGHT of sta
     await edge.close();
   }
 });
+
+test("an edge that answered pings and stops (a dropped flow): the host gives the socket up and dials again", {
+  timeout: 90_000,
+}, async () => {
+  const host = await fakeHost(["--heartbeat-seconds", "1"]);
+  try {
+    const sock = await host.edge.waitHost(host.name);
+    await until(() => sock.heartbeats.length >= 2, "pings answered a while");
+    host.edge.answerPings = false;
+    const code = await sock.closed; // 3 heartbeats + 10 s without a pong
+    assert.equal(code, 1006, "terminated by the host");
+    host.edge.answerPings = true;
+    await until(() => host.link.connected && host.link.epoch === 2, "the new socket");
+  } finally {
+    await host.stop();
+  }
+});

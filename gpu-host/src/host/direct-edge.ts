@@ -12,7 +12,7 @@
 //   ch.close();                                     // channel_close: the host cancels its work
 //
 // Exports: DirectEdge (start, url, allow, waitHost, channel, kill, revoke, state, states, puts,
-// controls, protocolErrors, faults, maxStoredBytes, holdPuts, close), EdgeChannel (send, sendRaw, onMessage, closed, close,
+// controls, protocolErrors, faults, maxStoredBytes, holdPuts, answerPings, close), EdgeChannel (send, sendRaw, onMessage, closed, close,
 // terminate), HostSocket (name, hello, heartbeats, draining, drained, closed), hostToken(name),
 // and directEdgeAt(url) (the edge started at that URL in this process).
 //
@@ -225,6 +225,8 @@ export class DirectEdge {
   faults: { put?: EdgeFault; get?: EdgeFault; head?: EdgeFault } = {};
   /** per tenant: bytes of stored state past which a put is stored_quota_exceeded */
   maxStoredBytes = new Map<string, number>();
+  /** false: the hosts' pings go unanswered (a flow a NAT dropped, as the host sees it) */
+  answerPings = true;
   /** a put's parts are acknowledged only when this resolves (tests hold a checkpoint) */
   holdPuts?: Promise<void>;
   private readonly tokens: Set<string>;
@@ -245,7 +247,12 @@ export class DirectEdge {
   readonly heartbeatMs: number;
 
   static async start(o: DirectEdgeOptions = {}): Promise<DirectEdge> {
-    const wss = new WebSocketServer({ noServer: true, maxPayload: HOST_MAX_FRAME_BYTES + 4, perMessageDeflate: false });
+    const wss = new WebSocketServer({
+      noServer: true,
+      maxPayload: HOST_MAX_FRAME_BYTES + 4,
+      perMessageDeflate: false,
+      autoPong: false,
+    });
     const http = createServer((_req, res) => {
       res.writeHead(404, { "content-type": "application/json" });
       res.end(JSON.stringify({ error: { code: "not_found", message: "the direct edge serves /hosts/connect only" } }));
@@ -284,6 +291,9 @@ export class DirectEdge {
     if (old) old.ws.close(4001, "replaced");
     const host = new HostSocket(name, token, ws);
     this.hosts.set(name, host);
+    ws.on("ping", (data: Buffer) => {
+      if (this.answerPings) ws.pong(data);
+    });
     ws.on("message", (data: Buffer) =>
       this.receive(host, new Uint8Array(data.buffer, data.byteOffset, data.byteLength)),
     );

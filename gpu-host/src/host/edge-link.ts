@@ -313,7 +313,8 @@ class Connection implements ChannelSocket {
   name?: string;
   private heartbeat?: NodeJS.Timeout;
   private pongSeen = false;
-  private lastPong = Date.now();
+  /** when the unanswered ping was sent (nothing queued before it) */
+  private pingSince?: number;
 
   constructor(
     readonly ws: WebSocket,
@@ -339,16 +340,23 @@ class Connection implements ChannelSocket {
     const beat = () => {
       this.control({ type: "heartbeat", ...this.link.host.load(), draining: this.link.draining });
       // A peer that has answered a ping once and stops answering is gone (a NAT dropped the flow).
-      if (this.pongSeen && Date.now() - this.lastPong > 3 * this.options.heartbeatMs + 10_000) {
-        hostLog(`the edge answered no ping for ${Date.now() - this.lastPong} ms: dialling again`);
+      // Pings are timed from when nothing was queued before them (a state part on a slow uplink
+      // delays the ping, not the peer).
+      const now = Date.now();
+      const waited = this.pingSince === undefined ? 0 : now - this.pingSince;
+      if (this.pongSeen && waited > 3 * this.options.heartbeatMs + 10_000) {
+        hostLog(`the edge answered no ping for ${waited} ms: dialling again`);
         this.ws.terminate();
         return;
       }
-      this.ws.ping();
+      if (this.pingSince === undefined && this.ws.bufferedAmount === 0) {
+        this.pingSince = now;
+        this.ws.ping();
+      }
     };
     this.ws.on("pong", () => {
       this.pongSeen = true;
-      this.lastPong = Date.now();
+      this.pingSince = undefined;
     });
     beat();
     this.heartbeat = setInterval(beat, this.options.heartbeatMs);
