@@ -369,3 +369,29 @@ test("the drain meets a dropped socket: it waits for the redial and checkpoints 
   assert.equal(edgeTokens(host.edge, "w"), 5, "checkpointed over the new socket");
   await host.edge.close();
 });
+
+test("adopting a session from the edge's store counts against the tenant's max_sessions here", {
+  timeout: 60_000,
+}, async () => {
+  const edge = await DirectEdge.start({ tokens: [] });
+  const a = await fakeHost([], { edge });
+  const b = await fakeHost([], { edge });
+  const ca = await HostClient.connect(edge.url, { host: a.name });
+  const cb = await HostClient.connect(edge.url, { host: b.name });
+  try {
+    await open(ca, "far");
+    expectType(await append(ca, "far", "hello"), "appended");
+    expectType(await cb.call({ type: "set_tenant", tenant: "t", max_sessions: 1 }), "tenant_set");
+    await open(cb, "near");
+    const e = expectType(await append(cb, "far", "more"), "error");
+    assert.equal(e.code, "session_limit", e.message);
+    assert.equal(codeOf(await cb.call({ type: "stats", tenant: "t", session: "nope" })), "unknown_session");
+    expectType(await cb.call({ type: "close", tenant: "t", session: "near" }), "closed");
+    assert.equal(expectType(await append(cb, "far", "more"), "appended").tokens_seen, 9, "room again: adopted");
+  } finally {
+    ca.close();
+    cb.close();
+    await stopAll(a, b);
+    await edge.close();
+  }
+});

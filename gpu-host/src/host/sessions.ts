@@ -336,6 +336,15 @@ export class SessionHost implements LinkedHost {
         );
         await this.dropCopy(s, "continued on another host", true);
       }
+      const limit = this.tenants.get(tenant).maxSessions;
+      const count = [...this.sessions.values()].filter((x) => x.tenant === tenant).length;
+      if (count >= limit && (await remote.head(tenant, session).catch(() => undefined))) {
+        this.metrics.quotaRefusals.inc({ tenant, reason: "session_limit" });
+        throw new HostError(
+          "session_limit",
+          `tenant '${tenant}' has ${count} sessions on this host, its limit is ${limit}: session '${session.slice(0, 64)}' cannot be restored here`,
+        );
+      }
       const adopted = await this.residency.adoptRemote(tenant, session);
       if (!adopted) return this.lookup(tenant, session);
       if (this.sessions.has(key)) return this.lookup(tenant, session); // opened meanwhile
