@@ -21,9 +21,11 @@ export interface HostPlan {
   host?: string;
   /**
    * the session may move: when `host` is not live, the live host with the most free KV serving
-   * `model` takes it (recorded by `to` before the link is dialled; it restores the session from R2)
+   * `model` takes it (recorded by `to` before the link is dialled; it restores the session from R2).
+   * `to(from, next)` is a compare-and-set: it answers the session's host after it — `next`, or the
+   * host another request moved it to first (which this request then dials)
    */
-  move?: { model?: string; to: (host: string) => Promise<unknown> };
+  move?: { model?: string; to: (from: string, next: string) => Promise<string> };
   /** the model a new session needs (ANY_MODEL: any host) */
   model?: string;
   /** the tenant whose work this is; default the request's (set by requireKey) */
@@ -40,15 +42,18 @@ export interface HostPlan {
   onEnd?: () => Promise<unknown>;
 }
 
+/** how many times a request moves a session whose host is not live (each loss of a race: the winner's host may be gone too) */
+const MOVE_TRIES = 3;
+
 /** The link to a host for a plan: the session's host (or its next one), or the best one for a new session. */
 async function dial(env: Env, tenant: string, plan: HostPlan): Promise<HostLink> {
   if (plan.host === undefined) return connectBest(env, tenant, plan.model);
-  if (plan.move && !(await registry(env).live(plan.host))) {
+  let host = plan.host;
+  for (let tries = 0; plan.move && tries < MOVE_TRIES && !(await registry(env).live(host)); tries++) {
     const next = await pickHost(env, plan.move.model ?? ANY_MODEL, [], true);
-    await plan.move.to(next);
-    return connectTo(env, next, tenant);
+    host = await plan.move.to(host, next);
   }
-  return connectTo(env, plan.host, tenant);
+  return connectTo(env, host, tenant);
 }
 
 /** The link held for one piece of work, and how that work ends. Ending is idempotent: the first end counts. */

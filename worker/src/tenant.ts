@@ -181,6 +181,18 @@ export class TenantState extends DurableObject<Env> {
     return next;
   }
 
+  /**
+   * Moves a session from the host `from` to `to`, only if `from` is still its recorded host (a
+   * compare-and-set: of two requests that found its host gone, one moves it, the other learns where
+   * to). The session's host after the call; null when it is gone or a tombstone.
+   */
+  async moveSession(id: string, from: string, to: string): Promise<string | null> {
+    const rec = await this.session(id);
+    if (!rec || stateOf(rec) === "closing") return null;
+    if (rec.host !== from) return rec.host;
+    return (await this.updateSession(id, { host: to }))?.host ?? null;
+  }
+
   /** A request for an open session: touches it (its TTL counts from now), or says why it cannot be used. */
   async useSession(id: string, nowMs = Date.now()): Promise<SessionUse> {
     const rec = await this.session(id);

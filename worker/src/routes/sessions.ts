@@ -60,15 +60,18 @@ const sessionParam = validator("param", async (p, c) => {
 
 /**
  * The plan of a request on an existing session: its host, or the next live host of its model when
- * that one is not live (recorded first); its last use is when the request ends.
+ * that one is not live (recorded first, by compare-and-set: two requests racing move it to one
+ * host); its last use is when the request ends.
  */
 const onSession = (c: Context<AppEnv>, rec: SessionRecord) => ({
   host: rec.host,
   move: {
     model: rec.model,
-    to: async (host: string) => {
-      if (!(await tenantStub(c.env, c.get("tenant")).updateSession(rec.id, { host }))) throw unknownSession(rec.id);
+    to: async (from: string, next: string) => {
+      const host = await tenantStub(c.env, c.get("tenant")).moveSession(rec.id, from, next);
+      if (host === null) throw unknownSession(rec.id);
       rec.host = host;
+      return host;
     },
   },
   onEnd: () => tenantStub(c.env, c.get("tenant")).touchSession(rec.id),

@@ -1,0 +1,182 @@
+// Who may touch a session's checkpoint in R2, and what a connection leaves behind: only the host the
+// edge records for the session reads or writes it (another host's put is state_conflict, its
+// get/head find nothing); a session whose host went away moves once, to one host, however many
+// requests race for it; uploads a connection left unfinished are aborted and uncounted (at its
+// close, or at the next connection when no close ran); a host that never says host_hello is closed;
+// any message of a host is a sign of life (a heartbeat queued behind big state parts); and a
+// checkpoint that lands after its session was deleted is deleted again.
+import { type ControlFromHost, type ControlToHost, HOST_STATE_PART_BYTES } from "@pyramidkv/shared";
+import { runDurableObjectAlarm, runInDurableObject } from "cloudflare:test";
+import { env } from "cloudflare:workers";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+
+import { as, call, eventually, makeTenant } from "./client.js";
+import { dialIn, eventuallyAsync, FakeHost, hostToken, routingTable } from "./fake-host.js";
+
+const MODEL = "fence-model.gguf";
+const a = new FakeHost("fence-a", MODEL);
+const b = new FakeHost("fence-b", MODEL);
+const started: FakeHost[] = [a, b];
+const stubOf = (tenant: string) => env.TENANTS.get(env.TENANTS.idFromName(tenant));
+const connOf = (name: string) => env.HOSTS.get(env.HOSTS.idFromName(name));
+const keyOf = (tenant: string, session: string) => `sessions/${tenant}/${session}`;
+let nextId = 1;
+
+beforeAll(async () => {
+  await a.connect();
+  await b.connect();
+});
+afterAll(() => {
+  for (const h of started) h.close();
+});
+
+/** A session of `tenant` the edge holds open on `host`. */
+async function openAtEdge(tenant: string, session: string, host: string): Promise<void> {
+  const stub = stubOf(tenant);
+  expect(await stub.reserveSession(session, { method: "pyramidkv", budget: 128 })).not.toBeNull();
+  await stub.updateSession(session, { host, state: "open", model: "fence-model" });
+}
+
+type Answer = Extract<ControlToHost, { id?: number }>;
+const FINAL = new Set(["state_stored", "state_info", "state_deleted", "control_error"]);
+
+/** Sends a control request from `h`; resolves with its answers up to the last one (a put's part: its ack; the last state_data part). */
+function ask(h: FakeHost, m: ControlFromHost & { id: number }): Promise<Answer[]> {
+  const midPut = m.type === "state_put" && m.part + 1 < m.parts;
+  return new Promise((resolve) => {
+    const got: Answer[] = [];
+    h.onControl = (f) => {
+      if (!("id" in f) || f.id !== m.id) return;
+      got.push(f as Answer);
+      if (f.type === "state_data") {
+        if (f.part + 1 < f.parts) h.send({ type: "data_ack", id: f.id, part: f.part });
+        else resolve(got);
+      } else if (FINAL.has(f.type) || (midPut && f.type === "state_ack")) resolve(got);
+    };
+    h.send(m);
+  });
+}
+
+const bytesOf = (n: number, seed: number) => {
+  const b = new Uint8Array(n);
+  for (let i = 0; i < n; i++) b[i] = (i * 31 + seed) & 0xff;
+  return b;
+};
+
+/** One part of a put of `data` (id chosen by the caller), as the host sends it. */
+function putPart(
+  h: FakeHost,
+  id: number,
+  tenant: string,
+  session: string,
+  data: Uint8Array,
+  part: number,
+  ifEtag?: string,
+) {
+  const parts = Math.max(1, Math.ceil(data.length / HOST_STATE_PART_BYTES));
+  return ask(h, {
+    type: "state_put",
+    id,
+    tenant,
+    session,
+    part,
+    parts,
+    data: data.subarray(part * HOST_STATE_PART_BYTES, (part + 1) * HOST_STATE_PART_BYTES),
+    bytes: data.length,
+    ...(part === 0 ? { meta: { tokens_seen: 100, kv_bytes: data.length } } : {}),
+    ...(ifEtag !== undefined ? { if_etag: ifEtag } : {}),
+  });
+}
+
+/** A whole put, part after part, stopping at an error. */
+async function put(h: FakeHost, tenant: string, session: string, data: Uint8Array, ifEtag?: string) {
+  const id = nextId++;
+  const parts = Math.max(1, Math.ceil(data.length / HOST_STATE_PART_BYTES));
+  const all: Answer[] = [];
+  for (let part = 0; part < parts; part++) {
+    const answers = await putPart(h, id, tenant, session, data, part, ifEtag);
+    all.push(...answers);
+    if (answers.some((x) => x.type === "control_error")) break;
+  }
+  return all;
+}
+
+const stored = (answers: Answer[]) =>
+  answers.find((x) => x.type === "state_stored") as Extract<ControlToHost, { type: "state_stored" }> | undefined;
+const failure = (answers: Answer[]) =>
+  answers.find((x) => x.type === "control_error") as Extract<ControlToHost, { type: "control_error" }> | undefined;
+const head = (h: FakeHost, tenant: string, session: string) =>
+  ask(h, { type: "state_head", id: nextId++, tenant, session });
+const get = (h: FakeHost, tenant: string, session: string) =>
+  ask(h, { type: "state_get", id: nextId++, tenant, session });
+
+interface Att {
+  kind: string;
+  name: string;
+  connected_at: number;
+  last_heartbeat_ms: number;
+  reported_ms?: number;
+  ended?: boolean;
+}
+
+/** The attachments of a HostConn's host sockets (changed by `edit` when given). */
+function hostSockets(name: string, edit?: (att: Att) => Att): Promise<Att[]> {
+  return runInDurableObject(connOf(name), (_o, state) =>
+    state.getWebSockets("host").map((ws) => {
+      let att = ws.deserializeAttachment() as Att;
+      if (edit) {
+        att = edit(att);
+        ws.serializeAttachment(att);
+      }
+      return att;
+    }),
+  );
+}
+
+const pendingPuts = (name: string) =>
+  runInDurableObject(connOf(name), async (_o, state) => [...(await state.storage.list({ prefix: "put:" })).keys()]);
+
+describe("B: a session moves once", () => {
+  it("moveSession is compare-and-set: only a move from the recorded host wins; the loser learns the winner", async () => {
+    await makeTenant("fe-cas", {});
+    await openAtEdge("fe-cas", "sess-cas", "gone-host");
+    const stub = stubOf("fe-cas");
+    expect(await stub.moveSession("sess-cas", "gone-host", "host-x")).toBe("host-x");
+    expect(await stub.moveSession("sess-cas", "gone-host", "host-y")).toBe("host-x");
+    expect((await stub.session("sess-cas"))!.host).toBe("host-x");
+    expect(await stub.moveSession("sess-none", "gone-host", "host-y")).toBeNull();
+    await stub.closeLater("sess-cas");
+    expect(await stub.moveSession("sess-cas", "host-x", "host-y")).toBeNull();
+  });
+
+  it("two requests racing on a session whose host went away both land on the one host it moved to", async () => {
+    const k = await makeTenant("fe-race", { requests_per_minute: 10_000 });
+    const gone = new FakeHost("race-gone", "race-model.gguf");
+    const x = new FakeHost("race-x", "race-model.gguf");
+    const y = new FakeHost("race-y", "race-model.gguf");
+    started.push(gone, x, y);
+    for (const h of [gone, x, y]) await h.connect();
+    // the session on `gone`; then x and y nearly equal, so that two picks in a row go one to each
+    gone.heartbeat({ free_bytes: 900 << 20 });
+    x.heartbeat({ free_bytes: 500 << 20 });
+    y.heartbeat({ free_bytes: 499 << 20 });
+    await eventuallyAsync(async () => {
+      const rows = (await routingTable().list()).filter((r) => r.name.startsWith("race-"));
+      return rows.length === 3 && rows.every((r) => r.free_bytes < 1 << 30);
+    }, "the race hosts' heartbeats");
+    const made = await call("/v1/sessions", as(k, { model: "race-model", document: "A short document." }));
+    expect(made.status).toBe(201);
+    const { id } = (await made.json()) as { id: string };
+    expect((await stubOf("fe-race").session(id))!.host).toBe(gone.name);
+    await gone.disconnect();
+    const [r1, r2] = await Promise.all([
+      call(`/v1/sessions/${id}/messages`, as(k, { content: "One?", stream: false })),
+      call(`/v1/sessions/${id}/messages`, as(k, { content: "Two?", stream: false })),
+    ]);
+    expect([r1.status, r2.status]).toEqual([200, 200]);
+    const on = (h: FakeHost) => h.frames.filter((f) => f.type === "generate" && f.session === id).length;
+    const owner = (await stubOf("fe-race").session(id))!.host;
+    expect([owner, on(x) + on(y)]).toEqual([owner, 2]);
+    expect(on(owner === x.name ? x : y)).toBe(2);
+  });
+});
