@@ -17,7 +17,16 @@
 // Sessions' checkpoints go to R2 (binding SESSIONS) through the host's control messages:
 // state_put (parts acknowledged one by one, R2 multipart above one part, `if_etag` as R2's
 // precondition), state_get (parts sent one at a time, each after the host's data_ack), state_head,
-// state_delete. Key sessions/<tenant>/<session>.
+// state_delete. Key sessions/<tenant>/<session>. Only the host the tenant's object records for a
+// session reads or writes its checkpoint (TenantState.storedCheck/storedPut): another host — a
+// former one with a stale copy, or one that never held it — is told state_conflict on a put and
+// finds nothing on a get or head. A checkpoint that lands after its session was deleted or expired
+// is deleted again (storedCommit). Uploads a connection left unfinished are aborted and uncounted
+// at its end, or at the next connection when its end never ran (a deploy).
+//
+// Liveness: any message from the host counts (a heartbeat can queue behind megabytes of state
+// parts on a slow uplink); the alarm closes a socket silent for 2 × heartbeat_ms, or one that has
+// not said host_hello within 2 × PKV_HEARTBEAT_MS of its upgrade.
 import {
   CONTROL_CHANNEL,
   type ControlToHost,
@@ -400,19 +409,27 @@ export class HostConn extends DurableObject<Env> {
     }
     const key = stateKey(m.tenant, m.session);
     try {
+      if (m.type === "state_put") return await this.statePut(ws, att, key, m as HostMessage<"state_put">);
+      // only the session's host reads or deletes its checkpoint: to another, a session it does not hold
+      const tenant = tenantStub(this.env, m.tenant);
+      const owner = await tenant.storedCheck(m.session, att.name);
       switch (m.type) {
-        case "state_put":
-          return await this.statePut(ws, att, key, m as HostMessage<"state_put">);
         case "state_get":
-          return await this.stateGet(ws, key, m.id);
+          if (owner !== "ok") this.sendControl(ws, notThere(m.id));
+          else await this.stateGet(ws, key, m.id);
+          return;
         case "state_head": {
-          const head = await this.env.SESSIONS.head(key);
+          const head = owner === "ok" ? await this.env.SESSIONS.head(key) : null;
           this.sendControl(ws, head ? { type: "state_info", id: m.id, ...described(head) } : notThere(m.id));
           return;
         }
         case "state_delete":
+          if (owner === "moved") {
+            this.controlError(ws, m.id, "state_conflict", onAnotherHost(m.session, att.name));
+            return;
+          }
           await this.env.SESSIONS.delete(key);
-          await tenantStub(this.env, m.tenant).storedDrop(m.session);
+          await tenant.storedDrop(m.session);
           this.sendControl(ws, { type: "state_deleted", id: m.id });
           return;
       }
@@ -444,7 +461,7 @@ export class HostConn extends DurableObject<Env> {
         return;
       }
       const tenant = tenantStub(this.env, m.tenant);
-      const quota = await tenant.storedPut(m.session, m.bytes);
+      const quota = await tenant.storedPut(m.session, m.bytes, att.name);
       if (!quota.ok) {
         this.controlError(ws, m.id, quota.code, quota.message);
         return;
@@ -522,6 +539,10 @@ export class HostConn extends DurableObject<Env> {
       }
       if (pending.received !== pending.total)
         return fail("bad_frame", `state_put: ${pending.received} bytes received, part 0 announced ${pending.total}`);
+      // still this host's session (it may have moved, or gone, since part 0)
+      const owner = await tenantStub(this.env, pending.tenant).storedCheck(pending.session, att.name);
+      if (owner === "moved") return fail("state_conflict", onAnotherHost(pending.session, att.name));
+      if (owner === "gone") return fail("not_found", notOpen(pending.session));
       if (pending.if_etag !== undefined) {
         const head = await this.env.SESSIONS.head(key);
         if (head?.etag !== pending.if_etag) return fail("state_conflict", conflict(pending.session, pending.if_etag));
@@ -618,6 +639,12 @@ function closeQuietly(ws: WebSocket, code: number, reason: string): void {
 const notThere = (id: number): ControlToHost => ({ type: "state_info", id, exists: false });
 
 const described = (o: R2Object) => ({ exists: true, etag: o.etag, bytes: o.size, meta: o.customMetadata ?? {} });
+
+const onAnotherHost = (session: string, writer: string) =>
+  `session '${session}' is on another host: host '${writer}' no longer holds it (a stale copy; drop it)`;
+
+const notOpen = (session: string) =>
+  `session '${session}' is not open at the edge (deleted or expired while its checkpoint was written): its checkpoint is not kept`;
 
 const conflict = (what: string, etag: string | undefined) =>
   `the checkpoint of ${what} is no longer the one with etag ${etag}: another host wrote or removed it since (the session moved)`;

@@ -13,6 +13,9 @@
 // A session's checkpoint lives in R2 (sessions/<tenant>/<session>, written by its host through its
 // HostConn): the object counts against the tenant's max_stored_bytes fleet-wide (storedPut, one
 // record per session) and is deleted, with its record, when the session is deleted or expires.
+// Only the host a session's record names reads or writes it (storedCheck, storedPut: a former host
+// holding a stale copy is refused), and a session moves to another host by compare-and-set
+// (moveSession), so that two requests racing for it land on one host.
 import { DurableObject } from "cloudflare:workers";
 
 import type { Env } from "./env.js";
@@ -248,24 +251,42 @@ export class TenantState extends DurableObject<Env> {
   }
 
   /**
-   * A checkpoint of `session` of `bytes` is being written (its host's HostConn, on part 0 of a
-   * state_put): recorded, unless it would take the tenant's stored bytes, every session's last
-   * checkpoint summed, over max_stored_bytes. A session the edge does not hold open (deleted,
-   * expired, never made) stores nothing.
+   * Whether the host `writer` holds `session` as the edge sees it: "ok" when the session is open (or
+   * opening) with `writer` as its recorded host, "moved" when another host holds it, "gone" when it
+   * is deleted, expired or was never made. Only its host reads or writes its checkpoint.
+   */
+  async storedCheck(session: string, writer: string): Promise<"ok" | "moved" | "gone"> {
+    const rec = await this.session(session);
+    if (!rec || stateOf(rec) === "closing") return "gone";
+    return rec.host === writer ? "ok" : "moved";
+  }
+
+  /**
+   * A checkpoint of `session` of `bytes` is being written by the host `writer` (its HostConn, on
+   * part 0 of a state_put): recorded, unless it would take the tenant's stored bytes, every
+   * session's last checkpoint summed, over max_stored_bytes. A session the edge does not hold open
+   * (deleted, expired, never made) stores nothing, nor does a host that is not the session's.
    */
   async storedPut(
     session: string,
     bytes: number,
+    writer: string,
   ): Promise<
     | { ok: true; used: number; prev?: number }
-    | { ok: false; code: "stored_quota_exceeded" | "not_found"; message: string }
+    | { ok: false; code: "stored_quota_exceeded" | "not_found" | "state_conflict"; message: string }
   > {
-    const rec = await this.session(session);
-    if (!rec || stateOf(rec) === "closing")
+    const owner = await this.storedCheck(session, writer);
+    if (owner === "gone")
       return {
         ok: false,
         code: "not_found",
         message: `session '${session}' is not open at the edge (deleted or expired): its checkpoint is not kept`,
+      };
+    if (owner === "moved")
+      return {
+        ok: false,
+        code: "state_conflict",
+        message: `session '${session}' is on another host: host '${writer}' no longer holds it (its checkpoint is not kept)`,
       };
     const limit = (await this.config())?.max_stored_bytes;
     let others = 0;

@@ -136,6 +136,59 @@ function hostSockets(name: string, edit?: (att: Att) => Att): Promise<Att[]> {
 const pendingPuts = (name: string) =>
   runInDurableObject(connOf(name), async (_o, state) => [...(await state.storage.list({ prefix: "put:" })).keys()]);
 
+describe("A: only the session's host reads and writes its checkpoint", () => {
+  it("another host's put is state_conflict (with or without if_etag, one part or multipart), its head and get find nothing, its delete is refused", async () => {
+    await makeTenant("fe-own", {});
+    await openAtEdge("fe-own", "sess-own", a.name);
+    const etag = stored(await put(a, "fe-own", "sess-own", bytesOf(1000, 1)))!.etag;
+    for (const [data, ifEtag] of [
+      [bytesOf(900, 2), undefined],
+      [bytesOf(900, 3), etag],
+      [bytesOf(HOST_STATE_PART_BYTES + 10, 4), etag],
+    ] as const) {
+      const e = failure(await put(b, "fe-own", "sess-own", data, ifEtag));
+      expect(e).toMatchObject({ code: "state_conflict" });
+      expect(e!.message).toMatch(/another host/);
+    }
+    expect(await head(b, "fe-own", "sess-own")).toMatchObject([{ type: "state_info", exists: false }]);
+    expect(await get(b, "fe-own", "sess-own")).toMatchObject([{ type: "state_info", exists: false }]);
+    expect(await ask(b, { type: "state_delete", id: nextId++, tenant: "fe-own", session: "sess-own" })).toMatchObject([
+      { type: "control_error", code: "state_conflict" },
+    ]);
+    expect(await env.SESSIONS.head(keyOf("fe-own", "sess-own"))).toMatchObject({ etag, size: 1000 });
+    expect(await stubOf("fe-own").storedBytes()).toBe(1000);
+    expect(await pendingPuts(b.name)).toEqual([]);
+    // its own host still reads it
+    expect(await head(a, "fe-own", "sess-own")).toMatchObject([{ type: "state_info", exists: true, etag }]);
+  }, 60_000);
+
+  it("a former host (the session moved): its put without if_etag (a stale copy) is refused, the new host's goes through", async () => {
+    await makeTenant("fe-moved", {});
+    await openAtEdge("fe-moved", "sess-moved", a.name);
+    const etag = stored(await put(a, "fe-moved", "sess-moved", bytesOf(500, 5)))!.etag;
+    expect(await stubOf("fe-moved").moveSession("sess-moved", a.name, b.name)).toBe(b.name);
+    expect(failure(await put(a, "fe-moved", "sess-moved", bytesOf(400, 6)))).toMatchObject({ code: "state_conflict" });
+    expect(await env.SESSIONS.head(keyOf("fe-moved", "sess-moved"))).toMatchObject({ etag, size: 500 });
+    expect(await head(a, "fe-moved", "sess-moved")).toMatchObject([{ exists: false }]);
+    expect(stored(await put(b, "fe-moved", "sess-moved", bytesOf(300, 7), etag))).toMatchObject({ bytes: 300 });
+    expect(await stubOf("fe-moved").storedBytes()).toBe(300);
+  });
+
+  it("a multipart put whose session moves between its parts: the last part is state_conflict, nothing overwritten, not counted", async () => {
+    await makeTenant("fe-gap", {});
+    await openAtEdge("fe-gap", "sess-gap", a.name);
+    const etag = stored(await put(a, "fe-gap", "sess-gap", bytesOf(700, 8)))!.etag;
+    const big = bytesOf(HOST_STATE_PART_BYTES + 100, 9);
+    const id = nextId++;
+    expect(await putPart(a, id, "fe-gap", "sess-gap", big, 0, etag)).toMatchObject([{ type: "state_ack", part: 0 }]);
+    expect(await stubOf("fe-gap").moveSession("sess-gap", a.name, b.name)).toBe(b.name);
+    expect(failure(await putPart(a, id, "fe-gap", "sess-gap", big, 1, etag))).toMatchObject({ code: "state_conflict" });
+    expect(await env.SESSIONS.head(keyOf("fe-gap", "sess-gap"))).toMatchObject({ etag, size: 700 });
+    expect(await stubOf("fe-gap").storedBytes()).toBe(700);
+    expect(await pendingPuts(a.name)).toEqual([]);
+  }, 60_000);
+});
+
 describe("B: a session moves once", () => {
   it("moveSession is compare-and-set: only a move from the recorded host wins; the loser learns the winner", async () => {
     await makeTenant("fe-cas", {});
