@@ -480,6 +480,7 @@ export class HostConn extends DurableObject<Env> {
             this.controlError(ws, m.id, "state_conflict", conflict(m.session, m.if_etag));
             return;
           }
+          if (!(await this.committed(ws, m.id, key, m.tenant, m.session, att.name))) return;
           this.sendControl(ws, { type: "state_ack", id: m.id, part: 0 });
           this.sendControl(ws, { type: "state_stored", id: m.id, etag: obj.etag, bytes: obj.size });
           return;
@@ -549,11 +550,31 @@ export class HostConn extends DurableObject<Env> {
       }
       const obj = await upload.complete(pending.parts);
       await this.ctx.storage.delete(pendingKey);
+      if (!(await this.committed(ws, m.id, key, pending.tenant, pending.session, att.name))) return;
       this.sendControl(ws, { type: "state_ack", id: m.id, part: m.part });
       this.sendControl(ws, { type: "state_stored", id: m.id, etag: obj.etag, bytes: obj.size });
     } catch (e) {
       return fail("internal", `R2: ${e instanceof Error ? e.message : String(e)}`);
     }
+  }
+
+  /**
+   * A checkpoint is in R2: kept, unless its session was deleted or expired while it was written
+   * (the edge's delete may have run before the object existed): then it is deleted again and the
+   * put answered not_found. False when so.
+   */
+  private async committed(
+    ws: WebSocket,
+    id: number,
+    key: string,
+    tenant: string,
+    session: string,
+    writer: string,
+  ): Promise<boolean> {
+    if ((await tenantStub(this.env, tenant).storedCommit(session, writer)) === "ok") return true;
+    await this.env.SESSIONS.delete(key);
+    this.controlError(ws, id, "not_found", notOpen(session));
+    return false;
   }
 
   /** Sends the object in parts of HOST_STATE_PART_BYTES (ranged reads of one version), each after the host's data_ack of the previous. */

@@ -304,6 +304,18 @@ export class TenantState extends DurableObject<Env> {
     return { ok: true, used: others + bytes, ...(prev !== undefined ? { prev } : {}) };
   }
 
+  /**
+   * A checkpoint counted by storedPut is in R2 now. "gone" when the session was deleted or expired
+   * meanwhile (its record and count went with it; the caller deletes the object again, which
+   * forgetState may have deleted before it was written). A session that moved meanwhile keeps it:
+   * `writer` was its host when the put began, and the new host's if_etag tells it the state changed.
+   */
+  async storedCommit(session: string, writer: string): Promise<"ok" | "gone"> {
+    if ((await this.storedCheck(session, writer)) !== "gone") return "ok";
+    await this.ctx.storage.delete(`stored:${session}`);
+    return "gone";
+  }
+
   /** A checkpoint counted by storedPut was not stored after all: the session's count is its earlier one again. */
   async storedUndo(session: string, bytes: number, prev: number | undefined): Promise<void> {
     if ((await this.ctx.storage.get<number>(`stored:${session}`)) !== bytes) return; // counted anew since

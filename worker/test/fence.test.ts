@@ -233,3 +233,93 @@ describe("B: a session moves once", () => {
     expect(on(owner === x.name ? x : y)).toBe(2);
   });
 });
+
+/** Runs `hook` (once) inside `name`'s HostConn just before its next R2 put or multipart completion. */
+async function beforeR2Write(name: string, hook: () => Promise<unknown>): Promise<void> {
+  await runInDurableObject(connOf(name), (o) => {
+    const inst = o as unknown as { env: Record<string, unknown> };
+    const real = inst.env.SESSIONS as R2Bucket;
+    let armed = true;
+    const fire = async () => {
+      if (!armed) return;
+      armed = false;
+      await hook();
+      inst.env = { ...inst.env, SESSIONS: real };
+    };
+    const wrapUpload = (u: R2MultipartUpload) =>
+      new Proxy(u, {
+        get(t, p) {
+          if (p === "complete")
+            return async (parts: R2UploadedPart[]) => {
+              await fire();
+              return t.complete(parts);
+            };
+          const v = Reflect.get(t, p);
+          return typeof v === "function" ? v.bind(t) : v;
+        },
+      });
+    const bucket = new Proxy(real, {
+      get(t, p) {
+        if (p === "put")
+          return async (...args: Parameters<R2Bucket["put"]>) => {
+            await fire();
+            return t.put(...args);
+          };
+        if (p === "resumeMultipartUpload")
+          return (key: string, id: string) => wrapUpload(t.resumeMultipartUpload(key, id));
+        const v = Reflect.get(t, p);
+        return typeof v === "function" ? v.bind(t) : v;
+      },
+    });
+    inst.env = { ...inst.env, SESSIONS: bucket };
+  });
+}
+
+describe("E: a checkpoint that lands after its session was deleted", () => {
+  it("deleted while its one part was being written: the object is deleted again, the put answered not_found", async () => {
+    await makeTenant("fe-race-del", {});
+    await openAtEdge("fe-race-del", "sess-rd", a.name);
+    await beforeR2Write(a.name, () => stubOf("fe-race-del").dropSession("sess-rd"));
+    expect(failure(await put(a, "fe-race-del", "sess-rd", bytesOf(800, 13)))).toMatchObject({ code: "not_found" });
+    expect(await env.SESSIONS.head(keyOf("fe-race-del", "sess-rd"))).toBeNull();
+    expect(await stubOf("fe-race-del").storedBytes()).toBe(0);
+  });
+
+  it("expired (a tombstone) while a multipart upload completed: deleted again, not_found", async () => {
+    await makeTenant("fe-race-ttl", {});
+    await openAtEdge("fe-race-ttl", "sess-rt", a.name);
+    await beforeR2Write(a.name, () => stubOf("fe-race-ttl").closeLater("sess-rt"));
+    const big = bytesOf(HOST_STATE_PART_BYTES + 80, 14);
+    expect(failure(await put(a, "fe-race-ttl", "sess-rt", big))).toMatchObject({ code: "not_found" });
+    expect(await env.SESSIONS.head(keyOf("fe-race-ttl", "sess-rt"))).toBeNull();
+    expect(await stubOf("fe-race-ttl").storedBytes()).toBe(0);
+  }, 60_000);
+
+  it("moved while its put was being written (the writer was its host when it began): kept, the etag chain tells the new host", async () => {
+    await makeTenant("fe-race-mv", {});
+    await openAtEdge("fe-race-mv", "sess-rm", a.name);
+    await beforeR2Write(a.name, () => stubOf("fe-race-mv").moveSession("sess-rm", a.name, b.name));
+    const s = stored(await put(a, "fe-race-mv", "sess-rm", bytesOf(600, 15)));
+    expect(s).toMatchObject({ bytes: 600 });
+    expect(await env.SESSIONS.head(keyOf("fe-race-mv", "sess-rm"))).toMatchObject({ etag: s!.etag });
+    // the new host, holding an older etag, is told the session changed
+    expect(failure(await put(b, "fe-race-mv", "sess-rm", bytesOf(500, 16), "an-older-etag"))).toMatchObject({
+      code: "state_conflict",
+    });
+  });
+
+  for (const how of ["deleted", "tombstoned"] as const)
+    it(`is deleted again and answered not_found (session ${how} between part 0 and the last part)`, async () => {
+      const tenant = `fe-late-${how}`;
+      await makeTenant(tenant, {});
+      await openAtEdge(tenant, "sess-late", a.name);
+      const big = bytesOf(HOST_STATE_PART_BYTES + 70, 12);
+      const id = nextId++;
+      expect(await putPart(a, id, tenant, "sess-late", big, 0)).toMatchObject([{ type: "state_ack" }]);
+      if (how === "deleted") await stubOf(tenant).dropSession("sess-late");
+      else await stubOf(tenant).closeLater("sess-late");
+      expect(failure(await putPart(a, id, tenant, "sess-late", big, 1))).toMatchObject({ code: "not_found" });
+      expect(await env.SESSIONS.head(keyOf(tenant, "sess-late"))).toBeNull();
+      expect(await stubOf(tenant).storedBytes()).toBe(0);
+    }, 60_000);
+});
