@@ -161,7 +161,27 @@ export class HostConn extends DurableObject<Env> {
       draining: false,
     };
     server.serializeAttachment(att);
+    // a host that never says host_hello is closed too
+    await this.ctx.storage.setAlarm(att.connected_at + 2 * this.welcomeHeartbeatMs() + 50);
+    // uploads of connections whose end never ran (a deploy dropped them): nothing will complete them
+    for (const [key, p] of await this.ctx.storage.list<PendingPut>({ prefix: "put:" }))
+      if (p.connected_at < att.connected_at) await this.abandon(key, p);
     return new Response(null, { status: 101, webSocket: client });
+  }
+
+  private welcomeHeartbeatMs(): number {
+    return intVar(this.env.PKV_HEARTBEAT_MS, DEFAULT_HEARTBEAT_MS);
+  }
+
+  /** An unfinished multipart upload nothing will complete: aborted, its record gone, its bytes uncounted. */
+  private async abandon(key: string, p: PendingPut): Promise<void> {
+    await this.ctx.storage.delete(key);
+    await this.env.SESSIONS.resumeMultipartUpload(p.key, p.upload_id)
+      .abort()
+      .catch(() => {});
+    await tenantStub(this.env, p.tenant)
+      .storedUndo(p.session, p.total, p.prev)
+      .catch(() => {});
   }
 
   /**
@@ -185,13 +205,8 @@ export class HostConn extends DurableObject<Env> {
         .gone(att.name, att.connected_at)
         .catch(() => {});
     // uploads the connection left unfinished: nothing will complete them
-    for (const [key, p] of await this.ctx.storage.list<PendingPut>({ prefix: "put:" })) {
-      if (p.connected_at > att.connected_at) continue;
-      await this.ctx.storage.delete(key);
-      await this.env.SESSIONS.resumeMultipartUpload(p.key, p.upload_id)
-        .abort()
-        .catch(() => {});
-    }
+    for (const [key, p] of await this.ctx.storage.list<PendingPut>({ prefix: "put:" }))
+      if (p.connected_at <= att.connected_at) await this.abandon(key, p);
   }
 
   private sendControl(ws: WebSocket, msg: ControlToHost): void {
@@ -348,12 +363,16 @@ export class HostConn extends DurableObject<Env> {
     if (!att.ended) await this.endHost(ws, att, 1000, "closed");
   }
 
-  /** Two heartbeats missed: the host is gone (routing already skips it, registry.ts). */
+  /**
+   * Nothing from the host for two heartbeats: it is gone (routing already skips it, registry.ts).
+   * Before its host_hello, the edge's own heartbeat interval counts.
+   */
   override async alarm(): Promise<void> {
     const host = this.host();
-    if (!host?.att.hello) return;
-    const due = host.att.last_heartbeat_ms + 2 * host.att.hello.heartbeat_ms;
-    if (Date.now() >= due) await this.endHost(host.ws, host.att, 4002, "heartbeat missed");
+    if (!host) return;
+    const hello = host.att.hello;
+    const due = host.att.last_heartbeat_ms + 2 * (hello?.heartbeat_ms ?? this.welcomeHeartbeatMs());
+    if (Date.now() >= due) await this.endHost(host.ws, host.att, 4002, hello ? "heartbeat missed" : "no host_hello");
     else await this.ctx.storage.setAlarm(due + 50);
   }
 

@@ -234,6 +234,60 @@ describe("B: a session moves once", () => {
   });
 });
 
+describe("C: what a connection leaves behind", () => {
+  it("a host that goes away in the middle of a multipart put: the upload is aborted and its bytes uncounted", async () => {
+    const h = new FakeHost("fence-c-close", MODEL);
+    started.push(h);
+    await h.connect();
+    await makeTenant("fe-left", {});
+    await openAtEdge("fe-left", "sess-left", h.name);
+    const big = bytesOf(HOST_STATE_PART_BYTES + 50, 10);
+    expect(await putPart(h, nextId++, "fe-left", "sess-left", big, 0)).toMatchObject([{ type: "state_ack" }]);
+    expect(await stubOf("fe-left").storedBytes()).toBe(big.length);
+    await h.disconnect();
+    await eventuallyAsync(async () => (await pendingPuts(h.name)).length === 0, "the pending put forgotten");
+    await eventuallyAsync(async () => (await stubOf("fe-left").storedBytes()) === 0, "its bytes uncounted");
+  }, 60_000);
+
+  it("uploads left by a connection whose close never ran (a deploy) are aborted and uncounted when the host connects again", async () => {
+    const h = new FakeHost("fence-c-deploy", MODEL);
+    started.push(h);
+    await h.connect();
+    await makeTenant("fe-deploy", {});
+    await openAtEdge("fe-deploy", "sess-deploy", h.name);
+    const big = bytesOf(HOST_STATE_PART_BYTES + 60, 11);
+    expect(await putPart(h, nextId++, "fe-deploy", "sess-deploy", big, 0)).toMatchObject([{ type: "state_ack" }]);
+    // the connection ends without its close handler doing anything (as when a deploy dropped it)
+    await hostSockets(h.name, (att) => ({ ...att, ended: true }));
+    h.close();
+    await eventually(() => h.closeCode !== undefined, "the old socket closed");
+    expect(await pendingPuts(h.name)).toHaveLength(1);
+    expect(await stubOf("fe-deploy").storedBytes()).toBe(big.length);
+    await h.connect();
+    expect(await pendingPuts(h.name)).toEqual([]);
+    expect(await stubOf("fe-deploy").storedBytes()).toBe(0);
+  }, 60_000);
+
+  it("a host that never says host_hello: the alarm is set when its socket is accepted, and closes it 4002", async () => {
+    const r = await dialIn(`Bearer ${await hostToken("fence-mute")}`);
+    const ws = r.webSocket!;
+    ws.accept();
+    let code: number | undefined;
+    ws.addEventListener("close", (ev) => {
+      code = ev.code;
+    });
+    const alarm = await runInDurableObject(connOf("fence-mute"), (_o, state) => state.storage.getAlarm());
+    expect(alarm).not.toBeNull();
+    await hostSockets("fence-mute", (att) => ({
+      ...att,
+      connected_at: att.connected_at - 3_600_000,
+      last_heartbeat_ms: att.last_heartbeat_ms - 3_600_000,
+    }));
+    expect(await runDurableObjectAlarm(connOf("fence-mute"))).toBe(true);
+    await eventually(() => code === 4002, "the silent socket closed 4002", 10_000);
+  });
+});
+
 /** Runs `hook` (once) inside `name`'s HostConn just before its next R2 put or multipart completion. */
 async function beforeR2Write(name: string, hook: () => Promise<unknown>): Promise<void> {
   await runInDurableObject(connOf(name), (o) => {
