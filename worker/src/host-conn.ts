@@ -68,7 +68,10 @@ interface HostAttachment {
   connected_at: number;
   hello?: HostHello;
   heartbeat?: Heartbeat;
+  /** the host's last message (any, after host_hello: a sign of life), or the upgrade before it (Unix ms) */
   last_heartbeat_ms: number;
+  /** when the registry last heard that this host is alive (Unix ms) */
+  reported_ms?: number;
   draining: boolean;
   /** this connection is over (replaced, revoked, heartbeats missed): its close reports nothing more */
   ended?: boolean;
@@ -233,6 +236,23 @@ export class HostConn extends DurableObject<Env> {
       .catch(() => {});
   }
 
+  /**
+   * A message from the host (after its host_hello): it is alive, whatever the message — its
+   * heartbeat may be queued behind megabytes of state parts. The registry hears of it at most
+   * once per half heartbeat_ms, never awaited (the message's relay does not wait for it).
+   */
+  private alive(ws: WebSocket, att: HostAttachment): HostAttachment {
+    const now = Date.now();
+    const due = now - (att.reported_ms ?? 0) >= att.hello!.heartbeat_ms / 2;
+    const next: HostAttachment = { ...att, last_heartbeat_ms: now, ...(due ? { reported_ms: now } : {}) };
+    ws.serializeAttachment(next);
+    if (due)
+      registry(this.env)
+        .seen(att.name, att.connected_at)
+        .catch(() => {});
+    return next;
+  }
+
   override async webSocketMessage(ws: WebSocket, message: string | ArrayBuffer): Promise<void> {
     const att = this.attachment<Attachment>(ws);
     if (att.kind === "channel") return this.fromChannel(ws, att, message);
@@ -251,6 +271,7 @@ export class HostConn extends DurableObject<Env> {
       this.controlError(ws, undefined, "bad_frame", "the first message must be host_hello (channel 0)");
       return;
     }
+    this.alive(ws, att);
     const [inner] = this.ctx.getWebSockets(channelTag(frame.ch));
     if (!inner) return; // a channel the edge closed already (its channel_close is on its way to the host)
     try {
@@ -277,23 +298,32 @@ export class HostConn extends DurableObject<Env> {
     }
   }
 
-  private async onControl(ws: WebSocket, att: HostAttachment, payload: Uint8Array): Promise<void> {
+  private async onControl(ws: WebSocket, prev: HostAttachment, payload: Uint8Array): Promise<void> {
     const d = decodeControlMessage(payload, "from_host");
     if (!d.ok) {
       this.controlError(ws, undefined, "bad_frame", d.error);
       return;
     }
     const m = d.message;
-    if (!att.hello && m.type !== "host_hello") {
+    if (!prev.hello && m.type !== "host_hello") {
       this.controlError(ws, undefined, "bad_frame", `the first message must be host_hello, not ${m.type}`);
       return;
     }
+    // a heartbeat reports itself; any other message after the hello is a sign of life
+    const att = prev.hello && m.type !== "heartbeat" && m.type !== "host_hello" ? this.alive(ws, prev) : prev;
     switch (m.type) {
       case "host_hello":
         return this.onHello(ws, att, m);
       case "heartbeat": {
         const { type: _, ...hb } = m;
-        const next = { ...att, heartbeat: hb, last_heartbeat_ms: Date.now(), draining: att.draining || m.draining };
+        const now = Date.now();
+        const next = {
+          ...att,
+          heartbeat: hb,
+          last_heartbeat_ms: now,
+          reported_ms: now,
+          draining: att.draining || m.draining,
+        };
         ws.serializeAttachment(next);
         return this.report(next);
       }
@@ -332,13 +362,9 @@ export class HostConn extends DurableObject<Env> {
     }
     const { type: _, ...hello } = m;
     hello.heartbeat_ms = Math.min(HEARTBEAT_RANGE[1], Math.max(HEARTBEAT_RANGE[0], hello.heartbeat_ms));
-    const next: HostAttachment = { ...att, hello, last_heartbeat_ms: Date.now() };
+    const next: HostAttachment = { ...att, hello, last_heartbeat_ms: Date.now(), reported_ms: Date.now() };
     ws.serializeAttachment(next);
-    this.sendControl(ws, {
-      type: "welcome",
-      name: att.name,
-      heartbeat_ms: intVar(this.env.PKV_HEARTBEAT_MS, DEFAULT_HEARTBEAT_MS),
-    });
+    this.sendControl(ws, { type: "welcome", name: att.name, heartbeat_ms: this.welcomeHeartbeatMs() });
     await this.ctx.storage.setAlarm(Date.now() + 2 * hello.heartbeat_ms + 50);
     await this.report(next);
   }

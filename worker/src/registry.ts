@@ -4,8 +4,9 @@
 // storage_reads), a write only when a host joins or leaves (never per heartbeat), and route() reads
 // no storage at all, whatever the number of hosts (docs/WORKER.md, "Routing").
 //
-// Live = connected, not draining, and its last heartbeat at most 2 × its heartbeat_ms ago: a host
-// that misses two heartbeats is out of routing at once (its HostConn's alarm then closes its socket).
+// Live = connected, not draining, and its last heartbeat (or any other message, `seen`) at most
+// 2 × its heartbeat_ms ago: a host silent for two heartbeats is out of routing at once (its
+// HostConn's alarm then closes its socket).
 import { DurableObject } from "cloudflare:workers";
 import type { HostMessage } from "@pyramidkv/shared";
 
@@ -46,7 +47,7 @@ export interface HostRow {
   active: number;
   queued: number;
   draining: boolean;
-  /** the last hello or heartbeat, by this object's clock (Unix ms) */
+  /** the last hello, heartbeat or other message (seen), by this object's clock (Unix ms) */
   last_heartbeat_ms: number;
   /** sessions routed here since that heartbeat (each lowers the host's free KV by an estimate) */
   picks: number;
@@ -126,6 +127,17 @@ export class HostRegistry extends DurableObject<Env> {
       picks: 0,
     });
     if (joined || prev.draining !== this.table.get(name)!.draining) await this.persist();
+  }
+
+  /**
+   * A message of the host's connection `connectedAt` other than a heartbeat: it is alive (its
+   * heartbeat may be queued behind big state parts). Its load and picks stay as they were.
+   */
+  seen(name: string, connectedAt: number): void {
+    const row = this.table.get(name);
+    if (!row || row.connected_at !== connectedAt) return;
+    row.last_heartbeat_ms = Date.now();
+    this.reported.add(name);
   }
 
   /** The host's socket closed (or it was revoked): out of the table. `connectedAt` spares a newer connection. */

@@ -288,6 +288,51 @@ describe("C: what a connection leaves behind", () => {
   });
 });
 
+describe("D: any message of a host is a sign of life", () => {
+  it("a host whose heartbeat is late behind other messages stays live and connected; the registry hears of it at most once per half heartbeat", async () => {
+    const h = new FakeHost("fence-d", MODEL, { heartbeat_ms: 60_000 });
+    started.push(h);
+    await h.connect();
+    await makeTenant("fe-live", {});
+    // its last heartbeat (and report) long past, as both the HostConn and the table see it
+    await hostSockets(h.name, (att) => ({
+      ...att,
+      last_heartbeat_ms: att.last_heartbeat_ms - 3_600_000,
+      ...(att.reported_ms !== undefined ? { reported_ms: att.reported_ms - 3_600_000 } : {}),
+    }));
+    await runInDurableObject(routingTable(), (registry) => {
+      const row = (registry as unknown as { table: Map<string, { last_heartbeat_ms: number }> }).table.get(h.name)!;
+      row.last_heartbeat_ms -= 3_600_000;
+    });
+    expect(await routingTable().live(h.name)).toBe(false);
+    // the registry's calls about this host, counted (RPC finds methods on the class, not the instance)
+    const calls: string[] = [];
+    const restore = await runInDurableObject(routingTable(), (registry) => {
+      const proto = Object.getPrototypeOf(registry) as Record<string, (...args: unknown[]) => unknown>;
+      const saved = ["report", "seen"].map((m) => [m, proto[m]] as const);
+      for (const [m, orig] of saved)
+        proto[m] = function (this: unknown, ...args: unknown[]) {
+          if (args[0] === h.name) calls.push(m);
+          return orig?.apply(this, args);
+        };
+      return () => {
+        for (const [m, orig] of saved) proto[m] = orig!;
+      };
+    });
+    // a stream of state messages (as parts of a big checkpoint would be), no heartbeat
+    try {
+      for (let i = 0; i < 20; i++) expect(await head(h, "fe-live", `sess-${i}`)).toMatchObject([{ exists: false }]);
+      await eventuallyAsync(() => routingTable().live(h.name), "the host live again");
+    } finally {
+      await runInDurableObject(routingTable(), () => restore());
+    }
+    expect(calls).toEqual(["seen"]);
+    await runDurableObjectAlarm(connOf(h.name));
+    expect((await hostSockets(h.name)).filter((att) => !att.ended)).toHaveLength(1);
+    expect(h.connected).toBe(true);
+  }, 30_000);
+});
+
 /** Runs `hook` (once) inside `name`'s HostConn just before its next R2 put or multipart completion. */
 async function beforeR2Write(name: string, hook: () => Promise<unknown>): Promise<void> {
   await runInDurableObject(connOf(name), (o) => {
