@@ -26,7 +26,7 @@
 //
 // Liveness: any message from the host counts (a heartbeat can queue behind megabytes of state
 // parts on a slow uplink); the alarm closes a socket silent for 2 × heartbeat_ms, or one that has
-// not said host_hello within 2 × PKV_HEARTBEAT_MS of its upgrade.
+// not said host_hello within 2 × PKV_HEARTBEAT_MS (at least HELLO_WAIT_MS) of its upgrade.
 import {
   CONTROL_CHANNEL,
   type ControlToHost,
@@ -54,6 +54,8 @@ const KEY_PART = /^[A-Za-z0-9_.:-]{1,128}$/;
 export const DEFAULT_HEARTBEAT_MS = 5000;
 /** a host's heartbeat_ms is taken within these bounds */
 const HEARTBEAT_RANGE = [100, 600_000] as const;
+/** a socket that has not said host_hello this long after its upgrade (or 2 × PKV_HEARTBEAT_MS if longer) is closed */
+const HELLO_WAIT_MS = 10_000;
 /** state_get parts read from R2 at once, per host (8 MiB each in memory until sent) */
 const READS_AT_ONCE = 4;
 /** a state_get waits this long for the host's data_ack of a part */
@@ -165,7 +167,7 @@ export class HostConn extends DurableObject<Env> {
     };
     server.serializeAttachment(att);
     // a host that never says host_hello is closed too
-    await this.ctx.storage.setAlarm(att.connected_at + 2 * this.welcomeHeartbeatMs() + 50);
+    await this.ctx.storage.setAlarm(att.connected_at + this.helloWaitMs() + 50);
     // uploads of connections whose end never ran (a deploy dropped them): nothing will complete them
     for (const [key, p] of await this.ctx.storage.list<PendingPut>({ prefix: "put:" }))
       if (p.connected_at < att.connected_at) await this.abandon(key, p);
@@ -174,6 +176,10 @@ export class HostConn extends DurableObject<Env> {
 
   private welcomeHeartbeatMs(): number {
     return intVar(this.env.PKV_HEARTBEAT_MS, DEFAULT_HEARTBEAT_MS);
+  }
+
+  private helloWaitMs(): number {
+    return Math.max(HELLO_WAIT_MS, 2 * this.welcomeHeartbeatMs());
   }
 
   /** An unfinished multipart upload nothing will complete: aborted, its record gone, its bytes uncounted. */
@@ -391,13 +397,13 @@ export class HostConn extends DurableObject<Env> {
 
   /**
    * Nothing from the host for two heartbeats: it is gone (routing already skips it, registry.ts).
-   * Before its host_hello, the edge's own heartbeat interval counts.
+   * Before its host_hello: nothing for helloWaitMs() since the upgrade.
    */
   override async alarm(): Promise<void> {
     const host = this.host();
     if (!host) return;
     const hello = host.att.hello;
-    const due = host.att.last_heartbeat_ms + 2 * (hello?.heartbeat_ms ?? this.welcomeHeartbeatMs());
+    const due = host.att.last_heartbeat_ms + (hello ? 2 * hello.heartbeat_ms : this.helloWaitMs());
     if (Date.now() >= due) await this.endHost(host.ws, host.att, 4002, hello ? "heartbeat missed" : "no host_hello");
     else await this.ctx.storage.setAlarm(due + 50);
   }
