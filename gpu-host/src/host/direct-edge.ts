@@ -12,7 +12,7 @@
 //   ch.close();                                     // channel_close: the host cancels its work
 //
 // Exports: DirectEdge (start, url, allow, waitHost, channel, kill, revoke, state, states, puts,
-// controls, protocolErrors, faults, maxStoredBytes, holdPuts, answerPings, close), EdgeChannel (send, sendRaw, onMessage, closed, close,
+// controls, protocolErrors, faults, recordedOn, maxStoredBytes, holdPuts, answerPings, close), EdgeChannel (send, sendRaw, onMessage, closed, close,
 // terminate), HostSocket (name, hello, heartbeats, draining, drained, closed), hostToken(name),
 // and directEdgeAt(url) (the edge started at that URL in this process).
 //
@@ -24,7 +24,9 @@
 // acked with state_ack, state_stored after the last; state_get answered by state_data parts of
 // HOST_STATE_PART_BYTES, the next after the host's data_ack); if_etag that does not match is
 // state_conflict; maxStoredBytes (per tenant) is stored_quota_exceeded; `faults` inject a
-// control_error for puts, gets or heads.
+// control_error for puts, gets or heads; `recordedOn` is the edge's fence (a session the edge
+// records on another host: that host's state_put is state_conflict, its state_get and state_head
+// are state_info exists:false).
 import { createHash } from "node:crypto";
 import { createServer, type IncomingMessage, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
@@ -223,6 +225,9 @@ export class DirectEdge {
   readonly controls: (Record<string, unknown> & { type: string; host: string })[] = [];
   /** control_error answers a test injects (absent: none) */
   faults: { put?: EdgeFault; get?: EdgeFault; head?: EdgeFault } = {};
+  /** tenant + "\0" + session -> the host name the edge records the session on (the fence: any
+   * other host's state_put is state_conflict, its state_get/state_head exists:false) */
+  readonly recordedOn = new Map<string, string>();
   /** per tenant: bytes of stored state past which a put is stored_quota_exceeded */
   maxStoredBytes = new Map<string, number>();
   /** false: the hosts' pings go unanswered (a flow a NAT dropped, as the host sees it) */
@@ -339,6 +344,10 @@ export class DirectEdge {
     const key = (t: string, s: string) => `${t}\0${s}`;
     const error = (id: number, code: string, message: string) =>
       host.control({ type: "control_error", id, code, message });
+    const fenced = (t: string, s: string) => {
+      const on = this.recordedOn.get(key(t, s));
+      return on !== undefined && on !== host.name;
+    };
     switch (m.type) {
       case "host_hello":
         host.hello = m;
@@ -364,6 +373,8 @@ export class DirectEdge {
         const up = `${host.name}\0${m.id}`;
         if (m.part === 0) {
           if (this.faults.put) return error(m.id, this.faults.put.code, this.faults.put.message ?? "fault");
+          if (fenced(m.tenant, m.session))
+            return error(m.id, "state_conflict", `session '${m.session}' is recorded on another host`);
           const k = key(m.tenant, m.session);
           const have = this.states.get(k);
           if (m.if_etag !== undefined && have !== undefined && have.etag !== m.if_etag)
@@ -415,7 +426,7 @@ export class DirectEdge {
       }
       case "state_get": {
         if (this.faults.get) return error(m.id, this.faults.get.code, this.faults.get.message ?? "fault");
-        const st = this.states.get(key(m.tenant, m.session));
+        const st = fenced(m.tenant, m.session) ? undefined : this.states.get(key(m.tenant, m.session));
         if (!st) return host.control({ type: "state_info", id: m.id, exists: false });
         const parts = Math.max(1, Math.ceil(st.file.length / HOST_STATE_PART_BYTES));
         const acked = this.ackWaiter(host, m.id);
@@ -436,7 +447,7 @@ export class DirectEdge {
       }
       case "state_head": {
         if (this.faults.head) return error(m.id, this.faults.head.code, this.faults.head.message ?? "fault");
-        const st = this.states.get(key(m.tenant, m.session));
+        const st = fenced(m.tenant, m.session) ? undefined : this.states.get(key(m.tenant, m.session));
         return host.control(
           st
             ? { type: "state_info", id: m.id, exists: true, etag: st.etag, bytes: st.file.length, meta: st.meta }

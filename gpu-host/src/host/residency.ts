@@ -149,11 +149,12 @@ export class Residency {
     if (this.toRemote(s)) {
       if (strict) await this.putRemote(s, meta, state);
       else
-        await this.putRemote(s, meta, state, false).catch((e) =>
+        await this.putRemote(s, meta, state, false).catch((e) => {
+          if (e instanceof StateConflictError) throw e; // the copy here is not the one to continue
           hostLog(
             `${s.engineName.slice(0, 129)}: kept in the local store only: ${e instanceof Error ? e.message : String(e)}`,
-          ),
-        );
+          );
+        });
     }
     s.saved = true;
     s.dirty = false;
@@ -168,6 +169,21 @@ export class Residency {
     const remote = this.options.remote!;
     const identity = this.options.identity?.();
     try {
+      // A copy not checked against the edge's in this connection epoch (adopted from the offload
+      // directory, or checked before a reconnect) is put only when the edge's copy is this host's
+      // last one, or the edge has none and neither does this host know one: never over a copy
+      // another host wrote since.
+      if (s.epoch !== remote.epoch) {
+        const head = await remote.head(s.tenant, s.id);
+        if (head ? head.etag !== s.etag : s.etag !== undefined)
+          throw new RemoteStateError(
+            "state_conflict",
+            head
+              ? `the edge's copy has etag ${head.etag}, this host's ${s.etag ?? "none"}`
+              : `the edge has no copy of it for this host, this host's had etag ${s.etag}`,
+          );
+        s.epoch = remote.epoch;
+      }
       const file = encodeStateFile(meta, state, identity);
       s.etag = await remote.put(s.tenant, s.id, file, remoteMeta(meta, identity), s.etag);
       s.epoch = remote.epoch;
@@ -176,8 +192,9 @@ export class Residency {
     } catch (e) {
       s.remoteSynced = false;
       this.metrics.statePuts.inc({ result: e instanceof RemoteStateError ? e.code : "internal" });
-      // The local tier must not be ahead of the edge's (of what a request was answered on).
-      if (strict)
+      // The local tier must not be ahead of the edge's (of what a request was answered on), nor
+      // hold a copy another host continued.
+      if (strict || (e instanceof RemoteStateError && e.code === "state_conflict"))
         await this.store
           .delete(s.tenant, s.id)
           .catch((d) =>
@@ -197,7 +214,8 @@ export class Residency {
   }
 
   /** An offloaded session's local state goes to the edge's store when the edge lacks it (the
-   * drain); false when there is none to send. */
+   * drain); false when there is none to send. StateConflictError when the edge's copy is not this
+   * host's (checked first when not checked in this connection epoch). */
   async pushStored(s: HostSession): Promise<boolean> {
     if (!this.toRemote(s) || s.resident || s.remoteSynced) return false;
     const state = await this.store.get(s.tenant, s.id);

@@ -946,10 +946,16 @@ export class SessionHost implements LinkedHost {
       s.pendingOps++;
       try {
         if (s.resident) {
-          await this.residency.save(s, engine, false); // logs a refusal itself
+          await this.residency.save(s, engine, false); // logs a refusal itself, but a conflict
           if (!s.remoteSynced) failed++;
         } else await this.residency.pushStored(s); // throws when the edge refuses it
       } catch (e) {
+        // The edge's copy is another host's (the session moved on): this host's is dropped, never sent.
+        if (e instanceof StateConflictError) {
+          hostLog(`drain: session ${s.engineName.slice(0, 129)}: ${e.message}: this host's copy is dropped`);
+          await this.dropCopy(s, "continued on another host", false);
+          continue;
+        }
         failed++;
         hostLog(
           `drain: session ${s.engineName.slice(0, 129)}: checkpoint to the edge failed: ${e instanceof Error ? e.message : String(e)}`,
