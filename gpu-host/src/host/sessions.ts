@@ -316,7 +316,10 @@ export class SessionHost implements LinkedHost {
     if (pending) return pending;
     const remote = this.remote;
     const s = this.sessions.get(key);
-    if (!remote?.connected || this.expired.has(key)) return this.lookup(tenant, session);
+    // Connected, this host's memory of having expired the session does not answer for it (the
+    // edge owns the TTL: the session may have moved on and been used elsewhere since): the edge's
+    // copy is adopted when it has one, session_expired only when it has none.
+    if (!remote?.connected) return this.lookup(tenant, session);
     if (s && (s.openedBy !== undefined || s.epoch === remote.epoch || s.lost)) return this.lookup(tenant, session);
     const work = (async () => {
       if (s) {
@@ -348,6 +351,7 @@ export class SessionHost implements LinkedHost {
       const adopted = await this.residency.adoptRemote(tenant, session);
       if (!adopted) return this.lookup(tenant, session);
       if (this.sessions.has(key)) return this.lookup(tenant, session); // opened meanwhile
+      this.expired.delete(key);
       this.sessions.set(key, adopted);
       this.metrics.restores.inc({ tenant });
       return adopted;
