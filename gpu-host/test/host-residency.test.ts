@@ -15,9 +15,16 @@ import { Admission } from "../src/host/admission.js";
 import { ENGINE_DIED, EngineProcess, EngineRequestError } from "../src/host/engine.js";
 import { HostError } from "../src/host/errors.js";
 import { HostMetrics } from "../src/host/metrics.js";
-import { Residency, restoreToEngine, type StateEngine, saveFromEngine } from "../src/host/residency.js";
+import type { RemoteStore } from "../src/host/edge-link.js";
+import {
+  Residency,
+  restoreToEngine,
+  StateConflictError,
+  type StateEngine,
+  saveFromEngine,
+} from "../src/host/residency.js";
 import { HostSession } from "../src/host/session.js";
-import { StateStore, stateFileName } from "../src/host/store.js";
+import { encodeStateFile, StateStore, stateFileName } from "../src/host/store.js";
 
 type Call = { type: string; session?: string; offset?: number; total?: number; state?: Uint8Array };
 
@@ -401,5 +408,65 @@ test("a real engine killed with SIGKILL in the middle of saving a large session:
   } finally {
     await engine.shutdown().catch(() => {});
     rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("a restore from the edge's store (the local copy missing) of another host's copy is refused; of its own, its numbers are the edge's", async () => {
+  for (const edgeEtag of ["e2", "e1"]) {
+    const engine = new ScriptedEngine();
+    const store = new StateStore();
+    const sessions: HostSession[] = [];
+    const edgeMeta = {
+      tenant: "t",
+      session: "c",
+      params: { method: "pyramidkv", budget: 64 },
+      tokens_seen: 20,
+      kv_bytes: 2000,
+    };
+    const remote: RemoteStore = {
+      epoch: 1,
+      connected: true,
+      put: async () => "e1",
+      head: async () => ({ etag: edgeEtag }),
+      get: async () => ({ file: encodeStateFile(edgeMeta, bytes(50)), etag: edgeEtag, meta: {} }),
+    };
+    const admission: Admission<HostSession> = new Admission<HostSession>({
+      sessions: () => sessions,
+      offload: (s): Promise<boolean> => residency.offload(s),
+      quota: () => 1 << 30,
+      poolBytes: () => 1 << 30,
+      refused: () => {},
+    });
+    const residency: Residency = new Residency(
+      store,
+      { ready: Promise.resolve(engine) },
+      admission,
+      new HostMetrics(),
+      {
+        remote,
+      },
+    );
+    const s = new HostSession("t", "c", { method: "pyramidkv", budget: 64 });
+    s.kv.grant(2000);
+    s.kv.opened();
+    s.kv.settle(2000);
+    s.tokensSeen = 10;
+    s.dirty = true;
+    s.epoch = 1;
+    sessions.push(s);
+    engine.states.set("t/c", bytes(100));
+    assert.equal(await residency.offload(s), true);
+    assert.equal(s.etag, "e1", "checkpointed to the edge");
+    await store.delete("t", "c"); // a cache that could not keep it
+    if (edgeEtag === "e2") {
+      await assert.rejects(residency.ensureResident(s, 0), (e: unknown) => e instanceof StateConflictError);
+      assert.equal(s.resident, false);
+      assert.equal(s.etag, "e1", "not taken as this session's");
+      assert.equal(s.kv.accounted(false), 0, "its reservation released");
+    } else {
+      await residency.ensureResident(s, 0);
+      assert.equal(s.resident, true);
+      assert.equal(s.tokensSeen, 20, "the edge's copy's numbers");
+    }
   }
 });

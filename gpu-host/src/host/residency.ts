@@ -337,9 +337,15 @@ export class Residency {
       if (!state && this.toRemote(s) && this.options.remote?.connected) {
         // Not here (a failed put dropped it, a cache that could not keep it): the edge's checkpoint.
         const got = await this.getRemote(s.tenant, s.id);
+        // Another host's copy: this session's numbers (tokens, size, parameters) are not its; the
+        // caller drops this one and adopts the edge's afresh.
+        if (got && got.etag !== s.etag)
+          throw new StateConflictError(
+            `session '${s.id.slice(0, 64)}' was continued on another host (the edge's copy has etag ${got.etag}, this host's ${s.etag ?? "none"})`,
+          );
         if (got) {
           state = got.state;
-          s.etag = got.etag;
+          s.tokensSeen = got.meta.tokens_seen;
           s.epoch = this.options.remote.epoch;
           s.remoteSynced = true;
           await this.cache(got.meta, got.state);

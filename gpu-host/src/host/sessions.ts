@@ -526,6 +526,16 @@ export class SessionHost implements LinkedHost {
         } catch (e) {
           // Timed out: the engine may still be at it; its copy is discarded (back to the checkpoint).
           if (e instanceof EngineRequestError && e.code === ENGINE_TIMEOUT) await this.rollback(s, op, e.message);
+          // Its restore found another host's copy at the edge (residency.ts): this one goes; the
+          // next request adopts the edge's.
+          if (e instanceof StateConflictError) {
+            hostLog(`${kind} ${s.engineName}: ${e.message}: this host's copy is dropped`, op.requestId);
+            await this.dropCopy(s, "continued on another host", false);
+            throw new HostError(
+              "checkpoint_failed",
+              `${kind}: ${e.message}; this host's copy is dropped and the request can be retried (it continues from the edge's copy)`,
+            );
+          }
           throw e;
         }
         ok = true;
