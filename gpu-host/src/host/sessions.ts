@@ -329,13 +329,18 @@ export class SessionHost implements LinkedHost {
             `checking session '${session.slice(0, 64)}' against the edge's store: ${e.message}`,
           );
         });
-        // The edge has no copy (never stored there, or this host's copies are the only ones): ours stands.
-        if (!head || head.etag === s.etag) {
+        // Ours stands when the edge's copy is ours, or when the edge has none and this host never
+        // stored one there (a new session, or one only ever in this host's offload directory).
+        // The edge having none of a session this host stored there: it is recorded on another host
+        // (the edge's fence) or was deleted there; ours goes.
+        if (head ? head.etag === s.etag : s.etag === undefined) {
           s.epoch = remote.epoch;
           return this.lookup(tenant, session);
         }
         hostLog(
-          `session ${s.engineName.slice(0, 129)}: the edge's copy (etag ${head.etag}) is not this host's (${s.etag ?? "none"}): continued elsewhere, restored from the edge's store`,
+          head
+            ? `session ${s.engineName.slice(0, 129)}: the edge's copy (etag ${head.etag}) is not this host's (${s.etag ?? "none"}): continued elsewhere, restored from the edge's store`
+            : `session ${s.engineName.slice(0, 129)}: the edge has no copy of it for this host (this host's had etag ${s.etag}): recorded on another host or deleted, this host's copy dropped`,
         );
         await this.dropCopy(s, "continued on another host", true);
       }
