@@ -155,18 +155,12 @@ export async function withHost<T>(
   if (signal.aborted) onAbort();
   else signal.addEventListener("abort", onAbort, { once: true });
   try {
-    // The host applies set_tenant as it arrives, before the channel's next frame, so the work does
-    // not wait for its answer (a round trip less per request); a refusal still fails the request.
-    const tenantSet =
-      plan.tenantSettings === false
-        ? undefined
-        : applyTenant(
-            link,
-            tenant === c.get("tenant") ? c.get("tenantConfig") : await tenantStub(c.env, tenant).config(),
-          );
-    tenantSet?.catch(() => {}); // awaited below; not an unhandled rejection while the work runs
+    if (plan.tenantSettings !== false)
+      await applyTenant(
+        link,
+        tenant === c.get("tenant") ? c.get("tenantConfig") : await tenantStub(c.env, tenant).config(),
+      );
     const result = await work(lease);
-    await tenantSet;
     if (!lease.isHeld) await lease.end();
     return result;
   } catch (e) {
