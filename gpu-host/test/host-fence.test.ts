@@ -167,3 +167,32 @@ test("the edge's fence on a checkpoint (state_conflict): the copy here is droppe
     await edge.close();
   }
 });
+
+test("a new connection epoch: the copies here the edge's do not match, or that the edge records elsewhere, go in the background", {
+  timeout: 60_000,
+}, async () => {
+  const edge = await DirectEdge.start({ tokens: [] });
+  const a = await fakeHost([], { edge });
+  try {
+    const ca = await HostClient.connect(edge.url, { host: a.name });
+    for (const id of ["moved", "fenced", "kept"]) {
+      await open(ca, id);
+      expectType(await append(ca, id, "hello"), "appended");
+    }
+    ca.close();
+    const sock = await edge.waitHost(a.name);
+    edge.states.get("t\0moved")!.etag = "e-other"; // another host's checkpoint since
+    edge.recordedOn.set("t\0fenced", "elsewhere");
+    edge.kill(a.name);
+    await sock.closed;
+    await until(() => a.link.connected && a.link.epoch === 2, "a's new connection");
+    // No request names them: the sweep after the welcome drops the two stale copies.
+    const c = await HostClient.connect(edge.url, { host: a.name });
+    await until(async () => (await sessionsOf(c)) === 1, "the stale copies dropped");
+    assert.equal(expectType(await append(c, "kept", "again"), "appended").tokens_seen, 10, "its own copy kept");
+    c.close();
+  } finally {
+    await a.stop();
+    await edge.close();
+  }
+});

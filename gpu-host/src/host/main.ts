@@ -48,6 +48,7 @@ export async function startHost(
   let fatal!: (line: string) => void;
   const fatalP = new Promise<never>((_, reject) => (fatal = (line) => reject(new Error(line))));
   fatalP.catch(() => {});
+  const swept: { host?: SessionHost } = {};
   const link = new EdgeLink({
     url: config.connect,
     token: config.hostToken,
@@ -59,10 +60,15 @@ export async function startHost(
     fatal: (line) => fatal(line),
     welcomed: (name, epoch) => {
       metrics.edgeConnects.inc();
+      // The copies here another host continued meanwhile go (in the background).
+      void swept.host
+        ?.sweepStale(epoch)
+        .catch((e) => hostLog(`checking sessions against the edge: ${e instanceof Error ? e.message : String(e)}`));
       hooks.welcomed?.(name, epoch);
     },
   });
   const sessions = await SessionHost.start(config, metrics, link);
+  swept.host = sessions;
   const server = new HostServer(sessions, config, metrics, link);
   const address = await server.listen();
   link.start(sessions);

@@ -70,6 +70,8 @@ export class SessionHost implements LinkedHost {
   private readonly sessions = new Map<string, HostSession>();
   /** keyOf(tenant, id) of sessions the TTL closed -> the TTL in seconds, oldest first */
   private readonly expired = new Map<string, number>();
+  /** sessions sweepStale is checking against the edge now (a request waits for the answer) */
+  private readonly sweeping = new Map<string, Promise<void>>();
   /** sessions being closed (close, TTL, their ephemeral connection), and that close */
   private readonly closings = new WeakMap<HostSession, Promise<void>>();
   /** sessions being checked against the edge's store or adopted from it, by keyOf */
@@ -314,6 +316,11 @@ export class SessionHost implements LinkedHost {
     const key = keyOf(tenant, session);
     const pending = this.finding.get(key);
     if (pending) return pending;
+    const sweeping = this.sweeping.get(key); // checked by sweepStale now: its answer, then on
+    if (sweeping) {
+      const again = () => this.find(tenant, session);
+      return sweeping.then(again, again);
+    }
     const remote = this.remote;
     const s = this.sessions.get(key);
     // Connected, this host's memory of having expired the session does not answer for it (the
@@ -363,6 +370,47 @@ export class SessionHost implements LinkedHost {
     })().finally(() => this.finding.delete(key));
     this.finding.set(key, work);
     return work;
+  }
+
+  /** A new connection epoch (`epoch`, main.ts): the copies here not checked in it yet are checked
+   * against the edge's in the background, a few at a time; those the edge's copy does not match,
+   * or that the edge has none of for this host (recorded on another host), go: they hold pool KV
+   * and count against the tenants' max_sessions here. A session a request uses meanwhile is
+   * checked by that request instead (find). */
+  async sweepStale(epoch: number, batch = 4): Promise<void> {
+    const remote = this.remote;
+    if (!remote) return;
+    const due = (s: HostSession) =>
+      remote.connected &&
+      remote.epoch === epoch &&
+      this.sessions.get(keyOf(s.tenant, s.id)) === s &&
+      !this.finding.has(keyOf(s.tenant, s.id)) &&
+      s.openedBy === undefined &&
+      !s.lost &&
+      !s.busy &&
+      s.epoch !== epoch;
+    const todo = [...this.sessions.values()].filter(due);
+    for (let at = 0; at < todo.length && !this.closing; at += batch)
+      await Promise.all(
+        todo.slice(at, at + batch).map(async (s) => {
+          const key = keyOf(s.tenant, s.id);
+          if (!due(s)) return;
+          const work = (async () => {
+            const head = await remote.head(s.tenant, s.id).catch(() => null);
+            if (head === null || !due(s)) return; // not answered: the session's next use checks it
+            if (head ? head.etag === s.etag : s.etag === undefined) {
+              s.epoch = epoch;
+              return;
+            }
+            hostLog(
+              `session ${s.engineName.slice(0, 129)}: the edge's copy (${head ? `etag ${head.etag}` : "none for this host"}) is not this host's (${s.etag ?? "none"}): this host's copy is dropped`,
+            );
+            await this.dropCopy(s, "continued on another host", true);
+          })().finally(() => this.sweeping.delete(key));
+          this.sweeping.set(key, work);
+          await work;
+        }),
+      );
   }
 
   /** This host's copy of the session is not the one to continue (another host wrote the edge's
