@@ -54,6 +54,16 @@ after(async () => {
   rmSync(dir, { recursive: true, force: true });
 });
 
+/** A response's JSON body; a body that is not JSON (a worker that failed to load) fails naming it. */
+async function jsonOf<T>(r: Response): Promise<T> {
+  const text = await r.text();
+  try {
+    return JSON.parse(text) as T;
+  } catch {
+    return assert.fail(`HTTP ${r.status}, not JSON: ${text.slice(0, 300)}${logs()}`);
+  }
+}
+
 function api(method: string, path: string, body?: unknown): Promise<Response> {
   return fetch(`${base}${path}`, {
     method,
@@ -69,14 +79,14 @@ type SessionObject = { id: string; host: string; tokens: number; kv_bytes: numbe
 
 async function createSession(): Promise<SessionObject> {
   const r = await api("POST", "/v1/sessions", { document: DOC, kv_budget: 32 });
-  const j = (await r.json()) as SessionObject;
+  const j = await jsonOf<SessionObject>(r);
   assert.equal(r.status, 201, `${JSON.stringify(j)}${logs()}`);
   return j;
 }
 
 async function sessionObject(id: string): Promise<SessionObject> {
   const r = await api("GET", `/v1/sessions/${id}`);
-  const j = (await r.json()) as SessionObject;
+  const j = await jsonOf<SessionObject>(r);
   assert.equal(r.status, 200, `GET ${id}: ${JSON.stringify(j)}${logs()}`);
   return j;
 }
@@ -91,10 +101,10 @@ async function message(id: string, content: string, maxTokens = 12): Promise<Ans
     temperature: 0,
     stream: false,
   });
-  const j = (await r.json()) as {
+  const j = await jsonOf<{
     error?: { code: string | null };
     choices?: { message: { content: string | null } }[];
-  };
+  }>(r);
   return {
     status: r.status,
     text: j.choices?.[0]?.message.content ?? "",
