@@ -196,3 +196,25 @@ test("a new connection epoch: the copies here the edge's do not match, or that t
     await edge.close();
   }
 });
+
+test("a checkpoint that fails, then a rollback that finds another host's copy at the edge: the copy here goes", {
+  timeout: 60_000,
+}, async () => {
+  const edge = await DirectEdge.start({ tokens: [] });
+  const a = await fakeHost([], { edge });
+  const ca = await HostClient.connect(edge.url, { host: a.name });
+  try {
+    await open(ca, "rb");
+    expectType(await append(ca, "rb", "hello"), "appended");
+    edge.states.get("t\0rb")!.etag = "e-other"; // another host's checkpoint since
+    edge.faults.put = { code: "internal", message: "R2 is down" };
+    assert.equal(codeOf(await append(ca, "rb", "world")), "checkpoint_failed");
+    edge.faults.put = undefined;
+    await until(async () => (await sessionsOf(ca)) === 0, "the copy here dropped");
+    assert.equal(expectType(await append(ca, "rb", "again"), "appended").tokens_seen, 10, "the edge's copy adopted");
+  } finally {
+    ca.close();
+    await a.stop();
+    await edge.close();
+  }
+});

@@ -66,6 +66,9 @@ export const EXPIRED_MEMORY = 10_000;
 /** The longest session_ttl_s set_tenant accepts (a year; as --session-ttl-seconds). */
 const MAX_SESSION_TTL_S = 86400 * 365;
 
+/** Why a copy here was dropped: the edge's copy is another host's (sessions' `lost`). */
+const MOVED = "continued on another host";
+
 export class SessionHost implements LinkedHost {
   private readonly sessions = new Map<string, HostSession>();
   /** keyOf(tenant, id) of sessions the TTL closed -> the TTL in seconds, oldest first */
@@ -349,7 +352,7 @@ export class SessionHost implements LinkedHost {
             ? `session ${s.engineName.slice(0, 129)}: the edge's copy (etag ${head.etag}) is not this host's (${s.etag ?? "none"}): continued elsewhere, restored from the edge's store`
             : `session ${s.engineName.slice(0, 129)}: the edge has no copy of it for this host (this host's had etag ${s.etag}): recorded on another host or deleted, this host's copy dropped`,
         );
-        await this.dropCopy(s, "continued on another host", true);
+        await this.dropCopy(s, MOVED, true);
       }
       const limit = this.tenants.get(tenant).maxSessions;
       const count = [...this.sessions.values()].filter((x) => x.tenant === tenant).length;
@@ -405,7 +408,7 @@ export class SessionHost implements LinkedHost {
             hostLog(
               `session ${s.engineName.slice(0, 129)}: the edge's copy (${head ? `etag ${head.etag}` : "none for this host"}) is not this host's (${s.etag ?? "none"}): this host's copy is dropped`,
             );
-            await this.dropCopy(s, "continued on another host", true);
+            await this.dropCopy(s, MOVED, true);
           })().finally(() => this.sweeping.delete(key));
           this.sweeping.set(key, work);
           await work;
@@ -583,7 +586,7 @@ export class SessionHost implements LinkedHost {
           // next request adopts the edge's.
           if (e instanceof StateConflictError) {
             hostLog(`${kind} ${s.engineName}: ${e.message}: this host's copy is dropped`, op.requestId);
-            await this.dropCopy(s, "continued on another host", false);
+            await this.dropCopy(s, MOVED, false);
             throw new HostError(
               "checkpoint_failed",
               `${kind}: ${e.message}; this host's copy is dropped and the request can be retried (it continues from the edge's copy)`,
@@ -767,7 +770,7 @@ export class SessionHost implements LinkedHost {
       }
       if (e instanceof StateConflictError) {
         hostLog(`${op.kind} ${s.engineName}: ${why}: this host's copy is dropped`, op.requestId);
-        await this.dropCopy(s, "continued on another host", false);
+        await this.dropCopy(s, MOVED, false);
         throw new HostError(
           "checkpoint_failed",
           `${op.kind}: ${why}; this host's copy is dropped and the request can be retried (it continues from the edge's copy)`,
@@ -777,6 +780,11 @@ export class SessionHost implements LinkedHost {
         hostLog(`${op.kind} ${s.engineName}: checkpoint failed: ${why}`, op.requestId);
         await this.rollback(s, op, why);
       }
+      if (s.lost === MOVED)
+        throw new HostError(
+          "checkpoint_failed",
+          `${op.kind}: its result could not be checkpointed (${why}), and the edge's checkpoint is another host's: this host's copy is dropped, the request can be retried (it continues from the edge's copy)`,
+        );
       if (s.lost) throw new HostError("session_lost", `session '${s.id.slice(0, 64)}' was lost: ${s.lost}`);
       if (died || !this.engines.engine.alive)
         throw new EngineRequestError(ENGINE_DIED, died ? why : `the engine was restarted (${why})`);
@@ -811,6 +819,8 @@ export class SessionHost implements LinkedHost {
         `${s.engineName}: restore after a rollback failed: ${e instanceof Error ? e.message : String(e)}`,
         op.requestId,
       );
+      // The edge's checkpoint is another host's: this copy goes (the next request adopts the edge's).
+      if (e instanceof StateConflictError) await this.dropCopy(s, MOVED, false);
     }
   }
 
@@ -1020,7 +1030,7 @@ export class SessionHost implements LinkedHost {
         // The edge's copy is another host's (the session moved on): this host's is dropped, never sent.
         if (e instanceof StateConflictError) {
           hostLog(`drain: session ${s.engineName.slice(0, 129)}: ${e.message}: this host's copy is dropped`);
-          await this.dropCopy(s, "continued on another host", false);
+          await this.dropCopy(s, MOVED, false);
           continue;
         }
         failed++;
