@@ -2,7 +2,10 @@
 // embedded model, dialling a DirectEdge (gpu-host/src/host/direct-edge.ts) on a random loopback
 // port, and a client of the host protocol speaking over that edge's channels.
 import { type ChildProcess, spawn } from "node:child_process";
-import { resolve } from "node:path";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import { after } from "node:test";
 
 import type { FromHostMessage, ToHostMessage } from "@pyramidkv/shared";
 
@@ -10,6 +13,7 @@ import { repoRoot } from "../src/engine/engine-path.js";
 import { type HostConfig, parseHostConfig, TENANT_NAME } from "../src/host/config.js";
 import { DirectEdge, directEdgeAt, type EdgeChannel, hostToken } from "../src/host/direct-edge.js";
 import { type RunningHost, startHost } from "../src/host/main.js";
+import { fakeEngineBin } from "./fake-engine.js";
 
 /** the test hosts' --metrics-token */
 export const METRICS_TOKEN = "test-metrics-token-0123456789";
@@ -245,3 +249,28 @@ export async function spawnHostProcess(
   ]);
   return { child, port, exit, url: edge.url, edge, name, stderr: () => err };
 }
+
+const testDirs: string[] = [];
+after(() => {
+  for (const d of testDirs) rmSync(d, { recursive: true, force: true });
+});
+
+/** A temporary directory, removed when the test file ends. */
+export function testDir(prefix = "pkv-test-"): string {
+  const d = mkdtempSync(join(tmpdir(), prefix));
+  testDirs.push(d);
+  return d;
+}
+
+/** Polls `cond` every 25 ms until it holds; fails naming `what` after `ms`. */
+export async function until(cond: () => boolean | Promise<boolean>, what: string, ms = 30_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!(await cond())) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
+/** A host in this process on the stand-in engine (test/fake-engine.ts), dialling `o.edge` or an edge of its own. */
+export const fakeHost = (argv: string[] = [], o: { edge?: DirectEdge; name?: string } = {}) =>
+  startTestHost({ engineBin: fakeEngineBin(join(testDir(), "engine.log")) }, argv, o);

@@ -5,39 +5,15 @@
 // have for this host (the edge's fence: recorded on another host) is dropped, on the first use in a
 // new connection epoch as on a refused checkpoint. DirectEdges and the fake engine.
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { after, test } from "node:test";
+import { test } from "node:test";
 
 import type { FromHostMessage } from "@pyramidkv/shared";
 
 import { DirectEdge } from "../src/host/direct-edge.js";
 import { decodeStateFile } from "../src/host/store.js";
-import { fakeEngineBin } from "./fake-engine.js";
-import { expectType, HostClient, startTestHost, type TestHost } from "./host-client.js";
+import { expectType, HostClient, type TestHost, fakeHost, testDir, until } from "./host-client.js";
 
-const dirs: string[] = [];
-after(() => {
-  for (const d of dirs) rmSync(d, { recursive: true, force: true });
-});
-
-function tmp(): string {
-  const d = mkdtempSync(join(tmpdir(), "pkv-fence-"));
-  dirs.push(d);
-  return d;
-}
-
-async function until(cond: () => boolean | Promise<boolean>, what: string, ms = 30_000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!(await cond())) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}
-
-const fakeHost = (argv: string[] = [], o: { edge?: DirectEdge; name?: string } = {}) =>
-  startTestHost({ engineBin: fakeEngineBin(join(tmp(), "engine.log")) }, argv, o);
+const tmp = () => testDir("pkv-fence-");
 
 const open = (c: HostClient, session: string) =>
   c.call({ type: "open_session", tenant: "t", session, budget: 16 }).then((m) => expectType(m, "opened"));

@@ -5,10 +5,9 @@
 // apart; the drain.
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { readFileSync } from "node:fs";
 import { join, resolve } from "node:path";
-import { after, test } from "node:test";
+import { test } from "node:test";
 
 import { encodeHostMessage } from "@pyramidkv/shared";
 
@@ -16,29 +15,9 @@ import { repoRoot } from "../src/engine/engine-path.js";
 import { DirectEdge, hostToken } from "../src/host/direct-edge.js";
 import { EdgeLink, STATE_BYTES_IN_FLIGHT } from "../src/host/edge-link.js";
 import { fakeEngineBin } from "./fake-engine.js";
-import { expectType, HostClient, METRICS_TOKEN, newHostName, scrape, startTestHost } from "./host-client.js";
+import { expectType, HostClient, METRICS_TOKEN, newHostName, scrape, fakeHost, testDir, until } from "./host-client.js";
 
-const dirs: string[] = [];
-after(() => {
-  for (const d of dirs) rmSync(d, { recursive: true, force: true });
-});
-
-function tmp(): string {
-  const d = mkdtempSync(join(tmpdir(), "pkv-link-"));
-  dirs.push(d);
-  return d;
-}
-
-async function until(cond: () => boolean | Promise<boolean>, what: string, ms = 30_000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!(await cond())) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}
-
-const fakeHost = (argv: string[] = [], o: { edge?: DirectEdge; name?: string } = {}) =>
-  startTestHost({ engineBin: fakeEngineBin(join(tmp(), "engine.log")) }, argv, o);
+const tmp = () => testDir("pkv-link-");
 
 /** `pkv host` as a child process on the fake engine, without waiting for anything. */
 function spawnHost(args: string[]) {
