@@ -45,6 +45,7 @@ export const HOST_MESSAGES = {
       request_id: "str?",
       ephemeral: "bool?",
       prompt_bytes: "uint?",
+      from_cache: "str?",
     },
   },
   append: {
@@ -102,6 +103,10 @@ export const HOST_MESSAGES = {
       max_stored_bytes: "uint?",
     },
   },
+  snapshot: {
+    direction: "to_host",
+    fields: { id: "uint", tenant: "str", session: "str", key: "str", max_bytes: "uint?" },
+  },
   hello: {
     direction: "from_host",
     fields: {
@@ -117,7 +122,15 @@ export const HOST_MESSAGES = {
   },
   opened: {
     direction: "from_host",
-    fields: { id: "uint", session: "str", method: "str", budget: "uint", reserved_bytes: "uint" },
+    fields: {
+      id: "uint",
+      session: "str",
+      method: "str",
+      budget: "uint",
+      reserved_bytes: "uint",
+      tokens_seen: "uint?",
+      cached_bytes: "uint?",
+    },
   },
   progress: { direction: "from_host", fields: { id: "uint", session: "str", done: "uint", total: "uint" } },
   appended: { direction: "from_host", fields: { id: "uint", session: "str", tokens_seen: "uint", kv_bytes: "uint" } },
@@ -168,6 +181,10 @@ export const HOST_MESSAGES = {
       max_stored_bytes: "uint?",
     },
   },
+  snapshotted: {
+    direction: "from_host",
+    fields: { id: "uint", session: "str", key: "str", bytes: "uint", tokens_seen: "uint", kv_bytes: "uint" },
+  },
   error: { direction: "from_host", fields: { id: "uint?", session: "str?", code: "str", message: "str" } },
   // 3.0: control messages, channel 0 only (CONTROL_TYPES)
   host_hello: {
@@ -210,10 +227,11 @@ export const HOST_MESSAGES = {
       bytes: "uint",
       meta: "map?",
       if_etag: "str?",
+      cache: "bool?",
     },
   },
-  state_get: { direction: "from_host", fields: { id: "uint", tenant: "str", session: "str" } },
-  state_head: { direction: "from_host", fields: { id: "uint", tenant: "str", session: "str" } },
+  state_get: { direction: "from_host", fields: { id: "uint", tenant: "str", session: "str", cache: "bool?" } },
+  state_head: { direction: "from_host", fields: { id: "uint", tenant: "str", session: "str", cache: "bool?" } },
   state_delete: { direction: "from_host", fields: { id: "uint", tenant: "str", session: "str" } },
   draining: { direction: "from_host", fields: {} },
   drained: { direction: "from_host", fields: {} },
@@ -326,6 +344,7 @@ export const HOST_ERROR_CODES = [
   "session_expired",
   "stored_quota_exceeded",
   "unauthorized",
+  "cache_miss",
 ] as const;
 export type HostErrorCode = (typeof HOST_ERROR_CODES)[number];
 
