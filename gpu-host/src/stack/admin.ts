@@ -14,10 +14,14 @@ import { AdminClient, HOST_NAME, newSecret, startWorker } from "./stack.js";
 export const ADMIN_USAGE = `usage: pkv admin [--remote URL --admin-token T] <command>
   tenant set NAME [--kv-quota-bytes N] [--max-sessions N] [--rpm N] [--policy refuse|auto]
                   [--kv-method ${KV_METHODS.join("|")}] [--kv-budget N]
-                  [--session-ttl-seconds N] [--max-stored-bytes N]   create or update a tenant
+                  [--session-ttl-seconds N] [--max-stored-bytes N]
+                  [--kv-cache on|off] [--cache-max-bytes N] [--cache-ttl-seconds N]   create or update a tenant
                   (--kv-method / --kv-budget: the compression of its requests that name none; full allowed;
                    --session-ttl-seconds: idle sessions are closed after it, default 3600;
-                   --max-stored-bytes: offloaded session state per host, default the host's)
+                   --max-stored-bytes: offloaded session state per host, default the host's;
+                   --kv-cache: the prompt cache of requests that name no kv_cache, default on;
+                   --cache-max-bytes: its cached states in R2, default 1073741824;
+                   --cache-ttl-seconds: a cached state unused that long is gone, default 3600)
   tenant show NAME | tenant list
   key create TENANT                     a new API key (printed once; stored hashed)
   host create NAME                      a host token for a GPU host named NAME (printed once; stored hashed):
@@ -52,6 +56,9 @@ const ADMIN_FLAGS = {
   "kv-budget": int({ min: 16, max: 1 << 20 }),
   "session-ttl-seconds": int({ min: 1, max: 30 * 86_400 }),
   "max-stored-bytes": int({ min: 0 }),
+  "kv-cache": oneOf(["on", "off"]),
+  "cache-max-bytes": int({ min: 0 }),
+  "cache-ttl-seconds": int({ min: 1, max: 30 * 86_400 }),
   help: bool(),
 };
 
@@ -106,6 +113,9 @@ async function admin(
         kv_budget: values["kv-budget"],
         session_ttl_s: values["session-ttl-seconds"],
         max_stored_bytes: values["max-stored-bytes"],
+        kv_cache: values["kv-cache"],
+        cache_max_bytes: values["cache-max-bytes"],
+        cache_ttl_s: values["cache-ttl-seconds"],
       });
     }
     if (group === "tenant" && action === "show") return client.tenant(need("NAME"));

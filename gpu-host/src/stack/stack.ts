@@ -351,6 +351,9 @@ export class AdminClient {
       kv_budget?: number;
       session_ttl_s?: number;
       max_stored_bytes?: number;
+      kv_cache?: string;
+      cache_max_bytes?: number;
+      cache_ttl_s?: number;
     },
   ) {
     return this.call("PUT", `/admin/tenants/${encodeURIComponent(name)}`, limits);
