@@ -24,6 +24,11 @@
 // is deleted again (storedCommit). Uploads a connection left unfinished are aborted and uncounted
 // at its end, or at the next connection when its end never ran (a deploy).
 //
+// Cached states (protocol 3.1, `cache: true` on state_put/state_get/state_head; the prompt cache,
+// cache-store.ts): key cache/<tenant>/<key>, the key 64 lowercase hex. Immutable snapshots any host
+// of the tenant may read: no session fence, no max_stored_bytes (the tenant's cache_max_bytes is
+// kept by its object when the entry is put), same parts and acks.
+//
 // Liveness: any message from the host counts (a heartbeat can queue behind megabytes of state
 // parts on a slow uplink); the alarm closes a socket silent for 2 × heartbeat_ms, or one that has
 // not said host_hello within 2 × PKV_HEARTBEAT_MS (at least HELLO_WAIT_MS) of its upgrade.
@@ -47,6 +52,12 @@ import { registry } from "./routing.js";
 
 /** The R2 key of a session's checkpoint. */
 export const stateKey = (tenant: string, session: string) => `sessions/${tenant}/${session}`;
+
+/** The R2 key of a tenant's cached state (the prompt cache). */
+export const cacheObjectKey = (tenant: string, key: string) => `cache/${tenant}/${key}`;
+
+/** A cache key (worker/src/prompt-cache.ts): a SHA-256 in lowercase hex. */
+const CACHE_KEY_PART = /^[0-9a-f]{64}$/;
 
 /** A tenant or session name as part of an R2 key: no separator, no dot segments. */
 const KEY_PART = /^[A-Za-z0-9_.:-]{1,128}$/;
@@ -101,6 +112,8 @@ interface PendingPut {
   count: number;
   if_etag?: string;
   connected_at: number;
+  /** a cached state: nothing counted, no session fence */
+  cache?: true;
 }
 
 const json503 = (message: string) =>
@@ -188,6 +201,7 @@ export class HostConn extends DurableObject<Env> {
     await this.env.SESSIONS.resumeMultipartUpload(p.key, p.upload_id)
       .abort()
       .catch(() => {});
+    if (p.cache) return;
     await tenantStub(this.env, p.tenant)
       .storedUndo(p.session, p.total, p.prev)
       .catch(() => {});
@@ -458,9 +472,26 @@ export class HostConn extends DurableObject<Env> {
       this.controlError(ws, m.id, "bad_frame", `tenant and session must match ${KEY_PART.source}`);
       return;
     }
-    const key = stateKey(m.tenant, m.session);
+    const cached = m.type !== "state_delete" && (m as { cache?: boolean }).cache === true;
+    if (cached && !CACHE_KEY_PART.test(m.session)) {
+      this.controlError(
+        ws,
+        m.id,
+        "bad_frame",
+        `${m.type} cache: session '${m.session}' is not a cache key (64 lowercase hex characters)`,
+      );
+      return;
+    }
+    const key = cached ? cacheObjectKey(m.tenant, m.session) : stateKey(m.tenant, m.session);
     try {
-      if (m.type === "state_put") return await this.statePut(ws, att, key, m as HostMessage<"state_put">);
+      if (m.type === "state_put") return await this.statePut(ws, att, key, m as HostMessage<"state_put">, cached);
+      // a cached state is immutable and the tenant's: every host reads it
+      if (cached && m.type === "state_get") return await this.stateGet(ws, key, m.id);
+      if (cached && m.type === "state_head") {
+        const head = await this.env.SESSIONS.head(key);
+        this.sendControl(ws, head ? { type: "state_info", id: m.id, ...described(head) } : notThere(m.id));
+        return;
+      }
       // only the session's host reads or deletes its checkpoint: to another, a session it does not hold
       const tenant = tenantStub(this.env, m.tenant);
       const owner = await tenant.storedCheck(m.session, att.name);
@@ -489,7 +520,13 @@ export class HostConn extends DurableObject<Env> {
     }
   }
 
-  private async statePut(ws: WebSocket, att: HostAttachment, key: string, m: HostMessage<"state_put">): Promise<void> {
+  private async statePut(
+    ws: WebSocket,
+    att: HostAttachment,
+    key: string,
+    m: HostMessage<"state_put">,
+    cached: boolean,
+  ): Promise<void> {
     const pendingKey = `put:${m.id}`;
     const notLast = m.part + 1 < m.parts;
     if (notLast && m.data.length !== HOST_STATE_PART_BYTES) {
@@ -512,13 +549,18 @@ export class HostConn extends DurableObject<Env> {
         return;
       }
       const tenant = tenantStub(this.env, m.tenant);
-      const quota = await tenant.storedPut(m.session, m.bytes, att.name);
+      // a cached state is not a session's checkpoint: not fenced, not counted (its entry is, by cachePut)
+      const quota: Awaited<ReturnType<typeof tenant.storedPut>> = cached
+        ? { ok: true, used: 0 }
+        : await tenant.storedPut(m.session, m.bytes, att.name);
       if (!quota.ok) {
         this.controlError(ws, m.id, quota.code, quota.message);
         return;
       }
       // what part 0 counted, given back when the checkpoint is not stored after all
-      const undo = () => tenant.storedUndo(m.session, m.bytes, quota.prev).catch(() => {});
+      const undo = async () => {
+        if (!cached) await tenant.storedUndo(m.session, m.bytes, quota.prev).catch(() => {});
+      };
       const customMetadata = objectMetadata(att.hello!, m.meta);
       try {
         if (m.parts === 1) {
@@ -531,7 +573,7 @@ export class HostConn extends DurableObject<Env> {
             this.controlError(ws, m.id, "state_conflict", conflict(m.session, m.if_etag));
             return;
           }
-          if (!(await this.committed(ws, m.id, key, m.tenant, m.session, att.name))) return;
+          if (!cached && !(await this.committed(ws, m.id, key, m.tenant, m.session, att.name))) return;
           this.sendControl(ws, { type: "state_ack", id: m.id, part: 0 });
           this.sendControl(ws, { type: "state_stored", id: m.id, etag: obj.etag, bytes: obj.size });
           return;
@@ -550,6 +592,7 @@ export class HostConn extends DurableObject<Env> {
           ...(m.if_etag !== undefined ? { if_etag: m.if_etag } : {}),
           ...(quota.prev !== undefined ? { prev: quota.prev } : {}),
           connected_at: att.connected_at,
+          ...(cached ? { cache: true as const } : {}),
         };
         await this.ctx.storage.put(pendingKey, pending);
         this.sendControl(ws, { type: "state_ack", id: m.id, part: 0 });
@@ -573,9 +616,10 @@ export class HostConn extends DurableObject<Env> {
     const fail = async (code: string, message: string) => {
       await this.ctx.storage.delete(pendingKey);
       await upload.abort().catch(() => {});
-      await tenantStub(this.env, pending.tenant)
-        .storedUndo(pending.session, pending.total, pending.prev)
-        .catch(() => {});
+      if (!pending.cache)
+        await tenantStub(this.env, pending.tenant)
+          .storedUndo(pending.session, pending.total, pending.prev)
+          .catch(() => {});
       this.controlError(ws, m.id, code, message);
     };
     try {
@@ -592,16 +636,18 @@ export class HostConn extends DurableObject<Env> {
       if (pending.received !== pending.total)
         return fail("bad_frame", `state_put: ${pending.received} bytes received, part 0 announced ${pending.total}`);
       // still this host's session (it may have moved, or gone, since part 0)
-      const owner = await tenantStub(this.env, pending.tenant).storedCheck(pending.session, att.name);
-      if (owner === "moved") return fail("state_conflict", onAnotherHost(pending.session, att.name));
-      if (owner === "gone") return fail("not_found", notOpen(pending.session));
+      if (!pending.cache) {
+        const owner = await tenantStub(this.env, pending.tenant).storedCheck(pending.session, att.name);
+        if (owner === "moved") return fail("state_conflict", onAnotherHost(pending.session, att.name));
+        if (owner === "gone") return fail("not_found", notOpen(pending.session));
+      }
       if (pending.if_etag !== undefined) {
         const head = await this.env.SESSIONS.head(key);
         if (head?.etag !== pending.if_etag) return fail("state_conflict", conflict(pending.session, pending.if_etag));
       }
       const obj = await upload.complete(pending.parts);
       await this.ctx.storage.delete(pendingKey);
-      if (!(await this.committed(ws, m.id, key, pending.tenant, pending.session, att.name))) return;
+      if (!pending.cache && !(await this.committed(ws, m.id, key, pending.tenant, pending.session, att.name))) return;
       this.sendControl(ws, { type: "state_ack", id: m.id, part: m.part });
       this.sendControl(ws, { type: "state_stored", id: m.id, etag: obj.etag, bytes: obj.size });
     } catch (e) {

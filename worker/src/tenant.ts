@@ -16,8 +16,20 @@
 // Only the host a session's record names reads or writes it (storedCheck, storedPut: a former host
 // holding a stale copy is refused), and a session moves to another host by compare-and-set
 // (moveSession), so that two requests racing for it land on one host.
+//
+// The tenant's prompt cache (cacheLookup, cachePut, cacheRelease, cacheStats; cache-store.ts):
+// its entries live here too, their states in R2 (cache/<tenant>/<key>), within the tenant's
+// cache_max_bytes and cache_ttl_s; the alarm deletes entries unused for the TTL.
 import { DurableObject } from "cloudflare:workers";
 
+import {
+  type CacheEntry,
+  type CacheEntryIn,
+  type CacheStats,
+  CacheStore,
+  DEFAULT_CACHE_MAX_BYTES,
+  DEFAULT_CACHE_TTL_S,
+} from "./cache-store.js";
 import type { Env } from "./env.js";
 import { stateKey } from "./host-conn.js";
 import { connectTo } from "./routing.js";
@@ -40,7 +52,16 @@ export interface TenantConfig {
   session_ttl_s?: number;
   /** checkpointed session state the tenant may keep: in R2, fleet-wide, and on each host (absent: unbounded at the edge, the host's --max-stored-bytes there) */
   max_stored_bytes?: number;
+  /** the prompt cache for a request that does not say (absent: on) */
+  kv_cache?: "on" | "off";
+  /** the cached states' bytes the tenant may keep in R2 (LRU by last use; absent: 1 GiB) */
+  cache_max_bytes?: number;
+  /** a cached state unused this long is deleted (absent: 3600) */
+  cache_ttl_s?: number;
 }
+
+export type { CacheEntry, CacheStats } from "./cache-store.js";
+export { MAX_CACHE_TTL_S } from "./cache-store.js";
 
 export const DEFAULT_LIMITS: Omit<TenantConfig, "name"> = {
   kv_quota_bytes: 0,
@@ -49,6 +70,13 @@ export const DEFAULT_LIMITS: Omit<TenantConfig, "name"> = {
   policy: "refuse",
   session_ttl_s: 3600,
 };
+
+/** The prompt cache's settings of a tenant whose config does not name them (kept out of a new tenant's config). */
+export const CACHE_DEFAULTS = {
+  kv_cache: "on",
+  cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
+  cache_ttl_s: DEFAULT_CACHE_TTL_S,
+} as const satisfies Required<Pick<TenantConfig, "kv_cache" | "cache_max_bytes" | "cache_ttl_s">>;
 
 export const MAX_SESSION_TTL_S = 30 * 86_400;
 /** an open whose host has not answered open_session by then is given up (its request died with its isolate) */
@@ -105,6 +133,25 @@ export type Admission =
 const WINDOW_MS = 60_000;
 
 export class TenantState extends DurableObject<Env> {
+  private cacheStore?: CacheStore;
+
+  /** The prompt cache's entries (made on first use: its claims live in this object's memory). */
+  private get cache(): CacheStore {
+    this.cacheStore ??= new CacheStore(
+      this.ctx.storage,
+      this.env.SESSIONS,
+      async () => {
+        const cfg = await this.config();
+        return {
+          maxBytes: cfg?.cache_max_bytes ?? CACHE_DEFAULTS.cache_max_bytes,
+          ttlMs: (cfg?.cache_ttl_s ?? CACHE_DEFAULTS.cache_ttl_s) * 1000,
+        };
+      },
+      (at) => this.wakeBy(at),
+    );
+    return this.cacheStore;
+  }
+
   async configure(name: string, patch: Partial<Omit<TenantConfig, "name">>): Promise<TenantConfig> {
     const prev = (await this.ctx.storage.get<TenantConfig>("config")) ?? { name, ...DEFAULT_LIMITS };
     const next: TenantConfig = {
@@ -393,6 +440,7 @@ export class TenantState extends DurableObject<Env> {
     await Promise.all([...due].map(([host, recs]) => this.closeOn(host, tenant, recs, now)));
     for (const [key, at] of await this.ctx.storage.list<number>({ prefix: "expired:" }))
       if (at + EXPIRED_KEPT_MS <= now) await this.ctx.storage.delete(key);
+    await this.cache.sweep(now);
     await this.scheduleNext(ttl);
   }
 
@@ -436,8 +484,39 @@ export class TenantState extends DurableObject<Env> {
     }
     for (const at of (await this.ctx.storage.list<number>({ prefix: "expired:" })).values())
       next = Math.min(next, at + EXPIRED_KEPT_MS);
+    next = Math.min(next, await this.cache.nextExpiry());
     if (Number.isFinite(next)) await this.ctx.storage.setAlarm(Math.max(next, Date.now() + 1000));
     else await this.ctx.storage.deleteAlarm();
+  }
+
+  // ---- the prompt cache (cache-store.ts) ----
+
+  /**
+   * The first of `keys` (longest cached prefix first, at most 128, 64 lowercase hex) with a live
+   * entry, touched. With `claim` (one of `keys`: the document state the caller would build): when
+   * nothing at or before it hits, the caller claims it (`claimed`: it then calls cachePut or
+   * cacheRelease), or waits (≤ 60 s) for the request that holds it and looks again.
+   */
+  cacheLookup(
+    keys: string[],
+    claim?: string,
+    nowMs = Date.now(),
+  ): Promise<{ hit: CacheEntry | null; claimed: boolean }> {
+    return this.cache.lookup(keys, claim, nowMs);
+  }
+
+  /** An entry whose state is in R2 (cache/<tenant>/<key>): kept within cache_max_bytes (LRU), or not at all when larger. */
+  cachePut(tenant: string, e: CacheEntryIn, nowMs = Date.now()): Promise<{ stored: boolean; evicted: number }> {
+    return this.cache.put(tenant, e, nowMs);
+  }
+
+  /** A claim given up (its request failed): those waiting look again. */
+  async cacheRelease(key: string): Promise<void> {
+    this.cache.release(key);
+  }
+
+  cacheStats(nowMs = Date.now()): Promise<CacheStats> {
+    return this.cache.stats(nowMs);
   }
 
   async usage(

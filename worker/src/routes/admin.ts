@@ -10,7 +10,7 @@ import { ApiError, invalid, notFound } from "../errors.js";
 import { HOST_NAME, hostStub, newHostToken, type HostTokenRecord } from "../host-token.js";
 import { hostId } from "../host-id.js";
 import { registry } from "../routing.js";
-import { MAX_SESSION_TTL_S, type TenantConfig } from "../tenant.js";
+import { MAX_CACHE_TTL_S, MAX_SESSION_TTL_S, type TenantConfig } from "../tenant.js";
 import { BUDGET_RANGE, jsonBody } from "../validate.js";
 import { tenantUsage } from "./usage.js";
 
@@ -64,6 +64,9 @@ const TENANT_FIELDS = [
   "kv_budget",
   "session_ttl_s",
   "max_stored_bytes",
+  "kv_cache",
+  "cache_max_bytes",
+  "cache_ttl_s",
 ];
 
 function tenantPatch(body: Record<string, unknown>): Partial<Omit<TenantConfig, "name">> {
@@ -83,6 +86,12 @@ function tenantPatch(body: Record<string, unknown>): Partial<Omit<TenantConfig, 
   const ttl = limit(body, "session_ttl_s");
   if (ttl !== undefined && (ttl < 1 || ttl > MAX_SESSION_TTL_S))
     throw invalid("session_ttl_s", `'session_ttl_s': ${ttl} is not an integer in [1, ${MAX_SESSION_TTL_S}]`);
+  const kvCache = body.kv_cache;
+  if (kvCache !== undefined && kvCache !== null && kvCache !== "on" && kvCache !== "off")
+    throw invalid("kv_cache", `'kv_cache': ${JSON.stringify(kvCache)?.slice(0, 80)} is not one of "on", "off"`);
+  const cacheTtl = limit(body, "cache_ttl_s");
+  if (cacheTtl !== undefined && (cacheTtl < 1 || cacheTtl > MAX_CACHE_TTL_S))
+    throw invalid("cache_ttl_s", `'cache_ttl_s': ${cacheTtl} is not an integer in [1, ${MAX_CACHE_TTL_S}]`);
   return {
     ...(typeof method === "string" ? { kv_method: method } : {}),
     ...(budget !== undefined ? { kv_budget: budget } : {}),
@@ -92,6 +101,9 @@ function tenantPatch(body: Record<string, unknown>): Partial<Omit<TenantConfig, 
     policy: policy as TenantConfig["policy"] | undefined,
     session_ttl_s: ttl,
     max_stored_bytes: limit(body, "max_stored_bytes"),
+    kv_cache: typeof kvCache === "string" ? (kvCache as "on" | "off") : undefined,
+    cache_max_bytes: limit(body, "cache_max_bytes"),
+    cache_ttl_s: cacheTtl,
   };
 }
 

@@ -1,0 +1,286 @@
+// The tenant's compressed prompt cache at the edge (docs/WORKER.md, "Prompt cache"): which cached
+// states exist, in the tenant's Durable Object (tenant.ts owns the object; this module the entries).
+// One storage key per entry (`cache:<key>`); the state itself is the R2 object
+// cache/<tenant>/<key>, written by the host that took the snapshot (host-conn.ts, state_put
+// cache:true) before its entry is put here.
+//
+// Bounds: cache_max_bytes (the entries' R2 bytes summed; least recently used go first; an entry
+// larger than the bound is not kept) and cache_ttl_s (an entry unused that long is gone: at the
+// next lookup or put, or by the object's alarm). An entry that goes takes its R2 object with it.
+//
+// Single flight: a request that would build a document's state claims its key (cacheLookup's
+// `claim`); requests for the same document meanwhile wait for that one's cachePut (then they hit)
+// or cacheRelease (then one of them claims it). Claims live in memory only: an object that leaves
+// memory forgets them, and a claim older than CLAIM_VOID_MS is void (its request died unseen).
+import { cacheObjectKey } from "./host-conn.js";
+
+export interface CacheEntry {
+  /** 64 lowercase hex (worker/src/prompt-cache.ts) */
+  key: string;
+  kind: "doc" | "reply";
+  /** how many messages the state holds (a reply counts as one) */
+  messages: number;
+  /** the host that stored it (a hint: any host of the model can read it) */
+  host: string;
+  /** the storing host's hello.model */
+  model: string;
+  /** the R2 object's bytes */
+  bytes: number;
+  /** tokens the state holds (a copy's cached_tokens) */
+  tokens: number;
+  created_ms: number;
+  used_ms: number;
+  expires_ms: number;
+}
+
+export type CacheEntryIn = Omit<CacheEntry, "created_ms" | "used_ms" | "expires_ms">;
+
+export interface CacheStats {
+  entries: number;
+  bytes: number;
+  max_bytes: number;
+  ttl_s: number;
+}
+
+export const CACHE_KEY = /^[0-9a-f]{64}$/;
+/** lookup candidates at most (a conversation of 64 messages: a doc and a reply key per prefix) */
+export const MAX_CACHE_CANDIDATES = 128;
+export const DEFAULT_CACHE_MAX_BYTES = 1 << 30;
+export const DEFAULT_CACHE_TTL_S = 3600;
+export const MAX_CACHE_TTL_S = 30 * 86_400;
+/** a request waits this long at most for another's claim on the document it needs */
+export const CLAIM_WAIT_MS = 60_000;
+/** a claim this old is void: its request died without a cachePut or cacheRelease */
+export const CLAIM_VOID_MS = 120_000;
+
+const PREFIX = "cache:";
+/** the tenant's name, as the last cachePut said it (the object does not know its own name) */
+const TENANT_KEY = "cache_tenant";
+
+/** How a claim ended, for the requests waiting on it. */
+type Outcome = "stored" | "refused" | "released" | "timeout";
+
+interface Claim {
+  since: number;
+  waiters: Set<(o: Outcome) => void>;
+}
+
+export interface CacheSettings {
+  maxBytes: number;
+  ttlMs: number;
+}
+
+export class CacheStore {
+  private readonly claims = new Map<string, Claim>();
+
+  constructor(
+    private readonly storage: DurableObjectStorage,
+    private readonly bucket: R2Bucket,
+    private readonly settings: () => Promise<CacheSettings>,
+    /** the object's alarm runs by then (expiry of entries nobody asks for) */
+    private readonly wakeBy: (atMs: number) => Promise<void>,
+  ) {}
+
+  /**
+   * The first of `keys` (longest prefix first) with a live entry: touched, its TTL counting from
+   * now. With `claim` (a key of `keys`): when nothing at or before it hits, the caller claims it
+   * (claimed: true; it builds that state and calls put or release), or, when another request
+   * holds it, waits until that one's put or release and looks again.
+   */
+  async lookup(
+    keys: string[],
+    claim?: string,
+    nowMs = Date.now(),
+  ): Promise<{ hit: CacheEntry | null; claimed: boolean }> {
+    checkKeys(keys);
+    const claimAt = claim === undefined ? -1 : keys.indexOf(claim);
+    if (claim !== undefined && claimAt < 0)
+      throw new Error(`cacheLookup: claim '${String(claim).slice(0, 80)}' is not one of the ${keys.length} keys`);
+    const started = Date.now();
+    let now = nowMs;
+    for (;;) {
+      const { hit, at } = await this.firstLive(keys, now);
+      if (claim === undefined || (hit && at <= claimAt))
+        return { hit: hit ? await this.touch(hit, now) : null, claimed: false };
+      // checked and taken with no await between: two lookups never both claim
+      const held = this.claims.get(claim);
+      if (!held || held.since + CLAIM_VOID_MS <= now) {
+        if (held) for (const w of held.waiters) w("timeout");
+        this.claims.set(claim, { since: now, waiters: new Set() });
+        return { hit: hit ? await this.touch(hit, now) : null, claimed: true };
+      }
+      const outcome = await waitFor(held, started + CLAIM_WAIT_MS - Date.now());
+      now = nowMs + (Date.now() - started);
+      if (outcome === "timeout" || outcome === "refused") {
+        // the holder is slow, or its state is not kept (too large): go on without the claim
+        const again = await this.firstLive(keys, now);
+        return { hit: again.hit ? await this.touch(again.hit, now) : null, claimed: false };
+      }
+    }
+  }
+
+  /**
+   * Records an entry whose R2 object is written (cache/<tenant>/<key>), evicting the least
+   * recently used ones to stay within cache_max_bytes; one larger than the bound is not kept (its
+   * object deleted). Expired entries go first. Resolves the claim on its key.
+   */
+  async put(tenant: string, e: CacheEntryIn, nowMs = Date.now()): Promise<{ stored: boolean; evicted: number }> {
+    checkEntry(tenant, e);
+    const claim = this.claims.get(e.key);
+    try {
+      if ((await this.storage.get<string>(TENANT_KEY)) !== tenant) await this.storage.put(TENANT_KEY, tenant);
+      const { maxBytes, ttlMs } = await this.settings();
+      let evicted = await this.sweep(nowMs, ttlMs, tenant);
+      if (e.bytes > maxBytes) {
+        // the object under this key is the new one (the host wrote it): an older entry of the key is gone too
+        await this.storage.delete(PREFIX + e.key);
+        await this.bucket.delete(cacheObjectKey(tenant, e.key));
+        this.resolve(e.key, claim, "refused");
+        return { stored: false, evicted };
+      }
+      const others = [...(await this.entries()).values()].filter((x) => x.key !== e.key);
+      let total = others.reduce((n, x) => n + x.bytes, 0) + e.bytes;
+      others.sort((a, b) => a.used_ms - b.used_ms);
+      for (const old of others) {
+        if (total <= maxBytes) break;
+        await this.drop(old.key, tenant);
+        total -= old.bytes;
+        evicted++;
+      }
+      const entry: CacheEntry = {
+        key: e.key,
+        kind: e.kind,
+        messages: e.messages,
+        host: e.host,
+        model: e.model,
+        bytes: e.bytes,
+        tokens: e.tokens,
+        created_ms: nowMs,
+        used_ms: nowMs,
+        expires_ms: nowMs + ttlMs,
+      };
+      await this.storage.put(PREFIX + e.key, entry);
+      await this.wakeBy(entry.expires_ms);
+      this.resolve(e.key, claim, "stored");
+      return { stored: true, evicted };
+    } catch (err) {
+      this.resolve(e.key, claim, "released");
+      throw err;
+    }
+  }
+
+  /** A claim given up (its request failed before a put): the requests waiting on it look again. */
+  release(key: string): void {
+    if (typeof key !== "string" || !CACHE_KEY.test(key)) throw new Error(badKey(key));
+    this.resolve(key, this.claims.get(key), "released");
+  }
+
+  async stats(nowMs = Date.now()): Promise<CacheStats> {
+    const { maxBytes, ttlMs } = await this.settings();
+    let entries = 0;
+    let bytes = 0;
+    for (const e of (await this.entries()).values())
+      if (e.used_ms + ttlMs > nowMs) {
+        entries++;
+        bytes += e.bytes;
+      }
+    return { entries, bytes, max_bytes: maxBytes, ttl_s: ttlMs / 1000 };
+  }
+
+  /** Deletes the entries unused for the TTL, and their objects; how many. */
+  async sweep(nowMs: number, ttlMs?: number, tenantName?: string): Promise<number> {
+    const ttl = ttlMs ?? (await this.settings()).ttlMs;
+    const tenant = tenantName ?? (await this.storage.get<string>(TENANT_KEY));
+    let n = 0;
+    for (const e of (await this.entries()).values())
+      if (e.used_ms + ttl <= nowMs) {
+        await this.drop(e.key, tenant);
+        n++;
+      }
+    return n;
+  }
+
+  /** When the next entry expires (Unix ms; Infinity: none). */
+  async nextExpiry(): Promise<number> {
+    const { ttlMs } = await this.settings();
+    let next = Number.POSITIVE_INFINITY;
+    for (const e of (await this.entries()).values()) next = Math.min(next, e.used_ms + ttlMs);
+    return next;
+  }
+
+  private entries(): Promise<Map<string, CacheEntry>> {
+    return this.storage.list<CacheEntry>({ prefix: PREFIX });
+  }
+
+  /** The first live entry of `keys` and its index (expired ones met on the way are deleted). */
+  private async firstLive(keys: string[], nowMs: number): Promise<{ hit: CacheEntry | null; at: number }> {
+    if (keys.length === 0) return { hit: null, at: -1 };
+    const found = await this.storage.get<CacheEntry>(keys.map((k) => PREFIX + k));
+    const { ttlMs } = await this.settings();
+    let tenant: string | undefined;
+    for (let i = 0; i < keys.length; i++) {
+      const e = found.get(PREFIX + keys[i]);
+      if (!e) continue;
+      if (e.used_ms + ttlMs > nowMs) return { hit: e, at: i };
+      tenant ??= await this.storage.get<string>(TENANT_KEY);
+      await this.drop(e.key, tenant);
+    }
+    return { hit: null, at: -1 };
+  }
+
+  private async touch(e: CacheEntry, nowMs: number): Promise<CacheEntry> {
+    const { ttlMs } = await this.settings();
+    const next = { ...e, used_ms: Math.max(e.used_ms, nowMs), expires_ms: Math.max(e.used_ms, nowMs) + ttlMs };
+    await this.storage.put(PREFIX + e.key, next);
+    return next;
+  }
+
+  private async drop(key: string, tenant: string | undefined): Promise<void> {
+    await this.storage.delete(PREFIX + key);
+    if (tenant !== undefined) await this.bucket.delete(cacheObjectKey(tenant, key));
+  }
+
+  private resolve(key: string, claim: Claim | undefined, outcome: Outcome): void {
+    if (!claim || this.claims.get(key) !== claim) return;
+    this.claims.delete(key);
+    for (const w of claim.waiters) w(outcome);
+  }
+}
+
+/** Waits for a claim's end, at most `ms`. */
+function waitFor(claim: Claim, ms: number): Promise<Outcome> {
+  if (ms <= 0) return Promise.resolve("timeout");
+  return new Promise((resolve) => {
+    const done = (o: Outcome) => {
+      clearTimeout(timer);
+      claim.waiters.delete(done);
+      resolve(o);
+    };
+    const timer = setTimeout(() => done("timeout"), ms);
+    claim.waiters.add(done);
+  });
+}
+
+const badKey = (k: unknown) =>
+  `cache key ${JSON.stringify(k)?.slice(0, 80)} is not 64 lowercase hex characters (worker/src/prompt-cache.ts)`;
+
+function checkKeys(keys: unknown): asserts keys is string[] {
+  if (!Array.isArray(keys)) throw new Error("cacheLookup: keys must be an array of cache keys");
+  if (keys.length > MAX_CACHE_CANDIDATES)
+    throw new Error(`cacheLookup: ${keys.length} keys; at most ${MAX_CACHE_CANDIDATES} are looked up at once`);
+  for (const k of keys) if (typeof k !== "string" || !CACHE_KEY.test(k)) throw new Error(badKey(k));
+}
+
+const count = (v: unknown) => typeof v === "number" && Number.isSafeInteger(v) && v >= 0;
+
+function checkEntry(tenant: unknown, e: CacheEntryIn): void {
+  if (typeof tenant !== "string" || !/^[A-Za-z0-9_.:-]{1,128}$/.test(tenant))
+    throw new Error(`cachePut: tenant ${JSON.stringify(tenant)?.slice(0, 80)} is not a tenant name`);
+  if (typeof e?.key !== "string" || !CACHE_KEY.test(e.key)) throw new Error(badKey(e?.key));
+  if (e.kind !== "doc" && e.kind !== "reply")
+    throw new Error(`cachePut: kind ${JSON.stringify(e.kind)} is not one of doc, reply`);
+  for (const f of ["messages", "bytes", "tokens"] as const)
+    if (!count(e[f])) throw new Error(`cachePut: ${f} ${JSON.stringify(e[f])} is not an integer >= 0`);
+  for (const f of ["host", "model"] as const)
+    if (typeof e[f] !== "string") throw new Error(`cachePut: ${f} must be a string`);
+}
