@@ -59,6 +59,13 @@ export const COMMANDS: CommandEntry[] = [
     load: async () => (await import("./stack/bench-move.js")).command,
   },
   {
+    name: "bench cache",
+    usage: "[--turns 10] [--chars 25000] [--sessions 16] [--shared-chars 25000] [--max-tokens 16] [--json FILE]",
+    summary:
+      "the prompt cache: a 10-turn chat over a ~6k-token document, and 16 sessions on one document, cache on vs off; JSON",
+    load: async () => (await import("./stack/bench-cache.js")).command,
+  },
+  {
     name: "bench fairness",
     usage: "[--flood 32] [--flood-tokens 256] [--tokens 32] [--runs 3] [--decode-lanes 64] [--tenant-decode-lanes 4]",
     summary: "tenant B's inter-token gap while tenant A floods: decode lanes unbounded vs bounded",
