@@ -9,7 +9,7 @@ import { runDurableObjectAlarm, runInDurableObject } from "cloudflare:test";
 import { env } from "cloudflare:workers";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 
-import { ADMIN, call, error, makeTenant } from "./client.js";
+import { ADMIN, as, call, error, makeTenant } from "./client.js";
 import { FakeHost } from "./fake-host.js";
 
 const MODEL = "cache-model.gguf";
@@ -179,6 +179,19 @@ describe("entries: lookup, bounds, expiry", () => {
     expect(await stub.cacheStats()).toMatchObject({ entries: 1, bytes: 100 });
     // the next alarm is due when k2 expires
     expect(await runInDurableObject(stub, (_o, state) => state.storage.getAlarm())).not.toBeNull();
+  });
+});
+
+describe("usage", () => {
+  it("GET /v1/usage and the admin's tenant view show the tenant's cache: live entries, their bytes, the bound and the TTL", async () => {
+    const key = await makeTenant("c-usage", { cache_max_bytes: 5000, cache_ttl_s: 120, requests_per_minute: 1000 });
+    const [k1, k2] = await Promise.all(["u1", "u2"].map(keyOf));
+    await store("c-usage", k1!, 100, Date.now());
+    await store("c-usage", k2!, 200, Date.now() - 121_000); // expired already: not counted
+    const usage = (await (await call("/v1/usage", as(key))).json()) as { cache: unknown };
+    expect(usage.cache).toEqual({ entries: 1, bytes: 100, max_bytes: 5000, ttl_s: 120 });
+    const admin = (await (await call("/admin/tenants/c-usage", { headers: ADMIN })).json()) as { cache: unknown };
+    expect(admin.cache).toEqual({ entries: 1, bytes: 100, max_bytes: 5000, ttl_s: 120 });
   });
 });
 

@@ -1,5 +1,6 @@
 // GET /v1/usage: the calling tenant's limits, requests in the last minute, sessions, the bytes of
-// its sessions' checkpoints (R2, fleet-wide), and per live host the KV bytes it uses vs its quota.
+// its sessions' checkpoints (R2, fleet-wide), its prompt cache (entries and bytes vs its bound),
+// and per live host the KV bytes it uses vs its quota.
 // The same report is the admin's GET /admin/tenants/{name}.
 import { type Context, Hono } from "hono";
 
@@ -31,6 +32,7 @@ export async function tenantUsage(c: Context<AppEnv>, tenant: string, forAdmin =
   const stub = tenantStub(c.env, tenant);
   const { config, sessions, requests_last_minute } = await stub.usage();
   const storedBytes = await stub.storedBytes();
+  const cache = await stub.cacheStats();
   const perHost = await inBatches(
     hosts.filter((h) => h.live),
     (h) =>
@@ -54,6 +56,7 @@ export async function tenantUsage(c: Context<AppEnv>, tenant: string, forAdmin =
     requests_last_minute,
     sessions: sessions.length,
     stored_bytes: storedBytes,
+    cache,
     session_list: await Promise.all(
       sessions.map(async (s) => ({
         id: s.id,
