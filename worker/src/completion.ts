@@ -3,7 +3,9 @@
 // /v1/sessions/{id}/messages) or text (text_completion; /v1/completions). The prompt is already
 // prefilled; this runs the generation on the lease's link (the lease is ended by the stream, or by
 // withHost for a whole answer). Streamed and whole answers are built from the same token frames,
-// so they carry the same text; the usage adds the session's KV bytes vs FullKV.
+// so they carry the same text; the usage adds the session's KV bytes vs FullKV. `answered` runs
+// between the last token and the end of the response (the prompt cache stores the turn there, so
+// that the next turn, sent after this response, finds it).
 import type { HostMessage } from "@pyramidkv/shared";
 
 import type { HostLease } from "./host-lease.js";
@@ -18,10 +20,17 @@ export interface CompletionJob {
   /** chat (messages) or text (/v1/completions) */
   format?: "chat" | "text";
   promptTokens: number;
+  /** the prompt tokens the session started with, copied from the prompt cache (chat usage: prompt_tokens_details) */
+  cachedTokens?: number;
   sampling: Sampling;
   includeUsage: boolean;
   /** runs when the generation ends, however it ends */
   after?: (done: HostMessage<"done"> | undefined) => Promise<unknown>;
+  /**
+   * runs after the generation's done, before the finish chunk (stream) or the body, with the
+   * answer's text exactly as the client receives it; it must not throw (its failure is its own)
+   */
+  answered?: (answer: string, done: HostMessage<"done">) => Promise<void>;
   /** extra top-level fields of every chunk / the completion (e.g. session) */
   extra?: Record<string, unknown>;
 }
@@ -68,6 +77,7 @@ async function usageOf(job: CompletionJob, done: HostMessage<"done">) {
     prompt_tokens: job.promptTokens,
     completion_tokens: done.new_tokens,
     total_tokens: job.promptTokens + done.new_tokens,
+    ...(job.format !== "text" ? { prompt_tokens_details: { cached_tokens: job.cachedTokens ?? 0 } } : {}),
     ...(st?.kv_bytes !== undefined ? { kv_bytes: st.kv_bytes } : {}),
     ...(st?.full_kv_bytes !== undefined ? { full_kv_bytes: st.full_kv_bytes } : {}),
   };
@@ -112,11 +122,14 @@ export function streamCompletion(job: CompletionJob): Response {
   // The client going away ends the lease, which closes the link: that cancels the generation on the host.
   return job.lease.sse(async (sse) => {
     let done: HostMessage<"done"> | undefined;
+    let answer = "";
     try {
       if (!text) sse.data(frame([choice({ role: "assistant", content: "" }, null, null)]));
-      done = await generate(job.lease.link, job.session, job.sampling, (t, lp) =>
-        sse.data(frame([choice({ content: t }, lp, null)])),
-      );
+      done = await generate(job.lease.link, job.session, job.sampling, (t, lp) => {
+        answer += t;
+        sse.data(frame([choice({ content: t }, lp, null)]));
+      });
+      await job.answered?.(answer, done);
       sse.data(frame([choice({}, null, finishReason(done.reason))]));
       if (job.includeUsage) sse.data(frame([], { usage: await usageOf(job, done) }));
       sse.done();
@@ -137,6 +150,7 @@ export async function wholeCompletion(job: CompletionJob): Promise<Record<string
       text += t;
       lps.push(...lp);
     });
+    await job.answered?.(text, done);
     usage = await usageOf(job, done);
   } finally {
     await job.after?.(done);

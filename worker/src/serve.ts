@@ -21,6 +21,8 @@ export interface OpenOptions {
   promptBytes: number;
   /** the host closes the session when this link closes (a chat completion's: nothing outlives a dead edge) */
   ephemeral?: boolean;
+  /** start from a copy of this cached state (prompt-cache.ts): the host answers cache_miss when it has none */
+  fromCache?: string;
 }
 
 /** Open a session on the host with these KV settings; the response headers echo what the host granted. */
@@ -33,6 +35,7 @@ export async function openSession(c: Context<AppEnv>, link: HostLink, session: s
       budget: kv.budget,
       prompt_bytes: o.promptBytes,
       ...(o.ephemeral ? { ephemeral: true } : {}),
+      ...(o.fromCache !== undefined ? { from_cache: o.fromCache } : {}),
     },
     "opened",
   );
@@ -184,6 +187,23 @@ export function appendTurns(
       add_generation_prompt: generationPrompt,
     }),
     o,
+  );
+}
+
+/**
+ * Stores an immutable copy of the session's state, as it is after its pending work, under `key`
+ * (host protocol 3.1): in the host's snapshot memory and the edge's store (cache/<tenant>/<key>).
+ * Over `maxBytes` the host answers too_large and stores nothing.
+ */
+export function snapshot(
+  link: HostLink,
+  session: string,
+  key: string,
+  maxBytes?: number,
+): Promise<HostMessage<"snapshotted">> {
+  return link.call(
+    { type: "snapshot", session, key, ...(maxBytes !== undefined ? { max_bytes: maxBytes } : {}) },
+    "snapshotted",
   );
 }
 

@@ -64,6 +64,8 @@ export interface ChatRequest {
   stream: boolean;
   includeUsage: boolean;
   kv: KvRequest;
+  /** kv_cache as the request gave it (absent: the tenant's, else on) */
+  kvCache?: KvCache;
   sampling: Sampling;
 }
 
@@ -82,6 +84,7 @@ export interface SessionRequest {
   system?: string;
   stream: boolean;
   kv: KvRequest;
+  kvCache?: KvCache;
 }
 
 export interface MessageRequest {
@@ -244,6 +247,28 @@ export function resolveKv(asked: KvRequest, tenant?: { kv_method?: string; kv_bu
   const fallback = tenant?.kv_method;
   const method = asked.method ?? (fallback !== undefined && isKvMethod(fallback) ? fallback : ENGINE_DEFAULTS.method);
   return { method, budget: asked.budget ?? tenant?.kv_budget ?? ENGINE_DEFAULTS.budget };
+}
+
+/** The compressed prompt cache (prompt-cache.ts): on (the default) or off (every prompt prefilled whole). */
+export const KV_CACHE_VALUES = ["on", "off"] as const;
+export type KvCache = (typeof KV_CACHE_VALUES)[number];
+const isKvCache = (v: unknown): v is KvCache => (KV_CACHE_VALUES as readonly unknown[]).includes(v);
+
+function kvCache(o: Record<string, unknown>): { kvCache?: KvCache } {
+  const v = o.kv_cache;
+  if (absent(v)) return {};
+  if (!isKvCache(v))
+    throw invalid(
+      "kv_cache",
+      `'kv_cache': ${show(v)} is not one of ${KV_CACHE_VALUES.map((x) => `"${x}"`).join(", ")}`,
+    );
+  return { kvCache: v };
+}
+
+/** Whether a request uses the prompt cache: its kv_cache, else its tenant's, else on. */
+export function resolveKvCache(asked: KvCache | undefined, tenant?: { kv_cache?: string } | null): boolean {
+  const fallback = tenant?.kv_cache;
+  return (asked ?? (isKvCache(fallback) ? fallback : "on")) === "on";
 }
 
 /** kv_method / kv_budget with the engine's defaults (no tenant defaults). */
@@ -438,6 +463,7 @@ const CHAT_FIELDS = [
   "response_format",
   "kv_method",
   "kv_budget",
+  "kv_cache",
 ];
 const CHAT_REFUSED = [
   "n",
@@ -471,6 +497,7 @@ export function chatRequest(o: Record<string, unknown>): ChatRequest {
     stream: bool(o, "stream", false),
     includeUsage: streamOptions(o),
     kv: kvRequest(o),
+    ...kvCache(o),
     sampling: { ...s, ...chatLogprobs(o), ...(json !== undefined ? { json_schema: json } : {}) },
   };
 }
@@ -521,7 +548,7 @@ export function completionRequest(o: Record<string, unknown>): CompletionRequest
 }
 
 export function sessionRequest(o: Record<string, unknown>): SessionRequest {
-  checkFields(o, ["model", "document", "system", "stream", "kv_method", "kv_budget"], []);
+  checkFields(o, ["model", "document", "system", "stream", "kv_method", "kv_budget", "kv_cache"], []);
   const document = str(o, "document", true);
   if (document.length === 0) throw invalid("document", "'document' must not be empty");
   return {
@@ -530,6 +557,7 @@ export function sessionRequest(o: Record<string, unknown>): SessionRequest {
     system: str(o, "system"),
     stream: bool(o, "stream", false),
     kv: kvRequest(o),
+    ...kvCache(o),
   };
 }
 

@@ -3,7 +3,10 @@
 // speaks host protocol 3 on its one socket (shared codec): channel 0 control, every other channel
 // one request of the edge, recorded frame by frame (`connections`, one list per channel). By
 // default it answers every session message like a healthy host; `on` overrides the answer to a
-// type, `onControl` adds answers to control messages (R2 replies, welcome...).
+// type, `onControl` adds answers to control messages (R2 replies, welcome...). A host of protocol
+// minor 1 (`hello.protocol_minor`) also keeps each session's token count and answers the prompt
+// cache's messages (snapshot, open_session.from_cache) from a StateCache that the fake hosts of a
+// test share (as hosts share the edge's store): a copy snapshotted on one opens on another.
 import {
   CONTROL_CHANNEL,
   type ControlFromHost,
@@ -59,6 +62,19 @@ export function dialIn(authorization?: string): Promise<Response> {
 
 export type Load = Omit<HostMessage<"heartbeat">, "type">;
 
+/** A cached state as the fake hosts keep it (by `<tenant>/<key>`, as the edge's store does). */
+export interface CachedState {
+  tokens: number;
+  bytes: number;
+  model: string;
+  method: string;
+  budget: number;
+}
+export type StateCache = Map<string, CachedState>;
+
+/** The bytes of every fake snapshot. */
+export const FAKE_SNAPSHOT_BYTES = 4096;
+
 export class FakeHost {
   /** session frames received, one list per channel */
   readonly connections: ToHostMessage[][] = [];
@@ -96,8 +112,82 @@ export class FakeHost {
       pool_bytes?: number;
       /** heartbeat every this many ms (default: only when told, `heartbeat()`) */
       beat_every_ms?: number;
+      /** 1: the prompt cache's messages (host protocol 3.1); default 0 */
+      protocol_minor?: number;
     } = {},
+    /** the cached states this host reads and snapshots into (share one map between the hosts of a test) */
+    readonly states: StateCache = new Map(),
   ) {}
+
+  /** tokens of each open session (protocol minor 1) */
+  private readonly tokens = new Map<string, { tokens: number; method: string; budget: number }>();
+
+  /** The default answers (an `on` handler may call it): a healthy host's (`answer`), with the prompt cache's at protocol minor 1. */
+  readonly answer: Handler = (m, reply, ws) => {
+    if ((this.hello.protocol_minor ?? 0) < 1) return answer(m, reply, ws);
+    const at = (session: string) => `${m.tenant}/${session}`;
+    switch (m.type) {
+      case "open_session": {
+        if (m.from_cache !== undefined) {
+          const st = this.states.get(at(m.from_cache));
+          if (!st || st.model !== this.model)
+            return reply({
+              type: "error",
+              id: m.id,
+              session: m.session,
+              code: "cache_miss",
+              message: `no cached state ${m.from_cache} of ${this.model}`,
+            });
+          this.tokens.set(at(m.session), { tokens: st.tokens, method: st.method, budget: st.budget });
+          return reply({
+            type: "opened",
+            id: m.id,
+            session: m.session,
+            method: st.method,
+            budget: st.budget,
+            reserved_bytes: 0,
+            tokens_seen: st.tokens,
+            cached_bytes: st.bytes,
+          });
+        }
+        this.tokens.set(at(m.session), { tokens: 0, method: m.method ?? "pyramidkv", budget: m.budget ?? 128 });
+        return answer(m, reply, ws);
+      }
+      case "append": {
+        const s = this.tokens.get(at(m.session));
+        if (m.more || !s) return answer(m, reply, ws);
+        s.tokens += 10;
+        return reply({ type: "appended", id: m.id, session: m.session, tokens_seen: s.tokens, kv_bytes: 640 });
+      }
+      case "generate": {
+        const s = this.tokens.get(at(m.session));
+        if (s) s.tokens += 1;
+        return answer(m, reply, ws);
+      }
+      case "snapshot": {
+        const s = this.tokens.get(at(m.session));
+        if (!s)
+          return reply({ type: "error", id: m.id, session: m.session, code: "unknown_session", message: "no session" });
+        if (m.max_bytes !== undefined && FAKE_SNAPSHOT_BYTES > m.max_bytes)
+          return reply({ type: "error", id: m.id, session: m.session, code: "too_large", message: "over max_bytes" });
+        this.states.set(at(m.key), { ...s, bytes: FAKE_SNAPSHOT_BYTES, model: this.model });
+        return reply({
+          type: "snapshotted",
+          id: m.id,
+          session: m.session,
+          key: m.key,
+          bytes: FAKE_SNAPSHOT_BYTES,
+          tokens_seen: s.tokens,
+          kv_bytes: 640,
+        });
+      }
+      case "close":
+        this.tokens.delete(at(m.session));
+        return answer(m, reply, ws);
+      default:
+        return answer(m, reply, ws);
+    }
+  };
 
   private beating?: ReturnType<typeof setInterval>;
 
@@ -179,7 +269,10 @@ export class FakeHost {
           // the socket closed under the reply
         }
       };
-      (this.on[d.message.type] ?? answer)(d.message, reply, { close: (code, reason) => this.close(code, reason) });
+      const ctl = { close: (code?: number, reason?: string) => this.close(code, reason) };
+      const on = this.on[d.message.type];
+      if (on) on(d.message, reply, ctl);
+      else this.answer(d.message, reply, ctl);
     });
     ws.addEventListener("close", (ev) => {
       this.closeCode = ev.code;
@@ -188,7 +281,7 @@ export class FakeHost {
     this.send({
       type: "host_hello",
       protocol: HOST_PROTOCOL_VERSION,
-      protocol_minor: 0,
+      protocol_minor: this.hello.protocol_minor ?? 0,
       model: this.model,
       n_layer: 2,
       n_ctx: this.hello.n_ctx ?? 4096,

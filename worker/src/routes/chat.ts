@@ -3,13 +3,17 @@
 // appended as one list of messages (rendered by the engine with the model's own chat template; one
 // prefill, compressed once with kv_method/kv_budget or the tenant's defaults), generated, closed.
 // Opened ephemeral: should the edge die before closing it, the host closes it with the link.
+// With the prompt cache (kv_cache on, a host of protocol 3.1) the session starts from a copy of the
+// longest cached prefix of the conversation instead, and only the rest is prefilled
+// (prompt-cache.ts).
 import { Hono } from "hono";
 
 import { streamCompletion, wholeCompletion } from "../completion.js";
 import type { AppEnv } from "../env.js";
 import { withHost } from "../host-lease.js";
+import { cachedChat, cacheUsable } from "../prompt-cache.js";
 import { appendTurns, checkMaxTokens, modelId, openSession, randomId, turnsBytes } from "../serve.js";
-import { chatRequest, jsonBody, resolveKv } from "../validate.js";
+import { chatRequest, jsonBody, resolveKv, resolveKvCache } from "../validate.js";
 
 export const chat = new Hono<AppEnv>();
 
@@ -17,10 +21,20 @@ chat.post("/chat/completions", jsonBody(chatRequest), async (c) => {
   const req = c.req.valid("json");
   const kv = resolveKv(req.kv, c.get("tenantConfig"));
   c.set("kv", kv);
+  const useCache = resolveKvCache(req.kvCache, c.get("tenantConfig"));
   const session = randomId("chat-");
   // The session is closed on the host after the answer, and when anything fails or the client leaves (also before the answer: host-lease.ts).
   return withHost(c, { opens: session, ephemeral: true, model: req.model }, async (lease) => {
     checkMaxTokens(lease.link, req.sampling);
+    if (cacheUsable(useCache, lease.link))
+      return cachedChat(c, lease, {
+        session,
+        kv,
+        turns: req.turns,
+        sampling: req.sampling,
+        stream: req.stream,
+        includeUsage: req.includeUsage,
+      });
     await openSession(c, lease.link, session, kv, { promptBytes: turnsBytes(req.turns), ephemeral: true });
     const appended = await appendTurns(c.env, lease.link, session, req.turns, true, {
       maxTokens: req.sampling.max_tokens_asked ?? 1,

@@ -1,0 +1,255 @@
+// The compressed prompt cache, request side (docs/WORKER.md, "Prompt cache"): a chat completion is
+// the sessions API on the same turns. The messages before the last user message are the
+// conversation's document, appended without the generation prompt and compressed on their own
+// (when they hold at least PKV_CACHE_MIN_BYTES of content), then the rest with the generation
+// prompt, then the answer. Each such state is snapshotted (host protocol 3.1) under a key of its
+// exact messages: the document's as a doc entry, the prompt + answer as a reply entry, in the
+// tenant's Durable Object (tenant.ts). A later request starts from a copy of the longest cached
+// prefix of its messages (open_session.from_cache) and prefills only what follows it; a miss (or
+// a host answering cache_miss) runs the same steps from an empty session.
+//
+// Keys: a hash chain over the messages, seeded by the model and the compression, so that a key
+// names exactly one state (the same messages, model, method and budget):
+//   chain_0 = SHA-256("pkv-cache-v1\n" + JSON([model, method, budget]))
+//   chain_k = SHA-256(chain_{k-1} || JSON([role_k, content_k]))
+//   key(kind, k) = hex(SHA-256(chain_k || kind))
+import type { Context } from "hono";
+
+import { tenantStub } from "./auth.js";
+import type { Turn } from "./chat.js";
+import { MAX_CACHE_CANDIDATES } from "./cache-store.js";
+import { type CompletionJob, streamCompletion, wholeCompletion } from "./completion.js";
+import type { AppEnv, Env } from "./env.js";
+import { ApiError } from "./errors.js";
+import type { HostLease } from "./host-lease.js";
+import type { HostLink } from "./host-link.js";
+import { appendTurns, modelId, type OpenOptions, openSession, snapshot, turnsBytes } from "./serve.js";
+import { CACHE_DEFAULTS, type CacheEntry } from "./tenant.js";
+import type { KvSettings, Sampling } from "./validate.js";
+
+export type EntryKind = "doc" | "reply";
+
+/** Below this many content bytes, the messages before the last user message are not a document step of their own. */
+export const DEFAULT_CACHE_MIN_BYTES = 1024;
+
+/** PKV_CACHE_MIN_BYTES (0: every conversation with earlier messages has a document step). */
+export function cacheMinBytes(env: Env): number {
+  const v = env.PKV_CACHE_MIN_BYTES;
+  const n = Number(v);
+  return v !== undefined && v !== "" && Number.isSafeInteger(n) && n >= 0 ? n : DEFAULT_CACHE_MIN_BYTES;
+}
+
+/** The host can copy and snapshot states (protocol 3.1) and the request (or its tenant) has the cache on. */
+export const cacheUsable = (on: boolean, link: HostLink): boolean => on && (link.hello.protocol_minor ?? 0) >= 1;
+
+const utf8 = new TextEncoder();
+const hex = (b: Uint8Array) => [...b].map((x) => x.toString(16).padStart(2, "0")).join("");
+
+async function sha256(...parts: Uint8Array[]): Promise<Uint8Array> {
+  const all = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    all.set(p, at);
+    at += p.length;
+  }
+  return new Uint8Array(await crypto.subtle.digest("SHA-256", all));
+}
+
+/** chain_0 of a model (hello.model) and the compression sent in open_session. */
+export const chainSeed = (model: string, kv: KvSettings): Promise<Uint8Array> =>
+  sha256(utf8.encode(`pkv-cache-v1\n${JSON.stringify([model, kv.method, kv.budget])}`));
+
+/** chain_k from chain_{k-1} and message k. */
+export const chainNext = (prev: Uint8Array, t: Turn): Promise<Uint8Array> =>
+  sha256(prev, utf8.encode(JSON.stringify([t.role, t.content])));
+
+/** chain_0 … chain_n of messages m_1 … m_n. */
+export async function chains(model: string, kv: KvSettings, turns: Turn[]): Promise<Uint8Array[]> {
+  const out = [await chainSeed(model, kv)];
+  for (const t of turns) out.push(await chainNext(out[out.length - 1]!, t));
+  return out;
+}
+
+/** key(kind, k) from chain_k: 64 lowercase hex. */
+export const entryKey = async (chain: Uint8Array, kind: EntryKind): Promise<string> =>
+  hex(await sha256(chain, utf8.encode(kind)));
+
+/**
+ * The lookup candidates of a request m_1 … m_n (chain_0 … chain_n): for k = n−1 down to 1, the
+ * reply key (only where m_k is the assistant's: a reply entry ends with its answer) and the doc
+ * key, longest first, at most MAX_CACHE_CANDIDATES.
+ */
+export async function candidates(turns: Turn[], chain: Uint8Array[]): Promise<string[]> {
+  const keys: string[] = [];
+  for (let k = turns.length - 1; k >= 1 && keys.length < MAX_CACHE_CANDIDATES; k--) {
+    if (turns[k - 1]!.role === "assistant") keys.push(await entryKey(chain[k]!, "reply"));
+    if (keys.length < MAX_CACHE_CANDIDATES) keys.push(await entryKey(chain[k]!, "doc"));
+  }
+  return keys;
+}
+
+const failure = (e: unknown) => (e instanceof Error ? e.message : String(e));
+
+/**
+ * One request's use of the tenant's cache on a host link: the lookup (with the claim of the
+ * document it would build), the open from a copy (or from nothing on a miss), the snapshots and
+ * their entries. Nothing here fails a request for the cache's sake: a lookup that fails is a miss,
+ * a snapshot or put that fails leaves the entry absent. A claim not resolved by a put is released
+ * (release(), which the caller runs when its request fails).
+ */
+export class CacheUse {
+  /** the entry the request starts from (null: none, or the host had no copy) */
+  hit: CacheEntry | null = null;
+  /** the doc key this request claimed and has not stored or released yet */
+  private claimed?: string;
+
+  constructor(
+    private readonly c: Context<AppEnv>,
+    private readonly link: HostLink,
+  ) {}
+
+  private get stub() {
+    return tenantStub(this.c.env, this.c.get("tenant"));
+  }
+
+  /** The first of `keys` with a live entry; with `claim`, nobody else building that document meanwhile. */
+  async lookup(keys: string[], claim?: string): Promise<void> {
+    if (keys.length === 0) return;
+    try {
+      const r = await this.stub.cacheLookup(keys, claim);
+      this.hit = r.hit;
+      if (r.claimed) this.claimed = claim;
+    } catch (e) {
+      console.warn(`prompt cache: lookup failed (a miss): ${failure(e)}`);
+    }
+  }
+
+  /**
+   * Opens `session` from a copy of the hit (the host answers cache_miss when no copy can be had:
+   * then it opens again from nothing, as a miss). `promptBytes` of `fromHit` are those after the
+   * copy's messages, of `whole` all of them.
+   */
+  async open(
+    session: string,
+    kv: KvSettings,
+    o: Omit<OpenOptions, "promptBytes" | "fromCache">,
+    bytes: { fromHit: number; whole: number },
+  ) {
+    if (this.hit) {
+      try {
+        return await openSession(this.c, this.link, session, kv, {
+          ...o,
+          promptBytes: bytes.fromHit,
+          fromCache: this.hit.key,
+        });
+      } catch (e) {
+        if (!(e instanceof ApiError && e.code === "cache_miss")) throw e;
+        console.warn(`prompt cache: host ${this.link.host} had no copy of ${this.hit.key}: ${e.message}`);
+        this.hit = null;
+      }
+    }
+    return openSession(this.c, this.link, session, kv, { ...o, promptBytes: bytes.whole });
+  }
+
+  /**
+   * Snapshots the session's state (after its pending work) as entry `key` (`messages` long) and
+   * records it; a failure leaves the entry absent (and releases the claim on it).
+   */
+  async store(session: string, key: string, kind: EntryKind, messages: number): Promise<void> {
+    try {
+      const cfg = this.c.get("tenantConfig");
+      const snap = await snapshot(this.link, session, key, cfg?.cache_max_bytes ?? CACHE_DEFAULTS.cache_max_bytes);
+      await this.stub.cachePut(this.c.get("tenant"), {
+        key,
+        kind,
+        messages,
+        host: this.link.host,
+        model: this.link.hello.model,
+        bytes: snap.bytes,
+        tokens: snap.tokens_seen,
+      });
+      if (this.claimed === key) this.claimed = undefined; // the put resolved it
+    } catch (e) {
+      console.warn(`prompt cache: ${kind} entry not stored: ${failure(e)}`);
+    } finally {
+      if (this.claimed === key) await this.release();
+    }
+  }
+
+  /** Gives up an unresolved claim (the request failed): those waiting for it look again. */
+  async release(): Promise<void> {
+    const key = this.claimed;
+    if (key === undefined) return;
+    this.claimed = undefined;
+    await this.stub.cacheRelease(key).catch((e: unknown) => {
+      console.warn(`prompt cache: release of ${key} failed: ${failure(e)}`);
+    });
+  }
+}
+
+export interface CachedChat {
+  /** the ephemeral session the lease opens and closes */
+  session: string;
+  kv: KvSettings;
+  turns: Turn[];
+  sampling: Sampling;
+  stream: boolean;
+  includeUsage: boolean;
+}
+
+/**
+ * A chat completion through the cache on a lease: lookup → open (a copy of the longest cached
+ * prefix, or nothing) → the document step when it applies and the copy does not hold it already
+ * (snapshotted as a doc entry) → the rest with the generation prompt → the answer, whose state is
+ * snapshotted as a reply entry before the response ends. Resolves with the response (a stream
+ * holds the lease).
+ */
+export async function cachedChat(c: Context<AppEnv>, lease: HostLease, chat: CachedChat): Promise<Response> {
+  const { link } = lease;
+  const { session, kv, turns } = chat;
+  const chain = await chains(link.hello.model, kv, turns);
+  // the document: the messages before the last user message
+  let split = turns.length - 1;
+  while (split > 0 && turns[split]!.role !== "user") split--;
+  const docStep = split > 0 && turnsBytes(turns.slice(0, split)) >= cacheMinBytes(c.env);
+  const docKey = docStep ? await entryKey(chain[split]!, "doc") : undefined;
+  const cache = new CacheUse(c, link);
+  try {
+    await cache.lookup(await candidates(turns, chain), docKey);
+    const opened = await cache.open(
+      session,
+      kv,
+      { ephemeral: true },
+      { fromHit: turnsBytes(turns.slice(cache.hit?.messages ?? 0)), whole: turnsBytes(turns) },
+    );
+    const hit = cache.hit;
+    let from = hit?.messages ?? 0;
+    const cachedTokens = hit ? (opened.tokens_seen ?? hit.tokens) : 0;
+    if (docKey !== undefined && from < split) {
+      await appendTurns(c.env, link, session, turns.slice(from, split), false, { param: "messages", maxTokens: 1 });
+      await cache.store(session, docKey, "doc", split);
+      from = split;
+    }
+    const appended = await appendTurns(c.env, link, session, turns.slice(from), true, {
+      maxTokens: chat.sampling.max_tokens_asked ?? 1,
+      param: "messages",
+    });
+    const job: CompletionJob = {
+      lease,
+      session,
+      model: modelId(link.hello.model),
+      promptTokens: appended.tokens_seen,
+      cachedTokens,
+      sampling: chat.sampling,
+      includeUsage: chat.includeUsage,
+      // the turn's state, prompt and answer, under the key of its messages and the answer as the client got it
+      answered: async (answer) => {
+        const reply = await chainNext(chain[turns.length]!, { role: "assistant", content: answer });
+        await cache.store(session, await entryKey(reply, "reply"), "reply", turns.length + 1);
+      },
+    };
+    return chat.stream ? streamCompletion(job) : c.json(await wholeCompletion(job));
+  } finally {
+    await cache.release();
+  }
+}

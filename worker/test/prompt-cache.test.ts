@@ -1,0 +1,399 @@
+// The compressed prompt cache, request side (prompt-cache.ts), against fake hosts of protocol 3.1
+// that share their cached states (as hosts share the edge's store): what each turn sends the host
+// (a copy of the longest cached prefix, only the new messages appended), the keys as docs/WORKER.md
+// defines them, cached_tokens, misses (a changed message, another tenant, a host without the copy),
+// one prefill per shared document, snapshot failures that fail nothing, kv_cache and its validation,
+// and the path with the cache off (or a 3.0 host) unchanged.
+import { ENGINE_DEFAULTS, type ToHostMessage } from "@pyramidkv/shared";
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
+
+import { DEFAULT_SYSTEM } from "../src/routes/sessions.js";
+import { as, call, error, hostRow, makeTenant, readSse } from "./client.js";
+import { eventuallyAsync, FakeHost, type StateCache } from "./fake-host.js";
+
+const MODEL_FILE = "cache-model.gguf";
+const MODEL = "cache-model";
+const states: StateCache = new Map();
+const one = new FakeHost("pc-one", MODEL_FILE, { protocol_minor: 1 }, states);
+const two = new FakeHost("pc-two", MODEL_FILE, { protocol_minor: 1 }, states);
+/** a host of protocol 3.0 (no cache) */
+const old = new FakeHost("pc-old", "old-model.gguf", { protocol_minor: 0 });
+const hosts = [one, two, old];
+let key: string;
+let other: string;
+let off: string;
+
+const MiB = 1 << 20;
+/** Routes new sessions to `h` (the most free KV) and waits until the routing table knows. */
+async function prefer(h: FakeHost) {
+  for (const x of [one, two]) x.heartbeat({ free_bytes: (x === h ? 900 : 100) * MiB });
+  for (const x of [one, two])
+    await eventuallyAsync(
+      async () => (await hostRow(x.name))?.free_bytes === (x === h ? 900 : 100) * MiB,
+      `${x.name}'s heartbeat in the table`,
+    );
+}
+
+beforeAll(async () => {
+  key = await makeTenant("pc-a", { max_sessions: 16, requests_per_minute: 10_000 });
+  other = await makeTenant("pc-b", { max_sessions: 16, requests_per_minute: 10_000 });
+  off = await makeTenant("pc-off", { max_sessions: 16, requests_per_minute: 10_000, kv_cache: "off" });
+  for (const h of hosts) await h.connect();
+});
+afterAll(async () => {
+  for (const h of hosts) await h.disconnect();
+});
+beforeEach(async () => {
+  for (const h of hosts) {
+    await h.settle();
+    h.reset();
+  }
+});
+
+// ---- the keys, written from the contract (docs/WORKER.md), not from prompt-cache.ts ----
+const utf8 = new TextEncoder();
+async function sha(...parts: Uint8Array[]): Promise<Uint8Array> {
+  const all = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    all.set(p, at);
+    at += p.length;
+  }
+  return new Uint8Array(await crypto.subtle.digest("SHA-256", all));
+}
+type Msg = { role: string; content: string };
+async function cacheKey(kind: "doc" | "reply", messages: Msg[], model = MODEL_FILE): Promise<string> {
+  let chain = await sha(
+    utf8.encode(`pkv-cache-v1\n${JSON.stringify([model, ENGINE_DEFAULTS.method, ENGINE_DEFAULTS.budget])}`),
+  );
+  for (const m of messages) chain = await sha(chain, utf8.encode(JSON.stringify([m.role, m.content])));
+  return [...(await sha(chain, utf8.encode(kind)))].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+type Frame<T extends ToHostMessage["type"]> = Extract<ToHostMessage, { type: T }>;
+/** The frames of each request's channel (those that opened a session), on both hosts of the model. */
+const requests = () =>
+  [...one.connections, ...two.connections, ...old.connections].filter((ch) =>
+    ch.some((f) => f.type === "open_session"),
+  );
+const only = () => {
+  const r = requests();
+  expect(r).toHaveLength(1);
+  return r[0]!;
+};
+const ofType = <T extends ToHostMessage["type"]>(frames: ToHostMessage[], type: T) =>
+  frames.filter((f) => f.type === type) as Frame<T>[];
+/** A channel's frames after set_tenant, by type, the close (sent by the lease after the response) left out. */
+const steps = (frames: ToHostMessage[]) => frames.map((f) => f.type).filter((t) => t !== "set_tenant" && t !== "close");
+
+interface ChatBody {
+  choices: { message: { content: string } }[];
+  usage: { prompt_tokens: number; prompt_tokens_details: { cached_tokens: number } };
+}
+async function chat(k: string, messages: Msg[], extra: Record<string, unknown> = {}) {
+  const r = await call("/v1/chat/completions", as(k, { model: MODEL, messages, ...extra }));
+  expect(r.status, await r.clone().text()).toBe(200);
+  return (await r.json()) as ChatBody;
+}
+
+const sys = (s: string) => ({ role: "system", content: s });
+const user = (s: string) => ({ role: "user", content: s });
+const assistant = (s: string) => ({ role: "assistant", content: s });
+/** a document of at least PKV_CACHE_MIN_BYTES (1024) */
+const doc = (tag: string) => `${tag}: ${"The quick brown fox jumps over the lazy dog. ".repeat(30)}`;
+
+describe("a conversation continues a copy of its last turn", () => {
+  it("turn 2 opens a copy of turn 1's reply (its key over the messages and the answer) and appends only the new user message", async () => {
+    const t1 = [sys("Be brief."), user("Hi, 2-turn")];
+    const a = await chat(key, t1);
+    expect(a.choices[0]!.message.content).toBe("Hello");
+    expect(a.usage.prompt_tokens_details).toEqual({ cached_tokens: 0 });
+    const ch1 = only();
+    // below PKV_CACHE_MIN_BYTES: no document step, the whole prompt in one append as without the cache
+    expect(steps(ch1)).toEqual(["open_session", "append", "generate", "snapshot", "stats"]);
+    expect(ofType(ch1, "open_session")[0]!.from_cache).toBeUndefined();
+    const replyKey = await cacheKey("reply", [...t1, assistant("Hello")]);
+    expect(ofType(ch1, "snapshot")[0]).toMatchObject({ key: replyKey, max_bytes: 1 << 30 });
+
+    for (const h of hosts) h.reset();
+    const t2 = [...t1, assistant("Hello"), user("And then?")];
+    const b = await chat(key, t2);
+    expect(b.choices[0]!.message.content).toBe("Hello");
+    const ch2 = only();
+    expect(ofType(ch2, "open_session")[0]!.from_cache).toBe(replyKey);
+    const appends = ofType(ch2, "append");
+    expect(appends).toHaveLength(1);
+    expect(appends[0]).toMatchObject({ messages: [user("And then?")], add_generation_prompt: true });
+    // the fake host: 10 tokens per append, 1 per answer
+    expect(b.usage.prompt_tokens_details).toEqual({ cached_tokens: 11 });
+    expect(b.usage.prompt_tokens).toBe(21);
+    expect(ofType(ch2, "snapshot")[0]!.key).toBe(await cacheKey("reply", [...t2, assistant("Hello")]));
+  });
+
+  it("a streamed turn's entry exists when its response ends (the snapshot is awaited before the finish chunk), and the next turn copies it on another host", async () => {
+    await prefer(one);
+    // a slow snapshot: a response that ended before it would leave turn 2 without an entry
+    one.on.snapshot = (m, reply, ws) => setTimeout(() => one.answer(m, reply, ws), 300);
+    const t1 = [sys("Be brief."), user("Hi, streamed")];
+    const r = await call(
+      "/v1/chat/completions",
+      as(key, { model: MODEL, messages: t1, stream: true, stream_options: { include_usage: true } }),
+    );
+    const chunks = [];
+    for await (const ev of readSse(r)) if (ev.data !== "[DONE]") chunks.push(JSON.parse(ev.data));
+    expect(chunks.map((c) => c.choices[0]?.delta?.content ?? "").join("")).toBe("Hello");
+    expect(chunks.at(-1).usage.prompt_tokens_details).toEqual({ cached_tokens: 0 });
+    expect(steps(one.connections.find((ch) => ch.some((f) => f.type === "open_session"))!)).toEqual([
+      "open_session",
+      "append",
+      "generate",
+      "snapshot",
+      "stats",
+    ]);
+
+    await prefer(two);
+    const b = await chat(key, [...t1, assistant("Hello"), user("More?")]);
+    const ch2 = two.connections.find((ch) => ch.some((f) => f.type === "open_session"))!;
+    expect(ofType(ch2, "open_session")[0]!.from_cache).toBe(await cacheKey("reply", [...t1, assistant("Hello")]));
+    expect(b.usage.prompt_tokens_details.cached_tokens).toBe(11);
+  });
+
+  it("a changed earlier message (or system prompt) is a miss: the whole conversation is prefilled", async () => {
+    const t1 = [sys("Be brief."), user("Hi, changed")];
+    await chat(key, t1);
+    for (const changed of [
+      [...t1, assistant("Hello!"), user("And?")],
+      [sys("Be very brief."), user("Hi, changed"), assistant("Hello"), user("And?")],
+    ]) {
+      for (const h of hosts) h.reset();
+      const b = await chat(key, changed);
+      const ch = only();
+      expect(ofType(ch, "open_session")[0]!.from_cache).toBeUndefined();
+      expect(ofType(ch, "append").map((f) => f.messages)).toEqual([changed]);
+      expect(b.usage.prompt_tokens_details.cached_tokens).toBe(0);
+    }
+  });
+
+  it("two tenants with the same conversation never hit each other's entries", async () => {
+    const t1 = [sys("Be brief."), user("Hi, tenants")];
+    const t2 = [...t1, assistant("Hello"), user("And?")];
+    await chat(key, t1);
+    for (const h of hosts) h.reset();
+    const b = await chat(other, t2);
+    expect(ofType(only(), "open_session")[0]!.from_cache).toBeUndefined();
+    expect(b.usage.prompt_tokens_details.cached_tokens).toBe(0);
+    expect(ofType(only(), "snapshot")[0]!.tenant).toBe("pc-b");
+    // the same turn of the tenant that answered turn 1 does hit
+    for (const h of hosts) h.reset();
+    const a = await chat(key, t2);
+    expect(ofType(only(), "open_session")[0]!.from_cache).toBe(await cacheKey("reply", [...t1, assistant("Hello")]));
+    expect(a.usage.prompt_tokens_details.cached_tokens).toBe(11);
+  });
+
+  it("a host without the copy answers cache_miss: the request opens again from nothing and the answer still comes", async () => {
+    const t1 = [sys("Be brief."), user("Hi, cache_miss")];
+    await chat(key, t1);
+    states.clear(); // the entry is recorded at the edge, but no host can read its state
+    for (const h of hosts) h.reset();
+    const t2 = [...t1, assistant("Hello"), user("And?")];
+    const b = await chat(key, t2);
+    expect(b.choices[0]!.message.content).toBe("Hello");
+    const ch = only();
+    const opens = ofType(ch, "open_session");
+    expect(opens).toHaveLength(2);
+    expect(opens[0]!.from_cache).toBe(await cacheKey("reply", [...t1, assistant("Hello")]));
+    expect(opens[1]!.from_cache).toBeUndefined();
+    expect(opens[1]!.session).toBe(opens[0]!.session);
+    expect(ofType(ch, "append").map((f) => f.messages)).toEqual([t2]);
+    expect(b.usage.prompt_tokens_details.cached_tokens).toBe(0);
+    // its own turn is stored again
+    expect(ofType(ch, "snapshot")[0]!.key).toBe(await cacheKey("reply", [...t2, assistant("Hello")]));
+  });
+
+  it("a snapshot that fails fails nothing: the answer comes, the entry is absent", async () => {
+    for (const h of [one, two])
+      h.on.snapshot = (m, reply) =>
+        reply({ type: "error", id: m.id, code: "checkpoint_failed", message: "edge refused" });
+    const t1 = [sys("Be brief."), user("Hi, failing snapshot")];
+    expect((await chat(key, t1)).choices[0]!.message.content).toBe("Hello");
+    for (const h of hosts) h.reset();
+    const b = await chat(key, [...t1, assistant("Hello"), user("And?")]);
+    expect(ofType(only(), "open_session")[0]!.from_cache).toBeUndefined();
+    expect(b.usage.prompt_tokens_details.cached_tokens).toBe(0);
+  });
+});
+
+describe("documents: the messages before the last user message", () => {
+  it("a long system prompt is a document step of its own (doc entry); the next question copies it, the next turn the reply", async () => {
+    const d = sys(doc("manual"));
+    const a = await chat(key, [d, user("Q1?")]);
+    expect(a.usage.prompt_tokens_details.cached_tokens).toBe(0);
+    const ch = only();
+    expect(steps(ch)).toEqual(["open_session", "append", "snapshot", "append", "generate", "snapshot", "stats"]);
+    const [docAppend, rest] = ofType(ch, "append");
+    expect(docAppend).toMatchObject({ messages: [d], add_generation_prompt: false });
+    expect(rest).toMatchObject({ messages: [user("Q1?")], add_generation_prompt: true });
+    const docKey = await cacheKey("doc", [d]);
+    expect(ofType(ch, "snapshot").map((f) => f.key)).toEqual([
+      docKey,
+      await cacheKey("reply", [d, user("Q1?"), assistant("Hello")]),
+    ]);
+
+    // another question on the same document: a copy of the document's state
+    for (const h of hosts) h.reset();
+    const b = await chat(key, [d, user("Q2?")]);
+    const ch2 = only();
+    expect(ofType(ch2, "open_session")[0]!.from_cache).toBe(docKey);
+    expect(ofType(ch2, "append").map((f) => f.messages)).toEqual([[user("Q2?")]]);
+    expect(b.usage.prompt_tokens_details.cached_tokens).toBe(10);
+
+    // the next turn of the first conversation: a copy of its reply, no document step
+    for (const h of hosts) h.reset();
+    const c = await chat(key, [d, user("Q1?"), assistant("Hello"), user("Q3?")]);
+    const ch3 = only();
+    expect(ofType(ch3, "open_session")[0]!.from_cache).toBe(
+      await cacheKey("reply", [d, user("Q1?"), assistant("Hello")]),
+    );
+    expect(ofType(ch3, "append").map((f) => [f.messages, f.add_generation_prompt])).toEqual([[[user("Q3?")], true]]);
+    expect(c.usage.prompt_tokens_details.cached_tokens).toBe(21);
+  });
+
+  it("a hit shorter than the document gets the document step from there (the sessions API on the same turns)", async () => {
+    const system = "Answer from the document.";
+    const document = doc("shorter hit");
+    const s = await call("/v1/sessions", as(key, { model: MODEL, system, document }));
+    expect(s.status).toBe(201);
+    const docKey2 = await cacheKey("doc", [sys(system), user(document)]);
+    expect(ofType(only(), "snapshot")[0]!.key).toBe(docKey2);
+
+    for (const h of hosts) h.reset();
+    const msgs = [sys(system), user(document), assistant("Understood."), user("Q?")];
+    const b = await chat(key, msgs);
+    const ch = only();
+    expect(ofType(ch, "open_session")[0]!.from_cache).toBe(docKey2);
+    expect(ofType(ch, "append").map((f) => [f.messages, f.add_generation_prompt])).toEqual([
+      [[assistant("Understood.")], false],
+      [[user("Q?")], true],
+    ]);
+    expect(ofType(ch, "snapshot")[0]!.key).toBe(await cacheKey("doc", msgs.slice(0, 3)));
+    expect(b.usage.prompt_tokens_details.cached_tokens).toBe(10);
+  });
+
+  it("a document opened by several sessions at once is prefilled once; the others start from copies", async () => {
+    // the document's prefill is slow: the other sessions' lookups wait for its entry instead of prefilling too
+    for (const h of [one, two])
+      h.on.append = (m, reply, ws) => {
+        const a = m as Frame<"append">;
+        if (a.add_generation_prompt === false) setTimeout(() => h.answer(m, reply, ws), 300);
+        else h.answer(m, reply, ws);
+      };
+    const system = "Answer from the shared manual.";
+    const document = doc("shared manual");
+    const rs = await Promise.all(
+      [0, 1, 2, 3].map(() => call("/v1/sessions", as(key, { model: MODEL, system, document }))),
+    );
+    const bodies = await Promise.all(
+      rs.map(async (r) => {
+        expect(r.status).toBe(201);
+        return (await r.json()) as { id: string; cached_tokens: number };
+      }),
+    );
+    const docKey = await cacheKey("doc", [sys(system), user(document)]);
+    const opens = requests().flatMap((ch) => ofType(ch, "open_session"));
+    expect(opens).toHaveLength(4);
+    expect(opens.filter((o) => o.from_cache === docKey)).toHaveLength(3);
+    expect(requests().flatMap((ch) => ofType(ch, "append"))).toHaveLength(1);
+    expect(bodies.map((b) => b.cached_tokens).sort()).toEqual([0, 10, 10, 10]);
+    // a copy opened is a session like any: its questions are answered, each on its own copy
+    for (const b of bodies) {
+      const q = await call(`/v1/sessions/${b.id}/messages`, as(key, { content: "What is it?", stream: false }));
+      expect(q.status).toBe(200);
+    }
+    // a chat completion on the same document starts from the same state
+    for (const h of hosts) h.reset();
+    const c = await chat(key, [sys(system), user(document), user("Q?")]);
+    expect(ofType(only(), "open_session")[0]!.from_cache).toBe(docKey);
+    expect(c.usage.prompt_tokens_details.cached_tokens).toBe(10);
+    for (const b of bodies)
+      expect((await call(`/v1/sessions/${b.id}`, { ...as(key), method: "DELETE" })).status).toBe(200);
+  });
+
+  it("a document whose snapshot failed is not waited for: the next session prefills it and stores it", async () => {
+    one.on.snapshot = two.on.snapshot = (m, reply) =>
+      reply({ type: "error", id: m.id, code: "too_large", message: "over max_bytes" });
+    const body = { model: MODEL, document: doc("failed snapshot") };
+    const a = await call("/v1/sessions", as(key, body));
+    expect(a.status).toBe(201);
+    expect(((await a.json()) as { cached_tokens: number }).cached_tokens).toBe(0);
+    delete one.on.snapshot;
+    delete two.on.snapshot;
+    const b = await call("/v1/sessions", as(key, { ...body, stream: true }));
+    const events = [];
+    for await (const ev of readSse(b)) if (ev.data !== "[DONE]") events.push(JSON.parse(ev.data));
+    expect(events.at(-1)).toMatchObject({ object: "session", cached_tokens: 0 });
+    expect(requests().flatMap((ch) => ofType(ch, "append"))).toHaveLength(2);
+    // now stored: a third opens a copy, streamed
+    for (const h of hosts) h.reset();
+    const c = await call("/v1/sessions", as(key, { ...body, stream: true }));
+    const cev = [];
+    for await (const ev of readSse(c)) if (ev.data !== "[DONE]") cev.push(JSON.parse(ev.data));
+    expect(cev).toEqual([expect.objectContaining({ object: "session", cached_tokens: 10 })]);
+    expect(ofType(only(), "open_session")[0]!.from_cache).toBe(
+      await cacheKey("doc", [sys(DEFAULT_SYSTEM), user(body.document)]),
+    );
+  });
+});
+
+describe("kv_cache", () => {
+  it("off (the request's or the tenant's) is today's path: nothing looked up, nothing snapshotted", async () => {
+    const t1 = [sys("Be brief."), user("Hi, off")];
+    await chat(key, t1);
+    const t2 = [...t1, assistant("Hello"), user("And?")];
+    for (const [k, extra] of [
+      [key, { kv_cache: "off" }],
+      [off, {}],
+    ] as const) {
+      for (const h of hosts) h.reset();
+      const b = await chat(k, t2, extra);
+      const ch = only();
+      expect(steps(ch)).toEqual(["open_session", "append", "generate", "stats"]);
+      expect(ofType(ch, "open_session")[0]!.from_cache).toBeUndefined();
+      expect(ofType(ch, "append").map((f) => f.messages)).toEqual([t2]);
+      expect(b.usage.prompt_tokens_details).toEqual({ cached_tokens: 0 });
+    }
+    // the request's on wins over the tenant's off
+    for (const h of hosts) h.reset();
+    await chat(off, t1, { kv_cache: "on" });
+    expect(ofType(only(), "snapshot")).toHaveLength(1);
+    // sessions: off opens and prefills as before, and says cached_tokens 0
+    for (const h of hosts) h.reset();
+    const s = await call("/v1/sessions", as(key, { model: MODEL, document: doc("off session"), kv_cache: "off" }));
+    expect(((await s.json()) as { cached_tokens: number }).cached_tokens).toBe(0);
+    expect(steps(only())).toEqual(["open_session", "append", "stats"]);
+  });
+
+  it("a host of protocol 3.0 is served without the cache", async () => {
+    const r = await call(
+      "/v1/chat/completions",
+      as(key, { model: "old-model", messages: [sys(doc("old host")), user("Q?")] }),
+    );
+    const body = (await r.json()) as ChatBody;
+    expect(body.usage.prompt_tokens_details).toEqual({ cached_tokens: 0 });
+    expect(steps(only())).toEqual(["open_session", "append", "generate", "stats"]);
+  });
+
+  it('anything but "on" or "off" is 400 naming kv_cache and the accepted values', async () => {
+    for (const v of ["maybe", true, 1, ""]) {
+      for (const [path, body] of [
+        ["/v1/chat/completions", { model: MODEL, messages: [user("hi")], kv_cache: v }],
+        ["/v1/sessions", { model: MODEL, document: "d", kv_cache: v }],
+      ] as const) {
+        const e = await error(await call(path, as(key, body)));
+        expect(e).toMatchObject({ status: 400, type: "invalid_request_error", param: "kv_cache" });
+        expect(e.message).toContain('"on", "off"');
+        expect(e.message).toContain(JSON.stringify(v));
+      }
+    }
+    expect(requests()).toHaveLength(0);
+  });
+});
