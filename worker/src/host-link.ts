@@ -33,6 +33,7 @@ const FINAL = new Set([
   "closed",
   "stats_result",
   "tenant_set",
+  "snapshotted",
   "error",
 ]);
 /** host 2.1: the requests that carry the edge's request id */
