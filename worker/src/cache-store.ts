@@ -12,6 +12,10 @@
 // `claim`); requests for the same document meanwhile wait for that one's cachePut (then they hit)
 // or cacheRelease (then one of them claims it). Claims live in memory only: an object that leaves
 // memory forgets them, and a claim older than CLAIM_VOID_MS is void (its request died unseen).
+//
+// A state written to R2 whose entry never comes (its request died between the snapshot and
+// cachePut) is noted when written (`written`, by host-conn.ts) and deleted by the alarm after
+// UNCLAIMED_OBJECT_MS, unless an entry holds it by then.
 import { cacheObjectKey } from "./host-conn.js";
 
 export interface CacheEntry {
@@ -53,7 +57,12 @@ export const CLAIM_WAIT_MS = 60_000;
 /** a claim this old is void: its request died without a cachePut or cacheRelease */
 export const CLAIM_VOID_MS = 120_000;
 
+/** a cached state in R2 with no entry this long after it was written is deleted */
+export const UNCLAIMED_OBJECT_MS = 10 * 60_000;
+
 const PREFIX = "cache:";
+/** a state written to R2, its entry not put yet: when (Unix ms) */
+const WRITTEN = "cache-written:";
 /** the tenant's name, as the last cachePut said it (the object does not know its own name) */
 const TENANT_KEY = "cache_tenant";
 
@@ -147,6 +156,7 @@ export class CacheStore {
         total -= old.bytes;
         evicted++;
       }
+      await this.storage.delete(WRITTEN + e.key);
       const entry: CacheEntry = {
         key: e.key,
         kind: e.kind,
@@ -169,6 +179,15 @@ export class CacheStore {
     }
   }
 
+  /** A state was written to R2 as cache/<tenant>/<key>: deleted later unless its entry is put. */
+  async written(tenant: string, key: string, nowMs = Date.now()): Promise<void> {
+    checkTenant(tenant);
+    if (typeof key !== "string" || !CACHE_KEY.test(key)) throw new Error(badKey(key));
+    if ((await this.storage.get<string>(TENANT_KEY)) !== tenant) await this.storage.put(TENANT_KEY, tenant);
+    await this.storage.put(WRITTEN + key, nowMs);
+    await this.wakeBy(nowMs + UNCLAIMED_OBJECT_MS);
+  }
+
   /** A claim given up (its request failed before a put): the requests waiting on it look again. */
   release(key: string): void {
     if (typeof key !== "string" || !CACHE_KEY.test(key)) throw new Error(badKey(key));
@@ -187,7 +206,7 @@ export class CacheStore {
     return { entries, bytes, max_bytes: maxBytes, ttl_s: ttlMs / 1000 };
   }
 
-  /** Deletes the entries unused for the TTL, and their objects; how many. */
+  /** Deletes the entries unused for the TTL, and their objects (and objects no entry came for); how many entries. */
   async sweep(nowMs: number, ttlMs?: number, tenantName?: string): Promise<number> {
     const ttl = ttlMs ?? (await this.settings()).ttlMs;
     const tenant = tenantName ?? (await this.storage.get<string>(TENANT_KEY));
@@ -197,6 +216,14 @@ export class CacheStore {
         await this.drop(e.key, tenant);
         n++;
       }
+    for (const [k, at] of await this.storage.list<number>({ prefix: WRITTEN })) {
+      if (at + UNCLAIMED_OBJECT_MS > nowMs) continue;
+      const key = k.slice(WRITTEN.length);
+      // an entry of the key holds the object (put since, or stored before and written again)
+      if (tenant !== undefined && !(await this.storage.get(PREFIX + key)))
+        await this.bucket.delete(cacheObjectKey(tenant, key));
+      await this.storage.delete(k);
+    }
     return n;
   }
 
@@ -205,6 +232,8 @@ export class CacheStore {
     const { ttlMs } = await this.settings();
     let next = Number.POSITIVE_INFINITY;
     for (const e of (await this.entries()).values()) next = Math.min(next, e.used_ms + ttlMs);
+    for (const at of (await this.storage.list<number>({ prefix: WRITTEN })).values())
+      next = Math.min(next, at + UNCLAIMED_OBJECT_MS);
     return next;
   }
 
@@ -273,9 +302,13 @@ function checkKeys(keys: unknown): asserts keys is string[] {
 
 const count = (v: unknown) => typeof v === "number" && Number.isSafeInteger(v) && v >= 0;
 
-function checkEntry(tenant: unknown, e: CacheEntryIn): void {
+function checkTenant(tenant: unknown): void {
   if (typeof tenant !== "string" || !/^[A-Za-z0-9_.:-]{1,128}$/.test(tenant))
-    throw new Error(`cachePut: tenant ${JSON.stringify(tenant)?.slice(0, 80)} is not a tenant name`);
+    throw new Error(`cache: tenant ${JSON.stringify(tenant)?.slice(0, 80)} is not a tenant name`);
+}
+
+function checkEntry(tenant: unknown, e: CacheEntryIn): void {
+  checkTenant(tenant);
   if (typeof e?.key !== "string" || !CACHE_KEY.test(e.key)) throw new Error(badKey(e?.key));
   if (e.kind !== "doc" && e.kind !== "reply")
     throw new Error(`cachePut: kind ${JSON.stringify(e.kind)} is not one of doc, reply`);

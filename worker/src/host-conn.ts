@@ -573,7 +573,8 @@ export class HostConn extends DurableObject<Env> {
             this.controlError(ws, m.id, "state_conflict", conflict(m.session, m.if_etag));
             return;
           }
-          if (!cached && !(await this.committed(ws, m.id, key, m.tenant, m.session, att.name))) return;
+          if (cached) await this.cacheWritten(m.tenant, m.session);
+          else if (!(await this.committed(ws, m.id, key, m.tenant, m.session, att.name))) return;
           this.sendControl(ws, { type: "state_ack", id: m.id, part: 0 });
           this.sendControl(ws, { type: "state_stored", id: m.id, etag: obj.etag, bytes: obj.size });
           return;
@@ -647,12 +648,20 @@ export class HostConn extends DurableObject<Env> {
       }
       const obj = await upload.complete(pending.parts);
       await this.ctx.storage.delete(pendingKey);
-      if (!pending.cache && !(await this.committed(ws, m.id, key, pending.tenant, pending.session, att.name))) return;
+      if (pending.cache) await this.cacheWritten(pending.tenant, pending.session);
+      else if (!(await this.committed(ws, m.id, key, pending.tenant, pending.session, att.name))) return;
       this.sendControl(ws, { type: "state_ack", id: m.id, part: m.part });
       this.sendControl(ws, { type: "state_stored", id: m.id, etag: obj.etag, bytes: obj.size });
     } catch (e) {
       return fail("internal", `R2: ${e instanceof Error ? e.message : String(e)}`);
     }
+  }
+
+  /** A cached state is in R2: its tenant's object deletes it later unless its entry is put (cache-store.ts). */
+  private async cacheWritten(tenant: string, key: string): Promise<void> {
+    await tenantStub(this.env, tenant)
+      .cacheWritten(tenant, key)
+      .catch(() => {});
   }
 
   /**

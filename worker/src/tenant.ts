@@ -510,6 +510,11 @@ export class TenantState extends DurableObject<Env> {
     return this.cache.put(tenant, e, nowMs);
   }
 
+  /** A cached state was written to R2 (host-conn.ts): deleted by the alarm unless its entry is put within 10 minutes. */
+  cacheWritten(tenant: string, key: string, nowMs = Date.now()): Promise<void> {
+    return this.cache.written(tenant, key, nowMs);
+  }
+
   /** A claim given up (its request failed): those waiting look again. */
   async cacheRelease(key: string): Promise<void> {
     this.cache.release(key);

@@ -370,6 +370,8 @@ async function cacheGetFrom(h: FakeHost, tenant: string, key: string, cache = tr
   return { data, answers };
 }
 
+const stored = (answers: Answer[]) => answers.find((x) => x.type === "state_stored");
+
 const digest = async (x: Uint8Array) =>
   `${x.length}:${[...new Uint8Array(await crypto.subtle.digest("SHA-256", x))].map((y) => y.toString(16).padStart(2, "0")).join("")}`;
 
@@ -436,6 +438,30 @@ describe("cached states in R2 (state_* cache:true)", () => {
     expect((await cacheGetFrom(a, "c-conn", "sess-1")).answers).toMatchObject([
       { type: "control_error", code: "bad_frame" },
     ]);
+  });
+
+  it("a state written whose entry never comes (its request died) is deleted by the tenant's alarm; one whose entry came stays", async () => {
+    await makeTenant("c-conn-orphan", {});
+    const [orphan, kept] = await Promise.all(["conn-orphan", "conn-kept"].map(keyOf));
+    const stub = stubOf("c-conn-orphan");
+    expect(stored(await cachePutFrom(a, "c-conn-orphan", orphan!, bytesOf(300, 6)))).toBeDefined();
+    expect(stored(await cachePutFrom(a, "c-conn-orphan", kept!, bytesOf(300, 7)))).toBeDefined();
+    expect(await stub.cachePut("c-conn-orphan", entry(kept!, 300))).toEqual({ stored: true, evicted: 0 });
+    const written = () =>
+      runInDurableObject(stub, async (_o, state) => [
+        ...(await state.storage.list({ prefix: "cache-written:" })).keys(),
+      ]);
+    // noted when written, forgotten when its entry came
+    expect(await written()).toEqual([`cache-written:${orphan}`]);
+    // both written 11 minutes ago
+    await runInDurableObject(stub, async (_o, state) => {
+      for (const k of [orphan, kept]) await state.storage.put(`cache-written:${k}`, Date.now() - 11 * 60_000);
+    });
+    await runDurableObjectAlarm(stub);
+    expect(await exists("c-conn-orphan", orphan!)).toBe(false);
+    expect(await exists("c-conn-orphan", kept!)).toBe(true);
+    expect((await stub.cacheLookup([orphan!, kept!])).hit?.key).toBe(kept);
+    expect(await written()).toEqual([]);
   });
 
   it("a cached state does not count against max_stored_bytes, and needs no open session", async () => {
