@@ -147,15 +147,7 @@ export class CacheStore {
         this.resolve(e.key, claim, "refused");
         return { stored: false, evicted };
       }
-      const others = [...(await this.entries()).values()].filter((x) => x.key !== e.key);
-      let total = others.reduce((n, x) => n + x.bytes, 0) + e.bytes;
-      others.sort((a, b) => a.used_ms - b.used_ms);
-      for (const old of others) {
-        if (total <= maxBytes) break;
-        await this.drop(old.key, tenant);
-        total -= old.bytes;
-        evicted++;
-      }
+      evicted += await this.evictTo(maxBytes - e.bytes, tenant, e.key);
       await this.storage.delete(WRITTEN + e.key);
       const entry: CacheEntry = {
         key: e.key,
@@ -177,6 +169,33 @@ export class CacheStore {
       this.resolve(e.key, claim, "released");
       throw err;
     }
+  }
+
+  /**
+   * The tenant's settings changed: expired entries go, then the least recently used ones until the
+   * rest fit cache_max_bytes; the alarm is due at the next expiry under the new TTL.
+   */
+  async trim(tenant: string, nowMs = Date.now()): Promise<void> {
+    const { maxBytes, ttlMs } = await this.settings();
+    await this.sweep(nowMs, ttlMs, tenant);
+    await this.evictTo(maxBytes, tenant);
+    const next = await this.nextExpiry();
+    if (Number.isFinite(next)) await this.wakeBy(next);
+  }
+
+  /** Drops the least recently used entries (but `keep`) until the others' bytes are at most `limit`; how many. */
+  private async evictTo(limit: number, tenant: string, keep?: string): Promise<number> {
+    const others = [...(await this.entries()).values()].filter((x) => x.key !== keep);
+    let total = others.reduce((n, x) => n + x.bytes, 0);
+    others.sort((a, b) => a.used_ms - b.used_ms);
+    let evicted = 0;
+    for (const old of others) {
+      if (total <= limit) break;
+      await this.drop(old.key, tenant);
+      total -= old.bytes;
+      evicted++;
+    }
+    return evicted;
   }
 
   /** A state was written to R2 as cache/<tenant>/<key>: deleted later unless its entry is put. */

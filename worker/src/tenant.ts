@@ -160,6 +160,8 @@ export class TenantState extends DurableObject<Env> {
       name,
     };
     await this.ctx.storage.put("config", next);
+    // a lower bound or a shorter TTL applies to the entries already cached
+    if (patch.cache_max_bytes !== undefined || patch.cache_ttl_s !== undefined) await this.cache.trim(name);
     return next;
   }
 

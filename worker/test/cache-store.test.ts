@@ -142,6 +142,25 @@ describe("entries: lookup, bounds, expiry", () => {
     expect(await stub.cacheStats(t0 + 8)).toMatchObject({ entries: 2, bytes: 2500 });
   });
 
+  it("a lower cache_max_bytes or a shorter cache_ttl_s set by the admin applies at once to what is cached", async () => {
+    await makeTenant("c-trim", {});
+    const [k1, k2, k3] = await Promise.all(["tr1", "tr2", "tr3"].map(keyOf));
+    const t0 = Date.now();
+    await store("c-trim", k1!, 1000, t0 - 2000);
+    await store("c-trim", k2!, 1000, t0 - 1000);
+    await store("c-trim", k3!, 1000, t0 - 600_000);
+    const put = (body: unknown) =>
+      call("/admin/tenants/c-trim", { method: "PUT", headers: ADMIN, body: JSON.stringify(body) });
+    // k3 unused for 10 minutes: gone with a 5-minute TTL
+    expect((await put({ cache_ttl_s: 300 })).status).toBe(200);
+    expect(await exists("c-trim", k3!)).toBe(false);
+    // k1 the least recently used of the others
+    expect((await put({ cache_max_bytes: 1500 })).status).toBe(200);
+    expect(await exists("c-trim", k1!)).toBe(false);
+    expect(await exists("c-trim", k2!)).toBe(true);
+    expect(await stubOf("c-trim").cacheStats()).toEqual({ entries: 1, bytes: 1000, max_bytes: 1500, ttl_s: 300 });
+  });
+
   it("cache_ttl_s: an entry unused that long is gone at the next lookup, its object deleted; each use restarts it", async () => {
     await makeTenant("c-ttl", { cache_ttl_s: 60 });
     const [k1, k2] = await Promise.all(["t1", "t2"].map(keyOf));
