@@ -157,8 +157,9 @@ export class CacheUse {
    */
   async store(session: string, key: string, kind: EntryKind, messages: number): Promise<void> {
     try {
-      const cfg = this.c.get("tenantConfig");
-      const snap = await snapshot(this.link, session, key, cfg?.cache_max_bytes ?? CACHE_DEFAULTS.cache_max_bytes);
+      const maxBytes = this.c.get("tenantConfig")?.cache_max_bytes ?? CACHE_DEFAULTS.cache_max_bytes;
+      if (maxBytes === 0) return; // the tenant keeps no cached state (finally: its claim released)
+      const snap = await snapshot(this.link, session, key, maxBytes);
       await this.stub.cachePut(this.c.get("tenant"), {
         key,
         kind,

@@ -3,7 +3,8 @@
 // (a copy of the longest cached prefix, only the new messages appended), the keys as docs/WORKER.md
 // defines them, cached_tokens, misses (a changed message, another tenant, a host without the copy),
 // one prefill per shared document, snapshot failures that fail nothing, kv_cache and its validation,
-// and the path with the cache off (or a 3.0 host) unchanged.
+// and the path with the cache off (or a 3.0 host) unchanged. Timeouts are generous (a loaded CI
+// box) and still below the 60 s that a claim never released would make a request wait.
 import { ENGINE_DEFAULTS, type ToHostMessage } from "@pyramidkv/shared";
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
 
@@ -102,7 +103,7 @@ const assistant = (s: string) => ({ role: "assistant", content: s });
 /** a document of at least PKV_CACHE_MIN_BYTES (1024) */
 const doc = (tag: string) => `${tag}: ${"The quick brown fox jumps over the lazy dog. ".repeat(30)}`;
 
-describe("a conversation continues a copy of its last turn", () => {
+describe("a conversation continues a copy of its last turn", { timeout: 30_000 }, () => {
   it("turn 2 opens a copy of turn 1's reply (its key over the messages and the answer) and appends only the new user message", async () => {
     const t1 = [sys("Be brief."), user("Hi, 2-turn")];
     const a = await chat(key, t1);
@@ -223,7 +224,7 @@ describe("a conversation continues a copy of its last turn", () => {
   });
 });
 
-describe("documents: the messages before the last user message", () => {
+describe("documents: the messages before the last user message", { timeout: 30_000 }, () => {
   it("a long system prompt is a document step of its own (doc entry); the next question copies it, the next turn the reply", async () => {
     const d = sys(doc("manual"));
     const a = await chat(key, [d, user("Q1?")]);
@@ -344,7 +345,45 @@ describe("documents: the messages before the last user message", () => {
   });
 });
 
-describe("kv_cache", () => {
+describe("bounds and failures", { timeout: 30_000 }, () => {
+  it("snapshots are bounded by the tenant's cache_max_bytes (0: none taken)", async () => {
+    const small = await makeTenant("pc-small", { requests_per_minute: 10_000, cache_max_bytes: 2048 });
+    const none = await makeTenant("pc-none", { requests_per_minute: 10_000, cache_max_bytes: 0 });
+    const t1 = [sys("Be brief."), user("Hi, bounded")];
+    await chat(small, t1);
+    // the fake state (4096 bytes) is over the bound: too_large, no entry, the answer unharmed
+    expect(ofType(only(), "snapshot")[0]!.max_bytes).toBe(2048);
+    for (const h of hosts) h.reset();
+    const b = await chat(small, [...t1, assistant("Hello"), user("And?")]);
+    expect(b.usage.prompt_tokens_details.cached_tokens).toBe(0);
+    for (const h of hosts) h.reset();
+    await chat(none, t1);
+    expect(steps(only())).toEqual(["open_session", "append", "generate", "stats"]);
+  });
+
+  it("a request that fails while building a document gives its claim up: the next one builds it at once", async () => {
+    let first = true;
+    for (const h of [one, two])
+      h.on.append = (m, reply, ws) => {
+        const a = m as Frame<"append">;
+        if (a.add_generation_prompt !== false || !first) return h.answer(m, reply, ws);
+        first = false;
+        setTimeout(
+          () => reply({ type: "error", id: a.id, session: a.session, code: "context_full", message: "too long" }),
+          300,
+        );
+      };
+    const body = { model: MODEL, system: "Claims.", document: doc("claimed, then failed") };
+    const rs = await Promise.all([0, 1].map(() => call("/v1/sessions", as(key, body))));
+    expect(rs.map((r) => r.status).sort()).toEqual([201, 400]);
+    const [failed, ok] = rs[0]!.status === 400 ? rs : [rs[1]!, rs[0]!];
+    expect(await error(failed!)).toMatchObject({ code: "context_length_exceeded", param: "document" });
+    expect(((await ok!.json()) as { cached_tokens: number }).cached_tokens).toBe(0);
+    expect(requests().flatMap((ch) => ofType(ch, "append"))).toHaveLength(2);
+  });
+});
+
+describe("kv_cache", { timeout: 30_000 }, () => {
   it("off (the request's or the tenant's) is today's path: nothing looked up, nothing snapshotted", async () => {
     const t1 = [sys("Be brief."), user("Hi, off")];
     await chat(key, t1);
