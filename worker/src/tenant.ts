@@ -17,9 +17,10 @@
 // holding a stale copy is refused), and a session moves to another host by compare-and-set
 // (moveSession), so that two requests racing for it land on one host.
 //
-// The tenant's prompt cache (cacheLookup, cachePut, cacheRelease, cacheStats; cache-store.ts):
-// its entries live here too, their states in R2 (cache/<tenant>/<key>), within the tenant's
-// cache_max_bytes and cache_ttl_s; the alarm deletes entries unused for the TTL.
+// The tenant's prompt cache (cacheLookup, cachePut, cacheRelease, cacheStats, and cacheWritten from
+// host-conn.ts; cache-store.ts): its entries live here too, their states in R2
+// (cache/<tenant>/<key>), within the tenant's cache_max_bytes and cache_ttl_s; the alarm deletes
+// entries unused for the TTL, and states whose entry never came.
 import { DurableObject } from "cloudflare:workers";
 
 import {
