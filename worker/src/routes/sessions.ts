@@ -21,7 +21,7 @@ import { ApiError, notFound, sessionExpired, sessionLimit } from "../errors.js";
 import { hostId } from "../host-id.js";
 import type { HostLink } from "../host-link.js";
 import { withHost } from "../host-lease.js";
-import { CacheUse, cacheMinBytes, cacheUsable, chains, entryKey } from "../prompt-cache.js";
+import { CacheUse, cacheUsable, chains, entryKey } from "../prompt-cache.js";
 import {
   type AppendOptions,
   appendTurns,
@@ -134,10 +134,7 @@ sessions.post("/", jsonBody(sessionRequest), async (c) => {
     if (!(await stub.updateSession(id, { host: lease.link.host }))) throw unknownSession(id);
     // The prompt cache: the document's state, the same entry as a chat completion whose messages
     // begin with these two (prompt-cache.ts); one request builds it, the others start from copies.
-    const cache =
-      cacheUsable(useCache, lease.link) && turnsBytes(turns) >= cacheMinBytes(c.env)
-        ? new CacheUse(c, lease.link)
-        : undefined;
+    const cache = cacheUsable(useCache, lease.link) ? new CacheUse(c, lease.link) : undefined;
     const docKey = cache ? await entryKey((await chains(lease.link.hello.model, kv, turns))[2]!, "doc") : "";
     try {
       await cache?.lookup([docKey], docKey);
