@@ -27,6 +27,7 @@ const FINAL = new Set([
   "closed",
   "stats_result",
   "tenant_set",
+  "snapshotted",
   "error",
 ]);
 

@@ -24,6 +24,8 @@ export interface TenantLimits {
 /** Default idle TTL of a session (1 h) and bytes of offloaded state per tenant (1 GiB). */
 export const DEFAULT_SESSION_TTL_S = 3600;
 export const DEFAULT_MAX_STORED_BYTES = 1 << 30;
+/** Bytes of cached states (snapshots) the host keeps in memory, every tenant together (256 MiB). */
+export const DEFAULT_CACHE_MEMORY_BYTES = 256 << 20;
 
 export interface HostConfig {
   listen: string;
@@ -71,6 +73,9 @@ export interface HostConfig {
   tenantDecodeLanes: number;
   /** an engine request that gets no frame for this long fails with 'timeout' */
   engineTimeoutMs: number;
+  /** cached states (snapshot, open_session.from_cache) kept in host memory, LRU; 0 = none (the
+   * edge's store only) */
+  cacheMemoryBytes: number;
 }
 
 export const HOST_USAGE = `usage: pkv host [options]            (each option also reads an environment variable)
@@ -95,6 +100,7 @@ export const HOST_USAGE = `usage: pkv host [options]            (each option als
   --max-prefills N           PKV_MAX_PREFILLS       appends in the engine at once (2)
   --session-ttl-seconds N    PKV_SESSION_TTL_SECONDS  close sessions idle this long, per tenant by default (3600)
   --max-stored-bytes N       PKV_MAX_STORED_BYTES   offloaded state a tenant may keep, by default (1073741824)
+  --cache-memory-bytes N     PKV_CACHE_MEMORY_BYTES  cached prompt states kept in memory, LRU; 0 = none (268435456)
   --decode-lanes N           PKV_DECODE_LANES       generations in the engine at once (64)
   --tenant-decode-lanes N    PKV_TENANT_DECODE_LANES  of which one tenant may hold (16)
   --engine-timeout-seconds N PKV_ENGINE_TIMEOUT_SECONDS  an engine request silent this long fails (120)
@@ -216,6 +222,12 @@ export const HOST_FLAGS = {
     default: DEFAULT_MAX_STORED_BYTES,
     env: "PKV_MAX_STORED_BYTES",
   }),
+  "cache-memory-bytes": int({
+    min: 0,
+    max: Number.MAX_SAFE_INTEGER,
+    default: DEFAULT_CACHE_MEMORY_BYTES,
+    env: "PKV_CACHE_MEMORY_BYTES",
+  }),
   "decode-lanes": int({ min: 1, max: 65536, default: 64, env: "PKV_DECODE_LANES" }),
   "tenant-decode-lanes": int({ min: 1, max: 65536, default: 16, env: "PKV_TENANT_DECODE_LANES" }),
   "engine-timeout-seconds": int({ min: 1, max: 86400, default: 120, env: "PKV_ENGINE_TIMEOUT_SECONDS" }),
@@ -278,5 +290,6 @@ export function hostConfig(f: FlagValues<typeof HOST_FLAGS>): HostConfig {
     decodeLanes: f["decode-lanes"],
     tenantDecodeLanes: f["tenant-decode-lanes"],
     engineTimeoutMs: f["engine-timeout-seconds"] * 1000,
+    cacheMemoryBytes: f["cache-memory-bytes"],
   };
 }

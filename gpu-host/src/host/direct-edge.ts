@@ -1,4 +1,4 @@
-// A minimal edge in this Node process, speaking host protocol 3.0 (docs/HOST.md) to real hosts:
+// A minimal edge in this Node process, speaking host protocol 3.1 (docs/HOST.md) to real hosts:
 // what the host tests use instead of the worker, and what "straight to the host" means in the
 // TTFT benchmark (no worker, no Miniflare: one WebSocket server on 127.0.0.1 and the host's one
 // socket to it). It is not the edge: no tenants' quotas, no routing beyond "the host named".
@@ -12,7 +12,8 @@
 //   ch.close();                                     // channel_close: the host cancels its work
 //
 // Exports: DirectEdge (start, url, allow, waitHost, channel, kill, revoke, state, states, puts,
-// controls, protocolErrors, faults, recordedOn, maxStoredBytes, holdPuts, answerPings, close), EdgeChannel (send, sendRaw, onMessage, closed, close,
+// controls, protocolErrors, faults, recordedOn, maxStoredBytes, holdPuts, answerPings, cached, cachePuts,
+// cachedState, close), EdgeChannel (send, sendRaw, onMessage, closed, close,
 // terminate), HostSocket (name, hello, heartbeats, draining, drained, closed), hostToken(name),
 // and directEdgeAt(url) (the edge started at that URL in this process).
 //
@@ -26,7 +27,10 @@
 // state_conflict; maxStoredBytes (per tenant) is stored_quota_exceeded; `faults` inject a
 // control_error for puts, gets or heads; `recordedOn` is the edge's fence (a session the edge
 // records on another host: that host's state_put is state_conflict, its state_get and state_head
-// are state_info exists:false).
+// are state_info exists:false). State operations with `cache: true` (3.1) name a tenant's cached
+// state (its key, 64 lowercase hex, else bad_frame) and are served from `cached`, apart from the
+// sessions' states: no fence, no if_etag, no maxStoredBytes (`faults.cachePut`/`cacheGet` inject
+// their refusals); every cached state is readable by every host.
 import { createHash } from "node:crypto";
 import { createServer, type IncomingMessage, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
@@ -206,7 +210,12 @@ type Upload = {
   meta: Record<string, unknown>;
   chunks: Uint8Array[];
   ifEtag?: string;
+  /** a cached state's (cache: true) */
+  cache?: boolean;
 };
+
+/** A cache key (host.json state_put.cache): 64 lowercase hex. */
+const CACHE_KEY = /^[0-9a-f]{64}$/;
 
 const registry = new Map<string, DirectEdge>();
 
@@ -223,8 +232,13 @@ export class DirectEdge {
   readonly puts: { tenant: string; session: string; parts: number; bytes: number; etag: string }[] = [];
   /** every control message from hosts (data replaced by its length) */
   readonly controls: (Record<string, unknown> & { type: string; host: string })[] = [];
-  /** control_error answers a test injects (absent: none) */
-  faults: { put?: EdgeFault; get?: EdgeFault; head?: EdgeFault } = {};
+  /** control_error answers a test injects (absent: none); put/get/head: sessions' states,
+   * cachePut/cacheGet: cached states' (cache: true) */
+  faults: { put?: EdgeFault; get?: EdgeFault; head?: EdgeFault; cachePut?: EdgeFault; cacheGet?: EdgeFault } = {};
+  /** tenant + "\0" + key -> a cached state (state ops with cache: true) */
+  readonly cached = new Map<string, StoredState>();
+  /** every finished state_put of a cached state */
+  readonly cachePuts: { tenant: string; key: string; bytes: number; host: string }[] = [];
   /** tenant + "\0" + session -> the host name the edge records the session on (the fence: any
    * other host's state_put is state_conflict, its state_get/state_head exists:false) */
   readonly recordedOn = new Map<string, string>();
@@ -371,7 +385,25 @@ export class DirectEdge {
         return;
       case "state_put": {
         const up = `${host.name}\0${m.id}`;
-        if (m.part === 0) {
+        if (m.part === 0 && m.cache === true) {
+          if (!CACHE_KEY.test(m.session))
+            return error(
+              m.id,
+              "bad_frame",
+              `state_put ${m.id}: cache key '${m.session.slice(0, 64)}' is not 64 lowercase hex`,
+            );
+          if (this.faults.cachePut)
+            return error(m.id, this.faults.cachePut.code, this.faults.cachePut.message ?? "fault");
+          this.uploads.set(up, {
+            tenant: m.tenant,
+            session: m.session,
+            parts: m.parts,
+            bytes: m.bytes,
+            meta: (m.meta as Record<string, unknown> | undefined) ?? {},
+            chunks: [],
+            cache: true,
+          });
+        } else if (m.part === 0) {
           if (this.faults.put) return error(m.id, this.faults.put.code, this.faults.put.message ?? "fault");
           if (fenced(m.tenant, m.session))
             return error(m.id, "state_conflict", `session '${m.session}' is recorded on another host`);
@@ -414,6 +446,13 @@ export class DirectEdge {
         const file = Buffer.concat(u.chunks);
         if (file.length !== u.bytes)
           return error(m.id, "bad_frame", `state_put ${m.id}: ${file.length} bytes, not ${u.bytes}`);
+        if (u.cache) {
+          const etag = `e${++this.etagSeq}`;
+          this.cached.set(key(u.tenant, u.session), { file: new Uint8Array(file), etag, meta: u.meta });
+          this.cachePuts.push({ tenant: u.tenant, key: u.session, bytes: file.length, host: host.name });
+          host.control({ type: "state_stored", id: m.id, etag, bytes: file.length });
+          return;
+        }
         const k = key(u.tenant, u.session);
         const have = this.states.get(k);
         if (u.ifEtag !== undefined && have !== undefined && have.etag !== u.ifEtag)
@@ -425,8 +464,20 @@ export class DirectEdge {
         return;
       }
       case "state_get": {
-        if (this.faults.get) return error(m.id, this.faults.get.code, this.faults.get.message ?? "fault");
-        const st = fenced(m.tenant, m.session) ? undefined : this.states.get(key(m.tenant, m.session));
+        if (m.cache === true && !CACHE_KEY.test(m.session))
+          return error(
+            m.id,
+            "bad_frame",
+            `state_get ${m.id}: cache key '${m.session.slice(0, 64)}' is not 64 lowercase hex`,
+          );
+        const fault = m.cache === true ? this.faults.cacheGet : this.faults.get;
+        if (fault) return error(m.id, fault.code, fault.message ?? "fault");
+        const st =
+          m.cache === true
+            ? this.cached.get(key(m.tenant, m.session))
+            : fenced(m.tenant, m.session)
+              ? undefined
+              : this.states.get(key(m.tenant, m.session));
         if (!st) return host.control({ type: "state_info", id: m.id, exists: false });
         const parts = Math.max(1, Math.ceil(st.file.length / HOST_STATE_PART_BYTES));
         const acked = this.ackWaiter(host, m.id);
@@ -446,8 +497,20 @@ export class DirectEdge {
         return;
       }
       case "state_head": {
-        if (this.faults.head) return error(m.id, this.faults.head.code, this.faults.head.message ?? "fault");
-        const st = fenced(m.tenant, m.session) ? undefined : this.states.get(key(m.tenant, m.session));
+        if (m.cache === true && !CACHE_KEY.test(m.session))
+          return error(
+            m.id,
+            "bad_frame",
+            `state_head ${m.id}: cache key '${m.session.slice(0, 64)}' is not 64 lowercase hex`,
+          );
+        if (m.cache !== true && this.faults.head)
+          return error(m.id, this.faults.head.code, this.faults.head.message ?? "fault");
+        const st =
+          m.cache === true
+            ? this.cached.get(key(m.tenant, m.session))
+            : fenced(m.tenant, m.session)
+              ? undefined
+              : this.states.get(key(m.tenant, m.session));
         return host.control(
           st
             ? { type: "state_info", id: m.id, exists: true, etag: st.etag, bytes: st.file.length, meta: st.meta }
@@ -509,6 +572,11 @@ export class DirectEdge {
   revoke(token: string): void {
     this.tokens.delete(token);
     for (const h of this.hosts.values()) if (h.token === token) h.ws.close(4003, "revoked");
+  }
+
+  /** The tenant's cached state `key` (stored with cache: true), if any. */
+  cachedState(tenant: string, key: string): StoredState | undefined {
+    return this.cached.get(`${tenant}\0${key}`);
   }
 
   /** The state stored for the session, if any. */

@@ -82,6 +82,13 @@ export interface RemoteState {
   meta: Record<string, unknown>;
 }
 
+/** Which of the edge's objects a state operation names: `cache` (3.1), the tenant's cached state
+ * whose key is the `session` argument (cache/<tenant>/<key>: immutable, no session fence); else
+ * the session's own state (sessions/<tenant>/<session>). */
+export interface RemoteStateOptions {
+  cache?: boolean;
+}
+
 /** The store's remote tier: the edge's R2, through the host's socket. */
 export interface RemoteStore {
   /** the connection epoch: 0 before the first welcome, then one more per welcome */
@@ -96,12 +103,17 @@ export interface RemoteStore {
     file: Uint8Array,
     meta: Record<string, string>,
     ifEtag?: string,
+    o?: RemoteStateOptions,
   ): Promise<string>;
   /** The stored state, or undefined when the edge has none. */
-  get(tenant: string, session: string): Promise<RemoteState | undefined>;
+  get(tenant: string, session: string, o?: RemoteStateOptions): Promise<RemoteState | undefined>;
   /** The stored state's etag, or undefined when the edge has none. */
-  head(tenant: string, session: string): Promise<{ etag: string; bytes?: number } | undefined>;
+  head(tenant: string, session: string, o?: RemoteStateOptions): Promise<{ etag: string; bytes?: number } | undefined>;
 }
+
+// A state operation's object in messages: the session's, or the cached state's.
+const named = (session: string, o: RemoteStateOptions) =>
+  `${o.cache ? "cached state" : "session"} '${session.slice(0, 64)}'`;
 
 /** What the link needs of the sessions (SessionHost). */
 export interface LinkedHost {
@@ -638,8 +650,9 @@ export class EdgeLink implements RemoteStore {
     file: Uint8Array,
     meta: Record<string, string>,
     ifEtag?: string,
+    o: RemoteStateOptions = {},
   ): Promise<string> {
-    const what = `state_put of session '${session.slice(0, 64)}' (tenant '${tenant}', ${file.length} bytes)`;
+    const what = `state_put of ${named(session, o)} (tenant '${tenant}', ${file.length} bytes)`;
     const { conn, id, x, end } = this.begin(what);
     try {
       const parts = Math.max(1, Math.ceil(file.length / HOST_STATE_PART_BYTES));
@@ -659,6 +672,7 @@ export class EdgeLink implements RemoteStore {
             bytes: file.length,
             ...(part === 0 ? { meta } : {}),
             ...(ifEtag !== undefined ? { if_etag: ifEtag } : {}),
+            ...(o.cache ? { cache: true } : {}),
           });
           for (;;) {
             const m = await this.answer(x, what);
@@ -686,11 +700,11 @@ export class EdgeLink implements RemoteStore {
     }
   }
 
-  async get(tenant: string, session: string): Promise<RemoteState | undefined> {
-    const what = `state_get of session '${session.slice(0, 64)}' (tenant '${tenant}')`;
+  async get(tenant: string, session: string, o: RemoteStateOptions = {}): Promise<RemoteState | undefined> {
+    const what = `state_get of ${named(session, o)} (tenant '${tenant}')`;
     const { conn, id, x, end } = this.begin(what);
     try {
-      conn.control({ type: "state_get", id, tenant, session });
+      conn.control({ type: "state_get", id, tenant, session, ...(o.cache ? { cache: true } : {}) });
       const pieces: Uint8Array[] = [];
       let etag = "";
       let meta: Record<string, unknown> = {};
@@ -721,11 +735,15 @@ export class EdgeLink implements RemoteStore {
     }
   }
 
-  async head(tenant: string, session: string): Promise<{ etag: string; bytes?: number } | undefined> {
-    const what = `state_head of session '${session.slice(0, 64)}' (tenant '${tenant}')`;
+  async head(
+    tenant: string,
+    session: string,
+    o: RemoteStateOptions = {},
+  ): Promise<{ etag: string; bytes?: number } | undefined> {
+    const what = `state_head of ${named(session, o)} (tenant '${tenant}')`;
     const { conn, id, x, end } = this.begin(what);
     try {
-      conn.control({ type: "state_head", id, tenant, session });
+      conn.control({ type: "state_head", id, tenant, session, ...(o.cache ? { cache: true } : {}) });
       const m = await this.answer(x, what);
       if (m.type !== "state_info") throw new RemoteStateError("internal", `${what}: unexpected ${m.type}`);
       if (!m.exists) return undefined;

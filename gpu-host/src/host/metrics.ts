@@ -73,6 +73,8 @@ export interface HostGauges {
   connections: number;
   /** 1 while the socket to the edge is welcomed and open */
   edgeConnected?: number;
+  /** bytes of cached states in the host's snapshot memory */
+  cacheMemoryBytes?: number;
 }
 
 export class HostMetrics {
@@ -84,7 +86,18 @@ export class HostMetrics {
     "pkv_host_generated_tokens_total",
     "Tokens generated (rate() gives tokens/s).",
   );
-  readonly promptTokens = new Counter("pkv_host_prefilled_tokens_total", "Tokens appended (prefilled).");
+  readonly promptTokens = new Counter(
+    "pkv_host_prefilled_tokens_total",
+    "Tokens appended (prefilled); a copy's cached tokens are not prefilled.",
+  );
+  readonly cacheOpens = new Counter(
+    "pkv_host_cache_opens_total",
+    "open_session.from_cache, by source of the cached state (memory: this host's snapshot memory, edge: the edge's store, miss: cache_miss).",
+  );
+  readonly snapshots = new Counter(
+    "pkv_host_snapshots_total",
+    "snapshot requests, by result (ok, or the error code: too_large, checkpoint_failed, ...).",
+  );
   readonly engineRestarts = new Counter(
     "pkv_host_engine_restarts_total",
     "Times the engine process died and was restarted.",
@@ -148,6 +161,11 @@ export class HostMetrics {
         [{}, g.connections],
       ]),
       gauge("pkv_host_edge_connected", "1 while the socket to the edge is up.", [[{}, g.edgeConnected ?? 0]]),
+      gauge(
+        "pkv_host_cache_memory_bytes",
+        "Bytes of cached prompt states in this host's snapshot memory (--cache-memory-bytes).",
+        [[{}, g.cacheMemoryBytes ?? 0]],
+      ),
       this.edgeConnects.render(),
       this.statePuts.render(),
       this.quotaRefusals.render(),
@@ -156,6 +174,8 @@ export class HostMetrics {
       this.engineRestarts.render(),
       this.offloads.render(),
       this.restores.render(),
+      this.cacheOpens.render(),
+      this.snapshots.render(),
       this.sessionsExpired.render(),
       this.errors.render(),
       this.latency.render(),

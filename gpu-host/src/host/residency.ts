@@ -10,6 +10,12 @@
 // local tier is never ahead of the edge's: the checkpoint to go back to is the edge's. A state the
 // local store lacks is read from the edge (and cached), checked against this host's model and
 // shape.
+//
+// Cached states (issue 14, the prompt cache): `snapshot` stores a copy of a session's state as the
+// tenant's cached state (a key): in this host's snapshot memory (store.ts SnapshotMemory, LRU by
+// bytes) and the edge's store (cache/<tenant>/<key>); open_session.from_cache makes a new session
+// from one (memory first, else the edge's), checked like an adopted session: a missing, damaged or
+// other model's state is cache_miss.
 import { MAX_FRAME_BYTES } from "@pyramidkv/shared";
 
 import type { Admission } from "./admission.js";
@@ -24,6 +30,7 @@ import {
   DamagedStateError,
   decodeStateFile,
   encodeStateFile,
+  SnapshotMemory,
   type StateIdentity,
   type StateStore,
   type StoredSessionMeta,
@@ -73,7 +80,36 @@ export interface ResidencyOptions {
   remote?: RemoteStore;
   /** this host's model and shape, which a state from the edge must match */
   identity?: () => StateIdentity;
+  /** bytes of cached states kept in host memory (--cache-memory-bytes; absent or 0: none) */
+  cacheMemoryBytes?: number;
 }
+
+/** A cached state, read and checked (Residency.getCached). */
+export interface CachedState {
+  meta: StoredSessionMeta;
+  state: Uint8Array;
+  /** the state file's bytes */
+  bytes: number;
+  source: "memory" | "edge";
+}
+
+/** Why a state's identity is not this host's (`mine`), or undefined when it matches. */
+function mismatch(theirs: StateIdentity, mine: StateIdentity): string | undefined {
+  if (theirs.model === mine.model && theirs.n_layer === mine.n_layer && theirs.bytes_per_entry === mine.bytes_per_entry)
+    return undefined;
+  return `stored by a host of model '${theirs.model}' (n_layer ${theirs.n_layer}, bytes_per_entry ${theirs.bytes_per_entry}); this host serves '${mine.model}' (n_layer ${mine.n_layer}, bytes_per_entry ${mine.bytes_per_entry})`;
+}
+
+/** A state file's identity: its meta JSON's, else the edge's metadata of it. */
+function identityOf(decoded: Partial<StateIdentity> | undefined, meta: Record<string, unknown>): StateIdentity {
+  return {
+    model: decoded?.model ?? stringOf(meta.model),
+    n_layer: decoded?.n_layer ?? Number(meta.n_layer),
+    bytes_per_entry: decoded?.bytes_per_entry ?? Number(meta.bytes_per_entry),
+  };
+}
+
+const cacheMiss = (message: string) => new HostError("cache_miss", message);
 
 /** The edge's copy of a session was written by another host since this host's (if_etag did not
  * match): the session was continued elsewhere. */
@@ -96,6 +132,9 @@ function remoteMeta(meta: StoredSessionMeta, identity: StateIdentity | undefined
 }
 
 export class Residency {
+  /** cached states in host memory (snapshot, open_session.from_cache) */
+  readonly snapshots: SnapshotMemory;
+
   constructor(
     private readonly store: StateStore,
     /** the engine to call: supervisor.ts's, the running one or the one being restarted */
@@ -103,7 +142,9 @@ export class Residency {
     private readonly admission: Admission<HostSession>,
     private readonly metrics: HostMetrics,
     private readonly options: ResidencyOptions = {},
-  ) {}
+  ) {
+    this.snapshots = new SnapshotMemory(options.cacheMemoryBytes ?? 0);
+  }
 
   /** Bytes of the tenant's stored states (offloaded or checkpointed), memory or disk. */
   storedBytes(tenant: string): number {
@@ -275,23 +316,104 @@ export class Residency {
       );
     }
     const mine = this.options.identity?.();
-    if (mine) {
-      const theirs = {
-        model: decoded.identity?.model ?? stringOf(got.meta.model),
-        n_layer: decoded.identity?.n_layer ?? Number(got.meta.n_layer),
-        bytes_per_entry: decoded.identity?.bytes_per_entry ?? Number(got.meta.bytes_per_entry),
-      };
-      if (
-        theirs.model !== mine.model ||
-        theirs.n_layer !== mine.n_layer ||
-        theirs.bytes_per_entry !== mine.bytes_per_entry
-      )
-        throw new HostError(
-          "session_lost",
-          `session '${session.slice(0, 64)}' was stored by a host of model '${theirs.model}' (n_layer ${theirs.n_layer}, bytes_per_entry ${theirs.bytes_per_entry}); this host serves '${mine.model}' (n_layer ${mine.n_layer}, bytes_per_entry ${mine.bytes_per_entry}): it cannot be restored here`,
-        );
-    }
+    const why = mine && mismatch(identityOf(decoded.identity, got.meta), mine);
+    if (why)
+      throw new HostError("session_lost", `session '${session.slice(0, 64)}' was ${why}: it cannot be restored here`);
     return { meta: decoded.meta, state: decoded.state, etag: got.etag };
+  }
+
+  /** The tenant's cached state `key`: from this host's snapshot memory, else from the edge's store
+   * (then kept in memory too), checked (its file, its CRC, the key it names, this host's model and
+   * shape). cache_miss, saying why, when neither has it, or it is damaged, or another model's. */
+  async getCached(tenant: string, key: string): Promise<CachedState> {
+    const name = `cached state '${key.slice(0, 64)}' of tenant '${tenant}'`;
+    let file = this.snapshots.get(tenant, key);
+    let edgeMeta: Record<string, unknown> = {};
+    const source = file ? "memory" : "edge";
+    if (!file) {
+      const remote = this.options.remote;
+      if (!remote?.connected)
+        throw cacheMiss(`${name} is not in this host's memory, and this host is not connected to the edge's store`);
+      let got: Awaited<ReturnType<RemoteStore["get"]>>;
+      try {
+        got = await remote.get(tenant, key, { cache: true });
+      } catch (e) {
+        throw cacheMiss(`${name}: the edge's store could not be read (${e instanceof Error ? e.message : String(e)})`);
+      }
+      if (!got) throw cacheMiss(`${name} is missing: not in the edge's store (expired, evicted or never stored)`);
+      file = got.file;
+      edgeMeta = got.meta;
+    }
+    let decoded: ReturnType<typeof decodeStateFile>;
+    try {
+      decoded = decodeStateFile(file, tenant, key);
+    } catch (e) {
+      if (source === "memory") this.snapshots.delete(tenant, key);
+      throw cacheMiss(`${name} is damaged (${e instanceof Error ? e.message : String(e)})`);
+    }
+    const mine = this.options.identity?.();
+    const why = mine && mismatch(identityOf(decoded.identity, edgeMeta), mine);
+    if (why) throw cacheMiss(`${name} is another model's: ${why}`);
+    if (source === "edge") this.snapshots.put(tenant, key, file);
+    return { meta: decoded.meta, state: decoded.state, bytes: file.length, source };
+  }
+
+  /** `file` (a state file naming `key`, encodeStateFile) as the tenant's cached state `key`: to
+   * the edge's store (awaited; checkpoint_failed when it is refused or this host is not connected),
+   * then into this host's snapshot memory. */
+  async putCached(tenant: string, key: string, file: Uint8Array, meta: StoredSessionMeta): Promise<void> {
+    const remote = this.options.remote;
+    if (remote) {
+      const name = `cached state '${key.slice(0, 64)}'`;
+      if (!remote.connected)
+        throw new HostError(
+          "checkpoint_failed",
+          `snapshot: ${name} cannot reach the edge's store: this host is not connected to the edge`,
+        );
+      try {
+        await remote.put(tenant, key, file, remoteMeta(meta, this.options.identity?.()), undefined, { cache: true });
+      } catch (e) {
+        throw new HostError(
+          "checkpoint_failed",
+          `snapshot: ${name} did not reach the edge's store (${e instanceof RemoteStateError ? `${e.code}: ` : ""}${e instanceof Error ? e.message : String(e)})`,
+        );
+      }
+    }
+    this.snapshots.put(tenant, key, file);
+  }
+
+  /** The session's state in the local store (an offloaded session's), if it is there. */
+  storedState(s: HostSession): Promise<Uint8Array | undefined> {
+    return this.store.get(s.tenant, s.id);
+  }
+
+  /** A new session `s` made from a cached state (its params, tokens and kv_bytes the state's): the
+   * state goes into the local store under the session's own id, is restored into the engine
+   * (admitted like any restore: quota, pool), and, for a session that is not ephemeral,
+   * checkpointed to the edge's store (sessions/<tenant>/<id>), awaited. A failure leaves nothing
+   * of it in the engine or the local store. */
+  async openCopy(s: HostSession, state: Uint8Array): Promise<void> {
+    const meta: StoredSessionMeta = {
+      tenant: s.tenant,
+      session: s.id,
+      params: s.params,
+      tokens_seen: s.tokensSeen,
+      kv_bytes: s.kv.steady,
+    };
+    await this.store.put(meta, state, this.options.maxStoredBytes?.(s.tenant));
+    try {
+      await this.ensureResident(s, 0);
+      s.kv.end();
+      if (this.toRemote(s)) await this.putRemote(s, meta, state);
+    } catch (e) {
+      if (s.resident) {
+        const engine = await this.engines.ready;
+        await engine.call({ type: "close", session: s.engineName }).catch(() => {});
+        s.kv.offloaded();
+      }
+      await this.store.delete(s.tenant, s.id).catch(() => {});
+      throw e;
+    }
   }
 
   // The edge's state in the local store (the cache); a cache that cannot take it is only logged.

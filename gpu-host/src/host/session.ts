@@ -24,7 +24,7 @@ export interface Sink {
  * resolved); saved with its state. */
 export type OpenParams = Omit<
   HostMessage<"open_session">,
-  "type" | "id" | "tenant" | "session" | "prompt_tokens" | "prompt_bytes" | "ephemeral" | "request_id"
+  "type" | "id" | "tenant" | "session" | "prompt_tokens" | "prompt_bytes" | "ephemeral" | "request_id" | "from_cache"
 > & {
   method: string;
   budget: number;

@@ -1,7 +1,7 @@
 // Sessions of all tenants: frames in, frames out (the socket side is edge-link.ts). This file
 // dispatches the requests, keeps each session's queue (appends and generates one at a time, in
 // arrival order) and turn (one request's pieces, appends and generate; anyone else session_busy),
-// runs the operations (open, append, generate, cancel, close, stats), fails a request whose
+// runs the operations (open, append, generate, cancel, close, stats, snapshot), fails a request whose
 // result cannot be checkpointed (rolling the session back), and the housekeeping (idle offload,
 // the idle TTL, ephemeral sessions of closed connections, pool stats, the graceful stop). The rest
 // has a module each:
@@ -39,10 +39,10 @@ import type { LinkedHost, RemoteStore } from "./edge-link.js";
 import { errorCode, HostError } from "./errors.js";
 import { hostLog } from "./log.js";
 import type { HostGauges, HostMetrics } from "./metrics.js";
-import { Residency, StateConflictError } from "./residency.js";
+import { Residency, StateConflictError, saveFromEngine } from "./residency.js";
 import { FairScheduler } from "./scheduler.js";
 import { HostSession, keyOf, type OpenParams, type Op, type Sink, type TokenLogprobs } from "./session.js";
-import { StateStore } from "./store.js";
+import { encodeStateFile, StateStore, type StoredSessionMeta } from "./store.js";
 import { EngineSupervisor } from "./supervisor.js";
 import {
   appendTokenBound,
@@ -57,7 +57,7 @@ import {
   promptTokenBound,
   Tenants,
 } from "./tenants.js";
-import { checkAppend, checkContext, checkGenerate, checkOpen } from "./validate.js";
+import { checkAppend, checkCacheKey, checkContext, checkGenerate, checkOpen } from "./validate.js";
 
 /** Ids of sessions closed by their idle TTL that the host remembers (oldest forgotten first), so a
  * request for one is answered session_expired rather than unknown_session. */
@@ -133,6 +133,7 @@ export class SessionHost implements LinkedHost {
         n_layer: this.hello.n_layer,
         bytes_per_entry: this.helloBytesPerEntry,
       }),
+      cacheMemoryBytes: config.cacheMemoryBytes,
     });
   }
 
@@ -250,6 +251,20 @@ export class SessionHost implements LinkedHost {
             finish,
             fail,
           );
+        case "snapshot": {
+          checkCacheKey("snapshot", "key", msg.key);
+          const counted = (result: string) => this.metrics.snapshots.inc({ result });
+          return void this.withSession(msg.tenant, msg.session, (s) => this.snapshot(s, sink, msg)).then(
+            () => {
+              counted("ok");
+              finish();
+            },
+            (e) => {
+              counted(errorCode(e).code);
+              fail(e);
+            },
+          );
+        }
         case "cancel":
           return void this.cancel(sink, msg).then(finish, fail);
         case "close":
@@ -458,7 +473,8 @@ export class SessionHost implements LinkedHost {
     return s;
   }
 
-  private async open(sink: Sink, msg: HostMessage<"open_session">): Promise<void> {
+  /** session_exists, or session_limit, when `msg` cannot open a session now. */
+  private checkRoom(msg: HostMessage<"open_session">): void {
     const key = keyOf(msg.tenant, msg.session);
     if (this.sessions.has(key)) throw new HostError("session_exists", `session '${msg.session.slice(0, 64)}' exists`);
     const limits = this.tenants.get(msg.tenant);
@@ -470,6 +486,13 @@ export class SessionHost implements LinkedHost {
         `tenant '${msg.tenant}' has ${count} sessions, its limit is ${limits.maxSessions}`,
       );
     }
+  }
+
+  private async open(sink: Sink, msg: HostMessage<"open_session">): Promise<void> {
+    if (msg.from_cache !== undefined) return this.openFromCache(sink, msg, msg.from_cache);
+    const key = keyOf(msg.tenant, msg.session);
+    this.checkRoom(msg);
+    const limits = this.tenants.get(msg.tenant);
     const {
       id: _id,
       type: _type,
@@ -479,6 +502,7 @@ export class SessionHost implements LinkedHost {
       prompt_tokens: _promptTokens,
       prompt_bytes: _promptBytes,
       ephemeral: _ephemeral,
+      from_cache: _fromCache,
       ...rest
     } = msg;
     const promptTokens = promptTokenBound(msg.prompt_tokens, msg.prompt_bytes, this.hello.n_ctx);
@@ -537,6 +561,129 @@ export class SessionHost implements LinkedHost {
     } finally {
       s.pendingOps--;
     }
+  }
+
+  /** open_session.from_cache: a new session (its own id, its ephemeral flag) as a copy of the
+   * tenant's cached state `cacheKey` (snapshot memory, else the edge's store; cache_miss when it is
+   * gone, damaged or another model's): the state's params (the open's method and budget are
+   * ignored) and tokens, admitted and restored like an offloaded session, and — not ephemeral —
+   * checkpointed to the edge's store, all before `opened`. Copies share nothing: each is restored
+   * into the engine from the state file. */
+  private async openFromCache(sink: Sink, msg: HostMessage<"open_session">, cacheKey: string): Promise<void> {
+    checkCacheKey("open_session", "from_cache", cacheKey);
+    this.checkRoom(msg);
+    let cached: Awaited<ReturnType<Residency["getCached"]>>;
+    try {
+      cached = await this.residency.getCached(msg.tenant, cacheKey);
+    } catch (e) {
+      if (e instanceof HostError && e.code === "cache_miss") this.metrics.cacheOpens.inc({ source: "miss" });
+      throw e;
+    }
+    this.checkRoom(msg); // opened meanwhile (another open of the id), or the tenant's last room taken
+    const key = keyOf(msg.tenant, msg.session);
+    const params = cached.meta.params as OpenParams;
+    const s = new HostSession(msg.tenant, msg.session, params, {
+      tokensSeen: cached.meta.tokens_seen,
+      kvBytes: cached.meta.kv_bytes,
+    });
+    s.epoch = this.remote?.epoch ?? 0; // new: nothing of it at the edge to check against
+    if (msg.ephemeral === true) s.openedBy = sink;
+    this.sessions.set(key, s);
+    this.expired.delete(key);
+    s.pendingOps++;
+    try {
+      await this.residency.openCopy(s, cached.state);
+      this.metrics.cacheOpens.inc({ source: cached.source });
+      sink.send({
+        type: "opened",
+        id: msg.id,
+        session: msg.session,
+        method: params.method,
+        budget: params.budget,
+        reserved_bytes: s.kv.steady,
+        tokens_seen: s.tokensSeen,
+        cached_bytes: cached.bytes,
+      });
+    } catch (e) {
+      if (this.sessions.get(key) === s) this.sessions.delete(key);
+      throw e;
+    } finally {
+      s.pendingOps--;
+    }
+  }
+
+  /** snapshot: the session's state as the requests queued before this one leave it (taken in its
+   * queue: from the engine, or the local store when offloaded), as a state file naming `key`,
+   * within max_bytes (too_large: nothing stored), stored as the tenant's cached state (the edge's
+   * store, awaited, and this host's memory). The session itself is untouched: a snapshot that
+   * fails (checkpoint_failed when the edge refuses it) changes nothing of it. The edge's put runs
+   * outside the session's queue: the next request need not wait for it. */
+  private async snapshot(s: HostSession, sink: Sink, msg: HostMessage<"snapshot">): Promise<void> {
+    s.pendingOps++;
+    const taken = s.chain.then(async () => {
+      try {
+        if (s.lost) throw new HostError("session_lost", `session '${s.id.slice(0, 64)}' was lost: ${s.lost}`);
+        return await this.stateNow(s);
+      } finally {
+        s.pendingOps--;
+      }
+    });
+    s.chain = taken.then(
+      () => {},
+      () => {},
+    );
+    const { meta, state } = await taken;
+    const cachedMeta: StoredSessionMeta = { ...meta, session: msg.key };
+    const file = encodeStateFile(cachedMeta, state, {
+      model: this.hello.model,
+      n_layer: this.hello.n_layer,
+      bytes_per_entry: this.helloBytesPerEntry,
+    });
+    if (msg.max_bytes !== undefined && file.length > msg.max_bytes)
+      throw new HostError(
+        "too_large",
+        `snapshot: the state of session '${s.id.slice(0, 64)}' is ${file.length} bytes, over max_bytes ${msg.max_bytes}: not stored`,
+      );
+    await this.residency.putCached(s.tenant, msg.key, file, cachedMeta);
+    if (sink.open)
+      sink.send({
+        type: "snapshotted",
+        id: msg.id,
+        session: s.id,
+        key: msg.key,
+        bytes: file.length,
+        tokens_seen: meta.tokens_seen,
+        kv_bytes: meta.kv_bytes,
+      });
+  }
+
+  /** The session's state and meta as it is now (in its queue): from the engine when resident (its
+   * exact tokens_seen and kv_bytes after the save, which decodes a generation's last token), else
+   * from the local store; one whose state is neither there (its checkpoint is the edge's only, or
+   * it is reopened empty) is restored first. */
+  private async stateNow(s: HostSession): Promise<{ meta: StoredSessionMeta; state: Uint8Array }> {
+    const metaOf = (): StoredSessionMeta => ({
+      tenant: s.tenant,
+      session: s.id,
+      params: s.params,
+      tokens_seen: s.tokensSeen,
+      kv_bytes: s.kv.steady,
+    });
+    if (!s.resident) {
+      const stored = s.reopen ? undefined : await this.residency.storedState(s);
+      if (stored) return { meta: metaOf(), state: stored };
+      await this.residency.ensureResident(s, 0);
+      s.kv.end();
+    }
+    const engine = await this.engines.ready;
+    const state = await saveFromEngine(engine, s.engineName);
+    const st = await engine.call<"stats_result">({ type: "stats", session: s.engineName });
+    this.learnGeometry(s, st);
+    const tokens = st.tokens_seen ?? s.tokensSeen;
+    if (tokens !== s.tokensSeen) s.dirty = true; // the generation's last token, decoded by the save
+    s.tokensSeen = tokens;
+    s.kv.measure(st.kv_bytes ?? s.kv.steady);
+    return { meta: metaOf(), state };
   }
 
   /** The geometry a session of these parameters is sized with: its chunk, its KV type's entry. */
@@ -979,6 +1126,7 @@ export class SessionHost implements LinkedHost {
       })),
       poolBytes: this.engines.engine.hello.pool_bytes,
       poolUsedBytes: this.poolUsedBytes,
+      cacheMemoryBytes: this.residency.snapshots.bytes,
       queued: [
         { kind: "prefill", count: this.scheduler.queued("prefill") },
         { kind: "decode", count: this.scheduler.queued("decode") },

@@ -473,3 +473,56 @@ export class StateStore {
     }
   }
 }
+
+/** Cached states (snapshot, open_session.from_cache) in host memory: their state files by tenant
+ * and key, every tenant together within `maxBytes`, the least recently used evicted first; a file
+ * larger than the bound is not kept (0: none is). */
+export class SnapshotMemory {
+  private readonly files = new Map<string, Uint8Array>();
+  private used = 0;
+
+  constructor(readonly maxBytes: number) {}
+
+  /** Bytes of the files kept. */
+  get bytes(): number {
+    return this.used;
+  }
+
+  get size(): number {
+    return this.files.size;
+  }
+
+  /** The tenant's cached state file `key` (now the most recently used), if kept. */
+  get(tenant: string, key: string): Uint8Array | undefined {
+    const k = `${tenant}\0${key}`;
+    const file = this.files.get(k);
+    if (file) {
+      this.files.delete(k);
+      this.files.set(k, file);
+    }
+    return file;
+  }
+
+  /** Keeps `file` as the tenant's cached state `key`, evicting the least recently used past the
+   * bound; false when it is larger than the bound (not kept). */
+  put(tenant: string, key: string, file: Uint8Array): boolean {
+    this.delete(tenant, key);
+    if (file.length > this.maxBytes) return false;
+    this.files.set(`${tenant}\0${key}`, file);
+    this.used += file.length;
+    for (const [k, f] of this.files) {
+      if (this.used <= this.maxBytes) break;
+      this.files.delete(k);
+      this.used -= f.length;
+    }
+    return true;
+  }
+
+  delete(tenant: string, key: string): void {
+    const k = `${tenant}\0${key}`;
+    const file = this.files.get(k);
+    if (!file) return;
+    this.files.delete(k);
+    this.used -= file.length;
+  }
+}

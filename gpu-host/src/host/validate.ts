@@ -47,6 +47,15 @@ const FLOAT_RANGES: Record<string, Range> = {
   repetition_penalty: { min: 0, max: 10, minOpen: true },
 };
 
+/** A cached state's key (open_session.from_cache, snapshot.key): 64 lowercase hex digits. */
+export const CACHE_KEY = /^[0-9a-f]{64}$/;
+
+/** `field` of a `type` frame is a cache key. */
+export function checkCacheKey(type: string, field: string, v: unknown): void {
+  if (typeof v !== "string" || !CACHE_KEY.test(v))
+    throw invalid(`${type}: ${field} ${shown(v)} is not a cache key (accepted: 64 lowercase hex digits)`);
+}
+
 /** open_session: kv_type is one the engine stores. */
 export function checkOpen(msg: HostMessage<"open_session">): void {
   if (msg.kv_type !== undefined && !(KV_TYPES as readonly string[]).includes(msg.kv_type))

@@ -1,0 +1,303 @@
+// The host's side of the compressed prompt cache (issue 14, host protocol 3.1): `snapshot` stores a
+// copy of a session's state as the tenant's cached state (this host's snapshot memory and the
+// edge's store, cache/<tenant>/<key>); `open_session.from_cache` opens a new session as a copy of
+// it, on this host (from memory) or any other host of the model (from the edge's store). On the
+// real engine with the embedded model: a copy continues exactly as the original (greedy: the same
+// answer to the same turn), copies are independent, a copy prefills only its new turn. On the
+// stand-in engine: the refusals (cache_miss, invalid, too_large, checkpoint_failed) leave nothing
+// behind and the session untouched. One real-engine host runs at a time.
+import assert from "node:assert/strict";
+import { test } from "node:test";
+
+import type { FromHostMessage } from "@pyramidkv/shared";
+
+import { DirectEdge } from "../src/host/direct-edge.js";
+import { decodeStateFile, encodeStateFile } from "../src/host/store.js";
+import { expectType, fakeHost, HostClient, scrape, startTestHost, type TestHost, until } from "./host-client.js";
+
+const POOL = ["--kv-pool-bytes", String(160 << 20)];
+const DOC = "The quick brown fox jumps over the lazy dog near the river bank today. ".repeat(30);
+const KEY = "a".repeat(64);
+const OTHER_KEY = "b".repeat(64);
+
+const codeOf = (m: FromHostMessage) => expectType(m, "error").code;
+const errorOf = (m: FromHostMessage) => expectType(m, "error");
+
+async function turn(c: HostClient, session: string, text: string, maxTokens = 8): Promise<string> {
+  expectType(await c.call({ type: "append", tenant: "t", session, text, chat: true }), "appended");
+  return expectType(
+    await c.call({ type: "generate", tenant: "t", session, max_tokens: maxTokens, temperature: 0 }),
+    "done",
+  ).text;
+}
+
+/** A turn (`turn`) and what its append prefilled: the host's counter's rise, the session's new tokens. */
+async function counted(
+  h: TestHost,
+  c: HostClient,
+  session: string,
+  text: string,
+): Promise<{ text: string; prefilled: number; added: number }> {
+  const before = await tokensSeen(c, session);
+  const counter = h.metrics.promptTokens.get({ tenant: "t" });
+  const appended = expectType(
+    await c.call({ type: "append", tenant: "t", session, text, chat: true }),
+    "appended",
+  ).tokens_seen;
+  const prefilled = h.metrics.promptTokens.get({ tenant: "t" }) - counter;
+  const answer = expectType(
+    await c.call({ type: "generate", tenant: "t", session, max_tokens: 8, temperature: 0 }),
+    "done",
+  ).text;
+  return { text: answer, prefilled, added: appended - before };
+}
+
+const tokensSeen = async (c: HostClient, session: string) =>
+  expectType(await c.call({ type: "stats", tenant: "t", session }), "stats_result").tokens_seen!;
+
+test("a snapshot continues exactly: copies on the same host (memory) and on another host (the edge's store) answer a turn as the original; copies are independent and prefill only their new turn", {
+  timeout: 300_000,
+}, async () => {
+  const edge = await DirectEdge.start({ tokens: [] });
+  try {
+    const a = await startTestHost({}, POOL, { edge });
+    const ca = await HostClient.connect(edge.url, { host: a.name });
+    let snap: Extract<FromHostMessage, { type: "snapshotted" }>;
+    let reference: string;
+    try {
+      expectType(
+        await ca.call({ type: "open_session", tenant: "t", session: "orig", method: "pyramidkv", budget: 64 }),
+        "opened",
+      );
+      await turn(ca, "orig", `${DOC}\nWhat does the fox do?`, 6);
+      // Queued right behind the generate (not awaited): taken after it, its last token counted.
+      const gen = ca.call({ type: "generate", tenant: "t", session: "orig", max_tokens: 3, temperature: 0 });
+      const snapped = ca.call({ type: "snapshot", tenant: "t", session: "orig", key: KEY });
+      expectType(await gen, "done");
+      snap = expectType(await snapped, "snapshotted");
+      assert.equal(snap.key, KEY);
+      assert.equal(snap.tokens_seen, await tokensSeen(ca, "orig"), "the snapshot holds every token, the last too");
+      const stored = edge.cachedState("t", KEY);
+      assert.ok(stored, "the edge's store has the cached state");
+      assert.equal(stored.file.length, snap.bytes);
+      assert.equal(decodeStateFile(stored.file, "t", KEY).meta.tokens_seen, snap.tokens_seen);
+
+      // Two copies on this host, from its memory: one kept (checkpointed to the edge before opened),
+      // one ephemeral (never at the edge).
+      const kept = expectType(
+        await ca.call({ type: "open_session", tenant: "t", session: "copy1", from_cache: KEY, budget: 7 }),
+        "opened",
+      );
+      assert.deepEqual(
+        [kept.method, kept.budget, kept.tokens_seen, kept.cached_bytes],
+        ["pyramidkv", 64, snap.tokens_seen, snap.bytes],
+        "the cached state's settings and tokens; the open's budget is ignored",
+      );
+      const copy1 = edge.state("t", "copy1");
+      assert.ok(copy1, "a copy that is not ephemeral is in the edge's store when opened");
+      assert.equal(decodeStateFile(copy1.file, "t", "copy1").meta.tokens_seen, snap.tokens_seen);
+      expectType(
+        await ca.call({ type: "open_session", tenant: "t", session: "copy2", from_cache: KEY, ephemeral: true }),
+        "opened",
+      );
+      assert.equal(edge.state("t", "copy2"), undefined, "an ephemeral copy never goes to the edge");
+      assert.equal(a.metrics.cacheOpens.get({ source: "memory" }), 2);
+
+      // A turn in copy1 does not show in copy2 (nor in the original).
+      await turn(ca, "copy1", "Forget the fox. Name three colours.", 6);
+      assert.equal(await tokensSeen(ca, "copy2"), snap.tokens_seen);
+      const copy2 = await counted(a, ca, "copy2", "And the dog?");
+      assert.equal(copy2.prefilled, copy2.added, "copy2 prefilled its new turn only");
+      assert.ok(copy2.added > 0 && copy2.added < 40, `the turn's tokens (${copy2.added})`);
+      reference = await turn(ca, "orig", "And the dog?");
+      assert.ok(reference.length > 0);
+      assert.equal(copy2.text, reference, "the copy answers as the original");
+    } finally {
+      ca.close();
+      await a.stop();
+    }
+
+    // Another host of the model: the copy comes from the edge's store.
+    const b = await startTestHost({}, POOL, { edge });
+    const cb = await HostClient.connect(edge.url, { host: b.name });
+    try {
+      const opened = expectType(
+        await cb.call({ type: "open_session", tenant: "t", session: "copy3", from_cache: KEY, ephemeral: true }),
+        "opened",
+      );
+      assert.equal(opened.tokens_seen, snap.tokens_seen);
+      assert.equal(b.metrics.cacheOpens.get({ source: "edge" }), 1);
+      assert.equal(b.metrics.promptTokens.get({ tenant: "t" }), 0, "a copy's cached tokens are not prefilled");
+      const copy3 = await counted(b, cb, "copy3", "And the dog?");
+      assert.equal(copy3.text, reference, "the copy on another host answers as the original");
+      assert.equal(b.metrics.promptTokens.get({ tenant: "t" }), copy3.added, "b prefilled the new turn only");
+      // Kept in b's memory now: the next copy on b does not read the edge's store again.
+      expectType(
+        await cb.call({ type: "open_session", tenant: "t", session: "copy4", from_cache: KEY, ephemeral: true }),
+        "opened",
+      );
+      assert.equal(b.metrics.cacheOpens.get({ source: "memory" }), 1);
+      const metrics = await scrape(b.address.port);
+      assert.match(metrics, /pkv_host_cache_opens_total\{source="edge"\} 1/);
+      assert.match(metrics, /pkv_host_cache_memory_bytes [1-9]/);
+    } finally {
+      cb.close();
+      await b.stop();
+    }
+  } finally {
+    await edge.close();
+  }
+});
+
+test("from_cache of a key nobody stored: cache_miss, nothing left open; a bad key: invalid naming from_cache", {
+  timeout: 60_000,
+}, async () => {
+  const host = await fakeHost();
+  const c = await HostClient.connect(host.url);
+  try {
+    const miss = errorOf(await c.call({ type: "open_session", tenant: "t", session: "m", from_cache: KEY }));
+    assert.equal(miss.code, "cache_miss", miss.message);
+    assert.match(miss.message, /missing/);
+    assert.equal(host.metrics.cacheOpens.get({ source: "miss" }), 1);
+    assert.equal(codeOf(await c.call({ type: "stats", tenant: "t", session: "m" })), "unknown_session");
+    const tenant = expectType(await c.call({ type: "stats", tenant: "t" }), "stats_result");
+    assert.equal(tenant.sessions, 0, "nothing left open");
+    expectType(await c.call({ type: "open_session", tenant: "t", session: "m" }), "opened"); // the id is free
+    for (const bad of ["A".repeat(64), "a".repeat(63), `${"a".repeat(63)}g`, ""]) {
+      const e = errorOf(await c.call({ type: "open_session", tenant: "t", session: "n", from_cache: bad }));
+      assert.equal(e.code, "invalid", bad);
+      assert.match(e.message, /from_cache .* 64 lowercase hex/);
+    }
+    const key = errorOf(await c.call({ type: "snapshot", tenant: "t", session: "m", key: "xyz" }));
+    assert.equal(key.code, "invalid");
+    assert.match(key.message, /snapshot: key 'xyz' is not a cache key \(accepted: 64 lowercase hex digits\)/);
+    assert.equal(codeOf(await c.call({ type: "snapshot", tenant: "t", session: "nope", key: KEY })), "unknown_session");
+  } finally {
+    c.close();
+    await host.stop();
+  }
+});
+
+test("a snapshot over max_bytes is too_large and stores nothing; one the edge refuses is checkpoint_failed, the session untouched", {
+  timeout: 60_000,
+}, async () => {
+  const host = await fakeHost();
+  const c = await HostClient.connect(host.url);
+  try {
+    expectType(await c.call({ type: "open_session", tenant: "t", session: "s", budget: 16 }), "opened");
+    expectType(await c.call({ type: "append", tenant: "t", session: "s", text: "hello" }), "appended");
+    const big = errorOf(await c.call({ type: "snapshot", tenant: "t", session: "s", key: KEY, max_bytes: 10 }));
+    assert.equal(big.code, "too_large", big.message);
+    assert.match(big.message, /over max_bytes 10/);
+    assert.equal(host.edge.cachedState("t", KEY), undefined, "nothing at the edge");
+    assert.equal(
+      codeOf(await c.call({ type: "open_session", tenant: "t", session: "c", from_cache: KEY })),
+      "cache_miss",
+      "nor in the host's memory",
+    );
+    assert.equal(host.metrics.snapshots.get({ result: "too_large" }), 1);
+
+    host.edge.faults.cachePut = { code: "internal", message: "R2 is down" };
+    const refused = errorOf(await c.call({ type: "snapshot", tenant: "t", session: "s", key: KEY }));
+    assert.equal(refused.code, "checkpoint_failed", refused.message);
+    assert.match(refused.message, /R2 is down/);
+    host.edge.faults.cachePut = undefined;
+    assert.equal(
+      codeOf(await c.call({ type: "open_session", tenant: "t", session: "c", from_cache: KEY })),
+      "cache_miss",
+      "a refused snapshot is not kept in memory either",
+    );
+    assert.equal(await tokensSeen(c, "s"), 5, "the session untouched");
+    expectType(await c.call({ type: "append", tenant: "t", session: "s", text: "world" }), "appended");
+    assert.equal(await tokensSeen(c, "s"), 10);
+
+    const ok = expectType(await c.call({ type: "snapshot", tenant: "t", session: "s", key: KEY }), "snapshotted");
+    assert.equal(ok.tokens_seen, 10);
+    assert.equal(host.metrics.snapshots.get({ result: "ok" }), 1);
+    assert.equal(host.metrics.snapshots.get({ result: "checkpoint_failed" }), 1);
+    const copy = expectType(
+      await c.call({ type: "open_session", tenant: "t", session: "c", from_cache: KEY }),
+      "opened",
+    );
+    assert.equal(copy.tokens_seen, 10);
+    assert.equal(copy.budget, 16);
+    // The copy's turn prefills its own tokens only; the original does not see it.
+    const prefilled = host.metrics.promptTokens.get({ tenant: "t" });
+    assert.equal(
+      expectType(await c.call({ type: "append", tenant: "t", session: "c", text: "abc" }), "appended").tokens_seen,
+      13,
+    );
+    assert.equal(host.metrics.promptTokens.get({ tenant: "t" }) - prefilled, 3);
+    assert.equal(await tokensSeen(c, "s"), 10);
+    assert.equal(
+      codeOf(await c.call({ type: "open_session", tenant: "t", session: "c", from_cache: KEY })),
+      "session_exists",
+    );
+  } finally {
+    c.close();
+    await host.stop();
+  }
+});
+
+test("from_cache of a damaged or another model's cached state at the edge: cache_miss saying which; an offloaded session's snapshot comes from its stored copy", {
+  timeout: 60_000,
+}, async () => {
+  const host = await fakeHost(["--cache-memory-bytes", "0", "--idle-seconds", "1"]);
+  const c = await HostClient.connect(host.url);
+  try {
+    expectType(await c.call({ type: "open_session", tenant: "t", session: "s", budget: 16 }), "opened");
+    expectType(await c.call({ type: "append", tenant: "t", session: "s", text: "hello" }), "appended");
+    const good = expectType(await c.call({ type: "snapshot", tenant: "t", session: "s", key: KEY }), "snapshotted");
+    const stored = host.edge.cachedState("t", KEY)!;
+    const { meta, state } = decodeStateFile(stored.file, "t", KEY);
+    // Another model's (its identity in the file's meta), and a damaged one (one byte flipped).
+    host.edge.cached.set(`t\0${OTHER_KEY}`, {
+      ...stored,
+      file: encodeStateFile({ ...meta, session: OTHER_KEY }, state, {
+        model: "other",
+        n_layer: 2,
+        bytes_per_entry: 128,
+      }),
+    });
+    const flipped = new Uint8Array(stored.file);
+    flipped[flipped.length - 1]! ^= 0xff;
+    const damagedKey = "c".repeat(64);
+    host.edge.cached.set(`t\0${damagedKey}`, { ...stored, file: flipped });
+    const other = errorOf(await c.call({ type: "open_session", tenant: "t", session: "o", from_cache: OTHER_KEY }));
+    assert.equal(other.code, "cache_miss");
+    assert.match(other.message, /another model's: stored by a host of model 'other'/);
+    const damaged = errorOf(await c.call({ type: "open_session", tenant: "t", session: "d", from_cache: damagedKey }));
+    assert.equal(damaged.code, "cache_miss");
+    assert.match(damaged.message, /damaged/);
+    assert.equal(host.metrics.cacheOpens.get({ source: "miss" }), 2);
+    // Another tenant never reads this one's cached states.
+    const u = await HostClient.connect(host.url, { tenant: "u" });
+    assert.equal(
+      codeOf(await u.call({ type: "open_session", tenant: "u", session: "x", from_cache: KEY })),
+      "cache_miss",
+    );
+    u.close();
+
+    // Memory 0: the copy comes from the edge's store each time.
+    expectType(await c.call({ type: "open_session", tenant: "t", session: "c", from_cache: KEY }), "opened");
+    assert.equal(host.metrics.cacheOpens.get({ source: "edge" }), 1);
+    // Offloaded (idle 0 s): its snapshot is its stored copy, the same state file.
+    await until(
+      async () => !expectType(await c.call({ type: "stats", tenant: "t", session: "s" }), "stats_result").resident,
+      "the offload",
+    );
+    const again = expectType(
+      await c.call({ type: "snapshot", tenant: "t", session: "s", key: OTHER_KEY }),
+      "snapshotted",
+    );
+    assert.deepEqual([again.tokens_seen, again.bytes], [good.tokens_seen, good.bytes]);
+    const c2 = expectType(
+      await c.call({ type: "open_session", tenant: "t", session: "c2", from_cache: OTHER_KEY }),
+      "opened",
+    );
+    assert.equal(c2.tokens_seen, 5);
+  } finally {
+    c.close();
+    await host.stop();
+  }
+});
