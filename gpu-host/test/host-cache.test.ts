@@ -117,8 +117,9 @@ test("a snapshot continues exactly: copies on the same host (memory) and on anot
       await a.stop();
     }
 
-    // Another host of the model: the copy comes from the edge's store.
-    const b = await startTestHost({}, POOL, { edge });
+    // Another host of the model: the copy comes from the edge's store. Without checkpoints, so that
+    // nothing but the snapshot decodes a generation's last token before it is taken.
+    const b = await startTestHost({}, [...POOL, "--checkpoint", "off"], { edge });
     const cb = await HostClient.connect(edge.url, { host: b.name });
     try {
       const opened = expectType(
@@ -137,6 +138,21 @@ test("a snapshot continues exactly: copies on the same host (memory) and on anot
         "opened",
       );
       assert.equal(b.metrics.cacheOpens.get({ source: "memory" }), 1);
+      // A reply's snapshot, right after its generate: the copy holds every token (the last one
+      // too) and continues as the session it was taken from.
+      const reply = expectType(
+        await cb.call({ type: "snapshot", tenant: "t", session: "copy3", key: OTHER_KEY }),
+        "snapshotted",
+      );
+      assert.equal(reply.tokens_seen, await tokensSeen(cb, "copy3"));
+      const copy5 = expectType(
+        await cb.call({ type: "open_session", tenant: "t", session: "copy5", from_cache: OTHER_KEY, ephemeral: true }),
+        "opened",
+      );
+      assert.equal(copy5.tokens_seen, reply.tokens_seen);
+      const next = await counted(b, cb, "copy5", "Thanks. One more word?");
+      assert.equal(next.prefilled, next.added, "the copy's tokens are the state's: it prefills its new turn only");
+      assert.equal(next.text, await turn(cb, "copy3", "Thanks. One more word?"), "as the session it was taken from");
       const metrics = await scrape(b.address.port);
       assert.match(metrics, /pkv_host_cache_opens_total\{source="edge"\} 1/);
       assert.match(metrics, /pkv_host_cache_memory_bytes [1-9]/);

@@ -25,7 +25,7 @@ import { HostError } from "./errors.js";
 import { hostLog } from "./log.js";
 import type { HostMetrics } from "./metrics.js";
 import { HostSession, type OpenParams } from "./session.js";
-import { type RemoteStore, RemoteStateError } from "./edge-link.js";
+import { type RemoteState, type RemoteStore, RemoteStateError } from "./edge-link.js";
 import {
   DamagedStateError,
   decodeStateFile,
@@ -134,6 +134,8 @@ function remoteMeta(meta: StoredSessionMeta, identity: StateIdentity | undefined
 export class Residency {
   /** cached states in host memory (snapshot, open_session.from_cache) */
   readonly snapshots: SnapshotMemory;
+  /** reads of cached states from the edge's store under way, by tenant and key */
+  private readonly fetching = new Map<string, Promise<RemoteState>>();
 
   constructor(
     private readonly store: StateStore,
@@ -331,18 +333,14 @@ export class Residency {
     let edgeMeta: Record<string, unknown> = {};
     const source = file ? "memory" : "edge";
     if (!file) {
-      const remote = this.options.remote;
-      if (!remote?.connected)
-        throw cacheMiss(`${name} is not in this host's memory, and this host is not connected to the edge's store`);
-      let got: Awaited<ReturnType<RemoteStore["get"]>>;
-      try {
-        got = await remote.get(tenant, key, { cache: true });
-      } catch (e) {
-        throw cacheMiss(`${name}: the edge's store could not be read (${e instanceof Error ? e.message : String(e)})`);
+      // Opens of one key at once (sessions on one shared document) read the edge's store once.
+      const k = `${tenant}\0${key}`;
+      let fetch = this.fetching.get(k);
+      if (!fetch) {
+        fetch = this.fetchCached(tenant, key, name).finally(() => this.fetching.delete(k));
+        this.fetching.set(k, fetch);
       }
-      if (!got) throw cacheMiss(`${name} is missing: not in the edge's store (expired, evicted or never stored)`);
-      file = got.file;
-      edgeMeta = got.meta;
+      ({ file, meta: edgeMeta } = await fetch);
     }
     let decoded: ReturnType<typeof decodeStateFile>;
     try {
@@ -356,6 +354,20 @@ export class Residency {
     if (why) throw cacheMiss(`${name} is another model's: ${why}`);
     if (source === "edge") this.snapshots.put(tenant, key, file);
     return { meta: decoded.meta, state: decoded.state, bytes: file.length, source };
+  }
+
+  private async fetchCached(tenant: string, key: string, name: string): Promise<RemoteState> {
+    const remote = this.options.remote;
+    if (!remote?.connected)
+      throw cacheMiss(`${name} is not in this host's memory, and this host is not connected to the edge's store`);
+    let got: RemoteState | undefined;
+    try {
+      got = await remote.get(tenant, key, { cache: true });
+    } catch (e) {
+      throw cacheMiss(`${name}: the edge's store could not be read (${e instanceof Error ? e.message : String(e)})`);
+    }
+    if (!got) throw cacheMiss(`${name} is missing: not in the edge's store (expired, evicted or never stored)`);
+    return got;
   }
 
   /** `file` (a state file naming `key`, encodeStateFile) as the tenant's cached state `key`: to
