@@ -9,7 +9,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import type { FromHostMessage } from "@pyramidkv/shared";
+import { type FromHostMessage, HOST_STATE_PART_BYTES } from "@pyramidkv/shared";
 
 import { DirectEdge } from "../src/host/direct-edge.js";
 import { decodeStateFile, encodeStateFile } from "../src/host/store.js";
@@ -19,6 +19,7 @@ const POOL = ["--kv-pool-bytes", String(160 << 20)];
 const DOC = "The quick brown fox jumps over the lazy dog near the river bank today. ".repeat(30);
 const KEY = "a".repeat(64);
 const OTHER_KEY = "b".repeat(64);
+const FULL_KEY = "d".repeat(64);
 
 const codeOf = (m: FromHostMessage) => expectType(m, "error").code;
 const errorOf = (m: FromHostMessage) => expectType(m, "error");
@@ -64,6 +65,7 @@ test("a snapshot continues exactly: copies on the same host (memory) and on anot
     const ca = await HostClient.connect(edge.url, { host: a.name });
     let snap: Extract<FromHostMessage, { type: "snapshotted" }>;
     let reference: string;
+    let fullReference: string;
     try {
       expectType(
         await ca.call({ type: "open_session", tenant: "t", session: "orig", method: "pyramidkv", budget: 64 }),
@@ -112,6 +114,28 @@ test("a snapshot continues exactly: copies on the same host (memory) and on anot
       reference = await turn(ca, "orig", "And the dog?");
       assert.ok(reference.length > 0);
       assert.equal(copy2.text, reference, "the copy answers as the original");
+
+      // A FullKV document's state, over HOST_STATE_PART_BYTES: to the edge's store in parts.
+      expectType(await ca.call({ type: "open_session", tenant: "t", session: "full", method: "full" }), "opened");
+      expectType(
+        await ca.call({
+          type: "append",
+          tenant: "t",
+          session: "full",
+          text: `${DOC}\nWhat does the fox do?`,
+          chat: true,
+        }),
+        "appended",
+      );
+      const full = expectType(
+        await ca.call({ type: "snapshot", tenant: "t", session: "full", key: FULL_KEY }),
+        "snapshotted",
+      );
+      assert.ok(full.bytes > HOST_STATE_PART_BYTES, `${full.bytes} bytes`);
+      fullReference = expectType(
+        await ca.call({ type: "generate", tenant: "t", session: "full", max_tokens: 8, temperature: 0 }),
+        "done",
+      ).text;
     } finally {
       ca.close();
       await a.stop();
@@ -138,6 +162,28 @@ test("a snapshot continues exactly: copies on the same host (memory) and on anot
         "opened",
       );
       assert.equal(b.metrics.cacheOpens.get({ source: "memory" }), 1);
+      // The FullKV state comes from the edge in parts, each acknowledged, and continues exactly.
+      const acks = () => edge.controls.filter((m) => m.type === "data_ack" && m.host === b.name && m.part === 1).length;
+      const acked = acks();
+      expectType(
+        await cb.call({
+          type: "open_session",
+          tenant: "t",
+          session: "full-copy",
+          from_cache: FULL_KEY,
+          ephemeral: true,
+        }),
+        "opened",
+      );
+      assert.equal(acks(), acked + 1, "its second part acknowledged");
+      assert.equal(
+        expectType(
+          await cb.call({ type: "generate", tenant: "t", session: "full-copy", max_tokens: 8, temperature: 0 }),
+          "done",
+        ).text,
+        fullReference,
+      );
+      expectType(await cb.call({ type: "close", tenant: "t", session: "full-copy" }), "closed");
       // A reply's snapshot, right after its generate: the copy holds every token (the last one
       // too) and continues as the session it was taken from.
       const reply = expectType(
@@ -154,7 +200,7 @@ test("a snapshot continues exactly: copies on the same host (memory) and on anot
       assert.equal(next.prefilled, next.added, "the copy's tokens are the state's: it prefills its new turn only");
       assert.equal(next.text, await turn(cb, "copy3", "Thanks. One more word?"), "as the session it was taken from");
       const metrics = await scrape(b.address.port);
-      assert.match(metrics, /pkv_host_cache_opens_total\{source="edge"\} 1/);
+      assert.match(metrics, /pkv_host_cache_opens_total\{source="edge"\} 2/);
       assert.match(metrics, /pkv_host_cache_memory_bytes [1-9]/);
     } finally {
       cb.close();
