@@ -11,15 +11,27 @@ import { test } from "node:test";
 
 import { type FromHostMessage, HOST_STATE_PART_BYTES } from "@pyramidkv/shared";
 
-import { DirectEdge } from "../src/host/direct-edge.js";
-import { decodeStateFile, encodeStateFile } from "../src/host/store.js";
-import { expectType, fakeHost, HostClient, scrape, startTestHost, type TestHost, until } from "./host-client.js";
+import { parseHostConfig } from "../src/host/config.js";
+import { DirectEdge, hostToken } from "../src/host/direct-edge.js";
+import { decodeStateFile, encodeStateFile, SnapshotMemory } from "../src/host/store.js";
+import {
+  expectType,
+  fakeHost,
+  HostClient,
+  scrape,
+  startTestHost,
+  type TestHost,
+  testConfig,
+  until,
+} from "./host-client.js";
 
 const POOL = ["--kv-pool-bytes", String(160 << 20)];
 const DOC = "The quick brown fox jumps over the lazy dog near the river bank today. ".repeat(30);
 const KEY = "a".repeat(64);
 const OTHER_KEY = "b".repeat(64);
 const FULL_KEY = "d".repeat(64);
+/** The flags every host needs (config tests). */
+const connect = ["--connect", "http://127.0.0.1:9", "--host-token", hostToken("h0")];
 
 const codeOf = (m: FromHostMessage) => expectType(m, "error").code;
 const errorOf = (m: FromHostMessage) => expectType(m, "error");
@@ -362,4 +374,26 @@ test("from_cache of a damaged or another model's cached state at the edge: cache
     c.close();
     await host.stop();
   }
+});
+
+test("snapshot memory: least recently used evicted past its bound, every tenant together; a file over the bound not kept; --cache-memory-bytes and PKV_CACHE_MEMORY_BYTES", () => {
+  const m = new SnapshotMemory(10);
+  const file = (n: number) => new Uint8Array(n);
+  assert.equal(m.put("t", KEY, file(4)), true);
+  assert.equal(m.put("u", KEY, file(4)), true, "another tenant's entry of the same key is its own");
+  assert.ok(m.get("t", KEY), "t's is now the most recently used");
+  assert.equal(m.put("t", OTHER_KEY, file(4)), true);
+  assert.equal(m.get("u", KEY), undefined, "u's, the least recently used, evicted");
+  assert.deepEqual([m.bytes, m.size], [8, 2]);
+  assert.equal(m.put("t", FULL_KEY, file(11)), false, "larger than the bound: not kept");
+  assert.deepEqual([m.bytes, m.size], [8, 2]);
+  assert.equal(m.put("t", KEY, file(10)), true, "a key stored again replaces its file");
+  assert.deepEqual([m.bytes, m.size, m.get("t", OTHER_KEY)], [10, 1, undefined]);
+  const none = new SnapshotMemory(0);
+  assert.equal(none.put("t", KEY, file(1)), false, "0: nothing is kept");
+
+  assert.equal(testConfig().cacheMemoryBytes, 268435456);
+  assert.equal(testConfig({}, ["--cache-memory-bytes", "0"]).cacheMemoryBytes, 0);
+  assert.equal(parseHostConfig(connect, { PKV_CACHE_MEMORY_BYTES: "1048576" }).cacheMemoryBytes, 1 << 20);
+  assert.throws(() => testConfig({}, ["--cache-memory-bytes=-1"]), /--cache-memory-bytes: '-1' is not an integer/);
 });
