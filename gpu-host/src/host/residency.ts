@@ -387,7 +387,7 @@ export class Residency {
       } catch (e) {
         throw new HostError(
           "checkpoint_failed",
-          `snapshot: ${name} did not reach the edge's store (${e instanceof RemoteStateError ? `${e.code}: ` : ""}${e instanceof Error ? e.message : String(e)})`,
+          `snapshot: ${name} did not reach the edge's store (${e instanceof Error ? e.message : String(e)})`,
         );
       }
     }

@@ -606,6 +606,15 @@ export class SessionHost implements LinkedHost {
       });
     } catch (e) {
       if (this.sessions.get(key) === s) this.sessions.delete(key);
+      // The engine refused the state (damaged, or an engine whose state format differs): a miss.
+      if (s.lost) {
+        this.metrics.cacheOpens.inc({ source: "miss" });
+        this.residency.snapshots.delete(msg.tenant, cacheKey);
+        throw new HostError(
+          "cache_miss",
+          `cached state '${cacheKey}' of tenant '${msg.tenant}' cannot be restored here: ${s.lost}`,
+        );
+      }
       throw e;
     } finally {
       s.pendingOps--;
