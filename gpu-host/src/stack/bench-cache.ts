@@ -15,6 +15,7 @@ import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { cpus, loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 
+import { repoRoot } from "../engine/engine-path.js";
 import { directoryHaystack, essaysDir, generatedFiller } from "../eval/haystack.js";
 import { defineCommand, int, string } from "../flags.js";
 import { quantile } from "./bench-ttft.js";
@@ -64,6 +65,20 @@ async function counters(stack: Stack) {
     snapshot_s: seconds("snapshot"),
     copies: metricSum(m, "pkv_host_cache_opens_total") - metricSum(m, "pkv_host_cache_opens_total", { source: "miss" }),
   };
+}
+
+/** The tree's commit (with "+" when it has local changes), or null outside a git checkout. */
+function gitCommit(): string | null {
+  try {
+    const head = execFileSync("git", ["rev-parse", "--short", "HEAD"], { encoding: "utf8", cwd: repoRoot() }).trim();
+    const dirty = execFileSync("git", ["status", "--porcelain", "--untracked-files=no"], {
+      encoding: "utf8",
+      cwd: repoRoot(),
+    }).trim();
+    return dirty ? `${head}+` : head;
+  } catch {
+    return null;
+  }
 }
 
 export async function runCacheBench(
@@ -143,6 +158,18 @@ export async function runCacheBench(
         },
       };
     };
+
+    // a fresh engine's first graphs, and the worker's first requests, before anything is measured
+    for (let i = 0; i < 3; i++) {
+      const r = await api("POST", "/v1/chat/completions", {
+        model: "default",
+        messages: [{ role: "user", content: `Say ${i}.` }],
+        max_tokens: 2,
+        kv_cache: "off",
+      });
+      if (!r.ok) throw new Error(`warm-up: HTTP ${r.status}: ${await r.text()}`);
+      await r.text();
+    }
 
     // (a) the chat, cache on and off alternating turn by turn
     const convo: Record<"on" | "off", Msg[]> = {
@@ -240,7 +267,6 @@ export async function runCacheBench(
         document_tokens: each[0]?.tokens ?? null,
         from_copy: each.filter((s) => (s.cached_tokens ?? 0) > 0).length,
         prefilled_tokens: c1.prefilled - c0.prefilled,
-        prefill_ms: round((c1.append_s - c0.append_s) * 1000),
         host_copies: c1.copies - c0.copies,
       };
     };
@@ -255,6 +281,7 @@ export async function runCacheBench(
       command:
         `pkv bench cache --turns ${o.turns} --chars ${o.chars} --sessions ${o.sessions} --shared-chars ${o.sharedChars} ` +
         `--budget ${o.budget} --max-tokens ${o.maxTokens}`,
+      commit: gitCommit(),
       cpu: cpus()[0]?.model ?? "unknown",
       cores: cpus().length,
       uptime_before: uptimeBefore,
