@@ -186,7 +186,7 @@ async function reference(tenant: string, doc: string, questions: string[]) {
 
 // ---- chat completions --------------------------------------------------------------------------------
 
-type Turn = { text: string; usage: Usage; prefilled: number[]; served: number };
+type Turn = { text: string; usage: Usage; prefilled: number[]; served: number; ms: number };
 
 /** One greedy chat completion through the openai client (whole, or streamed with its usage chunk),
  * with what every host prefilled meanwhile. */
@@ -196,6 +196,7 @@ async function chat(
   o: { stream?: boolean; kvCache?: "on" | "off" } = {},
 ): Promise<Turn> {
   const before = await perHost("pkv_host_prefilled_tokens_total", { tenant });
+  const t0 = Date.now();
   const body = {
     model: MODEL,
     messages,
@@ -235,6 +236,7 @@ async function chat(
     usage: { prompt_tokens: usage.prompt_tokens, completion_tokens: usage.completion_tokens, cached_tokens: cached! },
     prefilled,
     served: rose[0] ?? -1,
+    ms: Date.now() - t0,
   };
 }
 
