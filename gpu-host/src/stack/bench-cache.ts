@@ -316,9 +316,9 @@ export async function runCacheBench(
 export const command = defineCommand({
   flags: {
     turns: int({ min: 2, max: 100, default: 10 }),
-    chars: int({ min: 2000, max: 200_000, default: 25_000 }),
+    chars: int({ min: 2000, max: 200_000, default: 32_500 }),
     sessions: int({ min: 2, max: 256, default: 16 }),
-    "shared-chars": int({ min: 2000, max: 200_000, default: 25_000 }),
+    "shared-chars": int({ min: 2000, max: 200_000, default: 32_500 }),
     budget: int({ min: 16, max: 1 << 20, default: 128 }),
     "max-tokens": int({ min: 1, max: 4096, default: 16 }),
     "haystack-dir": string(),
