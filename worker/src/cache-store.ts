@@ -207,6 +207,20 @@ export class CacheStore {
     await this.wakeBy(nowMs + UNCLAIMED_OBJECT_MS);
   }
 
+  /**
+   * A host found no usable state for entry `key` (it answered cache_miss: the R2 object is gone or
+   * damaged): the entry goes, and its object, so that later requests do not pay the miss again.
+   * With `createdMs` (the created_ms of the entry the caller hit), an entry stored again since is
+   * kept. Whether an entry went.
+   */
+  async forget(key: string, createdMs?: number): Promise<boolean> {
+    if (typeof key !== "string" || !CACHE_KEY.test(key)) throw new Error(badKey(key));
+    const e = await this.storage.get<CacheEntry>(PREFIX + key);
+    if (!e || (createdMs !== undefined && e.created_ms !== createdMs)) return false;
+    await this.drop(key, await this.storage.get<string>(TENANT_KEY));
+    return true;
+  }
+
   /** A claim given up (its request failed before a put): the requests waiting on it look again. */
   release(key: string): void {
     if (typeof key !== "string" || !CACHE_KEY.test(key)) throw new Error(badKey(key));

@@ -28,6 +28,12 @@ export interface HostPlan {
   move?: { model?: string; to: (from: string, next: string) => Promise<string> };
   /** the model a new session needs (ANY_MODEL: any host) */
   model?: string;
+  /**
+   * a new session's preferred host (the one holding its cached prefix, prompt-cache.ts): picked
+   * when it is live, serves `model` and has room; otherwise, or when it went away by the dial, the
+   * usual pick
+   */
+  prefer?: string;
   /** the tenant whose work this is; default the request's (set by requireKey) */
   tenant?: string;
   /** pass the tenant's KV quota and policy to the host first (set_tenant); false for reads and closes */
@@ -47,7 +53,7 @@ const MOVE_TRIES = 3;
 
 /** The link to a host for a plan: the session's host (or its next one), or the best one for a new session. */
 async function dial(env: Env, tenant: string, plan: HostPlan): Promise<HostLink> {
-  if (plan.host === undefined) return connectBest(env, tenant, plan.model);
+  if (plan.host === undefined) return connectBest(env, tenant, plan.model, plan.prefer);
   let host = plan.host;
   for (let tries = 0; plan.move && tries < MOVE_TRIES && !(await registry(env).live(host)); tries++) {
     const next = await pickHost(env, plan.move.model ?? ANY_MODEL, [], true);

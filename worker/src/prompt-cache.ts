@@ -6,7 +6,9 @@
 // exact messages: the document's as a doc entry, the prompt + answer as a reply entry, in the
 // tenant's Durable Object (tenant.ts). A later request starts from a copy of the longest cached
 // prefix of its messages (open_session.from_cache) and prefills only what follows it; a miss (or
-// a host answering cache_miss) runs the same steps from an empty session.
+// a host answering cache_miss, whose entry is then forgotten) runs the same steps from an empty
+// session. Lookup comes before routing (withCache): a request goes to the host that stored its
+// hit, whose snapshot memory holds the state, while that host is live and has room.
 //
 // Keys: a hash chain over the messages, seeded by the model and the compression, so that a key
 // names exactly one state (the same messages, model, method and budget):
@@ -21,8 +23,9 @@ import { MAX_CACHE_CANDIDATES } from "./cache-store.js";
 import { type CompletionJob, streamCompletion, wholeCompletion } from "./completion.js";
 import type { AppEnv, Env } from "./env.js";
 import { ApiError } from "./errors.js";
-import type { HostLease } from "./host-lease.js";
+import { type HostLease, type HostPlan, withHost } from "./host-lease.js";
 import type { HostLink } from "./host-link.js";
+import { ANY_MODEL, registry } from "./routing.js";
 import { appendTurns, modelId, type OpenOptions, openSession, snapshot, turnsBytes } from "./serve.js";
 import { CACHE_DEFAULTS, type CacheEntry } from "./tenant.js";
 import type { KvSettings, Sampling } from "./validate.js";
@@ -90,44 +93,81 @@ export async function candidates(turns: Turn[], chain: Uint8Array[]): Promise<st
 
 const failure = (e: unknown) => (e instanceof Error ? e.message : String(e));
 
+/** What a request looks up, for the model (hello.model) it is served by: the candidates, and the doc key it would build. */
+export interface CacheKeys {
+  keys: string[];
+  claim?: string;
+}
+
 /**
- * One request's use of the tenant's cache on a host link: the lookup (with the claim of the
- * document it would build), the open from a copy (or from nothing on a miss), the snapshots and
- * their entries. Nothing here fails a request for the cache's sake: a lookup that fails is a miss,
- * a snapshot or put that fails leaves the entry absent. A claim not resolved by a put is released
- * (release(), which the caller runs when its request fails).
+ * One request's use of the tenant's cache: the lookup (with the claim of the document it would
+ * build), the open from a copy (or from nothing on a miss), the snapshots and their entries.
+ * Nothing here fails a request for the cache's sake: a lookup that fails is a miss, a snapshot or
+ * put that fails leaves the entry absent. A claim not resolved by a put is released (release(),
+ * which withCache runs when the request ends without it).
  */
-export class CacheUse {
+export class CacheUse<K extends CacheKeys = CacheKeys> {
   /** the entry the request starts from (null: none, or the host had no copy) */
   hit: CacheEntry | null = null;
   /** the doc key this request claimed and has not stored or released yet */
   private claimed?: string;
+  /** the model the lookup was for, and its keys */
+  private looked?: { model: string; keys: K };
+  private host?: HostLink;
 
   constructor(
     private readonly c: Context<AppEnv>,
-    private readonly link: HostLink,
+    private readonly keysOf: (model: string) => Promise<K>,
   ) {}
 
   private get stub() {
     return tenantStub(this.c.env, this.c.get("tenant"));
   }
 
-  /** The first of `keys` with a live entry; with `claim`, nobody else building that document meanwhile. */
-  async lookup(keys: string[], claim?: string): Promise<void> {
-    if (keys.length === 0) return;
+  /** The link of the lease (bind()). */
+  private get link(): HostLink {
+    if (!this.host) throw new Error("prompt cache: used before its host link was bound");
+    return this.host;
+  }
+
+  /** The keys of the model looked up (bind()'s, the link's). */
+  get keys(): K {
+    if (!this.looked) throw new Error("prompt cache: keys used before a lookup");
+    return this.looked.keys;
+  }
+
+  /**
+   * The first of `model`'s keys with a live entry; with their claim, nobody else building that
+   * document meanwhile. A claim of an earlier lookup (another model's keys) is released first.
+   */
+  async lookup(model: string): Promise<void> {
+    await this.release();
+    this.hit = null;
+    const keys = await this.keysOf(model);
+    this.looked = { model, keys };
+    if (keys.keys.length === 0) return;
     try {
-      const r = await this.stub.cacheLookup(keys, claim);
+      const r = await this.stub.cacheLookup(keys.keys, keys.claim);
       this.hit = r.hit;
-      if (r.claimed) this.claimed = claim;
+      if (r.claimed) this.claimed = keys.claim;
     } catch (e) {
       console.warn(`prompt cache: lookup failed (a miss): ${failure(e)}`);
     }
   }
 
   /**
+   * The lease's link: when its host serves another model than the one looked up (or none was:
+   * the peeked host had no cache), the lookup again with its model's keys.
+   */
+  async bind(link: HostLink): Promise<void> {
+    this.host = link;
+    if (this.looked?.model !== link.hello.model) await this.lookup(link.hello.model);
+  }
+
+  /**
    * Opens `session` from a copy of the hit (the host answers cache_miss when no copy can be had:
-   * then it opens again from nothing, as a miss). `promptBytes` of `fromHit` are those after the
-   * copy's messages, of `whole` all of them.
+   * the entry is forgotten, and the session opened again from nothing, as a miss). `promptBytes`
+   * of `fromHit` are those after the copy's messages, of `whole` all of them.
    */
   async open(
     session: string,
@@ -135,17 +175,22 @@ export class CacheUse {
     o: Omit<OpenOptions, "promptBytes" | "fromCache">,
     bytes: { fromHit: number; whole: number },
   ) {
-    if (this.hit) {
+    const hit = this.hit;
+    if (hit) {
       try {
         return await openSession(this.c, this.link, session, kv, {
           ...o,
           promptBytes: bytes.fromHit,
-          fromCache: this.hit.key,
+          fromCache: hit.key,
         });
       } catch (e) {
         if (!(e instanceof ApiError && e.code === "cache_miss")) throw e;
-        console.warn(`prompt cache: host ${this.link.host} had no copy of ${this.hit.key}: ${e.message}`);
+        console.warn(`prompt cache: host ${this.link.host} had no copy of ${hit.key}: ${e.message}`);
         this.hit = null;
+        // its object is gone (or unreadable): later requests would pay the same miss
+        await this.stub.cacheForget(hit.key, hit.created_ms).catch((f: unknown) => {
+          console.warn(`prompt cache: forgetting ${hit.key} failed: ${failure(f)}`);
+        });
       }
     }
     return openSession(this.c, this.link, session, kv, { ...o, promptBytes: bytes.whole });
@@ -188,6 +233,66 @@ export class CacheUse {
   }
 }
 
+/**
+ * withHost (host-lease.ts) for a new session that may start from a cached state: the one place
+ * where the cache and routing meet. With the cache on, the request learns the model it would be
+ * served by before it is routed (the registry's peek: no pick counted), looks its keys up (with
+ * the claim of its document), and is routed to the hit's host when that host is live, serves the
+ * model and has room (its snapshot memory holds the state: no copy from R2), else as usual. The
+ * host dialled may serve another model than the peeked one (model "default" on a mixed fleet):
+ * then the lookup runs again with its model's keys. `work` gets the CacheUse bound to the lease's
+ * link, or undefined — the cache off, or a host of protocol 3.0 — for the path without the cache
+ * (nothing peeked or looked up when off). A claim still held when the work ends (unless a stream
+ * holds the lease: the stream releases it) is released.
+ */
+export async function withCache<T, K extends CacheKeys>(
+  c: Context<AppEnv>,
+  on: boolean,
+  plan: HostPlan,
+  keysOf: (model: string) => Promise<K>,
+  work: (lease: HostLease, cache: CacheUse<K> | undefined) => Promise<T>,
+): Promise<T> {
+  if (!on) return withHost(c, plan, (lease) => work(lease, undefined));
+  const cache = new CacheUse(c, keysOf);
+  const peeked = await registry(c.env)
+    .peek(plan.model ?? ANY_MODEL)
+    .catch(() => null);
+  if (peeked !== null && peeked.protocol_minor >= 1) await cache.lookup(peeked.model);
+  let held: HostLease | undefined;
+  try {
+    const prefer = cache.hit?.host;
+    return await withHost(c, prefer === undefined ? plan : { ...plan, prefer }, async (lease) => {
+      held = lease;
+      if (!cacheUsable(on, lease.link)) {
+        await cache.release();
+        return work(lease, undefined);
+      }
+      await cache.bind(lease.link);
+      return work(lease, cache);
+    });
+  } finally {
+    if (!held?.isHeld) await cache.release();
+  }
+}
+
+/** A chat completion's keys for a model: the candidates, and the document (its doc key claimed when its step applies). */
+export interface ChatKeys extends CacheKeys {
+  /** chain_0 … chain_n of the messages */
+  chain: Uint8Array[];
+  /** the messages before the last user message: the document */
+  split: number;
+}
+
+/** The keys of a chat completion's messages `turns` served by `model` (hello.model). */
+export async function chatKeys(env: Env, model: string, kv: KvSettings, turns: Turn[]): Promise<ChatKeys> {
+  const chain = await chains(model, kv, turns);
+  let split = turns.length - 1;
+  while (split > 0 && turns[split]!.role !== "user") split--;
+  const docStep = split > 0 && turnsBytes(turns.slice(0, split)) >= cacheMinBytes(env);
+  const claim = docStep ? await entryKey(chain[split]!, "doc") : undefined;
+  return { keys: await candidates(turns, chain), chain, split, ...(claim !== undefined ? { claim } : {}) };
+}
+
 export interface CachedChat {
   /** the ephemeral session the lease opens and closes */
   session: string;
@@ -199,58 +304,52 @@ export interface CachedChat {
 }
 
 /**
- * A chat completion through the cache on a lease: lookup → open (a copy of the longest cached
- * prefix, or nothing) → the document step when it applies and the copy does not hold it already
- * (snapshotted as a doc entry) → the rest with the generation prompt → the answer, whose state is
- * snapshotted as a reply entry before the response ends. Resolves with the response (a stream
- * holds the lease).
+ * A chat completion through the cache on a lease (withCache, with chatKeys looked up): open (a
+ * copy of the longest cached prefix, or nothing) → the document step when it applies and the
+ * copy does not hold it already (snapshotted as a doc entry) → the rest with the generation
+ * prompt → the answer, whose state is snapshotted as a reply entry before the response ends.
+ * Resolves with the response (a stream holds the lease).
  */
-export async function cachedChat(c: Context<AppEnv>, lease: HostLease, chat: CachedChat): Promise<Response> {
+export async function cachedChat(
+  c: Context<AppEnv>,
+  lease: HostLease,
+  cache: CacheUse<ChatKeys>,
+  chat: CachedChat,
+): Promise<Response> {
   const { link } = lease;
   const { session, kv, turns } = chat;
-  const chain = await chains(link.hello.model, kv, turns);
-  // the document: the messages before the last user message
-  let split = turns.length - 1;
-  while (split > 0 && turns[split]!.role !== "user") split--;
-  const docStep = split > 0 && turnsBytes(turns.slice(0, split)) >= cacheMinBytes(c.env);
-  const docKey = docStep ? await entryKey(chain[split]!, "doc") : undefined;
-  const cache = new CacheUse(c, link);
-  try {
-    await cache.lookup(await candidates(turns, chain), docKey);
-    const opened = await cache.open(
-      session,
-      kv,
-      { ephemeral: true },
-      { fromHit: turnsBytes(turns.slice(cache.hit?.messages ?? 0)), whole: turnsBytes(turns) },
-    );
-    const hit = cache.hit;
-    let from = hit?.messages ?? 0;
-    const cachedTokens = hit ? (opened.tokens_seen ?? hit.tokens) : 0;
-    if (docKey !== undefined && from < split) {
-      await appendTurns(c.env, link, session, turns.slice(from, split), false, { param: "messages", maxTokens: 1 });
-      await cache.store(session, docKey, "doc", split);
-      from = split;
-    }
-    const appended = await appendTurns(c.env, link, session, turns.slice(from), true, {
-      maxTokens: chat.sampling.max_tokens_asked ?? 1,
-      param: "messages",
-    });
-    const job: CompletionJob = {
-      lease,
-      session,
-      model: modelId(link.hello.model),
-      promptTokens: appended.tokens_seen,
-      cachedTokens,
-      sampling: chat.sampling,
-      includeUsage: chat.includeUsage,
-      // the turn's state, prompt and answer, under the key of its messages and the answer as the client got it
-      answered: async (answer) => {
-        const reply = await chainNext(chain[turns.length]!, { role: "assistant", content: answer });
-        await cache.store(session, await entryKey(reply, "reply"), "reply", turns.length + 1);
-      },
-    };
-    return chat.stream ? streamCompletion(job) : c.json(await wholeCompletion(job));
-  } finally {
-    await cache.release();
+  const { chain, split, claim: docKey } = cache.keys;
+  const opened = await cache.open(
+    session,
+    kv,
+    { ephemeral: true },
+    { fromHit: turnsBytes(turns.slice(cache.hit?.messages ?? 0)), whole: turnsBytes(turns) },
+  );
+  const hit = cache.hit;
+  let from = hit?.messages ?? 0;
+  const cachedTokens = hit ? (opened.tokens_seen ?? hit.tokens) : 0;
+  if (docKey !== undefined && from < split) {
+    await appendTurns(c.env, link, session, turns.slice(from, split), false, { param: "messages", maxTokens: 1 });
+    await cache.store(session, docKey, "doc", split);
+    from = split;
   }
+  const appended = await appendTurns(c.env, link, session, turns.slice(from), true, {
+    maxTokens: chat.sampling.max_tokens_asked ?? 1,
+    param: "messages",
+  });
+  const job: CompletionJob = {
+    lease,
+    session,
+    model: modelId(link.hello.model),
+    promptTokens: appended.tokens_seen,
+    cachedTokens,
+    sampling: chat.sampling,
+    includeUsage: chat.includeUsage,
+    // the turn's state, prompt and answer, under the key of its messages and the answer as the client got it
+    answered: async (answer) => {
+      const reply = await chainNext(chain[turns.length]!, { role: "assistant", content: answer });
+      await cache.store(session, await entryKey(reply, "reply"), "reply", turns.length + 1);
+    },
+  };
+  return chat.stream ? streamCompletion(job) : c.json(await wholeCompletion(job));
 }

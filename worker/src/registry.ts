@@ -38,6 +38,8 @@ export interface HostRow {
   chat_template?: string;
   heartbeat_ms: number;
   host_version?: string;
+  /** the host's protocol minor (hello): 1 and above copy and snapshot cached states */
+  protocol_minor?: number;
   connected_at: number;
   pool_bytes: number;
   kv_used_bytes: number;
@@ -68,6 +70,9 @@ export type Route = { name: string } | { name: null; live: number; models: strin
 function pickEstimate(row: HostRow): number {
   return row.sessions > 0 ? row.kv_used_bytes / row.sessions : row.pool_bytes / 64;
 }
+
+/** The host's free KV less the picks routed to it since its last heartbeat. */
+const freeAfterPicks = (row: HostRow) => row.free_bytes - row.picks * pickEstimate(row);
 
 export function isLive(row: Omit<HostRow, "picks">, nowMs: number): boolean {
   return !row.draining && nowMs - row.last_heartbeat_ms <= 2 * row.heartbeat_ms;
@@ -113,6 +118,7 @@ export class HostRegistry extends DurableObject<Env> {
       bytes_per_entry: h.bytes_per_entry,
       ...(h.chat_template !== undefined ? { chat_template: h.chat_template } : {}),
       ...(h.host_version !== undefined ? { host_version: h.host_version } : {}),
+      ...(h.protocol_minor !== undefined ? { protocol_minor: h.protocol_minor } : {}),
       heartbeat_ms: h.heartbeat_ms,
       connected_at: r.connected_at,
       pool_bytes: hb?.pool_bytes ?? h.pool_bytes,
@@ -151,11 +157,39 @@ export class HostRegistry extends DurableObject<Env> {
 
   /**
    * The live host serving `model` with the most free KV, each pick since its last heartbeat counted
-   * against it (so a burst of new sessions spreads); no storage read.
+   * against it (so a burst of new sessions spreads); no storage read. `prefer` (the host holding
+   * the request's cached prefix, prompt-cache.ts) is picked instead when it is live, serves
+   * `model`, is not excluded and has room for one more pick.
    */
-  route(model: string, exclude: string[] = []): Route {
+  route(model: string, exclude: string[] = [], prefer?: string): Route {
     this.routes++;
+    const r = this.best(model, exclude, prefer);
+    if (!r.row) return { name: null, live: r.live, models: r.models };
+    r.row.picks++;
+    return { name: r.row.name };
+  }
+
+  /**
+   * What route(model) would pick now, without counting a pick (nor a route): the host's model
+   * (hello.model) and protocol minor, or null when no live host serves `model`. A request that
+   * may use the prompt cache computes its keys with this model before it is routed.
+   */
+  peek(model: string): { model: string; protocol_minor: number } | null {
+    const { row } = this.best(model, []);
+    return row ? { model: row.model, protocol_minor: row.protocol_minor ?? 0 } : null;
+  }
+
+  private best(model: string, exclude: string[], prefer?: string): { row?: HostRow; live: number; models: string[] } {
     const now = Date.now();
+    const preferred = prefer === undefined ? undefined : this.table.get(prefer);
+    if (
+      preferred !== undefined &&
+      isLive(preferred, now) &&
+      serves(preferred, model) &&
+      !exclude.includes(preferred.name) &&
+      freeAfterPicks(preferred) >= pickEstimate(preferred)
+    )
+      return { row: preferred, live: 0, models: [] };
     let best: HostRow | undefined;
     let bestFree = 0;
     let live = 0;
@@ -165,15 +199,13 @@ export class HostRegistry extends DurableObject<Env> {
       live++;
       models.add(modelId(row.model));
       if (!serves(row, model) || exclude.includes(row.name)) continue;
-      const free = row.free_bytes - row.picks * pickEstimate(row);
+      const free = freeAfterPicks(row);
       if (best === undefined || free > bestFree) {
         best = row;
         bestFree = free;
       }
     }
-    if (!best) return { name: null, live, models: [...models].sort() };
-    best.picks++;
-    return { name: best.name };
+    return { row: best, live, models: [...models].sort() };
   }
 
   live(name: string): boolean {

@@ -2,7 +2,9 @@
 // seconds to the routing table (registry.ts): a new session goes to the live host with the most
 // free KV among those serving its model, read from that table (no probe, no storage read per
 // request); a session sticks to the host that holds it while that host is live, and moves to
-// another live host of its model otherwise (the host restores it from R2).
+// another live host of its model otherwise (the host restores it from R2). A new session that
+// starts from a cached state prefers the host that stored it (its snapshot memory holds the
+// state: no copy from R2), while that host is live and has room (prompt-cache.ts).
 import { type Env, intVar } from "./env.js";
 import { ApiError, noHost } from "./errors.js";
 import { DEFAULT_DEADLINES, type Deadlines, HostGone, HostLink } from "./host-link.js";
@@ -24,12 +26,18 @@ export function deadlines(env: Env): Deadlines {
 }
 
 /**
- * The live host for a new session of `model`: 503 when none is live, 404 model_not_found when
- * none of the live ones serves it — unless `moving` (a session whose model is known: its hosts
- * are away for now, 503).
+ * The live host for a new session of `model` (`prefer` when it is live, serves it and has room;
+ * registry.ts): 503 when none is live, 404 model_not_found when none of the live ones serves it —
+ * unless `moving` (a session whose model is known: its hosts are away for now, 503).
  */
-export async function pickHost(env: Env, model = ANY_MODEL, exclude: string[] = [], moving = false): Promise<string> {
-  const r = await registry(env).route(model, exclude);
+export async function pickHost(
+  env: Env,
+  model = ANY_MODEL,
+  exclude: string[] = [],
+  moving = false,
+  prefer?: string,
+): Promise<string> {
+  const r = await registry(env).route(model, exclude, prefer);
   if (r.name !== null) return r.name;
   if (r.live === 0 || exclude.length > 0) throw noHost("no GPU host is available (none connected and live)");
   if (moving)
@@ -43,11 +51,14 @@ export async function pickHost(env: Env, model = ANY_MODEL, exclude: string[] = 
   );
 }
 
-/** A link to the best live host serving `model`, trying the next one when a host went away just then. */
-export async function connectBest(env: Env, tenant: string, model = ANY_MODEL): Promise<HostLink> {
+/**
+ * A link to the best live host serving `model` (`prefer` first, when it can take it), trying the
+ * next one when a host went away just then.
+ */
+export async function connectBest(env: Env, tenant: string, model = ANY_MODEL, prefer?: string): Promise<HostLink> {
   const tried: string[] = [];
   for (;;) {
-    const name = await pickHost(env, model, tried);
+    const name = await pickHost(env, model, tried, false, prefer);
     try {
       return await HostLink.connect(env, name, tenant, deadlines(env));
     } catch (e) {

@@ -17,8 +17,8 @@
 // holding a stale copy is refused), and a session moves to another host by compare-and-set
 // (moveSession), so that two requests racing for it land on one host.
 //
-// The tenant's prompt cache (cacheLookup, cachePut, cacheRelease, cacheStats, and cacheWritten from
-// host-conn.ts; cache-store.ts): its entries live here too, their states in R2
+// The tenant's prompt cache (cacheLookup, cachePut, cacheRelease, cacheForget, cacheStats, and
+// cacheWritten from host-conn.ts; cache-store.ts): its entries live here too, their states in R2
 // (cache/<tenant>/<key>), within the tenant's cache_max_bytes and cache_ttl_s; the alarm deletes
 // entries unused for the TTL, and states whose entry never came.
 import { DurableObject } from "cloudflare:workers";
@@ -516,6 +516,14 @@ export class TenantState extends DurableObject<Env> {
   /** A cached state was written to R2 (host-conn.ts): deleted by the alarm unless its entry is put within 10 minutes. */
   cacheWritten(tenant: string, key: string, nowMs = Date.now()): Promise<void> {
     return this.cache.written(tenant, key, nowMs);
+  }
+
+  /**
+   * A host answered cache_miss for entry `key`: the entry and its R2 object go (not when
+   * `createdMs` is given and the entry was stored again since). Whether an entry went.
+   */
+  cacheForget(key: string, createdMs?: number): Promise<boolean> {
+    return this.cache.forget(key, createdMs);
   }
 
   /** A claim given up (its request failed): those waiting look again. */

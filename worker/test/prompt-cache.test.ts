@@ -25,12 +25,15 @@ let other: string;
 let off: string;
 
 const MiB = 1 << 20;
-/** Routes new sessions to `h` (the most free KV) and waits until the routing table knows. */
-async function prefer(h: FakeHost) {
-  for (const x of [one, two]) x.heartbeat({ free_bytes: (x === h ? 900 : 100) * MiB });
+/**
+ * Routes new sessions to `h` (the most free KV; the other host reports `otherMiB`, 0: no room even
+ * for a request whose cached prefix it holds) and waits until the routing table knows.
+ */
+async function prefer(h: FakeHost, otherMiB = 100) {
+  for (const x of [one, two]) x.heartbeat({ free_bytes: (x === h ? 900 : otherMiB) * MiB });
   for (const x of [one, two])
     await eventuallyAsync(
-      async () => (await hostRow(x.name))?.free_bytes === (x === h ? 900 : 100) * MiB,
+      async () => (await hostRow(x.name))?.free_bytes === (x === h ? 900 : otherMiB) * MiB,
       `${x.name}'s heartbeat in the table`,
     );
 }
@@ -135,7 +138,7 @@ describe("a conversation continues a copy of its last turn", { timeout: 30_000 }
     expect(ofType(ch2, "snapshot")[0]!.key).toBe(await cacheKey("reply", [...t2, assistant(said(b))]));
   });
 
-  it("a streamed turn's entry exists when its response ends (the snapshot is awaited before the finish chunk), and the next turn copies it on another host", async () => {
+  it("a streamed turn's entry exists when its response ends (the snapshot is awaited before the finish chunk), and the next turn copies it on another host (the one that stored it has no room)", async () => {
     await prefer(one);
     // a slow snapshot: a response that ended before it would leave turn 2 without an entry
     one.on.snapshot = (m, reply, ws) => setTimeout(() => one.answer(m, reply, ws), 300);
@@ -157,11 +160,13 @@ describe("a conversation continues a copy of its last turn", { timeout: 30_000 }
       "stats",
     ]);
 
-    await prefer(two);
+    // a turn goes to the host that stored its prefix while that one has room (cache-routing.test.ts): here it has none
+    await prefer(two, 0);
     const b = await chat(key, [...t1, assistant(answer), user("More?")]);
     const ch2 = two.connections.find((ch) => ch.some((f) => f.type === "open_session"))!;
     expect(ofType(ch2, "open_session")[0]!.from_cache).toBe(await cacheKey("reply", [...t1, assistant(answer)]));
     expect(b.usage.prompt_tokens_details.cached_tokens).toBe(11);
+    await prefer(one);
   });
 
   it("a changed earlier message (or system prompt) is a miss: the whole conversation is prefilled", async () => {

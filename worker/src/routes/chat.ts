@@ -4,14 +4,13 @@
 // prefill, compressed once with kv_method/kv_budget or the tenant's defaults), generated, closed.
 // Opened ephemeral: should the edge die before closing it, the host closes it with the link.
 // With the prompt cache (kv_cache on, a host of protocol 3.1) the session starts from a copy of the
-// longest cached prefix of the conversation instead, and only the rest is prefilled
-// (prompt-cache.ts).
+// longest cached prefix of the conversation instead, and only the rest is prefilled; it is routed
+// to the host that stored that prefix when it can take it (prompt-cache.ts).
 import { Hono } from "hono";
 
 import { streamCompletion, wholeCompletion } from "../completion.js";
 import type { AppEnv } from "../env.js";
-import { withHost } from "../host-lease.js";
-import { cachedChat, cacheUsable } from "../prompt-cache.js";
+import { cachedChat, chatKeys, withCache } from "../prompt-cache.js";
 import { appendTurns, checkMaxTokens, modelId, openSession, randomId, turnsBytes } from "../serve.js";
 import { chatRequest, jsonBody, resolveKv, resolveKvCache } from "../validate.js";
 
@@ -24,10 +23,13 @@ chat.post("/chat/completions", jsonBody(chatRequest), async (c) => {
   const useCache = resolveKvCache(req.kvCache, c.get("tenantConfig"));
   const session = randomId("chat-");
   // The session is closed on the host after the answer, and when anything fails or the client leaves (also before the answer: host-lease.ts).
-  return withHost(c, { opens: session, ephemeral: true, model: req.model }, async (lease) => {
+  // With the cache on, the host is the one holding the longest cached prefix when it can take the request.
+  const plan = { opens: session, ephemeral: true, model: req.model };
+  const keysOf = (model: string) => chatKeys(c.env, model, kv, req.turns);
+  return withCache(c, useCache, plan, keysOf, async (lease, cache) => {
     checkMaxTokens(lease.link, req.sampling);
-    if (cacheUsable(useCache, lease.link))
-      return cachedChat(c, lease, {
+    if (cache)
+      return cachedChat(c, lease, cache, {
         session,
         kv,
         turns: req.turns,

@@ -9,7 +9,8 @@
 // host is not live any more moves to another live host of its model at its next request (the new
 // host restores it from its checkpoint in R2). A document opened before (same system, document,
 // compression and model, with the prompt cache on) is not prefilled again: the session starts from
-// a copy of its state (prompt-cache.ts), `cached_tokens` in the session object.
+// a copy of its state (prompt-cache.ts), on the host that stored it when that host can take it,
+// `cached_tokens` in the session object.
 import { type Context, Hono } from "hono";
 import { validator } from "hono/validator";
 
@@ -21,7 +22,7 @@ import { ApiError, notFound, sessionExpired, sessionLimit } from "../errors.js";
 import { hostId } from "../host-id.js";
 import type { HostLink } from "../host-link.js";
 import { withHost } from "../host-lease.js";
-import { CacheUse, cacheUsable, chains, entryKey } from "../prompt-cache.js";
+import { chains, entryKey, withCache } from "../prompt-cache.js";
 import {
   type AppendOptions,
   appendTurns,
@@ -127,57 +128,55 @@ sessions.post("/", jsonBody(sessionRequest), async (c) => {
     onFailure: () => stub.dropSession(id),
     onEnd: () => stub.touchSession(id),
   };
-  return withHost(c, plan, async (lease) => {
+  // The prompt cache: the document's state, the same entry as a chat completion whose messages
+  // begin with these two (prompt-cache.ts); one request builds it, the others start from copies
+  // (on the host that stored it when it can take them).
+  const keysOf = async (model: string) => {
+    const docKey = await entryKey((await chains(model, kv, turns))[2]!, "doc");
+    return { keys: [docKey], claim: docKey };
+  };
+  return withCache(c, useCache, plan, keysOf, async (lease, cache) => {
     // The host is recorded before the open, so that a DELETE or the alarm can close a session
     // whose request died while opening it. A record gone meanwhile was deleted: this open fails
     // (and its failure closes what it opened).
     if (!(await stub.updateSession(id, { host: lease.link.host }))) throw unknownSession(id);
-    // The prompt cache: the document's state, the same entry as a chat completion whose messages
-    // begin with these two (prompt-cache.ts); one request builds it, the others start from copies.
-    const cache = cacheUsable(useCache, lease.link) ? new CacheUse(c, lease.link) : undefined;
-    const docKey = cache ? await entryKey((await chains(lease.link.hello.model, kv, turns))[2]!, "doc") : "";
-    try {
-      await cache?.lookup([docKey], docKey);
-      // a copy is checkpointed by the host before it answers opened: it is as durable as a prefilled one
-      const opened = cache
-        ? await cache.open(id, kv, {}, { fromHit: 0, whole: turnsBytes(turns) })
-        : await openSession(c, lease.link, id, kv, { promptBytes: turnsBytes(turns) });
-      const cachedTokens = cache?.hit ? (opened.tokens_seen ?? cache.hit.tokens) : 0;
-      const rec = await stub.updateSession(id, {
-        state: "open",
-        used_ms: Date.now(),
-        // the document's prefill still runs: the alarm must not expire the session under it
-        busy_until_ms: Date.now() + REQUEST_MAX_MS,
-        kv_method: opened.method,
-        kv_budget: opened.budget,
-        model: modelId(lease.link.hello.model),
-      });
-      if (!rec) throw unknownSession(id);
-      const session = async () => ({ ...(await sessionObject(c.env, lease.link, rec)), cached_tokens: cachedTokens });
-      // The document's turn stays closed: each question opens the assistant's turn after itself.
-      const append = { param: "document", maxTokens: 1 };
-      const prefill = async (o: Partial<AppendOptions> = {}) => {
-        if (cache?.hit) return;
-        await appendTurns(c.env, lease.link, id, turns, false, { ...append, ...o });
-        await cache?.store(id, docKey, "doc", turns.length);
-      };
-      if (!req.stream) {
-        await prefill();
-        return c.json(await session(), 201);
-      }
-      return lease.sse(async (sse) => {
-        try {
-          await prefill({ onProgress: (p) => sse.event("progress", p) });
-          sse.event("session", await session());
-          sse.done();
-        } finally {
-          await cache?.release();
-        }
-      });
-    } finally {
-      // a stream's claim is the stream's own (released when its run fails)
-      if (!lease.isHeld) await cache?.release();
+    // a copy is checkpointed by the host before it answers opened: it is as durable as a prefilled one
+    const opened = cache
+      ? await cache.open(id, kv, {}, { fromHit: 0, whole: turnsBytes(turns) })
+      : await openSession(c, lease.link, id, kv, { promptBytes: turnsBytes(turns) });
+    const cachedTokens = cache?.hit ? (opened.tokens_seen ?? cache.hit.tokens) : 0;
+    const rec = await stub.updateSession(id, {
+      state: "open",
+      used_ms: Date.now(),
+      // the document's prefill still runs: the alarm must not expire the session under it
+      busy_until_ms: Date.now() + REQUEST_MAX_MS,
+      kv_method: opened.method,
+      kv_budget: opened.budget,
+      model: modelId(lease.link.hello.model),
+    });
+    if (!rec) throw unknownSession(id);
+    const session = async () => ({ ...(await sessionObject(c.env, lease.link, rec)), cached_tokens: cachedTokens });
+    // The document's turn stays closed: each question opens the assistant's turn after itself.
+    const append = { param: "document", maxTokens: 1 };
+    const prefill = async (o: Partial<AppendOptions> = {}) => {
+      if (cache?.hit) return;
+      await appendTurns(c.env, lease.link, id, turns, false, { ...append, ...o });
+      await cache?.store(id, cache.keys.claim!, "doc", turns.length);
+    };
+    if (!req.stream) {
+      await prefill();
+      return c.json(await session(), 201);
     }
+    return lease.sse(async (sse) => {
+      // a stream's claim is the stream's own (withCache leaves a held lease's claim to it)
+      try {
+        await prefill({ onProgress: (p) => sse.event("progress", p) });
+        sse.event("session", await session());
+        sse.done();
+      } finally {
+        await cache?.release();
+      }
+    });
   });
 });
 
