@@ -7,10 +7,13 @@
 // share the edge's store; which host took a snapshot and which opened the copy is read from each
 // fake host's frames.
 import { ENGINE_DEFAULTS, type ToHostMessage } from "@pyramidkv/shared";
+import { runInDurableObject } from "cloudflare:test";
 import { env } from "cloudflare:workers";
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
 
 import { hostId } from "../src/host-id.js";
+import { HostRegistry } from "../src/registry.js";
+import { TenantState } from "../src/tenant.js";
 import { as, call, hostRow, makeTenant } from "./client.js";
 import { eventuallyAsync, FakeHost, routingTable, type StateCache } from "./fake-host.js";
 
@@ -199,6 +202,49 @@ describe("a request goes to the host holding its cached prefix", { timeout: 60_0
     expect(s.host).toBe(await hostId(env, ra.name));
     for (const id of [((await first.json()) as { id: string }).id, s.id])
       expect((await call(`/v1/sessions/${id}`, { ...as(key), method: "DELETE" })).status).toBe(200);
+  });
+});
+
+describe("the host dialled serves another model than the peeked one", { timeout: 60_000 }, () => {
+  it("the lookup runs again with its model's keys (the claim on the peeked model's document released)", async () => {
+    await load(900, 100);
+    const document = sys(`Peeked elsewhere: ${"All the facts of the manual, one by one. ".repeat(30)}`);
+    const t1 = [document, user("Q1?")];
+    const a1 = await turn(t1);
+    const reply1 = await cacheKey("reply", [...t1, assistant(a1.answer)]);
+    const t2 = [...t1, assistant(a1.answer), user("Q2?")];
+    // as when the host peek saw (model "default", a fleet of several models) left before the route
+    const OTHER = "cr-other.gguf";
+    const proto = HostRegistry.prototype as unknown as { peek: unknown };
+    const peek = proto.peek;
+    let peeks = 0;
+    proto.peek = () => {
+      peeks++;
+      return { model: OTHER, protocol_minor: 1 };
+    };
+    const tenantProto = TenantState.prototype as unknown as { cacheRelease: (k: string) => Promise<void> };
+    const release = tenantProto.cacheRelease;
+    const released: string[] = [];
+    tenantProto.cacheRelease = function (k: string) {
+      released.push(k);
+      return release.call(this, k);
+    };
+    try {
+      await turn(t2);
+    } finally {
+      proto.peek = peek;
+      tenantProto.cacheRelease = release;
+    }
+    expect(peeks).toBe(1);
+    expect(servedBy().host).toBe(ra);
+    expect(servedBy().open.from_cache).toBe(reply1);
+    // the document the first lookup claimed (under the other model's keys) was released
+    const otherDoc = await cacheKey("doc", t2.slice(0, 3), OTHER);
+    expect(released).toEqual([otherDoc]);
+    const claims = await runInDurableObject(env.TENANTS.get(env.TENANTS.idFromName(TENANT)), (state) => [
+      ...(state as unknown as { cacheStore: { claims: Map<string, unknown> } }).cacheStore.claims.keys(),
+    ]);
+    expect(claims).not.toContain(otherDoc);
   });
 });
 
