@@ -1,8 +1,8 @@
 // The routing table (one Durable Object instance, "hosts"): every connected GPU host with its model,
 // context, pool and load, as its host_hello and heartbeats report them through its HostConn
 // (host-conn.ts). The table lives in memory: one storage read when the object wakes (counted as
-// storage_reads), a write only when a host joins or leaves (never per heartbeat), and route() reads
-// no storage at all, whatever the number of hosts (docs/WORKER.md, "Routing").
+// storage_reads), a write only when a host joins or leaves (never per heartbeat), and route() and
+// peek() read no storage at all, whatever the number of hosts (docs/WORKER.md, "Routing").
 //
 // Live = connected, not draining, and its last heartbeat (or any other message, `seen`) at most
 // 2 × its heartbeat_ms ago: a host silent for two heartbeats is out of routing at once (its

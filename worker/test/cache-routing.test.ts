@@ -248,6 +248,44 @@ describe("the host dialled serves another model than the peeked one", { timeout:
   });
 });
 
+describe("without the cache, nothing of it", { timeout: 60_000 }, () => {
+  it("kv_cache off: no peek and no lookup; a host of protocol 3.0: no lookup (peek says so)", async () => {
+    const reg = HostRegistry.prototype as unknown as { peek: (m: string) => unknown };
+    const tenant = TenantState.prototype as unknown as { cacheLookup: (...a: unknown[]) => unknown };
+    const [peek, lookup] = [reg.peek, tenant.cacheLookup];
+    let peeks = 0;
+    let lookups = 0;
+    reg.peek = function (m: string) {
+      peeks++;
+      return peek.call(this, m);
+    };
+    tenant.cacheLookup = function (...a: unknown[]) {
+      lookups++;
+      return lookup.apply(this, a);
+    };
+    try {
+      for (const h of hosts) h.reset();
+      const messages = [sys("Be brief."), user("Hi, off"), assistant("Hello"), user("And?")];
+      const r = await call("/v1/chat/completions", as(key, { model: MODEL, messages, kv_cache: "off" }));
+      expect(r.status).toBe(200);
+      const s = await call("/v1/sessions", as(key, { model: MODEL, document: "Off.", kv_cache: "off" }));
+      expect(s.status).toBe(201);
+      expect([peeks, lookups]).toEqual([0, 0]);
+      const o = await call("/v1/chat/completions", as(key, { model: "cr-old-model", messages }));
+      expect(o.status).toBe(200);
+      expect([peeks, lookups]).toEqual([1, 0]);
+      expect(opensOn(old).map((f) => f.from_cache)).toEqual([undefined]);
+      // and with the cache on, a host of 3.1: one peek, one lookup
+      await call("/v1/chat/completions", as(key, { model: MODEL, messages }));
+      expect([peeks, lookups]).toEqual([2, 1]);
+      await call(`/v1/sessions/${((await s.json()) as { id: string }).id}`, { ...as(key), method: "DELETE" });
+    } finally {
+      reg.peek = peek;
+      tenant.cacheLookup = lookup;
+    }
+  });
+});
+
 describe("the registry: route with a preferred host, peek", () => {
   it("prefer is picked while it is live, serves the model, is not excluded and has room (its picks since the heartbeat counted); else the most free KV", async () => {
     await load(40, 900);

@@ -161,7 +161,7 @@ sessions.post("/", jsonBody(sessionRequest), async (c) => {
     const prefill = async (o: Partial<AppendOptions> = {}) => {
       if (cache?.hit) return;
       await appendTurns(c.env, lease.link, id, turns, false, { ...append, ...o });
-      await cache?.store(id, cache.keys.claim!, "doc", turns.length);
+      await cache?.store(id, cache.keys.claim, "doc", turns.length);
     };
     if (!req.stream) {
       await prefill();
