@@ -118,6 +118,7 @@ export const HOST_MESSAGES = {
       bytes_per_entry: "uint",
       protocol_minor: "uint?",
       chat_template: "str?",
+      cache_fingerprint: "str?",
     },
   },
   opened: {
@@ -185,7 +186,10 @@ export const HOST_MESSAGES = {
     direction: "from_host",
     fields: { id: "uint", session: "str", key: "str", bytes: "uint", tokens_seen: "uint", kv_bytes: "uint" },
   },
-  error: { direction: "from_host", fields: { id: "uint?", session: "str?", code: "str", message: "str" } },
+  error: {
+    direction: "from_host",
+    fields: { id: "uint?", session: "str?", code: "str", message: "str", reason: "str?" },
+  },
   // 3.0: control messages, channel 0 only (CONTROL_TYPES)
   host_hello: {
     direction: "from_host",
@@ -200,6 +204,7 @@ export const HOST_MESSAGES = {
       chat_template: "str?",
       heartbeat_ms: "uint",
       host_version: "str?",
+      cache_fingerprint: "str?",
     },
   },
   heartbeat: {
