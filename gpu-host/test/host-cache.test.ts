@@ -226,6 +226,7 @@ test("a snapshot continues exactly: copies on the same host (memory) and on anot
       const junk = errorOf(await cb.call({ type: "open_session", tenant: "t", session: "junk", from_cache: junkKey }));
       assert.equal(junk.code, "cache_miss", junk.message);
       assert.match(junk.message, /cannot be restored here/);
+      assert.equal(junk.reason, "damaged", "the engine refused it: the edge may forget it");
       assert.equal(codeOf(await cb.call({ type: "stats", tenant: "t", session: "junk" })), "unknown_session");
       assert.equal(edge.state("t", "junk"), undefined);
       const metrics = await scrape(b.address.port);
@@ -240,7 +241,7 @@ test("a snapshot continues exactly: copies on the same host (memory) and on anot
   }
 });
 
-test("from_cache of a key nobody stored: cache_miss, nothing left open; a bad key: invalid naming from_cache", {
+test("from_cache of a key nobody stored: cache_miss (reason missing), nothing left open; the edge's store failing: reason unavailable; a bad key: invalid naming from_cache", {
   timeout: 60_000,
 }, async () => {
   const host = await fakeHost();
@@ -249,7 +250,15 @@ test("from_cache of a key nobody stored: cache_miss, nothing left open; a bad ke
     const miss = errorOf(await c.call({ type: "open_session", tenant: "t", session: "m", from_cache: KEY }));
     assert.equal(miss.code, "cache_miss", miss.message);
     assert.match(miss.message, /missing/);
+    assert.equal(miss.reason, "missing");
     assert.equal(host.metrics.cacheOpens.get({ source: "miss" }), 1);
+    host.edge.faults.cacheGet = { code: "internal", message: "R2 is down" };
+    const down = errorOf(await c.call({ type: "open_session", tenant: "t", session: "m", from_cache: KEY }));
+    host.edge.faults.cacheGet = undefined;
+    assert.equal(down.code, "cache_miss", down.message);
+    assert.match(down.message, /could not be read .*R2 is down/);
+    assert.equal(down.reason, "unavailable", "the edge's entry may be fine: not to be forgotten");
+    assert.equal(host.metrics.cacheOpens.get({ source: "miss" }), 2);
     assert.equal(codeOf(await c.call({ type: "stats", tenant: "t", session: "m" })), "unknown_session");
     const tenant = expectType(await c.call({ type: "stats", tenant: "t" }), "stats_result");
     assert.equal(tenant.sessions, 0, "nothing left open");
@@ -257,6 +266,7 @@ test("from_cache of a key nobody stored: cache_miss, nothing left open; a bad ke
     for (const bad of ["A".repeat(64), "a".repeat(63), `${"a".repeat(63)}g`, ""]) {
       const e = errorOf(await c.call({ type: "open_session", tenant: "t", session: "n", from_cache: bad }));
       assert.equal(e.code, "invalid", bad);
+      assert.equal(e.reason, undefined, "only a cache_miss has a reason");
       assert.match(e.message, /from_cache .* 64 lowercase hex/);
     }
     const key = errorOf(await c.call({ type: "snapshot", tenant: "t", session: "m", key: "xyz" }));
@@ -357,9 +367,11 @@ test("from_cache of a damaged or another model's cached state at the edge: cache
     const other = errorOf(await c.call({ type: "open_session", tenant: "t", session: "o", from_cache: OTHER_KEY }));
     assert.equal(other.code, "cache_miss");
     assert.match(other.message, /another model's: stored by a host of model 'other'/);
+    assert.equal(other.reason, "incompatible");
     const damaged = errorOf(await c.call({ type: "open_session", tenant: "t", session: "d", from_cache: damagedKey }));
     assert.equal(damaged.code, "cache_miss");
     assert.match(damaged.message, /damaged/);
+    assert.equal(damaged.reason, "damaged");
     assert.equal(host.metrics.cacheOpens.get({ source: "miss" }), 2);
     // Another tenant never reads this one's cached states.
     const u = await HostClient.connect(host.url, { tenant: "u" });
@@ -412,4 +424,33 @@ test("snapshot memory: least recently used evicted past its bound, every tenant 
   assert.equal(testConfig({}, ["--cache-memory-bytes", "0"]).cacheMemoryBytes, 0);
   assert.equal(parseHostConfig(connect, { PKV_CACHE_MEMORY_BYTES: "1048576" }).cacheMemoryBytes, 1 << 20);
   assert.throws(() => testConfig({}, ["--cache-memory-bytes=-1"]), /--cache-memory-bytes: '-1' is not an integer/);
+});
+
+test("cache_fingerprint in host_hello and every channel's hello: the same for hosts of the same settings, another for another --chunk-size or --kv-type", {
+  timeout: 120_000,
+}, async () => {
+  const edge = await DirectEdge.start({ tokens: [] });
+  const fingerprint = async (argv: string[]) => {
+    const host = await fakeHost(argv, { edge });
+    const c = await HostClient.connect(edge.url, { host: host.name });
+    try {
+      const sent = (await edge.waitHost(host.name)).hello?.cache_fingerprint;
+      assert.match(sent ?? "", /^[0-9a-f]{16}$/, `host_hello's (${sent})`);
+      await until(() => c.hello !== undefined, "the channel's hello");
+      assert.equal(expectType(c.hello!, "hello").cache_fingerprint, sent, "the channel's hello carries it");
+      assert.equal(host.sessions.helloFields().cache_fingerprint, sent);
+      return sent;
+    } finally {
+      c.close();
+      await host.stop();
+    }
+  };
+  try {
+    const base = await fingerprint(["--chunk-size", "512"]);
+    assert.equal(await fingerprint(["--chunk-size", "512"]), base, "equal settings, equal fingerprints");
+    assert.notEqual(await fingerprint(["--chunk-size", "1024"]), base, "another chunk size");
+    assert.notEqual(await fingerprint(["--chunk-size", "512", "--kv-type", "q8_0"]), base, "another kv_type");
+  } finally {
+    await edge.close();
+  }
 });

@@ -131,6 +131,7 @@ export class HostSocket {
         pool_bytes: h.pool_bytes,
         bytes_per_entry: h.bytes_per_entry,
         ...(h.chat_template !== undefined ? { chat_template: h.chat_template } : {}),
+        ...(h.cache_fingerprint !== undefined ? { cache_fingerprint: h.cache_fingerprint } : {}),
       });
     }
     return ch;

@@ -127,6 +127,8 @@ export interface LinkedHost {
     pool_bytes: number;
     bytes_per_entry: number;
     chat_template?: string;
+    /** 3.1: sessions.ts cacheFingerprint */
+    cache_fingerprint?: string;
   };
   /** the heartbeat's fields but draining */
   load(): {

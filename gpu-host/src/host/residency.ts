@@ -21,7 +21,7 @@ import { MAX_FRAME_BYTES } from "@pyramidkv/shared";
 import type { Admission } from "./admission.js";
 import { TENANT_NAME } from "./config.js";
 import { type EngineProcess, EngineRequestError } from "./engine.js";
-import { HostError } from "./errors.js";
+import { type CacheMissReason, HostError } from "./errors.js";
 import { hostLog } from "./log.js";
 import type { HostMetrics } from "./metrics.js";
 import { HostSession, type OpenParams } from "./session.js";
@@ -109,7 +109,7 @@ function identityOf(decoded: Partial<StateIdentity> | undefined, meta: Record<st
   };
 }
 
-const cacheMiss = (message: string) => new HostError("cache_miss", message);
+const cacheMiss = (message: string, reason: CacheMissReason) => new HostError("cache_miss", message, reason);
 
 /** The edge's copy of a session was written by another host since this host's (if_etag did not
  * match): the session was continued elsewhere. */
@@ -347,11 +347,11 @@ export class Residency {
       decoded = decodeStateFile(file, tenant, key);
     } catch (e) {
       if (source === "memory") this.snapshots.delete(tenant, key);
-      throw cacheMiss(`${name} is damaged (${e instanceof Error ? e.message : String(e)})`);
+      throw cacheMiss(`${name} is damaged (${e instanceof Error ? e.message : String(e)})`, "damaged");
     }
     const mine = this.options.identity?.();
     const why = mine && mismatch(identityOf(decoded.identity, edgeMeta), mine);
-    if (why) throw cacheMiss(`${name} is another model's: ${why}`);
+    if (why) throw cacheMiss(`${name} is another model's: ${why}`, "incompatible");
     if (source === "edge") this.snapshots.put(tenant, key, file);
     return { meta: decoded.meta, state: decoded.state, bytes: file.length, source };
   }
@@ -359,14 +359,21 @@ export class Residency {
   private async fetchCached(tenant: string, key: string, name: string): Promise<RemoteState> {
     const remote = this.options.remote;
     if (!remote?.connected)
-      throw cacheMiss(`${name} is not in this host's memory, and this host is not connected to the edge's store`);
+      throw cacheMiss(
+        `${name} is not in this host's memory, and this host is not connected to the edge's store`,
+        "unavailable",
+      );
     let got: RemoteState | undefined;
     try {
       got = await remote.get(tenant, key, { cache: true });
     } catch (e) {
-      throw cacheMiss(`${name}: the edge's store could not be read (${e instanceof Error ? e.message : String(e)})`);
+      throw cacheMiss(
+        `${name}: the edge's store could not be read (${e instanceof Error ? e.message : String(e)})`,
+        "unavailable",
+      );
     }
-    if (!got) throw cacheMiss(`${name} is missing: not in the edge's store (expired, evicted or never stored)`);
+    if (!got)
+      throw cacheMiss(`${name} is missing: not in the edge's store (expired, evicted or never stored)`, "missing");
     return got;
   }
 

@@ -23,6 +23,8 @@
 // page_slots until the first stats of an f16 session; a q8_0 or q4_0 entry is f16's scaled by
 // ggml's block sizes until a session of that type's stats (kv_bytes / entries) give it exactly.
 // Offloaded sessions count nothing (their state is in host memory or on disk).
+import { createHash } from "node:crypto";
+
 import {
   ENGINE_DEFAULTS,
   type HostMessage,
@@ -36,13 +38,13 @@ import { Admission, type Fit } from "./admission.js";
 import { type HostConfig, KV_TYPES, type KvType, TENANT_NAME, type TenantPolicy } from "./config.js";
 import { ENGINE_DIED, ENGINE_TIMEOUT, EngineProcess, EngineRequestError } from "./engine.js";
 import type { LinkedHost, RemoteStore } from "./edge-link.js";
-import { errorCode, HostError } from "./errors.js";
+import { type CacheMissReason, errorCode, HostError } from "./errors.js";
 import { hostLog } from "./log.js";
 import type { HostGauges, HostMetrics } from "./metrics.js";
 import { Residency, StateConflictError, saveFromEngine } from "./residency.js";
 import { FairScheduler } from "./scheduler.js";
 import { HostSession, keyOf, type OpenParams, type Op, type Sink, type TokenLogprobs } from "./session.js";
-import { encodeStateFile, StateStore, type StoredSessionMeta } from "./store.js";
+import { encodeStateFile, FORMAT_VERSION, StateStore, type StoredSessionMeta } from "./store.js";
 import { EngineSupervisor } from "./supervisor.js";
 import {
   appendTokenBound,
@@ -176,6 +178,7 @@ export class SessionHost implements LinkedHost {
       pool_bytes: h.pool_bytes,
       bytes_per_entry: this.helloBytesPerEntry,
       ...(h.chat_template !== undefined ? { chat_template: h.chat_template } : {}),
+      cache_fingerprint: cacheFingerprint(h, this.config),
     };
   }
 
@@ -211,7 +214,7 @@ export class SessionHost implements LinkedHost {
   handle(sink: Sink, msg: ToHostMessage): void {
     const t0 = performance.now();
     const fail = (e: unknown) => {
-      const { code, message } = errorCode(e);
+      const { code, message, reason } = errorCode(e);
       this.metrics.errors.inc({ code });
       if (code !== "cancelled")
         hostLog(
@@ -225,6 +228,7 @@ export class SessionHost implements LinkedHost {
           ...("session" in msg && msg.session !== undefined ? { session: msg.session } : {}),
           code,
           message,
+          ...(reason !== undefined ? { reason } : {}),
         });
     };
     const finish = () => this.metrics.latency.observe({ type: msg.type }, (performance.now() - t0) / 1000);
@@ -613,6 +617,7 @@ export class SessionHost implements LinkedHost {
         throw new HostError(
           "cache_miss",
           `cached state '${cacheKey}' of tenant '${msg.tenant}' cannot be restored here: ${s.lost}`,
+          "damaged" satisfies CacheMissReason,
         );
       }
       throw e;
@@ -1220,6 +1225,43 @@ export class SessionHost implements LinkedHost {
     this.engines.stop();
     await this.engines.engine.shutdown();
   }
+}
+
+/**
+ * host_hello's cache_fingerprint (host protocol 3.1): what makes a cached state besides the model,
+ * the method and the budget (which the edge's keys hold already), so that the edge seeds its
+ * prompt-cache keys with it and hosts that would make another state from the same turns never
+ * share an entry. The first 16 hex digits of the SHA-256 of a JSON array of:
+ *   - the state's format: the engine's protocol version and minor (its hello: the engine exposes no
+ *     state version of its own; a new one comes with a new protocol minor) and this host's state
+ *     file version (store.ts FORMAT_VERSION);
+ *   - this host's default kv_type (--kv-type, else the engine's default) and chunk size (the
+ *     engine's hello.defaults.chunk_size, which it was started with; else --chunk-size);
+ *   - the engine's compression defaults of the fields an open leaves out: window, beta,
+ *     kernel_size, pooling, head_aggregation (hello.defaults; ENGINE_DEFAULTS' where absent).
+ * The model's name, n_layer and bytes_per_entry are not in it: a restored state is checked
+ * against them anyway (residency.ts), and hello.model is in the key.
+ */
+export function cacheFingerprint(
+  hello: Pick<Message<"hello">, "protocol" | "protocol_minor" | "defaults">,
+  config: Pick<HostConfig, "kvType" | "chunkSize">,
+): string {
+  const d = (hello.defaults ?? {}) as Record<string, unknown>;
+  const of = (k: keyof typeof ENGINE_DEFAULTS) => d[k] ?? ENGINE_DEFAULTS[k];
+  const parts = [
+    "pkv-host-cache-v1",
+    hello.protocol,
+    hello.protocol_minor ?? 0,
+    FORMAT_VERSION,
+    config.kvType ?? of("kv_type"),
+    d.chunk_size ?? config.chunkSize ?? ENGINE_DEFAULTS.chunk_size,
+    of("window"),
+    of("beta"),
+    of("kernel_size"),
+    of("pooling"),
+    of("head_aggregation"),
+  ];
+  return createHash("sha256").update(JSON.stringify(parts)).digest("hex").slice(0, 16);
 }
 
 /** How often a request waiting for its lane says so (host.json `queued`): well inside the edge's

@@ -44,7 +44,8 @@ export interface StateStoreOptions {
 export class DamagedStateError extends Error {}
 
 const MAGIC = Buffer.from("PKVF"); // not the engine's "PKVS"/"PKVE": an old-format file never starts so
-const FORMAT_VERSION = 1;
+/** The state file's format version (its header; in the cache fingerprint, sessions.ts). */
+export const FORMAT_VERSION = 1;
 const FIXED_HEADER = 12;
 const MAX_META_BYTES = 1 << 20;
 const INDEX = "index.json";
