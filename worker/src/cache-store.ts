@@ -9,9 +9,15 @@
 // next lookup or put, or by the object's alarm). An entry that goes takes its R2 object with it.
 //
 // Single flight: a request that would build a document's state claims its key (cacheLookup's
-// `claim`); requests for the same document meanwhile wait for that one's cachePut (then they hit)
-// or cacheRelease (then one of them claims it). Claims live in memory only: an object that leaves
-// memory forgets them, and a claim older than CLAIM_VOID_MS is void (its request died unseen).
+// `claim`); requests for the same document meanwhile wait for that one's cachePut (then they hit),
+// its cacheRelease "not_stored" (the holder built it but it is not kept: they go on without the
+// claim, at once, each building its own) or its cacheRelease "failed" (the holder built nothing:
+// one of them claims it). The holder renews its claim while it prefills (cacheRenew); a claim not
+// renewed for CLAIM_LEASE_MS is void (its request died unseen) and the next lookup claims afresh.
+// A waiter waits while the claim is alive, CLAIM_WAIT_MS at most in all, then goes on without it.
+// Claims live in this object's memory only: an object that leaves memory meanwhile forgets them
+// (its waiters' calls keep it in memory, so only a claim nobody waits on is lost); a later request
+// then claims afresh — at worst one more prefill of the document.
 //
 // A state written to R2 whose entry never comes (its request died between the snapshot and
 // cachePut) is noted when written (`written`, by host-conn.ts) and deleted by the alarm after
@@ -52,10 +58,10 @@ export const MAX_CACHE_CANDIDATES = 128;
 export const DEFAULT_CACHE_MAX_BYTES = 1 << 30;
 export const DEFAULT_CACHE_TTL_S = 3600;
 export const MAX_CACHE_TTL_S = 30 * 86_400;
-/** a request waits this long at most for another's claim on the document it needs */
-export const CLAIM_WAIT_MS = 60_000;
-/** a claim this old is void: its request died without a cachePut or cacheRelease */
-export const CLAIM_VOID_MS = 120_000;
+/** a request waits this long at most, in all, for another's claim on the document it needs */
+export const CLAIM_WAIT_MS = 10 * 60_000;
+/** a claim not renewed (cacheRenew) this long since its creation or last renewal is void: its request died */
+export const CLAIM_LEASE_MS = 30_000;
 
 /** a cached state in R2 with no entry this long after it was written is deleted */
 export const UNCLAIMED_OBJECT_MS = 10 * 60_000;
@@ -66,13 +72,23 @@ const WRITTEN = "cache-written:";
 /** the tenant's name, as the last cachePut said it (the object does not know its own name) */
 const TENANT_KEY = "cache_tenant";
 
-/** How a claim ended, for the requests waiting on it. */
-type Outcome = "stored" | "refused" | "released" | "timeout";
+/**
+ * How a claim's wait ended, for a request waiting on it: stored (look again: a hit), refused (its
+ * state is not kept: go on without the claim), released (look again: claim it), lapsed (the claim
+ * may be void by now, or was taken over: look again), timeout (waited CLAIM_WAIT_MS: go on without).
+ */
+type Outcome = "stored" | "refused" | "released" | "lapsed" | "timeout";
+
+/** How a holder gives up its claim (cacheRelease): it built nothing, or built a state that is not kept. */
+export type ReleaseOutcome = "failed" | "not_stored";
 
 interface Claim {
-  since: number;
+  /** created or last renewed (Unix ms, the caller's clock) */
+  renewed: number;
   waiters: Set<(o: Outcome) => void>;
 }
+
+const alive = (c: Claim | undefined, nowMs: number): boolean => c !== undefined && c.renewed + CLAIM_LEASE_MS > nowMs;
 
 export interface CacheSettings {
   maxBytes: number;
@@ -93,8 +109,9 @@ export class CacheStore {
   /**
    * The first of `keys` (longest prefix first) with a live entry: touched, its TTL counting from
    * now. With `claim` (a key of `keys`): when nothing at or before it hits, the caller claims it
-   * (claimed: true; it builds that state and calls put or release), or, when another request
-   * holds it, waits until that one's put or release and looks again.
+   * (claimed: true; it builds that state, renews the claim while it prefills, and calls put or
+   * release), or, when another request holds a live claim on it, waits until that one's put or
+   * release, or until the claim is void, and looks again (CLAIM_WAIT_MS at most in all).
    */
   async lookup(
     keys: string[],
@@ -106,6 +123,7 @@ export class CacheStore {
     if (claim !== undefined && claimAt < 0)
       throw new Error(`cacheLookup: claim '${String(claim).slice(0, 80)}' is not one of the ${keys.length} keys`);
     const started = Date.now();
+    const deadline = nowMs + CLAIM_WAIT_MS;
     let now = nowMs;
     for (;;) {
       const { hit, at } = await this.firstLive(keys, now);
@@ -113,15 +131,19 @@ export class CacheStore {
         return { hit: hit ? await this.touch(hit, now) : null, claimed: false };
       // checked and taken with no await between: two lookups never both claim
       const held = this.claims.get(claim);
-      if (!held || held.since + CLAIM_VOID_MS <= now) {
-        if (held) for (const w of held.waiters) w("timeout");
-        this.claims.set(claim, { since: now, waiters: new Set() });
+      if (!held || !alive(held, now)) {
+        // a void claim's other waiters look again (and wait on this one)
+        if (held) for (const w of held.waiters) w("lapsed");
+        this.claims.set(claim, { renewed: now, waiters: new Set() });
         return { hit: hit ? await this.touch(hit, now) : null, claimed: true };
       }
-      const outcome = await waitFor(held, started + CLAIM_WAIT_MS - Date.now());
+      // woken at the claim's end, or when it would be void unless renewed meanwhile (then it waits on)
+      const outcome =
+        now >= deadline ? "timeout" : await waitFor(held, Math.min(held.renewed + CLAIM_LEASE_MS, deadline) - now);
       now = nowMs + (Date.now() - started);
-      if (outcome === "timeout" || outcome === "refused") {
-        // the holder is slow, or its state is not kept (too large): go on without the claim
+      if (outcome === "lapsed" && now < deadline) continue;
+      if (outcome === "timeout" || outcome === "lapsed" || outcome === "refused") {
+        // the holder is slow, or its state is not kept: go on without the claim
         const again = await this.firstLive(keys, now);
         return { hit: again.hit ? await this.touch(again.hit, now) : null, claimed: false };
       }
@@ -166,7 +188,8 @@ export class CacheStore {
       this.resolve(e.key, claim, "stored");
       return { stored: true, evicted };
     } catch (err) {
-      this.resolve(e.key, claim, "released");
+      // the holder built its state: its waiters do not wait for another to build it again
+      this.resolve(e.key, claim, "refused");
       throw err;
     }
   }
@@ -221,10 +244,33 @@ export class CacheStore {
     return true;
   }
 
-  /** A claim given up (its request failed before a put): the requests waiting on it look again. */
-  release(key: string): void {
+  /**
+   * A claim given up without a put. "failed": its request built nothing (it failed before): the
+   * requests waiting on it look again, and one of them claims it. "not_stored": it built the state
+   * but it is not kept (too large, the snapshot or its put failed, no cache room): they go on at
+   * once without the claim (each builds its own; none waits for another).
+   */
+  release(key: string, outcome: ReleaseOutcome = "failed"): void {
     if (typeof key !== "string" || !CACHE_KEY.test(key)) throw new Error(badKey(key));
-    this.resolve(key, this.claims.get(key), "released");
+    if (outcome !== "failed" && outcome !== "not_stored")
+      throw new Error(
+        `cacheRelease: outcome ${JSON.stringify(outcome)?.slice(0, 80)} is not one of "failed", "not_stored"`,
+      );
+    this.resolve(key, this.claims.get(key), outcome === "failed" ? "released" : "refused");
+  }
+
+  /**
+   * The holder of the claim on `key` is still building it (called while it prefills): the claim
+   * lives CLAIM_LEASE_MS from now. False when there is no claim on the key any more (void and
+   * taken over, ended by a put or release, or lost with the object's memory): the caller goes on
+   * and puts its state as usual; nothing is claimed again.
+   */
+  renew(key: string, nowMs = Date.now()): boolean {
+    if (typeof key !== "string" || !CACHE_KEY.test(key)) throw new Error(badKey(key));
+    const held = this.claims.get(key);
+    if (!held) return false;
+    held.renewed = Math.max(held.renewed, nowMs);
+    return true;
   }
 
   async stats(nowMs = Date.now()): Promise<CacheStats> {
@@ -309,16 +355,15 @@ export class CacheStore {
   }
 }
 
-/** Waits for a claim's end, at most `ms`. */
+/** Waits for a claim's end, at most `ms` (then "lapsed": the caller looks at the claim again). */
 function waitFor(claim: Claim, ms: number): Promise<Outcome> {
-  if (ms <= 0) return Promise.resolve("timeout");
   return new Promise((resolve) => {
     const done = (o: Outcome) => {
       clearTimeout(timer);
       claim.waiters.delete(done);
       resolve(o);
     };
-    const timer = setTimeout(() => done("timeout"), ms);
+    const timer = setTimeout(() => done("lapsed"), Math.max(0, ms));
     claim.waiters.add(done);
   });
 }

@@ -17,10 +17,10 @@
 // holding a stale copy is refused), and a session moves to another host by compare-and-set
 // (moveSession), so that two requests racing for it land on one host.
 //
-// The tenant's prompt cache (cacheLookup, cachePut, cacheRelease, cacheForget, cacheStats, and
-// cacheWritten from host-conn.ts; cache-store.ts): its entries live here too, their states in R2
-// (cache/<tenant>/<key>), within the tenant's cache_max_bytes and cache_ttl_s; the alarm deletes
-// entries unused for the TTL, and states whose entry never came.
+// The tenant's prompt cache (cacheLookup, cacheRenew, cachePut, cacheRelease, cacheForget,
+// cacheStats, and cacheWritten from host-conn.ts; cache-store.ts): its entries live here too, their
+// states in R2 (cache/<tenant>/<key>), within the tenant's cache_max_bytes and cache_ttl_s; the
+// alarm deletes entries unused for the TTL, and states whose entry never came.
 import { DurableObject } from "cloudflare:workers";
 
 import {
@@ -28,6 +28,7 @@ import {
   type CacheEntryIn,
   type CacheStats,
   CacheStore,
+  type ReleaseOutcome,
   DEFAULT_CACHE_MAX_BYTES,
   DEFAULT_CACHE_TTL_S,
 } from "./cache-store.js";
@@ -61,7 +62,7 @@ export interface TenantConfig {
   cache_ttl_s?: number;
 }
 
-export type { CacheEntry, CacheStats } from "./cache-store.js";
+export type { CacheEntry, CacheStats, ReleaseOutcome } from "./cache-store.js";
 export { MAX_CACHE_TTL_S } from "./cache-store.js";
 
 export const DEFAULT_LIMITS: Omit<TenantConfig, "name"> = {
@@ -497,8 +498,9 @@ export class TenantState extends DurableObject<Env> {
   /**
    * The first of `keys` (longest cached prefix first, at most 128, 64 lowercase hex) with a live
    * entry, touched. With `claim` (one of `keys`: the document state the caller would build): when
-   * nothing at or before it hits, the caller claims it (`claimed`: it then calls cachePut or
-   * cacheRelease), or waits (≤ 60 s) for the request that holds it and looks again.
+   * nothing at or before it hits, the caller claims it (`claimed`: it then calls cacheRenew while
+   * it prefills, then cachePut or cacheRelease), or waits for the request that holds it (while
+   * that one's claim is alive, 10 minutes at most) and looks again.
    */
   cacheLookup(
     keys: string[],
@@ -526,9 +528,22 @@ export class TenantState extends DurableObject<Env> {
     return this.cache.forget(key, createdMs);
   }
 
-  /** A claim given up (its request failed): those waiting look again. */
-  async cacheRelease(key: string): Promise<void> {
-    this.cache.release(key);
+  /**
+   * A claim given up without a cachePut. "failed" (the default): the request built nothing; one of
+   * those waiting claims it. "not_stored": it built the state but it is not kept (too large, the
+   * snapshot or its put failed, no cache room); those waiting go on at once without the claim.
+   */
+  async cacheRelease(key: string, outcome: ReleaseOutcome = "failed"): Promise<void> {
+    this.cache.release(key, outcome);
+  }
+
+  /**
+   * The claim's holder is still building (call it while the document prefills, e.g. every 10 s):
+   * a claim not renewed for 30 s is void. False when the claim is gone (nothing to do: the caller
+   * puts or releases as usual).
+   */
+  async cacheRenew(key: string, nowMs = Date.now()): Promise<boolean> {
+    return this.cache.renew(key, nowMs);
   }
 
   cacheStats(nowMs = Date.now()): Promise<CacheStats> {

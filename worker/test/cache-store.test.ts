@@ -1,9 +1,10 @@
 // The edge's side of the prompt cache: the tenant's entries in its Durable Object (cacheLookup,
-// cachePut, cacheRelease, cacheStats — longest live key first, LRU within cache_max_bytes, TTL
-// cache_ttl_s from last use, single flight on a claimed document key, tenants apart), the cached
-// states in R2 through the host's control messages (state_put/state_get/state_head cache:true on
-// cache/<tenant>/<key>: any host reads them, no fence, not counted against max_stored_bytes), and
-// the admin API's validation of kv_cache, cache_max_bytes, cache_ttl_s.
+// cachePut, cacheRelease, cacheRenew, cacheStats — longest live key first, LRU within
+// cache_max_bytes, TTL cache_ttl_s from last use, single flight on a claimed document key renewed
+// while it is built, tenants apart), the cached states in R2 through the host's control messages
+// (state_put/state_get/state_head cache:true on cache/<tenant>/<key>: any host reads them, no
+// fence, not counted against max_stored_bytes), and the admin API's validation of kv_cache,
+// cache_max_bytes, cache_ttl_s.
 import { type ControlFromHost, type ControlToHost, HOST_STATE_PART_BYTES } from "@pyramidkv/shared";
 import { runDurableObjectAlarm, runInDurableObject } from "cloudflare:test";
 import { env } from "cloudflare:workers";
@@ -58,6 +59,19 @@ async function failure(f: () => Promise<unknown>): Promise<string> {
     return "";
   } catch (e) {
     return e instanceof Error ? e.message : String(e);
+  }
+}
+
+/** Polls until `n` requests wait on the claim of `key` in the tenant's object. */
+async function waiters(tenant: string, key: string, n: number): Promise<void> {
+  for (let i = 0; ; i++) {
+    const got = await runInDurableObject(stubOf(tenant), (o) => {
+      const cache = (o as unknown as { cache: { claims: Map<string, { waiters: Set<unknown> }> } }).cache;
+      return cache.claims.get(key)?.waiters.size ?? 0;
+    });
+    if (got >= n) return;
+    if (i > 400) throw new Error(`${got} requests wait on the claim of ${key}, not ${n}`);
+    await new Promise((r) => setTimeout(r, 25));
   }
 }
 
@@ -228,16 +242,99 @@ describe("single flight on a document key", () => {
     expect(second.r.hit).toMatchObject({ key: doc, bytes: 4000 });
   });
 
-  it("after the holder's cacheRelease, a waiter claims the key", async () => {
+  it("after the holder's cacheRelease (failed: it built nothing), one waiter claims the key; the others wait on", async () => {
     await makeTenant("c-release", {});
     const doc = await keyOf("doc-released");
     const stub = stubOf("c-release");
-    const lookups = [0, 1].map((i) => stub.cacheLookup([doc], doc).then((r) => ({ i, r })));
+    const lookups = [0, 1, 2].map((i) => stub.cacheLookup([doc], doc).then((r) => ({ i, r })));
     const first = await Promise.race(lookups);
     expect(first.r).toEqual({ hit: null, claimed: true });
+    await waiters("c-release", doc, 2);
     await stub.cacheRelease(doc);
-    expect((await lookups[1 - first.i]!).r).toEqual({ hit: null, claimed: true });
-  });
+    const second = await Promise.race(lookups.filter((_, i) => i !== first.i));
+    expect(second.r).toEqual({ hit: null, claimed: true });
+    // the third waits on the second's claim: its put is a hit
+    await waiters("c-release", doc, 1);
+    await store("c-release", doc, 50, Date.now());
+    const third = [0, 1, 2].find((i) => i !== first.i && i !== second.i)!;
+    expect((await lookups[third]!).r).toMatchObject({ hit: { key: doc }, claimed: false });
+  }, 30_000);
+
+  it("after the holder's cacheRelease not_stored (its state is not kept), every waiter goes on at once without the claim", async () => {
+    await makeTenant("c-not-stored", {});
+    const doc = await keyOf("doc-not-stored");
+    const stub = stubOf("c-not-stored");
+    const lookups = [0, 1, 2, 3].map((i) => stub.cacheLookup([doc], doc).then((r) => ({ i, r })));
+    const first = await Promise.race(lookups);
+    expect(first.r).toEqual({ hit: null, claimed: true });
+    await waiters("c-not-stored", doc, 3);
+    await stub.cacheRelease(doc, "not_stored");
+    // none of them claims it again (which would serialize them, one prefill after another)
+    const rest = await Promise.all(lookups.filter((_, i) => i !== first.i));
+    expect(rest.map((x) => x.r)).toEqual([0, 1, 2].map(() => ({ hit: null, claimed: false })));
+    // the claim is over: the next request claims it
+    expect(await stub.cacheLookup([doc], doc)).toEqual({ hit: null, claimed: true });
+    expect(await failure(() => stub.cacheRelease(doc, "lost" as "failed"))).toMatch(
+      /outcome "lost" is not one of "failed", "not_stored"/,
+    );
+    await stub.cacheRelease(doc, "not_stored");
+  }, 30_000);
+
+  it("a holder's cachePut that fails: its waiters go on without the claim", async () => {
+    await makeTenant("c-put-fails", {});
+    const doc = await keyOf("doc-put-fails");
+    const stub = stubOf("c-put-fails");
+    const lookups = [0, 1, 2].map((i) => stub.cacheLookup([doc], doc).then((r) => ({ i, r })));
+    const first = await Promise.race(lookups);
+    expect(first.r.claimed).toBe(true);
+    await waiters("c-put-fails", doc, 2);
+    // a put that fails after its checks (the tenant's settings unreadable: a stand-in for a storage error)
+    const err = await runInDurableObject(stub, async (o) => {
+      const cache = (o as unknown as { cache: { settings: () => Promise<unknown> } }).cache;
+      const settings = cache.settings;
+      cache.settings = () => Promise.reject(new Error("storage went away"));
+      try {
+        return await failure(() => o.cachePut("c-put-fails", entry(doc, 10)));
+      } finally {
+        cache.settings = settings;
+      }
+    });
+    expect(err).toMatch(/storage went away/);
+    const rest = await Promise.all(lookups.filter((_, i) => i !== first.i));
+    expect(rest.map((x) => x.r)).toEqual([0, 1].map(() => ({ hit: null, claimed: false })));
+  }, 30_000);
+
+  it("a claim renewed by its holder (cacheRenew) lives 30 s from its last renewal: a waiter meanwhile waits for its put", async () => {
+    await makeTenant("c-renew", {});
+    const [doc, none] = await Promise.all(["doc-renew", "doc-renew-none"].map(keyOf));
+    const t0 = Date.now();
+    const stub = stubOf("c-renew");
+    expect(await stub.cacheLookup([doc!], doc, t0)).toEqual({ hit: null, claimed: true });
+    expect(await stub.cacheRenew(doc!, t0 + 20_000)).toBe(true);
+    expect(await stub.cacheRenew(doc!, t0 + 40_000)).toBe(true);
+    // 65 s after the claim, 25 s after its last renewal: still held
+    const waiter = stub.cacheLookup([doc!], doc, t0 + 65_000);
+    await waiters("c-renew", doc!, 1);
+    await store("c-renew", doc!, 10, t0 + 66_000);
+    expect(await waiter).toMatchObject({ hit: { key: doc }, claimed: false });
+    // no claim on a key (none made, or ended by the put): nothing to renew, nothing claimed by it
+    expect(await stub.cacheRenew(none!, t0)).toBe(false);
+    expect(await stub.cacheRenew(doc!, t0 + 67_000)).toBe(false);
+    expect(await stub.cacheLookup([none!], none, t0)).toEqual({ hit: null, claimed: true });
+    expect(await failure(() => stub.cacheRenew("nope"))).toMatch(/64 lowercase hex/);
+  }, 30_000);
+
+  it("a waiter on a claim nobody renews claims it itself once the claim is void (30 s after its last renewal)", async () => {
+    await makeTenant("c-lapse", {});
+    const doc = await keyOf("doc-lapse");
+    const t0 = Date.now();
+    const stub = stubOf("c-lapse");
+    expect(await stub.cacheLookup([doc], doc, t0)).toEqual({ hit: null, claimed: true });
+    expect(await stub.cacheRenew(doc, t0 + 10_000)).toBe(true);
+    // 39 s after the claim: void in 1 s (the holder died): the waiter then holds it
+    expect(await stub.cacheLookup([doc], doc, t0 + 39_000)).toEqual({ hit: null, claimed: true });
+    await stub.cacheRelease(doc);
+  }, 30_000);
 
   it("eight concurrent lookups of one document: exactly one claims it, the seven others hit its entry", async () => {
     await makeTenant("c-eight", {});
@@ -263,7 +360,7 @@ describe("single flight on a document key", () => {
     expect((await lookups[1 - first.i]!).r).toEqual({ hit: null, claimed: false });
   });
 
-  it("a hit at or before the claimed key is returned unclaimed; a shorter hit after it comes with the claim; a claim older than 120 s is void", async () => {
+  it("a hit at or before the claimed key is returned unclaimed; a shorter hit after it comes with the claim; a claim not renewed for 30 s is void", async () => {
     await makeTenant("c-order", {});
     const [reply, doc, shorter] = await Promise.all(["o-reply", "o-doc", "o-shorter"].map(keyOf));
     const t0 = Date.now();
@@ -275,8 +372,8 @@ describe("single flight on a document key", () => {
       claimed: false,
     });
     expect(await stub.cacheLookup([doc!, shorter!], doc, t0)).toMatchObject({ hit: { key: shorter }, claimed: true });
-    // its request died without put or release: void after 120 s
-    expect(await stub.cacheLookup([doc!, shorter!], doc, t0 + 121_000)).toMatchObject({
+    // its request died without put, release or renewal: void after 30 s
+    expect(await stub.cacheLookup([doc!, shorter!], doc, t0 + 30_000)).toMatchObject({
       hit: { key: shorter },
       claimed: true,
     });
