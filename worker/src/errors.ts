@@ -23,6 +23,9 @@ export class ApiError extends Error {
     super(message);
   }
 
+  /** the host's error.reason (3.1, why a cache_miss), when the error is a host's; never in the body */
+  reason?: string;
+
   body(): { error: { message: string; type: ErrorType; param: string | null; code: string | null } } {
     return { error: { message: this.message, type: this.type, param: this.param, code: this.code } };
   }

@@ -27,7 +27,11 @@
 // Cached states (protocol 3.1, `cache: true` on state_put/state_get/state_head; the prompt cache,
 // cache-store.ts): key cache/<tenant>/<key>, the key 64 lowercase hex. Immutable snapshots any host
 // of the tenant may read: no session fence, no max_stored_bytes (the tenant's cache_max_bytes is
-// kept by its object when the entry is put), same parts and acks.
+// kept by its object when the entry is put), same parts and acks. A host reads or writes a
+// tenant's cached states only while it serves a request of that tenant (an open channel of it:
+// channels are tagged with their tenant), else control_error unauthorized — a host does not reach
+// other tenants' states. A key names fixed content: a put of a key whose object exists already is
+// not written again (the parts are acknowledged and dropped; state_stored names the object there).
 //
 // Liveness: any message from the host counts (a heartbeat can queue behind megabytes of state
 // parts on a slow uplink); the alarm closes a socket silent for 2 × heartbeat_ms, or one that has
@@ -114,6 +118,8 @@ interface PendingPut {
   connected_at: number;
   /** a cached state: nothing counted, no session fence */
   cache?: true;
+  /** a cached state whose object exists already: the parts are dropped, this object is the answer (no upload) */
+  existing?: { etag: string; size: number };
 }
 
 const json503 = (message: string) =>
@@ -121,6 +127,8 @@ const json503 = (message: string) =>
 
 const hostTag = "host";
 const channelTag = (ch: number) => `ch:${ch}`;
+/** every channel of a tenant (a name that KEY_PART accepts, short enough for a tag) */
+const tenantTag = (tenant: string) => `tenant:${tenant}`;
 
 export class HostConn extends DurableObject<Env> {
   /** state_get parts waiting for the host's data_ack, by `<id>:<part>` */
@@ -198,9 +206,10 @@ export class HostConn extends DurableObject<Env> {
   /** An unfinished multipart upload nothing will complete: aborted, its record gone, its bytes uncounted. */
   private async abandon(key: string, p: PendingPut): Promise<void> {
     await this.ctx.storage.delete(key);
-    await this.env.SESSIONS.resumeMultipartUpload(p.key, p.upload_id)
-      .abort()
-      .catch(() => {});
+    if (!p.existing)
+      await this.env.SESSIONS.resumeMultipartUpload(p.key, p.upload_id)
+        .abort()
+        .catch(() => {});
     if (p.cache) return;
     await tenantStub(this.env, p.tenant)
       .storedUndo(p.session, p.total, p.prev)
@@ -441,7 +450,8 @@ export class HostConn extends DurableObject<Env> {
     while (ch === 0 || this.ctx.getWebSockets(channelTag(ch)).length > 0)
       ch = crypto.getRandomValues(new Uint32Array(1))[0]!;
     const [client, server] = Object.values(new WebSocketPair()) as [WebSocket, WebSocket];
-    this.ctx.acceptWebSocket(server, [channelTag(ch)]);
+    // a tenant name no state op accepts (KEY_PART) needs no tenant tag
+    this.ctx.acceptWebSocket(server, KEY_PART.test(tenant) ? [channelTag(ch), tenantTag(tenant)] : [channelTag(ch)]);
     server.serializeAttachment({ kind: "channel", ch, tenant } satisfies ChannelAttachment);
     const h = host.att.hello;
     server.send(
@@ -455,6 +465,7 @@ export class HostConn extends DurableObject<Env> {
         pool_bytes: h.pool_bytes,
         bytes_per_entry: h.bytes_per_entry,
         ...(h.chat_template !== undefined ? { chat_template: h.chat_template } : {}),
+        ...(h.cache_fingerprint !== undefined ? { cache_fingerprint: h.cache_fingerprint } : {}),
       }),
     );
     this.sendControl(host.ws, { type: "channel_open", ch, tenant });
@@ -479,6 +490,16 @@ export class HostConn extends DurableObject<Env> {
         m.id,
         "bad_frame",
         `${m.type} cache: session '${m.session}' is not a cache key (64 lowercase hex characters)`,
+      );
+      return;
+    }
+    // a new put's later parts were allowed at its part 0
+    if (cached && !(m.type === "state_put" && m.part > 0) && !this.servesTenant(m.tenant)) {
+      this.controlError(
+        ws,
+        m.id,
+        "unauthorized",
+        `${m.type} cache: this host serves no request of tenant '${m.tenant}' now: its cached states are not this host's to read or write`,
       );
       return;
     }
@@ -518,6 +539,11 @@ export class HostConn extends DurableObject<Env> {
     } catch (e) {
       this.controlError(ws, m.id, "internal", `R2: ${e instanceof Error ? e.message : String(e)}`);
     }
+  }
+
+  /** Whether the host has an open channel of `tenant` (a request of the tenant on this host now). */
+  private servesTenant(tenant: string): boolean {
+    return this.ctx.getWebSockets(tenantTag(tenant)).some((ch) => ch.readyState === WebSocket.OPEN);
   }
 
   private async statePut(
@@ -562,6 +588,29 @@ export class HostConn extends DurableObject<Env> {
         if (!cached) await tenant.storedUndo(m.session, m.bytes, quota.prev).catch(() => {});
       };
       const customMetadata = objectMetadata(att.hello!, m.meta);
+      // a cached state's key names its content: one that exists is kept as it is
+      const existing = cached ? await this.env.SESSIONS.head(key) : null;
+      if (existing) {
+        await this.cacheWritten(m.tenant, m.session);
+        this.sendControl(ws, { type: "state_ack", id: m.id, part: 0 });
+        if (m.parts === 1)
+          this.sendControl(ws, { type: "state_stored", id: m.id, etag: existing.etag, bytes: existing.size });
+        else
+          await this.ctx.storage.put(pendingKey, {
+            key,
+            tenant: m.tenant,
+            session: m.session,
+            upload_id: "",
+            parts: [],
+            received: m.data.length,
+            total: m.bytes,
+            count: m.parts,
+            connected_at: att.connected_at,
+            cache: true,
+            existing: { etag: existing.etag, size: existing.size },
+          } satisfies PendingPut);
+        return;
+      }
       try {
         if (m.parts === 1) {
           const obj = await this.env.SESSIONS.put(key, m.data, {
@@ -604,15 +653,18 @@ export class HostConn extends DurableObject<Env> {
       return;
     }
     const pending = await this.ctx.storage.get<PendingPut>(pendingKey);
-    if (!pending || pending.key !== key || m.part !== pending.parts.length || m.parts !== pending.count) {
+    // parts received so far (a dropped put of an existing cached state uploads none)
+    const seen = pending?.existing ? Math.ceil(pending.received / HOST_STATE_PART_BYTES) : pending?.parts.length;
+    if (!pending || pending.key !== key || m.part !== seen || m.parts !== pending.count) {
       this.controlError(
         ws,
         m.id,
         "bad_frame",
-        `state_put: part ${m.part} of id ${m.id} without its earlier parts (expected ${pending?.parts.length ?? 0})`,
+        `state_put: part ${m.part} of id ${m.id} without its earlier parts (expected ${seen ?? 0})`,
       );
       return;
     }
+    if (pending.existing) return this.dropPart(ws, pendingKey, pending, m, notLast);
     const upload = this.env.SESSIONS.resumeMultipartUpload(key, pending.upload_id);
     const fail = async (code: string, message: string) => {
       await this.ctx.storage.delete(pendingKey);
@@ -646,6 +698,16 @@ export class HostConn extends DurableObject<Env> {
         const head = await this.env.SESSIONS.head(key);
         if (head?.etag !== pending.if_etag) return fail("state_conflict", conflict(pending.session, pending.if_etag));
       }
+      // another host stored the same cached state meanwhile: that one is kept
+      const there = pending.cache ? await this.env.SESSIONS.head(key) : null;
+      if (there) {
+        await this.ctx.storage.delete(pendingKey);
+        await upload.abort().catch(() => {});
+        await this.cacheWritten(pending.tenant, pending.session);
+        this.sendControl(ws, { type: "state_ack", id: m.id, part: m.part });
+        this.sendControl(ws, { type: "state_stored", id: m.id, etag: there.etag, bytes: there.size });
+        return;
+      }
       const obj = await upload.complete(pending.parts);
       await this.ctx.storage.delete(pendingKey);
       if (pending.cache) await this.cacheWritten(pending.tenant, pending.session);
@@ -657,11 +719,54 @@ export class HostConn extends DurableObject<Env> {
     }
   }
 
-  /** A cached state is in R2: its tenant's object deletes it later unless its entry is put (cache-store.ts). */
+  /**
+   * A later part of a put of a cached state that exists already: counted and acknowledged, not
+   * written; after the last, state_stored names the object there.
+   */
+  private async dropPart(
+    ws: WebSocket,
+    pendingKey: string,
+    pending: PendingPut,
+    m: HostMessage<"state_put">,
+    notLast: boolean,
+  ): Promise<void> {
+    pending.received += m.data.length;
+    const fail = async (message: string) => {
+      await this.ctx.storage.delete(pendingKey);
+      this.controlError(ws, m.id, "bad_frame", message);
+    };
+    if (notLast) {
+      if (pending.received >= pending.total)
+        return fail(`state_put: more than ${pending.total} bytes before the last part`);
+      await this.ctx.storage.put(pendingKey, pending);
+      this.sendControl(ws, { type: "state_ack", id: m.id, part: m.part });
+      return;
+    }
+    if (pending.received !== pending.total)
+      return fail(`state_put: ${pending.received} bytes received, part 0 announced ${pending.total}`);
+    await this.ctx.storage.delete(pendingKey);
+    this.sendControl(ws, { type: "state_ack", id: m.id, part: m.part });
+    this.sendControl(ws, {
+      type: "state_stored",
+      id: m.id,
+      etag: pending.existing!.etag,
+      bytes: pending.existing!.size,
+    });
+  }
+
+  /**
+   * A cached state is in R2: its tenant's object deletes it later unless its entry is put
+   * (cache-store.ts). Not fatal to the put when the object cannot be told (the state is stored;
+   * it may then outlive its entry's absence): logged.
+   */
   private async cacheWritten(tenant: string, key: string): Promise<void> {
     await tenantStub(this.env, tenant)
       .cacheWritten(tenant, key)
-      .catch(() => {});
+      .catch((e: unknown) =>
+        console.error(
+          `cacheWritten(${tenant}, ${key.slice(0, 16)}…): ${e instanceof Error ? e.message : String(e)} — the state stays in R2 with no sweep of it`,
+        ),
+      );
   }
 
   /**

@@ -270,7 +270,11 @@ export class HostLink {
     onFrame?: (f: FromHostMessage) => void,
   ): Promise<Extract<FromHostMessage, { type: T }>> {
     const f = await this.send(msg, onFrame);
-    if (f.type === "error") throw fromHostError(f.code, f.message);
+    if (f.type === "error") {
+      const e = fromHostError(f.code, f.message);
+      if (f.reason !== undefined) e.reason = f.reason;
+      throw e;
+    }
     if (f.type !== type)
       throw new ApiError(
         502,

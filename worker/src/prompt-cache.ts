@@ -93,7 +93,22 @@ export async function candidates(turns: Turn[], chain: Uint8Array[]): Promise<st
 
 const failure = (e: unknown) => (e instanceof Error ? e.message : String(e));
 
-/** What a request looks up, for the model (hello.model) it is served by: the candidates, and the doc key it would build. */
+/**
+ * What a host's cached states are made by, besides the compression (its hello's model and
+ * cache_fingerprint): the keys are computed for it, and only a host that serves the same shares them.
+ */
+export interface Served {
+  model: string;
+  cache_fingerprint?: string;
+}
+
+const sameServed = (a: Served | undefined, b: Served) =>
+  a !== undefined && a.model === b.model && a.cache_fingerprint === b.cache_fingerprint;
+
+/** A host's cache_miss reasons (host.json error.reason) that mean the entry's state is gone or broken: the entry is forgotten. */
+const FORGET_REASONS = new Set(["missing", "damaged"]);
+
+/** What a request looks up, for what it is served by: the candidates, and the doc key it would build. */
 export interface CacheKeys {
   keys: string[];
   claim?: string;
@@ -111,13 +126,13 @@ export class CacheUse<K extends CacheKeys = CacheKeys> {
   hit: CacheEntry | null = null;
   /** the doc key this request claimed and has not stored or released yet */
   private claimed?: string;
-  /** the model the lookup was for, and its keys */
-  private looked?: { model: string; keys: K };
+  /** what the lookup was for (the peeked host's, or the link's), and its keys */
+  private looked?: { served: Served; keys: K };
   private host?: HostLink;
 
   constructor(
     private readonly c: Context<AppEnv>,
-    private readonly keysOf: (model: string) => Promise<K>,
+    private readonly keysOf: (served: Served) => Promise<K>,
   ) {}
 
   private get stub() {
@@ -137,14 +152,14 @@ export class CacheUse<K extends CacheKeys = CacheKeys> {
   }
 
   /**
-   * The first of `model`'s keys with a live entry; with their claim, nobody else building that
-   * document meanwhile. A claim of an earlier lookup (another model's keys) is released first.
+   * The first of the keys for `served` with a live entry; with their claim, nobody else building
+   * that document meanwhile. A claim of an earlier lookup (other keys) is released first.
    */
-  async lookup(model: string): Promise<void> {
+  async lookup(served: Served): Promise<void> {
     await this.release();
     this.hit = null;
-    const keys = await this.keysOf(model);
-    this.looked = { model, keys };
+    const keys = await this.keysOf(served);
+    this.looked = { served: { model: served.model, cache_fingerprint: served.cache_fingerprint }, keys };
     if (keys.keys.length === 0) return;
     try {
       const r = await this.stub.cacheLookup(keys.keys, keys.claim);
@@ -156,18 +171,20 @@ export class CacheUse<K extends CacheKeys = CacheKeys> {
   }
 
   /**
-   * The lease's link: when its host serves another model than the one looked up (or none was:
-   * the peeked host had no cache), the lookup again with its model's keys.
+   * The lease's link: when its host makes states otherwise than the one looked up for (another
+   * model or cache_fingerprint), or nothing was looked up (the peeked host had no cache), the
+   * lookup again with its keys.
    */
   async bind(link: HostLink): Promise<void> {
     this.host = link;
-    if (this.looked?.model !== link.hello.model) await this.lookup(link.hello.model);
+    if (!sameServed(this.looked?.served, link.hello)) await this.lookup(link.hello);
   }
 
   /**
    * Opens `session` from a copy of the hit (the host answers cache_miss when no copy can be had:
-   * the entry is forgotten, and the session opened again from nothing, as a miss). `promptBytes`
-   * of `fromHit` are those after the copy's messages, of `whole` all of them.
+   * the session is opened again from nothing, as a miss, and when the host says the state is
+   * missing or damaged the entry is forgotten). `promptBytes` of `fromHit` are those after the
+   * copy's messages, of `whole` all of them.
    */
   async open(
     session: string,
@@ -185,12 +202,13 @@ export class CacheUse<K extends CacheKeys = CacheKeys> {
         });
       } catch (e) {
         if (!(e instanceof ApiError && e.code === "cache_miss")) throw e;
-        console.warn(`prompt cache: host ${this.link.host} had no copy of ${hit.key}: ${e.message}`);
+        console.warn(`prompt cache: host ${this.link.host} had no copy of ${hit.key} (${e.reason}): ${e.message}`);
         this.hit = null;
-        // its object is gone (or unreadable): later requests would pay the same miss
-        await this.stub.cacheForget(hit.key, hit.created_ms).catch((f: unknown) => {
-          console.warn(`prompt cache: forgetting ${hit.key} failed: ${failure(f)}`);
-        });
+        // its object is gone or broken: later requests would pay the same miss (not so when the store was unreachable)
+        if (e.reason !== undefined && FORGET_REASONS.has(e.reason))
+          await this.stub.cacheForget(hit.key, hit.created_ms).catch((f: unknown) => {
+            console.warn(`prompt cache: forgetting ${hit.key} failed: ${failure(f)}`);
+          });
       }
     }
     return openSession(this.c, this.link, session, kv, { ...o, promptBytes: bytes.whole });
@@ -239,8 +257,8 @@ export class CacheUse<K extends CacheKeys = CacheKeys> {
  * served by before it is routed (the registry's peek: no pick counted), looks its keys up (with
  * the claim of its document), and is routed to the hit's host when that host is live, serves the
  * model and has room (its snapshot memory holds the state: no copy from R2), else as usual. The
- * host dialled may serve another model than the peeked one (model "default" on a mixed fleet):
- * then the lookup runs again with its model's keys. `work` gets the CacheUse bound to the lease's
+ * host dialled may serve another model than the peeked one (model "default" on a mixed fleet), or
+ * make its states otherwise (cache_fingerprint): then the lookup runs again with its keys. `work` gets the CacheUse bound to the lease's
  * link, or undefined — the cache off, or a host of protocol 3.0 — for the path without the cache
  * (nothing peeked or looked up when off). A claim still held when the work ends (unless a stream
  * holds the lease: the stream releases it) is released.
@@ -249,7 +267,7 @@ export async function withCache<T, K extends CacheKeys>(
   c: Context<AppEnv>,
   on: boolean,
   plan: HostPlan,
-  keysOf: (model: string) => Promise<K>,
+  keysOf: (served: Served) => Promise<K>,
   work: (lease: HostLease, cache: CacheUse<K> | undefined) => Promise<T>,
 ): Promise<T> {
   if (!on) return withHost(c, plan, (lease) => work(lease, undefined));
@@ -257,7 +275,7 @@ export async function withCache<T, K extends CacheKeys>(
   const peeked = await registry(c.env)
     .peek(plan.model ?? ANY_MODEL)
     .catch(() => null);
-  if (peeked !== null && peeked.protocol_minor >= 1) await cache.lookup(peeked.model);
+  if (peeked !== null && peeked.protocol_minor >= 1) await cache.lookup(peeked);
   let held: HostLease | undefined;
   try {
     const prefer = cache.hit?.host;
@@ -283,9 +301,9 @@ export interface ChatKeys extends CacheKeys {
   split: number;
 }
 
-/** The keys of a chat completion's messages `turns` served by `model` (hello.model). */
-export async function chatKeys(env: Env, model: string, kv: KvSettings, turns: Turn[]): Promise<ChatKeys> {
-  const chain = await chains(model, kv, turns);
+/** The keys of a chat completion's messages `turns` on a host that serves `served`. */
+export async function chatKeys(env: Env, served: Served, kv: KvSettings, turns: Turn[]): Promise<ChatKeys> {
+  const chain = await chains(served.model, kv, turns);
   let split = turns.length - 1;
   while (split > 0 && turns[split]!.role !== "user") split--;
   const docStep = split > 0 && turnsBytes(turns.slice(0, split)) >= cacheMinBytes(env);

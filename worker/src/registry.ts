@@ -40,6 +40,8 @@ export interface HostRow {
   host_version?: string;
   /** the host's protocol minor (hello): 1 and above copy and snapshot cached states */
   protocol_minor?: number;
+  /** what makes its states besides model and compression (hello, 3.1): part of the prompt cache's keys */
+  cache_fingerprint?: string;
   connected_at: number;
   pool_bytes: number;
   kv_used_bytes: number;
@@ -65,6 +67,13 @@ export interface HostView extends Omit<HostRow, "picks"> {
 const staleMs = (row: HostRow) => Math.max(60_000, 10 * row.heartbeat_ms);
 
 export type Route = { name: string } | { name: null; live: number; models: string[] };
+
+/** peek()'s answer: what the host route() would pick serves (its hello's). */
+export interface Peeked {
+  model: string;
+  protocol_minor: number;
+  cache_fingerprint?: string;
+}
 
 /** The KV a new session is expected to take on `row` until the next heartbeat says what it took. */
 function pickEstimate(row: HostRow): number {
@@ -119,6 +128,7 @@ export class HostRegistry extends DurableObject<Env> {
       ...(h.chat_template !== undefined ? { chat_template: h.chat_template } : {}),
       ...(h.host_version !== undefined ? { host_version: h.host_version } : {}),
       ...(h.protocol_minor !== undefined ? { protocol_minor: h.protocol_minor } : {}),
+      ...(h.cache_fingerprint !== undefined ? { cache_fingerprint: h.cache_fingerprint } : {}),
       heartbeat_ms: h.heartbeat_ms,
       connected_at: r.connected_at,
       pool_bytes: hb?.pool_bytes ?? h.pool_bytes,
@@ -171,12 +181,17 @@ export class HostRegistry extends DurableObject<Env> {
 
   /**
    * What route(model) would pick now, without counting a pick (nor a route): the host's model
-   * (hello.model) and protocol minor, or null when no live host serves `model`. A request that
-   * may use the prompt cache computes its keys with this model before it is routed.
+   * (hello.model), protocol minor and cache fingerprint, or null when no live host serves `model`.
+   * A request that may use the prompt cache computes its keys with these before it is routed.
    */
-  peek(model: string): { model: string; protocol_minor: number } | null {
+  peek(model: string): Peeked | null {
     const { row } = this.best(model, []);
-    return row ? { model: row.model, protocol_minor: row.protocol_minor ?? 0 } : null;
+    if (!row) return null;
+    return {
+      model: row.model,
+      protocol_minor: row.protocol_minor ?? 0,
+      ...(row.cache_fingerprint !== undefined ? { cache_fingerprint: row.cache_fingerprint } : {}),
+    };
   }
 
   private best(model: string, exclude: string[], prefer?: string): { row?: HostRow; live: number; models: string[] } {

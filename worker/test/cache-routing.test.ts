@@ -3,7 +3,7 @@
 // stored its hit (that host's snapshot memory holds the state: no copy from R2) while that host is
 // live, serves the model and has room — also when another host has more free KV; otherwise to the
 // usual pick, which still opens the copy (from the edge's store). A host's cache_miss on a hit
-// forgets the entry (cacheForget). Fake hosts of protocol 3.1 share their cached states as hosts
+// whose state is missing or damaged forgets the entry (cacheForget). Fake hosts of protocol 3.1 share their cached states as hosts
 // share the edge's store; which host took a snapshot and which opened the copy is read from each
 // fake host's frames.
 import { ENGINE_DEFAULTS, type ToHostMessage } from "@pyramidkv/shared";
@@ -21,8 +21,10 @@ const MODEL_FILE = "route-model.gguf";
 const MODEL = "route-model";
 const TENANT = "cr-a";
 const states: StateCache = new Map();
-const ra = new FakeHost("cr-a-host", MODEL_FILE, { protocol_minor: 1 }, states);
-const rb = new FakeHost("cr-b-host", MODEL_FILE, { protocol_minor: 1 }, states);
+/** hosts that make states alike: the same host_hello.cache_fingerprint (each channel's hello carries it too) */
+const FINGERPRINT = "cr-fingerprint-1";
+const ra = new FakeHost("cr-a-host", MODEL_FILE, { protocol_minor: 1, cache_fingerprint: FINGERPRINT }, states);
+const rb = new FakeHost("cr-b-host", MODEL_FILE, { protocol_minor: 1, cache_fingerprint: FINGERPRINT }, states);
 /** a host of another model and protocol 3.0 */
 const old = new FakeHost("cr-old-host", "cr-old-model.gguf", { protocol_minor: 0 });
 const hosts = [ra, rb, old];
@@ -248,6 +250,32 @@ describe("the host dialled serves another model than the peeked one", { timeout:
   });
 });
 
+describe("the host dialled makes states otherwise than the peeked one (cache_fingerprint)", { timeout: 60_000 }, () => {
+  it("the lookup runs again for the link's hello", async () => {
+    await load(900, 100);
+    const t1 = [sys("Be brief."), user("Hi, fingerprints")];
+    const a1 = await turn(t1);
+    const t2 = [...t1, assistant(a1.answer), user("And?")];
+    const reg = HostRegistry.prototype as unknown as { peek: unknown };
+    const tenant = TenantState.prototype as unknown as { cacheLookup: (...a: unknown[]) => unknown };
+    const [peek, lookup] = [reg.peek, tenant.cacheLookup];
+    let lookups = 0;
+    reg.peek = () => ({ model: MODEL_FILE, protocol_minor: 1, cache_fingerprint: "cr-fingerprint-other" });
+    tenant.cacheLookup = function (...a: unknown[]) {
+      lookups++;
+      return lookup.apply(this, a);
+    };
+    try {
+      await turn(t2);
+    } finally {
+      reg.peek = peek;
+      tenant.cacheLookup = lookup;
+    }
+    expect(lookups).toBe(2);
+    expect(servedBy().open.from_cache).toBe(await cacheKey("reply", [...t1, assistant(a1.answer)]));
+  });
+});
+
 describe("without the cache, nothing of it", { timeout: 60_000 }, () => {
   it("kv_cache off: no peek and no lookup; a host of protocol 3.0: no lookup (peek says so)", async () => {
     const reg = HostRegistry.prototype as unknown as { peek: (m: string) => unknown };
@@ -275,7 +303,7 @@ describe("without the cache, nothing of it", { timeout: 60_000 }, () => {
       expect(o.status).toBe(200);
       expect([peeks, lookups]).toEqual([1, 0]);
       expect(opensOn(old).map((f) => f.from_cache)).toEqual([undefined]);
-      // and with the cache on, a host of 3.1: one peek, one lookup
+      // and with the cache on, a host of 3.1: one peek, one lookup (the link's hello is what was peeked, fingerprint and all)
       await call("/v1/chat/completions", as(key, { model: MODEL, messages }));
       expect([peeks, lookups]).toEqual([2, 1]);
       await call(`/v1/sessions/${((await s.json()) as { id: string }).id}`, { ...as(key), method: "DELETE" });
@@ -308,7 +336,8 @@ describe("the registry: route with a preferred host, peek", () => {
     await load(100, 130);
     const reg = routingTable();
     const before = await reg.counters();
-    for (let i = 0; i < 20; i++) expect(await reg.peek(MODEL)).toEqual({ model: MODEL_FILE, protocol_minor: 1 });
+    for (let i = 0; i < 20; i++)
+      expect(await reg.peek(MODEL)).toEqual({ model: MODEL_FILE, protocol_minor: 1, cache_fingerprint: FINGERPRINT });
     expect(await reg.peek("cr-old-model")).toEqual({ model: "cr-old-model.gguf", protocol_minor: 0 });
     expect(await reg.peek("cr-no-model")).toBeNull();
     expect((await reg.counters()).routes).toBe(before.routes);
@@ -323,7 +352,7 @@ describe("cache_miss on a hit forgets the entry", { timeout: 60_000 }, () => {
   const stub = () => env.TENANTS.get(env.TENANTS.idFromName(TENANT));
   const object = (k: string) => `cache/${TENANT}/${k}`;
 
-  it("the host has no copy: the entry and its R2 object go, and the next request with the same messages does not pay the miss again", async () => {
+  it("the host has no copy (reason missing): the entry and its R2 object go, and the next request with the same messages does not pay the miss again", async () => {
     await load(900, 100);
     const t1 = [sys("Be brief."), user("Hi, forgotten")];
     const a1 = await turn(t1);
@@ -342,6 +371,30 @@ describe("cache_miss on a hit forgets the entry", { timeout: 60_000 }, () => {
     const again = await turn(t2);
     expect(opensOn(servedBy().host).map((o) => o.from_cache)).toEqual([undefined]);
     expect(again.cached).toBe(0);
+  });
+
+  it("a cache_miss that says the store could not be read now (reason unavailable) or the state is another host's kind (incompatible) keeps the entry", async () => {
+    await load(900, 100);
+    const t1 = [sys("Be brief."), user("Hi, kept")];
+    const a1 = await turn(t1);
+    const reply1 = await cacheKey("reply", [...t1, assistant(a1.answer)]);
+    const t2 = [...t1, assistant(a1.answer), user("And?")];
+    for (const reason of ["unavailable", "incompatible"]) {
+      for (const h of hosts) h.reset();
+      ra.on.open_session = (m, reply, ws) => {
+        if (m.type === "open_session" && m.from_cache !== undefined)
+          return reply({ type: "error", id: m.id, session: m.session, code: "cache_miss", message: "no", reason });
+        ra.answer(m, reply, ws);
+      };
+      const r = await call("/v1/chat/completions", as(key, { model: MODEL, messages: t2 }));
+      expect(r.status).toBe(200);
+      expect(opensOn(ra).map((o) => o.from_cache)).toEqual([reply1, undefined]);
+      expect((await stub().cacheLookup([reply1])).hit?.key).toBe(reply1);
+    }
+    // and the next request copies it again
+    const again = await turn(t2);
+    expect(servedBy().open.from_cache).toBe(reply1);
+    expect(again.cached).toBe(11);
   });
 
   it("cacheForget drops only the entry the caller hit (created_ms): one stored again since is kept", async () => {

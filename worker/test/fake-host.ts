@@ -114,6 +114,8 @@ export class FakeHost {
       beat_every_ms?: number;
       /** 1: the prompt cache's messages (host protocol 3.1); default 0 */
       protocol_minor?: number;
+      /** host_hello.cache_fingerprint (3.1) */
+      cache_fingerprint?: string;
     } = {},
     /** the cached states this host reads and snapshots into (share one map between the hosts of a test) */
     readonly states: StateCache = new Map(),
@@ -137,6 +139,7 @@ export class FakeHost {
               session: m.session,
               code: "cache_miss",
               message: `no cached state ${m.from_cache} of ${this.model}`,
+              reason: st ? "incompatible" : "missing",
             });
           this.tokens.set(at(m.session), { tokens: st.tokens, method: st.method, budget: st.budget });
           return reply({
@@ -289,6 +292,7 @@ export class FakeHost {
       bytes_per_entry: 64,
       chat_template: this.hello.chat_template ?? "gguf",
       heartbeat_ms: this.hello.heartbeat_ms ?? 60_000,
+      ...(this.hello.cache_fingerprint !== undefined ? { cache_fingerprint: this.hello.cache_fingerprint } : {}),
     });
     await eventually(() => welcomed, `${this.name}: welcome`, 10_000);
     this.heartbeat();

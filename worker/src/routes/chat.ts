@@ -10,7 +10,7 @@ import { Hono } from "hono";
 
 import { streamCompletion, wholeCompletion } from "../completion.js";
 import type { AppEnv } from "../env.js";
-import { cachedChat, chatKeys, withCache } from "../prompt-cache.js";
+import { cachedChat, chatKeys, type Served, withCache } from "../prompt-cache.js";
 import { appendTurns, checkMaxTokens, modelId, openSession, randomId, turnsBytes } from "../serve.js";
 import { chatRequest, jsonBody, resolveKv, resolveKvCache } from "../validate.js";
 
@@ -25,7 +25,7 @@ chat.post("/chat/completions", jsonBody(chatRequest), async (c) => {
   // The session is closed on the host after the answer, and when anything fails or the client leaves (also before the answer: host-lease.ts).
   // With the cache on, the host is the one holding the longest cached prefix when it can take the request.
   const plan = { opens: session, ephemeral: true, model: req.model };
-  const keysOf = (model: string) => chatKeys(c.env, model, kv, req.turns);
+  const keysOf = (served: Served) => chatKeys(c.env, served, kv, req.turns);
   return withCache(c, useCache, plan, keysOf, async (lease, cache) => {
     checkMaxTokens(lease.link, req.sampling);
     if (cache)

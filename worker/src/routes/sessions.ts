@@ -22,7 +22,7 @@ import { ApiError, notFound, sessionExpired, sessionLimit } from "../errors.js";
 import { hostId } from "../host-id.js";
 import type { HostLink } from "../host-link.js";
 import { withHost } from "../host-lease.js";
-import { chains, entryKey, withCache } from "../prompt-cache.js";
+import { chains, entryKey, type Served, withCache } from "../prompt-cache.js";
 import {
   type AppendOptions,
   appendTurns,
@@ -131,8 +131,8 @@ sessions.post("/", jsonBody(sessionRequest), async (c) => {
   // The prompt cache: the document's state, the same entry as a chat completion whose messages
   // begin with these two (prompt-cache.ts); one request builds it, the others start from copies
   // (on the host that stored it when it can take them).
-  const keysOf = async (model: string) => {
-    const docKey = await entryKey((await chains(model, kv, turns))[2]!, "doc");
+  const keysOf = async (served: Served) => {
+    const docKey = await entryKey((await chains(served.model, kv, turns))[2]!, "doc");
     return { keys: [docKey], claim: docKey };
   };
   return withCache(c, useCache, plan, keysOf, async (lease, cache) => {
