@@ -258,10 +258,10 @@ export class CacheUse<K extends CacheKeys = CacheKeys> {
  * the claim of its document), and is routed to the hit's host when that host is live, serves the
  * model and has room (its snapshot memory holds the state: no copy from R2), else as usual. The
  * host dialled may serve another model than the peeked one (model "default" on a mixed fleet), or
- * make its states otherwise (cache_fingerprint): then the lookup runs again with its keys. `work` gets the CacheUse bound to the lease's
- * link, or undefined — the cache off, or a host of protocol 3.0 — for the path without the cache
- * (nothing peeked or looked up when off). A claim still held when the work ends (unless a stream
- * holds the lease: the stream releases it) is released.
+ * make its states otherwise (cache_fingerprint): then the lookup runs again with its keys. `work`
+ * gets the CacheUse bound to the lease's link, or undefined — the cache off, or a host of protocol
+ * 3.0 — for the path without the cache (nothing peeked or looked up when off). A claim still held
+ * when the work ends (unless a stream holds the lease: the stream releases it) is released.
  */
 export async function withCache<T, K extends CacheKeys>(
   c: Context<AppEnv>,
