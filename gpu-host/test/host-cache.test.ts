@@ -7,13 +7,15 @@
 // stand-in engine: the refusals (cache_miss, invalid, too_large, checkpoint_failed) leave nothing
 // behind and the session untouched. One real-engine host runs at a time.
 import assert from "node:assert/strict";
+import { existsSync } from "node:fs";
+import { join } from "node:path";
 import { test } from "node:test";
 
 import { type FromHostMessage, HOST_STATE_PART_BYTES } from "@pyramidkv/shared";
 
 import { parseHostConfig } from "../src/host/config.js";
 import { DirectEdge, hostToken } from "../src/host/direct-edge.js";
-import { decodeStateFile, encodeStateFile, SnapshotMemory } from "../src/host/store.js";
+import { decodeStateFile, encodeStateFile, SnapshotMemory, stateFileName } from "../src/host/store.js";
 import {
   expectType,
   fakeHost,
@@ -22,6 +24,7 @@ import {
   startTestHost,
   type TestHost,
   testConfig,
+  testDir,
   until,
 } from "./host-client.js";
 
@@ -227,6 +230,12 @@ test("a snapshot continues exactly: copies on the same host (memory) and on anot
       assert.equal(junk.code, "cache_miss", junk.message);
       assert.match(junk.message, /cannot be restored here/);
       assert.equal(junk.reason, "damaged", "the engine refused it: the edge may forget it");
+      assert.equal(codeOf(await cb.call({ type: "stats", tenant: "t", session: "junk" })), "unknown_session");
+      // An ephemeral copy is restored from the bytes themselves: refused the same.
+      const junk2 = errorOf(
+        await cb.call({ type: "open_session", tenant: "t", session: "junk", from_cache: junkKey, ephemeral: true }),
+      );
+      assert.deepEqual([junk2.code, junk2.reason], ["cache_miss", "damaged"], junk2.message);
       assert.equal(codeOf(await cb.call({ type: "stats", tenant: "t", session: "junk" })), "unknown_session");
       assert.equal(edge.state("t", "junk"), undefined);
       const metrics = await scrape(b.address.port);
@@ -452,5 +461,50 @@ test("cache_fingerprint in host_hello and every channel's hello: the same for ho
     assert.notEqual(await fingerprint(["--chunk-size", "512", "--kv-type", "q8_0"]), base, "another kv_type");
   } finally {
     await edge.close();
+  }
+});
+
+test("an ephemeral copy is restored from the cached state's bytes: nothing in the local store (not counted in max_stored_bytes, nothing to adopt after a restart), yet back at the cached state after an engine restart; a copy that is not ephemeral is stored first", {
+  timeout: 60_000,
+}, async () => {
+  const offload = testDir();
+  const host = await fakeHost(["--offload-dir", offload]);
+  const c = await HostClient.connect(host.url);
+  const storedBytes = async () => expectType(await c.call({ type: "stats", tenant: "t" }), "stats_result").stored_bytes;
+  const inStore = (session: string) => existsSync(join(offload, stateFileName("t", session)));
+  const bound = async (bytes: number) =>
+    expectType(await c.call({ type: "set_tenant", tenant: "t", max_stored_bytes: bytes }), "tenant_set");
+  try {
+    expectType(await c.call({ type: "open_session", tenant: "t", session: "s", budget: 16 }), "opened");
+    expectType(await c.call({ type: "append", tenant: "t", session: "s", text: "hello" }), "appended");
+    expectType(await c.call({ type: "snapshot", tenant: "t", session: "s", key: KEY }), "snapshotted");
+    expectType(await c.call({ type: "close", tenant: "t", session: "s" }), "closed");
+    assert.equal(await storedBytes(), 0);
+
+    await bound(1);
+    const eph = expectType(
+      await c.call({ type: "open_session", tenant: "t", session: "e", from_cache: KEY, ephemeral: true }),
+      "opened",
+    );
+    assert.equal(eph.tokens_seen, 5);
+    assert.equal(await storedBytes(), 0, "the ephemeral copy is not in the local store");
+    assert.equal(inStore("e"), false, "nor in the offload directory: a restarted host adopts nothing of it");
+    const kept = errorOf(await c.call({ type: "open_session", tenant: "t", session: "k", from_cache: KEY }));
+    assert.equal(kept.code, "stored_quota_exceeded", "a copy that is not ephemeral is stored, within the bound");
+    assert.equal(codeOf(await c.call({ type: "stats", tenant: "t", session: "k" })), "unknown_session");
+    await bound(1 << 30);
+    expectType(await c.call({ type: "open_session", tenant: "t", session: "k", from_cache: KEY }), "opened");
+    assert.equal(inStore("k"), true);
+
+    // The engine dies before the ephemeral copy's first save: restored from the cached state.
+    const pid = host.sessions.enginePid!;
+    process.kill(pid, "SIGKILL");
+    await until(() => host.sessions.healthy && host.sessions.enginePid !== pid, "the engine's restart");
+    const appended = expectType(await c.call({ type: "append", tenant: "t", session: "e", text: "abc" }), "appended");
+    assert.equal(appended.tokens_seen, 8, "the cached state's 5 tokens and the new 3");
+    assert.equal(inStore("e"), true, "checkpointed by its append as any session");
+  } finally {
+    c.close();
+    await host.stop();
   }
 });

@@ -189,6 +189,7 @@ export class Residency {
       kv_bytes: s.kv.steady,
     };
     await this.store.put(meta, state, this.options.maxStoredBytes?.(s.tenant));
+    s.origin = undefined; // the store has its checkpoint now
     if (this.toRemote(s)) {
       if (strict) await this.putRemote(s, meta, state);
       else
@@ -406,12 +407,31 @@ export class Residency {
     return this.store.get(s.tenant, s.id);
   }
 
-  /** A new session `s` made from a cached state (its params, tokens and kv_bytes the state's): the
-   * state goes into the local store under the session's own id, is restored into the engine
-   * (admitted like any restore: quota, pool), and, for a session that is not ephemeral,
-   * checkpointed to the edge's store (sessions/<tenant>/<id>), awaited. A failure leaves nothing
-   * of it in the engine or the local store. */
+  /** A new session `s` made from a cached state (its params, tokens and kv_bytes the state's),
+   * restored into the engine (admitted like any restore: quota, pool). Not ephemeral: the state
+   * goes into the local store under the session's own id first, and after the restore is
+   * checkpointed to the edge's store (sessions/<tenant>/<id>), awaited. Ephemeral: restored from
+   * the cached state's bytes themselves, nothing written to the local store (nor counted in the
+   * tenant's max_stored_bytes, nor adopted after a restart): those bytes are its checkpoint
+   * (`origin`) until its first save. A failure leaves nothing of it in the engine or the store. */
   async openCopy(s: HostSession, state: Uint8Array): Promise<void> {
+    if (s.openedBy !== undefined) {
+      await this.store.delete(s.tenant, s.id); // a former session's of this id, if any (none: no write)
+      s.origin = state;
+      try {
+        await this.ensureResident(s, 0);
+        s.kv.end();
+      } catch (e) {
+        if (s.resident) {
+          const engine = await this.engines.ready;
+          await engine.call({ type: "close", session: s.engineName }).catch(() => {});
+          s.kv.offloaded();
+        }
+        s.origin = undefined;
+        throw e;
+      }
+      return;
+    }
     const meta: StoredSessionMeta = {
       tenant: s.tenant,
       session: s.id,
@@ -449,11 +469,13 @@ export class Residency {
   /** The local copy of the session goes (its state is not the edge's any more); the session itself
    * is the caller's to forget. */
   dropLocal(s: HostSession): Promise<void> {
+    s.origin = undefined;
     return this.store.delete(s.tenant, s.id);
   }
 
   /** The session is closed for good: its saved state goes. */
   forget(s: HostSession): Promise<void> {
+    s.origin = undefined;
     return this.store.delete(s.tenant, s.id);
   }
 
@@ -473,9 +495,12 @@ export class Residency {
       s.kv.restored(extra);
       return;
     }
+    // An ephemeral copy never saved since it was opened: its cached state (openCopy).
+    let origin: Uint8Array | undefined;
     try {
       let state = await this.store.get(s.tenant, s.id);
-      if (!state && this.toRemote(s) && this.options.remote?.connected) {
+      if (!state && s.origin) state = origin = s.origin;
+      else if (!state && this.toRemote(s) && this.options.remote?.connected) {
         // Not here (a failed put dropped it, a cache that could not keep it): the edge's checkpoint.
         const got = await this.getRemote(s.tenant, s.id);
         // Another host's copy: this session's numbers (tokens, size, parameters) are not its; the
@@ -513,7 +538,8 @@ export class Residency {
             ? e.message
             : undefined;
       if (damaged === undefined) throw e;
-      await this.store.quarantine(s.tenant, s.id, damaged);
+      if (origin) s.origin = undefined;
+      else await this.store.quarantine(s.tenant, s.id, damaged);
       s.lost = `its saved state is damaged (${damaged})`;
       throw new HostError("session_lost", `session '${s.id.slice(0, 64)}' was lost: ${s.lost}`);
     }
@@ -530,7 +556,8 @@ export class Residency {
     const work = (async () => {
       try {
         const engine = await this.engines.ready;
-        if (s.dirty || !s.saved) await this.save(s, engine, false);
+        // An ephemeral copy's first save too: an offloaded session's state is the store's.
+        if (s.dirty || !s.saved || s.origin) await this.save(s, engine, false);
         await engine.call({ type: "close", session: s.engineName });
         s.kv.offloaded();
         this.metrics.offloads.inc({ tenant: s.tenant });

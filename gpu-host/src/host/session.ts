@@ -152,6 +152,9 @@ export class HostSession {
   lost?: string;
   /** empty and never saved when the engine died: restored by opening it again */
   reopen?: boolean;
+  /** an ephemeral copy's cached state (open_session.from_cache, residency.ts openCopy): its
+   * checkpoint until its first save to the store (a restore reads it when the store has none) */
+  origin?: Uint8Array;
 
   /** `stored`: a session an earlier run of the host offloaded (its state is in the store). */
   constructor(
