@@ -494,7 +494,11 @@ export class HostConn extends DurableObject<Env> {
       return;
     }
     // a new put's later parts were allowed at its part 0
-    if (cached && !(m.type === "state_put" && m.part > 0) && !this.servesTenant(m.tenant)) {
+    if (
+      cached &&
+      !(m.type === "state_put" && (m as HostMessage<"state_put">).part > 0) &&
+      !this.servesTenant(m.tenant)
+    ) {
       this.controlError(
         ws,
         m.id,

@@ -10,7 +10,8 @@ import { runDurableObjectAlarm, runInDurableObject } from "cloudflare:test";
 import { env } from "cloudflare:workers";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 
-import { ADMIN, as, call, error, makeTenant } from "./client.js";
+import { HostLink } from "../src/host-link.js";
+import { ADMIN, as, call, error, eventually, makeTenant } from "./client.js";
 import { FakeHost } from "./fake-host.js";
 
 const MODEL = "cache-model.gguf";
@@ -491,7 +492,30 @@ const stored = (answers: Answer[]) => answers.find((x) => x.type === "state_stor
 const digest = async (x: Uint8Array) =>
   `${x.length}:${[...new Uint8Array(await crypto.subtle.digest("SHA-256", x))].map((y) => y.toString(16).padStart(2, "0")).join("")}`;
 
+/** Channels of `tenant` on each of `hosts` (requests of the tenant they serve): a host reads and writes the tenant's cached states only then. */
+async function serve(tenant: string, ...hosts: FakeHost[]): Promise<HostLink[]> {
+  return Promise.all(hosts.map((h) => HostLink.connect(env, h.name, tenant)));
+}
+
+/** Closes the links, and waits until their hosts were told (the edge has closed its side). */
+async function unserve(links: HostLink[], ...hosts: FakeHost[]): Promise<void> {
+  const before = hosts.map((h) => h.closedByEdge);
+  for (const l of links) l.close();
+  await eventually(() => hosts.every((h, i) => h.closedByEdge > before[i]!), "channel_close of the links", 10_000);
+}
+
 describe("cached states in R2 (state_* cache:true)", () => {
+  // the hosts serve requests of the tenants below (the last tests open and close their own)
+  let links: HostLink[] = [];
+  beforeAll(async () => {
+    for (const t of ["c-conn", "c-conn-big", "c-conn-orphan", "c-conn-quota", "c-conn-same"])
+      links.push(...(await serve(t, a, b)));
+  });
+  afterAll(async () => {
+    for (const l of links) l.close();
+    links = [];
+  });
+
   it("put by one host, read by another: same bytes, no fence; keyed cache/<tenant>/<key>, apart from sessions' checkpoints", async () => {
     await makeTenant("c-conn", {});
     const key = await keyOf("conn-doc");
@@ -580,7 +604,7 @@ describe("cached states in R2 (state_* cache:true)", () => {
     expect(await written()).toEqual([]);
   });
 
-  it("a cached state does not count against max_stored_bytes, and needs no open session", async () => {
+  it("a cached state does not count against max_stored_bytes, and needs no open session (a channel of the tenant)", async () => {
     await makeTenant("c-conn-quota", { max_stored_bytes: 100 });
     const key = await keyOf("conn-quota");
     const put = await cachePutFrom(a, "c-conn-quota", key, bytesOf(1000, 4));
@@ -591,4 +615,63 @@ describe("cached states in R2 (state_* cache:true)", () => {
       { type: "control_error", code: "not_found" },
     ]);
   });
+
+  it("a host reads and writes a tenant's cached states only while it serves a request of that tenant: else control_error unauthorized", async () => {
+    await makeTenant("c-auth", {});
+    await makeTenant("c-auth-other", {});
+    const [key, other] = await Promise.all(["auth-doc", "auth-other"].map(keyOf));
+    const data = bytesOf(400, 8);
+    const aLinks = await serve("c-auth", a);
+    expect(stored(await cachePutFrom(a, "c-auth", key!, data))).toBeDefined();
+    // b serves another tenant only
+    const bOther = await serve("c-auth-other", b);
+    const refused = (answers: Answer[]) => {
+      expect(answers).toMatchObject([{ type: "control_error", code: "unauthorized" }]);
+      expect((answers[0] as { message: string }).message).toMatch(/serves no request of tenant 'c-auth'/);
+    };
+    refused((await cacheGetFrom(b, "c-auth", key!)).answers);
+    refused(await ask(b, { type: "state_head", id: nextId++, tenant: "c-auth", session: key!, cache: true }));
+    refused(await cachePutFrom(b, "c-auth", key!, bytesOf(400, 9)));
+    refused(await cachePutFrom(b, "c-auth", other!, bytesOf(400, 9)));
+    expect(await exists("c-auth", other!)).toBe(false);
+    expect(new Uint8Array(await (await env.SESSIONS.get(objectOf("c-auth", key!)))!.arrayBuffer())).toEqual(data);
+    // while b serves a request of the tenant, it reads the state
+    const bLinks = await serve("c-auth", b);
+    expect((await cacheGetFrom(b, "c-auth", key!)).data).toEqual(data);
+    // and no more once that request is over
+    await unserve(bLinks, b);
+    refused((await cacheGetFrom(b, "c-auth", key!)).answers);
+    await unserve([...aLinks, ...bOther], a, b);
+    refused((await cacheGetFrom(a, "c-auth", key!)).answers);
+  }, 60_000);
+
+  it("a put of a key whose object exists already writes nothing: state_stored names the object there (one part and multipart)", async () => {
+    await makeTenant("c-conn-same", {});
+    const [small, big] = await Promise.all(["same-small", "same-big"].map(keyOf));
+    const first = bytesOf(700, 10);
+    const put1 = stored(await cachePutFrom(a, "c-conn-same", small!, first)) as { etag: string; bytes: number };
+    const again = await cachePutFrom(b, "c-conn-same", small!, bytesOf(900, 11));
+    expect(again.map((x) => x.type)).toEqual(["state_ack", "state_stored"]);
+    expect(stored(again)).toMatchObject({ etag: put1.etag, bytes: 700 });
+    expect(new Uint8Array(await (await env.SESSIONS.get(objectOf("c-conn-same", small!)))!.arrayBuffer())).toEqual(
+      first,
+    );
+    // multipart, over an object of one part and over one of many parts
+    const big1 = bytesOf(HOST_STATE_PART_BYTES + 100, 12);
+    const putBig = stored(await cachePutFrom(a, "c-conn-same", big!, big1)) as { etag: string; bytes: number };
+    for (const [k, etag, bytes] of [
+      [small!, put1.etag, 700],
+      [big!, putBig.etag, big1.length],
+    ] as const) {
+      const parts = await cachePutFrom(b, "c-conn-same", k, bytesOf(2 * HOST_STATE_PART_BYTES + 5, 13));
+      expect(parts.map((x) => x.type)).toEqual(["state_ack", "state_ack", "state_ack", "state_stored"]);
+      expect(stored(parts)).toMatchObject({ etag, bytes });
+    }
+    expect(
+      await digest(new Uint8Array(await (await env.SESSIONS.get(objectOf("c-conn-same", big!)))!.arrayBuffer())),
+    ).toBe(await digest(big1));
+    expect(new Uint8Array(await (await env.SESSIONS.get(objectOf("c-conn-same", small!)))!.arrayBuffer())).toEqual(
+      first,
+    );
+  }, 120_000);
 });
