@@ -58,7 +58,7 @@ export const MAX_CACHE_CANDIDATES = 128;
 export const DEFAULT_CACHE_MAX_BYTES = 1 << 30;
 export const DEFAULT_CACHE_TTL_S = 3600;
 export const MAX_CACHE_TTL_S = 30 * 86_400;
-/** a request waits this long at most, in all, for another's claim on the document it needs */
+/** a request waits this long at most, in all, for another's claim on the document it needs; nobody waits on a claim older than this */
 export const CLAIM_WAIT_MS = 10 * 60_000;
 /** a claim not renewed (cacheRenew) this long since its creation or last renewal is void: its request died */
 export const CLAIM_LEASE_MS = 30_000;
@@ -83,6 +83,8 @@ type Outcome = "stored" | "refused" | "released" | "lapsed" | "timeout";
 export type ReleaseOutcome = "failed" | "not_stored";
 
 interface Claim {
+  /** created (Unix ms, the caller's clock): waited on until CLAIM_WAIT_MS after it at most */
+  since: number;
   /** created or last renewed (Unix ms, the caller's clock) */
   renewed: number;
   waiters: Set<(o: Outcome) => void>;
@@ -123,7 +125,6 @@ export class CacheStore {
     if (claim !== undefined && claimAt < 0)
       throw new Error(`cacheLookup: claim '${String(claim).slice(0, 80)}' is not one of the ${keys.length} keys`);
     const started = Date.now();
-    const deadline = nowMs + CLAIM_WAIT_MS;
     let now = nowMs;
     for (;;) {
       const { hit, at } = await this.firstLive(keys, now);
@@ -134,15 +135,17 @@ export class CacheStore {
       if (!held || !alive(held, now)) {
         // a void claim's other waiters look again (and wait on this one)
         if (held) for (const w of held.waiters) w("lapsed");
-        this.claims.set(claim, { renewed: now, waiters: new Set() });
+        this.claims.set(claim, { since: now, renewed: now, waiters: new Set() });
         return { hit: hit ? await this.touch(hit, now) : null, claimed: true };
       }
+      // CLAIM_WAIT_MS at most, for this request and for this claim (one renewed for ever is not waited on for ever)
+      const deadline = Math.min(nowMs, held.since) + CLAIM_WAIT_MS;
       // woken at the claim's end, or when it would be void unless renewed meanwhile (then it waits on)
       const outcome =
         now >= deadline ? "timeout" : await waitFor(held, Math.min(held.renewed + CLAIM_LEASE_MS, deadline) - now);
       now = nowMs + (Date.now() - started);
-      if (outcome === "lapsed" && now < deadline) continue;
-      if (outcome === "timeout" || outcome === "lapsed" || outcome === "refused") {
+      // stored, released, lapsed: look again (a void claim is taken, one past the deadline given up)
+      if (outcome === "timeout" || outcome === "refused") {
         // the holder is slow, or its state is not kept: go on without the claim
         const again = await this.firstLive(keys, now);
         return { hit: again.hit ? await this.touch(again.hit, now) : null, claimed: false };

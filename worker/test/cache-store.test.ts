@@ -357,9 +357,26 @@ describe("single flight on a document key", () => {
     const lookups = [0, 1].map((i) => stub.cacheLookup([doc], doc).then((r) => ({ i, r })));
     const first = await Promise.race(lookups);
     expect(first.r.claimed).toBe(true);
+    await waiters("c-refused", doc, 1);
     expect(await store("c-refused", doc, 101, Date.now())).toEqual({ stored: false, evicted: 0 });
     expect((await lookups[1 - first.i]!).r).toEqual({ hit: null, claimed: false });
   });
+
+  it("nobody waits on a claim longer than 10 minutes after it was made, renewed or not: then the waiter goes on without it", async () => {
+    await makeTenant("c-cap", {});
+    const doc = await keyOf("doc-cap");
+    const t0 = Date.now();
+    const stub = stubOf("c-cap");
+    expect(await stub.cacheLookup([doc], doc, t0)).toEqual({ hit: null, claimed: true });
+    expect(await stub.cacheRenew(doc, t0 + 590_000)).toBe(true);
+    // the claim is alive (renewed 9.5 s ago), 10 minutes old in 0.5 s: the waiter gives up then
+    expect(await stub.cacheLookup([doc], doc, t0 + 599_500)).toEqual({ hit: null, claimed: false });
+    // and at once past it
+    expect(await stub.cacheLookup([doc], doc, t0 + 600_000)).toEqual({ hit: null, claimed: false });
+    // the claim itself still holds (its holder may still put): a put is a hit for the next
+    await store("c-cap", doc, 10, t0 + 601_000);
+    expect(await stub.cacheLookup([doc], doc, t0 + 601_000)).toMatchObject({ hit: { key: doc }, claimed: false });
+  }, 30_000);
 
   it("a hit at or before the claimed key is returned unclaimed; a shorter hit after it comes with the claim; a claim not renewed for 30 s is void", async () => {
     await makeTenant("c-order", {});
