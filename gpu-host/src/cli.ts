@@ -60,7 +60,7 @@ export const COMMANDS: CommandEntry[] = [
   },
   {
     name: "bench cache",
-    usage: "[--turns 10] [--chars 32500] [--sessions 16] [--shared-chars 16000] [--max-tokens 16] [--json FILE]",
+    usage: "[--turns 10] [--chars 25000] [--sessions 16] [--shared-chars 12500] [--max-tokens 16] [--json FILE]",
     summary:
       "the prompt cache: a 10-turn chat over a ~6k-token document, and 16 sessions on one ~3k-token document, cache on vs off; JSON",
     load: async () => (await import("./stack/bench-cache.js")).command,

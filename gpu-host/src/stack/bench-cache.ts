@@ -70,11 +70,10 @@ async function counters(stack: Stack) {
 /** The tree's commit (with "+" when it has local changes), or null outside a git checkout. */
 function gitCommit(): string | null {
   try {
-    const head = execFileSync("git", ["rev-parse", "--short", "HEAD"], { encoding: "utf8", cwd: repoRoot() }).trim();
-    const dirty = execFileSync("git", ["status", "--porcelain", "--untracked-files=no"], {
-      encoding: "utf8",
-      cwd: repoRoot(),
-    }).trim();
+    const git = (...args: string[]) =>
+      execFileSync("git", args, { encoding: "utf8", cwd: repoRoot(), stdio: ["ignore", "pipe", "ignore"] }).trim();
+    const head = git("rev-parse", "--short", "HEAD");
+    const dirty = git("status", "--porcelain", "--untracked-files=no");
     return dirty ? `${head}+` : head;
   } catch {
     return null;
@@ -332,9 +331,9 @@ export async function runCacheBench(
 export const command = defineCommand({
   flags: {
     turns: int({ min: 2, max: 100, default: 10 }),
-    chars: int({ min: 2000, max: 200_000, default: 32_500 }),
+    chars: int({ min: 2000, max: 200_000, default: 25_000 }),
     sessions: int({ min: 2, max: 256, default: 16 }),
-    "shared-chars": int({ min: 2000, max: 200_000, default: 16_000 }),
+    "shared-chars": int({ min: 2000, max: 200_000, default: 12_500 }),
     budget: int({ min: 16, max: 1 << 20, default: 128 }),
     "max-tokens": int({ min: 1, max: 4096, default: 16 }),
     "haystack-dir": string(),
