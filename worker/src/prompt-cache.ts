@@ -26,8 +26,8 @@ import { ApiError } from "./errors.js";
 import { type HostLease, type HostPlan, withHost } from "./host-lease.js";
 import type { HostLink } from "./host-link.js";
 import { ANY_MODEL, registry } from "./routing.js";
-import { appendTurns, modelId, type OpenOptions, openSession, snapshot, turnsBytes } from "./serve.js";
-import { CACHE_DEFAULTS, type CacheEntry } from "./tenant.js";
+import { appendTurns, modelId, type OpenOptions, openSession, type Progress, snapshot, turnsBytes } from "./serve.js";
+import { CACHE_DEFAULTS, type CacheEntry, type ReleaseOutcome } from "./tenant.js";
 import type { KvSettings, Sampling } from "./validate.js";
 
 export type EntryKind = "doc" | "reply";
@@ -41,6 +41,24 @@ export function cacheMinBytes(env: Env): number {
   const n = Number(v);
   return v !== undefined && v !== "" && Number.isSafeInteger(n) && n >= 0 ? n : DEFAULT_CACHE_MIN_BYTES;
 }
+
+/** The largest cached state stored by default (PKV_CACHE_MAX_ENTRY_BYTES): its upload stays short. */
+export const DEFAULT_CACHE_MAX_ENTRY_BYTES = 64 * 1024 * 1024;
+
+/** PKV_CACHE_MAX_ENTRY_BYTES (0: no state is stored). */
+export function cacheMaxEntryBytes(env: Env): number {
+  const v = env.PKV_CACHE_MAX_ENTRY_BYTES;
+  const n = Number(v);
+  return v !== undefined && v !== "" && Number.isSafeInteger(n) && n >= 0 ? n : DEFAULT_CACHE_MAX_ENTRY_BYTES;
+}
+
+/**
+ * How the holder of a claim keeps it alive (a claim not renewed for CLAIM_LEASE_MS, 30 s, is void
+ * and a waiter builds the document too): cacheRenew every `timerMs` while it holds the claim (a
+ * request queued on its host sends no frames), and on the document append's progress frames at
+ * most once per `progressMs`. Tests shorten them.
+ */
+export const claimRenewal = { timerMs: 10_000, progressMs: 10_000 };
 
 /** The host can copy and snapshot states (protocol 3.1) and the request (or its tenant) has the cache on. */
 export const cacheUsable = (on: boolean, link: HostLink): boolean => on && (link.hello.protocol_minor ?? 0) >= 1;
@@ -108,6 +126,13 @@ const sameServed = (a: Served | undefined, b: Served) =>
 /** A host's cache_miss reasons (host.json error.reason) that mean the entry's state is gone or broken: the entry is forgotten. */
 const FORGET_REASONS = new Set(["missing", "damaged"]);
 
+/**
+ * A copy the host cannot take now (admitted without shrinking its budget, or not checkpointed)
+ * where a fresh open may succeed (under policy auto the host shrinks a fresh session's budget to
+ * fit): the request opens from nothing, the entry kept.
+ */
+const COPY_REFUSED = new Set(["quota_exceeded", "pool_full", "stored_quota_exceeded", "checkpoint_failed"]);
+
 /** What a request looks up, for what it is served by: the candidates, and the doc key it would build. */
 export interface CacheKeys {
   keys: string[];
@@ -118,17 +143,28 @@ export interface CacheKeys {
  * One request's use of the tenant's cache: the lookup (with the claim of the document it would
  * build), the open from a copy (or from nothing on a miss), the snapshots and their entries.
  * Nothing here fails a request for the cache's sake: a lookup that fails is a miss, a snapshot or
- * put that fails leaves the entry absent. A claim not resolved by a put is released (release(),
- * which withCache runs when the request ends without it).
+ * put that fails leaves the entry absent. A claim is renewed while it is held (claimRenewal) and
+ * ends with its put, or is released: "not_stored" when the state was built but is not kept (the
+ * waiters go on at once, each without the claim), "failed" when the request ended without
+ * building it (release(), which withCache runs when the request ends: one waiter claims it).
  */
 export class CacheUse<K extends CacheKeys = CacheKeys> {
   /** the entry the request starts from (null: none, or the host had no copy) */
   hit: CacheEntry | null = null;
   /** the doc key this request claimed and has not stored or released yet */
   private claimed?: string;
+  private renewTimer?: ReturnType<typeof setInterval>;
+  private renewedMs = 0;
   /** what the lookup was for (the peeked host's, or the link's), and its keys */
   private looked?: { served: Served; keys: K };
   private host?: HostLink;
+  /**
+   * false when the host opened the session with other settings than the keys were made with
+   * (policy auto shrank its budget): its states are not what the keys name, nothing is stored
+   */
+  private storable = true;
+  /** stores sent and not awaited yet (settle()) */
+  private readonly pending: Promise<void>[] = [];
 
   constructor(
     private readonly c: Context<AppEnv>,
@@ -151,24 +187,75 @@ export class CacheUse<K extends CacheKeys = CacheKeys> {
     return this.looked.keys;
   }
 
+  /** An entry's bound: PKV_CACHE_MAX_ENTRY_BYTES and the tenant's cache_max_bytes, the smaller (0: nothing is stored). */
+  private get maxBytes(): number {
+    const tenant = this.c.get("tenantConfig")?.cache_max_bytes ?? CACHE_DEFAULTS.cache_max_bytes;
+    return Math.min(cacheMaxEntryBytes(this.c.env), tenant);
+  }
+
   /**
    * The first of the keys for `served` with a live entry; with their claim, nobody else building
-   * that document meanwhile. A claim of an earlier lookup (other keys) is released first.
+   * that document meanwhile (no claim when nothing can be stored: nobody would wait for nothing).
+   * A claim of an earlier lookup (other keys) is released first.
    */
   async lookup(served: Served): Promise<void> {
     await this.release();
     this.hit = null;
     const keys = await this.keysOf(served);
     this.looked = { served: { model: served.model, cache_fingerprint: served.cache_fingerprint }, keys };
-    if (keys.keys.length === 0) return;
+    await this.find(keys.keys, keys.claim);
+  }
+
+  /** cacheLookup of `keys` (claiming `claim` when it is one of them and anything can be stored). */
+  private async find(keys: string[], claim: string | undefined): Promise<void> {
+    this.hit = null;
+    if (keys.length === 0) return;
+    const asked = claim !== undefined && this.claimed === undefined && keys.includes(claim) && this.maxBytes > 0;
     try {
-      const r = await this.stub.cacheLookup(keys.keys, keys.claim);
+      const r = await this.stub.cacheLookup(keys, asked ? claim : undefined);
       this.hit = r.hit;
-      if (r.claimed) this.claimed = keys.claim;
+      if (asked && r.claimed) this.hold(claim);
     } catch (e) {
       console.warn(`prompt cache: lookup failed (a miss): ${failure(e)}`);
     }
   }
+
+  /** The claim of `key` is this request's: renewed every claimRenewal.timerMs until it ends. */
+  private hold(key: string): void {
+    this.claimed = key;
+    this.renewedMs = Date.now();
+    this.renewTimer = setInterval(() => this.renew(), claimRenewal.timerMs);
+  }
+
+  /** The claim ended (put, released, or gone): its renewals stop. */
+  private unhold(): string | undefined {
+    const key = this.claimed;
+    this.claimed = undefined;
+    if (this.renewTimer !== undefined) clearInterval(this.renewTimer);
+    this.renewTimer = undefined;
+    return key;
+  }
+
+  /** Renews the claim (not awaited; a claim gone meanwhile stops the renewals: the put or release still comes). */
+  private renew(): void {
+    const key = this.claimed;
+    if (key === undefined) return;
+    this.renewedMs = Date.now();
+    this.stub.cacheRenew(key).then(
+      (alive) => {
+        if (!alive && this.claimed === key && this.renewTimer !== undefined) {
+          clearInterval(this.renewTimer);
+          this.renewTimer = undefined;
+        }
+      },
+      (e: unknown) => console.warn(`prompt cache: renewal of ${key} failed: ${failure(e)}`),
+    );
+  }
+
+  /** An append's progress (the document being built): renews the claim, at most once per claimRenewal.progressMs. */
+  readonly progress = (_p: Progress): void => {
+    if (this.claimed !== undefined && Date.now() - this.renewedMs >= claimRenewal.progressMs) this.renew();
+  };
 
   /**
    * The lease's link: when its host makes states otherwise than the one looked up for (another
@@ -181,47 +268,70 @@ export class CacheUse<K extends CacheKeys = CacheKeys> {
   }
 
   /**
-   * Opens `session` from a copy of the hit (the host answers cache_miss when no copy can be had:
-   * the session is opened again from nothing, as a miss, and when the host says the state is
-   * missing or damaged the entry is forgotten). `promptBytes` of `fromHit` are those after the
-   * copy's messages, of `whole` all of them.
+   * Opens `session` from a copy of the hit, else from nothing. The host answers cache_miss when
+   * no copy can be had (when it says the state is missing or damaged the entry is forgotten): the
+   * keys after the missed one are looked up and the next hit opened, until none is left. A copy
+   * the host cannot take now (COPY_REFUSED) opens from nothing, the entry kept. `promptBytes(k)`:
+   * the bytes after a copy of k messages (0: all of them).
    */
   async open(
     session: string,
     kv: KvSettings,
     o: Omit<OpenOptions, "promptBytes" | "fromCache">,
-    bytes: { fromHit: number; whole: number },
+    promptBytes: (messages: number) => number,
   ) {
-    const hit = this.hit;
-    if (hit) {
+    for (let hit = this.hit; hit !== null; hit = this.hit) {
       try {
-        return await openSession(this.c, this.link, session, kv, {
+        const opened = await openSession(this.c, this.link, session, kv, {
           ...o,
-          promptBytes: bytes.fromHit,
+          promptBytes: promptBytes(hit.messages),
           fromCache: hit.key,
         });
+        this.granted(opened, kv);
+        return opened;
       } catch (e) {
-        if (!(e instanceof ApiError && e.code === "cache_miss")) throw e;
+        if (!(e instanceof ApiError) || (e.code !== "cache_miss" && !COPY_REFUSED.has(e.code ?? ""))) throw e;
+        if (e.code !== "cache_miss") {
+          console.warn(
+            `prompt cache: host ${this.link.host} could not take a copy of ${hit.key} now (${e.code}): ${e.message}`,
+          );
+          this.hit = null;
+          break;
+        }
         console.warn(`prompt cache: host ${this.link.host} had no copy of ${hit.key} (${e.reason}): ${e.message}`);
-        this.hit = null;
         // its object is gone or broken: later requests would pay the same miss (not so when the store was unreachable)
         if (e.reason !== undefined && FORGET_REASONS.has(e.reason))
           await this.stub.cacheForget(hit.key, hit.created_ms).catch((f: unknown) => {
             console.warn(`prompt cache: forgetting ${hit.key} failed: ${failure(f)}`);
           });
+        // the next shorter prefix cached (its document claimed when none is)
+        const { keys, claim } = this.keys;
+        await this.find(keys.slice(keys.indexOf(hit.key) + 1), claim);
       }
     }
-    return openSession(this.c, this.link, session, kv, { ...o, promptBytes: bytes.whole });
+    const opened = await openSession(this.c, this.link, session, kv, { ...o, promptBytes: promptBytes(0) });
+    this.granted(opened, kv);
+    return opened;
+  }
+
+  /** What the host granted: states of other settings than the keys' are not stored. */
+  private granted(opened: { method: string; budget: number }, kv: KvSettings): void {
+    this.storable = opened.method === kv.method && opened.budget === kv.budget;
+    if (!this.storable)
+      console.warn(
+        `prompt cache: the host opened ${opened.method}/${opened.budget} for ${kv.method}/${kv.budget} (policy auto): nothing stored`,
+      );
   }
 
   /**
    * Snapshots the session's state (after its pending work) as entry `key` (`messages` long) and
-   * records it; a failure leaves the entry absent (and releases the claim on it).
+   * records it; a failure leaves the entry absent (and releases the claim on it, not_stored).
+   * Resolves when the entry is recorded (or not); never rejects.
    */
   async store(session: string, key: string, kind: EntryKind, messages: number): Promise<void> {
     try {
-      const maxBytes = this.c.get("tenantConfig")?.cache_max_bytes ?? CACHE_DEFAULTS.cache_max_bytes;
-      if (maxBytes === 0) return; // the tenant keeps no cached state (finally: its claim released)
+      const maxBytes = this.maxBytes;
+      if (maxBytes === 0 || !this.storable) return; // nothing kept (finally: its claim released)
       const snap = await snapshot(this.link, session, key, maxBytes);
       await this.stub.cachePut(this.c.get("tenant"), {
         key,
@@ -232,20 +342,37 @@ export class CacheUse<K extends CacheKeys = CacheKeys> {
         bytes: snap.bytes,
         tokens: snap.tokens_seen,
       });
-      if (this.claimed === key) this.claimed = undefined; // the put resolved it
+      if (this.claimed === key) this.unhold(); // the put resolved it
     } catch (e) {
       console.warn(`prompt cache: ${kind} entry not stored: ${failure(e)}`);
     } finally {
-      if (this.claimed === key) await this.release();
+      if (this.claimed === key) await this.release("not_stored");
     }
   }
 
-  /** Gives up an unresolved claim (the request failed): those waiting for it look again. */
-  async release(): Promise<void> {
-    const key = this.claimed;
+  /**
+   * store() sent without awaiting it: the host takes the snapshot in the session's order (after
+   * the work sent before it, before the work sent after it) and uploads it outside that order, so
+   * the request goes on meanwhile. settle() awaits it (before the response ends: the link must stay
+   * open until the host's upload is done).
+   */
+  send(session: string, key: string, kind: EntryKind, messages: number): void {
+    this.pending.push(this.store(session, key, kind, messages));
+  }
+
+  /** Awaits the stores sent (send()). */
+  async settle(): Promise<void> {
+    while (this.pending.length > 0) await this.pending.shift();
+  }
+
+  /**
+   * Gives up an unresolved claim: "failed" (the request ended before it built the state: one of
+   * those waiting claims it) or "not_stored" (built but not kept: they all go on without it).
+   */
+  async release(outcome: ReleaseOutcome = "failed"): Promise<void> {
+    const key = this.unhold();
     if (key === undefined) return;
-    this.claimed = undefined;
-    await this.stub.cacheRelease(key).catch((e: unknown) => {
+    await this.stub.cacheRelease(key, outcome).catch((e: unknown) => {
       console.warn(`prompt cache: release of ${key} failed: ${failure(e)}`);
     });
   }
@@ -311,6 +438,9 @@ export async function chatKeys(env: Env, served: Served, kv: KvSettings, turns: 
   return { keys: await candidates(turns, chain), chain, split, ...(claim !== undefined ? { claim } : {}) };
 }
 
+/** done.reason of a generation ended by a stop string (docs/PROTOCOL.md: end, stop, length, cancelled). */
+const STOP_STRING = "stop";
+
 export interface CachedChat {
   /** the ephemeral session the lease opens and closes */
   session: string;
@@ -324,9 +454,11 @@ export interface CachedChat {
 /**
  * A chat completion through the cache on a lease (withCache, with chatKeys looked up): open (a
  * copy of the longest cached prefix, or nothing) → the document step when it applies and the
- * copy does not hold it already (snapshotted as a doc entry) → the rest with the generation
- * prompt → the answer, whose state is snapshotted as a reply entry before the response ends.
- * Resolves with the response (a stream holds the lease).
+ * copy does not hold it already (its snapshot sent, not awaited: the host takes it before the
+ * question's append and uploads it meanwhile) → the rest with the generation prompt → the answer,
+ * whose state is snapshotted as a reply entry (unless a stop string cut the answer: the state
+ * holds the stop string's tokens, which the client never saw) — both entries recorded before the
+ * response ends. Resolves with the response (a stream holds the lease).
  */
 export async function cachedChat(
   c: Context<AppEnv>,
@@ -337,37 +469,46 @@ export async function cachedChat(
   const { link } = lease;
   const { session, kv, turns } = chat;
   const { chain, split, claim: docKey } = cache.keys;
-  const opened = await cache.open(
-    session,
-    kv,
-    { ephemeral: true },
-    { fromHit: turnsBytes(turns.slice(cache.hit?.messages ?? 0)), whole: turnsBytes(turns) },
-  );
-  const hit = cache.hit;
-  let from = hit?.messages ?? 0;
-  const cachedTokens = hit ? (opened.tokens_seen ?? hit.tokens) : 0;
-  if (docKey !== undefined && from < split) {
-    await appendTurns(c.env, link, session, turns.slice(from, split), false, { param: "messages", maxTokens: 1 });
-    await cache.store(session, docKey, "doc", split);
-    from = split;
+  try {
+    const opened = await cache.open(session, kv, { ephemeral: true }, (k) => turnsBytes(turns.slice(k)));
+    const hit = cache.hit;
+    let from = hit?.messages ?? 0;
+    const cachedTokens = hit ? (opened.tokens_seen ?? hit.tokens) : 0;
+    if (docKey !== undefined && from < split) {
+      await appendTurns(c.env, link, session, turns.slice(from, split), false, {
+        param: "messages",
+        maxTokens: 1,
+        onProgress: cache.progress,
+      });
+      cache.send(session, docKey, "doc", split);
+      from = split;
+    }
+    const appended = await appendTurns(c.env, link, session, turns.slice(from), true, {
+      maxTokens: chat.sampling.max_tokens_asked ?? 1,
+      param: "messages",
+    });
+    const job: CompletionJob = {
+      lease,
+      session,
+      model: modelId(link.hello.model),
+      promptTokens: appended.tokens_seen,
+      cachedTokens,
+      sampling: chat.sampling,
+      includeUsage: chat.includeUsage,
+      // the turn's state, prompt and answer, under the key of its messages and the answer as the client got it
+      answered: async (answer, done) => {
+        if (done.reason !== STOP_STRING) {
+          const reply = await chainNext(chain[turns.length]!, { role: "assistant", content: answer });
+          cache.send(session, await entryKey(reply, "reply"), "reply", turns.length + 1);
+        }
+        await cache.settle();
+      },
+      // a generation that failed: the document's entry still recorded before the link closes
+      after: () => cache.settle(),
+    };
+    return chat.stream ? streamCompletion(job) : c.json(await wholeCompletion(job));
+  } catch (e) {
+    await cache.settle(); // the document built before the failure is kept
+    throw e;
   }
-  const appended = await appendTurns(c.env, link, session, turns.slice(from), true, {
-    maxTokens: chat.sampling.max_tokens_asked ?? 1,
-    param: "messages",
-  });
-  const job: CompletionJob = {
-    lease,
-    session,
-    model: modelId(link.hello.model),
-    promptTokens: appended.tokens_seen,
-    cachedTokens,
-    sampling: chat.sampling,
-    includeUsage: chat.includeUsage,
-    // the turn's state, prompt and answer, under the key of its messages and the answer as the client got it
-    answered: async (answer) => {
-      const reply = await chainNext(chain[turns.length]!, { role: "assistant", content: answer });
-      await cache.store(session, await entryKey(reply, "reply"), "reply", turns.length + 1);
-    },
-  };
-  return chat.stream ? streamCompletion(job) : c.json(await wholeCompletion(job));
 }

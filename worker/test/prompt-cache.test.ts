@@ -8,7 +8,9 @@
 import { ENGINE_DEFAULTS, type ToHostMessage } from "@pyramidkv/shared";
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
 
+import { claimRenewal } from "../src/prompt-cache.js";
 import { DEFAULT_SYSTEM } from "../src/routes/sessions.js";
+import { TenantState } from "../src/tenant.js";
 import { as, call, error, hostRow, makeTenant, readSse } from "./client.js";
 import { eventuallyAsync, FakeHost, type StateCache } from "./fake-host.js";
 
@@ -122,7 +124,8 @@ describe("a conversation continues a copy of its last turn", { timeout: 30_000 }
     expect(steps(ch1)).toEqual(["open_session", "append", "generate", "snapshot", "stats"]);
     expect(ofType(ch1, "open_session")[0]!.from_cache).toBeUndefined();
     const replyKey = await cacheKey("reply", [...t1, assistant(said(a))]);
-    expect(ofType(ch1, "snapshot")[0]).toMatchObject({ key: replyKey, max_bytes: 1 << 30 });
+    // an entry's bound: PKV_CACHE_MAX_ENTRY_BYTES (64 MiB), below the tenant's cache_max_bytes (1 GiB by default)
+    expect(ofType(ch1, "snapshot")[0]).toMatchObject({ key: replyKey, max_bytes: 64 * MiB });
 
     for (const h of hosts) h.reset();
     const t2 = [...t1, assistant(said(a)), user("And then?")];
@@ -444,5 +447,257 @@ describe("kv_cache", { timeout: 30_000 }, () => {
       }
     }
     expect(requests()).toHaveLength(0);
+  });
+});
+
+/** Records the calls of a TenantState RPC method while `f` runs (the method still runs). */
+async function spying<T>(method: "cacheLookup" | "cacheRelease" | "cacheRenew", f: (calls: unknown[][]) => Promise<T>) {
+  const proto = TenantState.prototype as unknown as Record<string, (...a: unknown[]) => unknown>;
+  const real = proto[method]!;
+  const calls: unknown[][] = [];
+  proto[method] = function (...a: unknown[]) {
+    calls.push(a);
+    return real.apply(this, a);
+  };
+  try {
+    return { result: await f(calls), calls };
+  } finally {
+    proto[method] = real;
+  }
+}
+
+/**
+ * Holds the fake hosts' document appends (add_generation_prompt false) until `n` have arrived
+ * (or `ms` passed): the most held at once says whether they ran concurrently.
+ */
+function holdDocuments(n: number, ms = 5_000) {
+  const held: (() => void)[] = [];
+  let most = 0;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const stop = () => {
+    if (timer !== undefined) clearTimeout(timer);
+  };
+  const flush = () => {
+    stop();
+    for (const go of held.splice(0)) go();
+  };
+  for (const h of [one, two])
+    h.on.append = (m, reply, ws) => {
+      const a = m as Frame<"append">;
+      if (a.add_generation_prompt !== false || a.more) return h.answer(m, reply, ws);
+      held.push(() => h.answer(m, reply, ws));
+      most = Math.max(most, held.length);
+      if (held.length >= n) flush();
+      else {
+        stop();
+        timer = setTimeout(flush, ms);
+      }
+    };
+  return { most: () => most };
+}
+
+describe("single flight when nothing is stored, and for long prefills", { timeout: 60_000 }, () => {
+  it("a tenant whose cache_max_bytes is 0 claims nothing: sessions on one document prefill at once", async () => {
+    const none = await makeTenant("pc-none-flight", { requests_per_minute: 10_000, cache_max_bytes: 0 });
+    const held = holdDocuments(2);
+    const body = { model: MODEL, document: doc("no claim") };
+    const { calls } = await spying("cacheLookup", async () => {
+      const rs = await Promise.all([0, 1].map(() => call("/v1/sessions", as(none, body))));
+      for (const r of rs) expect(r.status).toBe(201);
+    });
+    expect(held.most()).toBe(2);
+    expect(calls.map((a) => a[1])).toEqual([undefined, undefined]);
+    expect(requests().flatMap((ch) => ofType(ch, "snapshot"))).toHaveLength(0);
+  });
+
+  it("a document whose snapshot is too_large is released not_stored: the waiter goes on without the claim at once", async () => {
+    one.on.snapshot = two.on.snapshot = (m, reply) =>
+      reply({ type: "error", id: m.id, code: "too_large", message: "over max_bytes" });
+    const held = holdDocuments(2, 300);
+    const body = { model: MODEL, document: doc("too large, released") };
+    const docKey = await cacheKey("doc", [sys(DEFAULT_SYSTEM), user(body.document)]);
+    const { calls } = await spying("cacheRelease", async () => {
+      const rs = await Promise.all([0, 1].map(() => call("/v1/sessions", as(key, body))));
+      for (const r of rs) expect(r.status).toBe(201);
+    });
+    // the holder's release only: the waiter did not claim (it would have released too)
+    expect(calls).toEqual([[docKey, "not_stored"]]);
+    expect(held.most()).toBe(1);
+    expect(requests().flatMap((ch) => ofType(ch, "append"))).toHaveLength(2);
+  });
+
+  it("a request that fails before building its document releases its claim as failed", async () => {
+    for (const h of [one, two])
+      h.on.append = (m, reply, ws) => {
+        const a = m as Frame<"append">;
+        if (a.add_generation_prompt !== false) return h.answer(m, reply, ws);
+        reply({ type: "error", id: a.id, session: a.session, code: "context_full", message: "too long" });
+      };
+    const body = { model: MODEL, document: doc("failed build, released") };
+    const { calls } = await spying("cacheRelease", async () => {
+      expect((await call("/v1/sessions", as(key, body))).status).toBe(400);
+    });
+    expect(calls).toEqual([[await cacheKey("doc", [sys(DEFAULT_SYSTEM), user(body.document)]), "failed"]]);
+  });
+
+  it("the holder renews its claim on a timer while its document is built (no frames from the host), and stops when the claim ends", async () => {
+    const saved = { ...claimRenewal };
+    claimRenewal.timerMs = 50;
+    try {
+      for (const h of [one, two])
+        h.on.append = (m, reply, ws) => {
+          const a = m as Frame<"append">;
+          if (a.add_generation_prompt === false) setTimeout(() => h.answer(m, reply, ws), 600);
+          else h.answer(m, reply, ws);
+        };
+      const d = sys(doc("renewed on a timer"));
+      const { calls } = await spying("cacheRenew", async (calls) => {
+        await chat(key, [d, user("Q?")]);
+        const n = calls.length;
+        await new Promise((r) => setTimeout(r, 300));
+        expect(calls.length).toBe(n); // the claim ended with the put: no more renewals
+      });
+      expect(calls.length).toBeGreaterThanOrEqual(2);
+      expect(new Set(calls.map((a) => a[0]))).toEqual(new Set([await cacheKey("doc", [d])]));
+    } finally {
+      Object.assign(claimRenewal, saved);
+    }
+  });
+
+  it("the holder renews its claim on the document append's progress frames, throttled", async () => {
+    const saved = { ...claimRenewal };
+    claimRenewal.timerMs = 3_600_000;
+    claimRenewal.progressMs = 0;
+    try {
+      for (const h of [one, two])
+        h.on.append = (m, reply, ws) => {
+          const a = m as Frame<"append">;
+          if (a.add_generation_prompt !== false) return h.answer(m, reply, ws);
+          for (let i = 1; i <= 3; i++) reply({ type: "progress", id: a.id, session: a.session, done: i, total: 3 });
+          h.answer(m, reply, ws);
+        };
+      const d = sys(doc("renewed on progress"));
+      const { calls } = await spying("cacheRenew", () => chat(key, [d, user("Q?")]));
+      expect(calls.map((a) => a[0])).toEqual(Array(3).fill(await cacheKey("doc", [d])));
+      // throttled: progress within claimRenewal.progressMs of the last renewal renews nothing
+      claimRenewal.progressMs = 3_600_000;
+      for (const h of hosts) h.reset();
+      for (const h of [one, two])
+        h.on.append = (m, reply, ws) => {
+          const a = m as Frame<"append">;
+          if (a.add_generation_prompt !== false) return h.answer(m, reply, ws);
+          for (let i = 1; i <= 3; i++) reply({ type: "progress", id: a.id, session: a.session, done: i, total: 3 });
+          h.answer(m, reply, ws);
+        };
+      const again = await spying("cacheRenew", () => chat(key, [sys(doc("progress, throttled")), user("Q?")]));
+      expect(again.calls).toHaveLength(0);
+    } finally {
+      Object.assign(claimRenewal, saved);
+    }
+  });
+});
+
+describe("what is never stored, and copies the host cannot take", { timeout: 60_000 }, () => {
+  it("a session the host opened with a smaller budget than asked (policy auto) stores no entry", async () => {
+    for (const h of [one, two])
+      h.on.open_session = (m, reply, ws) => {
+        const o = m as Frame<"open_session">;
+        if (o.from_cache !== undefined) return h.answer(m, reply, ws);
+        h.answer({ ...o, budget: (o.budget ?? ENGINE_DEFAULTS.budget) / 2 }, reply, ws);
+      };
+    const d = sys(doc("shrunk"));
+    const a = await chat(key, [d, user("Q?")]);
+    expect(a.choices[0]!.finish_reason).toBe("stop");
+    expect(steps(only())).toEqual(["open_session", "append", "append", "generate", "stats"]);
+    for (const h of hosts) h.reset();
+    await chat(key, [d, user("Q2?")]);
+    expect(ofType(only(), "open_session")[0]!.from_cache).toBeUndefined();
+  });
+
+  it("a copy refused with quota_exceeded, pool_full, stored_quota_exceeded or checkpoint_failed opens from nothing; the entry is kept", async () => {
+    const t1 = [sys("Be brief."), user("Hi, refused copy")];
+    const a = said(await chat(key, t1));
+    const replyKey = await cacheKey("reply", [...t1, assistant(a)]);
+    const t2 = [...t1, assistant(a), user("And?")];
+    for (const code of ["quota_exceeded", "pool_full", "stored_quota_exceeded", "checkpoint_failed"]) {
+      for (const h of hosts) h.reset();
+      for (const h of [one, two])
+        h.on.open_session = (m, reply, ws) => {
+          const o = m as Frame<"open_session">;
+          if (o.from_cache === undefined) return h.answer(m, reply, ws);
+          reply({ type: "error", id: o.id, session: o.session, code, message: "no room for a copy" });
+        };
+      const b = await chat(key, t2);
+      expect(b.usage.prompt_tokens_details.cached_tokens).toBe(0);
+      expect(ofType(only(), "open_session").map((o) => o.from_cache)).toEqual([replyKey, undefined]);
+    }
+    for (const h of hosts) h.reset();
+    const c = await chat(key, t2);
+    expect(ofType(only(), "open_session").map((o) => o.from_cache)).toEqual([replyKey]);
+    expect(c.usage.prompt_tokens_details.cached_tokens).toBe(11);
+  });
+
+  it("an answer cut by a stop string stores no reply entry (its state holds the stop string's tokens)", async () => {
+    for (const h of [one, two])
+      h.on.generate = (m, reply) => {
+        const g = m as Frame<"generate">;
+        reply({ type: "token", id: g.id, session: g.session, tokens: [1], text: "Hello" });
+        reply({ type: "done", id: g.id, session: g.session, reason: "stop", new_tokens: 3, text: "Hello" });
+      };
+    const t1 = [sys("Be brief."), user("Hi, stopped")];
+    const a = await chat(key, t1, { stop: ["!"] });
+    expect(a.choices[0]!.finish_reason).toBe("stop");
+    expect(steps(only())).toEqual(["open_session", "append", "generate", "stats"]);
+  });
+});
+
+describe("snapshots off the critical path, and the next prefix after a miss", { timeout: 60_000 }, () => {
+  it("the document's snapshot is not awaited before the question's append, and is recorded before the response ends", async () => {
+    let questionWhileSnapshotPending = false;
+    let pending: (() => void) | undefined;
+    for (const h of [one, two]) {
+      h.on.snapshot = (m, reply, ws) => {
+        const go = () => h.answer(m, reply, ws);
+        if (pending !== undefined) return go(); // the reply's
+        pending = go;
+        setTimeout(() => pending?.(), 5_000); // (awaited before the append, the test fails below)
+      };
+      h.on.append = (m, reply, ws) => {
+        const a = m as Frame<"append">;
+        if (a.add_generation_prompt === true && pending !== undefined) {
+          questionWhileSnapshotPending = true;
+          const go = pending;
+          pending = () => {};
+          go();
+        }
+        h.answer(m, reply, ws);
+      };
+    }
+    const d = sys(doc("snapshot in the background"));
+    await chat(key, [d, user("Q?")]);
+    expect(questionWhileSnapshotPending).toBe(true);
+    // its entry exists when the response has ended
+    for (const h of hosts) h.reset();
+    const b = await chat(key, [d, user("Q2?")]);
+    expect(ofType(only(), "open_session")[0]!.from_cache).toBe(await cacheKey("doc", [d]));
+    expect(b.usage.prompt_tokens_details.cached_tokens).toBe(10);
+  });
+
+  it("after a cache_miss on the longest hit, the next cached prefix is opened (its document step from there)", async () => {
+    const d = sys(doc("next prefix"));
+    const a = said(await chat(key, [d, user("Q1?")]));
+    const reply3 = await cacheKey("reply", [d, user("Q1?"), assistant(a)]);
+    states.delete(`pc-a/${reply3}`); // no host can read the reply any more; the document's state is there
+    for (const h of hosts) h.reset();
+    const msgs = [d, user("Q1?"), assistant(a), user("Q2?")];
+    const b = await chat(key, msgs);
+    const ch = only();
+    expect(ofType(ch, "open_session").map((o) => o.from_cache)).toEqual([reply3, await cacheKey("doc", [d])]);
+    expect(ofType(ch, "append").map((f) => [f.messages, f.add_generation_prompt])).toEqual([
+      [[user("Q1?"), assistant(a)], false],
+      [[user("Q2?")], true],
+    ]);
+    expect(b.usage.prompt_tokens_details.cached_tokens).toBe(10);
+    expect(ofType(ch, "snapshot")[0]!.key).toBe(await cacheKey("doc", msgs.slice(0, 3)));
   });
 });

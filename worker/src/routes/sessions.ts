@@ -23,15 +23,7 @@ import { hostId } from "../host-id.js";
 import type { HostLink } from "../host-link.js";
 import { withHost } from "../host-lease.js";
 import { chains, entryKey, type Served, withCache } from "../prompt-cache.js";
-import {
-  type AppendOptions,
-  appendTurns,
-  checkMaxTokens,
-  modelId,
-  openSession,
-  randomId,
-  turnsBytes,
-} from "../serve.js";
+import { appendTurns, checkMaxTokens, modelId, openSession, type Progress, randomId, turnsBytes } from "../serve.js";
 import { REQUEST_MAX_MS, type SessionRecord } from "../tenant.js";
 import { jsonBody, messageRequest, resolveKv, resolveKvCache, sessionRequest } from "../validate.js";
 
@@ -142,7 +134,7 @@ sessions.post("/", jsonBody(sessionRequest), async (c) => {
     if (!(await stub.updateSession(id, { host: lease.link.host }))) throw unknownSession(id);
     // a copy is checkpointed by the host before it answers opened: it is as durable as a prefilled one
     const opened = cache
-      ? await cache.open(id, kv, {}, { fromHit: 0, whole: turnsBytes(turns) })
+      ? await cache.open(id, kv, {}, (k) => turnsBytes(turns.slice(k)))
       : await openSession(c, lease.link, id, kv, { promptBytes: turnsBytes(turns) });
     const cachedTokens = cache?.hit ? (opened.tokens_seen ?? cache.hit.tokens) : 0;
     const rec = await stub.updateSession(id, {
@@ -158,22 +150,35 @@ sessions.post("/", jsonBody(sessionRequest), async (c) => {
     const session = async () => ({ ...(await sessionObject(c.env, lease.link, rec)), cached_tokens: cachedTokens });
     // The document's turn stays closed: each question opens the assistant's turn after itself.
     const append = { param: "document", maxTokens: 1 };
-    const prefill = async (o: Partial<AppendOptions> = {}) => {
+    // the document's snapshot is sent after its prefill and awaited before the response ends
+    const prefill = async (onProgress?: (p: Progress) => void) => {
       if (cache?.hit) return;
-      await appendTurns(c.env, lease.link, id, turns, false, { ...append, ...o });
-      await cache?.store(id, cache.keys.claim, "doc", turns.length);
+      await appendTurns(c.env, lease.link, id, turns, false, {
+        ...append,
+        onProgress: (p) => {
+          cache?.progress(p); // the claim renewed while the document is prefilled
+          onProgress?.(p);
+        },
+      });
+      cache?.send(id, cache.keys.claim, "doc", turns.length);
     };
     if (!req.stream) {
-      await prefill();
-      return c.json(await session(), 201);
+      try {
+        await prefill();
+        return c.json(await session(), 201);
+      } finally {
+        await cache?.settle();
+      }
     }
     return lease.sse(async (sse) => {
       // a stream's claim is the stream's own (withCache leaves a held lease's claim to it)
       try {
-        await prefill({ onProgress: (p) => sse.event("progress", p) });
+        await prefill((p) => sse.event("progress", p));
         sse.event("session", await session());
+        await cache?.settle();
         sse.done();
       } finally {
+        await cache?.settle();
         await cache?.release();
       }
     });
