@@ -12,7 +12,8 @@
 //
 // Keys: a hash chain over the messages, seeded by the model and the compression, so that a key
 // names exactly one state (the same messages, model, method and budget):
-//   chain_0 = SHA-256("pkv-cache-v1\n" + JSON([model, method, budget]))
+//   chain_0 = SHA-256("pkv-cache-v1\n" + JSON([model, method, budget])), with the host's
+//             cache_fingerprint when it has one: JSON([model, method, budget, cache_fingerprint])
 //   chain_k = SHA-256(chain_{k-1} || JSON([role_k, content_k]))
 //   key(kind, k) = hex(SHA-256(chain_k || kind))
 import type { Context } from "hono";
@@ -76,17 +77,23 @@ async function sha256(...parts: Uint8Array[]): Promise<Uint8Array> {
   return new Uint8Array(await crypto.subtle.digest("SHA-256", all));
 }
 
-/** chain_0 of a model (hello.model) and the compression sent in open_session. */
-export const chainSeed = (model: string, kv: KvSettings): Promise<Uint8Array> =>
-  sha256(utf8.encode(`pkv-cache-v1\n${JSON.stringify([model, kv.method, kv.budget])}`));
+/**
+ * chain_0 of what the host serves (hello.model, and its cache_fingerprint when it says one: its
+ * state-making defaults, docs/HOST.md) and the compression sent in open_session.
+ */
+export const chainSeed = (served: Served, kv: KvSettings): Promise<Uint8Array> => {
+  const seed: (string | number)[] = [served.model, kv.method, kv.budget];
+  if (served.cache_fingerprint !== undefined) seed.push(served.cache_fingerprint);
+  return sha256(utf8.encode(`pkv-cache-v1\n${JSON.stringify(seed)}`));
+};
 
 /** chain_k from chain_{k-1} and message k. */
 export const chainNext = (prev: Uint8Array, t: Turn): Promise<Uint8Array> =>
   sha256(prev, utf8.encode(JSON.stringify([t.role, t.content])));
 
 /** chain_0 … chain_n of messages m_1 … m_n. */
-export async function chains(model: string, kv: KvSettings, turns: Turn[]): Promise<Uint8Array[]> {
-  const out = [await chainSeed(model, kv)];
+export async function chains(served: Served, kv: KvSettings, turns: Turn[]): Promise<Uint8Array[]> {
+  const out = [await chainSeed(served, kv)];
   for (const t of turns) out.push(await chainNext(out[out.length - 1]!, t));
   return out;
 }
@@ -430,7 +437,7 @@ export interface ChatKeys extends CacheKeys {
 
 /** The keys of a chat completion's messages `turns` on a host that serves `served`. */
 export async function chatKeys(env: Env, served: Served, kv: KvSettings, turns: Turn[]): Promise<ChatKeys> {
-  const chain = await chains(served.model, kv, turns);
+  const chain = await chains(served, kv, turns);
   let split = turns.length - 1;
   while (split > 0 && turns[split]!.role !== "user") split--;
   const docStep = split > 0 && turnsBytes(turns.slice(0, split)) >= cacheMinBytes(env);

@@ -76,10 +76,15 @@ async function sha(...parts: Uint8Array[]): Promise<Uint8Array> {
   return new Uint8Array(await crypto.subtle.digest("SHA-256", all));
 }
 type Msg = { role: string; content: string };
-async function cacheKey(kind: "doc" | "reply", messages: Msg[], model = MODEL_FILE): Promise<string> {
-  let chain = await sha(
-    utf8.encode(`pkv-cache-v1\n${JSON.stringify([model, ENGINE_DEFAULTS.method, ENGINE_DEFAULTS.budget])}`),
-  );
+/** A key as docs/WORKER.md defines it: chain_0 seeded by the model, the compression and the host's cache_fingerprint (null: the host says none). */
+async function cacheKey(
+  kind: "doc" | "reply",
+  messages: Msg[],
+  model = MODEL_FILE,
+  fingerprint: string | null = FINGERPRINT,
+): Promise<string> {
+  const seed = [model, ENGINE_DEFAULTS.method, ENGINE_DEFAULTS.budget, ...(fingerprint !== null ? [fingerprint] : [])];
+  let chain = await sha(utf8.encode(`pkv-cache-v1\n${JSON.stringify(seed)}`));
   for (const m of messages) chain = await sha(chain, utf8.encode(JSON.stringify([m.role, m.content])));
   return [...(await sha(chain, utf8.encode(kind)))].map((b) => b.toString(16).padStart(2, "0")).join("");
 }
@@ -241,7 +246,7 @@ describe("the host dialled serves another model than the peeked one", { timeout:
     expect(servedBy().host).toBe(ra);
     expect(servedBy().open.from_cache).toBe(reply1);
     // the document the first lookup claimed (under the other model's keys) was released
-    const otherDoc = await cacheKey("doc", t2.slice(0, 3), OTHER);
+    const otherDoc = await cacheKey("doc", t2.slice(0, 3), OTHER, null);
     expect(released).toEqual([otherDoc]);
     const claims = await runInDurableObject(env.TENANTS.get(env.TENANTS.idFromName(TENANT)), (state) => [
       ...(state as unknown as { cacheStore: { claims: Map<string, unknown> } }).cacheStore.claims.keys(),
@@ -273,6 +278,12 @@ describe("the host dialled makes states otherwise than the peeked one (cache_fin
     }
     expect(lookups).toBe(2);
     expect(servedBy().open.from_cache).toBe(await cacheKey("reply", [...t1, assistant(a1.answer)]));
+    // the fingerprint seeds the keys: the same messages under another host's fingerprint (or none) are no entry
+    const stub = env.TENANTS.get(env.TENANTS.idFromName(TENANT));
+    for (const fingerprint of ["cr-fingerprint-other", null])
+      expect(
+        (await stub.cacheLookup([await cacheKey("reply", [...t1, assistant(a1.answer)], MODEL_FILE, fingerprint)])).hit,
+      ).toBeNull();
   });
 });
 

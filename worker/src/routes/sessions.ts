@@ -124,7 +124,7 @@ sessions.post("/", jsonBody(sessionRequest), async (c) => {
   // begin with these two (prompt-cache.ts); one request builds it, the others start from copies
   // (on the host that stored it when it can take them).
   const keysOf = async (served: Served) => {
-    const docKey = await entryKey((await chains(served.model, kv, turns))[2]!, "doc");
+    const docKey = await entryKey((await chains(served, kv, turns))[2]!, "doc");
     return { keys: [docKey], claim: docKey };
   };
   return withCache(c, useCache, plan, keysOf, async (lease, cache) => {
