@@ -313,7 +313,9 @@ export class CacheUse<K extends CacheKeys = CacheKeys> {
           });
         // the next shorter prefix cached (its document claimed when none is)
         const { keys, claim } = this.keys;
-        await this.find(keys.slice(keys.indexOf(hit.key) + 1), claim);
+        const at = keys.indexOf(hit.key);
+        if (at < 0) this.hit = null;
+        else await this.find(keys.slice(at + 1), claim);
       }
     }
     const opened = await openSession(this.c, this.link, session, kv, { ...o, promptBytes: promptBytes(0) });
