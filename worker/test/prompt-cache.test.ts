@@ -470,7 +470,7 @@ async function spying<T>(method: "cacheLookup" | "cacheRelease" | "cacheRenew", 
  * Holds the fake hosts' document appends (add_generation_prompt false) until `n` have arrived
  * (or `ms` passed): the most held at once says whether they ran concurrently.
  */
-function holdDocuments(n: number, ms = 5_000) {
+function holdDocuments(n: number, ms = 15_000) {
   const held: (() => void)[] = [];
   let most = 0;
   let timer: ReturnType<typeof setTimeout> | undefined;
