@@ -3,8 +3,10 @@
 // (a copy of the longest cached prefix, only the new messages appended), the keys as docs/WORKER.md
 // defines them, cached_tokens, misses (a changed message, another tenant, a host without the copy),
 // one prefill per shared document, snapshot failures that fail nothing, kv_cache and its validation,
-// and the path with the cache off (or a 3.0 host) unchanged. Timeouts are generous (a loaded CI
-// box) and still below the 60 s that a claim never released would make a request wait.
+// and the path with the cache off (or a 3.0 host) unchanged; the review's fixes: claims released
+// "not_stored" / "failed" and renewed, entries never stored (another budget granted, a stop
+// string), copies the host cannot take, the document's snapshot off the question's path, the next
+// prefix after a miss. Timeouts are generous (a loaded CI box).
 import { ENGINE_DEFAULTS, type ToHostMessage } from "@pyramidkv/shared";
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
 
