@@ -6,7 +6,7 @@
 // whose state is missing or damaged forgets the entry (cacheForget). Fake hosts of protocol 3.1 share their cached states as hosts
 // share the edge's store; which host took a snapshot and which opened the copy is read from each
 // fake host's frames.
-import { ENGINE_DEFAULTS, type ToHostMessage } from "@pyramidkv/shared";
+import type { ToHostMessage } from "@pyramidkv/shared";
 import { runInDurableObject } from "cloudflare:test";
 import { env } from "cloudflare:workers";
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
@@ -14,7 +14,7 @@ import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
 import { hostId } from "../src/host-id.js";
 import { HostRegistry } from "../src/registry.js";
 import { TenantState } from "../src/tenant.js";
-import { as, call, hostRow, makeTenant } from "./client.js";
+import { as, call, contractKey, hostRow, type Msg, makeTenant } from "./client.js";
 import { eventuallyAsync, FakeHost, routingTable, type StateCache } from "./fake-host.js";
 
 const MODEL_FILE = "route-model.gguf";
@@ -64,30 +64,12 @@ beforeEach(async () => {
   }
 });
 
-// ---- the keys, written from the contract (docs/WORKER.md), not from prompt-cache.ts ----
-const utf8 = new TextEncoder();
-async function sha(...parts: Uint8Array[]): Promise<Uint8Array> {
-  const all = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let at = 0;
-  for (const p of parts) {
-    all.set(p, at);
-    at += p.length;
-  }
-  return new Uint8Array(await crypto.subtle.digest("SHA-256", all));
-}
-type Msg = { role: string; content: string };
-/** A key as docs/WORKER.md defines it: chain_0 seeded by the model, the compression and the host's cache_fingerprint (null: the host says none). */
-async function cacheKey(
+const cacheKey = (
   kind: "doc" | "reply",
   messages: Msg[],
   model = MODEL_FILE,
   fingerprint: string | null = FINGERPRINT,
-): Promise<string> {
-  const seed = [model, ENGINE_DEFAULTS.method, ENGINE_DEFAULTS.budget, ...(fingerprint !== null ? [fingerprint] : [])];
-  let chain = await sha(utf8.encode(`pkv-cache-v1\n${JSON.stringify(seed)}`));
-  for (const m of messages) chain = await sha(chain, utf8.encode(JSON.stringify([m.role, m.content])));
-  return [...(await sha(chain, utf8.encode(kind)))].map((b) => b.toString(16).padStart(2, "0")).join("");
-}
+) => contractKey(kind, messages, model, fingerprint);
 
 type Frame<T extends ToHostMessage["type"]> = Extract<ToHostMessage, { type: T }>;
 const ofType = <T extends ToHostMessage["type"]>(frames: ToHostMessage[], type: T) =>

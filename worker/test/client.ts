@@ -1,5 +1,6 @@
 // The worker as a client calls it in tests: requests to the app's default export, tenants and
 // keys made through the admin API, error bodies unpacked.
+import { ENGINE_DEFAULTS } from "@pyramidkv/shared";
 import { exports } from "cloudflare:workers";
 import { expect } from "vitest";
 
@@ -55,4 +56,29 @@ export async function* readSse(r: Response): AsyncGenerator<{ data: string }> {
       .map((l) => l.slice(6));
     if (data.length > 0) yield { data: data.join("\n") };
   }
+}
+
+// ---- prompt-cache keys, written from the contract (docs/WORKER.md), not from prompt-cache.ts ----
+const utf8 = new TextEncoder();
+async function sha(...parts: Uint8Array[]): Promise<Uint8Array> {
+  const all = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    all.set(p, at);
+    at += p.length;
+  }
+  return new Uint8Array(await crypto.subtle.digest("SHA-256", all));
+}
+export type Msg = { role: string; content: string };
+/** A key as docs/WORKER.md defines it: chain_0 seeded by the model, the engine's default compression and the host's cache_fingerprint (null: the host says none). */
+export async function contractKey(
+  kind: "doc" | "reply",
+  messages: Msg[],
+  model: string,
+  fingerprint: string | null = null,
+): Promise<string> {
+  const seed = [model, ENGINE_DEFAULTS.method, ENGINE_DEFAULTS.budget, ...(fingerprint !== null ? [fingerprint] : [])];
+  let chain = await sha(utf8.encode(`pkv-cache-v1\n${JSON.stringify(seed)}`));
+  for (const m of messages) chain = await sha(chain, utf8.encode(JSON.stringify([m.role, m.content])));
+  return [...(await sha(chain, utf8.encode(kind)))].map((b) => b.toString(16).padStart(2, "0")).join("");
 }

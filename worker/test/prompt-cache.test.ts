@@ -13,7 +13,7 @@ import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
 import { claimRenewal } from "../src/prompt-cache.js";
 import { DEFAULT_SYSTEM } from "../src/routes/sessions.js";
 import { TenantState } from "../src/tenant.js";
-import { as, call, error, hostRow, makeTenant, readSse } from "./client.js";
+import { as, call, contractKey, error, hostRow, type Msg, makeTenant, readSse } from "./client.js";
 import { eventuallyAsync, FakeHost, type StateCache } from "./fake-host.js";
 
 const MODEL_FILE = "cache-model.gguf";
@@ -58,25 +58,7 @@ beforeEach(async () => {
   }
 });
 
-// ---- the keys, written from the contract (docs/WORKER.md), not from prompt-cache.ts ----
-const utf8 = new TextEncoder();
-async function sha(...parts: Uint8Array[]): Promise<Uint8Array> {
-  const all = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let at = 0;
-  for (const p of parts) {
-    all.set(p, at);
-    at += p.length;
-  }
-  return new Uint8Array(await crypto.subtle.digest("SHA-256", all));
-}
-type Msg = { role: string; content: string };
-async function cacheKey(kind: "doc" | "reply", messages: Msg[], model = MODEL_FILE): Promise<string> {
-  let chain = await sha(
-    utf8.encode(`pkv-cache-v1\n${JSON.stringify([model, ENGINE_DEFAULTS.method, ENGINE_DEFAULTS.budget])}`),
-  );
-  for (const m of messages) chain = await sha(chain, utf8.encode(JSON.stringify([m.role, m.content])));
-  return [...(await sha(chain, utf8.encode(kind)))].map((b) => b.toString(16).padStart(2, "0")).join("");
-}
+const cacheKey = (kind: "doc" | "reply", messages: Msg[], model = MODEL_FILE) => contractKey(kind, messages, model);
 
 type Frame<T extends ToHostMessage["type"]> = Extract<ToHostMessage, { type: T }>;
 /** The frames of each request's channel (those that opened a session), on both hosts of the model. */

@@ -131,6 +131,11 @@ function remoteMeta(meta: StoredSessionMeta, identity: StateIdentity | undefined
   };
 }
 
+/** The meta a session's stored state carries (its checkpoint, an offload, a copy's first state). */
+export function storedMetaOf(s: HostSession): StoredSessionMeta {
+  return { tenant: s.tenant, session: s.id, params: s.params, tokens_seen: s.tokensSeen, kv_bytes: s.kv.steady };
+}
+
 export class Residency {
   /** cached states in host memory (snapshot, open_session.from_cache) */
   readonly snapshots: SnapshotMemory;
@@ -181,13 +186,7 @@ export class Residency {
    * and the local copy stays, newer than the edge's (the drain sends it later). */
   async save(s: HostSession, engine: StateEngine, strict = true): Promise<void> {
     const state = await saveFromEngine(engine, s.engineName);
-    const meta: StoredSessionMeta = {
-      tenant: s.tenant,
-      session: s.id,
-      params: s.params,
-      tokens_seen: s.tokensSeen,
-      kv_bytes: s.kv.steady,
-    };
+    const meta = storedMetaOf(s);
     await this.store.put(meta, state, this.options.maxStoredBytes?.(s.tenant));
     s.origin = undefined; // the store has its checkpoint now
     if (this.toRemote(s)) {
@@ -264,13 +263,7 @@ export class Residency {
     if (!this.toRemote(s) || s.resident || s.remoteSynced) return false;
     const state = await this.store.get(s.tenant, s.id);
     if (!state) return false;
-    const meta: StoredSessionMeta = {
-      tenant: s.tenant,
-      session: s.id,
-      params: s.params,
-      tokens_seen: s.tokensSeen,
-      kv_bytes: s.kv.steady,
-    };
+    const meta = storedMetaOf(s);
     await this.putRemote(s, meta, state, false);
     return true;
   }
@@ -415,42 +408,24 @@ export class Residency {
    * tenant's max_stored_bytes, nor adopted after a restart): those bytes are its checkpoint
    * (`origin`) until its first save. A failure leaves nothing of it in the engine or the store. */
   async openCopy(s: HostSession, state: Uint8Array): Promise<void> {
-    if (s.openedBy !== undefined) {
+    const ephemeral = s.openedBy !== undefined;
+    const meta = storedMetaOf(s);
+    if (ephemeral) {
       await this.store.delete(s.tenant, s.id); // a former session's of this id, if any (none: no write)
       s.origin = state;
-      try {
-        await this.ensureResident(s, 0);
-        s.kv.end();
-      } catch (e) {
-        if (s.resident) {
-          const engine = await this.engines.ready;
-          await engine.call({ type: "close", session: s.engineName }).catch(() => {});
-          s.kv.offloaded();
-        }
-        s.origin = undefined;
-        throw e;
-      }
-      return;
-    }
-    const meta: StoredSessionMeta = {
-      tenant: s.tenant,
-      session: s.id,
-      params: s.params,
-      tokens_seen: s.tokensSeen,
-      kv_bytes: s.kv.steady,
-    };
-    await this.store.put(meta, state, this.options.maxStoredBytes?.(s.tenant));
+    } else await this.store.put(meta, state, this.options.maxStoredBytes?.(s.tenant));
     try {
       await this.ensureResident(s, 0);
       s.kv.end();
-      if (this.toRemote(s)) await this.putRemote(s, meta, state);
+      if (!ephemeral && this.toRemote(s)) await this.putRemote(s, meta, state);
     } catch (e) {
       if (s.resident) {
         const engine = await this.engines.ready;
         await engine.call({ type: "close", session: s.engineName }).catch(() => {});
         s.kv.offloaded();
       }
-      await this.store.delete(s.tenant, s.id).catch(() => {});
+      if (ephemeral) s.origin = undefined;
+      else await this.store.delete(s.tenant, s.id).catch(() => {});
       throw e;
     }
   }

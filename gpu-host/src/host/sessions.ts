@@ -41,7 +41,7 @@ import type { LinkedHost, RemoteStore } from "./edge-link.js";
 import { type CacheMissReason, errorCode, HostError } from "./errors.js";
 import { hostLog } from "./log.js";
 import type { HostGauges, HostMetrics } from "./metrics.js";
-import { Residency, StateConflictError, saveFromEngine } from "./residency.js";
+import { Residency, StateConflictError, saveFromEngine, storedMetaOf } from "./residency.js";
 import { FairScheduler } from "./scheduler.js";
 import { HostSession, keyOf, type OpenParams, type Op, type Sink, type TokenLogprobs } from "./session.js";
 import { encodeStateFile, FORMAT_VERSION, StateStore, type StoredSessionMeta } from "./store.js";
@@ -676,16 +676,9 @@ export class SessionHost implements LinkedHost {
    * from the local store; one whose state is neither there (its checkpoint is the edge's only, or
    * it is reopened empty) is restored first. */
   private async stateNow(s: HostSession): Promise<{ meta: StoredSessionMeta; state: Uint8Array }> {
-    const metaOf = (): StoredSessionMeta => ({
-      tenant: s.tenant,
-      session: s.id,
-      params: s.params,
-      tokens_seen: s.tokensSeen,
-      kv_bytes: s.kv.steady,
-    });
     if (!s.resident) {
       const stored = s.reopen ? undefined : await this.residency.storedState(s);
-      if (stored) return { meta: metaOf(), state: stored };
+      if (stored) return { meta: storedMetaOf(s), state: stored };
       await this.residency.ensureResident(s, 0);
       s.kv.end();
     }
@@ -697,7 +690,7 @@ export class SessionHost implements LinkedHost {
     if (tokens !== s.tokensSeen) s.dirty = true; // the generation's last token, decoded by the save
     s.tokensSeen = tokens;
     s.kv.measure(st.kv_bytes ?? s.kv.steady);
-    return { meta: metaOf(), state };
+    return { meta: storedMetaOf(s), state };
   }
 
   /** The geometry a session of these parameters is sized with: its chunk, its KV type's entry. */
