@@ -218,17 +218,17 @@ int bench_pool_fit(const Flags & a);
 
 int cmd_bench(int argc, char ** argv) {
     Flags                          a;
-    const std::vector<std::string> valued = { "--model",          "--threads",      "--repetitions",
-                                              "--prefill",        "--depths",       "--budgets",
-                                              "--decode-tokens",  "--llama-bench",  "--llama-batched-bench",
-                                              "--device",         "--budget-depth", "--sessions",
-                                              "--prompt-len",     "--methods",      "--budget",
-                                              "--prefill-memory", "--chunk-size",   "--kv-pool-bytes",
-                                              "--pool-fit",       "--child",        "--decode-attention",
-                                              "--kv-type" };
+    const std::vector<std::string> valued = { "--model",          "--threads",        "--repetitions",
+                                              "--prefill",        "--depths",         "--budgets",
+                                              "--decode-tokens",  "--llama-bench",    "--llama-batched-bench",
+                                              "--device",         "--budget-depth",   "--sessions",
+                                              "--prompt-len",     "--methods",        "--budget",
+                                              "--prefill-memory", "--chunk-size",     "--kv-pool-bytes",
+                                              "--pool-fit",       "--child",          "--decode-attention",
+                                              "--kv-type",        "--prefill-budgets" };
     for (int i = 2; i < argc; ++i) {
         const std::string k = argv[i];
-        if (k == "--json" || k == "--no-repack" || k == "--profile") {
+        if (k == "--json" || k == "--no-repack" || k == "--profile" || k == "--no-graph-reuse") {
             a[k] = "1";
             continue;
         }
@@ -251,24 +251,29 @@ int bench_single(const Flags & a) {
     const std::vector<int> budgets      = int_list("--budgets", get("--budgets", "64,128,512"), 9);
     const int              budget_depth = int_list(
         "--budget-depth", get("--budget-depth", std::to_string(*std::max_element(depths.begin(), depths.end()))), 1)[0];
-    const int n_gen   = int_list("--decode-tokens", get("--decode-tokens", "32"), 1)[0];
-    const int reps    = int_list("--repetitions", get("--repetitions", "3"), 1)[0];
-    const int threads = int_list("--threads", get("--threads", std::to_string(default_threads())), 1)[0];
+    const int              n_gen   = int_list("--decode-tokens", get("--decode-tokens", "32"), 1)[0];
+    const int              reps    = int_list("--repetitions", get("--repetitions", "3"), 1)[0];
+    const int              threads = int_list("--threads", get("--threads", std::to_string(default_threads())), 1)[0];
+    const std::vector<int> prefill_budgets =
+        a.count("--prefill-budgets") ? int_list("--prefill-budgets", a.at("--prefill-budgets"), 9) : std::vector<int>{};
+    const int chunk = int_list("--chunk-size", get("--chunk-size", std::to_string(kDefaultChunkSize)), 0)[0];
 
     EngineOptions eo;
-    eo.model_path     = get("--model", default_model_path());
-    eo.n_threads      = threads;
-    eo.device         = get("--device", "auto");
-    eo.kv_type        = bench_kv_type(a);
-    eo.repack_weights = !a.count("--no-repack");
-    int longest       = std::max(*std::max_element(prefill.begin(), prefill.end()), budget_depth);
+    eo.model_path          = get("--model", default_model_path());
+    eo.n_threads           = threads;
+    eo.device              = get("--device", "auto");
+    eo.kv_type             = bench_kv_type(a);
+    eo.repack_weights      = !a.count("--no-repack");
+    eo.reuse_decode_graphs = !a.count("--no-graph-reuse");
+    int longest            = std::max(*std::max_element(prefill.begin(), prefill.end()), budget_depth);
     for (int d : depths) longest = std::max(longest, d);
-    eo.n_ctx = longest + n_gen * reps + 1;  // like llama-bench: the context is what the test needs
+    eo.n_ctx = longest + n_gen + 1;  // like llama-bench: the context is what the test needs
     {
-        size_t tokens = longest + 128;  // prefill rows, one at a time
-        for (int d : depths) tokens += d + n_gen * reps + 128;
-        for (int b : budgets) tokens += 2 * b + n_gen * reps + 128;
-        eo.kv_pool_tokens = tokens + budget_depth;
+        // The prefill rows one at a time; every depth's prefill, kept; one fork at a time.
+        size_t tokens = longest + 128 + budget_depth + 128;
+        for (int d : depths) tokens += d + 128;
+        tokens += longest + n_gen + 128;
+        eo.kv_pool_tokens = tokens;
     }
     Engine           engine(eo);
     const int        n_vocab = engine.config().n_vocab;
@@ -286,58 +291,71 @@ int bench_single(const Flags & a) {
         rows.push_back(r);
         std::fprintf(stderr, "[bench] %s %.1f tok/s\n", r.test.c_str(), median(r.samples));
     }
-    // Decode rows: every session is prefilled first (the budgets are forked from the FullKV
-    // prefill at --budget-depth, which equals compressing it independently), then repetitions run
-    // round-robin over the sessions, so a slow phase of the machine hits every row alike.
+    // --prefill-budgets: the same prefills with the default method at each budget, in chunks of
+    // --chunk-size (the serving default): each compression's window-score readback, pooling and
+    // top-k and its gather are in the row (with --profile: the read and compress phases).
+    for (int b : prefill_budgets) {
+        CompressionParams p;
+        p.budget = b;
+        for (int n : prefill) {
+            Row r;
+            r.test = "pp" + std::to_string(n), r.method = p.method, r.budget = b;
+            const std::vector<int32_t> toks = random_tokens(n, n_vocab, 1234 + n);
+            for (int rep = 0; rep < reps; ++rep) {
+                Session s(engine, p, chunk);
+                r.samples.push_back(n / profiled(r, 1, [&] { s.prefill(toks); }));
+            }
+            rows.push_back(r);
+            std::fprintf(stderr, "[bench] %s %s@%d %.1f tok/s\n", r.test.c_str(), p.method.c_str(), b,
+                         median(r.samples));
+        }
+    }
+    // Decode rows: every depth is prefilled once (keeping its scores, so it can be forked), and
+    // each repetition decodes n_gen tokens on a fresh fork of it, as llama-bench clears its cache
+    // and refills the depth before each repetition: every sample runs at the row's depth, not
+    // after the previous repetitions' tokens. The budget rows fork the prefill at --budget-depth
+    // with their budget (which equals compressing it independently). Repetitions run round-robin
+    // over the rows, so a slow phase of the machine hits every row alike; forks are not timed.
     struct DecodeRow {
-        Row                      row;
-        std::unique_ptr<Session> own;
-        Session *                s   = nullptr;
-        int32_t                  tok = 0;
+        Row               row;
+        const Session *   from = nullptr;
+        CompressionParams params;
     };
-    std::vector<DecodeRow> decode;
-    auto add_row = [&](int depth, const std::string & method, int budget, std::unique_ptr<Session> s) {
+    std::vector<DecodeRow>                decode;
+    std::vector<std::unique_ptr<Session>> prefilled;
+    auto                                  prefilled_at = [&](int depth) -> const Session * {
+        for (auto & s : prefilled)
+            if (s->stats().tokens_seen == std::max(depth, 1)) return s.get();
+        auto s = std::make_unique<Session>(engine, exact_params());
+        s->set_keep_scores(true);
+        // llama-bench starts a generation at depth 0 from one token; our prefill needs >= 1 token.
+        s->prefill(random_tokens(std::max(depth, 1), n_vocab, 99 + depth));
+        prefilled.push_back(std::move(s));
+        return prefilled.back().get();
+    };
+    auto add_row = [&](int depth, const CompressionParams & p) {
         DecodeRow d;
         d.row.test   = "tg" + std::to_string(n_gen) + "@d" + std::to_string(depth);
-        d.row.method = method, d.row.budget = budget;
-        d.own = std::move(s);
-        d.s   = d.own.get();
+        d.row.method = p.method, d.row.budget = compresses(p.method) ? p.budget : 0;
+        d.from = prefilled_at(depth), d.params = p;
         decode.push_back(std::move(d));
     };
-    for (int d : depths) {
-        auto s = std::make_unique<Session>(engine, exact_params());
-        if (d == budget_depth) s->set_keep_scores(true);
-        // llama-bench starts a generation at depth 0 from one token; our prefill needs >= 1 token.
-        s->prefill(random_tokens(std::max(d, 1), n_vocab, 99 + d));
-        add_row(d, exact_method().name, 0, std::move(s));
-    }
-    Session * source = nullptr;
-    for (auto & d : decode) {
-        if (d.row.test == "tg" + std::to_string(n_gen) + "@d" + std::to_string(budget_depth)) source = d.s;
-    }
-    std::unique_ptr<Session> own_source;
-    if (!source) {
-        own_source = std::make_unique<Session>(engine, exact_params());
-        own_source->set_keep_scores(true);
-        own_source->prefill(random_tokens(budget_depth, n_vocab, 99 + budget_depth));
-        source = own_source.get();
-    }
+    for (int d : depths) add_row(d, exact_params());
     for (int b : budgets) {
         CompressionParams p;  // the default method
         p.budget = b;
-        add_row(budget_depth, p.method, b, source->fork(p));
-    }
-    for (auto & d : decode) {
-        d.row.kv_mib = d.s->stats().kv_bytes / 1048576.0;
-        d.s->reserve(n_gen * reps);
-        d.tok = argmax(d.s->logits());
+        add_row(budget_depth, p);
     }
     for (int rep = 0; rep < reps; ++rep) {
         for (auto & d : decode) {
+            std::unique_ptr<Session> s = d.from->fork(d.params);
+            s->reserve(n_gen);
+            d.row.kv_mib = s->stats().kv_bytes / 1048576.0;
+            int32_t tok  = argmax(s->logits());
             d.row.samples.push_back(n_gen / profiled(d.row, n_gen, [&] {
                                         for (int i = 0; i < n_gen; ++i) {
-                                            d.s->decode(d.tok);
-                                            d.tok = argmax(d.s->logits());
+                                            s->decode(tok);
+                                            tok = argmax(s->logits());
                                         }
                                     }));
         }
@@ -435,10 +453,12 @@ int bench_sessions(const Flags & a) {
     // one run (the before/after of docs/BENCHMARKS.md).
     std::vector<DecodeAttention> layouts;
     {
-        const std::string l = flag(a, "--decode-attention", "batched");
+        const std::string l = flag(a, "--decode-attention", "auto");
+        if (l == "auto") layouts.push_back(DecodeAttention::automatic);
         if (l == "batched" || l == "both") layouts.push_back(DecodeAttention::batched);
         if (l == "per-session" || l == "both") layouts.push_back(DecodeAttention::per_session);
-        if (layouts.empty()) throw Error("--decode-attention", "'" + l + "' is not one of batched, per-session, both");
+        if (layouts.empty())
+            throw Error("--decode-attention", "'" + l + "' is not one of auto, batched, per-session, both");
     }
     auto layout_name = [](DecodeAttention l) { return l == DecodeAttention::batched ? "batched" : "per-session"; };
     std::vector<std::string> methods;
@@ -452,16 +472,20 @@ int bench_sessions(const Flags & a) {
     }
     const int     most = *std::max_element(counts.begin(), counts.end());
     EngineOptions eo;
-    eo.model_path     = flag(a, "--model", default_model_path());
-    eo.n_threads      = threads;
-    eo.device         = flag(a, "--device", "auto");
-    eo.kv_type        = bench_kv_type(a);
-    eo.repack_weights = !a.count("--no-repack");
-    eo.n_ctx          = n + n_gen + 1;
-    eo.kv_pool_bytes  = a.count("--kv-pool-bytes") ? std::stoull(a.at("--kv-pool-bytes")) : 0;
+    eo.model_path          = flag(a, "--model", default_model_path());
+    eo.n_threads           = threads;
+    eo.device              = flag(a, "--device", "auto");
+    eo.kv_type             = bench_kv_type(a);
+    eo.repack_weights      = !a.count("--no-repack");
+    eo.reuse_decode_graphs = !a.count("--no-graph-reuse");
+    eo.n_ctx               = n + n_gen + 1;
+    eo.kv_pool_bytes       = a.count("--kv-pool-bytes") ? std::stoull(a.at("--kv-pool-bytes")) : 0;
     // FullKV for every session plus the source prefill, with page and growth slack.
     eo.kv_pool_tokens = (size_t) (most + 1) * (n + n / 8 + n_gen + 128);
     Engine engine(eo);
+    for (DecodeAttention & l : layouts) {  // auto: the layout the engine picked for its backend
+        if (l == DecodeAttention::automatic) l = engine.options().decode_attention;
+    }
     std::fprintf(stderr, "[bench] pool %.2f GiB, prefill %d tokens once\n",
                  engine.pool().capacity_bytes() / 1073741824.0, n);
     Session source(engine, exact_params());
@@ -613,12 +637,13 @@ int bench_prefill_memory(const Flags & a) {
     }
     const int     n = lengths[0];
     EngineOptions eo;
-    eo.model_path     = model;
-    eo.n_threads      = threads;
-    eo.device         = flag(a, "--device", "auto");
-    eo.kv_type        = bench_kv_type(a);
-    eo.repack_weights = !a.count("--no-repack");
-    eo.n_ctx          = n + 1;
+    eo.model_path          = model;
+    eo.n_threads           = threads;
+    eo.device              = flag(a, "--device", "auto");
+    eo.kv_type             = bench_kv_type(a);
+    eo.repack_weights      = !a.count("--no-repack");
+    eo.reuse_decode_graphs = !a.count("--no-graph-reuse");
+    eo.n_ctx               = n + 1;
     // budget + chunk per layer, plus page and growth slack: the bound chunked prefill promises
     // (the largest pyramid layer keeps up to 2 × budget)
     eo.kv_pool_tokens = (size_t) (chunk > 0 ? 2 * budget + chunk + eo.n_ubatch : n) + 256;
@@ -639,13 +664,14 @@ int bench_pool_fit(const Flags & a) {
     const int     budget = int_list("--budget", flag(a, "--budget", "128"), 9)[0];
     const size_t  pool   = a.count("--kv-pool-bytes") ? std::stoull(a.at("--kv-pool-bytes")) : (size_t) 1 << 30;
     EngineOptions eo;
-    eo.model_path     = flag(a, "--model", default_model_path());
-    eo.n_threads      = int_list("--threads", flag(a, "--threads", std::to_string(default_threads())), 1)[0];
-    eo.device         = flag(a, "--device", "auto");
-    eo.kv_type        = bench_kv_type(a);
-    eo.repack_weights = !a.count("--no-repack");
-    eo.n_ctx          = n + 1;
-    eo.kv_pool_bytes  = pool;
+    eo.model_path          = flag(a, "--model", default_model_path());
+    eo.n_threads           = int_list("--threads", flag(a, "--threads", std::to_string(default_threads())), 1)[0];
+    eo.device              = flag(a, "--device", "auto");
+    eo.kv_type             = bench_kv_type(a);
+    eo.repack_weights      = !a.count("--no-repack");
+    eo.reuse_decode_graphs = !a.count("--no-graph-reuse");
+    eo.n_ctx               = n + 1;
+    eo.kv_pool_bytes       = pool;
     Engine  engine(eo);
     Session source(engine, exact_params());
     source.set_keep_scores(true);

@@ -82,10 +82,24 @@ Engine::Engine(const EngineOptions & opt) : opt_(opt) {
         ggml_backend_free(backend_);
         throw;
     }
+    set_decode_attention(opt_.decode_attention);
     galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
 }
 
+void Engine::set_decode_attention(DecodeAttention a) {
+    // On a CPU the batched gather's copies cost more than the kernels they save (docs/BENCHMARKS.md
+    // "Serving": 4k PyramidKV@128 sessions decode faster one kernel each, and every such step can
+    // reuse its graph); on a GPU a kernel is a launch, and one per layer is the point.
+    if (a == DecodeAttention::automatic) {
+        ggml_backend_dev_t dev = ggml_backend_get_device(backend_);
+        a = dev && ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU ? DecodeAttention::per_session
+                                                                              : DecodeAttention::batched;
+    }
+    opt_.decode_attention = a;
+}
+
 Engine::~Engine() {
+    drop_kept();
     ggml_gallocr_free(galloc_);
     pool_.reset();
     model_.reset();
@@ -94,11 +108,12 @@ Engine::~Engine() {
 
 std::string Engine::device_name() const { return ggml_backend_name(backend_); }
 
-Engine::Graph Engine::begin_graph(int min_nodes) {
-    const int    n_nodes = std::max(kGraphSize, min_nodes);
-    const size_t meta    = ggml_tensor_overhead() * n_nodes + ggml_graph_overhead_custom(n_nodes, false);
-    if (graph_meta_.size() < meta) graph_meta_.resize(meta);
-    ggml_init_params ip{ graph_meta_.size(), graph_meta_.data(), /*no_alloc=*/true };
+Engine::Graph Engine::begin_graph(int min_nodes, std::vector<uint8_t> * meta) {
+    std::vector<uint8_t> & mem     = meta ? *meta : graph_meta_;
+    const int              n_nodes = std::max(kGraphSize, min_nodes);
+    const size_t           bytes   = ggml_tensor_overhead() * n_nodes + ggml_graph_overhead_custom(n_nodes, false);
+    if (mem.size() < bytes) mem.resize(bytes);
+    ggml_init_params ip{ mem.size(), mem.data(), /*no_alloc=*/true };
     ggml_context *   ctx = ggml_init(ip);
     return { ctx, ggml_new_graph_custom(ctx, n_nodes, false) };
 }
@@ -111,10 +126,16 @@ void Engine::allocate(Graph & g) {
         ggml_free(g.ctx);
         throw;
     }
+    ++allocations_;  // from here on a kept decode graph's intermediate tensors may have moved
     if (!ggml_gallocr_alloc_graph(galloc_, g.gf)) {
         ggml_free(g.ctx);
         throw Error("engine", "cannot allocate the compute graph");
     }
+}
+
+void Engine::drop_kept() {
+    if (kept_.valid) ggml_free(kept_.fg.g.ctx);
+    kept_ = KeptDecode{};
 }
 
 void Engine::compute(Graph & g) {
@@ -169,15 +190,47 @@ void Engine::decode_batch(const std::vector<Session *> & sessions, const std::ve
 // share it; n_total is the number of tokens of all items together.
 
 Engine::ForwardScores Engine::forward(const std::vector<ForwardItem> & items, const ForwardOptions & fo) {
-    ForwardGraph fg = build_forward(items, fo);
-    last_graph_     = GraphStats{ ggml_graph_n_nodes(fg.g.gf), 0 };
-    for (int i = 0; i < last_graph_.nodes; ++i) {
-        if (ggml_graph_node(fg.g.gf, i)->op == GGML_OP_FLASH_ATTN_EXT) ++last_graph_.attention_nodes;
+    auto stats_of = [](const ForwardGraph & g) {
+        GraphStats st{ ggml_graph_n_nodes(g.g.gf), 0 };
+        for (int i = 0; i < st.nodes; ++i) {
+            if (ggml_graph_node(g.g.gf, i)->op == GGML_OP_FLASH_ATTN_EXT) ++st.attention_nodes;
+        }
+        return st;
+    };
+    // A decode step runs the kept graph when it fits (only its inputs change), else builds one,
+    // which it keeps when the next steps can reuse it (docs/ENGINE.md "Graph reuse").
+    const bool     reusable = reusable_decode(items, fo);
+    ForwardGraph   own;
+    ForwardGraph * fg = &own;
+    if (reusable && decode_graph_fits(items)) {
+        fg = &kept_.fg;
+    } else if (reusable) {
+        drop_kept();  // its tensors live in kept_meta_, which the new graph takes
+        ForwardGraph built = build_forward(items, fo, /*headroom=*/true);
+        ++graphs_built_;
+        allocate(built.g);  // frees the graph when it throws
+        kept_.fg         = std::move(built);
+        kept_.type       = items[0].session->kv_type();
+        kept_.allocation = allocations_;
+        kept_.stats      = stats_of(kept_.fg);
+        kept_.valid      = true;
+        fg               = &kept_.fg;
+    } else {
+        own = build_forward(items, fo);
+        ++graphs_built_;
+        allocate(own.g);
     }
-    allocate(fg.g);
-    std::vector<float>  logits;
-    const ForwardScores scores = run_forward(fg, items, logits);
-    ggml_free(fg.g.ctx);
+    last_graph_ = fg == &kept_.fg ? kept_.stats : stats_of(own);
+    std::vector<float> logits;
+    ForwardScores      scores;
+    try {
+        scores = run_forward(*fg, items, logits);
+    } catch (...) {
+        if (fg == &own) ggml_free(own.g.ctx);
+        else drop_kept();
+        throw;
+    }
+    if (fg == &own) ggml_free(own.g.ctx);
 
     const int n_vocab = config().n_vocab;
     for (size_t b = 0; b < items.size(); ++b) {
@@ -188,7 +241,46 @@ Engine::ForwardScores Engine::forward(const std::vector<ForwardItem> & items, co
     return scores;
 }
 
-Engine::ForwardGraph Engine::build_forward(const std::vector<ForwardItem> & items, const ForwardOptions & fo) {
+std::vector<int> Engine::batch_members(const std::vector<ForwardItem> & items, int il) const {
+    std::vector<int> members;
+    if (items.size() < 2 || opt_.decode_attention != DecodeAttention::batched) return members;
+    for (int b = 0; b < (int) items.size(); ++b) {
+        const int n_kv = items[b].session->size_[il] + items[b].n_tokens;
+        if (items[b].n_tokens == 1 && n_kv < kOwnKernelKv) members.push_back(b);
+    }
+    if (members.size() < 2) members.clear();  // one session gains nothing from a gather
+    return members;
+}
+
+bool Engine::reusable_decode(const std::vector<ForwardItem> & items, const ForwardOptions & fo) const {
+    if (!opt_.reuse_decode_graphs || !fo.want_logits || fo.window_probs > 0 || fo.accumulate_probs) return false;
+    for (const ForwardItem & it : items) {
+        if (it.n_tokens != 1 || it.session->kv_type() != items[0].session->kv_type()) return false;
+    }
+    for (int il = 0; il < config().n_layer; ++il) {
+        if (!batch_members(items, il).empty()) return false;
+    }
+    return true;
+}
+
+bool Engine::decode_graph_fits(const std::vector<ForwardItem> & items) const {
+    if (!kept_.valid || kept_.allocation != allocations_ || kept_.type != items[0].session->kv_type()) return false;
+    if (kept_.fg.view_kv.empty() || kept_.fg.view_kv[0].size() != items.size()) return false;
+    for (int il = 0; il < config().n_layer; ++il) {
+        for (size_t b = 0; b < items.size(); ++b) {
+            const Session & s    = *items[b].session;
+            const int       n_kv = s.size_[il] + 1;
+            const int       view = kept_.fg.view_kv[il][b];
+            if (pool_->first_slot(s.pages_[il]) != kept_.fg.view_first[il][b] || n_kv > view) return false;
+            // A view at or past kOwnKernelKv has no headroom: ggml's kernel depends on its length.
+            if (view >= kOwnKernelKv && view != n_kv) return false;
+        }
+    }
+    return true;
+}
+
+Engine::ForwardGraph Engine::build_forward(const std::vector<ForwardItem> & items, const ForwardOptions & fo,
+                                           bool headroom) {
     profile::Scope      scope(profile::Phase::build);
     const ModelConfig & c       = config();
     const Model &       m       = *model_;
@@ -197,7 +289,12 @@ Engine::ForwardGraph Engine::build_forward(const std::vector<ForwardItem> & item
     for (const ForwardItem & it : items) n_total += it.n_tokens;
     ForwardGraph fg;
     // Every item that attends on its own adds a handful of nodes per layer (views, kernel, join).
-    fg.g               = begin_graph(4096 + c.n_layer * (64 + 8 * n_items));
+    fg.g        = begin_graph(4096 + c.n_layer * (64 + 8 * n_items), headroom ? &kept_meta_ : nullptr);
+    fg.headroom = headroom;
+    if (headroom) {
+        fg.view_first.assign(c.n_layer, std::vector<int64_t>(n_items));
+        fg.view_kv.assign(c.n_layer, std::vector<int>(n_items));
+    }
     ggml_context * ctx = fg.g.ctx;
 
     fg.tokens    = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_total);
@@ -302,16 +399,8 @@ ggml_tensor * Engine::build_attention(ForwardGraph & fg, const std::vector<Forwa
     for (int b = 1; b < n_items; ++b) offsets[b] = offsets[b - 1] + items[b - 1].n_tokens;
 
     BatchedAttention ba;
-    if (n_items > 1 && opt_.decode_attention == DecodeAttention::batched) {
-        for (int b = 0; b < n_items; ++b) {
-            const int n_kv = items[b].session->size_[il] + items[b].n_tokens;
-            if (items[b].n_tokens == 1 && n_kv < kOwnKernelKv) {
-                ba.items.push_back(b);
-                ba.max_kv = std::max(ba.max_kv, n_kv);
-            }
-        }
-        if (ba.items.size() < 2) ba = BatchedAttention{};  // one session gains nothing from a gather
-    }
+    ba.items = batch_members(items, il);
+    for (int b : ba.items) ba.max_kv = std::max(ba.max_kv, items[b].session->size_[il] + 1);
 
     std::vector<ggml_tensor *> parts;  // [n_head * head_dim, n_tok] per kernel: the batch first, then the others
     std::vector<int32_t>       order;  // item of each column of the joined parts
@@ -355,16 +444,29 @@ ggml_tensor * Engine::build_attention(ForwardGraph & fg, const std::vector<Forwa
         const int       stored = s.size_[il];
         const int       n_kv   = stored + n_tok;
         const size_t    first  = (size_t) pool_->first_slot(s.pages_[il]);
-        // This session's entries: a strided view of its pages, [head_dim, n_kv, n_head_kv].
+        // A reusable decode graph's view covers the next steps' entries too (masked until they
+        // are written), up to the pool's end and short of ggml's split kernel.
+        int n_view = n_kv;
+        if (fg.headroom && n_kv < kOwnKernelKv) {
+            n_view = (int) std::min<int64_t>(
+                { (int64_t) n_kv + kDecodeHeadroom, kOwnKernelKv - 1, kc->ne[1] - (int64_t) first });
+        }
+        // This session's entries: a strided view of its pages, [head_dim, n_view, n_head_kv].
         ggml_tensor * kview =
-            ggml_view_3d(ctx, kc, c.head_dim, n_kv, c.n_head_kv, kc->nb[1], kc->nb[2], first * kc->nb[1]);
+            ggml_view_3d(ctx, kc, c.head_dim, n_view, c.n_head_kv, kc->nb[1], kc->nb[2], first * kc->nb[1]);
         ggml_tensor * vview =
-            ggml_view_3d(ctx, vc, c.head_dim, n_kv, c.n_head_kv, vc->nb[1], vc->nb[2], first * vc->nb[1]);
+            ggml_view_3d(ctx, vc, c.head_dim, n_view, c.n_head_kv, vc->nb[1], vc->nb[2], first * vc->nb[1]);
         // This item's queries, [head_dim, n_tok, n_head].
         ggml_tensor * qb =
             n_items == 1 ? q : ggml_view_3d(ctx, q, c.head_dim, n_tok, c.n_head, q->nb[1], q->nb[2], offset * q->nb[1]);
         ggml_tensor * mask = nullptr;
-        if (n_tok > 1) {
+        if (fg.headroom) {
+            fg.view_first[il][b] = (int64_t) first;
+            fg.view_kv[il][b]    = n_view;
+            mask                 = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, n_view, 1);
+            ggml_set_input(mask);
+            fg.view_masks[{ b, il }] = mask;
+        } else if (n_tok > 1) {
             ggml_tensor *& t = fg.masks[{ b, stored }];
             if (!t) {
                 t = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, n_kv, n_tok);
@@ -377,7 +479,7 @@ ggml_tensor * Engine::build_attention(ForwardGraph & fg, const std::vector<Forwa
         ggml_prec_set_acc(attn, GGML_PREC_F32);
         parts.push_back(ggml_reshape_2d(ctx, attn, c.head_dim * c.n_head, n_tok));  // [n_head * head_dim, n_tok]
         for (int i = 0; i < n_tok; ++i) order.push_back(offset + i);
-        if (n_items == 1) build_scores(fg, fo, il, qb, kview, mask);
+        if (n_items == 1 && !fg.headroom) build_scores(fg, fo, il, qb, kview, mask);
     }
     ggml_tensor * out = concat_columns(ctx, parts);  // [n_head * head_dim, n_total], token `order[i]` in column i
     if (!std::is_sorted(order.begin(), order.end())) {
@@ -459,6 +561,13 @@ Engine::ForwardScores Engine::run_forward(ForwardGraph & fg, const std::vector<F
         for (int i = 0; i < n_tok; ++i) {
             for (int j = stored + i + 1; j < n_kv; ++j) mask[(size_t) i * n_kv + j] = neg_inf;
         }
+        ggml_backend_tensor_set(t, mask.data(), 0, ggml_nbytes(t));
+    }
+    // A reusable decode graph's views: the entries held (the new one included), then headroom.
+    for (auto & [key, t] : fg.view_masks) {
+        const int n_kv = items[key.first].session->size_[key.second] + 1;
+        mask.assign((size_t) t->ne[0], neg_inf);
+        std::fill(mask.begin(), mask.begin() + n_kv, zero);
         ggml_backend_tensor_set(t, mask.data(), 0, ggml_nbytes(t));
     }
     // The batched attention of each layer: every session's slots (padding repeats its last, which

@@ -17,22 +17,24 @@ namespace pkv {
 
 // How a decode step over several sessions attends (docs/ENGINE.md "Batched decode").
 enum class DecodeAttention {
+    automatic,    // per backend, as measured: per_session on a CPU, batched on any other device
     batched,      // one flash attention per layer for every short session (gathered, padded, masked)
-    per_session,  // one flash attention per session and layer (up to 0.6; kept for the benchmark)
+    per_session,  // one flash attention per session and layer (every graph reusable)
 };
 
 struct EngineOptions {
     std::string     model_path;
-    int             n_threads        = 0;            // 0: all cores
-    std::string     device           = "auto";       // auto | cpu | gpu
-    int             n_ubatch         = 512;          // prompt tokens per graph evaluation
-    int             n_ctx            = 0;            // longest session in tokens; 0: the model's training context
-    size_t          kv_pool_bytes    = 0;            // pool capacity; 0: see kv_pool_tokens
-    size_t          kv_pool_tokens   = 0;            // pool capacity as entries per layer (when bytes is 0);
-                                                     // both 0: one FullKV session of n_ctx tokens + one ubatch
-    KvType          kv_type          = KvType::F16;  // storage type of a session's entries unless it asks
-    DecodeAttention decode_attention = DecodeAttention::batched;
-    bool            repack_weights   = true;  // false: weights in the plain buffer (--no-repack)
+    int             n_threads           = 0;            // 0: all cores
+    std::string     device              = "auto";       // auto | cpu | gpu
+    int             n_ubatch            = 512;          // prompt tokens per graph evaluation
+    int             n_ctx               = 0;            // longest session in tokens; 0: the model's training context
+    size_t          kv_pool_bytes       = 0;            // pool capacity; 0: see kv_pool_tokens
+    size_t          kv_pool_tokens      = 0;            // pool capacity as entries per layer (when bytes is 0);
+                                                        // both 0: one FullKV session of n_ctx tokens + one ubatch
+    KvType          kv_type             = KvType::F16;  // storage type of a session's entries unless it asks
+    DecodeAttention decode_attention    = DecodeAttention::automatic;  // resolved when the engine starts
+    bool            repack_weights      = true;  // false: weights in the plain buffer (--no-repack)
+    bool            reuse_decode_graphs = true;  // false: every decode step builds its graph (bench --no-graph-reuse)
 };
 
 // A decode step's session whose layer holds this many entries or more attends over its own pages
@@ -40,6 +42,11 @@ struct EngineOptions {
 // single query across threads from 512 keys on (with f16 partial sums, so a batched row would
 // round differently than the session alone), and a long session would pad every other one.
 constexpr int kOwnKernelKv = 512;
+
+// Decode graphs are reused (docs/ENGINE.md "Graph reuse"): a session's per-layer view covers this
+// many entries more than it holds, masked, so the next steps fit the same graph; never up to
+// kOwnKernelKv, where ggml would switch to its split kernel and round differently.
+constexpr int kDecodeHeadroom = 64;
 
 class Session;
 
@@ -70,7 +77,8 @@ class Engine {
     // logits() hold its next-token logits.
     void decode_batch(const std::vector<Session *> & sessions, const std::vector<int32_t> & tokens);
     // The benchmark compares the layouts in one process.
-    void set_decode_attention(DecodeAttention a) { opt_.decode_attention = a; }
+    // `automatic` picks the backend's layout (options() then holds the layout picked).
+    void set_decode_attention(DecodeAttention a);
 
     // The shape of the last forward (after decode_batch: of the step, summed over its graphs, one
     // per KV type present): its nodes and how many of them are flash attentions.
@@ -79,12 +87,16 @@ class Engine {
         int attention_nodes = 0;
     };
     const GraphStats & last_graph() const { return last_graph_; }
+    // Forward graphs built so far (a reused decode step builds none).
+    uint64_t graphs_built() const { return graphs_built_; }
 
     struct Graph {
         ggml_context * ctx;
         ggml_cgraph *  gf;
     };
-    Graph begin_graph(int min_nodes = 0);
+    // The graph's tensors live in `meta` (by default the engine's scratch, which the next graph
+    // overwrites; a reused decode graph has its own).
+    Graph begin_graph(int min_nodes = 0, std::vector<uint8_t> * meta = nullptr);
     void  allocate(Graph & g);  // after building, before setting inputs
     void  compute(Graph & g);
 
@@ -125,6 +137,13 @@ class Engine {
         ggml_tensor *              logits  = nullptr;          // [n_vocab, n_items]
         std::vector<ggml_tensor *> window_probs;               // per layer, [n_kv, n_window, n_head] (or none)
         std::vector<ggml_tensor *> attention_sums;             // per layer, [1, n_kv, n_head] (or none)
+        // A reusable decode graph (headroom): each item's view per layer, [layer][item] — its
+        // first pool slot and the entries it covers — and its mask [view, 1] f16 per (item, layer):
+        // 0 for the entries held, -inf beyond.
+        bool                                         headroom = false;
+        std::vector<std::vector<int64_t>>            view_first;
+        std::vector<std::vector<int>>                view_kv;
+        std::map<std::pair<int, int>, ggml_tensor *> view_masks;
     };
     // Attention statistics of a single-item forward, per layer (empty vectors when not asked for),
     // over the item's entries: those stored before it, then its own tokens.
@@ -136,7 +155,16 @@ class Engine {
     // each session its last token's logits (when wanted) and returns the scores (which apply only
     // to a single item).
     ForwardScores forward(const std::vector<ForwardItem> & items, const ForwardOptions & fo);
-    ForwardGraph  build_forward(const std::vector<ForwardItem> & items, const ForwardOptions & fo);
+    ForwardGraph  build_forward(const std::vector<ForwardItem> & items, const ForwardOptions & fo,
+                                bool headroom = false);
+    // The decode items of layer `il` that share one batched kernel (none, or at least two).
+    std::vector<int> batch_members(const std::vector<ForwardItem> & items, int il) const;
+    // A decode step whose graph can be kept for the next steps: logits only, one token per item,
+    // every attention per session (a batched step's gather is rebuilt each step).
+    bool reusable_decode(const std::vector<ForwardItem> & items, const ForwardOptions & fo) const;
+    // The kept decode graph fits these items: same views, room for each one's new entry, and no
+    // other graph allocated since (which may have moved the compute buffer).
+    bool          decode_graph_fits(const std::vector<ForwardItem> & items) const;
     ggml_tensor * build_attention(ForwardGraph & fg, const std::vector<ForwardItem> & items, const ForwardOptions & fo,
                                   int il, ggml_tensor * q, ggml_tensor * kc, ggml_tensor * vc);
     void          build_scores(ForwardGraph & fg, const ForwardOptions & fo, int il, ggml_tensor * q, ggml_tensor * k,
@@ -152,6 +180,18 @@ class Engine {
     std::vector<uint8_t>    graph_meta_;
     GraphStats              last_graph_;
     OpCheck                 op_check_;
+    uint64_t                graphs_built_ = 0;
+    uint64_t                allocations_  = 0;  // graphs allocated in galloc_'s buffer so far
+    struct KeptDecode {
+        bool         valid = false;
+        ForwardGraph fg;
+        KvType       type       = KvType::F16;
+        uint64_t     allocation = 0;  // allocations_ right after its own
+        GraphStats   stats;
+    };
+    KeptDecode           kept_;
+    std::vector<uint8_t> kept_meta_;
+    void                 drop_kept();
 };
 
 // The SnapKV scoring product, one graph piece shared by the engine and its tests:

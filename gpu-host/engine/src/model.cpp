@@ -9,6 +9,7 @@
 #include "error.h"
 #include "ggml-alloc.h"
 #include "gguf.h"
+#include "huge_pages.h"
 #include "llama.h"
 
 namespace pkv {
@@ -268,6 +269,7 @@ void Model::load(ggml_backend_t backend, bool repack) {
                                        ggml_backend_buft_name(buft) + " for the weights");
         }
         ggml_backend_buffer_set_usage(buffer, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        advise_huge_pages(buffer);  // before the bytes below are written
         buffers_.push_back(buffer);
         ggml_tallocr alloc = ggml_tallocr_new(buffer);
         for (const Placed & p : placed) {

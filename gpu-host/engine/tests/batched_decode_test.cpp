@@ -32,10 +32,11 @@ Engine & big_pool_engine() {
     static std::unique_ptr<Engine> e;
     if (!e) {
         EngineOptions o;
-        o.model_path     = embedded_model();
-        o.device         = "cpu";
-        o.kv_pool_tokens = 24000;
-        e                = std::make_unique<Engine>(o);
+        o.model_path       = embedded_model();
+        o.device           = "cpu";
+        o.kv_pool_tokens   = 24000;
+        o.decode_attention = DecodeAttention::batched;  // the layout under test (a CPU's default is per session)
+        e                  = std::make_unique<Engine>(o);
     }
     return *e;
 }

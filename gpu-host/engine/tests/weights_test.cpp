@@ -5,6 +5,7 @@
 #include "backend_check.h"
 #include "error.h"
 #include "ggml-cpu.h"
+#include "huge_pages.h"
 #include "test_util.h"
 
 namespace pkv::test {
@@ -173,6 +174,71 @@ TEST(OpCheck, TheEngineRefusesAGraphItsBackendCannotRun) {
         EXPECT_NE(msg.find("CPU cannot run FLASH_ATTN_EXT"), std::string::npos) << msg;
         EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
     }
+}
+
+// --- Transparent huge pages (huge_pages.cpp) ---------------------------------------------------
+
+// The kernel's THP mode: "always", "madvise" or "never" ("" without THP).
+std::string thp_mode() {
+    std::ifstream f("/sys/kernel/mm/transparent_hugepage/enabled");
+    std::string   line;
+    std::getline(f, line);
+    const size_t a = line.find('['), b = line.find(']');
+    return a == std::string::npos || b == std::string::npos ? "" : line.substr(a + 1, b - a - 1);
+}
+
+// smaps' THPeligible of the mapping that holds `p`: 1 when the kernel may back it with huge pages
+// (in madvise mode: only where MADV_HUGEPAGE was asked), -1 when the address is in no mapping.
+int thp_eligible(const void * p) {
+    std::ifstream   f("/proc/self/smaps");
+    const uintptr_t a  = (uintptr_t) p;
+    bool            in = false;
+    for (std::string line; std::getline(f, line);) {
+        uintptr_t lo = 0, hi = 0;
+        if (std::sscanf(line.c_str(), "%lx-%lx ", &lo, &hi) == 2 && line.find(':') > line.find('-')) {
+            in = a >= lo && a < hi;
+        } else if (in && line.rfind("THPeligible:", 0) == 0) {
+            return std::atoi(line.c_str() + 12);
+        }
+    }
+    return -1;
+}
+
+TEST(HugePages, TheWeightsAndTheKvPoolAreAdvisedBeforeTheyAreWritten) {
+    const std::string mode = thp_mode();
+    if (mode != "madvise" && mode != "always") GTEST_SKIP() << "this kernel has no transparent huge pages: " << mode;
+    EngineOptions o;
+    o.model_path    = embedded_model();  // 98 MB of weights in one buffer: a 2 MiB-aligned interior
+    o.device        = "cpu";
+    o.n_threads     = 1;
+    o.kv_pool_bytes = size_t(64) << 20;
+    Engine        e(o);
+    const Model & m = e.model();
+    const auto *  w = m.layers[m.layers.size() / 2].wq;  // a weight in the middle of the buffer
+    EXPECT_EQ(thp_eligible(w->data), 1) << w->name << " in a mapping the kernel may not back with huge pages";
+    const char * pool = static_cast<const char *>(e.pool().k()->data);
+    EXPECT_EQ(thp_eligible(pool + e.pool().capacity_bytes() / 2), 1);
+}
+
+TEST(HugePages, AHostBufferIsAdvisedOnItsAlignedInteriorAndPkvHugePages0TurnsItOff) {
+    const std::string mode = thp_mode();
+    if (mode != "madvise" && mode != "always") GTEST_SKIP() << "this kernel has no transparent huge pages: " << mode;
+    const size_t          bytes = size_t(16) << 20;
+    ggml_backend_buffer_t b     = ggml_backend_buft_alloc_buffer(ggml_backend_cpu_buffer_type(), bytes);
+    ASSERT_NE(b, nullptr);
+    const size_t advised = advise_huge_pages(b);
+    // At least the 2 MiB-aligned pages inside the buffer, never more than the buffer.
+    EXPECT_GE(advised, bytes - (size_t(4) << 20));
+    EXPECT_LE(advised, bytes);
+    const char * mid = static_cast<const char *>(ggml_backend_buffer_get_base(b)) + bytes / 2;
+    EXPECT_EQ(thp_eligible(mid), 1);
+    ggml_backend_buffer_free(b);
+
+    setenv("PKV_HUGE_PAGES", "0", 1);
+    ggml_backend_buffer_t off = ggml_backend_buft_alloc_buffer(ggml_backend_cpu_buffer_type(), bytes);
+    EXPECT_EQ(advise_huge_pages(off), 0u);
+    ggml_backend_buffer_free(off);
+    unsetenv("PKV_HUGE_PAGES");
 }
 
 }  // namespace
