@@ -254,6 +254,12 @@ std::vector<int> Engine::batch_members(const std::vector<ForwardItem> & items, i
 
 bool Engine::reusable_decode(const std::vector<ForwardItem> & items, const ForwardOptions & fo) const {
     if (!opt_.reuse_decode_graphs || !fo.want_logits || fo.window_probs > 0 || fo.accumulate_probs) return false;
+    // The headroom's slots hold whatever their pages held last (another session's entries, or
+    // another KV type's blocks, which read as f16 can be Inf or NaN). ggml's CPU kernel skips a
+    // -inf key before reading it; a GPU kernel reads it and adds 0 x V, which is NaN for such
+    // bytes. So decode graphs are kept on a CPU only.
+    ggml_backend_dev_t dev = ggml_backend_get_device(backend_);
+    if (!dev || ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) return false;
     for (const ForwardItem & it : items) {
         if (it.n_tokens != 1 || it.session->kv_type() != items[0].session->kv_type()) return false;
     }

@@ -9,7 +9,13 @@
 namespace pkv {
 
 size_t advise_huge_pages(ggml_backend_buffer_t buffer) {
-    if (!buffer || !ggml_backend_buffer_is_host(buffer)) return 0;
+    // Host buffers (ggml's plain CPU type has no device) and the CPU's extra buffer types
+    // (repacked, AMX), which do not say is_host but are host memory. A GPU's host-pinned buffers
+    // say is_host too; advising their pages is harmless.
+    if (!buffer) return 0;
+    ggml_backend_dev_t dev       = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(buffer));
+    const bool         cpu_extra = dev && ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU;
+    if (!ggml_backend_buffer_is_host(buffer) && !cpu_extra) return 0;
     if (const char * env = std::getenv("PKV_HUGE_PAGES"); env && std::strcmp(env, "0") == 0) return 0;
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     constexpr uintptr_t kHuge = uintptr_t(2) << 20;

@@ -13,7 +13,7 @@ namespace pkv {
 
 // Asks the kernel to back `buffer` with transparent huge pages (madvise MADV_HUGEPAGE on its
 // 2 MiB-aligned interior). Call it before the buffer is first written: the pages are chosen when
-// they are first touched. Does nothing for a device buffer, where the kernel has THP off or
+// they are first touched. Does nothing for a buffer of another device than the CPU, where the kernel has THP off or
 // without madvise, or when PKV_HUGE_PAGES=0 (the before/after of the benchmark). Returns the
 // bytes advised (0: none).
 size_t advise_huge_pages(ggml_backend_buffer_t buffer);

@@ -100,7 +100,7 @@ KvPool::KvPool(ggml_backend_t backend, int head_dim, int n_head_kv, size_t capac
                                 " in whole pages) cannot be allocated on backend " + ggml_backend_name(backend) +
                                 "; accepted range: " + std::to_string(page) + " bytes up to what the device has free");
     }
-    advise_huge_pages(buffer_);  // pages are first touched when entries are written
+    advise_huge_pages(buffer_);  // before the clear below first touches the pages
     // Every type's tensors cover the whole buffer: a run's pages hold entries of its own type only,
     // so the aliases never see each other's bytes where it matters.
     void * base = ggml_backend_buffer_get_base(buffer_);
