@@ -86,14 +86,17 @@ Engine::Engine(const EngineOptions & opt) : opt_(opt) {
     galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
 }
 
+bool Engine::on_cpu() const {
+    ggml_backend_dev_t dev = ggml_backend_get_device(backend_);
+    return dev && ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU;
+}
+
 void Engine::set_decode_attention(DecodeAttention a) {
     // On a CPU the batched gather's copies cost more than the kernels they save (docs/BENCHMARKS.md
     // "Serving": 4k PyramidKV@128 sessions decode faster one kernel each, and every such step can
     // reuse its graph); on a GPU a kernel is a launch, and one per layer is the point.
     if (a == DecodeAttention::automatic) {
-        ggml_backend_dev_t dev = ggml_backend_get_device(backend_);
-        a = dev && ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU ? DecodeAttention::per_session
-                                                                              : DecodeAttention::batched;
+        a = on_cpu() ? DecodeAttention::per_session : DecodeAttention::batched;
     }
     opt_.decode_attention = a;
 }
@@ -258,8 +261,7 @@ bool Engine::reusable_decode(const std::vector<ForwardItem> & items, const Forwa
     // another KV type's blocks, which read as f16 can be Inf or NaN). ggml's CPU kernel skips a
     // -inf key before reading it; a GPU kernel reads it and adds 0 x V, which is NaN for such
     // bytes. So decode graphs are kept on a CPU only.
-    ggml_backend_dev_t dev = ggml_backend_get_device(backend_);
-    if (!dev || ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) return false;
+    if (!on_cpu()) return false;
     for (const ForwardItem & it : items) {
         if (it.n_tokens != 1 || it.session->kv_type() != items[0].session->kv_type()) return false;
     }

@@ -159,6 +159,7 @@ class Engine {
                                 bool headroom = false);
     // The decode items of layer `il` that share one batched kernel (none, or at least two).
     std::vector<int> batch_members(const std::vector<ForwardItem> & items, int il) const;
+    bool             on_cpu() const;  // the backend's device is the CPU (layout and graph reuse choices)
     // A decode step whose graph can be kept for the next steps: logits only, one token per item,
     // every attention per session (a batched step's gather is rebuilt each step).
     bool reusable_decode(const std::vector<ForwardItem> & items, const ForwardOptions & fo) const;
