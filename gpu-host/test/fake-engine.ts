@@ -47,6 +47,9 @@ export interface FakeFaults {
   /** request types after which the engine sends bad_frame "(no further input is read)", without
    * an id, and reads nothing more (a frame it could not skip) */
   dead_after?: string[];
+  /** request types acted on at once but answered `ms` later (say, a close done in the engine
+   * whose answer is still on its way) */
+  late_answer?: Record<string, number>;
 }
 
 /** Writes the faults a fake engine started with PKV_FAKE_CONTROL=`file` injects from now on. */
@@ -70,7 +73,12 @@ function main(): void {
   };
   const nCtx = Number(flag("--ctx-size") ?? 256) || 256;
   const defaultType = flag("--kv-type") ?? process.env.PKV_FAKE_KV_TYPE ?? "f16";
-  const send = (m: FromEngineMessage) => process.stdout.write(encodeFrame(m));
+  let late = 0; // ms: the answers of the frame being handled go out this much later
+  const send = (m: FromEngineMessage): void => {
+    const frame = encodeFrame(m);
+    if (late > 0) setTimeout(() => process.stdout.write(frame), late);
+    else process.stdout.write(frame);
+  };
   const template = process.env.PKV_FAKE_CHAT_TEMPLATE;
   send({
     type: "hello",
@@ -114,6 +122,7 @@ function main(): void {
   const handle = (m: ToEngineMessage) => {
     const f = faults();
     const session = "session" in m && m.session !== undefined ? m.session : undefined;
+    late = f.late_answer?.[m.type] ?? 0;
     if (f.hang || f.silent?.includes(m.type)) return;
     if (f.no_id_error?.includes(m.type))
       return send({ type: "error", ...(session !== undefined ? { session } : {}), code: "internal", message: "fault" });

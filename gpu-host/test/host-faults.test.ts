@@ -420,6 +420,30 @@ test("a session idle past its tenant's TTL is closed, its state deleted, counted
   }
 });
 
+test("stats of a session whose offload is closing it in the engine answer for it (offloaded), never unknown_session", {
+  timeout: 60_000,
+}, async () => {
+  const host = await fakeHost({}, ["--idle-seconds", "1"]);
+  const c = await HostClient.connect(host.url);
+  try {
+    await open(c, "idle");
+    expectType(await c.call({ type: "append", tenant: "t", session: "idle", text: "kept" }), "appended");
+    // The engine closes the session at once and answers 1.5 s later: a stats in between finds
+    // the session resident here but gone from the engine.
+    host.faults({ late_answer: { close: 1500 } });
+    await until(() => host.received("close", "idle").length > 0, "the idle offload to close the session");
+    const during = expectType(await c.call({ type: "stats", tenant: "t", session: "idle" }), "stats_result");
+    assert.equal(during.resident, false);
+    assert.equal(during.tokens_seen, 4);
+    host.faults({});
+    expectType(await c.call({ type: "generate", tenant: "t", session: "idle", max_tokens: 2 }), "done");
+    assert.equal(await tokensSeen(c, "idle"), 6, "restored from the offload, then decoded");
+  } finally {
+    c.close();
+    await host.stop();
+  }
+});
+
 test("set_tenant echoes session_ttl_s and max_stored_bytes; stats report them, stored_bytes and idle_s", {
   timeout: 60_000,
 }, async () => {

@@ -542,8 +542,10 @@ export class Residency {
         return false;
       } finally {
         s.pendingOps--;
+        s.offloading = undefined;
       }
     })();
+    s.offloading = work;
     s.chain = s.chain.then(() => work.then(() => {}));
     return work;
   }

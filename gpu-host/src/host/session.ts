@@ -146,6 +146,8 @@ export class HostSession {
   chain: Promise<void> = Promise.resolve();
   /** requests queued or running on `chain`, an open in progress, an offload */
   pendingOps = 0;
+  /** the offload saving it and closing it in the engine, while it runs (stats wait for it) */
+  offloading?: Promise<boolean>;
   /** appends and generates queued or running, oldest first */
   ops: Op[] = [];
   /** why it was lost; reported once (session_lost), then it is unknown */

@@ -1070,20 +1070,32 @@ export class SessionHost implements LinkedHost {
       return;
     }
     const s = await this.find(msg.tenant, msg.session);
+    // Stats do not queue behind the session's requests, but an offload closing it in the engine
+    // is awaited: asked in between, the engine no longer knows it while this host still counts it
+    // resident. One that starts while the engine is asked is awaited when the engine's answer is
+    // an error, and the answer is then the offloaded session's.
+    await s.offloading;
+    let st: Message<"stats_result"> | undefined;
+    if (s.resident) {
+      const engine = await this.engines.ready;
+      st = await engine.call<"stats_result">({ type: "stats", session: s.engineName }).catch(async (e: unknown) => {
+        await s.offloading;
+        if (s.resident) throw e;
+        return undefined;
+      });
+    }
     const base = {
       type: "stats_result" as const,
       id: msg.id,
       tenant: msg.tenant,
       session: msg.session,
-      resident: s.resident,
+      resident: st !== undefined,
       idle_s: s.busy ? 0 : Math.floor(Math.max(0, Date.now() - s.lastUsed) / 1000),
     };
-    if (!s.resident) {
+    if (!st) {
       sink.send({ ...base, tokens_seen: s.tokensSeen, kv_bytes: s.kv.steady });
       return;
     }
-    const engine = await this.engines.ready;
-    const st = await engine.call<"stats_result">({ type: "stats", session: s.engineName });
     this.learnGeometry(s, st);
     sink.send({
       ...base,
