@@ -228,7 +228,7 @@ int cmd_bench(int argc, char ** argv) {
                                               "--kv-type",        "--prefill-budgets" };
     for (int i = 2; i < argc; ++i) {
         const std::string k = argv[i];
-        if (k == "--json" || k == "--no-repack" || k == "--profile" || k == "--no-graph-reuse") {
+        if (k == "--json" || k == "--no-repack" || k == "--profile" || k == "--no-graph-reuse" || k == "--no-fuse") {
             a[k] = "1";
             continue;
         }
@@ -264,6 +264,7 @@ int bench_single(const Flags & a) {
     eo.device              = get("--device", "auto");
     eo.kv_type             = bench_kv_type(a);
     eo.repack_weights      = !a.count("--no-repack");
+    eo.fuse_projections    = !a.count("--no-fuse");
     eo.reuse_decode_graphs = !a.count("--no-graph-reuse");
     int longest            = std::max(*std::max_element(prefill.begin(), prefill.end()), budget_depth);
     for (int d : depths) longest = std::max(longest, d);
@@ -477,6 +478,7 @@ int bench_sessions(const Flags & a) {
     eo.device              = flag(a, "--device", "auto");
     eo.kv_type             = bench_kv_type(a);
     eo.repack_weights      = !a.count("--no-repack");
+    eo.fuse_projections    = !a.count("--no-fuse");
     eo.reuse_decode_graphs = !a.count("--no-graph-reuse");
     eo.n_ctx               = n + n_gen + 1;
     eo.kv_pool_bytes       = a.count("--kv-pool-bytes") ? std::stoull(a.at("--kv-pool-bytes")) : 0;
@@ -623,7 +625,8 @@ int bench_prefill_memory(const Flags & a) {
             const std::string cmd = std::string(exe, len) + " bench --prefill-memory " + std::to_string(n) +
                                     " --chunk-size " + std::to_string(chunk) + " --budget " + std::to_string(budget) +
                                     " --model '" + model + "' --threads " + std::to_string(threads) +
-                                    (a.count("--no-repack") ? " --no-repack" : "") + " --child 1 2>/dev/null";
+                                    (a.count("--no-repack") ? " --no-repack" : "") +
+                                    (a.count("--no-fuse") ? " --no-fuse" : "") + " --child 1 2>/dev/null";
             FILE *            f   = popen(cmd.c_str(), "r");
             char              line[512] = "";
             if (f) {
@@ -642,6 +645,7 @@ int bench_prefill_memory(const Flags & a) {
     eo.device              = flag(a, "--device", "auto");
     eo.kv_type             = bench_kv_type(a);
     eo.repack_weights      = !a.count("--no-repack");
+    eo.fuse_projections    = !a.count("--no-fuse");
     eo.reuse_decode_graphs = !a.count("--no-graph-reuse");
     eo.n_ctx               = n + 1;
     // budget + chunk per layer, plus page and growth slack: the bound chunked prefill promises
@@ -669,6 +673,7 @@ int bench_pool_fit(const Flags & a) {
     eo.device              = flag(a, "--device", "auto");
     eo.kv_type             = bench_kv_type(a);
     eo.repack_weights      = !a.count("--no-repack");
+    eo.fuse_projections    = !a.count("--no-fuse");
     eo.reuse_decode_graphs = !a.count("--no-graph-reuse");
     eo.n_ctx               = n + 1;
     eo.kv_pool_bytes       = pool;

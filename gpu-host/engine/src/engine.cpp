@@ -54,7 +54,7 @@ Engine::Engine(const EngineOptions & opt) : opt_(opt) {
     if (opt_.n_ctx < 0) throw Error("--ctx-size", std::to_string(opt_.n_ctx) + " must be >= 0 (0 = the model's)");
     backend_ = init_backend(opt_.device, opt_.n_threads);
     try {
-        model_ = std::make_unique<Model>(opt_.model_path, backend_, opt_.repack_weights);
+        model_ = std::make_unique<Model>(opt_.model_path, backend_, opt_.repack_weights, opt_.fuse_projections);
     } catch (...) {
         ggml_backend_free(backend_);
         throw;
@@ -333,17 +333,27 @@ Engine::ForwardGraph Engine::build_forward(const std::vector<ForwardItem> & item
         ggml_tensor *        inp_sa = x;
 
         ggml_tensor * cur = ggml_mul(ctx, ggml_rms_norm(ctx, x, c.rms_eps), w.attn_norm);
-        ggml_tensor * q   = ggml_mul_mat(ctx, w.wq, cur);  // [n_head * head_dim, n_total]
-        ggml_tensor * k   = ggml_mul_mat(ctx, w.wk, cur);  // [n_head_kv * head_dim, n_total]
-        ggml_tensor * v   = ggml_mul_mat(ctx, w.wv, cur);
-        if (w.bq) {
-            q = ggml_add(ctx, q, w.bq);
-            k = ggml_add(ctx, k, w.bk);
-            v = ggml_add(ctx, v, w.bv);
+        // q [head_dim, n_head, n_total], k and v [head_dim, n_head_kv, n_total]: views of one
+        // fused projection's rows, or each its own.
+        ggml_tensor *q = nullptr, *k = nullptr, *v = nullptr;
+        {
+            const int64_t n_q = (int64_t) c.n_head * c.head_dim, n_k = (int64_t) c.n_head_kv * c.head_dim;
+            ggml_tensor * qkv   = w.wqkv  ? ggml_mul_mat(ctx, w.wqkv, cur)
+                                  : w.wqk ? ggml_mul_mat(ctx, w.wqk, cur)
+                                          : nullptr;
+            const auto    heads = [&](ggml_tensor * t, int n_heads, int64_t first_row) {
+                return ggml_view_3d(ctx, t, c.head_dim, n_heads, n_total, t->nb[0] * c.head_dim, t->nb[1],
+                                    t->nb[0] * first_row);
+            };
+            q = qkv ? heads(qkv, c.n_head, 0) : heads(ggml_mul_mat(ctx, w.wq, cur), c.n_head, 0);
+            k = qkv ? heads(qkv, c.n_head_kv, n_q) : heads(ggml_mul_mat(ctx, w.wk, cur), c.n_head_kv, 0);
+            v = w.wqkv ? heads(qkv, c.n_head_kv, n_q + n_k) : heads(ggml_mul_mat(ctx, w.wv, cur), c.n_head_kv, 0);
         }
-        q = ggml_reshape_3d(ctx, q, c.head_dim, c.n_head, n_total);     // [head_dim, n_head, n_total]
-        k = ggml_reshape_3d(ctx, k, c.head_dim, c.n_head_kv, n_total);  // [head_dim, n_head_kv, n_total]
-        v = ggml_reshape_3d(ctx, v, c.head_dim, c.n_head_kv, n_total);
+        if (w.bq) {
+            q = ggml_add(ctx, q, ggml_reshape_2d(ctx, w.bq, c.head_dim, c.n_head));
+            k = ggml_add(ctx, k, ggml_reshape_2d(ctx, w.bk, c.head_dim, c.n_head_kv));
+            v = ggml_add(ctx, v, ggml_reshape_2d(ctx, w.bv, c.head_dim, c.n_head_kv));
+        }
         if (w.q_norm) {
             q = ggml_mul(ctx, ggml_rms_norm(ctx, q, c.rms_eps), w.q_norm);
             k = ggml_mul(ctx, ggml_rms_norm(ctx, k, c.rms_eps), w.k_norm);
@@ -372,10 +382,13 @@ Engine::ForwardGraph Engine::build_forward(const std::vector<ForwardItem> & item
 
         ggml_tensor * ffn_inp = x;
         cur                   = ggml_mul(ctx, ggml_rms_norm(ctx, x, c.rms_eps), w.ffn_norm);
-        ggml_tensor * gate    = ggml_mul_mat(ctx, w.ffn_gate, cur);  // [n_ff, n_rows]
-        ggml_tensor * up      = ggml_mul_mat(ctx, w.ffn_up, cur);
-        cur                   = ggml_mul_mat(ctx, w.ffn_down, ggml_swiglu_split(ctx, gate, up));  // [n_embd, n_rows]
-        x                     = ggml_add(ctx, cur, ffn_inp);
+        // silu(gate) * up [n_ff, n_rows]; ggml_swiglu of the fused [2 * n_ff, n_rows] takes its
+        // first half as the gate.
+        ggml_tensor * act = w.ffn_gate_up ? ggml_swiglu(ctx, ggml_mul_mat(ctx, w.ffn_gate_up, cur))
+                                          : ggml_swiglu_split(ctx, ggml_mul_mat(ctx, w.ffn_gate, cur),
+                                                              ggml_mul_mat(ctx, w.ffn_up, cur));
+        cur               = ggml_mul_mat(ctx, w.ffn_down, act);  // [n_embd, n_rows]
+        x                 = ggml_add(ctx, cur, ffn_inp);
     }
     if (fo.want_logits) {
         x         = ggml_mul(ctx, ggml_rms_norm(ctx, x, c.rms_eps), m.output_norm);

@@ -34,6 +34,7 @@ struct EngineOptions {
     KvType          kv_type             = KvType::F16;  // storage type of a session's entries unless it asks
     DecodeAttention decode_attention    = DecodeAttention::automatic;  // resolved when the engine starts
     bool            repack_weights      = true;  // false: weights in the plain buffer (--no-repack)
+    bool            fuse_projections    = true;  // false: q, k, v, gate, up each their own matmul (bench --no-fuse)
     bool            reuse_decode_graphs = true;  // false: every decode step builds its graph (bench --no-graph-reuse)
 };
 

@@ -154,16 +154,16 @@ ggml_backend_buffer_type_t choose_weight_buffer_type(ggml_backend_t             
     return nullptr;
 }
 
-Model::Model(const std::string & path, ggml_backend_t backend, bool repack) : path_(path) {
+Model::Model(const std::string & path, ggml_backend_t backend, bool repack, bool fuse) : path_(path) {
     try {
-        load(backend, repack);
+        load(backend, repack, fuse);
     } catch (...) {
         release();
         throw;
     }
 }
 
-void Model::load(ggml_backend_t backend, bool repack) {
+void Model::load(ggml_backend_t backend, bool repack, bool fuse) {
     const std::string & path = path_;
     if (!std::ifstream(path).good()) {
         throw Error("--model", "cannot read '" + path + "'");
@@ -175,11 +175,15 @@ void Model::load(ggml_backend_t backend, bool repack) {
     }
     cfg_ = read_config(g.get(), path);
 
-    // Each weight, the op it feeds, and where its bytes are in the file.
+    // Each weight, the op it feeds, and where its bytes are in the file (a fused weight's: its
+    // parts' bytes, one after another).
+    struct Part {
+        size_t offset, bytes;
+    };
     struct Placed {
         ggml_tensor *              t;
         WeightUse                  use;
-        size_t                     offset;
+        std::vector<Part>          parts;
         ggml_backend_buffer_type_t buft = nullptr;
     };
     std::vector<Placed> placed;
@@ -188,9 +192,38 @@ void Model::load(ggml_backend_t backend, bool repack) {
         ggml_tensor * t = ggml_get_tensor(ctx_, name.c_str());
         if (!t && required) throw Error("--model", path + ": missing tensor '" + name + "'");
         if (t)
-            placed.push_back(
-                { t, use, data_offset + gguf_get_tensor_offset(g.get(), gguf_find_tensor(g.get(), t->name)) });
+            placed.push_back({ t,
+                               use,
+                               { { data_offset + gguf_get_tensor_offset(g.get(), gguf_find_tensor(g.get(), t->name)),
+                                   ggml_nbytes(t) } } });
         return t;
+    };
+    // One matmul weight for `parts` (same type and input width): their rows one after another,
+    // read from the file into one tensor (a repacking buffer sees it whole). The parts leave
+    // `placed`; the fused tensor is placed where the first was.
+    auto fused = [&](const std::string & name, std::initializer_list<ggml_tensor *> parts) -> ggml_tensor * {
+        const ggml_tensor * first = *parts.begin();
+        int64_t             rows  = 0;
+        for (const ggml_tensor * t : parts) rows += t->ne[1];
+        if (!fused_ctx_) {
+            ggml_init_params ip{ ggml_tensor_overhead() * 3 * (size_t) cfg_.n_layer, nullptr, /*no_alloc=*/true };
+            fused_ctx_ = ggml_init(ip);
+        }
+        ggml_tensor * f = ggml_new_tensor_2d(fused_ctx_, first->type, first->ne[0], rows);
+        ggml_set_name(f, name.c_str());
+        Placed     joined{ f, WeightUse::matmul, {} };
+        const auto index_of = [&](const ggml_tensor * t) {
+            return std::find_if(placed.begin(), placed.end(), [&](const Placed & p) { return p.t == t; }) -
+                   placed.begin();
+        };
+        const auto at = index_of(first);
+        for (const ggml_tensor * t : parts) {
+            const auto i = index_of(t);
+            joined.parts.push_back(placed[i].parts.front());
+            placed.erase(placed.begin() + i);
+        }
+        placed.insert(placed.begin() + at, joined);
+        return f;
     };
     token_embd   = tensor("token_embd.weight", WeightUse::rows);
     output_norm  = tensor("output_norm.weight", WeightUse::mul);
@@ -223,6 +256,23 @@ void Model::load(ggml_backend_t backend, bool repack) {
             l.wk->ne[1] != (int64_t) cfg_.n_head_kv * cfg_.head_dim) {
             throw Error("--model", path + ": attention tensor shapes do not match the head counts");
         }
+        if (!fuse) continue;
+        // Each output row is the same dot product either way (bit for bit); one matmul quantises its
+        // input once, and a graph has two to three nodes (and kernel launches) fewer per layer.
+        const auto alike = [](const ggml_tensor * a, const ggml_tensor * b) {
+            return a->type == b->type && a->ne[0] == b->ne[0] && a->ne[2] == 1 && b->ne[2] == 1;
+        };
+        if (alike(l.wq, l.wk) && alike(l.wq, l.wv)) {
+            l.wqkv = fused(p + "attn_qkv.weight", { l.wq, l.wk, l.wv });
+            l.wq = l.wk = l.wv = nullptr;
+        } else if (alike(l.wq, l.wk)) {
+            l.wqk = fused(p + "attn_qk.weight", { l.wq, l.wk });
+            l.wq = l.wk = nullptr;
+        }
+        if (alike(l.ffn_gate, l.ffn_up)) {
+            l.ffn_gate_up = fused(p + "ffn_gate_up.weight", { l.ffn_gate, l.ffn_up });
+            l.ffn_gate = l.ffn_up = nullptr;
+        }
     }
 
     // Each weight goes to the first buffer type that can run the op it feeds (repacked layouts
@@ -250,7 +300,7 @@ void Model::load(ggml_backend_t backend, bool repack) {
             tied_ctx_ = ggml_init(ip);
             output    = ggml_dup_tensor(tied_ctx_, token_embd);
             ggml_set_name(output, "output.weight");
-            placed.push_back({ output, WeightUse::matmul, embd.offset, matmul_buft });
+            placed.push_back({ output, WeightUse::matmul, embd.parts, matmul_buft });
         }
     }
 
@@ -287,9 +337,13 @@ void Model::load(ggml_backend_t backend, bool repack) {
     for (const Placed & p : placed) {
         const size_t n = ggml_nbytes(p.t);
         staging.resize(n);
-        in.seekg((std::streamoff) p.offset);
-        if (!in.read(staging.data(), (std::streamsize) n)) {
-            throw Error("--model", path + ": truncated data for tensor '" + std::string(p.t->name) + "'");
+        size_t at = 0;
+        for (const Part & part : p.parts) {
+            in.seekg((std::streamoff) part.offset);
+            if (at + part.bytes > n || !in.read(staging.data() + at, (std::streamsize) part.bytes)) {
+                throw Error("--model", path + ": truncated data for tensor '" + std::string(p.t->name) + "'");
+            }
+            at += part.bytes;
         }
         ggml_backend_tensor_set(p.t, staging.data(), 0, n);
     }
@@ -309,9 +363,10 @@ void Model::release() {
     if (llama_) llama_model_free(llama_);
     for (ggml_backend_buffer_t b : buffers_) ggml_backend_buffer_free(b);
     if (tied_ctx_) ggml_free(tied_ctx_);
+    if (fused_ctx_) ggml_free(fused_ctx_);
     if (ctx_) ggml_free(ctx_);
     llama_    = nullptr;
-    tied_ctx_ = ctx_ = nullptr;
+    tied_ctx_ = fused_ctx_ = ctx_ = nullptr;
     buffers_.clear();
 }
 

@@ -34,13 +34,27 @@ struct ModelConfig {
     bool        has_qk_norm  = false;  // qwen3
 };
 
+// A layer's weights. Projections that read the same input and share a type are one tensor, their
+// rows one after another (fuse_projections; docs/ENGINE.md "Weights layout"): wqkv replaces wq, wk
+// and wv; wqk replaces wq and wk when wv's type differs (Q4_K_M's Q6_K V, say); ffn_gate_up
+// replaces ffn_gate and ffn_up. A replaced tensor is null.
 struct LayerWeights {
     ggml_tensor * attn_norm = nullptr;
     ggml_tensor * wq = nullptr, *wk = nullptr, *wv = nullptr, *wo = nullptr;
+    ggml_tensor * wqkv = nullptr, *wqk = nullptr;              // fused [n_embd, rows of q, k (, v)]
     ggml_tensor * bq = nullptr, *bk = nullptr, *bv = nullptr;  // qwen2
     ggml_tensor * q_norm = nullptr, *k_norm = nullptr;         // qwen3
     ggml_tensor * ffn_norm = nullptr;
     ggml_tensor * ffn_gate = nullptr, *ffn_up = nullptr, *ffn_down = nullptr;
+    ggml_tensor * ffn_gate_up = nullptr;  // fused [n_embd, 2 * n_ff]: the gate's rows, then up's
+
+    // Its matmul weights, fused or not, in the order the graph uses them.
+    std::vector<ggml_tensor *> matmul_weights() const {
+        std::vector<ggml_tensor *> out;
+        for (ggml_tensor * t : { wqkv, wqk, wq, wk, wv, wo, ffn_gate_up, ffn_gate, ffn_up, ffn_down })
+            if (t) out.push_back(t);
+        return out;
+    }
 };
 
 // The op a weight feeds, which decides the buffer types it may live in.
@@ -61,8 +75,9 @@ ggml_backend_buffer_type_t choose_weight_buffer_type(ggml_backend_t             
 class Model {
   public:
     // Throws pkv::Error("--model", ...) for an unreadable file or an unsupported architecture.
-    // `repack` false keeps every weight in the backend's default buffer type (--no-repack).
-    Model(const std::string & path, ggml_backend_t backend, bool repack = true);
+    // `repack` false keeps every weight in the backend's default buffer type (--no-repack);
+    // `fuse` false keeps every projection its own tensor (LayerWeights).
+    Model(const std::string & path, ggml_backend_t backend, bool repack = true, bool fuse = true);
     ~Model();
     Model(const Model &)             = delete;
     Model & operator=(const Model &) = delete;
@@ -92,14 +107,15 @@ class Model {
     bool is_end_of_turn(int32_t token) const;
 
   private:
-    void load(ggml_backend_t backend, bool repack);
+    void load(ggml_backend_t backend, bool repack, bool fuse);
     void release();
 
     std::string                        path_;
     ModelConfig                        cfg_;
-    ggml_context *                     ctx_      = nullptr;  // the GGUF's tensors
-    ggml_context *                     tied_ctx_ = nullptr;  // the tied output's copy, if any
-    std::vector<ggml_backend_buffer_t> buffers_;             // one per buffer type used
+    ggml_context *                     ctx_       = nullptr;  // the GGUF's tensors
+    ggml_context *                     tied_ctx_  = nullptr;  // the tied output's copy, if any
+    ggml_context *                     fused_ctx_ = nullptr;  // the fused projections
+    std::vector<ggml_backend_buffer_t> buffers_;              // one per buffer type used
     llama_model *                      llama_  = nullptr;
     const llama_vocab *                vocab_  = nullptr;
     int32_t                            im_end_ = -1;

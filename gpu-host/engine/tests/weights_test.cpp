@@ -53,14 +53,15 @@ TEST(Weights, Q4_0MatmulWeightsGoToTheCpusRepackingTypeAndGetRowsStaysPlain) {
     for (const LayerWeights & l : m.layers) {
         EXPECT_EQ(buft_of(l.attn_norm), plain);
         EXPECT_EQ(buft_of(l.ffn_norm), plain);
-        for (const ggml_tensor * w : { l.wq, l.wk, l.wv, l.wo, l.ffn_gate, l.ffn_up, l.ffn_down })
+        for (const ggml_tensor * w : l.matmul_weights())
             EXPECT_EQ(buft_of(w), expected_buft(*e, w, WeightUse::matmul, true)) << w->name;
     }
     EXPECT_EQ(buft_of(m.output), expected_buft(*e, m.token_embd, WeightUse::matmul, true));
     if (ggml_cpu_has_avx2()) {
         // Every x86-64 CPU the suite runs on has AVX2, where ggml repacks Q4_0 for its 8x8
         // kernels (or AMX takes it first): the matmul weights and the tied output must move.
-        EXPECT_NE(buft_of(m.layers[0].wq), plain) << ggml_backend_buft_name(buft_of(m.layers[0].wq));
+        const ggml_tensor * first = m.layers[0].matmul_weights().front();
+        EXPECT_NE(buft_of(first), plain) << ggml_backend_buft_name(buft_of(first));
         EXPECT_NE(m.output, m.token_embd) << "the tied output must be a copy in the matmul layout";
         EXPECT_NE(buft_of(m.output), plain);
         EXPECT_GE(m.weight_buffers().size(), 2u);
@@ -80,7 +81,8 @@ TEST(Weights, NoRepackKeepsEveryWeightInThePlainBuffer) {
     ASSERT_EQ(m.weight_buffers().size(), 1u);
     EXPECT_EQ(m.weight_buffers()[0].first, "CPU");
     EXPECT_EQ(m.output, m.token_embd) << "tied output shares token_embd when both are plain";
-    for (const LayerWeights & l : m.layers) EXPECT_EQ(buft_of(l.wq), ggml_backend_cpu_buffer_type());
+    for (const LayerWeights & l : m.layers)
+        for (const ggml_tensor * w : l.matmul_weights()) EXPECT_EQ(buft_of(w), ggml_backend_cpu_buffer_type());
 }
 
 // A graph of one node: `w` [64, 8] times `x` [64, 4].
@@ -236,7 +238,7 @@ TEST(HugePages, TheWeightsAndTheKvPoolAreAdvisedBeforeTheyAreWritten) {
         Engine        e(o);
         const Model & m       = e.model();
         int           checked = 0;
-        for (const ggml_tensor * t : { m.token_embd, m.output, m.layers[m.layers.size() / 2].wq,
+        for (const ggml_tensor * t : { m.token_embd, m.output, m.layers[m.layers.size() / 2].matmul_weights().front(),
                                        m.layers[m.layers.size() / 2].ffn_down, m.output_norm }) {
             const char * mid = middle_of_buffer(t);
             if (!mid) continue;  // a buffer too small to hold a huge page

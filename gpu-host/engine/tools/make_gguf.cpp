@@ -102,6 +102,7 @@ struct Options {
     bool        no_chat_template = false;
     int64_t     n_vocab_synth    = 0;  // --vocab N: synthetic tokenizer with N tokens
     ggml_type   type             = GGML_TYPE_F32;
+    ggml_type   type_v           = GGML_TYPE_COUNT;  // --type-v: attn_v, ffn_down; COUNT: --type
     uint64_t    seed             = 42;
     Shape       shape;
     bool        help = false;
@@ -121,6 +122,7 @@ const char * kUsage =
     "                     replacing the one --vocab-from copied\n"
     "  --no-chat-template no tokenizer.chat_template (engines fall back to ChatML)\n"
     "  --type T           f32|f16|q8_0|q4_0|q4_1 for 2-D weights (default f32)\n"
+    "  --type-v T         attn_v and ffn_down weights in T instead (as Q4_K_M keeps them in Q6_K)\n"
     "  --rope-base F      rope.freq_base\n"
     "  --rope-freqs       add Llama-3.1-style rope_freqs.weight (llama only)\n"
     "  --tied             no output.weight (token_embd is reused)\n"
@@ -159,14 +161,14 @@ float parse_rope_base(const std::string & v) {
     return (float) x;
 }
 
-ggml_type parse_type(const std::string & v) {
+ggml_type parse_type(const std::string & v, const std::string & flag = "--type") {
     static const std::map<std::string, ggml_type> types = {
         { "f32", GGML_TYPE_F32 },   { "f16", GGML_TYPE_F16 },   { "q8_0", GGML_TYPE_Q8_0 },
         { "q4_0", GGML_TYPE_Q4_0 }, { "q4_1", GGML_TYPE_Q4_1 },
     };
     auto it = types.find(v);
     if (it == types.end()) {
-        throw UsageError("--type: expected one of f32|f16|q8_0|q4_0|q4_1, got '" + v + "'");
+        throw UsageError(flag + ": expected one of f32|f16|q8_0|q4_0|q4_1, got '" + v + "'");
     }
     return it->second;
 }
@@ -186,10 +188,10 @@ const Preset & find_preset(const std::string & v) {
 // Collects "--flag value" pairs first, so that the preset can be applied before the
 // explicit flags regardless of their order on the command line.
 std::map<std::string, std::string> collect_flags(int argc, char ** argv) {
-    static const char * valued[]  = { "--out",  "--arch",      "--preset",     "--layers",
-                                      "--embd", "--heads",     "--kv-heads",   "--head-dim",
-                                      "--ff",   "--ctx",       "--vocab-from", "--vocab",
-                                      "--type", "--rope-base", "--seed",       "--chat-template" };
+    static const char * valued[]  = { "--out",           "--arch",     "--preset",   "--layers",    "--embd",
+                                      "--heads",         "--kv-heads", "--head-dim", "--ff",        "--ctx",
+                                      "--vocab-from",    "--vocab",    "--type",     "--rope-base", "--seed",
+                                      "--chat-template", "--type-v" };
     static const char * boolean[] = { "--rope-freqs", "--tied", "--no-chat-template" };
 
     std::map<std::string, std::string> flags;
@@ -309,6 +311,7 @@ Options parse_args(int argc, char ** argv) {
     if (has("--rope-freqs")) s.rope_freqs = true;
     if (has("--tied")) s.tied = true;
     if (has("--type")) o.type = parse_type(flags["--type"]);
+    if (has("--type-v")) o.type_v = parse_type(flags["--type-v"], "--type-v");
     if (has("--seed")) o.seed = parse_seed(flags["--seed"]);
 
     if (has("--vocab-from") && has("--vocab")) {
@@ -332,6 +335,7 @@ Options parse_args(int argc, char ** argv) {
     }
     o.no_chat_template = has("--no-chat-template");
     validate_shape(s, o.type);
+    if (o.type_v != GGML_TYPE_COUNT) validate_shape(s, o.type_v);
     return o;
 }
 
@@ -555,8 +559,17 @@ std::vector<TensorSpec> plan_tensors(const Shape & s, int64_t n_vocab) {
     return t;
 }
 
-// Norms, biases and rope factors stay f32 as in real GGUFs; only matrices take --type.
-ggml_type type_of(const TensorSpec & t, ggml_type wtype) { return t.kind == Kind::Matrix ? wtype : GGML_TYPE_F32; }
+// Norms, biases and rope factors stay f32 as in real GGUFs; only matrices take --type (attn_v and
+// ffn_down --type-v when given).
+ggml_type type_of(const TensorSpec & t, const Options & o) {
+    if (t.kind != Kind::Matrix) return GGML_TYPE_F32;
+    const auto ends_with = [&](const char * suffix) {
+        const size_t n = std::strlen(suffix);
+        return t.name.size() >= n && t.name.compare(t.name.size() - n, n, suffix) == 0;
+    };
+    if (o.type_v != GGML_TYPE_COUNT && (ends_with("attn_v.weight") || ends_with("ffn_down.weight"))) return o.type_v;
+    return o.type;
+}
 
 // ---------------------------------------------------------------------------------------
 // random values
@@ -722,14 +735,14 @@ GgufPtr build_metadata(const Options & o, int64_t * n_vocab) {
 }
 
 // Tensor infos go through a no_alloc ggml context: shapes and types only, never data.
-GgmlPtr add_tensor_infos(gguf_context * g, const std::vector<TensorSpec> & plan, ggml_type wtype) {
+GgmlPtr add_tensor_infos(gguf_context * g, const std::vector<TensorSpec> & plan, const Options & o) {
     ggml_init_params ip = { ggml_tensor_overhead() * (plan.size() + 1), nullptr, /*no_alloc =*/true };
     GgmlPtr          ctx(ggml_init(ip));
     if (!ctx) {
         throw IoError("ggml_init failed");
     }
     for (const auto & t : plan) {
-        const ggml_type type = type_of(t, wtype);
+        const ggml_type type = type_of(t, o);
         ggml_tensor *   x =
             t.ne1 ? ggml_new_tensor_2d(ctx.get(), type, t.ne0, t.ne1) : ggml_new_tensor_1d(ctx.get(), type, t.ne0);
         ggml_set_name(x, t.name.c_str());
@@ -741,6 +754,7 @@ GgmlPtr add_tensor_infos(gguf_context * g, const std::vector<TensorSpec> & plan,
 // Streams the data section, one tensor at a time; returns the parameter count.
 double write_data(Writer & w, const gguf_context * g, const std::vector<TensorSpec> & plan, const Options & o) {
     ggml_quantize_init(o.type);  // once, before worker threads use the type
+    if (o.type_v != GGML_TYPE_COUNT) ggml_quantize_init(o.type_v);
     const int    n_threads = (int) std::max(1u, std::min(64u, std::thread::hardware_concurrency()));
     const size_t align     = gguf_get_alignment(g);
     double       n_params  = 0;
@@ -753,7 +767,7 @@ double write_data(Writer & w, const gguf_context * g, const std::vector<TensorSp
             const auto fac = llama3_rope_factors(o.shape.head_dim, o.shape.rope_base);
             w.put(fac.data(), fac.size() * sizeof(float));
         } else {
-            write_tensor(w, plan[i], type_of(plan[i], o.type), o.seed, i, n_threads);
+            write_tensor(w, plan[i], type_of(plan[i], o), o.seed, i, n_threads);
         }
         w.pad(align);
         n_params += double(plan[i].ne0) * double(std::max<int64_t>(plan[i].ne1, 1));
@@ -772,7 +786,7 @@ Result write_model(const Options & o, const std::string & tmp_path) {
     Result     res;
     GgufPtr    g    = build_metadata(o, &res.n_vocab);
     const auto plan = plan_tensors(o.shape, res.n_vocab);
-    GgmlPtr    ctx  = add_tensor_infos(g.get(), plan, o.type);
+    GgmlPtr    ctx  = add_tensor_infos(g.get(), plan, o);
 
     FilePtr f(std::fopen(tmp_path.c_str(), "wb"));
     if (!f) {
