@@ -73,7 +73,9 @@ function main(): void {
   };
   const nCtx = Number(flag("--ctx-size") ?? 256) || 256;
   const defaultType = flag("--kv-type") ?? process.env.PKV_FAKE_KV_TYPE ?? "f16";
-  let late = 0; // ms: the answers of the frame being handled go out this much later
+  // ms: the answers of the frame being handled go out this much later (the handlers answer
+  // synchronously, so only that frame's answers are delayed; later frames' may overtake them)
+  let late = 0;
   const send = (m: FromEngineMessage): void => {
     const frame = encodeFrame(m);
     if (late > 0) setTimeout(() => process.stdout.write(frame), late);

@@ -54,7 +54,10 @@ Engine::Engine(const EngineOptions & opt) : opt_(opt) {
     if (opt_.n_ctx < 0) throw Error("--ctx-size", std::to_string(opt_.n_ctx) + " must be >= 0 (0 = the model's)");
     backend_ = init_backend(opt_.device, opt_.n_threads);
     try {
-        model_ = std::make_unique<Model>(opt_.model_path, backend_, opt_.repack_weights, opt_.fuse_projections);
+        // Fused projections are a CPU measure: ggml's CUDA backend already fuses a decode step's
+        // gate and up matmuls with the GLU, and a GPU's matmul rounds by its tiling of the rows.
+        model_ =
+            std::make_unique<Model>(opt_.model_path, backend_, opt_.repack_weights, opt_.fuse_projections && on_cpu());
     } catch (...) {
         ggml_backend_free(backend_);
         throw;
@@ -345,14 +348,18 @@ Engine::ForwardGraph Engine::build_forward(const std::vector<ForwardItem> & item
                 return ggml_view_3d(ctx, t, c.head_dim, n_heads, n_total, t->nb[0] * c.head_dim, t->nb[1],
                                     t->nb[0] * first_row);
             };
-            q = qkv ? heads(qkv, c.n_head, 0) : heads(ggml_mul_mat(ctx, w.wq, cur), c.n_head, 0);
-            k = qkv ? heads(qkv, c.n_head_kv, n_q) : heads(ggml_mul_mat(ctx, w.wk, cur), c.n_head_kv, 0);
-            v = w.wqkv ? heads(qkv, c.n_head_kv, n_q + n_k) : heads(ggml_mul_mat(ctx, w.wv, cur), c.n_head_kv, 0);
-        }
-        if (w.bq) {
-            q = ggml_add(ctx, q, ggml_reshape_2d(ctx, w.bq, c.head_dim, c.n_head));
-            k = ggml_add(ctx, k, ggml_reshape_2d(ctx, w.bk, c.head_dim, c.n_head_kv));
-            v = ggml_add(ctx, v, ggml_reshape_2d(ctx, w.bv, c.head_dim, c.n_head_kv));
+            // A projection of its own adds its bias right after its matmul (the pair a GPU backend
+            // fuses); a view of the fused product adds it per head.
+            const auto alone = [&](ggml_tensor * wt, ggml_tensor * b, int n_heads) {
+                ggml_tensor * t = ggml_mul_mat(ctx, wt, cur);
+                return heads(b ? ggml_add(ctx, t, b) : t, n_heads, 0);
+            };
+            const auto biased = [&](ggml_tensor * t, ggml_tensor * b, int n_heads) {
+                return b ? ggml_add(ctx, t, ggml_reshape_2d(ctx, b, c.head_dim, n_heads)) : t;
+            };
+            q = qkv ? biased(heads(qkv, c.n_head, 0), w.bq, c.n_head) : alone(w.wq, w.bq, c.n_head);
+            k = qkv ? biased(heads(qkv, c.n_head_kv, n_q), w.bk, c.n_head_kv) : alone(w.wk, w.bk, c.n_head_kv);
+            v = w.wqkv ? biased(heads(qkv, c.n_head_kv, n_q + n_k), w.bv, c.n_head_kv) : alone(w.wv, w.bv, c.n_head_kv);
         }
         if (w.q_norm) {
             q = ggml_mul(ctx, ggml_rms_norm(ctx, q, c.rms_eps), w.q_norm);

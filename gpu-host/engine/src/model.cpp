@@ -206,8 +206,9 @@ void Model::load(ggml_backend_t backend, bool repack, bool fuse) {
         int64_t             rows  = 0;
         for (const ggml_tensor * t : parts) rows += t->ne[1];
         if (!fused_ctx_) {
-            ggml_init_params ip{ ggml_tensor_overhead() * 3 * (size_t) cfg_.n_layer, nullptr, /*no_alloc=*/true };
+            ggml_init_params ip{ ggml_tensor_overhead() * 2 * (size_t) cfg_.n_layer, nullptr, /*no_alloc=*/true };
             fused_ctx_ = ggml_init(ip);
+            if (!fused_ctx_) throw Error("--model", "cannot allocate the fused weights' metadata");
         }
         ggml_tensor * f = ggml_new_tensor_2d(fused_ctx_, first->type, first->ne[0], rows);
         ggml_set_name(f, name.c_str());
@@ -253,12 +254,16 @@ void Model::load(ggml_backend_t backend, bool repack, bool fuse) {
             l.k_norm = tensor(p + "attn_k_norm.weight", WeightUse::mul);
         }
         if (l.wq->ne[1] != (int64_t) cfg_.n_head * cfg_.head_dim ||
-            l.wk->ne[1] != (int64_t) cfg_.n_head_kv * cfg_.head_dim) {
+            l.wk->ne[1] != (int64_t) cfg_.n_head_kv * cfg_.head_dim || l.wv->ne[1] != l.wk->ne[1]) {
             throw Error("--model", path + ": attention tensor shapes do not match the head counts");
         }
+        if (l.ffn_gate->ne[1] != l.ffn_up->ne[1] || l.ffn_down->ne[0] != l.ffn_up->ne[1]) {
+            throw Error("--model", path + ": FFN tensor shapes do not agree (gate, up, down)");
+        }
         if (!fuse) continue;
-        // Each output row is the same dot product either way (bit for bit); one matmul quantises its
-        // input once, and a graph has two to three nodes (and kernel launches) fewer per layer.
+        // Each output row is the same dot product either way: bit for bit on the CPU, where every
+        // kernel ggml picks for these types on x86 computes an element independently of the row
+        // count. One matmul quantises its input once, and a layer has two or three nodes fewer.
         const auto alike = [](const ggml_tensor * a, const ggml_tensor * b) {
             return a->type == b->type && a->ne[0] == b->ne[0] && a->ne[2] == 1 && b->ne[2] == 1;
         };

@@ -496,7 +496,7 @@ void set_metadata(gguf_context * g, const Options & o, int64_t n_vocab) {
     gguf_set_val_str(g, "general.architecture", s.arch.c_str());
     gguf_set_val_str(g, "general.name", ("pkv random " + o.preset).c_str());
     gguf_set_val_u32(g, "general.file_type", file_type_of(o.type));
-    if (ggml_is_quantized(o.type)) {
+    if (ggml_is_quantized(o.type) || (o.type_v != GGML_TYPE_COUNT && ggml_is_quantized(o.type_v))) {
         gguf_set_val_u32(g, "general.quantization_version", GGML_QNT_VERSION);
     }
     u32("vocab_size", n_vocab);
@@ -834,11 +834,14 @@ int run(int argc, char ** argv) {
     const Shape & s    = o.shape;
     std::printf(
         "wrote %s: arch %s, %lld layers, embd %lld, heads %lld/%lld, head_dim %lld, ff %lld, "
-        "vocab %lld, %s%s%s, %zu tensors, %.1fM params, %.1f MiB in %.1f s\n",
+        "vocab %lld, %s%s%s%s, %zu tensors, %.1fM params, %.1f MiB in %.1f s\n",
         o.out.c_str(), s.arch.c_str(), (long long) s.n_layer, (long long) s.n_embd, (long long) s.n_head,
         (long long) s.n_head_kv, (long long) s.head_dim, (long long) s.n_ff, (long long) r.n_vocab,
-        ggml_type_name(o.type), s.tied ? ", tied" : "", s.rope_freqs ? ", rope_freqs" : "", r.n_tensors,
-        r.n_params / 1e6, r.bytes / 1048576.0, secs);
+        ggml_type_name(o.type),
+        o.type_v != GGML_TYPE_COUNT ? (std::string(" (attn_v, ffn_down ") + ggml_type_name(o.type_v) + ")").c_str()
+                                    : "",
+        s.tied ? ", tied" : "", s.rope_freqs ? ", rope_freqs" : "", r.n_tensors, r.n_params / 1e6, r.bytes / 1048576.0,
+        secs);
     return 0;
 }
 

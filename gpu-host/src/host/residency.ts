@@ -528,11 +528,17 @@ export class Residency {
   async offload(s: HostSession): Promise<boolean> {
     if (!s.resident || s.busy) return false;
     s.pendingOps++;
+    let closed: (() => void) | undefined;
     const work = (async () => {
       try {
         const engine = await this.engines.ready;
         // An ephemeral copy's first save too: an offloaded session's state is the store's.
         if (s.dirty || !s.saved || s.origin) await this.save(s, engine, false);
+        // From the close on, the engine no longer knows the session while this host still counts it
+        // resident: stats wait for this (sessions.ts).
+        s.offloading = new Promise<void>((r) => {
+          closed = r;
+        });
         await engine.call({ type: "close", session: s.engineName });
         s.kv.offloaded();
         this.metrics.offloads.inc({ tenant: s.tenant });
@@ -543,9 +549,9 @@ export class Residency {
       } finally {
         s.pendingOps--;
         s.offloading = undefined;
+        closed?.();
       }
     })();
-    s.offloading = work;
     s.chain = s.chain.then(() => work.then(() => {}));
     return work;
   }

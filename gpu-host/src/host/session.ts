@@ -146,8 +146,9 @@ export class HostSession {
   chain: Promise<void> = Promise.resolve();
   /** requests queued or running on `chain`, an open in progress, an offload */
   pendingOps = 0;
-  /** the offload saving it and closing it in the engine, while it runs (stats wait for it) */
-  offloading?: Promise<boolean>;
+  /** an offload's close in the engine, until the host counts the session offloaded (or the close
+   * failed): stats wait for it (the engine would answer unknown_session) */
+  offloading?: Promise<void>;
   /** appends and generates queued or running, oldest first */
   ops: Op[] = [];
   /** why it was lost; reported once (session_lost), then it is unknown */

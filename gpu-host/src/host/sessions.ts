@@ -1070,10 +1070,11 @@ export class SessionHost implements LinkedHost {
       return;
     }
     const s = await this.find(msg.tenant, msg.session);
-    // Stats do not queue behind the session's requests, but an offload closing it in the engine
-    // is awaited: asked in between, the engine no longer knows it while this host still counts it
-    // resident. One that starts while the engine is asked is awaited when the engine's answer is
-    // an error, and the answer is then the offloaded session's.
+    // Stats do not queue behind the session's requests, but an offload's close in the engine is
+    // awaited: asked in between, the engine no longer knows the session while this host still
+    // counts it resident. A close sent while the engine is asked is awaited when the engine's
+    // answer is an error, and the answer is then the offloaded session's (so is it when the engine
+    // died meanwhile: the session is back at its checkpoint, outside the engine).
     await s.offloading;
     let st: Message<"stats_result"> | undefined;
     if (s.resident) {
