@@ -574,8 +574,14 @@ describe("single flight when nothing is stored, and for long prefills", { timeou
           for (let i = 1; i <= 3; i++) reply({ type: "progress", id: a.id, session: a.session, done: i, total: 3 });
           h.answer(m, reply, ws);
         };
-      const d = sys(doc("renewed on progress"));
-      const { calls } = await spying("cacheRenew", () => chat(key, [d, user("Q?")]));
+      // A document of its own per attempt: a retry must build it again, not find it stored.
+      const d = sys(doc(`renewed on progress ${crypto.randomUUID()}`));
+      // Renewals are not awaited by the request: the last one may reach the tenant's object after
+      // the answer has come.
+      const { calls } = await spying("cacheRenew", async (seen) => {
+        await chat(key, [d, user("Q?")]);
+        await eventuallyAsync(async () => seen.length >= 3, "the third renewal");
+      });
       expect(calls.map((a) => a[0])).toEqual(Array(3).fill(await cacheKey("doc", [d])));
       // throttled: progress within claimRenewal.progressMs of the last renewal renews nothing
       claimRenewal.progressMs = 3_600_000;
