@@ -203,6 +203,20 @@ KvType bench_kv_type(const Flags & a) {
 
 int default_threads() { return (int) std::max(1u, std::thread::hardware_concurrency()); }
 
+// The engine options every benchmark takes from its flags (--model, --device, --kv-type and the
+// A/B switches); the caller sizes the context and the pool.
+EngineOptions bench_engine_options(const Flags & a, int threads) {
+    EngineOptions eo;
+    eo.model_path          = flag(a, "--model", default_model_path());
+    eo.n_threads           = threads;
+    eo.device              = flag(a, "--device", "auto");
+    eo.kv_type             = bench_kv_type(a);
+    eo.repack_weights      = !a.count("--no-repack");
+    eo.fuse_projections    = !a.count("--no-fuse");
+    eo.reuse_decode_graphs = !a.count("--no-graph-reuse");
+    return eo;
+}
+
 long peak_rss_kib() {
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
@@ -258,15 +272,8 @@ int bench_single(const Flags & a) {
         a.count("--prefill-budgets") ? int_list("--prefill-budgets", a.at("--prefill-budgets"), 9) : std::vector<int>{};
     const int chunk = int_list("--chunk-size", get("--chunk-size", std::to_string(kDefaultChunkSize)), 0)[0];
 
-    EngineOptions eo;
-    eo.model_path          = get("--model", default_model_path());
-    eo.n_threads           = threads;
-    eo.device              = get("--device", "auto");
-    eo.kv_type             = bench_kv_type(a);
-    eo.repack_weights      = !a.count("--no-repack");
-    eo.fuse_projections    = !a.count("--no-fuse");
-    eo.reuse_decode_graphs = !a.count("--no-graph-reuse");
-    int longest            = std::max(*std::max_element(prefill.begin(), prefill.end()), budget_depth);
+    EngineOptions eo      = bench_engine_options(a, threads);
+    int           longest = std::max(*std::max_element(prefill.begin(), prefill.end()), budget_depth);
     for (int d : depths) longest = std::max(longest, d);
     eo.n_ctx = longest + n_gen + 1;  // like llama-bench: the context is what the test needs
     {
@@ -472,16 +479,9 @@ int bench_sessions(const Flags & a) {
         }
     }
     const int     most = *std::max_element(counts.begin(), counts.end());
-    EngineOptions eo;
-    eo.model_path          = flag(a, "--model", default_model_path());
-    eo.n_threads           = threads;
-    eo.device              = flag(a, "--device", "auto");
-    eo.kv_type             = bench_kv_type(a);
-    eo.repack_weights      = !a.count("--no-repack");
-    eo.fuse_projections    = !a.count("--no-fuse");
-    eo.reuse_decode_graphs = !a.count("--no-graph-reuse");
-    eo.n_ctx               = n + n_gen + 1;
-    eo.kv_pool_bytes       = a.count("--kv-pool-bytes") ? std::stoull(a.at("--kv-pool-bytes")) : 0;
+    EngineOptions eo   = bench_engine_options(a, threads);
+    eo.n_ctx           = n + n_gen + 1;
+    eo.kv_pool_bytes   = a.count("--kv-pool-bytes") ? std::stoull(a.at("--kv-pool-bytes")) : 0;
     // FullKV for every session plus the source prefill, with page and growth slack.
     eo.kv_pool_tokens = (size_t) (most + 1) * (n + n / 8 + n_gen + 128);
     Engine engine(eo);
@@ -638,16 +638,9 @@ int bench_prefill_memory(const Flags & a) {
         }
         return 0;
     }
-    const int     n = lengths[0];
-    EngineOptions eo;
-    eo.model_path          = model;
-    eo.n_threads           = threads;
-    eo.device              = flag(a, "--device", "auto");
-    eo.kv_type             = bench_kv_type(a);
-    eo.repack_weights      = !a.count("--no-repack");
-    eo.fuse_projections    = !a.count("--no-fuse");
-    eo.reuse_decode_graphs = !a.count("--no-graph-reuse");
-    eo.n_ctx               = n + 1;
+    const int     n  = lengths[0];
+    EngineOptions eo = bench_engine_options(a, threads);
+    eo.n_ctx         = n + 1;
     // budget + chunk per layer, plus page and growth slack: the bound chunked prefill promises
     // (the largest pyramid layer keeps up to 2 × budget)
     eo.kv_pool_tokens = (size_t) (chunk > 0 ? 2 * budget + chunk + eo.n_ubatch : n) + 256;
@@ -667,16 +660,10 @@ int bench_pool_fit(const Flags & a) {
     const int     n      = int_list("--prompt-len", flag(a, "--prompt-len", "8192"), 16)[0];
     const int     budget = int_list("--budget", flag(a, "--budget", "128"), 9)[0];
     const size_t  pool   = a.count("--kv-pool-bytes") ? std::stoull(a.at("--kv-pool-bytes")) : (size_t) 1 << 30;
-    EngineOptions eo;
-    eo.model_path          = flag(a, "--model", default_model_path());
-    eo.n_threads           = int_list("--threads", flag(a, "--threads", std::to_string(default_threads())), 1)[0];
-    eo.device              = flag(a, "--device", "auto");
-    eo.kv_type             = bench_kv_type(a);
-    eo.repack_weights      = !a.count("--no-repack");
-    eo.fuse_projections    = !a.count("--no-fuse");
-    eo.reuse_decode_graphs = !a.count("--no-graph-reuse");
-    eo.n_ctx               = n + 1;
-    eo.kv_pool_bytes       = pool;
+    EngineOptions eo =
+        bench_engine_options(a, int_list("--threads", flag(a, "--threads", std::to_string(default_threads())), 1)[0]);
+    eo.n_ctx         = n + 1;
+    eo.kv_pool_bytes = pool;
     Engine  engine(eo);
     Session source(engine, exact_params());
     source.set_keep_scores(true);

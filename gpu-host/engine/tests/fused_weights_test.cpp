@@ -12,11 +12,7 @@ namespace pkv::test {
 namespace {
 
 std::string random_model(const std::string & name, const std::string & flags) {
-    const std::string path = testing::TempDir() + "pkv_fused_" + name + ".gguf";
-    const CliResult   made = run_cli(
-        PKV_MAKE_GGUF_BIN, "--preset tiny --seed 11 " + flags + " --out " + path + " --vocab-from " + embedded_model());
-    EXPECT_EQ(made.exit_code, 0) << made.err;
-    return path;
+    return make_random_gguf("fused_" + name, "--preset tiny --seed 11 " + flags);
 }
 
 std::unique_ptr<Engine> engine(const std::string & path, bool fuse) {

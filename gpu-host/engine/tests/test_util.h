@@ -80,6 +80,15 @@ inline CliResult run_cli(const std::string & binary, const std::string & args) {
     return r;
 }
 
+// A random-weight GGUF from pkv-make-gguf `flags`, with the embedded model's tokenizer, in the test
+// temp dir as `pkv_<name>.gguf`.
+inline std::string make_random_gguf(const std::string & name, const std::string & flags) {
+    const std::string path = testing::TempDir() + "pkv_" + name + ".gguf";
+    const CliResult   made = run_cli(PKV_MAKE_GGUF_BIN, flags + " --out " + path + " --vocab-from " + embedded_model());
+    EXPECT_EQ(made.exit_code, 0) << made.err;
+    return path;
+}
+
 inline int count_lines(const std::string & s) {
     int n = 0;
     for (char c : s) n += c == '\n';

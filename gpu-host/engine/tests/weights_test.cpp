@@ -12,11 +12,7 @@ namespace pkv::test {
 namespace {
 
 std::string random_q4_0(const std::string & name, const std::string & flags = "") {
-    const std::string path = testing::TempDir() + "pkv_weights_" + name + ".gguf";
-    const CliResult   made = run_cli(PKV_MAKE_GGUF_BIN, "--arch llama --preset tiny --type q4_0 --seed 7 " + flags +
-                                                            " --out " + path + " --vocab-from " + embedded_model());
-    EXPECT_EQ(made.exit_code, 0) << made.err;
-    return path;
+    return make_random_gguf("weights_" + name, "--arch llama --preset tiny --type q4_0 --seed 7 " + flags);
 }
 
 std::unique_ptr<Engine> cpu_engine(const std::string & path, bool repack) {
