@@ -242,7 +242,8 @@ int cmd_bench(int argc, char ** argv) {
                                               "--kv-type",        "--prefill-budgets" };
     for (int i = 2; i < argc; ++i) {
         const std::string k = argv[i];
-        if (k == "--json" || k == "--no-repack" || k == "--profile" || k == "--no-graph-reuse" || k == "--no-fuse") {
+        if (k == "--json" || k == "--no-repack" || k == "--profile" || k == "--no-graph-reuse" || k == "--no-fuse" ||
+            k == "--no-warmup") {
             a[k] = "1";
             continue;
         }
@@ -288,10 +289,18 @@ int bench_single(const Flags & a) {
     std::vector<Row> rows;
     profile::enable(a.count("--profile") > 0);
 
+    // As llama-bench: one unmeasured run of every prefill size, and one decode step of every
+    // decode row, before the measured ones (the first graph of a shape allocates, the first touch
+    // of a buffer faults its pages in); --no-warmup as llama-bench's.
+    const bool warmup = !a.count("--no-warmup");
     for (int n : prefill) {
         Row r;
         r.test = "pp" + std::to_string(n), r.method = exact_method().name;
         const std::vector<int32_t> toks = random_tokens(n, n_vocab, 1234 + n);
+        if (warmup) {
+            std::fprintf(stderr, "[bench] warm-up %s\n", r.test.c_str());
+            Session(engine, exact_params()).prefill(toks);
+        }
         for (int rep = 0; rep < reps; ++rep) {
             Session s(engine, exact_params());
             r.samples.push_back(n / profiled(r, 1, [&] { s.prefill(toks); }));
@@ -309,6 +318,10 @@ int bench_single(const Flags & a) {
             Row r;
             r.test = "pp" + std::to_string(n), r.method = p.method, r.budget = b;
             const std::vector<int32_t> toks = random_tokens(n, n_vocab, 1234 + n);
+            if (warmup) {
+                std::fprintf(stderr, "[bench] warm-up %s %s@%d\n", r.test.c_str(), p.method.c_str(), b);
+                Session(engine, p, chunk).prefill(toks);
+            }
             for (int rep = 0; rep < reps; ++rep) {
                 Session s(engine, p, chunk);
                 r.samples.push_back(n / profiled(r, 1, [&] { s.prefill(toks); }));
@@ -353,6 +366,12 @@ int bench_single(const Flags & a) {
         CompressionParams p;  // the default method
         p.budget = b;
         add_row(budget_depth, p);
+    }
+    for (auto & d : decode) {
+        if (!warmup) break;
+        std::fprintf(stderr, "[bench] warm-up %s\n", d.row.test.c_str());
+        std::unique_ptr<Session> s = d.from->fork(d.params);
+        s->decode(argmax(s->logits()));
     }
     for (int rep = 0; rep < reps; ++rep) {
         for (auto & d : decode) {

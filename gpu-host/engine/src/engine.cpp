@@ -7,6 +7,7 @@
 
 #include "error.h"
 #include "ggml-alloc.h"
+#include "ggml-backend-impl.h"  // struct ggml_backend_buffer_type, for compute_buffer_type()
 #include "ggml-cpu.h"
 #include "profile.h"
 #include "session.h"
@@ -16,6 +17,23 @@ namespace pkv {
 namespace {
 
 constexpr int kGraphSize = 32768;  // nodes of a graph at least (more for batches that need them)
+
+// Where the engine's graphs put their tensors. ggml's CPU buffer type aligns tensors to 32 bytes,
+// so half of them start in the middle of a cache line, and an AVX-512 kernel whose output rows do
+// splits every 64-byte load and store: AMX's Q4_1 matmul for SmolLM2's FFN gate [1536, 512] takes
+// 2.5 ms instead of 1.5 (docs/ENGINE.md "Compute buffers"). On the CPU the graphs go to ggml's own
+// buffer type, copied, but for a 64-byte alignment (its buffers are 64-byte aligned already);
+// other backends keep theirs (CUDA aligns to 128).
+ggml_backend_buffer_type_t compute_buffer_type(ggml_backend_t backend, bool on_cpu) {
+    ggml_backend_buffer_type_t own = ggml_backend_get_default_buffer_type(backend);
+    if (!on_cpu) return own;
+    static ggml_backend_buffer_type aligned = [own] {
+        ggml_backend_buffer_type t = *own;
+        t.iface.get_alignment      = [](ggml_backend_buffer_type_t) -> size_t { return kCpuTensorAlignment; };
+        return t;
+    }();
+    return &aligned;
+}
 
 // Concatenate column blocks [rows, n_i] into [rows, Σ n_i] as a balanced tree of ggml_concat.
 ggml_tensor * concat_columns(ggml_context * ctx, std::vector<ggml_tensor *> parts) {
@@ -86,7 +104,7 @@ Engine::Engine(const EngineOptions & opt) : opt_(opt) {
         throw;
     }
     set_decode_attention(opt_.decode_attention);
-    galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
+    galloc_ = ggml_gallocr_new(compute_buffer_type(backend_, on_cpu()));
 }
 
 bool Engine::on_cpu() const {

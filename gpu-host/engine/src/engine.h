@@ -49,6 +49,10 @@ constexpr int kOwnKernelKv = 512;
 // kOwnKernelKv, where ggml would switch to its split kernel and round differently.
 constexpr int kDecodeHeadroom = 64;
 
+// Every tensor of the engine's graphs on the CPU starts on a cache line (engine.cpp
+// compute_buffer_type; ggml's CPU buffer type would align to 32 bytes).
+constexpr size_t kCpuTensorAlignment = 64;
+
 class Session;
 
 // Default chunk size of chunked prefill in the CLI and the server (inputs up to this length are

@@ -300,7 +300,7 @@ void usage() {
         "  methods  [--json]   the compression methods, their traits and the defaults (no model needed)\n"
         "  bench    [--model M] [--threads N] [--repetitions R] [--prefill 512,4096] [--depths 0,2048,8192]\n"
         "           [--budgets 64,128,512] [--decode-tokens N] [--llama-bench PATH] [--no-repack] [--no-fuse]\n"
-        "           [--no-graph-reuse] [--profile] [--json]\n"
+        "           [--no-graph-reuse] [--no-warmup] [--profile] [--json]\n"
         "  bench    --sessions 1,4,16,64 [--prompt-len 4096] [--methods full,pyramidkv] [--budget 128] "
         "[--llama-batched-bench PATH]\n"
         "  bench    --prefill-memory 2048,8192,32768 [--chunk-size N] [--budget 128]\n"

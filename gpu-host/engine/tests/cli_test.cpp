@@ -108,6 +108,33 @@ INSTANTIATE_TEST_SUITE_P(
                     BadInput{ "methods_unknown_option", "methods --bogus", "--bogus" }),
     [](const testing::TestParamInfo<BadInput> & i) { return std::string(i.param.name); });
 
+// bench --json: one row per test, one sample per repetition, whether or not it first warms up
+// (one unmeasured prefill of each size and decode step of each row, as llama-bench).
+TEST(Cli, BenchWarmsUpUnmeasuredAndReportsOneSamplePerRepetition) {
+    const std::string model = make_random_gguf("cli_bench", "--arch llama --preset tiny --type q4_0 --seed 3");
+    for (const bool warm : { true, false }) {
+        SCOPED_TRACE(warm ? "warm-up" : "--no-warmup");
+        const CliResult r = run_cli(engine(), "bench --model " + model +
+                                                  " --threads 1 --repetitions 2 --prefill 16 --depths 0 --budgets 16"
+                                                  " --budget-depth 32 --decode-tokens 3 --json" +
+                                                  (warm ? "" : " --no-warmup"));
+        ASSERT_EQ(r.exit_code, 0) << r.err;
+        EXPECT_EQ(count_lines(r.out), 1) << r.out;
+        const mp::Value          out = parse_json(r.out);
+        std::vector<std::string> tests;
+        for (const mp::Value & row : out.at("results").as_array()) {
+            tests.push_back(row.at("test").as_str());
+            EXPECT_EQ(row.at("samples").size(), 2u) << tests.back();
+            EXPECT_GT(row.at("tokens_per_second").as_double(), 0.0) << tests.back();
+        }
+        EXPECT_EQ(tests, (std::vector<std::string>{ "pp16", "tg3@d0", "tg3@d32" }));
+        for (const char * t : { "pp16", "tg3@d0", "tg3@d32" }) {
+            const bool said = r.err.find(std::string("[bench] warm-up ") + t + "\n") != std::string::npos;
+            EXPECT_EQ(said, warm) << t << "\n" << r.err;
+        }
+    }
+}
+
 TEST(Cli, GenerateJsonPrintsOneObjectWithTheContractKeys) {
     const std::string kept = testing::TempDir() + "pkv_kept.json";
     std::ofstream(testing::TempDir() + "pkv_doc.txt") << essay_text(3000);

@@ -250,9 +250,12 @@ class QuantisedReference {
         // block; the engine stores ggml's plain blocks. Without the rotation both sides quantise
         // and attend alike (measured with it: ~3 % of the logit range apart on SmolLM2).
         setenv("LLAMA_ATTN_ROT_DISABLE", "1", 1);
-        llama_model_params mp   = llama_model_default_params();
-        mp.n_gpu_layers         = 0;
-        mp.use_extra_bufts      = false;  // plain CPU weight buffers, as reference_test.cpp explains
+        llama_model_params mp = llama_model_default_params();
+        mp.n_gpu_layers       = 0;
+        // libllama's default, as the engine's: each weight in the first of the CPU's extra buffer
+        // types that runs its op (AMX takes SmolLM2's Q4_1 on Intel CPUs that have it; nothing does
+        // on AMD), so both sides multiply by the same kernels (reference_test.cpp says why).
+        mp.use_extra_bufts      = true;
         model_                  = llama_model_load_from_file(path.c_str(), mp);
         llama_context_params cp = llama_context_default_params();
         cp.n_ctx = n_ctx, cp.n_batch = 512, cp.n_ubatch = 512, cp.n_seq_max = 1;

@@ -81,6 +81,32 @@ TEST(Weights, NoRepackKeepsEveryWeightInThePlainBuffer) {
         for (const ggml_tensor * w : l.matmul_weights()) EXPECT_EQ(buft_of(w), ggml_backend_cpu_buffer_type());
 }
 
+// On Intel CPUs with AMX ggml's CPU lists an `AMX` extra buffer type first, and the embedded
+// model's Q4_1 projections go there, as libllama's do. Its kernels must run: built by GCC 12
+// without the -fno-dse that CMakeLists.txt gives ggml's amx/mmq.cpp, the first matmul faulted
+// (SIGSEGV in ldtilecfg; every test on the model, and llama-bench, died). The prompt spans several
+// of AMX's 32-row tile blocks and a short tail; then single-token steps (its VNNI path). Whether
+// the numbers are libllama's is reference_test's business (both sides hand the weights to AMX,
+// and FullKV matches bit for bit); AMX and the plain layout round differently (docs/ENGINE.md "AMX").
+TEST(Weights, OnAnAmxCpuQ4_1ProjectionsGoToAmxAndMultiply) {
+    auto                e     = cpu_engine(embedded_model(), true);
+    const Model &       m     = e->model();
+    const ggml_tensor * first = m.layers[0].matmul_weights().front();
+    if (std::string(ggml_backend_buft_name(buft_of(first))) != "AMX")
+        GTEST_SKIP() << "no AMX on this CPU (" << ggml_backend_buft_name(buft_of(first)) << ")";
+    for (const LayerWeights & l : m.layers)
+        for (const ggml_tensor * w : l.matmul_weights()) EXPECT_STREQ(ggml_backend_buft_name(buft_of(w)), "AMX");
+    std::vector<int32_t> prompt;
+    for (int i = 0; i < 100; ++i) prompt.push_back(1000 + 37 * i);
+    Session s(*e, CompressionParams{ "full" });
+    s.prefill(prompt);
+    for (int step = 0; step < 4; ++step) {
+        for (float x : s.logits()) ASSERT_TRUE(std::isfinite(x)) << "step " << step;
+        s.decode(argmax(s.logits()));
+    }
+    EXPECT_EQ(s.tokens().size(), prompt.size() + 4);
+}
+
 // A graph of one node: `w` [64, 8] times `x` [64, 4].
 struct OneMatmul {
     ggml_context * ctx = nullptr;
