@@ -244,7 +244,7 @@ TEST(ComputeBuffer, EveryTensorOfAGraphStartsOnACacheLineOnTheCpu) {
     ggml_set_input(x);
     std::vector<ggml_tensor *> nodes{ x };
     for (int i = 0; i < 16; ++i) nodes.push_back(ggml_scale(g.ctx, nodes.back(), 2.0f));
-    // The chain's results all stay alive until the end: each needs a place of its own.
+    // Every result is read again by the sums, so many 32-byte tensors lie side by side at once.
     ggml_tensor * sum = nodes[1];
     for (size_t i = 2; i < nodes.size(); ++i) sum = ggml_add(g.ctx, sum, nodes[i]);
     ggml_set_output(sum);
