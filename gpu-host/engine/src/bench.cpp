@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstring>
 #include <ctime>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <random>
@@ -292,15 +293,17 @@ int bench_single(const Flags & a) {
     // As llama-bench: one unmeasured run of every prefill size, and one decode step of every
     // decode row, before the measured ones (the first graph of a shape allocates, the first touch
     // of a buffer faults its pages in); --no-warmup as llama-bench's.
-    const bool warmup = !a.count("--no-warmup");
+    const bool warmup  = !a.count("--no-warmup");
+    auto       warm_up = [&](const std::string & label, const std::function<void()> & run) {
+        if (!warmup) return;
+        std::fprintf(stderr, "[bench] warm-up %s\n", label.c_str());
+        run();
+    };
     for (int n : prefill) {
         Row r;
         r.test = "pp" + std::to_string(n), r.method = exact_method().name;
         const std::vector<int32_t> toks = random_tokens(n, n_vocab, 1234 + n);
-        if (warmup) {
-            std::fprintf(stderr, "[bench] warm-up %s\n", r.test.c_str());
-            Session(engine, exact_params()).prefill(toks);
-        }
+        warm_up(r.test, [&] { Session(engine, exact_params()).prefill(toks); });
         for (int rep = 0; rep < reps; ++rep) {
             Session s(engine, exact_params());
             r.samples.push_back(n / profiled(r, 1, [&] { s.prefill(toks); }));
@@ -318,10 +321,8 @@ int bench_single(const Flags & a) {
             Row r;
             r.test = "pp" + std::to_string(n), r.method = p.method, r.budget = b;
             const std::vector<int32_t> toks = random_tokens(n, n_vocab, 1234 + n);
-            if (warmup) {
-                std::fprintf(stderr, "[bench] warm-up %s %s@%d\n", r.test.c_str(), p.method.c_str(), b);
-                Session(engine, p, chunk).prefill(toks);
-            }
+            warm_up(r.test + " " + p.method + "@" + std::to_string(b),
+                    [&] { Session(engine, p, chunk).prefill(toks); });
             for (int rep = 0; rep < reps; ++rep) {
                 Session s(engine, p, chunk);
                 r.samples.push_back(n / profiled(r, 1, [&] { s.prefill(toks); }));
@@ -367,12 +368,11 @@ int bench_single(const Flags & a) {
         p.budget = b;
         add_row(budget_depth, p);
     }
-    for (auto & d : decode) {
-        if (!warmup) break;
-        std::fprintf(stderr, "[bench] warm-up %s\n", d.row.test.c_str());
-        std::unique_ptr<Session> s = d.from->fork(d.params);
-        s->decode(argmax(s->logits()));
-    }
+    for (auto & d : decode)
+        warm_up(d.row.test, [&] {
+            std::unique_ptr<Session> s = d.from->fork(d.params);
+            s->decode(argmax(s->logits()));
+        });
     for (int rep = 0; rep < reps; ++rep) {
         for (auto & d : decode) {
             std::unique_ptr<Session> s = d.from->fork(d.params);
