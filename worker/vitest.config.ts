@@ -17,11 +17,9 @@ export default defineConfig({
   ],
   test: {
     include: ["test/**/*.test.ts"],
-    // A known flake of this pool, not of the code under test: a fake host's frames, sent back to
-    // back over its in-process WebSocket, now and then reach the edge swapped (a token after its
-    // `done`: "Hel" for "Hello"; seen at 0.9.0 too, 2 of 6 runs of openai.test.ts; cause not
-    // found, CHANGELOG 0.10.0). Real hosts (over TCP, test/ e2e) never showed it. A test that
-    // fails three times in a row still fails the run.
-    retry: 2,
+    // No retries: a test that fails once fails the run. (0.12.1 and earlier retried twice for a
+    // flake of @cloudflare/vitest-pool-workers 0.15: its Durable Object wrapper awaited a module
+    // import before each webSocketMessage handler, so a fake host's frames sent back to back could
+    // reach the edge's object swapped. 0.16.12 queues the handlers in arrival order; CHANGELOG 0.12.2.)
   },
 });

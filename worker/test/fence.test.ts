@@ -26,8 +26,8 @@ beforeAll(async () => {
   await a.connect();
   await b.connect();
 });
-afterAll(() => {
-  for (const h of started) h.close();
+afterAll(async () => {
+  for (const h of started) if (h.connected) await h.disconnect();
 });
 
 /** A session of `tenant` the edge holds open on `host`. */

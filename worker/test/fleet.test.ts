@@ -34,8 +34,8 @@ async function hostOf(
   return h;
 }
 
-afterAll(() => {
-  for (const h of started) h.close();
+afterAll(async () => {
+  for (const h of started) if (h.connected) await h.disconnect();
 });
 
 const chatOf = (model: string, stream = false) => ({
