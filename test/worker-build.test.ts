@@ -9,20 +9,18 @@ import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { test } from "node:test";
 
+import { wranglerJs } from "@pyramidkv/gpu-host/stack";
+
 const root = resolve(import.meta.dirname, "..", "..");
 
 test("wrangler deploy --dry-run builds the worker offline", { timeout: 120_000 }, () => {
   const out = mkdtempSync(join(tmpdir(), "pkv-dry-run-"));
   try {
-    const r = spawnSync(
-      process.execPath,
-      [resolve(root, "node_modules", "wrangler", "bin", "wrangler.js"), "deploy", "--dry-run", "--outdir", out],
-      {
-        cwd: resolve(root, "worker"),
-        encoding: "utf8",
-        env: { ...process.env, WRANGLER_SEND_METRICS: "false" },
-      },
-    );
+    const r = spawnSync(process.execPath, [wranglerJs(), "deploy", "--dry-run", "--outdir", out], {
+      cwd: resolve(root, "worker"),
+      encoding: "utf8",
+      env: { ...process.env, WRANGLER_SEND_METRICS: "false" },
+    });
     assert.equal(r.status, 0, `${r.stdout}\n${r.stderr}`);
     assert.match(r.stdout, /env\.TENANTS \(TenantState\)\s+Durable Object/);
     assert.match(r.stdout, /env\.ROUTER \(HostRegistry\)\s+Durable Object/);

@@ -9,11 +9,13 @@ import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { test } from "node:test";
 
+import { wranglerJs } from "@pyramidkv/gpu-host/stack";
+
 const root = resolve(import.meta.dirname, "..", "..");
 const workerDir = resolve(root, "worker");
 
 function wrangler(cwd: string, ...args: string[]) {
-  return spawnSync(process.execPath, [resolve(root, "node_modules", "wrangler", "bin", "wrangler.js"), ...args], {
+  return spawnSync(process.execPath, [wranglerJs(), ...args], {
     cwd,
     encoding: "utf8",
     env: { ...process.env, WRANGLER_SEND_METRICS: "false", NO_UPDATE_NOTIFIER: "1" },

@@ -7,8 +7,9 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { mkdirSync, readdirSync, readFileSync } from "node:fs";
+import { createRequire } from "node:module";
 import { createServer } from "node:net";
-import { resolve } from "node:path";
+import { dirname, resolve } from "node:path";
 
 import { repoRoot } from "../engine/engine-path.js";
 
@@ -227,6 +228,16 @@ export interface WorkerOptions {
   vars?: Record<string, string>;
 }
 
+/**
+ * The worker's own wrangler CLI (`bin/wrangler.js`), the version `worker/package.json` pins and
+ * `worker/node_modules/.bin` runs. npm may hoist another version to the root's node_modules: the
+ * Workers test pool's, which needs a newer Node than the CLI pinned for the worker.
+ */
+export function wranglerJs(): string {
+  const pkg = createRequire(resolve(repoRoot(), "worker", "package.json")).resolve("wrangler/package.json");
+  return resolve(dirname(pkg), "bin", "wrangler.js");
+}
+
 /** The edge worker in Miniflare (`wrangler dev`, local mode: Durable Objects, KV and R2 persisted
  * in persistDir, so a restart on the same directory keeps them). */
 export async function startWorker(o: WorkerOptions): Promise<Proc> {
@@ -235,7 +246,7 @@ export async function startWorker(o: WorkerOptions): Promise<Proc> {
   mkdirSync(o.persistDir, { recursive: true });
   const vars = { ADMIN_TOKEN: o.adminToken, ...(o.secret ? { EDGE_SECRET: o.secret } : {}), ...o.vars };
   const args = [
-    resolve(root, "node_modules", "wrangler", "bin", "wrangler.js"),
+    wranglerJs(),
     "dev",
     "--config",
     resolve(root, "worker", "wrangler.jsonc"),
